@@ -1,0 +1,168 @@
+"""The in-process store: one budget for one process, thread- and asyncio-safe."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from .base import Counter, CounterState, Hold, ReserveResult, SettleResult
+
+__all__ = ["MemoryStore"]
+
+# How long a call's record outlives its lease, so a late settle or a retried reserve
+# is still recognised.
+RECORD_TTL_SECONDS = 24 * 3600
+
+
+@dataclass(slots=True)
+class _Counter:
+    spent: int = 0
+    held: int = 0
+    expires_at: int | None = None
+    holds: dict[str, tuple[int, float, int]] = field(default_factory=dict)  # call_id -> (amount, deadline, on_expiry)
+
+
+@dataclass(slots=True)
+class _Record:
+    state: str  # "held", "expired", "settled"
+    keys: tuple[str, ...]
+    charged: int  # what expiry charged, for a late settle to replace
+    forget_at: float
+
+
+class MemoryStore:
+    """Counters in a dict behind one lock. Operations are short and never await while locked."""
+
+    def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._counters: dict[str, _Counter] = {}
+        self._records: dict[str, _Record] = {}
+        self._next_sweep = 0.0
+
+    def __repr__(self) -> str:
+        return f"MemoryStore({len(self._counters)} counters)"
+
+    # -- internals (called with the lock held) --------------------------------------------
+
+    def _reap(self, counter: _Counter, now: float) -> None:
+        expired = [cid for cid, (_, deadline, _) in counter.holds.items() if deadline <= now]
+        for cid in expired:
+            amount, _, on_expiry = counter.holds.pop(cid)
+            counter.held -= amount
+            counter.spent += on_expiry
+            record = self._records.get(cid)
+            if record is not None and record.state == "held":
+                record.state = "expired"
+                record.charged = on_expiry
+
+    def _sweep(self, now: float) -> None:
+        """Drop counters past their retention and records past their lifetime (lazily, rarely)."""
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + 60
+        for key in [k for k, c in self._counters.items() if c.expires_at is not None and c.expires_at <= now]:
+            counter = self._counters[key]
+            self._reap(counter, now)
+            if not counter.holds:
+                del self._counters[key]
+        for cid in [c for c, r in self._records.items() if r.forget_at <= now]:
+            del self._records[cid]
+
+    def _get(self, key: str, now: float) -> _Counter | None:
+        counter = self._counters.get(key)
+        if counter is not None:
+            self._reap(counter, now)
+        return counter
+
+    # -- sync API --------------------------------------------------------------------------
+
+    def reserve(self, counters: Sequence[Counter], hold: Hold) -> ReserveResult:
+        with self._lock:
+            now = self._clock()
+            self._sweep(now)
+            found = [self._get(c.key, now) for c in counters]
+            states = tuple(CounterState(c.spent, c.held) if c else CounterState() for c in found)
+            if hold.call_id in self._records:
+                return ReserveResult(ok=True, states=states, duplicate=True)
+            for index, (spec, state) in enumerate(zip(counters, states)):
+                if state.spent + state.held + hold.amount > spec.limit:
+                    return ReserveResult(ok=False, states=states, blocked=index)
+            deadline = now + hold.lease_seconds
+            for spec, counter in zip(counters, found):
+                if counter is None:
+                    counter = self._counters[spec.key] = _Counter()
+                if spec.expires_at is not None:
+                    counter.expires_at = max(counter.expires_at or 0, spec.expires_at)
+                counter.held += hold.amount
+                counter.holds[hold.call_id] = (hold.amount, deadline, hold.charge_on_expiry)
+            self._records[hold.call_id] = _Record(
+                "held", tuple(c.key for c in counters), 0, deadline + RECORD_TTL_SECONDS
+            )
+            return ReserveResult(
+                ok=True, states=tuple(CounterState(s.spent, s.held + hold.amount) for s in states)
+            )
+
+    def settle(self, call_id: str, keys: Sequence[str], amount: int) -> SettleResult:
+        with self._lock:
+            now = self._clock()
+            record = self._records.get(call_id)
+            if record is not None and record.state == "settled":
+                return SettleResult(applied=False)
+            charged_before = 0
+            for key in keys:
+                counter = self._get(key, now)
+                if counter is None:
+                    counter = self._counters[key] = _Counter()
+                held = counter.holds.pop(call_id, None)
+                if held is not None:
+                    counter.held -= held[0]
+            if record is not None and record.state == "expired":
+                charged_before = record.charged
+            for key in keys:
+                self._counters[key].spent += amount - charged_before
+            self._records[call_id] = _Record("settled", tuple(keys), amount, now + RECORD_TTL_SECONDS)
+            return SettleResult(applied=True, charged=amount)
+
+    def renew(self, call_id: str, keys: Sequence[str], lease_seconds: float) -> bool:
+        with self._lock:
+            now = self._clock()
+            renewed = False
+            for key in keys:
+                counter = self._get(key, now)
+                if counter is not None and call_id in counter.holds:
+                    amount, _, on_expiry = counter.holds[call_id]
+                    counter.holds[call_id] = (amount, now + lease_seconds, on_expiry)
+                    renewed = True
+            record = self._records.get(call_id)
+            if renewed and record is not None:
+                record.forget_at = now + lease_seconds + RECORD_TTL_SECONDS
+            return renewed
+
+    def read(self, keys: Sequence[str]) -> list[CounterState]:
+        with self._lock:
+            now = self._clock()
+            found = [self._get(k, now) for k in keys]
+            return [CounterState(c.spent, c.held) if c else CounterState() for c in found]
+
+    def close(self) -> None:
+        pass
+
+    # -- async twins: the work is a few dict operations under a lock, so they run inline -----
+
+    async def areserve(self, counters: Sequence[Counter], hold: Hold) -> ReserveResult:
+        return self.reserve(counters, hold)
+
+    async def asettle(self, call_id: str, keys: Sequence[str], amount: int) -> SettleResult:
+        return self.settle(call_id, keys, amount)
+
+    async def arenew(self, call_id: str, keys: Sequence[str], lease_seconds: float) -> bool:
+        return self.renew(call_id, keys, lease_seconds)
+
+    async def aread(self, keys: Sequence[str]) -> list[CounterState]:
+        return self.read(keys)
+
+    async def aclose(self) -> None:
+        pass
