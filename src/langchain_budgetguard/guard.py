@@ -1,0 +1,606 @@
+"""``BudgetGuard``: the Runnable that wraps a chat model with a hard spending limit.
+
+Data flow of one call (one path for invoke/ainvoke/stream/astream; batch and
+astream_events build on them):
+
+    identify scopes (config) -> estimate tokens -> price (cached per model)
+     -> reserve on every counter, all or none --refused--> next cheaper model / raise
+     -> call the model -> read usage -> price the actual usage -> settle (idempotent)
+
+The decisions are written once, as generators that yield store requests
+(``_admit``); ``_run_sync`` and ``_run_async`` carry those requests to the
+store's sync or async API. Sync and async cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Generator, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
+from langchain_core.prompt_values import PromptValue
+from langchain_core.runnables import Runnable, RunnableBinding, RunnableConfig
+from langchain_core.runnables.config import (
+    ensure_config,
+    get_async_callback_manager_for_config,
+    get_callback_manager_for_config,
+    patch_config,
+)
+
+from .errors import BudgetExceededError, BudgetStoreUnavailableError, GuardMisuseError, Refusal
+from .estimate import max_output_tokens, tools_of
+from .limits import Identity
+from .money import nano_to_usd
+from .policy import BudgetPolicy, CounterPlan, LimitStatus
+from .pricing import ModelRef, RateCard, model_ref
+from .stores.base import Counter, Hold, ReserveResult, SettleResult
+from .usage import TokenUsage, usage_from_message
+
+__all__ = ["BudgetGuard", "CallCost"]
+
+METADATA_KEY = "budgetguard"
+_WRAP_HINT = (
+    "Wrap the model instead: guarded = BudgetGuard(llm, limit=5.0); chain = prompt | guarded | parser "
+    "(or policy = BudgetGuard(limit=5.0); guarded = policy.wrap(llm))."
+)
+
+
+@dataclass(frozen=True)
+class CallCost:
+    """What one guarded call cost; also put on the reply as ``response_metadata["budgetguard"]``."""
+
+    model: str
+    cost_usd: Decimal
+    usage: TokenUsage
+    estimated: bool
+    degraded: bool
+    reserved_usd: Decimal
+    call_id: str
+
+    def as_metadata(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "cost_usd": self.cost_usd,
+            "reserved_usd": self.reserved_usd,
+            "estimated": self.estimated,
+            "degraded": self.degraded,
+            "call_id": self.call_id,
+            "input_tokens": self.usage.input_tokens,
+            "output_tokens": self.usage.output_tokens,
+        }
+
+
+@dataclass
+class _Candidate:
+    """One model of the ladder and what is fixed about it (resolved once)."""
+
+    runnable: Runnable
+    ref: ModelRef
+    card: RateCard | None = None
+
+    @property
+    def label(self) -> str:
+        return self.ref.name or type(self.runnable).__name__
+
+
+@dataclass
+class _Admitted:
+    """A reservation that went through: which model, what is held, under which call id."""
+
+    candidate: _Candidate
+    index: int
+    call_id: str
+    keys: tuple[str, ...]
+    input_tokens: int
+    reserved: int
+    input_cost: int
+    unreserved: bool = False  # admitted by fail_open while the store was down
+    local_keys: tuple[str, ...] = ()
+
+
+@dataclass
+class _Call:
+    """Everything known about one guarded call before it is admitted."""
+
+    plan: CounterPlan
+    messages: list[BaseMessage]
+    kwargs: dict[str, Any]
+    call_id: str
+    refusals: list[Refusal] = field(default_factory=list)
+
+
+# Requests the planning generators yield; the drivers answer them with the store.
+_Reserve = tuple  # ("reserve", counters, hold) / ("local_reserve", counters, hold)
+
+
+def _to_messages(value: Any) -> list[BaseMessage]:
+    from langchain_core.messages import HumanMessage, convert_to_messages
+
+    if isinstance(value, str):
+        return [HumanMessage(value)]
+    if isinstance(value, PromptValue):
+        return value.to_messages()
+    if isinstance(value, BaseMessage):
+        return [value]
+    if isinstance(value, Sequence):
+        return convert_to_messages(value)
+    raise TypeError(
+        f"BudgetGuard input: expected a string, messages or a prompt value (what a chat model takes), "
+        f"got {type(value).__name__}"
+    )
+
+
+class BudgetGuard(Runnable[Any, BaseMessage]):
+    """Put a hard spending limit in front of a chat model.
+
+    ``BudgetGuard(llm, limit=5.0)`` refuses calls once $5 is spent in total. With
+    ``limits=[Limit(...)]`` each limit applies per user/project/tenant and per window;
+    ``store="redis://..."`` shares the counters between processes; ``degrade_to=[cheaper]``
+    serves from a cheaper model when ``llm`` would not fit. Without a model,
+    ``BudgetGuard(limit=5.0)`` is a reusable policy: ``policy.wrap(llm)``.
+    """
+
+    def __init__(
+        self,
+        llm: Runnable | None = None,
+        *,
+        degrade_to: Sequence[Runnable] = (),
+        policy: BudgetPolicy | None = None,
+        **policy_options: Any,
+    ) -> None:
+        if policy is not None and policy_options:
+            raise TypeError(f"Pass either policy= or policy options, not both: {sorted(policy_options)}")
+        self.policy = policy if policy is not None else BudgetPolicy(**policy_options)
+        if llm is not None and not isinstance(llm, Runnable):
+            raise TypeError(f"BudgetGuard(llm): expected a LangChain chat model, got {type(llm).__name__}")
+        if llm is None and degrade_to:
+            raise TypeError("degrade_to needs a model to degrade from: BudgetGuard(llm, degrade_to=[...]).")
+        self.llm = llm
+        self.degrade_to = tuple(degrade_to)
+        for model in self.degrade_to:
+            if not isinstance(model, Runnable):
+                raise TypeError(f"degrade_to: expected chat models, got {type(model).__name__}")
+        self._candidates: list[_Candidate] | None = None
+
+    # -- construction helpers --------------------------------------------------------------
+
+    def wrap(self, llm: Runnable, *, degrade_to: Sequence[Runnable] = ()) -> BudgetGuard:
+        """A guard around ``llm`` that draws on this guard's budget (same limits, same store)."""
+        return BudgetGuard(llm, degrade_to=degrade_to, policy=self.policy)
+
+    def _rewrap(self, fn: Callable[[Runnable], Runnable]) -> BudgetGuard:
+        self._require_model()
+        return BudgetGuard(fn(self.llm), degrade_to=[fn(m) for m in self.degrade_to], policy=self.policy)
+
+    def bind_tools(self, tools: Sequence[Any], **kwargs: Any) -> BudgetGuard:
+        """The wrapped models with tools bound, still guarded by this budget."""
+        return self._rewrap(lambda m: m.bind_tools(tools, **kwargs))
+
+    def with_structured_output(self, schema: Any, **kwargs: Any) -> Runnable:
+        """The wrapped model's structured-output runnable, with the model step guarded."""
+        from .structured import guarded_structured_output
+
+        self._require_model()
+        return guarded_structured_output(self, schema, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        # Attributes a chat model has (model_name, temperature, ...) read through to the model.
+        if name.startswith("__") or name in ("llm", "policy", "degrade_to", "_candidates"):
+            raise AttributeError(name)
+        llm = self.__dict__.get("llm")
+        if llm is not None and hasattr(llm, name):
+            return getattr(llm, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __repr__(self) -> str:
+        inner = "no model (a policy: use .wrap(llm))" if self.llm is None else repr(self.llm)[:80]
+        return f"BudgetGuard({inner}, name={self.policy.name!r}, limits={list(self.policy.limits)})"
+
+    def get_name(self, suffix: str | None = None, *, name: str | None = None) -> str:
+        return super().get_name(suffix, name=name or "BudgetGuard")
+
+    @property
+    def InputType(self) -> Any:  # noqa: N802 - LangChain's name
+        return self.llm.InputType if self.llm is not None else Any
+
+    @property
+    def OutputType(self) -> Any:  # noqa: N802
+        return self.llm.OutputType if self.llm is not None else BaseMessage
+
+    # -- status ----------------------------------------------------------------------------
+
+    def status(self, config: RunnableConfig | None = None, **ids: Any) -> list[LimitStatus]:
+        """For each limit that applies to this identity: limit, spent, held, remaining, resets_at."""
+        return self.policy.status(config, **ids)
+
+    async def astatus(self, config: RunnableConfig | None = None, **ids: Any) -> list[LimitStatus]:
+        return await self.policy.astatus(config, **ids)
+
+    # -- the decisions (sans I/O) ----------------------------------------------------------
+
+    def _require_model(self, value: Any = None) -> None:
+        if self.llm is not None:
+            return
+        if isinstance(value, (AIMessage, AIMessageChunk)):
+            raise GuardMisuseError(
+                "BudgetGuard received a model's reply: it was placed after the model "
+                "(`llm | BudgetGuard(...)`), where the money is already spent and nothing can be guarded. "
+                + _WRAP_HINT
+            )
+        raise GuardMisuseError("This BudgetGuard has no model to guard; it is a policy. " + _WRAP_HINT)
+
+    def _ladder(self) -> list[_Candidate]:
+        if self._candidates is None:
+            models = [self.llm, *self.degrade_to]
+            self._candidates = [_Candidate(m, model_ref(m)) for m in models]
+        return self._candidates
+
+    def _card(self, candidate: _Candidate) -> RateCard:
+        if candidate.card is None:
+            candidate.card = self.policy.pricer.rate_card(candidate.ref)
+        return candidate.card
+
+    def _begin(self, value: Any, config: RunnableConfig, kwargs: dict[str, Any]) -> _Call:
+        self._require_model(value)
+        identity: Identity = self.policy.identity(config)
+        plan = self.policy.plan(identity)
+        return _Call(plan, _to_messages(value), kwargs, uuid.uuid4().hex)
+
+    def _estimate(self, call: _Call, candidate: _Candidate) -> tuple[int, int, int, int]:
+        """(input tokens, reservation, input-only cost, charge if the lease expires) in nano-USD."""
+        policy = self.policy
+        card = self._card(candidate)
+        tools = tools_of(candidate.runnable, call.kwargs)
+        input_tokens = policy.estimator.input_tokens(call.messages, tools)
+        cap = max_output_tokens(candidate.runnable, call.kwargs) or policy.default_max_output_tokens
+        reserve = card.cost_nano(TokenUsage(input_tokens=input_tokens, output_tokens=cap))
+        input_cost = card.cost_nano(TokenUsage(input_tokens=input_tokens))
+        if policy.estimator.mode == "strict":
+            # Cache writes can cost more than plain input (Anthropic: 1.25x-2x): hold the dearer.
+            as_cache_write = TokenUsage(input_tokens=input_tokens, cache_write_1h_tokens=input_tokens,
+                                        cache_write_tokens=input_tokens)
+            extra = card.cost_nano(as_cache_write) - input_cost
+            if extra > 0:
+                reserve += extra
+                input_cost += extra
+        on_expiry = {"release": 0, "charge_input": input_cost, "charge_reserved": reserve}[policy.expired_hold]
+        return input_tokens, reserve, input_cost, on_expiry
+
+    def _admit(self, call: _Call) -> Generator[_Reserve, ReserveResult | Exception, _Admitted]:
+        """Try each model of the ladder; yield reservations for the driver to carry out."""
+        policy = self.policy
+        ladder = self._ladder()
+        last = len(ladder) - 1
+        for index, candidate in enumerate(ladder):
+            input_tokens, amount, input_cost, on_expiry = self._estimate(call, candidate)
+            fraction = policy.degrade_at if index < last else None
+            counters = call.plan.counters(fraction)
+            call_id = call.call_id if index == 0 else f"{call.call_id}.{index}"
+            hold = Hold(call_id, amount, policy.lease_seconds, on_expiry)
+            result = yield ("reserve", counters, hold)
+            if isinstance(result, Exception):
+                if policy.on_store_error == "fail_closed":
+                    raise result
+                admitted = yield from self._admit_fail_open(call, candidate, index, call_id, input_tokens, amount,
+                                                            input_cost)
+                return admitted
+            if result.ok:
+                return _Admitted(candidate, index, call_id, call.plan.keys, input_tokens, amount, input_cost)
+            blocked = result.blocked or 0
+            call.refusals.append(call.plan.refusal(blocked, result.states[blocked], amount, candidate.label))
+        raise BudgetExceededError(call.refusals)
+
+    def _admit_fail_open(
+        self, call: _Call, candidate: _Candidate, index: int, call_id: str, input_tokens: int, amount: int,
+        input_cost: int,
+    ) -> Generator[_Reserve, ReserveResult | Exception, _Admitted]:
+        """The store is down and the policy is fail_open: serve, bounded by a per-process allowance."""
+        policy = self.policy
+        local_keys: tuple[str, ...] = ()
+        if policy.fail_open_allowance is not None:
+            local = [Counter("fail-open-allowance", policy.fail_open_allowance)]
+            result = yield ("local_reserve", local, Hold(call_id, amount, policy.lease_seconds, amount))
+            assert isinstance(result, ReserveResult)
+            if not result.ok:
+                raise BudgetStoreUnavailableError(
+                    f"The budget store is unreachable and this process has used its fail-open allowance of "
+                    f"{nano_to_usd(policy.fail_open_allowance)} USD (spent {nano_to_usd(result.states[0].spent)}); "
+                    "refusing until the store is back."
+                )
+            local_keys = ("fail-open-allowance",)
+        return _Admitted(candidate, index, call_id, call.plan.keys, input_tokens, amount, input_cost,
+                         unreserved=True, local_keys=local_keys)
+
+    def _cost(self, admitted: _Admitted, message: Any, streamed_text: str | None = None) -> CallCost:
+        """Price a finished (or interrupted) call from its usage, estimating what is missing."""
+        card = self._card(admitted.candidate)
+        usage = usage_from_message(message) if message is not None else None
+        if usage is None or usage.total_tokens == 0:
+            text = streamed_text if streamed_text is not None else _text_of(message)
+            estimator = self.policy.estimator
+            usage = TokenUsage(
+                input_tokens=admitted.input_tokens,
+                output_tokens=estimator.output_tokens(text) if text else 0,
+                estimated=True,
+            )
+        return CallCost(
+            model=admitted.candidate.label,
+            cost_usd=nano_to_usd(card.cost_nano(usage)),
+            usage=usage,
+            estimated=usage.estimated,
+            degraded=admitted.index > 0,
+            reserved_usd=nano_to_usd(admitted.reserved),
+            call_id=admitted.call_id,
+        )
+
+    # -- drivers: carry the planning generators' requests to the store ---------------------
+
+    def _reserve_sync(self, request: _Reserve) -> ReserveResult | Exception:
+        op, counters, hold = request
+        store = self.policy.fail_open_store if op == "local_reserve" else self.policy.store
+        try:
+            return store.reserve(counters, hold)
+        except BudgetStoreUnavailableError as exc:
+            return exc
+
+    async def _reserve_async(self, request: _Reserve) -> ReserveResult | Exception:
+        op, counters, hold = request
+        store = self.policy.fail_open_store if op == "local_reserve" else self.policy.store
+        try:
+            return await store.areserve(counters, hold)
+        except BudgetStoreUnavailableError as exc:
+            return exc
+
+    def _admit_sync(self, call: _Call) -> _Admitted:
+        steps = self._admit(call)
+        try:
+            request = next(steps)
+            while True:
+                request = steps.send(self._reserve_sync(request))
+        except StopIteration as done:
+            return done.value
+
+    async def _admit_async(self, call: _Call) -> _Admitted:
+        steps = self._admit(call)
+        try:
+            request = next(steps)
+            while True:
+                request = steps.send(await self._reserve_async(request))
+        except StopIteration as done:
+            return done.value
+
+    def _settle_sync(self, admitted: _Admitted, amount: int) -> SettleResult:
+        if admitted.local_keys:
+            self.policy.fail_open_store.settle(admitted.call_id, admitted.local_keys, amount)
+        return self.policy.store.settle(admitted.call_id, admitted.keys, amount)
+
+    async def _settle_async(self, admitted: _Admitted, amount: int) -> SettleResult:
+        if admitted.local_keys:
+            await self.policy.fail_open_store.asettle(admitted.call_id, admitted.local_keys, amount)
+        return await self.policy.store.asettle(admitted.call_id, admitted.keys, amount)
+
+    def _failure_charge(self, admitted: _Admitted, partial: Any, text: str) -> int:
+        """What a call that failed or was abandoned costs: usage so far, else nothing before output."""
+        if partial is None and not text:
+            return 0
+        cost = self._cost(admitted, partial, text)
+        return self._card(admitted.candidate).cost_nano(cost.usage)
+
+    # -- Runnable API ----------------------------------------------------------------------
+
+    def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> BaseMessage:
+        config = ensure_config(config)
+        call = self._begin(input, config, kwargs)
+        run_manager = get_callback_manager_for_config(config).on_chain_start(
+            None, input, name=config.get("run_name") or self.get_name(), run_id=config.pop("run_id", None)
+        )
+        try:
+            admitted = self._admit_sync(call)
+            child = patch_config(config, callbacks=run_manager.get_child())
+            try:
+                output = admitted.candidate.runnable.invoke(input, child, **kwargs)
+            except BaseException:
+                self._settle_sync(admitted, 0)
+                raise
+            cost = self._cost(admitted, output)
+            self._settle_sync(admitted, self._card(admitted.candidate).cost_nano(cost.usage))
+            _annotate(output, cost)
+        except BaseException as exc:
+            run_manager.on_chain_error(exc)
+            raise
+        run_manager.on_chain_end(output)
+        return output
+
+    async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> BaseMessage:
+        config = ensure_config(config)
+        call = self._begin(input, config, kwargs)
+        run_manager = await get_async_callback_manager_for_config(config).on_chain_start(
+            None, input, name=config.get("run_name") or self.get_name(), run_id=config.pop("run_id", None)
+        )
+        try:
+            admitted = await self._admit_async(call)
+            child = patch_config(config, callbacks=run_manager.get_child())
+            try:
+                output = await admitted.candidate.runnable.ainvoke(input, child, **kwargs)
+            except BaseException:
+                await self._settle_async(admitted, 0)
+                raise
+            cost = self._cost(admitted, output)
+            await self._settle_async(admitted, self._card(admitted.candidate).cost_nano(cost.usage))
+            _annotate(output, cost)
+        except BaseException as exc:
+            await run_manager.on_chain_error(exc)
+            raise
+        await run_manager.on_chain_end(output)
+        return output
+
+    def stream(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Iterator[BaseMessage]:
+        config = ensure_config(config)
+        call = self._begin(input, config, kwargs)
+        run_manager = get_callback_manager_for_config(config).on_chain_start(
+            None, input, name=config.get("run_name") or self.get_name(), run_id=config.pop("run_id", None)
+        )
+        try:
+            admitted = self._admit_sync(call)
+        except BaseException as exc:
+            run_manager.on_chain_error(exc)
+            raise
+        child = patch_config(config, callbacks=run_manager.get_child())
+        tracker = _StreamTracker(self, admitted)
+        settled = False
+        try:
+            for chunk in admitted.candidate.runnable.stream(input, child, **_stream_kwargs(admitted, kwargs)):
+                tracker.add(chunk)
+                if tracker.renew_due():
+                    self.policy.store.renew(admitted.call_id, admitted.keys, self.policy.lease_seconds)
+                yield chunk
+            cost = tracker.finish()
+            self._settle_sync(admitted, tracker.charge(cost))
+            settled = True
+            tail = _tail_chunk(cost)
+            yield tail
+        except BaseException as exc:
+            if not settled:
+                self._settle_sync(admitted, tracker.interrupted_charge())
+            if not isinstance(exc, GeneratorExit):
+                run_manager.on_chain_error(exc)
+            raise
+        run_manager.on_chain_end(tracker.output)
+
+    async def astream(
+        self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
+    ) -> AsyncIterator[BaseMessage]:
+        config = ensure_config(config)
+        call = self._begin(input, config, kwargs)
+        run_manager = await get_async_callback_manager_for_config(config).on_chain_start(
+            None, input, name=config.get("run_name") or self.get_name(), run_id=config.pop("run_id", None)
+        )
+        try:
+            admitted = await self._admit_async(call)
+        except BaseException as exc:
+            await run_manager.on_chain_error(exc)
+            raise
+        child = patch_config(config, callbacks=run_manager.get_child())
+        tracker = _StreamTracker(self, admitted)
+        settled = False
+        try:
+            async for chunk in admitted.candidate.runnable.astream(input, child, **_stream_kwargs(admitted, kwargs)):
+                tracker.add(chunk)
+                if tracker.renew_due():
+                    await self.policy.store.arenew(admitted.call_id, admitted.keys, self.policy.lease_seconds)
+                yield chunk
+            cost = tracker.finish()
+            await self._settle_async(admitted, tracker.charge(cost))
+            settled = True
+            yield _tail_chunk(cost)
+        except BaseException as exc:
+            if not settled:
+                await self._settle_async(admitted, tracker.interrupted_charge())
+            if not isinstance(exc, GeneratorExit):
+                await run_manager.on_chain_error(exc)
+            raise
+        await run_manager.on_chain_end(tracker.output)
+
+    def transform(self, input: Iterator[Any], config: RunnableConfig | None = None, **kwargs: Any) -> Iterator[Any]:
+        # A chat model consumes its whole input before it answers; so does the guard.
+        final = None
+        for chunk in input:
+            final = chunk if final is None else final + chunk
+        yield from self.stream(final, config, **kwargs)
+
+    async def atransform(
+        self, input: AsyncIterator[Any], config: RunnableConfig | None = None, **kwargs: Any
+    ) -> AsyncIterator[Any]:
+        final = None
+        async for chunk in input:
+            final = chunk if final is None else final + chunk
+        async for out in self.astream(final, config, **kwargs):
+            yield out
+
+
+class _StreamTracker:
+    """Accumulates a stream's chunks; knows what to charge when it ends or breaks off."""
+
+    def __init__(self, guard: BudgetGuard, admitted: _Admitted) -> None:
+        self.guard = guard
+        self.admitted = admitted
+        self.output: Any = None
+        self._text: list[str] = []
+        self._next_renew = time.monotonic() + guard.policy.lease_seconds / 3
+
+    def add(self, chunk: Any) -> None:
+        try:
+            self.output = chunk if self.output is None else self.output + chunk
+        except TypeError:
+            self.output = chunk
+        text = _text_of(chunk)
+        if text:
+            self._text.append(text)
+
+    def renew_due(self) -> bool:
+        now = time.monotonic()
+        if now < self._next_renew:
+            return False
+        self._next_renew = now + self.guard.policy.lease_seconds / 3
+        return True
+
+    def finish(self) -> CallCost:
+        return self.guard._cost(self.admitted, self.output, "".join(self._text))
+
+    def charge(self, cost: CallCost) -> int:
+        return self.guard._card(self.admitted.candidate).cost_nano(cost.usage)
+
+    def interrupted_charge(self) -> int:
+        """Input plus output so far: once a stream has begun the provider bills the prompt."""
+        if self.output is None:
+            return 0
+        return self.charge(self.finish())
+
+
+def _text_of(message: Any) -> str:
+    if message is None:
+        return ""
+    content = getattr(message, "content", message)
+    if isinstance(content, str):
+        text = content
+    else:
+        parts = []
+        for block in content or ():
+            if isinstance(block, str):
+                parts.append(block)
+            elif isinstance(block, Mapping):
+                for key in ("text", "thinking", "partial_json", "input"):
+                    value = block.get(key)
+                    if isinstance(value, str):
+                        parts.append(value)
+        text = "".join(parts)
+    for call in getattr(message, "tool_call_chunks", None) or getattr(message, "tool_calls", None) or ():
+        args = call.get("args")
+        text += args if isinstance(args, str) else str(args or "")
+        text += call.get("name") or ""
+    return text
+
+
+def _annotate(output: Any, cost: CallCost) -> None:
+    metadata = getattr(output, "response_metadata", None)
+    if isinstance(metadata, dict):
+        metadata[METADATA_KEY] = cost.as_metadata()
+
+
+def _tail_chunk(cost: CallCost) -> AIMessageChunk:
+    """An empty last chunk that carries the call's cost, like a provider's usage chunk."""
+    return AIMessageChunk(content="", response_metadata={METADATA_KEY: cost.as_metadata()})
+
+
+def _stream_kwargs(admitted: _Admitted, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Ask for usage on streams where the model can send it but was not told to (ChatOpenAI)."""
+    model = admitted.candidate.runnable
+    while isinstance(model, RunnableBinding):
+        model = model.bound
+    if "stream_usage" not in kwargs and getattr(model, "stream_usage", True) is False:
+        return {**kwargs, "stream_usage": True}
+    return kwargs

@@ -1,0 +1,239 @@
+"""A budget policy: limits, store, prices and estimates, shared by every model it guards.
+
+The policy knows how to turn one call (its identity, its messages, a candidate
+model) into counters and an amount to hold, and how to read the counters back
+as ``LimitStatus`` snapshots. It does no model calls itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from decimal import Decimal
+from typing import Any, Literal
+
+from .errors import Refusal
+from .estimate import DEFAULT_MAX_OUTPUT_TOKENS, Estimator, get_estimator
+from .limits import Identity, Limit, WindowInstance, counter_key, escape_id, resolve_identity
+from .money import nano_to_usd, to_decimal, usd_to_nano
+from .pricing import Pricer
+from .stores.base import Counter, CounterState, Store
+from .stores.memory import MemoryStore
+
+__all__ = ["BudgetPolicy", "LimitStatus", "DEFAULT_LEASE_SECONDS", "DEFAULT_RETENTION_SECONDS"]
+
+DEFAULT_LEASE_SECONDS = 600.0
+DEFAULT_RETENTION_SECONDS = 7 * 24 * 3600
+
+ExpiredHold = Literal["release", "charge_input", "charge_reserved"]
+StoreErrorPolicy = Literal["fail_closed", "fail_open"]
+
+
+@dataclass(frozen=True)
+class LimitStatus:
+    """One limit as seen by one identity now (Decimal USD)."""
+
+    scope: str
+    scope_id: str | None
+    window: str
+    window_label: str
+    limit: Decimal
+    spent: Decimal
+    held: Decimal
+    remaining: Decimal
+    resets_at: datetime | None
+    key: str
+
+    @property
+    def used_fraction(self) -> Decimal:
+        return (self.spent + self.held) / self.limit if self.limit else Decimal(1)
+
+
+@dataclass(frozen=True)
+class CounterPlan:
+    """The counters one call draws on, each with its limit and window."""
+
+    limits: tuple[Limit, ...]
+    scope_ids: tuple[str | None, ...]
+    windows: tuple[WindowInstance, ...]
+    keys: tuple[str, ...]
+    expires_at: tuple[int | None, ...]
+
+    def counters(self, fraction: Decimal | None = None) -> list[Counter]:
+        """Counters for a reservation; ``fraction`` (degrade_at) lowers each limit."""
+        out = []
+        for limit, key, exp in zip(self.limits, self.keys, self.expires_at):
+            cap = limit.nano if fraction is None else int(limit.nano * fraction)
+            out.append(Counter(key, cap, exp))
+        return out
+
+    def refusal(self, index: int, state: CounterState, estimate: int, model: str) -> Refusal:
+        limit = self.limits[index]
+        return Refusal(
+            scope=limit.per,
+            scope_id=self.scope_ids[index],
+            window=f"{limit.window} {self.windows[index].label}",
+            limit=limit.usd,
+            spent=nano_to_usd(state.spent),
+            held=nano_to_usd(state.held),
+            estimate=nano_to_usd(estimate),
+            model=model,
+            resets_at=self.windows[index].resets_at,
+        )
+
+    def statuses(self, states: Sequence[CounterState]) -> list[LimitStatus]:
+        out = []
+        for limit, sid, window, key, state in zip(self.limits, self.scope_ids, self.windows, self.keys, states):
+            spent, held = nano_to_usd(state.spent), nano_to_usd(state.held)
+            out.append(
+                LimitStatus(
+                    scope=limit.per,
+                    scope_id=sid,
+                    window=limit.window,
+                    window_label=window.label,
+                    limit=limit.usd,
+                    spent=spent,
+                    held=held,
+                    remaining=max(limit.usd - spent - held, Decimal(0)),
+                    resets_at=window.resets_at,
+                    key=key,
+                )
+            )
+        return out
+
+
+def _parse_limits(limit: Any, limits: Sequence[Limit] | None) -> tuple[Limit, ...]:
+    out: list[Limit] = []
+    if limit is not None:
+        out.append(limit if isinstance(limit, Limit) else Limit(usd=to_decimal(limit, what="limit")))
+    for item in limits or ():
+        if not isinstance(item, Limit):
+            raise TypeError(f"limits: expected Limit(...) items, got {type(item).__name__} {item!r}")
+        out.append(item)
+    if not out:
+        raise ValueError("BudgetGuard needs a limit: pass limit=5.0 (USD in total) or limits=[Limit(...), ...].")
+    seen = set()
+    for item in out:
+        if item.slug in seen:
+            raise ValueError(
+                f"Two limits share scope {item.per!r} and window {item.window!r} (tz {item.tz}); "
+                "they would share one counter. Keep the stricter one."
+            )
+        seen.add(item.slug)
+    return tuple(out)
+
+
+def resolve_store(store: Any) -> Store:
+    """``None`` -> a new in-process store; a ``redis://`` URL -> a RedisStore; a store or redis client as is."""
+    if store is None:
+        return MemoryStore()
+    if isinstance(store, str):
+        if store in ("memory", "memory://"):
+            return MemoryStore()
+        from .stores.redis import RedisStore
+
+        return RedisStore.from_url(store)
+    if hasattr(store, "reserve") and hasattr(store, "areserve"):
+        return store
+    module = type(store).__module__
+    if module.startswith("redis") or module.startswith("fakeredis"):
+        from .stores.redis import RedisStore
+
+        return RedisStore(store)
+    raise TypeError(
+        f"store: expected a redis:// URL, a redis-py client or a store object, got {type(store).__name__}"
+    )
+
+
+class BudgetPolicy:
+    """Limits + store + pricer + estimator: the part of a guard that model copies share."""
+
+    def __init__(
+        self,
+        *,
+        limit: Any = None,
+        limits: Sequence[Limit] | None = None,
+        store: Any = None,
+        name: str = "default",
+        estimator: str | Estimator = "strict",
+        prices: Mapping[str, Any] | None = None,
+        fallback_price: Any = None,
+        pricer: Pricer | None = None,
+        degrade_at: float | Decimal | None = None,
+        default_max_output_tokens: int = DEFAULT_MAX_OUTPUT_TOKENS,
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
+        retention_seconds: int = DEFAULT_RETENTION_SECONDS,
+        expired_hold: ExpiredHold = "charge_input",
+        on_store_error: StoreErrorPolicy = "fail_closed",
+        fail_open_allowance: Any = None,
+    ) -> None:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"name: expected a non-empty string, got {name!r}")
+        self.name = name
+        self.limits = _parse_limits(limit, limits)
+        self.store = resolve_store(store)
+        self.estimator = get_estimator(estimator)
+        self.pricer = pricer if pricer is not None else Pricer(prices, fallback_price)
+        if degrade_at is not None:
+            degrade_at = to_decimal(degrade_at, what="degrade_at")
+            if not Decimal(0) < degrade_at <= Decimal(1):
+                raise ValueError(f"degrade_at: expected a fraction in (0, 1], got {degrade_at}")
+        self.degrade_at: Decimal | None = degrade_at
+        if not isinstance(default_max_output_tokens, int) or default_max_output_tokens <= 0:
+            raise ValueError(f"default_max_output_tokens: expected a positive int, got {default_max_output_tokens!r}")
+        self.default_max_output_tokens = default_max_output_tokens
+        if not lease_seconds > 0:
+            raise ValueError(f"lease_seconds: expected a positive number of seconds, got {lease_seconds!r}")
+        self.lease_seconds = float(lease_seconds)
+        self.retention_seconds = int(retention_seconds)
+        if expired_hold not in ("release", "charge_input", "charge_reserved"):
+            raise ValueError(
+                f"expired_hold: expected 'release', 'charge_input' or 'charge_reserved', got {expired_hold!r}"
+            )
+        self.expired_hold = expired_hold
+        if on_store_error not in ("fail_closed", "fail_open"):
+            raise ValueError(f"on_store_error: expected 'fail_closed' or 'fail_open', got {on_store_error!r}")
+        self.on_store_error = on_store_error
+        self.fail_open_allowance = (
+            None if fail_open_allowance is None else usd_to_nano(fail_open_allowance, what="fail_open_allowance")
+        )
+        self.fail_open_store = MemoryStore()
+        # Cluster hash tag: with a tenant scope, every counter of a tenant shares the tenant's tag.
+        self._tenant_scoped = any(x.per == "tenant" for x in self.limits)
+        self._name_tag = escape_id(name)
+
+    def __repr__(self) -> str:
+        return f"BudgetPolicy(name={self.name!r}, limits={list(self.limits)!r}, store={self.store!r})"
+
+    def identity(self, config: Mapping[str, Any] | None, **ids: Any) -> Identity:
+        return resolve_identity(config, self.limits, **ids)
+
+    def plan(self, identity: Identity, now: datetime | None = None) -> CounterPlan:
+        """The counters a call by ``identity`` at ``now`` draws on."""
+        now = now or datetime.now(timezone.utc)
+        tenant = identity.ids.get("tenant") if self._tenant_scoped else None
+        tenant_tag = f"{self._name_tag}.t.{escape_id(tenant)}" if tenant is not None else self._name_tag
+        scope_ids, windows, keys, expires = [], [], [], []
+        for limit in self.limits:
+            sid = identity.id_for(limit)
+            window = limit.window_at(now)
+            # A limit above the tenant tree (global, or another scope without a tenant) lives under
+            # the budget's own tag; everything a tenant owns shares the tenant's tag.
+            tag = tenant_tag if (tenant is not None and limit.per != "global") else self._name_tag
+            scope_ids.append(sid)
+            windows.append(window)
+            keys.append(counter_key(self.name, tag, limit, sid, window.label))
+            expires.append(
+                None if window.resets_at is None else int(window.resets_at.timestamp()) + self.retention_seconds
+            )
+        return CounterPlan(self.limits, tuple(scope_ids), tuple(windows), tuple(keys), tuple(expires))
+
+    def status(self, config: Mapping[str, Any] | None = None, **ids: Any) -> list[LimitStatus]:
+        """Each limit that applies to this identity: limit, spent, held, remaining, resets_at."""
+        plan = self.plan(self.identity(config, **ids))
+        return plan.statuses(self.store.read(plan.keys))
+
+    async def astatus(self, config: Mapping[str, Any] | None = None, **ids: Any) -> list[LimitStatus]:
+        plan = self.plan(self.identity(config, **ids))
+        return plan.statuses(await self.store.aread(plan.keys))
