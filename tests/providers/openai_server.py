@@ -1,0 +1,143 @@
+"""A scripted OpenAI Chat Completions server (``POST /v1/chat/completions``)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from .common import Reply, ScriptedServer, sse
+
+__all__ = ["OpenAIServer"]
+
+_ERRORS: dict[int, tuple[str, str | None, str]] = {
+    400: ("invalid_request_error", None, "Invalid request."),
+    401: ("invalid_request_error", "invalid_api_key", "Incorrect API key provided: test."),
+    403: ("invalid_request_error", "unsupported_country_region_territory", "Forbidden."),
+    404: ("invalid_request_error", "model_not_found", "The model does not exist or you do not have access to it."),
+    429: ("requests", "rate_limit_exceeded", "Rate limit reached for requests. Please try again in 1ms."),
+    500: ("server_error", None, "The server had an error while processing your request. Sorry about that!"),
+    503: ("server_error", None, "The engine is currently overloaded, please try again later."),
+}
+
+
+class OpenAIServer(ScriptedServer):
+    """Answers like api.openai.com/v1 for ``ChatOpenAI(base_url=server.base_url)``.
+
+    Note: with a custom ``base_url`` ChatOpenAI does *not* ask for stream usage
+    unless ``stream_usage=True`` is given; the stream then has no usage chunk.
+    """
+
+    api_path = "/v1/chat/completions"
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.url}/v1"
+
+    def chat_model(self, **kwargs: Any) -> Any:
+        """A ``ChatOpenAI`` pointed here, ``max_retries=0`` and model "gpt-4o-mini" unless overridden."""
+        from langchain_openai import ChatOpenAI
+
+        params: dict[str, Any] = {"model": "gpt-4o-mini", "api_key": "test", "max_retries": 0}
+        params.update(kwargs)
+        return ChatOpenAI(base_url=self.base_url, **params)
+
+    def _error_body(self, reply: Reply) -> dict[str, Any]:
+        type_, code, message = _ERRORS.get(reply.error or 500, ("server_error", None, "Error."))
+        return {"error": {"message": reply.error_message or message, "type": type_, "param": None, "code": code}}
+
+    @staticmethod
+    def _wire_usage(usage: dict[str, int]) -> dict[str, Any]:
+        prompt_details: dict[str, int] = {"cached_tokens": usage["cache_read"], "audio_tokens": 0}
+        if usage["cache_creation"]:
+            # Not sent by OpenAI itself; some compatible servers do, and langchain-openai
+            # maps it to input_token_details.cache_creation.
+            prompt_details["cache_write_tokens"] = usage["cache_creation"]
+        return {
+            "prompt_tokens": usage["input_tokens"],
+            "completion_tokens": usage["output_tokens"],
+            "total_tokens": usage["total_tokens"],
+            "prompt_tokens_details": prompt_details,
+            "completion_tokens_details": {
+                "reasoning_tokens": usage["reasoning"],
+                "audio_tokens": 0,
+                "accepted_prediction_tokens": 0,
+                "rejected_prediction_tokens": 0,
+            },
+        }
+
+    @staticmethod
+    def _tool_calls(reply: Reply, index: int) -> list[dict[str, Any]]:
+        return [
+            {
+                "id": tc.id or f"call_{index}_{i}",
+                "type": "function",
+                "function": {"name": tc.name, "arguments": json.dumps(dict(tc.args))},
+            }
+            for i, tc in enumerate(reply.tool_calls)
+        ]
+
+    def _finish_reason(self, reply: Reply) -> str:
+        return reply.finish_reason or ("tool_calls" if reply.tool_calls else "stop")
+
+    def _completion(self, reply: Reply, body: Any, model: str, usage: dict[str, int], index: int) -> dict[str, Any]:
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": reply.text if reply.text or not reply.tool_calls else None,
+            "refusal": None,
+            "annotations": [],
+        }
+        if reply.tool_calls:
+            message["tool_calls"] = self._tool_calls(reply, index)
+        payload: dict[str, Any] = {
+            "id": f"chatcmpl-test{index}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [
+                {"index": 0, "message": message, "logprobs": None, "finish_reason": self._finish_reason(reply)}
+            ],
+            "service_tier": "default",
+            "system_fingerprint": "fp_test",
+        }
+        if not reply.omit_usage:
+            payload["usage"] = self._wire_usage(usage)
+        return payload
+
+    def _stream_events(
+        self, reply: Reply, body: Any, model: str, usage: dict[str, int], index: int
+    ) -> Iterator[tuple[bytes, bool]]:
+        include_usage = bool(((body or {}).get("stream_options") or {}).get("include_usage"))
+        base = {
+            "id": f"chatcmpl-test{index}",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": model,
+            "service_tier": "default",
+            "system_fingerprint": "fp_test",
+        }
+
+        def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
+            data = {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+            if include_usage:
+                data["usage"] = None
+            return sse(data)
+
+        text_chunks = reply.text_chunks()
+        yield chunk({"role": "assistant", "content": "" if text_chunks else None, "refusal": None}), False
+        for piece in text_chunks:
+            yield chunk({"content": piece}), False
+        for i, call in enumerate(self._tool_calls(reply, index)):
+            name_delta = {"index": i, "id": call["id"], "type": "function"}
+            yield chunk({"tool_calls": [{**name_delta, "function": {"name": call["function"]["name"], "arguments": ""}}]}), False
+            args = call["function"]["arguments"]
+            for start in range(0, len(args), 8):
+                yield chunk({"tool_calls": [{"index": i, "function": {"arguments": args[start : start + 8]}}]}), False
+        yield chunk({}, self._finish_reason(reply)), False
+        if include_usage and not reply.omit_usage:
+            yield sse({**base, "choices": [], "usage": self._wire_usage(usage)}), True
+        yield sse("[DONE]"), False
+
+    def _stream_error_event(self, reply: Reply) -> bytes:
+        return sse(self._error_body(reply if reply.error is not None else Reply(error=500, error_message=reply.error_message)))
