@@ -1,23 +1,771 @@
-"""Pre-call token estimates, offline. INTERFACE STUB: the estimation work fills this in."""
+"""Pre-call token estimates, offline: no tokenizer files, no network.
+
+Two estimators share one walk over the messages and differ in how they count:
+
+* ``StrictEstimator`` (mode ``"strict"``) is an upper bound on what a provider
+  reports as prompt tokens. Every token of a byte-level BPE (OpenAI, Anthropic,
+  Llama 3, Mistral Tekken...) covers at least one UTF-8 byte, and a
+  SentencePiece piece covers at least one character (byte fallback: one byte),
+  so ``tokens(text) <= len(text.encode("utf-8"))``. On top come generous
+  per-message, per-block and per-request overheads, the JSON of tool schemas,
+  and a worst case per image.
+* ``TypicalEstimator`` (mode ``"typical"``) is close to real counts:
+  ``ceil(ascii_chars / 4)`` plus about one token per non-ASCII character. It
+  can be below the provider's count now and then.
+
+What no offline estimate can bound (documented, not hidden): documents and
+media given by URL or file id, PDFs whose page objects are compressed, results
+that provider-side tools (web search...) add to the prompt, and the output
+cap of a call that sets none (see ``DEFAULT_MAX_OUTPUT_TOKENS``).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+import base64
+import binascii
+import json
+import math
+import re
+import unicodedata
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
 
-from langchain_core.messages import BaseMessage
+from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
+
+__all__ = [
+    "DEFAULT_IMAGE_TOKENS",
+    "DEFAULT_MAX_OUTPUT_TOKENS",
+    "Estimator",
+    "StrictEstimator",
+    "TypicalEstimator",
+    "estimate_input_tokens",
+    "get_estimator",
+    "max_output_tokens",
+    "tools_of",
+]
 
 DEFAULT_MAX_OUTPUT_TOKENS = 4096
+"""Output cap assumed for a call that sets none (no max_tokens anywhere).
+
+Providers without a required cap (OpenAI, Gemini...) may generate more than
+this, up to the model's own output limit: set ``max_tokens`` on the model for
+a hard guarantee in strict mode.
+"""
 
 
+@runtime_checkable
 class Estimator(Protocol):
+    """What the guard needs from an estimator; built-ins also accept ``model=``."""
+
     mode: str
 
     def input_tokens(self, messages: Sequence[BaseMessage], tools: Sequence[Any] | None = None) -> int: ...
     def output_tokens(self, text: str) -> int: ...
 
 
-def get_estimator(spec: str | Estimator) -> Estimator: ...
+# --------------------------------------------------------------------------------------
+# Text counting
+# --------------------------------------------------------------------------------------
+
+_nfkc_growth_cache: tuple[re.Pattern[str], dict[str, int]] | None = None
 
 
-def max_output_tokens(model: Any, call_kwargs: Mapping[str, Any] | None = None) -> int | None: ...
+def _nfkc_growth_table() -> tuple[re.Pattern[str], dict[str, int]]:
+    """Characters whose NFKC form has more UTF-8 bytes than they do ("ﷺ" -> 33 bytes).
+
+    Built once per process (~40 ms) from the running Python's Unicode database,
+    and only when some text is not already NFKC-normalised.
+    """
+    global _nfkc_growth_cache
+    if _nfkc_growth_cache is None:
+        growth: dict[str, int] = {}
+        for cp in range(0xA0, 0x30000):
+            if 0xD800 <= cp < 0xE000:
+                continue
+            ch = chr(cp)
+            if not unicodedata.decomposition(ch):
+                continue
+            extra = len(unicodedata.normalize("NFKC", ch).encode("utf-8")) - len(ch.encode("utf-8"))
+            if extra > 0:
+                growth[ch] = extra
+        ranges: list[list[int]] = []
+        for cp in map(ord, growth):
+            if ranges and ranges[-1][1] == cp - 1:
+                ranges[-1][1] = cp
+            else:
+                ranges.append([cp, cp])
+        # A class of ranges, not of single characters: the regex scan is then ~10x faster.
+        body = "".join(re.escape(chr(a)) if a == b else f"{re.escape(chr(a))}-{re.escape(chr(b))}" for a, b in ranges)
+        pattern = re.compile(f"[{body}]") if body else re.compile("(?!)")
+        _nfkc_growth_cache = (pattern, growth)
+    return _nfkc_growth_cache
+
+
+def _strict_text(text: str) -> int:
+    """Upper bound on the tokens of ``text`` under any byte-level BPE or SentencePiece model."""
+    if text.isascii():
+        return len(text)
+    n = len(text.encode("utf-8", "surrogatepass"))
+    # Some tokenizers NFKC-normalise first (SentencePiece nmt_nfkc, Anthropic's
+    # legacy one) and a few compatibility characters then grow many-fold.
+    if not unicodedata.is_normalized("NFKC", text):
+        pattern, growth = _nfkc_growth_table()
+        n += sum(growth[c] for c in pattern.findall(text))
+    return n
+
+
+def _typical_text(text: str) -> int:
+    """~4 ASCII characters per token, ~1 token per non-ASCII character; never 0 for non-empty text."""
+    n = len(text)
+    if not n:
+        return 0
+    if text.isascii():
+        return (n + 3) // 4
+    ascii_chars = len(text.encode("ascii", "ignore"))
+    non_ascii_bytes = len(text.encode("utf-8", "surrogatepass")) - ascii_chars
+    # max(): characters of 4 UTF-8 bytes (emoji, rare CJK) often take 2+ tokens.
+    return (ascii_chars + 3) // 4 + max(n - ascii_chars, -(-non_ascii_bytes // 3))
+
+
+def _dumps(value: Any, compact: bool) -> str:
+    try:
+        if compact:
+            return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
+        # ensure_ascii: "\uXXXX" escapes are never shorter than the UTF-8 they stand for.
+        return json.dumps(value, default=str)
+    except (TypeError, ValueError):  # circular or unsortable structures
+        return str(value)
+
+
+# --------------------------------------------------------------------------------------
+# Images, per model family
+# --------------------------------------------------------------------------------------
+
+# (strict high, strict low, typical high, typical low) tokens per image.
+# Strict: the most a provider charges for one image of any size.
+# Typical: a ~1024x1024 image. "low" is OpenAI's detail="low"; families that
+# ignore it charge the same either way.
+_IMAGE_TOKENS: dict[str, tuple[int, int, int, int]] = {
+    # gpt-4o-mini inflates image tokens to keep gpt-4o's price: base 2833, 5667 a 512px tile, <= 8 tiles.
+    "gpt-4o-mini": (48_169, 2_833, 25_501, 2_833),
+    # Patch-based (32px patches, <= 1536) times a per-model multiplier.
+    "openai-nano": (3_779, 3_779, 2_520, 2_520),  # x2.46
+    "o4-mini": (2_642, 2_642, 1_762, 1_762),  # x1.72
+    "openai-mini": (2_489, 2_489, 1_659, 1_659),  # x1.62
+    # Tile-based: 85 + 170 a tile (<= 8 tiles, 768x2048) = 1445; gpt-4.1 patches: <= 1536.
+    "openai-tiles": (1_600, 100, 800, 85),
+    "openai": (1_600, 1_600, 1_000, 1_000),
+    # ~(w*h)/750; <= ~1,600 up to Claude 4.6, <= ~4,800 for models reading 2576px images.
+    "claude": (5_000, 5_000, 1_600, 1_600),
+    # 258 a 768px tile (Gemini 2.x), up to 1,120 an image at high media resolution (Gemini 3).
+    "gemini": (5_000, 5_000, 1_100, 1_100),
+    # Unknown family: strict covers all but gpt-4o-mini; a detail="low" request points to OpenAI's 85.
+    "default": (5_000, 5_000, 1_100, 100),
+}
+DEFAULT_IMAGE_TOKENS = _IMAGE_TOKENS["default"][0]
+"""Strict worst case for one image when the model's family is not known."""
+
+_OPENAI_TILE_PREFIXES = ("gpt-4o", "chatgpt-4o", "gpt-4-turbo", "gpt-4-vision", "gpt-4.5", "o1", "o3", "gpt-5")
+_OPENAI_PREFIXES = ("gpt-", "chatgpt", "o1", "o3", "o4", "computer-use", "codex")
+
+
+def _family(model: str | None) -> str:
+    if not model:
+        return "default"
+    low = model.lower()
+    if "claude" in low:
+        return "claude"
+    if "gemini" in low or "gemma" in low:
+        return "gemini"
+    for part in re.split(r"[/:]", low):
+        if not part.startswith(_OPENAI_PREFIXES):
+            continue
+        if part.startswith("gpt-4o-mini"):
+            return "gpt-4o-mini"
+        if "nano" in part:
+            return "openai-nano"
+        if part.startswith("o4-mini"):
+            return "o4-mini"
+        if "mini" in part and part.startswith("gpt-"):
+            return "openai-mini"
+        if part.startswith(_OPENAI_TILE_PREFIXES):
+            return "openai-tiles"
+        return "openai"
+    return "default"
+
+
+def _model_name(model: Any) -> str | None:
+    """A model id from a string, a chat model or a binding around one."""
+    for _ in range(16):
+        if model is None or isinstance(model, str):
+            return model or None
+        for attr in ("model_name", "model", "model_id", "deployment_name"):
+            value = getattr(model, attr, None)
+            if isinstance(value, str) and value:
+                return value
+        model = getattr(model, "bound", None) or getattr(model, "default", None)
+    return None
+
+
+# --------------------------------------------------------------------------------------
+# The walk
+# --------------------------------------------------------------------------------------
+
+_TEXT_BLOCKS = frozenset({"text", "input_text", "output_text", "text-plain", "refusal"})
+_IMAGE_BLOCKS = frozenset({"image", "image_url", "input_image"})
+_MEDIA_BLOCKS = frozenset({"file", "document", "input_file", "audio", "input_audio", "video", "media"})
+_TOOL_CALL_BLOCKS = frozenset({"tool_use", "tool_call", "function_call", "server_tool_use", "custom_tool_call"})
+_RESPONSE_FORMATS = frozenset({"json_schema", "json_object", "text"})
+# Keys whose values the provider does not read as prompt text.
+_SKIP_KEYS = frozenset({"type", "id", "index", "cache_control", "signature", "mime_type", "media_type",
+                        "source_type", "detail", "extras", "citations", "status"})
+_PDF_PAGE = re.compile(rb"/Type\s*/Page(?![a-zA-Z])")
+
+
+class _Counter:
+    """One walk over messages and tools; subclasses say how text, images and files count."""
+
+    mode = "base"
+    accepts_model = True
+
+    message_overhead: int
+    request_overhead: int
+    block_overhead: int
+    tool_overhead: int
+    tool_call_overhead: int
+    tools_request_overhead: int
+    server_tool_tokens: int
+    response_format_overhead: int
+    url_media_tokens: int
+    pdf_page_tokens: int
+    _text: Callable[[str], int]
+
+    def __init__(self, image_tokens: int | None = None, low_detail_image_tokens: int | None = None) -> None:
+        for name, value in (("image_tokens", image_tokens), ("low_detail_image_tokens", low_detail_image_tokens)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                raise ValueError(f"{name}: expected a non-negative int or None, got {value!r}")
+        self.image_tokens = image_tokens
+        self.low_detail_image_tokens = low_detail_image_tokens
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(image_tokens={self.image_tokens!r}, " \
+               f"low_detail_image_tokens={self.low_detail_image_tokens!r})"
+
+    # -- public -------------------------------------------------------------------------
+
+    def input_tokens(
+        self,
+        messages: Sequence[BaseMessage] | Any,
+        tools: Sequence[Any] | None = None,
+        *,
+        model: Any = None,
+    ) -> int:
+        """Estimated prompt tokens of ``messages`` plus ``tools``.
+
+        ``model`` (a name or a chat model) picks the image cost of its family;
+        without it images count as the worst case of any family but gpt-4o-mini.
+        """
+        family = _family(_model_name(model))
+        total = self.request_overhead
+        for message in _as_messages(messages):
+            total += self._message(message, family)
+        if tools:
+            total += self._tools(tools, family)
+        return total
+
+    def output_tokens(self, text: str) -> int:
+        raise NotImplementedError
+
+    # -- messages -----------------------------------------------------------------------
+
+    def _message(self, message: BaseMessage, family: str) -> int:
+        n = self.message_overhead + self._content(message.content, family)
+        if message.name:
+            n += self._text(message.name) + 1
+        if isinstance(message, AIMessage):
+            n += self._ai_extras(message)
+        elif isinstance(message, ToolMessage):
+            n += self._text(message.tool_call_id or "")
+        elif message.type == "chat":
+            n += self._text(getattr(message, "role", "") or "")
+        return n
+
+    def _ai_extras(self, message: AIMessage) -> int:
+        # A provider sends each tool call once, whether it sits in content blocks or tool_calls.
+        seen: set[Any] = set()
+        if isinstance(message.content, list):
+            seen = {b.get("id") for b in message.content if isinstance(b, dict) and b.get("type") in _TOOL_CALL_BLOCKS}
+        n = 0
+        for call in [*message.tool_calls, *message.invalid_tool_calls]:
+            if call.get("id") is None or call.get("id") not in seen:
+                n += self._tool_call(call.get("name"), call.get("args"), call.get("id"))
+        if not message.tool_calls and not message.invalid_tool_calls:
+            legacy = message.additional_kwargs.get("function_call")
+            if isinstance(legacy, Mapping):
+                n += self._tool_call(legacy.get("name"), legacy.get("arguments"), None)
+        return n
+
+    def _tool_call(self, name: Any, args: Any, call_id: Any) -> int:
+        n = self.tool_call_overhead
+        if isinstance(name, str):
+            n += self._text(name)
+        if isinstance(call_id, str):
+            n += self._text(call_id)
+        if args is not None:
+            n += self._text(args if isinstance(args, str) else _dumps(args, self.mode != "strict"))
+        return n
+
+    def _content(self, content: Any, family: str) -> int:
+        if isinstance(content, str):
+            return self._text(content)
+        if isinstance(content, Mapping):
+            return self._block(content, family)
+        if isinstance(content, (list, tuple)):
+            return sum(self._block(b, family) if isinstance(b, Mapping) else self._content(b, family)
+                       for b in content) + self.block_overhead * len(content)
+        return self._text(str(content)) if content is not None else 0
+
+    def _block(self, block: Mapping[str, Any], family: str) -> int:
+        kind = block.get("type")
+        if kind in _TEXT_BLOCKS and isinstance(block.get("text", block.get("refusal")), str):
+            return self._text(block.get("text", block.get("refusal")))
+        if kind in _IMAGE_BLOCKS or (kind == "media" and str(block.get("mime_type", "")).startswith("image/")):
+            return self._image(block, family)
+        if kind in _MEDIA_BLOCKS:
+            return self._media(block, family)
+        if kind in _TOOL_CALL_BLOCKS:
+            args = next((block[k] for k in ("input", "args", "arguments") if k in block), None)
+            return self._tool_call(block.get("name"), args, block.get("id"))
+        if kind == "thinking" and isinstance(block.get("thinking"), str):
+            return self._text(block["thinking"])
+        return self._fields(block, family)
+
+    def _generic(self, value: Any, family: str) -> int:
+        """Unknown shapes: every string inside counts as text, nested typed blocks by their own rules."""
+        if isinstance(value, str):
+            return self._text(value)
+        if isinstance(value, Mapping):
+            if isinstance(value.get("type"), str):
+                return self._block(value, family)
+            return self._fields(value, family)
+        if isinstance(value, (list, tuple)):
+            return sum(self._generic(v, family) for v in value)
+        if value is None or isinstance(value, bool):
+            return 0
+        return self._text(str(value))
+
+    def _fields(self, block: Mapping[str, Any], family: str) -> int:
+        return sum(self._generic(v, family) for k, v in block.items() if k not in _SKIP_KEYS)
+
+    def _image(self, block: Mapping[str, Any], family: str) -> int:
+        low = _detail(block) == "low"
+        if low and self.low_detail_image_tokens is not None:
+            return self.low_detail_image_tokens
+        if not low and self.image_tokens is not None:
+            return self.image_tokens
+        return self._image_table(family, low)
+
+    def _image_table(self, family: str, low: bool) -> int:
+        raise NotImplementedError
+
+    def _media(self, block: Mapping[str, Any], family: str) -> int:
+        return self._media_body(block, family) + sum(self._text(v) for v in _labels(block))
+
+    def _media_body(self, block: Mapping[str, Any], family: str) -> int:
+        source = block.get("source")
+        if isinstance(source, Mapping):
+            if source.get("type") == "text" and isinstance(source.get("data"), str):
+                return self._text(source["data"])
+            if source.get("type") == "content":
+                return self._content(source.get("content"), family)
+        mime = block.get("mime_type") or (source.get("media_type") if isinstance(source, Mapping) else None)
+        mime = mime if isinstance(mime, str) else ""
+        if mime.startswith("image/"):
+            return self._image(block, family)
+        if mime.startswith("text/") and isinstance(block.get("text"), str):
+            return self._text(block["text"])
+        payload = _longest_string(block)
+        if payload is None or _is_reference(payload):
+            return self.url_media_tokens
+        return self._media_payload(payload)
+
+    def _media_payload(self, payload: str) -> int:
+        raise NotImplementedError
+
+    # -- tools --------------------------------------------------------------------------
+
+    def _tools(self, tools: Sequence[Any], family: str) -> int:
+        n = 0
+        uses_tools = False
+        for tool in tools:
+            schema = _tool_dict(tool)
+            kind = schema.get("type") if isinstance(schema, Mapping) else None
+            if kind in _RESPONSE_FORMATS and "function" not in schema:
+                n += self.response_format_overhead + self._text(_dumps(schema, self.mode != "strict"))
+                continue
+            uses_tools = True
+            n += self.tool_overhead + self._text(_dumps(schema, self.mode != "strict"))
+            if _is_server_tool(schema):
+                # Provider-defined tools (web search, bash, text editor, computer use) carry
+                # a hidden definition far longer than their few-field declaration.
+                n += self.server_tool_tokens
+        if uses_tools:
+            n += self._tools_request_overhead(family)
+        return n
+
+    def _tools_request_overhead(self, family: str) -> int:
+        return self.tools_request_overhead
+
+
+class StrictEstimator(_Counter):
+    """Upper bound on prompt tokens for any BPE/SentencePiece tokenizer (mode ``"strict"``).
+
+    Text counts its UTF-8 bytes (after NFKC growth, for tokenizers that
+    normalise); each message adds 8, each content block 2, the request 12;
+    each tool its JSON plus 16 and the request 600 when tools are present
+    (Anthropic's hidden tool-use system prompt is up to ~530 tokens). Images
+    count the worst case of the model's family (see ``input_tokens``);
+    ``image_tokens`` / ``low_detail_image_tokens`` override that table.
+    """
+
+    mode = "strict"
+    message_overhead = 8
+    request_overhead = 12
+    block_overhead = 2
+    tool_overhead = 16
+    tool_call_overhead = 8
+    tools_request_overhead = 600
+    server_tool_tokens = 1_500
+    response_format_overhead = 64
+    url_media_tokens = 20_000  # a document or recording behind a URL / file id: not boundable offline
+    pdf_page_tokens = 5_000  # page image (<= ~4,800 on Claude) on top of the file's own bytes
+    output_overhead = 4  # end-of-turn / stop tokens, SentencePiece's dummy prefix
+
+    _text = staticmethod(_strict_text)
+
+    def output_tokens(self, text: str) -> int:
+        """Upper bound on the tokens that produced ``text``: its UTF-8 bytes plus a small overhead.
+
+        Hidden reasoning tokens are not in ``text`` and cannot be bounded from it.
+        """
+        return _strict_text(text) + self.output_overhead if text else 0
+
+    def _image_table(self, family: str, low: bool) -> int:
+        row = _IMAGE_TOKENS[family]
+        return row[1] if low else row[0]
+
+    def _media_payload(self, payload: str) -> int:
+        # Base64 text is 4/3 of the bytes it encodes; audio and video stay well under one
+        # token per byte (gpt-4o audio: 10 tokens/s, Gemini video: ~300 tokens/s).
+        payload = _strip_data_url(payload)
+        n = len(payload)
+        pages = _pdf_pages(payload)
+        return n + pages * self.pdf_page_tokens
+
+
+class TypicalEstimator(_Counter):
+    """Close to real counts, may be below them (mode ``"typical"``).
+
+    Text: ``ceil(ascii/4)`` plus ~1 token per non-ASCII character; each
+    message adds 4, the request 3; tools their compact JSON likewise plus 8
+    each and, with tools present, 350 for Claude or unknown models (its
+    tool-use system prompt), 30 otherwise. Images count a ~1024x1024 image of
+    the model's family.
+    """
+
+    mode = "typical"
+    message_overhead = 4
+    request_overhead = 3
+    block_overhead = 0
+    tool_overhead = 8
+    tool_call_overhead = 4
+    tools_request_overhead = 30
+    server_tool_tokens = 500
+    response_format_overhead = 10
+    url_media_tokens = 3_000
+    pdf_page_tokens = 1_500
+
+    _text = staticmethod(_typical_text)
+
+    def output_tokens(self, text: str) -> int:
+        """Estimated tokens of ``text`` at the same ratio as input text."""
+        return _typical_text(text)
+
+    def _image_table(self, family: str, low: bool) -> int:
+        row = _IMAGE_TOKENS[family]
+        return row[3] if low else row[2]
+
+    def _media_payload(self, payload: str) -> int:
+        payload = _strip_data_url(payload)
+        pages = _pdf_pages(payload)
+        if pages:
+            return pages * self.pdf_page_tokens
+        return max(258, len(payload) // 64)  # compressed audio/video: a rough rate, not a bound
+
+    def _tools_request_overhead(self, family: str) -> int:
+        return 350 if family in ("claude", "default") else self.tools_request_overhead
+
+
+def _as_messages(messages: Any) -> Sequence[BaseMessage]:
+    if hasattr(messages, "to_messages"):  # a PromptValue
+        return messages.to_messages()
+    if isinstance(messages, (str, BaseMessage)):
+        messages = [messages]
+    if all(isinstance(m, BaseMessage) for m in messages):
+        return messages
+    from langchain_core.messages import convert_to_messages
+
+    return convert_to_messages(messages)
+
+
+def _detail(block: Mapping[str, Any]) -> Any:
+    inner = block.get("image_url")
+    if isinstance(inner, Mapping) and inner.get("detail"):
+        return inner["detail"]
+    extras = block.get("extras")
+    if isinstance(extras, Mapping) and extras.get("detail"):
+        return extras["detail"]
+    return block.get("detail")
+
+
+def _labels(block: Mapping[str, Any]) -> list[str]:
+    """Names and notes sent along with a file (Anthropic title/context, OpenAI filename)."""
+    found = [block.get(k) for k in ("title", "context", "filename")]
+    inner = block.get("file")
+    if isinstance(inner, Mapping):
+        found.append(inner.get("filename"))
+    return [v for v in found if isinstance(v, str)]
+
+
+def _longest_string(value: Any) -> str | None:
+    best: str | None = None
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if best is None or len(item) > len(best):
+                best = item
+        elif isinstance(item, Mapping):
+            stack.extend(v for k, v in item.items() if k not in _SKIP_KEYS)
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return best
+
+
+def _is_reference(payload: str) -> bool:
+    """A URL or file id rather than inline data (short strings are ids: real payloads are longer)."""
+    if payload.startswith("data:") or payload.startswith("JVBER"):  # data URL, base64 PDF
+        return False
+    return len(payload) < 256 or "://" in payload[:16]
+
+
+def _strip_data_url(payload: str) -> str:
+    return payload.split(",", 1)[-1] if payload.startswith("data:") else payload
+
+
+def _pdf_pages(payload: str) -> int:
+    """Visible page objects of a base64 (or data: URL) PDF; 0 if not a PDF or unreadable."""
+    data = _strip_data_url(payload)
+    if not data.startswith("JVBER"):  # base64 of "%PDF"
+        return 0
+    try:
+        raw = base64.b64decode(data, validate=False)
+    except (binascii.Error, ValueError):
+        return 0
+    return max(1, len(_PDF_PAGE.findall(raw)))
+
+
+_tool_cache: dict[int, tuple[Any, Any]] = {}
+
+
+def _tool_dict(tool: Any) -> Any:
+    """A tool as the dict sent to the provider (OpenAI shape for tools given as code)."""
+    if isinstance(tool, Mapping):
+        return tool
+    hit = _tool_cache.get(id(tool))
+    if hit is not None and hit[0] is tool:
+        return hit[1]
+    from langchain_core.utils.function_calling import convert_to_openai_tool
+
+    try:
+        schema: Any = convert_to_openai_tool(tool)
+    except Exception:  # anything convert_to_openai_tool can't read still costs its text
+        schema = str(tool)
+    if len(_tool_cache) > 512:
+        _tool_cache.clear()
+    _tool_cache[id(tool)] = (tool, schema)  # holding the tool keeps its id from being reused
+    return schema
+
+
+def _is_server_tool(schema: Any) -> bool:
+    if not isinstance(schema, Mapping):
+        return False
+    kind = schema.get("type")
+    has_schema = any(k in schema for k in ("function", "input_schema", "parameters", "functionDeclarations",
+                                           "function_declarations"))
+    return isinstance(kind, str) and kind not in ("function", "custom") and not has_schema
+
+
+# --------------------------------------------------------------------------------------
+# Choosing an estimator
+# --------------------------------------------------------------------------------------
+
+_BUILTIN: dict[str, type[_Counter]] = {"strict": StrictEstimator, "typical": TypicalEstimator}
+
+
+def get_estimator(spec: str | Estimator) -> Estimator:
+    """``"strict"``, ``"typical"`` or an object with ``input_tokens``, ``output_tokens`` and ``mode``."""
+    if isinstance(spec, str):
+        cls = _BUILTIN.get(spec.strip().lower())
+        if cls is None:
+            raise ValueError(f"Unknown estimator {spec!r}: expected 'strict', 'typical' or an object with "
+                             "input_tokens(messages, tools), output_tokens(text) and a str mode.")
+        return cls()
+    if isinstance(spec, type):
+        raise ValueError(f"Estimator {spec.__name__} is a class: pass an instance, e.g. {spec.__name__}(), "
+                         "or 'strict' / 'typical'.")
+    if (callable(getattr(spec, "input_tokens", None)) and callable(getattr(spec, "output_tokens", None))
+            and isinstance(getattr(spec, "mode", None), str)):
+        return spec
+    raise ValueError(f"Unusable estimator {spec!r}: expected 'strict', 'typical' or an object with "
+                     "input_tokens(messages, tools), output_tokens(text) and a str mode.")
+
+
+def estimate_input_tokens(
+    estimator: Estimator, messages: Sequence[BaseMessage], tools: Sequence[Any] | None = None, model: Any = None
+) -> int:
+    """``estimator.input_tokens``, passing ``model`` (name or chat model) to estimators that take it."""
+    if model is not None and getattr(estimator, "accepts_model", False):
+        return estimator.input_tokens(messages, tools, model=model)  # type: ignore[call-arg]
+    return estimator.input_tokens(messages, tools)
+
+
+# --------------------------------------------------------------------------------------
+# What a call is bound with
+# --------------------------------------------------------------------------------------
+
+_CAP_KWARGS = ("max_tokens", "max_completion_tokens", "max_output_tokens", "num_predict", "maxTokens",
+               "max_new_tokens", "max_tokens_to_sample")
+_CAP_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens", "num_predict", "max_new_tokens")
+
+
+def _positive_int(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if value > 0 else None
+    if isinstance(value, float):
+        return math.ceil(value) if math.isfinite(value) and value > 0 else None
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value) or None
+    return None
+
+
+def _cap_in(kwargs: Any) -> int | None:
+    if not isinstance(kwargs, Mapping):
+        return None
+    for key in _CAP_KWARGS:
+        cap = _positive_int(kwargs.get(key))
+        if cap is not None:
+            return cap
+    return None
+
+
+def _layers(model: Any) -> tuple[list[Mapping[str, Any]], Any]:
+    """Bound kwargs from the outermost binding in, and the innermost runnable."""
+    layers: list[Mapping[str, Any]] = []
+    for _ in range(32):
+        inner = getattr(model, "bound", None)
+        if inner is not None:
+            kwargs = getattr(model, "kwargs", None)
+            if isinstance(kwargs, Mapping):
+                layers.append(kwargs)
+            model = inner
+            continue
+        default = getattr(model, "default", None)  # RunnableConfigurableFields / Alternatives
+        if default is not None and hasattr(default, "invoke"):
+            model = default
+            continue
+        break
+    return layers, model
+
+
+def max_output_tokens(model: Any, call_kwargs: Mapping[str, Any] | None = None) -> int | None:
+    """The output cap a call will run with, or None (then use ``DEFAULT_MAX_OUTPUT_TOKENS``).
+
+    Looks at the call's kwargs, then kwargs bound on ``RunnableBinding`` layers
+    (outer over inner), then the model's fields and ``model_kwargs``, then its
+    ``ls_max_tokens``. Non-positive and non-numeric values are ignored.
+    """
+    cap = _cap_in(call_kwargs)
+    if cap is not None:
+        return cap
+    layers, inner = _layers(model)
+    for kwargs in layers:
+        cap = _cap_in(kwargs)
+        if cap is not None:
+            return cap
+    for field in _CAP_FIELDS:
+        cap = _positive_int(getattr(inner, field, None))
+        if cap is not None:
+            return cap
+    cap = _cap_in(getattr(inner, "model_kwargs", None))
+    if cap is not None:
+        return cap
+    get_ls_params = getattr(inner, "_get_ls_params", None)
+    if callable(get_ls_params):
+        try:
+            params = get_ls_params()
+        except Exception:  # a model whose ls params need arguments we don't have
+            return None
+        if isinstance(params, Mapping):
+            return _positive_int(params.get("ls_max_tokens"))
+    return None
+
+
+def _response_format(value: Any) -> Any:
+    """A structured-output schema as a ``{"type": "json_schema", ...}`` dict, or None."""
+    if value is None:
+        return None
+    if isinstance(value, Mapping):
+        if value.get("type") in _RESPONSE_FORMATS:
+            return value
+        return {"type": "json_schema", "json_schema": value}
+    schema = _tool_dict(value)
+    if isinstance(schema, Mapping) and isinstance(schema.get("function"), Mapping):
+        return {"type": "json_schema", "json_schema": schema["function"]}
+    return {"type": "json_schema", "json_schema": str(value)}
+
+
+def tools_of(model: Any, call_kwargs: Mapping[str, Any] | None = None) -> list[Any]:
+    """Tool schemas (``tools``, ``functions``) and structured-output schemas a call will send.
+
+    Call kwargs win over bound kwargs, outer bindings over inner ones, as
+    ``RunnableBinding`` merges them. Output schemas come back as
+    ``{"type": "json_schema", ...}`` dicts, which the estimators count without
+    the tool-use overhead.
+    """
+    layers, _ = _layers(model)
+    if isinstance(call_kwargs, Mapping):
+        layers.insert(0, call_kwargs)
+
+    def resolve(key: str) -> Any:
+        for kwargs in layers:
+            if kwargs.get(key) is not None:
+                return kwargs[key]
+        return None
+
+    found: list[Any] = []
+    for key in ("tools", "functions"):
+        value = resolve(key)
+        if isinstance(value, (list, tuple)):
+            found.extend(value)
+        elif value is not None:
+            found.append(value)
+    fmt = _response_format(resolve("response_format"))
+    if fmt is not None:
+        found.append(fmt)
+    config = resolve("output_config")
+    if isinstance(config, Mapping) and isinstance(config.get("format"), Mapping):
+        found.append(config["format"])
+    return found
