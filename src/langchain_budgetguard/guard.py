@@ -32,7 +32,7 @@ from langchain_core.runnables.config import (
 )
 
 from .errors import BudgetExceededError, BudgetStoreUnavailableError, GuardMisuseError, Refusal
-from .estimate import max_output_tokens, tools_of
+from .estimate import estimate_input_tokens, max_output_tokens, tools_of
 from .limits import Identity
 from .money import nano_to_usd
 from .policy import BudgetPolicy, CounterPlan, LimitStatus
@@ -255,7 +255,7 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
         policy = self.policy
         card = self._card(candidate)
         tools = tools_of(candidate.runnable, call.kwargs)
-        input_tokens = policy.estimator.input_tokens(call.messages, tools)
+        input_tokens = estimate_input_tokens(policy.estimator, call.messages, tools, candidate.runnable)
         cap = max_output_tokens(candidate.runnable, call.kwargs) or policy.default_max_output_tokens
         reserve = card.cost_nano(TokenUsage(input_tokens=input_tokens, output_tokens=cap))
         input_cost = card.cost_nano(TokenUsage(input_tokens=input_tokens))
