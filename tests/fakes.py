@@ -30,6 +30,7 @@ class UsageChat(BaseChatModel):
     fail_after: int | None = None
     delay: float = 0.0
     tool_calls: list[dict] | None = None
+    script: list[dict] | None = None  # per call, in order: {"reply": ..., "tool_calls": [...]}
     calls: int = 0
     _lock: Any = None
 
@@ -67,10 +68,11 @@ class UsageChat(BaseChatModel):
         self._count()
         if self.delay:
             time.sleep(self.delay)
+        step = self.script[(self.calls - 1) % len(self.script)] if self.script else {}
         message = AIMessage(
-            content=self.reply,
+            content=step.get("reply", self.reply),
             usage_metadata=self._usage() if self.report_usage else None,
-            tool_calls=self.tool_calls or [],
+            tool_calls=step.get("tool_calls", self.tool_calls or []),
             response_metadata={"model_name": self.model_name},
         )
         return ChatResult(generations=[ChatGeneration(message=message)])
