@@ -372,3 +372,28 @@ def test_lease_expiry_reaps_a_crashed_calls_hold_by_policy():
     clock[0] += 31
     (status,) = guard.status()
     assert status.held == 0 and status.spent == Decimal("0.04")
+
+
+async def test_astream_events_shows_degrade_refusal_and_cost_events():
+    guard = BudgetGuard(big(), limit=0.2, degrade_to=[mini()], prices=PRICES, estimator=ExactEstimator(1000))
+
+    async def custom_events():
+        try:
+            return [e async for e in guard.astream_events("hi", version="v2") if e["event"] == "on_custom_event"]
+        except BudgetExceededError as exc:
+            return exc
+
+    first = await custom_events()
+    assert [e["name"] for e in first] == ["budgetguard_cost"] and first[0]["data"]["model"] == "big"
+    await custom_events()
+    third = await custom_events()  # 0.18 spent: big no longer fits, mini does
+    assert [e["name"] for e in third] == ["budgetguard_degrade", "budgetguard_cost"]
+    assert third[0]["data"]["from_model"] == "big" and third[0]["data"]["to_model"] == "mini"
+    assert third[0]["data"]["refusal"]["spent"] == Decimal("0.18")
+    await custom_events()  # mini: 0.198 spent, 0.002 left
+    events = []
+    with pytest.raises(BudgetExceededError):
+        async for e in guard.astream_events("hi", version="v2"):
+            events.append(e)
+    names = [e["name"] for e in events if e["event"] == "on_custom_event"]
+    assert names == ["budgetguard_degrade", "budgetguard_refusal"]

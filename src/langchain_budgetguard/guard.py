@@ -17,10 +17,11 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Generator, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from decimal import Decimal
 from typing import Any
 
+from langchain_core.callbacks.manager import adispatch_custom_event, dispatch_custom_event
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.prompt_values import PromptValue
 from langchain_core.runnables import Runnable, RunnableBinding, RunnableConfig
@@ -43,6 +44,9 @@ from .usage import TokenUsage, usage_from_message
 __all__ = ["BudgetGuard", "CallCost"]
 
 METADATA_KEY = "budgetguard"
+EVENT_DEGRADE = "budgetguard_degrade"
+EVENT_REFUSAL = "budgetguard_refusal"
+EVENT_COST = "budgetguard_cost"
 _WRAP_HINT = (
     "Wrap the model instead: guarded = BudgetGuard(llm, limit=5.0); chain = prompt | guarded | parser "
     "(or policy = BudgetGuard(limit=5.0); guarded = policy.wrap(llm))."
@@ -355,23 +359,43 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
         except BudgetStoreUnavailableError as exc:
             return exc
 
-    def _admit_sync(self, call: _Call) -> _Admitted:
+    def _admit_sync(self, call: _Call, child: RunnableConfig | None = None) -> _Admitted:
         steps = self._admit(call)
+        admitted = None
         try:
             request = next(steps)
             while True:
                 request = steps.send(self._reserve_sync(request))
         except StopIteration as done:
-            return done.value
+            admitted = done.value
+            return admitted
+        finally:
+            if child is not None and call.refusals and _has_handlers(child):
+                for name, data in _decision_events(call, admitted):
+                    dispatch_custom_event(name, data, config=child)
 
-    async def _admit_async(self, call: _Call) -> _Admitted:
+    async def _admit_async(self, call: _Call, child: RunnableConfig | None = None) -> _Admitted:
         steps = self._admit(call)
+        admitted = None
         try:
             request = next(steps)
             while True:
                 request = steps.send(await self._reserve_async(request))
         except StopIteration as done:
-            return done.value
+            admitted = done.value
+            return admitted
+        finally:
+            if child is not None and call.refusals and _has_handlers(child):
+                for name, data in _decision_events(call, admitted):
+                    await adispatch_custom_event(name, data, config=child)
+
+    def _report_cost(self, child: RunnableConfig, cost: CallCost) -> None:
+        if _has_handlers(child):
+            dispatch_custom_event(EVENT_COST, cost.as_metadata(), config=child)
+
+    async def _areport_cost(self, child: RunnableConfig, cost: CallCost) -> None:
+        if _has_handlers(child):
+            await adispatch_custom_event(EVENT_COST, cost.as_metadata(), config=child)
 
     def _settle_sync(self, admitted: _Admitted, amount: int) -> SettleResult:
         if admitted.local_keys:
@@ -383,13 +407,6 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
             await self.policy.fail_open_store.asettle(admitted.call_id, admitted.local_keys, amount)
         return await self.policy.store.asettle(admitted.call_id, admitted.keys, amount)
 
-    def _failure_charge(self, admitted: _Admitted, partial: Any, text: str) -> int:
-        """What a call that failed or was abandoned costs: usage so far, else nothing before output."""
-        if partial is None and not text:
-            return 0
-        cost = self._cost(admitted, partial, text)
-        return self._card(admitted.candidate).cost_nano(cost.usage)
-
     # -- Runnable API ----------------------------------------------------------------------
 
     def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> BaseMessage:
@@ -399,8 +416,8 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
             None, input, name=config.get("run_name") or self.get_name(), run_id=config.pop("run_id", None)
         )
         try:
-            admitted = self._admit_sync(call)
             child = patch_config(config, callbacks=run_manager.get_child())
+            admitted = self._admit_sync(call, child)
             try:
                 output = admitted.candidate.runnable.invoke(input, child, **kwargs)
             except BaseException:
@@ -409,6 +426,7 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
             cost = self._cost(admitted, output)
             self._settle_sync(admitted, self._card(admitted.candidate).cost_nano(cost.usage))
             _annotate(output, cost)
+            self._report_cost(child, cost)
         except BaseException as exc:
             run_manager.on_chain_error(exc)
             raise
@@ -422,8 +440,8 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
             None, input, name=config.get("run_name") or self.get_name(), run_id=config.pop("run_id", None)
         )
         try:
-            admitted = await self._admit_async(call)
             child = patch_config(config, callbacks=run_manager.get_child())
+            admitted = await self._admit_async(call, child)
             try:
                 output = await admitted.candidate.runnable.ainvoke(input, child, **kwargs)
             except BaseException:
@@ -432,6 +450,7 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
             cost = self._cost(admitted, output)
             await self._settle_async(admitted, self._card(admitted.candidate).cost_nano(cost.usage))
             _annotate(output, cost)
+            await self._areport_cost(child, cost)
         except BaseException as exc:
             await run_manager.on_chain_error(exc)
             raise
@@ -444,12 +463,12 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
         run_manager = get_callback_manager_for_config(config).on_chain_start(
             None, input, name=config.get("run_name") or self.get_name(), run_id=config.pop("run_id", None)
         )
+        child = patch_config(config, callbacks=run_manager.get_child())
         try:
-            admitted = self._admit_sync(call)
+            admitted = self._admit_sync(call, child)
         except BaseException as exc:
             run_manager.on_chain_error(exc)
             raise
-        child = patch_config(config, callbacks=run_manager.get_child())
         tracker = _StreamTracker(self, admitted)
         settled = False
         try:
@@ -461,8 +480,8 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
             cost = tracker.finish()
             self._settle_sync(admitted, tracker.charge(cost))
             settled = True
-            tail = _tail_chunk(cost)
-            yield tail
+            self._report_cost(child, cost)
+            yield _tail_chunk(cost)
         except BaseException as exc:
             if not settled:
                 self._settle_sync(admitted, tracker.interrupted_charge())
@@ -479,12 +498,12 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
         run_manager = await get_async_callback_manager_for_config(config).on_chain_start(
             None, input, name=config.get("run_name") or self.get_name(), run_id=config.pop("run_id", None)
         )
+        child = patch_config(config, callbacks=run_manager.get_child())
         try:
-            admitted = await self._admit_async(call)
+            admitted = await self._admit_async(call, child)
         except BaseException as exc:
             await run_manager.on_chain_error(exc)
             raise
-        child = patch_config(config, callbacks=run_manager.get_child())
         tracker = _StreamTracker(self, admitted)
         settled = False
         try:
@@ -496,6 +515,7 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
             cost = tracker.finish()
             await self._settle_async(admitted, tracker.charge(cost))
             settled = True
+            await self._areport_cost(child, cost)
             yield _tail_chunk(cost)
         except BaseException as exc:
             if not settled:
@@ -591,9 +611,26 @@ def _annotate(output: Any, cost: CallCost) -> None:
         metadata[METADATA_KEY] = cost.as_metadata()
 
 
+def _decision_events(call: _Call, admitted: _Admitted | None) -> list[tuple[str, dict[str, Any]]]:
+    """Custom events that explain the guard's decision: each degrade, and a final refusal."""
+    events: list[tuple[str, dict[str, Any]]] = []
+    ladder_refusals = call.refusals if admitted is not None else call.refusals[:-1]
+    for i, refusal in enumerate(ladder_refusals):
+        to = call.refusals[i + 1].model if i + 1 < len(call.refusals) else admitted.candidate.label
+        events.append((EVENT_DEGRADE, {"from_model": refusal.model, "to_model": to, "refusal": asdict(refusal)}))
+    if admitted is None and call.refusals:
+        events.append((EVENT_REFUSAL, {"refusals": [asdict(r) for r in call.refusals]}))
+    return events
+
+
 def _tail_chunk(cost: CallCost) -> AIMessageChunk:
     """An empty last chunk that carries the call's cost, like a provider's usage chunk."""
     return AIMessageChunk(content="", response_metadata={METADATA_KEY: cost.as_metadata()})
+
+
+def _has_handlers(config: RunnableConfig) -> bool:
+    callbacks = config.get("callbacks")
+    return bool(getattr(callbacks, "handlers", callbacks))
 
 
 def _stream_kwargs(admitted: _Admitted, kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -69,10 +69,15 @@ class ReserveResult:
 
 @dataclass(frozen=True, slots=True)
 class SettleResult:
-    """``applied`` is False when this call_id was settled before (nothing changed)."""
+    """``applied`` is False when this call_id was settled before (nothing changed).
+
+    ``pending`` is True when the store could not be reached and keeps the settle to replay it
+    later (``applied`` is then False and ``charged`` is what the replay will charge).
+    """
 
     applied: bool
     charged: int = 0
+    pending: bool = False
 
 
 @runtime_checkable
