@@ -25,7 +25,7 @@ from langchain_core.tracers.context import register_configure_hook
 from .errors import UnknownModelPriceError
 from .estimate import get_estimator
 from .money import format_usd
-from .pricing import ModelRef, Pricer, model_ref_from_run
+from .pricing import ModelRef, Pricer, default_pricer, model_ref_from_run
 from .usage import TokenUsage, usage_from_llm_result
 
 __all__ = ["CostCallbackHandler", "ModelTotals", "get_cost_callback"]
@@ -53,7 +53,7 @@ class CostCallbackHandler(BaseCallbackHandler):
 
     def __init__(self, pricer: Pricer | None = None) -> None:
         super().__init__()
-        self.pricer = pricer if pricer is not None else _default_pricer()
+        self.pricer = pricer if pricer is not None else default_pricer()
         self.by_model: dict[str, ModelTotals] = {}
         self.total_tokens = 0
         self.prompt_tokens = 0
@@ -169,12 +169,6 @@ def _estimate_usage(prompt: Any, response: LLMResult) -> TokenUsage:
 
 
 _shared: dict[str, Any] = {}
-
-
-def _default_pricer() -> Pricer:
-    if "pricer" not in _shared:
-        _shared["pricer"] = Pricer()
-    return _shared["pricer"]
 
 
 def _typical() -> Any:

@@ -84,7 +84,6 @@ class _Candidate:
 
     runnable: Runnable
     ref: ModelRef
-    card: RateCard | None = None
 
     @property
     def label(self) -> str:
@@ -244,9 +243,8 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
         return self._candidates
 
     def _card(self, candidate: _Candidate) -> RateCard:
-        if candidate.card is None:
-            candidate.card = self.policy.pricer.rate_card(candidate.ref)
-        return candidate.card
+        # The pricer caches cards and re-resolves those whose price changes at a known time.
+        return self.policy.pricer.rate_card(candidate.ref)
 
     def _begin(self, value: Any, config: RunnableConfig, kwargs: dict[str, Any]) -> _Call:
         self._require_model(value)
