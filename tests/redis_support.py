@@ -1,0 +1,228 @@
+"""Shared helpers and fixtures for tests that need Redis.
+
+``redis_url`` is the server at ``REDIS_URL`` (default ``redis://127.0.0.1:6379/0``): tests that
+use it skip when it is unreachable, except in CI (``CI=true``), where they fail. Every test
+session writes under its own key prefix and deletes those keys at the end. ``RedisServer`` and
+``start_cluster`` run throwaway servers (``redis-server`` binary) on free ports.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from redis.commands.core import AsyncScript, Script
+
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+IN_CI = os.environ.get("CI", "").lower() == "true"
+SESSION_PREFIX = f"bgtest:{uuid.uuid4().hex[:8]}:"
+_prefixes = itertools.count()
+
+
+def unavailable(reason: str) -> None:
+    """Skip the test, or fail it in CI, where every Redis test must run."""
+    if IN_CI:
+        pytest.fail(f"{reason} (CI=true: Redis tests must run in CI)", pytrace=False)
+    pytest.skip(reason)
+
+
+def fresh_prefix() -> str:
+    """A key prefix no other test of this session uses (under the session's prefix)."""
+    return f"{SESSION_PREFIX}{next(_prefixes)}:"
+
+
+def delete_prefix(client: Any, prefix: str) -> int:
+    keys = list(client.scan_iter(match=prefix + "*", count=1000))
+    for key in keys:
+        client.delete(key)
+    return len(keys)
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """The URL of a reachable Redis; this session's keys are deleted at the end."""
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1, socket_timeout=2)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        client.close()
+        unavailable(f"no Redis at {REDIS_URL} ({exc}); set REDIS_URL or start redis-server")
+    try:
+        yield REDIS_URL
+    finally:
+        delete_prefix(client, SESSION_PREFIX)
+        client.close()
+
+
+# -- throwaway servers -------------------------------------------------------------------------
+
+
+def redis_server_binary() -> str:
+    path = shutil.which("redis-server")
+    if path is None:
+        unavailable("redis-server is not installed")
+    return path  # type: ignore[return-value]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_cluster_port() -> int:
+    """A free port whose cluster bus port (+10000) is free too, so at most 55535."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randint(20_000, 55_535)
+        if _bindable(port) and _bindable(port + 10_000):
+            return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
+def wait_until(check: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except (redis.RedisError, OSError):
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+class RedisServer:
+    """A redis-server child process on ``port``, writing its files under ``directory``."""
+
+    def __init__(self, directory: Path, port: int | None = None, *args: str) -> None:
+        self.directory, self.port, self.args = directory, port or free_port(), args
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def command(self) -> list[str]:
+        command = [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+        return command + ["--appendonly", "no", "--dir", str(self.directory), *self.args]
+
+    def start(self) -> RedisServer:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        log = open(self.directory / f"redis-{self.port}.log", "ab")  # noqa: SIM115 - kept by the child
+        self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        wait_until(self._ping, what=f"redis-server on port {self.port}")
+        return self
+
+    def _ping(self) -> bool:
+        if self.process is not None and self.process.poll() is not None:
+            raise RuntimeError(f"redis-server on port {self.port} exited; see {self.directory}")
+        with redis.Redis(port=self.port, socket_connect_timeout=0.2) as client:
+            return bool(client.ping())
+
+    def stop(self) -> None:
+        """Shut down as Redis does on SIGTERM (saving the append-only file when it has one)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+
+class SentinelServer(RedisServer):
+    """A Sentinel on a free port that monitors the master at ``master_port`` as ``service``."""
+
+    def __init__(self, directory: Path, master_port: int, service: str) -> None:
+        super().__init__(directory)
+        self.master_port, self.service = master_port, service
+
+    def command(self) -> list[str]:
+        config = self.directory / "sentinel.conf"  # Sentinel rewrites its config file: one of its own
+        config.write_text(
+            f"port {self.port}\nbind 127.0.0.1\ndir {self.directory}\n"
+            f"sentinel monitor {self.service} 127.0.0.1 {self.master_port} 1\n"
+        )
+        return [redis_server_binary(), str(config), "--sentinel"]
+
+
+def start_cluster(directory: Path, nodes: int = 3) -> list[RedisServer]:
+    """A Redis Cluster of ``nodes`` masters, no replicas; returns once it reports cluster_state:ok."""
+    servers = []
+    try:
+        for _ in range(nodes):
+            port = free_cluster_port()
+            servers.append(
+                RedisServer(
+                    directory / str(port), port, "--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf"
+                ).start()
+            )
+        cli = shutil.which("redis-cli")
+        if cli is None:
+            unavailable("redis-cli is not installed")
+        addresses = [f"127.0.0.1:{s.port}" for s in servers]
+        subprocess.run(
+            [cli, "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+
+        def ready() -> bool:
+            for s in servers:
+                with redis.Redis(port=s.port) as client:
+                    if client.cluster("info").get("cluster_state") != "ok":
+                        return False
+            return True
+
+        wait_until(ready, timeout=30, what="cluster_state:ok")
+    except BaseException:
+        for s in servers:
+            s.stop()
+        raise
+    return servers
+
+
+# -- spying on script calls --------------------------------------------------------------------
+
+
+@pytest.fixture
+def script_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, ...]]:
+    """The key list of every Lua script call made during the test (sync and async clients)."""
+    calls: list[tuple[str, ...]] = []
+    sync_call, async_call = Script.__call__, AsyncScript.__call__
+
+    def spy(self: Script, keys: Any = None, args: Any = None, client: Any = None) -> Any:
+        calls.append(tuple(keys or ()))
+        return sync_call(self, keys, args, client)
+
+    async def aspy(self: AsyncScript, keys: Any = None, args: Any = None, client: Any = None) -> Any:
+        calls.append(tuple(keys or ()))
+        return await async_call(self, keys, args, client)
+
+    monkeypatch.setattr(Script, "__call__", spy)
+    monkeypatch.setattr(AsyncScript, "__call__", aspy)
+    return calls

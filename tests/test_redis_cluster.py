@@ -1,0 +1,120 @@
+"""RedisStore on a real Redis Cluster: three masters on free ports, started once per session.
+
+Skipped when redis-server is not installed (failing in CI, where it must be).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import pytest_asyncio
+import redis.asyncio.cluster
+from redis.cluster import RedisCluster
+from redis.crc import key_slot
+
+from langchain_budgetguard.stores.base import Counter, CounterState, Hold
+from langchain_budgetguard.stores.redis import RedisStore
+
+from .redis_support import RedisServer, fresh_prefix, script_calls, start_cluster  # noqa: F401 - fixture
+from .store_contract import StoreContract, StoreEnv
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[RedisServer]]:
+    servers = start_cluster(tmp_path_factory.mktemp("redis-cluster"))
+    try:
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
+
+
+@pytest.fixture(scope="session")
+def admin(cluster: list[RedisServer]) -> Iterator[RedisCluster]:
+    client = RedisCluster(host="127.0.0.1", port=cluster[0].port)
+    yield client
+    client.close()
+
+
+def cluster_url(servers: list[RedisServer]) -> str:
+    return "redis+cluster://" + ",".join(f"127.0.0.1:{s.port}" for s in servers[:2])
+
+
+def tags_on_every_node(admin: RedisCluster) -> list[str]:
+    """Fresh hash tags, one owned by each master, so that a test spreads over the whole cluster."""
+    by_node: dict[str, str] = {}
+    base = uuid.uuid4().hex[:8]
+    for i in range(1_000):
+        tag = f"{base}-{i}"
+        by_node.setdefault(admin.get_node_from_key("{" + tag + "}").name, tag)
+        if len(by_node) == 3:
+            break
+    return list(by_node.values())
+
+
+class TestClusterContract(StoreContract):
+    @pytest_asyncio.fixture
+    async def env(self, cluster: list[RedisServer], admin: RedisCluster) -> AsyncIterator[StoreEnv]:
+        store = RedisStore.from_url(cluster_url(cluster), prefix=fresh_prefix())
+
+        def expiry_of(key: str) -> float | None:
+            at = admin.expiretime(store.redis_keys(key)[0])
+            assert at != -2
+            return None if at == -1 else at
+
+        try:
+            yield StoreEnv(store=store, sleep=asyncio.sleep, expiry_of=expiry_of, tags=tags_on_every_node(admin))
+        finally:
+            await store.aclose()
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_cross_tag_refusal_leaves_no_hold_on_the_first_tag(
+    cluster: list[RedisServer], admin: RedisCluster, script_calls: list[tuple[str, ...]]  # noqa: F811
+) -> None:
+    tenant_tag, platform_tag, _ = tags_on_every_node(admin)
+    store = RedisStore.from_url(f"redis://127.0.0.1:{cluster[2].port}/0?cluster=true", prefix=fresh_prefix())
+    tenant = [Counter("{" + tenant_tag + "}:user:alice", 1_000), Counter("{" + tenant_tag + "}:project:web", 1_000)]
+    platform = Counter("{" + platform_tag + "}:all", 100)
+    counters = [*tenant, platform]
+    keys = [c.key for c in counters]
+
+    fits = "fits-" + uuid.uuid4().hex
+    assert store.reserve(counters, Hold(fits, 60, 30)).ok
+    refused = "refused-" + uuid.uuid4().hex
+    result = await store.areserve(counters, Hold(refused, 60, 30))
+    assert not result.ok and result.blocked == 2
+    assert result.states == (CounterState(0, 60), CounterState(0, 60), CounterState(0, 60))
+    assert store.read(keys) == [CounterState(0, 60)] * 3
+    for key in keys:
+        counter, leases = store.redis_keys(key)
+        assert admin.hget(counter, "@" + refused) is None
+        assert admin.zscore(leases, refused) is None
+    assert not admin.exists(f"{store.prefix}c:{{{tenant_tag}}}:{refused}")
+
+    assert (await store.asettle(fits, keys, 45)).applied
+    assert store.read(keys) == [CounterState(45, 0)] * 3
+    assert script_calls and all(len({key_slot(k.encode()) for k in call}) == 1 for call in script_calls)
+    await store.aclose()
+    store.close()
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_store_built_from_cluster_clients(cluster: list[RedisServer], admin: RedisCluster) -> None:
+    sync_client = RedisCluster(host="127.0.0.1", port=cluster[1].port)
+    async_client = redis.asyncio.cluster.RedisCluster(host="127.0.0.1", port=cluster[1].port)
+    store = RedisStore(sync_client, async_client=async_client, prefix=fresh_prefix())
+    tags = tags_on_every_node(admin)
+    counters = [Counter("{" + tag + "}:k", 100) for tag in tags]
+    keys = [c.key for c in counters]
+    assert store.reserve(counters, Hold("a", 30, 30)).ok
+    assert (await store.areserve(counters, Hold("b", 30, 30))).ok
+    store.settle("a", keys, 10)
+    await store.asettle("b", keys, 20)
+    assert await store.aread(keys) == [CounterState(30, 0)] * 3
+    assert "Redis Cluster" in store.where
+    await async_client.aclose()
+    sync_client.close()
