@@ -22,6 +22,9 @@ from decimal import Decimal
 from typing import Any
 
 from langchain_core.callbacks.manager import adispatch_custom_event, dispatch_custom_event
+from langchain_core.globals import get_debug, get_verbose
+from langchain_core.tracers.context import _configure_hooks, _tracing_v2_is_enabled
+from langchain_core.utils.env import env_var_is_set
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.prompt_values import PromptValue
 from langchain_core.runnables import Runnable, RunnableBinding, RunnableConfig
@@ -44,6 +47,7 @@ from .usage import TokenUsage, usage_from_message
 __all__ = ["BudgetGuard", "CallCost"]
 
 METADATA_KEY = "budgetguard"
+_FAIL_OPEN_KEY = "fail-open-allowance"
 EVENT_DEGRADE = "budgetguard_degrade"
 EVENT_REFUSAL = "budgetguard_refusal"
 EVENT_COST = "budgetguard_cost"
@@ -64,6 +68,7 @@ class CallCost:
     degraded: bool
     reserved_usd: Decimal
     call_id: str
+    charged_nano: int = field(default=0, repr=False)
 
     def as_metadata(self) -> dict[str, Any]:
         return {
@@ -84,10 +89,31 @@ class _Candidate:
 
     runnable: Runnable
     ref: ModelRef
+    output_cap: int | None = None
+    tools: list[Any] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, runnable: Runnable) -> _Candidate:
+        return cls(runnable, model_ref(runnable), max_output_tokens(runnable), tools_of(runnable))
+
+    def cap_and_tools(self, call_kwargs: dict[str, Any]) -> tuple[int | None, list[Any]]:
+        if not call_kwargs:
+            return self.output_cap, self.tools
+        return max_output_tokens(self.runnable, call_kwargs), tools_of(self.runnable, call_kwargs)
 
     @property
     def label(self) -> str:
         return self.ref.name or type(self.runnable).__name__
+
+
+@dataclass(frozen=True)
+class _Estimate:
+    """What one call would cost on one model: its price card, input tokens, and nano-USD amounts."""
+
+    card: RateCard
+    input_tokens: int
+    reserve: int
+    input_cost: int
 
 
 @dataclass
@@ -95,12 +121,10 @@ class _Admitted:
     """A reservation that went through: which model, what is held, under which call id."""
 
     candidate: _Candidate
+    estimate: _Estimate
     index: int
     call_id: str
     keys: tuple[str, ...]
-    input_tokens: int
-    reserved: int
-    input_cost: int
     unreserved: bool = False  # admitted by fail_open while the store was down
     local_keys: tuple[str, ...] = ()
 
@@ -239,7 +263,7 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
     def _ladder(self) -> list[_Candidate]:
         if self._candidates is None:
             models = [self.llm, *self.degrade_to]
-            self._candidates = [_Candidate(m, model_ref(m)) for m in models]
+            self._candidates = [_Candidate.of(m) for m in models]
         return self._candidates
 
     def _card(self, candidate: _Candidate) -> RateCard:
@@ -252,13 +276,13 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
         plan = self.policy.plan(identity)
         return _Call(plan, _to_messages(value), kwargs, uuid.uuid4().hex)
 
-    def _estimate(self, call: _Call, candidate: _Candidate) -> tuple[int, int, int, int]:
-        """(input tokens, reservation, input-only cost, charge if the lease expires) in nano-USD."""
+    def _estimate(self, call: _Call, candidate: _Candidate) -> _Estimate:
+        """What this call would hold on ``candidate`` (nano-USD), from its messages and output cap."""
         policy = self.policy
         card = self._card(candidate)
-        tools = tools_of(candidate.runnable, call.kwargs)
+        cap, tools = candidate.cap_and_tools(call.kwargs)
         input_tokens = estimate_input_tokens(policy.estimator, call.messages, tools, candidate.runnable)
-        cap = max_output_tokens(candidate.runnable, call.kwargs) or policy.default_max_output_tokens
+        cap = cap or policy.default_max_output_tokens
         reserve = card.cost_nano(TokenUsage(input_tokens=input_tokens, output_tokens=cap))
         input_cost = card.cost_nano(TokenUsage(input_tokens=input_tokens))
         if policy.estimator.mode == "strict":
@@ -269,8 +293,7 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
             if extra > 0:
                 reserve += extra
                 input_cost += extra
-        on_expiry = {"release": 0, "charge_input": input_cost, "charge_reserved": reserve}[policy.expired_hold]
-        return input_tokens, reserve, input_cost, on_expiry
+        return _Estimate(card, input_tokens, reserve, input_cost)
 
     def _admit(self, call: _Call) -> Generator[_Reserve, ReserveResult | Exception, _Admitted]:
         """Try each model of the ladder; yield reservations for the driver to carry out."""
@@ -278,65 +301,65 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
         ladder = self._ladder()
         last = len(ladder) - 1
         for index, candidate in enumerate(ladder):
-            input_tokens, amount, input_cost, on_expiry = self._estimate(call, candidate)
+            estimate = self._estimate(call, candidate)
             fraction = policy.degrade_at if index < last else None
-            counters = call.plan.counters(fraction)
             call_id = call.call_id if index == 0 else f"{call.call_id}.{index}"
-            hold = Hold(call_id, amount, policy.lease_seconds, on_expiry)
-            result = yield ("reserve", counters, hold)
+            on_expiry = {"release": 0, "charge_input": estimate.input_cost,
+                         "charge_reserved": estimate.reserve}[policy.expired_hold]
+            hold = Hold(call_id, estimate.reserve, policy.lease_seconds, on_expiry)
+            result = yield ("reserve", call.plan.counters(fraction), hold)
+            admitted = _Admitted(candidate, estimate, index, call_id, call.plan.keys)
             if isinstance(result, Exception):
                 if policy.on_store_error == "fail_closed":
                     raise result
-                admitted = yield from self._admit_fail_open(call, candidate, index, call_id, input_tokens, amount,
-                                                            input_cost)
+                yield from self._admit_fail_open(admitted)
                 return admitted
             if result.ok:
-                return _Admitted(candidate, index, call_id, call.plan.keys, input_tokens, amount, input_cost)
+                return admitted
             blocked = result.blocked or 0
-            call.refusals.append(call.plan.refusal(blocked, result.states[blocked], amount, candidate.label))
+            call.refusals.append(call.plan.refusal(blocked, result.states[blocked], estimate.reserve,
+                                                   candidate.label))
         raise BudgetExceededError(call.refusals)
 
-    def _admit_fail_open(
-        self, call: _Call, candidate: _Candidate, index: int, call_id: str, input_tokens: int, amount: int,
-        input_cost: int,
-    ) -> Generator[_Reserve, ReserveResult | Exception, _Admitted]:
+    def _admit_fail_open(self, admitted: _Admitted) -> Generator[_Reserve, ReserveResult | Exception, None]:
         """The store is down and the policy is fail_open: serve, bounded by a per-process allowance."""
         policy = self.policy
-        local_keys: tuple[str, ...] = ()
-        if policy.fail_open_allowance is not None:
-            local = [Counter("fail-open-allowance", policy.fail_open_allowance)]
-            result = yield ("local_reserve", local, Hold(call_id, amount, policy.lease_seconds, amount))
-            assert isinstance(result, ReserveResult)
-            if not result.ok:
-                raise BudgetStoreUnavailableError(
-                    f"The budget store is unreachable and this process has used its fail-open allowance of "
-                    f"{nano_to_usd(policy.fail_open_allowance)} USD (spent {nano_to_usd(result.states[0].spent)}); "
-                    "refusing until the store is back."
-                )
-            local_keys = ("fail-open-allowance",)
-        return _Admitted(candidate, index, call_id, call.plan.keys, input_tokens, amount, input_cost,
-                         unreserved=True, local_keys=local_keys)
+        admitted.unreserved = True
+        if policy.fail_open_allowance is None:
+            return
+        local = [Counter(_FAIL_OPEN_KEY, policy.fail_open_allowance)]
+        amount = admitted.estimate.reserve
+        result = yield ("local_reserve", local, Hold(admitted.call_id, amount, policy.lease_seconds, amount))
+        if not isinstance(result, ReserveResult) or not result.ok:
+            spent = nano_to_usd(result.states[0].spent) if isinstance(result, ReserveResult) else "?"
+            raise BudgetStoreUnavailableError(
+                f"The budget store is unreachable and this process has used its fail-open allowance of "
+                f"{nano_to_usd(policy.fail_open_allowance)} USD (spent {spent}); refusing until the store is back."
+            )
+        admitted.local_keys = (_FAIL_OPEN_KEY,)
 
     def _cost(self, admitted: _Admitted, message: Any, streamed_text: str | None = None) -> CallCost:
         """Price a finished (or interrupted) call from its usage, estimating what is missing."""
-        card = self._card(admitted.candidate)
+        card = admitted.estimate.card
         usage = usage_from_message(message) if message is not None else None
         if usage is None or usage.total_tokens == 0:
             text = streamed_text if streamed_text is not None else _text_of(message)
             estimator = self.policy.estimator
             usage = TokenUsage(
-                input_tokens=admitted.input_tokens,
+                input_tokens=admitted.estimate.input_tokens,
                 output_tokens=estimator.output_tokens(text) if text else 0,
                 estimated=True,
             )
+        charged = card.cost_nano(usage)
         return CallCost(
             model=admitted.candidate.label,
-            cost_usd=nano_to_usd(card.cost_nano(usage)),
+            cost_usd=nano_to_usd(charged),
             usage=usage,
             estimated=usage.estimated,
             degraded=admitted.index > 0,
-            reserved_usd=nano_to_usd(admitted.reserved),
+            reserved_usd=nano_to_usd(admitted.estimate.reserve),
             call_id=admitted.call_id,
+            charged_nano=charged,
         )
 
     # -- drivers: carry the planning generators' requests to the store ---------------------
@@ -405,16 +428,29 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
             await self.policy.fail_open_store.asettle(admitted.call_id, admitted.local_keys, amount)
         return await self.policy.store.asettle(admitted.call_id, admitted.keys, amount)
 
+    def _open_run(self, input: Any, config: RunnableConfig) -> tuple[Any, RunnableConfig]:
+        if not _observed(config):
+            return _NoRun(), config
+        run_manager = get_callback_manager_for_config(config).on_chain_start(
+            None, input, name=config.get("run_name") or self.get_name(), run_id=config.pop("run_id", None)
+        )
+        return run_manager, patch_config(config, callbacks=run_manager.get_child())
+
+    async def _aopen_run(self, input: Any, config: RunnableConfig) -> tuple[Any, RunnableConfig]:
+        if not _observed(config):
+            return _ANoRun(), config
+        run_manager = await get_async_callback_manager_for_config(config).on_chain_start(
+            None, input, name=config.get("run_name") or self.get_name(), run_id=config.pop("run_id", None)
+        )
+        return run_manager, patch_config(config, callbacks=run_manager.get_child())
+
     # -- Runnable API ----------------------------------------------------------------------
 
     def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> BaseMessage:
         config = ensure_config(config)
         call = self._begin(input, config, kwargs)
-        run_manager = get_callback_manager_for_config(config).on_chain_start(
-            None, input, name=config.get("run_name") or self.get_name(), run_id=config.pop("run_id", None)
-        )
+        run_manager, child = self._open_run(input, config)
         try:
-            child = patch_config(config, callbacks=run_manager.get_child())
             admitted = self._admit_sync(call, child)
             try:
                 output = admitted.candidate.runnable.invoke(input, child, **kwargs)
@@ -422,7 +458,7 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
                 self._settle_sync(admitted, 0)
                 raise
             cost = self._cost(admitted, output)
-            self._settle_sync(admitted, self._card(admitted.candidate).cost_nano(cost.usage))
+            self._settle_sync(admitted, cost.charged_nano)
             _annotate(output, cost)
             self._report_cost(child, cost)
         except BaseException as exc:
@@ -434,11 +470,8 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
     async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> BaseMessage:
         config = ensure_config(config)
         call = self._begin(input, config, kwargs)
-        run_manager = await get_async_callback_manager_for_config(config).on_chain_start(
-            None, input, name=config.get("run_name") or self.get_name(), run_id=config.pop("run_id", None)
-        )
+        run_manager, child = await self._aopen_run(input, config)
         try:
-            child = patch_config(config, callbacks=run_manager.get_child())
             admitted = await self._admit_async(call, child)
             try:
                 output = await admitted.candidate.runnable.ainvoke(input, child, **kwargs)
@@ -446,7 +479,7 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
                 await self._settle_async(admitted, 0)
                 raise
             cost = self._cost(admitted, output)
-            await self._settle_async(admitted, self._card(admitted.candidate).cost_nano(cost.usage))
+            await self._settle_async(admitted, cost.charged_nano)
             _annotate(output, cost)
             await self._areport_cost(child, cost)
         except BaseException as exc:
@@ -458,10 +491,7 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
     def stream(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Iterator[BaseMessage]:
         config = ensure_config(config)
         call = self._begin(input, config, kwargs)
-        run_manager = get_callback_manager_for_config(config).on_chain_start(
-            None, input, name=config.get("run_name") or self.get_name(), run_id=config.pop("run_id", None)
-        )
-        child = patch_config(config, callbacks=run_manager.get_child())
+        run_manager, child = self._open_run(input, config)
         try:
             admitted = self._admit_sync(call, child)
         except BaseException as exc:
@@ -476,7 +506,7 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
                     self.policy.store.renew(admitted.call_id, admitted.keys, self.policy.lease_seconds)
                 yield chunk
             cost = tracker.finish()
-            self._settle_sync(admitted, tracker.charge(cost))
+            self._settle_sync(admitted, cost.charged_nano)
             settled = True
             self._report_cost(child, cost)
             yield _tail_chunk(cost)
@@ -493,10 +523,7 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
     ) -> AsyncIterator[BaseMessage]:
         config = ensure_config(config)
         call = self._begin(input, config, kwargs)
-        run_manager = await get_async_callback_manager_for_config(config).on_chain_start(
-            None, input, name=config.get("run_name") or self.get_name(), run_id=config.pop("run_id", None)
-        )
-        child = patch_config(config, callbacks=run_manager.get_child())
+        run_manager, child = await self._aopen_run(input, config)
         try:
             admitted = await self._admit_async(call, child)
         except BaseException as exc:
@@ -511,7 +538,7 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
                     await self.policy.store.arenew(admitted.call_id, admitted.keys, self.policy.lease_seconds)
                 yield chunk
             cost = tracker.finish()
-            await self._settle_async(admitted, tracker.charge(cost))
+            await self._settle_async(admitted, cost.charged_nano)
             settled = True
             await self._areport_cost(child, cost)
             yield _tail_chunk(cost)
@@ -569,14 +596,11 @@ class _StreamTracker:
     def finish(self) -> CallCost:
         return self.guard._cost(self.admitted, self.output, "".join(self._text))
 
-    def charge(self, cost: CallCost) -> int:
-        return self.guard._card(self.admitted.candidate).cost_nano(cost.usage)
-
     def interrupted_charge(self) -> int:
         """Input plus output so far: once a stream has begun the provider bills the prompt."""
         if self.output is None:
             return 0
-        return self.charge(self.finish())
+        return self.finish().charged_nano
 
 
 def _text_of(message: Any) -> str:
@@ -624,6 +648,32 @@ def _decision_events(call: _Call, admitted: _Admitted | None) -> list[tuple[str,
 def _tail_chunk(cost: CallCost) -> AIMessageChunk:
     """An empty last chunk that carries the call's cost, like a provider's usage chunk."""
     return AIMessageChunk(content="", response_metadata={METADATA_KEY: cost.as_metadata()})
+
+
+class _NoRun:
+    """Stands in for a run manager when nobody observes runs: opening one would cost for nothing."""
+
+    def on_chain_end(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    on_chain_error = on_chain_end
+
+
+class _ANoRun:
+    async def on_chain_end(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    on_chain_error = on_chain_end
+
+
+def _observed(config: RunnableConfig) -> bool:
+    """Would anyone see a run of ours: callbacks, tracing, debug output or a configure hook?"""
+    if _has_handlers(config) or get_debug() or get_verbose() or _tracing_v2_is_enabled():
+        return True
+    for var, _inheritable, handler_class, env_var in _configure_hooks:
+        if var.get() is not None or (handler_class is not None and env_var and env_var_is_set(env_var)):
+            return True
+    return False
 
 
 def _has_handlers(config: RunnableConfig) -> bool:

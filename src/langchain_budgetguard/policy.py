@@ -7,6 +7,7 @@ as ``LimitStatus`` snapshots. It does no model calls itself.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -25,6 +26,7 @@ __all__ = ["BudgetPolicy", "LimitStatus", "DEFAULT_LEASE_SECONDS", "DEFAULT_RETE
 
 DEFAULT_LEASE_SECONDS = 600.0
 DEFAULT_RETENTION_SECONDS = 7 * 24 * 3600
+_PLAN_CACHE_SIZE = 4096
 
 ExpiredHold = Literal["release", "charge_input", "charge_reserved"]
 StoreErrorPolicy = Literal["fail_closed", "fail_open"]
@@ -202,6 +204,7 @@ class BudgetPolicy:
         # Cluster hash tag: with a tenant scope, every counter of a tenant shares the tenant's tag.
         self._tenant_scoped = any(x.per == "tenant" for x in self.limits)
         self._name_tag = escape_id(name)
+        self._plans: dict[tuple[tuple[str, str], ...], tuple[CounterPlan, float]] = {}
 
     def __repr__(self) -> str:
         return f"BudgetPolicy(name={self.name!r}, limits={list(self.limits)!r}, store={self.store!r})"
@@ -210,8 +213,21 @@ class BudgetPolicy:
         return resolve_identity(config, self.limits, **ids)
 
     def plan(self, identity: Identity, now: datetime | None = None) -> CounterPlan:
-        """The counters a call by ``identity`` at ``now`` draws on."""
-        now = now or datetime.now(timezone.utc)
+        """The counters a call by ``identity`` at ``now`` draws on (cached until a window turns)."""
+        if now is not None:
+            return self._plan(identity, now)
+        key = tuple(identity.ids.items())
+        cached = self._plans.get(key)
+        if cached is not None and time.time() < cached[1]:
+            return cached[0]
+        plan = self._plan(identity, datetime.now(timezone.utc))
+        turns = [w.resets_at.timestamp() for w in plan.windows if w.resets_at is not None]
+        if len(self._plans) >= _PLAN_CACHE_SIZE:
+            self._plans.clear()
+        self._plans[key] = (plan, min(turns, default=float("inf")))
+        return plan
+
+    def _plan(self, identity: Identity, now: datetime) -> CounterPlan:
         tenant = identity.ids.get("tenant") if self._tenant_scoped else None
         tenant_tag = f"{self._name_tag}.t.{escape_id(tenant)}" if tenant is not None else self._name_tag
         scope_ids, windows, keys, expires = [], [], [], []

@@ -12,8 +12,9 @@ from .base import Counter, CounterState, Hold, ReserveResult, SettleResult
 __all__ = ["MemoryStore"]
 
 # How long a call's record outlives its lease, so a late settle or a retried reserve
-# is still recognised.
+# is still recognised; once settled, a record only has to catch a repeated settle.
 RECORD_TTL_SECONDS = 24 * 3600
+SETTLED_RECORD_SECONDS = 3600
 
 
 @dataclass(slots=True)
@@ -22,6 +23,7 @@ class _Counter:
     held: int = 0
     expires_at: int | None = None
     holds: dict[str, tuple[int, float, int]] = field(default_factory=dict)  # call_id -> (amount, deadline, on_expiry)
+    next_deadline: float = float("inf")  # earliest lease deadline: reaping is free until then
 
 
 @dataclass(slots=True)
@@ -48,6 +50,8 @@ class MemoryStore:
     # -- internals (called with the lock held) --------------------------------------------
 
     def _reap(self, counter: _Counter, now: float) -> None:
+        if now < counter.next_deadline:
+            return
         expired = [cid for cid, (_, deadline, _) in counter.holds.items() if deadline <= now]
         for cid in expired:
             amount, _, on_expiry = counter.holds.pop(cid)
@@ -57,6 +61,7 @@ class MemoryStore:
             if record is not None and record.state == "held":
                 record.state = "expired"
                 record.charged = on_expiry
+        counter.next_deadline = min((d for _, d, _ in counter.holds.values()), default=float("inf"))
 
     def _sweep(self, now: float) -> None:
         """Drop counters past their retention and records past their lifetime (lazily, rarely)."""
@@ -98,6 +103,7 @@ class MemoryStore:
                     counter.expires_at = max(counter.expires_at or 0, spec.expires_at)
                 counter.held += hold.amount
                 counter.holds[hold.call_id] = (hold.amount, deadline, hold.charge_on_expiry)
+                counter.next_deadline = min(counter.next_deadline, deadline)
             self._records[hold.call_id] = _Record(
                 "held", tuple(c.key for c in counters), 0, deadline + RECORD_TTL_SECONDS
             )
@@ -123,7 +129,7 @@ class MemoryStore:
                 charged_before = record.charged
             for key in keys:
                 self._counters[key].spent += amount - charged_before
-            self._records[call_id] = _Record("settled", tuple(keys), amount, now + RECORD_TTL_SECONDS)
+            self._records[call_id] = _Record("settled", tuple(keys), amount, now + SETTLED_RECORD_SECONDS)
             return SettleResult(applied=True, charged=amount)
 
     def renew(self, call_id: str, keys: Sequence[str], lease_seconds: float) -> bool:
