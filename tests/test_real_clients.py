@@ -72,11 +72,6 @@ def test_openai_batch_charges_each_request(openai_server, billed):
     assert spent(guard) == cb.total_cost == billed(openai_server) > 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="guard.py _stream_kwargs only forces stream_usage when the model's stream_usage is False; "
-    "ChatOpenAI with a custom base_url leaves it None, so the stream has no usage and is charged an estimate",
-)
 def test_openai_custom_base_url_stream_is_still_asked_for_usage(openai_server, billed):
     openai_server.script(Reply(text="one two three", input_tokens=40, output_tokens=9, cache_read_tokens=8))
     model = openai_server.chat_model()

@@ -31,5 +31,4 @@ class TestMemoryStoreContract(StoreContract):
         def expiry_of(key: str) -> float | None:
             return store._counters[key].expires_at
 
-        gaps = {"same key twice": "MemoryStore holds and charges a key listed twice in one call twice"}
-        return StoreEnv(store=store, sleep=sleep, expiry_of=expiry_of, known_gaps=gaps)
+        return StoreEnv(store=store, sleep=sleep, expiry_of=expiry_of)

@@ -686,6 +686,7 @@ def _stream_kwargs(admitted: _Admitted, kwargs: dict[str, Any]) -> dict[str, Any
     model = admitted.candidate.runnable
     while isinstance(model, RunnableBinding):
         model = model.bound
-    if "stream_usage" not in kwargs and getattr(model, "stream_usage", True) is False:
+    # ChatOpenAI leaves stream_usage None (off) for a custom base_url or client.
+    if "stream_usage" not in kwargs and hasattr(model, "stream_usage") and not model.stream_usage:
         return {**kwargs, "stream_usage": True}
     return kwargs

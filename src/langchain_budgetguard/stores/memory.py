@@ -34,6 +34,10 @@ class _Record:
     forget_at: float
 
 
+def _state(counter: _Counter | None) -> CounterState:
+    return CounterState(counter.spent, counter.held) if counter is not None else CounterState()
+
+
 class MemoryStore:
     """Counters in a dict behind one lock. Operations are short and never await while locked."""
 
@@ -88,30 +92,31 @@ class MemoryStore:
         with self._lock:
             now = self._clock()
             self._sweep(now)
-            found = [self._get(c.key, now) for c in counters]
-            states = tuple(CounterState(c.spent, c.held) if c else CounterState() for c in found)
+            # A key listed twice is one counter: checked against each limit, held once.
+            found = {c.key: self._get(c.key, now) for c in counters}
+            states = tuple(_state(found[c.key]) for c in counters)
             if hold.call_id in self._records:
                 return ReserveResult(ok=True, states=states, duplicate=True)
             for index, (spec, state) in enumerate(zip(counters, states)):
                 if state.spent + state.held + hold.amount > spec.limit:
                     return ReserveResult(ok=False, states=states, blocked=index)
             deadline = now + hold.lease_seconds
-            for spec, counter in zip(counters, found):
+            for spec in counters:
+                counter = found[spec.key]
                 if counter is None:
-                    counter = self._counters[spec.key] = _Counter()
+                    counter = found[spec.key] = self._counters[spec.key] = _Counter()
                 if spec.expires_at is not None:
                     counter.expires_at = max(counter.expires_at or 0, spec.expires_at)
+                if hold.call_id in counter.holds:
+                    continue
                 counter.held += hold.amount
                 counter.holds[hold.call_id] = (hold.amount, deadline, hold.charge_on_expiry)
                 counter.next_deadline = min(counter.next_deadline, deadline)
-            self._records[hold.call_id] = _Record(
-                "held", tuple(c.key for c in counters), 0, deadline + RECORD_TTL_SECONDS
-            )
-            return ReserveResult(
-                ok=True, states=tuple(CounterState(s.spent, s.held + hold.amount) for s in states)
-            )
+            self._records[hold.call_id] = _Record("held", tuple(found), 0, deadline + RECORD_TTL_SECONDS)
+            return ReserveResult(ok=True, states=tuple(_state(found[c.key]) for c in counters))
 
     def settle(self, call_id: str, keys: Sequence[str], amount: int) -> SettleResult:
+        keys = list(dict.fromkeys(keys))
         with self._lock:
             now = self._clock()
             record = self._records.get(call_id)
