@@ -175,11 +175,8 @@ def start_cluster(directory: Path, nodes: int = 3) -> list[RedisServer]:
     try:
         for _ in range(nodes):
             port = free_cluster_port()
-            servers.append(
-                RedisServer(
-                    directory / str(port), port, "--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf"
-                ).start()
-            )
+            cluster_args = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf")
+            servers.append(RedisServer(directory / str(port), port, *cluster_args).start())
         cli = shutil.which("redis-cli")
         if cli is None:
             unavailable("redis-cli is not installed")

@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -33,7 +33,6 @@ class StoreEnv:
     expiry_of: Callable[[str], float | None]  # when the store drops a counter (epoch s); None: never
     tags: Sequence[str] = ("t0", "t1", "t2")  # hash tags for keys; at least three distinct
     lease: float = 0.3  # a lease short enough to wait out in a test
-    known_gaps: dict[str, str] = field(default_factory=dict)  # contract point -> why this store misses it
 
     def key(self, name: str, tag: int = 0) -> str:
         return "{" + self.tags[tag] + "}:" + name
@@ -138,12 +137,8 @@ class StoreContract:
         assert retried.ok and not retried.duplicate
         assert await api.read([large.key, small.key]) == [CounterState(0, 60), CounterState(0, 60)]
 
-    async def test_same_key_twice_is_held_once_within_the_tighter_limit(
-        self, env: StoreEnv, api: Api, request: pytest.FixtureRequest
-    ) -> None:
+    async def test_same_key_twice_is_held_once_within_the_tighter_limit(self, env: StoreEnv, api: Api) -> None:
         # Two limits of one guard that share a scope and window share one counter.
-        if env.known_gaps.get("same key twice"):
-            request.applymarker(pytest.mark.xfail(strict=True, reason=env.known_gaps["same key twice"]))
         key = env.key("shared")
         cid = call_id()
         result = await api.reserve([Counter(key, 100), Counter(key, 1_000)], Hold(cid, 80, 30))

@@ -143,7 +143,7 @@ def test_key_layout_and_ttls(fake_store) -> None:
     assert admin.hgetall(f"bg:{key}") == {b"h": b"100", b"@call-1": b"100:7"}
     assert admin.get("bg:c:{acme}:call-1") == b"h:7"
     assert admin.expiretime(f"bg:{key}") == expires
-    assert admin.expiretime(f"bg:l:{key}") == expires  # lives as long as its counter
+    assert expires <= admin.expiretime(f"bg:l:{key}") <= expires + 1  # outlives its counter
     assert 24 * 3600 + 50 < admin.ttl("bg:c:{acme}:call-1") <= 24 * 3600 + 60
     store.settle(cid, [key], 42)
     assert set(admin.keys("*")) == {b"bg:" + key.encode(), b"bg:c:{acme}:call-1"}  # empty lease set is gone
@@ -194,7 +194,8 @@ async def test_an_async_client_alone_refuses_sync_calls_clearly() -> None:
 
 def test_url_forms() -> None:
     plain = _parse_url("redis://:pw@example:6380/2?socket_timeout=3")
-    assert (plain.kind, plain.hosts, plain.url) == ("server", (("example", 6380),), "redis://:pw@example:6380/2?socket_timeout=3")
+    assert (plain.kind, plain.hosts) == ("server", (("example", 6380),))
+    assert plain.url == "redis://:pw@example:6380/2?socket_timeout=3"
     cluster = _parse_url("redis+cluster://u:pw@a:7000,b:7001,[::1]:7002")
     assert cluster.kind == "cluster" and cluster.hosts == (("a", 7000), ("b", 7001), ("::1", 7002))
     assert _parse_url("rediss://a:7000/0?cluster=true").kind == "cluster"

@@ -44,6 +44,7 @@ replay never counts twice.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import threading
@@ -138,14 +139,9 @@ def _load_lua(name: str) -> str:
     return folder.joinpath("common.lua").read_text("utf-8") + "\n" + folder.joinpath(f"{name}.lua").read_text("utf-8")
 
 
-_SCRIPT_NAMES = ("reserve", "settle", "release", "renew", "read")
-_LUA: dict[str, str] = {}
-
-
+@functools.cache
 def _lua_sources() -> dict[str, str]:
-    if not _LUA:
-        _LUA.update({name: _load_lua(name) for name in _SCRIPT_NAMES})
-    return _LUA
+    return {name: _load_lua(name) for name in ("reserve", "settle", "release", "renew", "read")}
 
 
 def _slot_part(key: str) -> str:
@@ -189,12 +185,9 @@ def _fill(states: list[CounterState], keys: Sequence[str], group: _Group, found:
             states[index] = by_key[key]
 
 
-def _int(value: Any) -> int:
-    return int(value) if value is not None else 0
-
-
 def _states(flat: Sequence[Any]) -> list[CounterState]:
-    return [CounterState(_int(flat[i]), _int(flat[i + 1])) for i in range(0, len(flat), 2)]
+    """``[spent1, held1, spent2, held2, ...]`` (bytes or str, as the client decodes) -> states."""
+    return [CounterState(int(flat[i]), int(flat[i + 1])) for i in range(0, len(flat), 2)]
 
 
 def _ms(seconds: float) -> int:
@@ -220,9 +213,8 @@ def _describe_url(url: str) -> str:
 
 def _describe_client(client: Any) -> str:
     if isinstance(client, (redis.cluster.RedisCluster, redis.asyncio.cluster.RedisCluster)):
-        nodes = getattr(client, "startup_nodes", None) or {}
-        names = list(nodes)[:3] if isinstance(nodes, dict) else [getattr(n, "name", str(n)) for n in nodes][:3]
-        return "Redis Cluster via " + (", ".join(names) or "its client")
+        nodes = list(getattr(getattr(client, "nodes_manager", None), "startup_nodes", None) or [])
+        return "Redis Cluster via " + (",".join(nodes[:3]) or "a RedisCluster client")
     kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", {}) or {}
     if "path" in kwargs:
         return f"unix://{kwargs['path']}"
@@ -263,7 +255,8 @@ def _parse_url(url: str) -> _Target:
     """Understand the URL forms in the module docstring."""
     parts = urlsplit(url)
     scheme, _, flavour = parts.scheme.lower().partition("+")
-    if scheme not in ("redis", "rediss", "unix") or flavour not in ("", "cluster", "sentinel"):
+    known = flavour in ("", "cluster", "sentinel") and not (flavour and scheme == "unix")
+    if scheme not in ("redis", "rediss", "unix") or not known:
         raise ValueError(
             f"Unsupported Redis URL scheme {parts.scheme!r}: use redis://, rediss://, unix://, "
             "redis+cluster:// or redis+sentinel:// (rediss+... for TLS)."
@@ -279,7 +272,9 @@ def _parse_url(url: str) -> _Target:
     if flavour == "sentinel":
         segments = [s for s in parts.path.split("/") if s]
         if not segments:
-            raise ValueError(f"A Sentinel URL names its service: redis+sentinel://host:26379/mymaster, got {_describe_url(url)!r}")
+            raise ValueError(
+                f"A Sentinel URL names its service: redis+sentinel://host:26379/mymaster, got {_describe_url(url)!r}"
+            )
         service = unquote(segments[0])
         path = "/" + segments[1] if len(segments) > 1 else ""
     elif flavour == "cluster" and parts.path.strip("/") not in ("", "0"):
@@ -329,8 +324,8 @@ def _make_client(target: _Target, options: dict[str, Any], *, use_async: bool) -
     if target.kind == "cluster":
         module = redis.asyncio.cluster if use_async else redis.cluster
         nodes = [module.ClusterNode(host, port) for host, port in target.hosts]
-        # Not no_retry: without a few quick retries of its own, the asyncio cluster client fails
-        # when many calls open their first connections to a node at once (redis-py 8.1).
+        # The cluster client follows slot moves and failovers by refreshing its slot map between
+        # retries of its own: keep a few quick ones; the store's RetryPolicy comes on top.
         quick = Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.1), 3)
         # Cluster node pools cannot wait for a free connection; let a burst open more instead.
         client = module.RedisCluster(startup_nodes=nodes, **{"retry": quick, "max_connections": 1_000, **kwargs})
@@ -339,7 +334,7 @@ def _make_client(target: _Target, options: dict[str, Any], *, use_async: bool) -
     sentinel_kwargs = {k: v for k, v in kwargs.items() if k.startswith("socket_") or k == "ssl"}
     sentinel_kwargs.update(target.sentinel_kwargs or {})
     sentinel = module.Sentinel(list(target.hosts), sentinel_kwargs=sentinel_kwargs, **kwargs)
-    client = sentinel.master_for(target.service, **{"retry": no_retry})
+    client = sentinel.master_for(target.service, retry=no_retry)
     return client, [client, *sentinel.sentinels]
 
 
@@ -398,7 +393,7 @@ class RedisStore:
         **client_options: Any,
     ) -> None:
         if not isinstance(prefix, str) or "{" in prefix or "}" in prefix:
-            raise ValueError(f"prefix must be a string without '{{' or '}}' (they would change hash slots), got {prefix!r}")
+            raise ValueError(f"prefix must be a string without '{{' or '}}' (they change hash slots), got {prefix!r}")
         self.prefix = prefix
         self.retention_seconds = retention_seconds
         self.retry = retry or RetryPolicy()
@@ -407,7 +402,7 @@ class RedisStore:
         self._target: _Target | None = None
         self._sync: _Backend | None = None
         self._async_given: _Backend | None = None
-        self._async_by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Backend] = weakref.WeakKeyDictionary()
+        self._async_by_loop: weakref.WeakKeyDictionary[Any, _Backend] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
         self._journal: list[PendingSettle] = []
         self._journal_lock = threading.Lock()
@@ -441,21 +436,16 @@ class RedisStore:
 
     # -- key names ------------------------------------------------------------------------------
 
-    def _counter_keys(self, key: str) -> tuple[str, str]:
+    def redis_keys(self, key: str) -> tuple[str, str]:
+        """The Redis names of a counter: its hash and its lease set (for tools and tests)."""
         base = key if tag_of(key) else _slot_part(key)
         return self.prefix + base, self.prefix + "l:" + base
 
-    def _record_key(self, group: _Group, call_id: str) -> str:
-        return f"{self.prefix}c:{group.slot}:{call_id}"
-
-    def redis_keys(self, key: str) -> tuple[str, str]:
-        """The Redis names of a counter: its hash and its lease set (for tools and tests)."""
-        return self._counter_keys(key)
-
     def _call(self, script: str, group: _Group, call_id: str | None, args: Sequence[str]) -> _Call:
-        keys = [self._record_key(group, call_id)] if call_id is not None else []
+        """A script call on one group: the call's record on that tag (if any), then each counter's keys."""
+        keys = [f"{self.prefix}c:{group.slot}:{call_id}"] if call_id is not None else []
         for key in group.keys:
-            keys.extend(self._counter_keys(key))
+            keys.extend(self.redis_keys(key))
         return _Call(script, tuple(keys), tuple(args))
 
     # -- plans: the logic of each operation, shared by the sync and async shells ----------------
@@ -486,16 +476,19 @@ class RedisStore:
                 code, found = int(reply[0]), _states(reply[2:])
                 _fill(states, keys, group, found)
                 if code == 0:
+                    yield from self._release([g for g, _ in placed], hold.call_id)
                     # Read the tags not tried yet, so that the refusal shows every counter and names
                     # the first one, in the caller's order, that cannot take the hold.
                     for later in groups[number + 1 :]:
-                        _fill(states, keys, later, _states((yield self._call("read", later, None, []))))
-                    yield from self._release([g for g, _ in placed], hold.call_id)
+                        try:
+                            _fill(states, keys, later, _states((yield self._call("read", later, None, []))))
+                        except BudgetStoreUnavailableError:
+                            pass  # the refusal stands; those counters show zeros
                     refused = keys.index(group.keys[int(reply[1]) - 1])
-                    blocked = next(
-                        (i for i, (c, s) in enumerate(zip(counters, states)) if s.spent + s.held + hold.amount > c.limit),
-                        refused,
+                    too_full = (
+                        i for i, (c, s) in enumerate(zip(counters, states)) if s.spent + s.held + hold.amount > c.limit
                     )
+                    blocked = next(too_full, refused)
                     return ReserveResult(ok=False, states=tuple(states), blocked=min(blocked, refused))
                 if code == 1:
                     placed.append((group, found))
@@ -516,17 +509,17 @@ class RedisStore:
                 log.warning("could not release call %s on %s; its hold ends with its lease", call_id, group.slot)
 
     def _settle_plan(self, call_id: str, keys: Sequence[str], amount: int) -> Plan[SettleResult]:
-        text = _check_amount(amount, "settle amount")
+        args = [call_id, _check_amount(amount, "settle amount"), self._record_ttl_ms]
         applied = False
         for group in _groups(keys):
-            applied = bool(int((yield self._call("settle", group, call_id, [call_id, text, self._record_ttl_ms])))) or applied
+            applied = bool(int((yield self._call("settle", group, call_id, args)))) or applied
         return SettleResult(applied=applied, charged=amount if applied else 0)
 
     def _renew_plan(self, call_id: str, keys: Sequence[str], lease_seconds: float) -> Plan[bool]:
-        lease_ms = str(_ms(lease_seconds))
+        args = [call_id, str(_ms(lease_seconds)), self._record_ttl_ms]
         renewed = False
         for group in _groups(keys):
-            renewed = bool(int((yield self._call("renew", group, call_id, [call_id, lease_ms, self._record_ttl_ms])))) or renewed
+            renewed = bool(int((yield self._call("renew", group, call_id, args)))) or renewed
         return renewed
 
     def _read_plan(self, keys: Sequence[str]) -> Plan[list[CounterState]]:
@@ -537,7 +530,7 @@ class RedisStore:
 
     # -- errors ---------------------------------------------------------------------------------
 
-    def _unavailable(self, call: _Call, exc: BaseException, attempts: int, started: float) -> BudgetStoreUnavailableError:
+    def _unavailable(self, call: _Call, exc: Exception, attempts: int, started: float) -> BudgetStoreUnavailableError:
         return BudgetStoreUnavailableError(
             f"Redis budget store at {self.where} is unavailable: {call.script} failed after {attempts} "
             f"attempt(s) in {time.monotonic() - started:.1f}s ({type(exc).__name__}: {exc}). Check that the "
@@ -610,7 +603,7 @@ class RedisStore:
         with self._journal_lock:
             self._journal.append(PendingSettle(call_id, tuple(keys), amount))
             pending = len(self._journal)
-        log.warning("settle of call %s kept in the journal (%d pending) to replay when Redis answers: %s", call_id, pending, exc)
+        log.warning("settle of call %s journaled (%d pending) until Redis answers: %s", call_id, pending, exc)
         return SettleResult(applied=False, charged=amount, pending=True)
 
     def _replay(self, policy: RetryPolicy) -> int:

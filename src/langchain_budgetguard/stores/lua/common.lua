@@ -71,7 +71,7 @@ local function reap(c, l, now)
 end
 
 -- Counter c lives until the latest expires_at a reservation gave it (none: no expiry), and its
--- lease set at least as long, so that a hold is never left without its deadline.
+-- lease set a second longer, so that a hold is never left without its deadline.
 local function keep_until(c, l, expires, now)
   if expires ~= '' then
     local ttl = redis.call('PTTL', c)
@@ -80,5 +80,5 @@ local function keep_until(c, l, expires, now)
     end
   end
   local ttl = redis.call('PTTL', c)
-  if ttl > 0 then redis.call('PEXPIRE', l, ttl) end
+  if ttl > 0 then redis.call('PEXPIRE', l, ttl + 1000) end
 end
