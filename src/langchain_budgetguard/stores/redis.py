@@ -410,6 +410,8 @@ class RedisStore:
             self._target = _parse_url(url_or_client)
             self.where = _describe_url(url_or_client)
         else:
+            if client_options:
+                raise TypeError(f"connection options {sorted(client_options)} apply to a URL, not to a client you built")
             clients = [url_or_client] + ([async_client] if async_client is not None else [])
             for client in clients:
                 if _is_async_client(client):
