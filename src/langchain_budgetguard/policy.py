@@ -115,6 +115,9 @@ def _parse_limits(limit: Any, limits: Sequence[Limit] | None) -> tuple[Limit, ..
         out.append(item)
     if not out:
         raise ValueError("BudgetGuard needs a limit: pass limit=5.0 (USD in total) or limits=[Limit(...), ...].")
+    # Global limits last: on Redis Cluster they live under their own hash tag and are reserved in a
+    # second step, after the tenant's counters (released again if that step refuses).
+    out.sort(key=lambda item: item.per == "global")
     seen = set()
     for item in out:
         if item.slug in seen:
