@@ -1,0 +1,219 @@
+"""``enforce_budget``: a budget for every chat model call in a block, including code you don't construct.
+
+    with enforce_budget(policy, user_id="alice"):
+        third_party_chain.invoke(...)      # each model call inside is reserved, then settled
+
+A callback handler, added to every callback manager made in the block (a configure
+hook on a ContextVar, as ``get_cost_callback`` does). It reserves in
+``on_chat_model_start`` and raises ``BudgetExceededError`` there to abort a call
+that does not fit: only a synchronous handler with ``raise_error=True`` can stop a
+run, and it does so for ``ainvoke`` and streams too. It cannot switch models, so it
+refuses. Calls that a ``BudgetGuard`` or ``BudgetMiddleware`` already charges to the
+same budget are skipped.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.messages import BaseMessage, HumanMessage
+from langchain_core.runnables.config import ensure_config
+from langchain_core.tracers.context import register_configure_hook
+
+from .estimate import max_output_tokens
+from .policy import BudgetPolicy, LimitStatus
+from .pricing import model_ref_from_run
+from .usage import TokenUsage, usage_from_llm_result
+
+if TYPE_CHECKING:
+    from .guard import BudgetGuard, _Admitted
+
+__all__ = ["BudgetEnforcer", "GUARDED_KEY", "budget_token", "charged_budgets", "enforce_budget"]
+
+GUARDED_KEY = "budgetguard_budget"
+"""Run metadata naming the budget (``budget_token``) a guard already charges this model call to."""
+
+charged_budgets: ContextVar[frozenset[str]] = ContextVar("budgetguard_charged_budgets", default=frozenset())
+"""Budgets the model call made in this context is already charged to (set by ``BudgetMiddleware``)."""
+
+
+def budget_token(policy: BudgetPolicy) -> str:
+    """Names a budget's counters in this process: same name and same store object, same counters."""
+    return f"{policy.name}@{id(policy.store):x}"
+
+
+@dataclass(frozen=True)
+class _Entry:
+    policy: BudgetPolicy
+    ids: Mapping[str, Any]
+    token: str
+
+
+class BudgetEnforcer(BaseCallbackHandler):
+    """Reserves each chat model call on its start, settles it on its end or error. Thread-safe."""
+
+    raise_error = True  # the only way a handler can stop a call
+    run_inline = True  # run in the caller's context (ContextVars) and before the request goes out
+
+    def __init__(self, entries: Sequence[_Entry]) -> None:
+        super().__init__()
+        self.entries = tuple(entries)
+        self.tokens = frozenset(e.token for e in self.entries)
+        self._runs: dict[UUID, list[tuple[BudgetGuard, _Admitted]]] = {}
+        self._lock = threading.Lock()
+
+    def status(self, config: Mapping[str, Any] | None = None) -> list[LimitStatus]:
+        """The limits of every enforced budget, for this block's ids."""
+        return [s for e in self.entries for s in e.policy.status(config, **e.ids)]
+
+    # -- callback events ---------------------------------------------------------------------
+
+    def on_chat_model_start(self, serialized: dict[str, Any], messages: list[list[BaseMessage]], *,
+                            run_id: UUID, metadata: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        self._start(serialized, list(messages[0]) if messages else [], run_id, metadata, kwargs)
+
+    def on_llm_start(self, serialized: dict[str, Any], prompts: list[str], *, run_id: UUID,
+                     metadata: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        self._start(serialized, [HumanMessage(p) for p in prompts[:1]], run_id, metadata, kwargs)
+
+    def on_llm_end(self, response: Any, *, run_id: UUID, **kwargs: Any) -> None:
+        self._end(run_id, response)
+
+    def on_llm_error(self, error: BaseException, *, run_id: UUID, response: Any = None, **kwargs: Any) -> None:
+        # A stream that broke off passes what it got; before any output there is nothing to charge.
+        self._end(run_id, response, failed=True)
+
+    # -- reserve and settle ------------------------------------------------------------------
+
+    def _applicable(self, metadata: Mapping[str, Any]) -> list[_Entry]:
+        skip = set(charged_budgets.get())
+        marker = metadata.get(GUARDED_KEY)
+        if isinstance(marker, str):
+            skip.add(marker)
+        current = _current.get()
+        if current is not None and current is not self:
+            # Nested blocks: the innermost enforcer of this context sees the call too, and its ids win.
+            skip |= current.tokens
+        return [e for e in self.entries if e.token not in skip]
+
+    def _start(self, serialized: Any, messages: list[BaseMessage], run_id: UUID, metadata: Any,
+               kwargs: Mapping[str, Any]) -> None:
+        from .guard import BudgetGuard, _Call, _Candidate
+
+        metadata = metadata if isinstance(metadata, Mapping) else {}
+        entries = [e for e in self._applicable(metadata) if _claim(run_id, e.token)]
+        if not entries:
+            return
+        admitted: list[tuple[BudgetGuard, _Admitted]] = []
+        try:
+            params = dict(kwargs.get("invocation_params") or {})
+            if max_output_tokens(None, params) is None and metadata.get("ls_max_tokens"):
+                params["max_tokens"] = metadata["ls_max_tokens"]
+            ref = model_ref_from_run(serialized, params, metadata)
+            context = ensure_config()  # the enclosing runnable's config: its configurable may name ids
+            config = {"configurable": context.get("configurable") or {}, "metadata": metadata}
+            for index, entry in enumerate(entries):
+                guard = BudgetGuard(policy=entry.policy)
+                guard._candidates = [_Candidate(None, ref)]  # type: ignore[arg-type] - the run's model
+                plan = entry.policy.plan(entry.policy.identity(config, **entry.ids))
+                call = _Call(plan, messages, params, f"enforce-{run_id.hex}-{index}")
+                admitted.append((guard, guard._admit_sync(call)))
+        except BaseException:
+            for guard, held in admitted:
+                guard._settle_sync(held, 0)
+            _release(run_id, [e.token for e in entries])
+            raise
+        with self._lock:
+            self._runs[run_id] = admitted
+
+    def _end(self, run_id: UUID, response: Any, failed: bool = False) -> None:
+        with self._lock:
+            admitted = self._runs.pop(run_id, None)
+        if admitted is None:
+            return
+        try:
+            for guard, held in admitted:
+                guard._settle_sync(held, _charge(guard, held, response, failed))
+        finally:
+            _release(run_id, [budget_token(guard.policy) for guard, _ in admitted])
+
+
+def _charge(guard: BudgetGuard, admitted: _Admitted, response: Any, failed: bool) -> int:
+    """The call's cost from its reported usage, else its input estimate plus the output seen."""
+    usage = TokenUsage()
+    text = ""
+    for generations in getattr(response, "generations", None) or ():
+        for generation in generations:
+            text += getattr(generation, "text", "") or ""
+    for reported, _ in usage_from_llm_result(response) if response is not None else ():
+        if reported is not None:
+            usage = usage + reported
+    if usage.total_tokens == 0:
+        if failed and not text:
+            return 0
+        estimator = guard.policy.estimator
+        usage = TokenUsage(input_tokens=admitted.estimate.input_tokens,
+                           output_tokens=estimator.output_tokens(text) if text else 0, estimated=True)
+    return admitted.estimate.card.cost_nano(usage)
+
+
+# Which budget each running call is charged to, process-wide: two enforcers that both see a call
+# (say, nested blocks whose handlers reach a thread without the ContextVar) charge it once.
+_claims: dict[UUID, set[str]] = {}
+_claims_lock = threading.Lock()
+
+
+def _claim(run_id: UUID, token: str) -> bool:
+    with _claims_lock:
+        taken = _claims.setdefault(run_id, set())
+        if token in taken:
+            return False
+        taken.add(token)
+        return True
+
+
+def _release(run_id: UUID, tokens: Sequence[str]) -> None:
+    with _claims_lock:
+        taken = _claims.get(run_id)
+        if taken is not None:
+            taken.difference_update(tokens)
+            if not taken:
+                del _claims[run_id]
+
+
+_current: ContextVar[BudgetEnforcer | None] = ContextVar("budgetguard_enforcer", default=None)
+register_configure_hook(_current, inheritable=True)
+
+
+@contextmanager
+def enforce_budget(policy: Any, **ids: Any) -> Iterator[BudgetEnforcer]:
+    """Reserve and settle every chat model call made in the block against ``policy``.
+
+    ``policy`` is a ``BudgetPolicy`` or a ``BudgetGuard`` (its budget). ``user_id=``,
+    ``project_id=``... name whose budget it is; a call's own ``metadata`` (or its chain's
+    ``configurable``) can name the ids not given here. Nested blocks enforce every budget
+    they name, the inner ids winning for a budget both name; a call is never charged twice
+    to one budget, nor when a ``BudgetGuard`` or ``BudgetMiddleware`` on that budget serves it.
+    """
+    policy = getattr(policy, "policy", policy)
+    if not isinstance(policy, BudgetPolicy):
+        raise TypeError(f"enforce_budget: expected a BudgetPolicy or a BudgetGuard, got {type(policy).__name__}")
+    bad = [k for k in ids if not k.endswith("_id")]
+    if bad:
+        raise TypeError(f"enforce_budget: ids are given as <scope>_id=..., e.g. user_id='alice'; got {bad}")
+    entry = _Entry(policy, dict(ids), budget_token(policy))
+    outer = _current.get()
+    entries = [e for e in (outer.entries if outer else ()) if e.token != entry.token] + [entry]
+    enforcer = BudgetEnforcer(entries)
+    token = _current.set(enforcer)
+    try:
+        yield enforcer
+    finally:
+        _current.reset(token)

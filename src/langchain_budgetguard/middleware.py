@@ -1,0 +1,215 @@
+"""``BudgetMiddleware``: a budget for every model step of a LangChain v1 agent.
+
+    agent = create_agent(llm, tools, middleware=[BudgetMiddleware(limit=5.0, degrade_to=[cheaper])])
+
+Each model step is reserved before the call (the agent's model, else the first
+``degrade_to`` model that fits), served, and settled from the reply's usage. When
+no model fits, the run ends cleanly with an AIMessage saying the budget is
+exhausted (``on_exhausted="end"``) or raises ``BudgetExceededError`` (``"raise"``).
+The same admission machinery as ``BudgetGuard``: same limits, store, prices, estimates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
+
+from langchain_core.messages import AIMessage, BaseMessage
+from langchain_core.runnables import RunnableConfig
+from langchain_core.runnables.config import ensure_config
+
+try:
+    from langchain.agents.middleware.types import AgentMiddleware, ModelRequest, ModelResponse
+except ImportError as exc:  # pragma: no cover - langchain is an optional dependency
+    raise ImportError("BudgetMiddleware needs LangChain v1 agents: pip install 'langchain>=1.0'") from exc
+
+from .enforce import budget_token, charged_budgets
+from .errors import BudgetExceededError
+from .guard import METADATA_KEY, BudgetGuard, CallCost, _Admitted, _annotate
+from .policy import BudgetPolicy
+
+__all__ = ["BudgetMiddleware"]
+
+OnExhausted = Literal["end", "raise"]
+
+
+def _default_message(error: BudgetExceededError) -> str:
+    return f"I had to stop here: the budget for this run is exhausted ({error.refusal.describe()})."
+
+
+class BudgetMiddleware(AgentMiddleware):
+    """Reserve, degrade, settle and stop an agent's model steps within a budget.
+
+    ``BudgetMiddleware(limit=5.0)`` or ``BudgetMiddleware(policy)`` with a ``BudgetPolicy`` or a
+    model-less ``BudgetGuard`` (to share its budget). Ids for per-user/project/... limits come from
+    the agent's runtime context (``context=...``, key or attribute ``user_id`` etc.), then the run's
+    ``configurable`` and ``metadata``. Emits custom events ``budgetguard_degrade``,
+    ``budgetguard_refusal`` and ``budgetguard_cost`` (see ``astream_events``).
+    """
+
+    def __init__(
+        self,
+        policy: BudgetPolicy | BudgetGuard | None = None,
+        *,
+        degrade_to: Sequence[Any] = (),
+        on_exhausted: OnExhausted = "end",
+        exhausted_message: str | Callable[[BudgetExceededError], str] = _default_message,
+        **policy_options: Any,
+    ) -> None:
+        super().__init__()
+        if policy is not None and policy_options:
+            raise TypeError(f"Pass either a policy or policy options, not both: {sorted(policy_options)}")
+        if isinstance(policy, BudgetGuard):
+            policy = policy.policy
+        if policy is not None and not isinstance(policy, BudgetPolicy):
+            raise TypeError(f"policy: expected a BudgetPolicy or a BudgetGuard, got {type(policy).__name__}")
+        self.policy = policy if policy is not None else BudgetPolicy(**policy_options)
+        if on_exhausted not in ("end", "raise"):
+            raise ValueError(f"on_exhausted: expected 'end' or 'raise', got {on_exhausted!r}")
+        self.degrade_to = tuple(_with_stream_usage(m) for m in degrade_to)
+        self.on_exhausted = on_exhausted
+        self.exhausted_message = exhausted_message
+        self.token = budget_token(self.policy)
+        self._guards: dict[int, tuple[Any, BudgetGuard]] = {}
+
+    # -- the decisions, shared by the sync and async hooks ---------------------------------
+
+    def _guard_for(self, model: Any) -> BudgetGuard:
+        hit = self._guards.get(id(model))
+        if hit is not None and hit[0] is model:
+            return hit[1]
+        guard = BudgetGuard(_with_stream_usage(model), degrade_to=self.degrade_to, policy=self.policy)
+        if len(self._guards) > 64:
+            self._guards.clear()
+        self._guards[id(model)] = (model, guard)  # holding the model keeps its id from being reused
+        return guard
+
+    def _already_guarded(self, request: ModelRequest) -> bool:
+        model = request.model
+        return isinstance(model, BudgetGuard) and budget_token(model.policy) == self.token
+
+    def _begin(self, request: ModelRequest) -> tuple[BudgetGuard, Any, RunnableConfig]:
+        config = ensure_config()  # the agent's model node: its run is the parent of our events
+        ids = _ids_from_context(getattr(request.runtime, "context", None), self.policy)
+        messages: list[BaseMessage] = list(request.messages)
+        if request.system_message is not None:
+            messages.insert(0, request.system_message)
+        guard = self._guard_for(request.model)
+        call_config = {**config, "configurable": {**(config.get("configurable") or {}), **ids}}
+        # Tools are bound by the agent after this hook: pass them so their schemas count.
+        kwargs = {**request.model_settings, "tools": list(request.tools)}
+        return guard, guard._begin(messages, call_config, kwargs), config
+
+    @staticmethod
+    def _served(request: ModelRequest, admitted: _Admitted) -> ModelRequest:
+        model = admitted.candidate.runnable
+        return request if model is request.model else request.override(model=model)
+
+    def _exhausted(self, error: BudgetExceededError) -> ModelResponse:
+        if self.on_exhausted == "raise":
+            raise error
+        text = self.exhausted_message(error) if callable(self.exhausted_message) else self.exhausted_message
+        refusals = [dataclasses.asdict(r) for r in error.refusals]
+        message = AIMessage(content=text, response_metadata={METADATA_KEY: {"exhausted": True, "refusals": refusals}})
+        return ModelResponse(result=[message])
+
+    @staticmethod
+    def _cost(guard: BudgetGuard, admitted: _Admitted, response: Any) -> CallCost | None:
+        message = _ai_message(response)
+        if message is None:
+            return None
+        cost = guard._cost(admitted, message)
+        _annotate(message, cost)
+        return cost
+
+    @staticmethod
+    def _failure_charge(guard: BudgetGuard, admitted: _Admitted, error: BaseException) -> int:
+        # A reply the agent could not parse (StructuredOutputValidationError) was still billed.
+        message = getattr(error, "ai_message", None)
+        return guard._cost(admitted, message).charged_nano if isinstance(message, AIMessage) else 0
+
+    # -- hooks ------------------------------------------------------------------------------
+
+    def wrap_model_call(self, request: ModelRequest, handler: Callable[[ModelRequest], ModelResponse]) -> Any:
+        if self._already_guarded(request):
+            return handler(request)
+        guard, call, config = self._begin(request)
+        try:
+            admitted = guard._admit_sync(call, config)  # also emits budgetguard_degrade / _refusal
+        except BudgetExceededError as error:
+            return self._exhausted(error)
+        mark = charged_budgets.set(charged_budgets.get() | {self.token})
+        try:
+            response = handler(self._served(request, admitted))
+        except BaseException as error:
+            guard._settle_sync(admitted, self._failure_charge(guard, admitted, error))
+            raise
+        finally:
+            charged_budgets.reset(mark)
+        cost = self._cost(guard, admitted, response)
+        guard._settle_sync(admitted, cost.charged_nano if cost else 0)
+        if cost is not None:
+            guard._report_cost(config, cost)
+        return response
+
+    async def awrap_model_call(self, request: ModelRequest, handler: Callable[[ModelRequest], Any]) -> Any:
+        if self._already_guarded(request):
+            return await handler(request)
+        guard, call, config = self._begin(request)
+        try:
+            admitted = await guard._admit_async(call, config)
+        except BudgetExceededError as error:
+            return self._exhausted(error)
+        mark = charged_budgets.set(charged_budgets.get() | {self.token})
+        try:
+            response = await handler(self._served(request, admitted))
+        except BaseException as error:
+            await guard._settle_async(admitted, self._failure_charge(guard, admitted, error))
+            raise
+        finally:
+            charged_budgets.reset(mark)
+        cost = self._cost(guard, admitted, response)
+        await guard._settle_async(admitted, cost.charged_nano if cost else 0)
+        if cost is not None:
+            await guard._areport_cost(config, cost)
+        return response
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def _ids_from_context(context: Any, policy: BudgetPolicy) -> dict[str, str]:
+    """``user_id``/``project_id``/... for the policy's per-scope limits, from a dict or an object."""
+    ids: dict[str, str] = {}
+    if context is None:
+        return ids
+    for limit in policy.limits:
+        key = limit.id_field
+        if key is None or key in ids:
+            continue
+        value = context.get(key) if isinstance(context, Mapping) else getattr(context, key, None)
+        if value is not None:
+            ids[key] = value
+    return ids
+
+
+def _ai_message(response: Any) -> AIMessage | None:
+    if isinstance(response, AIMessage):
+        return response
+    inner = getattr(response, "model_response", None)  # ExtendedModelResponse
+    if inner is not None:
+        return _ai_message(inner)
+    for message in reversed(getattr(response, "result", None) or ()):
+        if isinstance(message, AIMessage):
+            return message
+    return None
+
+
+def _with_stream_usage(model: Any) -> Any:
+    """A ChatOpenAI that would stream without usage (custom base_url) asks for it, so that steps
+    the agent streams (stream_mode="messages", astream_events) are charged from the provider's usage."""
+    fields = getattr(type(model), "model_fields", {})
+    if "stream_usage" in fields and getattr(model, "stream_usage", True) is not True:
+        return model.model_copy(update={"stream_usage": True})
+    return model
