@@ -397,3 +397,30 @@ async def test_astream_events_shows_degrade_refusal_and_cost_events():
             events.append(e)
     names = [e["name"] for e in events if e["event"] == "on_custom_event"]
     assert names == ["budgetguard_degrade", "budgetguard_refusal"]
+
+
+def test_long_stream_renews_its_lease_and_a_failed_renewal_does_not_break_it():
+    from langchain_budgetguard.errors import BudgetStoreUnavailableError
+    from langchain_budgetguard.stores import MemoryStore
+
+    class FlakyRenewStore(MemoryStore):
+        renewals = 0
+
+        def renew(self, call_id, keys, lease_seconds):
+            FlakyRenewStore.renewals += 1
+            if FlakyRenewStore.renewals == 1:
+                raise BudgetStoreUnavailableError("store down during renew")
+            return super().renew(call_id, keys, lease_seconds)
+
+    store = FlakyRenewStore()
+    llm = UsageChat(reply="a b c d e f", delay=0)
+    guard = BudgetGuard(llm, limit=1, store=store, lease_seconds=0.03)
+    chunks = []
+    import time as _time
+    for chunk in guard.stream("hello"):
+        chunks.append(chunk)
+        _time.sleep(0.02)
+    assert "".join(c.content for c in chunks) == "a b c d e f"
+    assert FlakyRenewStore.renewals >= 2
+    (status,) = guard.status()
+    assert status.held == 0 and status.spent == Decimal("0.0000066")

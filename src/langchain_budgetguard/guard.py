@@ -410,6 +410,20 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
                 for name, data in _decision_events(call, admitted):
                     await adispatch_custom_event(name, data, config=child)
 
+    # A renewal that cannot reach the store must not break the reply: at worst the lease runs out
+    # and the hold is reaped by policy; the settle at the end still charges the actual cost.
+    def _renew_sync(self, admitted: _Admitted) -> None:
+        try:
+            self.policy.store.renew(admitted.call_id, admitted.keys, self.policy.lease_seconds)
+        except BudgetStoreUnavailableError:
+            pass
+
+    async def _renew_async(self, admitted: _Admitted) -> None:
+        try:
+            await self.policy.store.arenew(admitted.call_id, admitted.keys, self.policy.lease_seconds)
+        except BudgetStoreUnavailableError:
+            pass
+
     def _report_cost(self, child: RunnableConfig, cost: CallCost) -> None:
         if _has_handlers(child):
             dispatch_custom_event(EVENT_COST, cost.as_metadata(), config=child)
@@ -503,7 +517,7 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
             for chunk in admitted.candidate.runnable.stream(input, child, **_stream_kwargs(admitted, kwargs)):
                 tracker.add(chunk)
                 if tracker.renew_due():
-                    self.policy.store.renew(admitted.call_id, admitted.keys, self.policy.lease_seconds)
+                    self._renew_sync(admitted)
                 yield chunk
             cost = tracker.finish()
             self._settle_sync(admitted, cost.charged_nano)
@@ -535,7 +549,7 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
             async for chunk in admitted.candidate.runnable.astream(input, child, **_stream_kwargs(admitted, kwargs)):
                 tracker.add(chunk)
                 if tracker.renew_due():
-                    await self.policy.store.arenew(admitted.call_id, admitted.keys, self.policy.lease_seconds)
+                    await self._renew_async(admitted)
                 yield chunk
             cost = tracker.finish()
             await self._settle_async(admitted, cost.charged_nano)
