@@ -114,6 +114,24 @@ async def test_middleware_async_streamed_steps_ask_for_usage_and_are_exact(opena
     assert spent(budget.policy) == billed(openai_server)
 
 
+@pytest.mark.parametrize("failure", [Reply(text="a b c d e f", cut_after=3), Reply(error=500)])
+async def test_middleware_charges_a_streamed_step_cut_midway_and_releases_a_failed_one(openai_server, failure):
+    openai_server.script(failure)
+    budget = BudgetMiddleware(limit=1)
+    agent = create_agent(openai_server.chat_model(), tools=[get_weather], middleware=[budget])
+    seen = []
+    with pytest.raises(Exception):  # noqa: B017, PT011 - the client's own error
+        async for chunk, _ in agent.astream(ASK, stream_mode="messages"):
+            seen.append(chunk.content)
+    (status,) = budget.policy.status()
+    assert status.held == 0
+    if failure.error:
+        assert status.spent == 0, "no output, nothing to charge"
+    else:
+        assert "".join(seen) == "a b "
+        assert status.spent > 0, "the provider bills the prompt of a stream that has begun"
+
+
 def test_middleware_degrades_mid_run_then_ends_the_run_cleanly(openai_server, billed):
     openai_server.set_default(tool_step("Oslo"))  # the model never stops calling tools
     big = openai_server.chat_model(model="gpt-4.1", max_tokens=200)  # $0.0021 a step
@@ -267,3 +285,17 @@ async def test_langgraph_messages_mode_with_a_default_custom_base_url_model_is_e
     [_ async for _ in _graph(guard).astream({"messages": [("user", "count")]}, stream_mode="messages")]
     assert openai_server.last.body.get("stream_options") == {"include_usage": True}
     assert spent(guard) == billed(openai_server)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="guard.py: when a listener makes invoke stream and the stream breaks off, the guard settles 0; "
+    "the output so far is only seen by on_llm_new_token, and the provider billed the prompt",
+)
+def test_langgraph_messages_mode_step_cut_midway_is_charged(openai_server):
+    openai_server.script(Reply(text="a b c d e f", cut_after=3))
+    guard = BudgetGuard(openai_server.chat_model(stream_usage=True), limit=1)
+    with pytest.raises(Exception):  # noqa: B017, PT011 - the client's own error
+        list(_graph(guard).stream({"messages": [("user", "count")]}, stream_mode="messages"))
+    (status,) = guard.status()
+    assert status.held == 0 and status.spent > 0

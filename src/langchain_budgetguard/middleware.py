@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
+from contextvars import ContextVar
 from typing import Any, Literal
 
+from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.runnables import RunnableConfig
 from langchain_core.runnables.config import ensure_config
+from langchain_core.tracers.context import register_configure_hook
 
 try:
     from langchain.agents.middleware.types import AgentMiddleware, ModelRequest, ModelResponse
@@ -26,7 +29,7 @@ except ImportError as exc:  # pragma: no cover - langchain is an optional depend
 
 from .enforce import budget_token, charged_budgets
 from .errors import BudgetExceededError
-from .guard import METADATA_KEY, BudgetGuard, CallCost, _Admitted, _annotate
+from .guard import METADATA_KEY, BudgetGuard, CallCost, _Admitted, _annotate, _text_of
 from .policy import BudgetPolicy
 
 __all__ = ["BudgetMiddleware"]
@@ -124,10 +127,14 @@ class BudgetMiddleware(AgentMiddleware):
         return cost
 
     @staticmethod
-    def _failure_charge(guard: BudgetGuard, admitted: _Admitted, error: BaseException) -> int:
+    def _failure_charge(guard: BudgetGuard, admitted: _Admitted, error: BaseException, streamed: _Streamed) -> int:
         # A reply the agent could not parse (StructuredOutputValidationError) was still billed.
         message = getattr(error, "ai_message", None)
-        return guard._cost(admitted, message).charged_nano if isinstance(message, AIMessage) else 0
+        if isinstance(message, AIMessage):
+            return guard._cost(admitted, message).charged_nano
+        # A streamed step that broke off: its input and the output so far; before any output, nothing.
+        text = streamed.text()
+        return guard._cost(admitted, None, text).charged_nano if text else 0
 
     # -- hooks ------------------------------------------------------------------------------
 
@@ -139,14 +146,16 @@ class BudgetMiddleware(AgentMiddleware):
             admitted = guard._admit_sync(call, config)  # also emits budgetguard_degrade / _refusal
         except BudgetExceededError as error:
             return self._exhausted(error)
-        mark = charged_budgets.set(charged_budgets.get() | {self.token})
+        streamed = _Streamed()
+        marks = charged_budgets.set(charged_budgets.get() | {self.token}), _streamed.set(streamed)
         try:
             response = handler(self._served(request, admitted))
         except BaseException as error:
-            guard._settle_sync(admitted, self._failure_charge(guard, admitted, error))
+            guard._settle_sync(admitted, self._failure_charge(guard, admitted, error, streamed))
             raise
         finally:
-            charged_budgets.reset(mark)
+            _streamed.reset(marks[1])
+            charged_budgets.reset(marks[0])
         cost = self._cost(guard, admitted, response)
         guard._settle_sync(admitted, cost.charged_nano if cost else 0)
         if cost is not None:
@@ -161,14 +170,16 @@ class BudgetMiddleware(AgentMiddleware):
             admitted = await guard._admit_async(call, config)
         except BudgetExceededError as error:
             return self._exhausted(error)
-        mark = charged_budgets.set(charged_budgets.get() | {self.token})
+        streamed = _Streamed()
+        marks = charged_budgets.set(charged_budgets.get() | {self.token}), _streamed.set(streamed)
         try:
             response = await handler(self._served(request, admitted))
         except BaseException as error:
-            await guard._settle_async(admitted, self._failure_charge(guard, admitted, error))
+            await guard._settle_async(admitted, self._failure_charge(guard, admitted, error, streamed))
             raise
         finally:
-            charged_budgets.reset(mark)
+            _streamed.reset(marks[1])
+            charged_budgets.reset(marks[0])
         cost = self._cost(guard, admitted, response)
         await guard._settle_async(admitted, cost.charged_nano if cost else 0)
         if cost is not None:
@@ -177,6 +188,27 @@ class BudgetMiddleware(AgentMiddleware):
 
 
 # -- helpers ---------------------------------------------------------------------------------
+
+
+class _Streamed(BaseCallbackHandler):
+    """Collects what a model step streams (when a listener makes the agent stream), so that a
+    stream that breaks off is charged for its output so far: the error itself carries none."""
+
+    run_inline = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._parts: list[str] = []
+
+    def on_llm_new_token(self, token: str, *, chunk: Any = None, **kwargs: Any) -> None:
+        self._parts.append(_text_of(getattr(chunk, "message", None)) or token)
+
+    def text(self) -> str:
+        return "".join(self._parts)
+
+
+_streamed: ContextVar[_Streamed | None] = ContextVar("budgetguard_middleware_streamed", default=None)
+register_configure_hook(_streamed, inheritable=True)
 
 
 def _ids_from_context(context: Any, policy: BudgetPolicy) -> dict[str, str]:
