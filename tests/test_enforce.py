@@ -180,11 +180,6 @@ def test_a_guard_on_another_budget_is_still_counted(openai_server, billed):
     assert spent(guard.policy) == spent(org) == billed(openai_server)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="guard.py does not yet mark its model call's metadata with enforce.GUARDED_KEY, so a guard and "
-    "enforce_budget on the same budget both charge the call",
-)
 def test_a_guard_on_the_same_budget_is_not_charged_twice(openai_server, billed):
     policy = BudgetGuard(limit=1)
     with enforce_budget(policy):

@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass, field
 from decimal import Decimal
 from typing import Any
 
+from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.callbacks.base import BaseCallbackManager
 from langchain_core.callbacks.manager import adispatch_custom_event, dispatch_custom_event
 from langchain_core.globals import get_debug, get_verbose
 from langchain_core.tracers.context import _configure_hooks, _tracing_v2_is_enabled
@@ -94,6 +96,7 @@ class _Candidate:
 
     @classmethod
     def of(cls, runnable: Runnable) -> _Candidate:
+        runnable = _asking_for_stream_usage(runnable)
         return cls(runnable, model_ref(runnable), max_output_tokens(runnable), tools_of(runnable))
 
     def cap_and_tools(self, call_kwargs: dict[str, Any]) -> tuple[int | None, list[Any]]:
@@ -410,6 +413,11 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
                 for name, data in _decision_events(call, admitted):
                     await adispatch_custom_event(name, data, config=child)
 
+    def _broken_off_charge(self, admitted: _Admitted, tap: _StreamTap) -> int:
+        """A failed call costs nothing, unless a listener streamed it and output had begun."""
+        text = tap.text()
+        return self._cost(admitted, None, text).charged_nano if text else 0
+
     # A renewal that cannot reach the store must not break the reply: at worst the lease runs out
     # and the hold is reaped by policy; the settle at the end still charges the actual cost.
     def _renew_sync(self, admitted: _Admitted) -> None:
@@ -448,7 +456,7 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
         run_manager = get_callback_manager_for_config(config).on_chain_start(
             None, input, name=config.get("run_name") or self.get_name(), run_id=config.pop("run_id", None)
         )
-        return run_manager, patch_config(config, callbacks=run_manager.get_child())
+        return run_manager, _guarded_child(config, run_manager, self.policy)
 
     async def _aopen_run(self, input: Any, config: RunnableConfig) -> tuple[Any, RunnableConfig]:
         if not _observed(config):
@@ -456,7 +464,7 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
         run_manager = await get_async_callback_manager_for_config(config).on_chain_start(
             None, input, name=config.get("run_name") or self.get_name(), run_id=config.pop("run_id", None)
         )
-        return run_manager, patch_config(config, callbacks=run_manager.get_child())
+        return run_manager, _guarded_child(config, run_manager, self.policy)
 
     # -- Runnable API ----------------------------------------------------------------------
 
@@ -464,12 +472,13 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
         config = ensure_config(config)
         call = self._begin(input, config, kwargs)
         run_manager, child = self._open_run(input, config)
+        tap = _tap(child)
         try:
             admitted = self._admit_sync(call, child)
             try:
                 output = admitted.candidate.runnable.invoke(input, child, **kwargs)
             except BaseException:
-                self._settle_sync(admitted, 0)
+                self._settle_sync(admitted, self._broken_off_charge(admitted, tap))
                 raise
             cost = self._cost(admitted, output)
             self._settle_sync(admitted, cost.charged_nano)
@@ -485,12 +494,13 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
         config = ensure_config(config)
         call = self._begin(input, config, kwargs)
         run_manager, child = await self._aopen_run(input, config)
+        tap = _tap(child)
         try:
             admitted = await self._admit_async(call, child)
             try:
                 output = await admitted.candidate.runnable.ainvoke(input, child, **kwargs)
             except BaseException:
-                await self._settle_async(admitted, 0)
+                await self._settle_async(admitted, self._broken_off_charge(admitted, tap))
                 raise
             cost = self._cost(admitted, output)
             await self._settle_async(admitted, cost.charged_nano)
@@ -514,7 +524,7 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
         tracker = _StreamTracker(self, admitted)
         settled = False
         try:
-            for chunk in admitted.candidate.runnable.stream(input, child, **_stream_kwargs(admitted, kwargs)):
+            for chunk in admitted.candidate.runnable.stream(input, child, **kwargs):
                 tracker.add(chunk)
                 if tracker.renew_due():
                     self._renew_sync(admitted)
@@ -546,7 +556,7 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
         tracker = _StreamTracker(self, admitted)
         settled = False
         try:
-            async for chunk in admitted.candidate.runnable.astream(input, child, **_stream_kwargs(admitted, kwargs)):
+            async for chunk in admitted.candidate.runnable.astream(input, child, **kwargs):
                 tracker.add(chunk)
                 if tracker.renew_due():
                     await self._renew_async(admitted)
@@ -695,12 +705,47 @@ def _has_handlers(config: RunnableConfig) -> bool:
     return bool(getattr(callbacks, "handlers", callbacks))
 
 
-def _stream_kwargs(admitted: _Admitted, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Ask for usage on streams where the model can send it but was not told to (ChatOpenAI)."""
-    model = admitted.candidate.runnable
-    while isinstance(model, RunnableBinding):
-        model = model.bound
-    # ChatOpenAI leaves stream_usage None (off) for a custom base_url or client.
-    if "stream_usage" not in kwargs and hasattr(model, "stream_usage") and not model.stream_usage:
-        return {**kwargs, "stream_usage": True}
-    return kwargs
+def _asking_for_stream_usage(model: Runnable) -> Runnable:
+    """ChatOpenAI on a custom base_url streams without usage: use a copy that asks for it.
+
+    The copy also serves invokes that a listener turns into streams (``astream_events``,
+    LangGraph's "messages" mode), which would otherwise end with no usage to charge.
+    """
+    if isinstance(model, RunnableBinding):
+        inner = _asking_for_stream_usage(model.bound)
+        return model if inner is model.bound else model.model_copy(update={"bound": inner})
+    if "stream_usage" in getattr(type(model), "model_fields", {}) and not model.stream_usage:
+        return model.model_copy(update={"stream_usage": True})
+    return model
+
+
+def _guarded_child(config: RunnableConfig, run_manager: Any, policy: BudgetPolicy) -> RunnableConfig:
+    """Our run as parent, and a mark telling ``enforce_budget`` this call is already charged to this budget."""
+    from .enforce import GUARDED_KEY, budget_token
+
+    metadata = {**(config.get("metadata") or {}), GUARDED_KEY: budget_token(policy)}
+    return patch_config({**config, "metadata": metadata}, callbacks=run_manager.get_child())
+
+
+class _StreamTap(BaseCallbackHandler):
+    """Sees the tokens of an invoke that a listener streams, so a break-off can be charged."""
+
+    run_inline = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parts: list[str] = []
+
+    def on_llm_new_token(self, token: str, *, chunk: Any = None, **kwargs: Any) -> None:
+        self.parts.append(_text_of(getattr(chunk, "message", None)) or token)
+
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
+def _tap(child: RunnableConfig) -> _StreamTap:
+    tap = _StreamTap()
+    callbacks = child.get("callbacks")
+    if isinstance(callbacks, BaseCallbackManager):
+        callbacks.add_handler(tap, inherit=True)
+    return tap
