@@ -33,7 +33,7 @@ from .pricing import model_ref_from_run
 from .usage import TokenUsage, usage_from_llm_result
 
 if TYPE_CHECKING:
-    from .guard import BudgetGuard, _Admitted
+    from .guard import Reservation
 
 __all__ = ["BudgetEnforcer", "GUARDED_KEY", "budget_token", "charged_budgets", "enforce_budget"]
 
@@ -66,7 +66,7 @@ class BudgetEnforcer(BaseCallbackHandler):
         super().__init__()
         self.entries = tuple(entries)
         self.tokens = frozenset(e.token for e in self.entries)
-        self._runs: dict[UUID, list[tuple[BudgetGuard, _Admitted]]] = {}
+        self._runs: dict[UUID, list[Reservation]] = {}
         self._lock = threading.Lock()
 
     def status(self, config: Mapping[str, Any] | None = None) -> list[LimitStatus]:
@@ -105,13 +105,13 @@ class BudgetEnforcer(BaseCallbackHandler):
 
     def _start(self, serialized: Any, messages: list[BaseMessage], run_id: UUID, metadata: Any,
                kwargs: Mapping[str, Any]) -> None:
-        from .guard import BudgetGuard, _Call, _Candidate
+        from .guard import BudgetGuard
 
         metadata = metadata if isinstance(metadata, Mapping) else {}
         entries = [e for e in self._applicable(metadata) if _claim(run_id, e.token)]
         if not entries:
             return
-        admitted: list[tuple[BudgetGuard, _Admitted]] = []
+        admitted: list[Reservation] = []
         try:
             params = dict(kwargs.get("invocation_params") or {})
             if max_output_tokens(None, params) is None and metadata.get("ls_max_tokens"):
@@ -121,13 +121,12 @@ class BudgetEnforcer(BaseCallbackHandler):
             config = {"configurable": context.get("configurable") or {}, "metadata": metadata}
             for index, entry in enumerate(entries):
                 guard = BudgetGuard(policy=entry.policy)
-                guard._candidates = [_Candidate(None, ref)]  # type: ignore[arg-type] - the run's model
-                plan = entry.policy.plan(entry.policy.identity(config, **entry.ids))
-                call = _Call(plan, messages, params, f"enforce-{run_id.hex}-{index}")
-                admitted.append((guard, guard._admit_sync(call)))
+                ids_config = {**config, "configurable": {**config["configurable"], **entry.ids}}
+                admitted.append(guard.reserve(messages, ids_config, kwargs=params, model=ref,
+                                              call_id=f"enforce-{run_id.hex}-{index}"))
         except BaseException:
-            for guard, held in admitted:
-                guard._settle_sync(held, 0)
+            for reservation in admitted:
+                reservation.settle()
             _release(run_id, [e.token for e in entries])
             raise
         with self._lock:
@@ -138,30 +137,27 @@ class BudgetEnforcer(BaseCallbackHandler):
             admitted = self._runs.pop(run_id, None)
         if admitted is None:
             return
+        usage, text = _reported(response)
+        # No usage reported: the input estimate plus the output seen; a failure before any output is free.
+        output_text = text if (text or not failed) else None
         try:
-            for guard, held in admitted:
-                guard._settle_sync(held, _charge(guard, held, response, failed))
+            for reservation in admitted:
+                reservation.settle(usage=usage, output_text=output_text)
         finally:
-            _release(run_id, [budget_token(guard.policy) for guard, _ in admitted])
+            _release(run_id, [budget_token(r.guard.policy) for r in admitted])
 
 
-def _charge(guard: BudgetGuard, admitted: _Admitted, response: Any, failed: bool) -> int:
-    """The call's cost from its reported usage, else its input estimate plus the output seen."""
+def _reported(response: Any) -> tuple[TokenUsage | None, str]:
+    """The usage a run's ``LLMResult`` reports (None when none) and the text it generated."""
+    if response is None:
+        return None, ""
     usage = TokenUsage()
-    text = ""
-    for generations in getattr(response, "generations", None) or ():
-        for generation in generations:
-            text += getattr(generation, "text", "") or ""
-    for reported, _ in usage_from_llm_result(response) if response is not None else ():
+    for reported, _ in usage_from_llm_result(response):
         if reported is not None:
             usage = usage + reported
-    if usage.total_tokens == 0:
-        if failed and not text:
-            return 0
-        estimator = guard.policy.estimator
-        usage = TokenUsage(input_tokens=admitted.estimate.input_tokens,
-                           output_tokens=estimator.output_tokens(text) if text else 0, estimated=True)
-    return admitted.estimate.card.cost_nano(usage)
+    text = "".join(getattr(g, "text", "") or "" for gens in getattr(response, "generations", None) or ()
+                   for g in gens)
+    return (usage if usage.total_tokens else None), text
 
 
 # Which budget each running call is charged to, process-wide: two enforcers that both see a call

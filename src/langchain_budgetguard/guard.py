@@ -46,7 +46,7 @@ from .pricing import ModelRef, RateCard, model_ref
 from .stores.base import Counter, Hold, ReserveResult, SettleResult
 from .usage import TokenUsage, usage_from_message
 
-__all__ = ["BudgetGuard", "CallCost"]
+__all__ = ["BudgetGuard", "CallCost", "Reservation"]
 
 METADATA_KEY = "budgetguard"
 _FAIL_OPEN_KEY = "fail-open-allowance"
@@ -140,6 +140,7 @@ class _Call:
     messages: list[BaseMessage]
     kwargs: dict[str, Any]
     call_id: str
+    ladder: list[_Candidate] | None = None  # a model the guard does not call itself (reserve(model=...))
     refusals: list[Refusal] = field(default_factory=list)
 
 
@@ -241,6 +242,27 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
     def OutputType(self) -> Any:  # noqa: N802
         return self.llm.OutputType if self.llm is not None else BaseMessage
 
+    # -- reservations for calls made by other code (agent middleware, callbacks) -------------
+
+    def reserve(self, messages: Any, config: RunnableConfig | None = None, *, kwargs: Mapping[str, Any] | None = None,
+                model: ModelRef | None = None, events: RunnableConfig | None = None,
+                call_id: str | None = None) -> Reservation:
+        """Admit one model call that your own code makes; settle the returned ``Reservation`` once.
+
+        The ladder (the model, then ``degrade_to``) is tried as for ``invoke``; call
+        ``reservation.model``. ``model=ModelRef(...)`` prices a call the guard cannot switch (then
+        a model-less guard works). ``events`` is the config whose run receives the decision events.
+        Raises ``BudgetExceededError`` when nothing fits.
+        """
+        call = self._begin(messages, ensure_config(config), dict(kwargs or {}), model, call_id)
+        return Reservation(self, self._admit_sync(call, events), events)
+
+    async def areserve(self, messages: Any, config: RunnableConfig | None = None, *,
+                       kwargs: Mapping[str, Any] | None = None, model: ModelRef | None = None,
+                       events: RunnableConfig | None = None, call_id: str | None = None) -> Reservation:
+        call = self._begin(messages, ensure_config(config), dict(kwargs or {}), model, call_id)
+        return Reservation(self, await self._admit_async(call, events), events)
+
     # -- status ----------------------------------------------------------------------------
 
     def status(self, config: RunnableConfig | None = None, **ids: Any) -> list[LimitStatus]:
@@ -273,11 +295,14 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
         # The pricer caches cards and re-resolves those whose price changes at a known time.
         return self.policy.pricer.rate_card(candidate.ref)
 
-    def _begin(self, value: Any, config: RunnableConfig, kwargs: dict[str, Any]) -> _Call:
-        self._require_model(value)
+    def _begin(self, value: Any, config: RunnableConfig, kwargs: dict[str, Any], model: ModelRef | None = None,
+               call_id: str | None = None) -> _Call:
+        if model is None:
+            self._require_model(value)
         identity: Identity = self.policy.identity(config)
         plan = self.policy.plan(identity)
-        return _Call(plan, _to_messages(value), kwargs, uuid.uuid4().hex)
+        ladder = None if model is None else [_Candidate(None, model)]  # type: ignore[arg-type]
+        return _Call(plan, _to_messages(value), kwargs, call_id or uuid.uuid4().hex, ladder)
 
     def _estimate(self, call: _Call, candidate: _Candidate) -> _Estimate:
         """What this call would hold on ``candidate`` (nano-USD), from its messages and output cap."""
@@ -301,7 +326,7 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
     def _admit(self, call: _Call) -> Generator[_Reserve, ReserveResult | Exception, _Admitted]:
         """Try each model of the ladder; yield reservations for the driver to carry out."""
         policy = self.policy
-        ladder = self._ladder()
+        ladder = call.ladder or self._ladder()
         last = len(ladder) - 1
         for index, candidate in enumerate(ladder):
             estimate = self._estimate(call, candidate)
@@ -343,17 +368,18 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
 
     def _cost(self, admitted: _Admitted, message: Any, streamed_text: str | None = None) -> CallCost:
         """Price a finished (or interrupted) call from its usage, estimating what is missing."""
-        card = admitted.estimate.card
         usage = usage_from_message(message) if message is not None else None
         if usage is None or usage.total_tokens == 0:
             text = streamed_text if streamed_text is not None else _text_of(message)
-            estimator = self.policy.estimator
             usage = TokenUsage(
                 input_tokens=admitted.estimate.input_tokens,
-                output_tokens=estimator.output_tokens(text) if text else 0,
+                output_tokens=self.policy.estimator.output_tokens(text) if text else 0,
                 estimated=True,
             )
-        charged = card.cost_nano(usage)
+        return self._price(admitted, usage)
+
+    def _price(self, admitted: _Admitted, usage: TokenUsage) -> CallCost:
+        charged = admitted.estimate.card.cost_nano(usage)
         return CallCost(
             model=admitted.candidate.label,
             cost_usd=nano_to_usd(charged),
@@ -364,6 +390,20 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
             call_id=admitted.call_id,
             charged_nano=charged,
         )
+
+    def _settlement(self, admitted: _Admitted, reply: Any = None, usage: TokenUsage | None = None,
+                    output_text: str | None = None) -> CallCost | None:
+        """What a call costs: reported usage, else the reply, else its input and the output seen.
+
+        None (nothing to charge) when it failed before any output: providers bill no failed request.
+        """
+        if usage is not None and usage.total_tokens:
+            return self._price(admitted, usage)
+        if reply is not None:
+            return self._cost(admitted, reply)
+        if output_text is not None:
+            return self._cost(admitted, None, output_text)
+        return None
 
     # -- drivers: carry the planning generators' requests to the store ---------------------
 
@@ -412,11 +452,6 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
             if child is not None and call.refusals and _has_handlers(child):
                 for name, data in _decision_events(call, admitted):
                     await adispatch_custom_event(name, data, config=child)
-
-    def _broken_off_charge(self, admitted: _Admitted, tap: _StreamTap) -> int:
-        """A failed call costs nothing, unless a listener streamed it and output had begun."""
-        text = tap.text()
-        return self._cost(admitted, None, text).charged_nano if text else 0
 
     # A renewal that cannot reach the store must not break the reply: at worst the lease runs out
     # and the hold is reaped by policy; the settle at the end still charges the actual cost.
@@ -474,16 +509,13 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
         run_manager, child = self._open_run(input, config)
         tap = _tap(child)
         try:
-            admitted = self._admit_sync(call, child)
+            reservation = Reservation(self, self._admit_sync(call, child), child)
             try:
-                output = admitted.candidate.runnable.invoke(input, child, **kwargs)
+                output = reservation.model.invoke(input, child, **kwargs)
             except BaseException:
-                self._settle_sync(admitted, self._broken_off_charge(admitted, tap))
+                reservation.settle(output_text=tap.text() or None)
                 raise
-            cost = self._cost(admitted, output)
-            self._settle_sync(admitted, cost.charged_nano)
-            _annotate(output, cost)
-            self._report_cost(child, cost)
+            reservation.settle(output)
         except BaseException as exc:
             run_manager.on_chain_error(exc)
             raise
@@ -496,16 +528,13 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
         run_manager, child = await self._aopen_run(input, config)
         tap = _tap(child)
         try:
-            admitted = await self._admit_async(call, child)
+            reservation = Reservation(self, await self._admit_async(call, child), child)
             try:
-                output = await admitted.candidate.runnable.ainvoke(input, child, **kwargs)
+                output = await reservation.model.ainvoke(input, child, **kwargs)
             except BaseException:
-                await self._settle_async(admitted, self._broken_off_charge(admitted, tap))
+                await reservation.asettle(output_text=tap.text() or None)
                 raise
-            cost = self._cost(admitted, output)
-            await self._settle_async(admitted, cost.charged_nano)
-            _annotate(output, cost)
-            await self._areport_cost(child, cost)
+            await reservation.asettle(output)
         except BaseException as exc:
             await run_manager.on_chain_error(exc)
             raise
@@ -589,6 +618,51 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
             final = chunk if final is None else final + chunk
         async for out in self.astream(final, config, **kwargs):
             yield out
+
+
+@dataclass
+class Reservation:
+    """A call admitted under a guard's budget: call ``model``, then ``settle`` once."""
+
+    guard: BudgetGuard
+    admitted: _Admitted
+    events: RunnableConfig | None = None
+
+    @property
+    def model(self) -> Runnable:
+        """The model to call: the guarded one, or the degrade model that fitted."""
+        return self.admitted.candidate.runnable
+
+    @property
+    def model_name(self) -> str:
+        return self.admitted.candidate.label
+
+    @property
+    def degraded(self) -> bool:
+        return self.admitted.index > 0
+
+    def settle(self, reply: Any = None, *, usage: TokenUsage | None = None,
+               output_text: str | None = None) -> CallCost | None:
+        """Replace the hold by the actual cost: ``usage`` if given, else the reply's usage, else the
+        input estimate plus ``output_text`` (the call ended without a usage report); with none of
+        them the call failed before any output and costs nothing."""
+        cost = self.guard._settlement(self.admitted, reply, usage, output_text)
+        self.guard._settle_sync(self.admitted, cost.charged_nano if cost else 0)
+        if cost is not None:
+            _annotate(reply, cost)
+            if self.events is not None:
+                self.guard._report_cost(self.events, cost)
+        return cost
+
+    async def asettle(self, reply: Any = None, *, usage: TokenUsage | None = None,
+                      output_text: str | None = None) -> CallCost | None:
+        cost = self.guard._settlement(self.admitted, reply, usage, output_text)
+        await self.guard._settle_async(self.admitted, cost.charged_nano if cost else 0)
+        if cost is not None:
+            _annotate(reply, cost)
+            if self.events is not None:
+                await self.guard._areport_cost(self.events, cost)
+        return cost
 
 
 class _StreamTracker:
@@ -727,8 +801,8 @@ def _guarded_child(config: RunnableConfig, run_manager: Any, policy: BudgetPolic
     return patch_config({**config, "metadata": metadata}, callbacks=run_manager.get_child())
 
 
-class _StreamTap(BaseCallbackHandler):
-    """Sees the tokens of an invoke that a listener streams, so a break-off can be charged."""
+class StreamTap(BaseCallbackHandler):
+    """Sees the tokens of a call that a listener streams, so a break-off can be charged."""
 
     run_inline = True
 
@@ -743,8 +817,8 @@ class _StreamTap(BaseCallbackHandler):
         return "".join(self.parts)
 
 
-def _tap(child: RunnableConfig) -> _StreamTap:
-    tap = _StreamTap()
+def _tap(child: RunnableConfig) -> StreamTap:
+    tap = StreamTap()
     callbacks = child.get("callbacks")
     if isinstance(callbacks, BaseCallbackManager):
         callbacks.add_handler(tap, inherit=True)

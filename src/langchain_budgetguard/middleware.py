@@ -16,7 +16,6 @@ from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
 from typing import Any, Literal
 
-from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.runnables import RunnableConfig
 from langchain_core.runnables.config import ensure_config
@@ -29,7 +28,7 @@ except ImportError as exc:  # pragma: no cover - langchain is an optional depend
 
 from .enforce import budget_token, charged_budgets
 from .errors import BudgetExceededError
-from .guard import METADATA_KEY, BudgetGuard, CallCost, _Admitted, _annotate, _text_of
+from .guard import METADATA_KEY, BudgetGuard, Reservation, StreamTap
 from .policy import BudgetPolicy
 
 __all__ = ["BudgetMiddleware"]
@@ -70,7 +69,7 @@ class BudgetMiddleware(AgentMiddleware):
         self.policy = policy if policy is not None else BudgetPolicy(**policy_options)
         if on_exhausted not in ("end", "raise"):
             raise ValueError(f"on_exhausted: expected 'end' or 'raise', got {on_exhausted!r}")
-        self.degrade_to = tuple(_with_stream_usage(m) for m in degrade_to)
+        self.degrade_to = tuple(degrade_to)
         self.on_exhausted = on_exhausted
         self.exhausted_message = exhausted_message
         self.token = budget_token(self.policy)
@@ -82,7 +81,9 @@ class BudgetMiddleware(AgentMiddleware):
         hit = self._guards.get(id(model))
         if hit is not None and hit[0] is model:
             return hit[1]
-        guard = BudgetGuard(_with_stream_usage(model), degrade_to=self.degrade_to, policy=self.policy)
+        # The guard's ladder asks a ChatOpenAI on a custom base_url for stream usage (a model copy),
+        # so steps the agent streams are charged from the provider's usage.
+        guard = BudgetGuard(model, degrade_to=self.degrade_to, policy=self.policy)
         if len(self._guards) > 64:
             self._guards.clear()
         self._guards[id(model)] = (model, guard)  # holding the model keeps its id from being reused
@@ -92,21 +93,21 @@ class BudgetMiddleware(AgentMiddleware):
         model = request.model
         return isinstance(model, BudgetGuard) and budget_token(model.policy) == self.token
 
-    def _begin(self, request: ModelRequest) -> tuple[BudgetGuard, Any, RunnableConfig]:
+    def _reserve_args(self, request: ModelRequest) -> tuple[BudgetGuard, list[BaseMessage], dict[str, Any],
+                                                            dict[str, Any], RunnableConfig]:
         config = ensure_config()  # the agent's model node: its run is the parent of our events
         ids = _ids_from_context(getattr(request.runtime, "context", None), self.policy)
         messages: list[BaseMessage] = list(request.messages)
         if request.system_message is not None:
             messages.insert(0, request.system_message)
-        guard = self._guard_for(request.model)
         call_config = {**config, "configurable": {**(config.get("configurable") or {}), **ids}}
         # Tools are bound by the agent after this hook: pass them so their schemas count.
         kwargs = {**request.model_settings, "tools": list(request.tools)}
-        return guard, guard._begin(messages, call_config, kwargs), config
+        return self._guard_for(request.model), messages, call_config, kwargs, config
 
     @staticmethod
-    def _served(request: ModelRequest, admitted: _Admitted) -> ModelRequest:
-        model = admitted.candidate.runnable
+    def _served(request: ModelRequest, reservation: Reservation) -> ModelRequest:
+        model = reservation.model
         return request if model is request.model else request.override(model=model)
 
     def _exhausted(self, error: BudgetExceededError) -> ModelResponse:
@@ -118,96 +119,66 @@ class BudgetMiddleware(AgentMiddleware):
         return ModelResponse(result=[message])
 
     @staticmethod
-    def _cost(guard: BudgetGuard, admitted: _Admitted, response: Any) -> CallCost | None:
-        message = _ai_message(response)
-        if message is None:
-            return None
-        cost = guard._cost(admitted, message)
-        _annotate(message, cost)
-        return cost
-
-    @staticmethod
-    def _failure_charge(guard: BudgetGuard, admitted: _Admitted, error: BaseException, streamed: _Streamed) -> int:
-        # A reply the agent could not parse (StructuredOutputValidationError) was still billed.
+    def _failure(error: BaseException, streamed: StreamTap) -> dict[str, Any]:
+        """How to settle a step that raised: a reply the agent could not parse
+        (StructuredOutputValidationError) was still billed; a stream that broke off costs its input
+        and the output so far; before any output, nothing."""
         message = getattr(error, "ai_message", None)
         if isinstance(message, AIMessage):
-            return guard._cost(admitted, message).charged_nano
-        # A streamed step that broke off: its input and the output so far; before any output, nothing.
-        text = streamed.text()
-        return guard._cost(admitted, None, text).charged_nano if text else 0
+            return {"reply": message}
+        return {"output_text": streamed.text() or None}
 
     # -- hooks ------------------------------------------------------------------------------
 
     def wrap_model_call(self, request: ModelRequest, handler: Callable[[ModelRequest], ModelResponse]) -> Any:
         if self._already_guarded(request):
             return handler(request)
-        guard, call, config = self._begin(request)
+        guard, messages, call_config, kwargs, config = self._reserve_args(request)
         try:
-            admitted = guard._admit_sync(call, config)  # also emits budgetguard_degrade / _refusal
+            reservation = guard.reserve(messages, call_config, kwargs=kwargs, events=config)
         except BudgetExceededError as error:
             return self._exhausted(error)
-        streamed = _Streamed()
+        streamed = StreamTap()
         marks = charged_budgets.set(charged_budgets.get() | {self.token}), _streamed.set(streamed)
         try:
-            response = handler(self._served(request, admitted))
+            response = handler(self._served(request, reservation))
         except BaseException as error:
-            guard._settle_sync(admitted, self._failure_charge(guard, admitted, error, streamed))
+            reservation.settle(**self._failure(error, streamed))
             raise
         finally:
             _streamed.reset(marks[1])
             charged_budgets.reset(marks[0])
-        cost = self._cost(guard, admitted, response)
-        guard._settle_sync(admitted, cost.charged_nano if cost else 0)
-        if cost is not None:
-            guard._report_cost(config, cost)
+        reservation.settle(_ai_message(response))
         return response
 
     async def awrap_model_call(self, request: ModelRequest, handler: Callable[[ModelRequest], Any]) -> Any:
         if self._already_guarded(request):
             return await handler(request)
-        guard, call, config = self._begin(request)
+        guard, messages, call_config, kwargs, config = self._reserve_args(request)
         try:
-            admitted = await guard._admit_async(call, config)
+            reservation = await guard.areserve(messages, call_config, kwargs=kwargs, events=config)
         except BudgetExceededError as error:
             return self._exhausted(error)
-        streamed = _Streamed()
+        streamed = StreamTap()
         marks = charged_budgets.set(charged_budgets.get() | {self.token}), _streamed.set(streamed)
         try:
-            response = await handler(self._served(request, admitted))
+            response = await handler(self._served(request, reservation))
         except BaseException as error:
-            await guard._settle_async(admitted, self._failure_charge(guard, admitted, error, streamed))
+            await reservation.asettle(**self._failure(error, streamed))
             raise
         finally:
             _streamed.reset(marks[1])
             charged_budgets.reset(marks[0])
-        cost = self._cost(guard, admitted, response)
-        await guard._settle_async(admitted, cost.charged_nano if cost else 0)
-        if cost is not None:
-            await guard._areport_cost(config, cost)
+        await reservation.asettle(_ai_message(response))
         return response
 
 
 # -- helpers ---------------------------------------------------------------------------------
 
 
-class _Streamed(BaseCallbackHandler):
-    """Collects what a model step streams (when a listener makes the agent stream), so that a
-    stream that breaks off is charged for its output so far: the error itself carries none."""
-
-    run_inline = True
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._parts: list[str] = []
-
-    def on_llm_new_token(self, token: str, *, chunk: Any = None, **kwargs: Any) -> None:
-        self._parts.append(_text_of(getattr(chunk, "message", None)) or token)
-
-    def text(self) -> str:
-        return "".join(self._parts)
-
-
-_streamed: ContextVar[_Streamed | None] = ContextVar("budgetguard_middleware_streamed", default=None)
+# What the model step streams, when a listener makes the agent stream (a configure hook reaches
+# the model's run, which the middleware does not create).
+_streamed: ContextVar[StreamTap | None] = ContextVar("budgetguard_middleware_streamed", default=None)
 register_configure_hook(_streamed, inheritable=True)
 
 
@@ -236,12 +207,3 @@ def _ai_message(response: Any) -> AIMessage | None:
         if isinstance(message, AIMessage):
             return message
     return None
-
-
-def _with_stream_usage(model: Any) -> Any:
-    """A ChatOpenAI that would stream without usage (custom base_url) asks for it, so that steps
-    the agent streams (stream_mode="messages", astream_events) are charged from the provider's usage."""
-    fields = getattr(type(model), "model_fields", {})
-    if "stream_usage" in fields and getattr(model, "stream_usage", True) is not True:
-        return model.model_copy(update={"stream_usage": True})
-    return model
