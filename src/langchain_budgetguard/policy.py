@@ -18,6 +18,7 @@ from .errors import Refusal
 from .estimate import DEFAULT_MAX_OUTPUT_TOKENS, Estimator, get_estimator
 from .limits import Identity, Limit, WindowInstance, counter_key, escape_id, resolve_identity
 from .money import nano_to_usd, to_decimal, usd_to_nano
+from .overrides import DEFAULT_REFRESH_SECONDS, LiveOverrides, Override, resolve_cap, resolve_config_overrides
 from .pricing import Pricer
 from .stores.base import Counter, CounterState, Store
 from .stores.memory import MemoryStore
@@ -54,19 +55,34 @@ class LimitStatus:
 
 @dataclass(frozen=True)
 class CounterPlan:
-    """The counters one call draws on, each with its limit and window."""
+    """The counters one call draws on, each with its limit and window.
+
+    ``caps`` is the limit in force on each counter (nano-USD), live and config overrides applied
+    (see ``overrides``); None means each limit's own amount.
+    """
 
     limits: tuple[Limit, ...]
     scope_ids: tuple[str | None, ...]
     windows: tuple[WindowInstance, ...]
     keys: tuple[str, ...]
     expires_at: tuple[int | None, ...]
+    caps: tuple[int, ...] | None = None
+
+    def cap(self, index: int) -> int:
+        return self.limits[index].nano if self.caps is None else self.caps[index]
+
+    def limit_usd(self, index: int) -> Decimal:
+        """The limit in force on counter ``index``, in USD."""
+        cap = self.cap(index)
+        limit = self.limits[index]
+        return limit.usd if cap == limit.nano else nano_to_usd(cap)
 
     def counters(self, fraction: Decimal | None = None) -> list[Counter]:
         """Counters for a reservation; ``fraction`` (degrade_at) lowers each limit."""
         out = []
-        for limit, key, exp in zip(self.limits, self.keys, self.expires_at):
-            cap = limit.nano if fraction is None else int(limit.nano * fraction)
+        caps = self.caps if self.caps is not None else [limit.nano for limit in self.limits]
+        for nano, key, exp in zip(caps, self.keys, self.expires_at):
+            cap = nano if fraction is None else int(nano * fraction)
             out.append(Counter(key, cap, exp))
         return out
 
@@ -76,7 +92,7 @@ class CounterPlan:
             scope=limit.per,
             scope_id=self.scope_ids[index],
             window=f"{limit.window} {self.windows[index].label}",
-            limit=limit.usd,
+            limit=self.limit_usd(index),
             spent=nano_to_usd(state.spent),
             held=nano_to_usd(state.held),
             estimate=nano_to_usd(estimate),
@@ -86,18 +102,21 @@ class CounterPlan:
 
     def statuses(self, states: Sequence[CounterState]) -> list[LimitStatus]:
         out = []
-        for limit, sid, window, key, state in zip(self.limits, self.scope_ids, self.windows, self.keys, states):
+        for index, (limit, sid, window, key, state) in enumerate(
+            zip(self.limits, self.scope_ids, self.windows, self.keys, states)
+        ):
             spent, held = nano_to_usd(state.spent), nano_to_usd(state.held)
+            usd = self.limit_usd(index)
             out.append(
                 LimitStatus(
                     scope=limit.per,
                     scope_id=sid,
                     window=limit.window,
                     window_label=window.label,
-                    limit=limit.usd,
+                    limit=usd,
                     spent=spent,
                     held=held,
-                    remaining=max(limit.usd - spent - held, Decimal(0)),
+                    remaining=max(usd - spent - held, Decimal(0)),
                     resets_at=window.resets_at,
                     key=key,
                 )
@@ -172,6 +191,8 @@ class BudgetPolicy:
         expired_hold: ExpiredHold = "charge_input",
         on_store_error: StoreErrorPolicy = "fail_closed",
         fail_open_allowance: Any = None,
+        overrides: Sequence[Override] | None = None,
+        override_refresh_seconds: float | None = DEFAULT_REFRESH_SECONDS,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise ValueError(f"name: expected a non-empty string, got {name!r}")
@@ -207,7 +228,14 @@ class BudgetPolicy:
         # Cluster hash tag: with a tenant scope, every counter of a tenant shares the tenant's tag.
         self._tenant_scoped = any(x.per == "tenant" for x in self.limits)
         self._name_tag = escape_id(name)
-        self._plans: dict[tuple[tuple[str, str], ...], tuple[CounterPlan, float]] = {}
+        # Limit overrides: the config's (field -> nano-USD) and the store's live ones, which every
+        # process re-reads at most every override_refresh_seconds (None: never read the store's).
+        self.config_overrides: dict[str, int] = resolve_config_overrides(self.limits, overrides)
+        self.live_overrides: LiveOverrides | None = None
+        if override_refresh_seconds is not None and callable(getattr(self.store, "read_overrides", None)):
+            self.live_overrides = LiveOverrides(self.store, name, override_refresh_seconds)
+        # identity -> (plan, when a window turns, overrides generation it was built with)
+        self._plans: dict[tuple[tuple[str, str], ...], tuple[CounterPlan, float, int]] = {}
 
     def __repr__(self) -> str:
         return f"BudgetPolicy(name={self.name!r}, limits={list(self.limits)!r}, store={self.store!r})"
@@ -216,24 +244,36 @@ class BudgetPolicy:
         return resolve_identity(config, self.limits, **ids)
 
     def plan(self, identity: Identity, now: datetime | None = None) -> CounterPlan:
-        """The counters a call by ``identity`` at ``now`` draws on (cached until a window turns)."""
+        """The counters a call by ``identity`` at ``now`` draws on (cached until a window turns or
+        the live overrides change)."""
+        live = self.live_overrides
+        if live is not None and live.due():
+            live.refresh()
+        generation = live.generation if live is not None else 0
         if now is not None:
             return self._plan(identity, now)
         key = tuple(identity.ids.items())
         cached = self._plans.get(key)
-        if cached is not None and time.time() < cached[1]:
+        if cached is not None and cached[2] == generation and time.time() < cached[1]:
             return cached[0]
         plan = self._plan(identity, datetime.now(timezone.utc))
         turns = [w.resets_at.timestamp() for w in plan.windows if w.resets_at is not None]
         if len(self._plans) >= _PLAN_CACHE_SIZE:
             self._plans.clear()
-        self._plans[key] = (plan, min(turns, default=float("inf")))
+        self._plans[key] = (plan, min(turns, default=float("inf")), generation)
         return plan
+
+    def limit_nano(self, limit: Limit, scope_id: str | None) -> int:
+        """The limit in force on ``limit``'s counter for ``scope_id`` (nano-USD), overrides applied."""
+        live = self.live_overrides.values if self.live_overrides is not None else {}
+        if not live and not self.config_overrides:
+            return limit.nano
+        return resolve_cap(limit, scope_id, live, self.config_overrides)[0]
 
     def _plan(self, identity: Identity, now: datetime) -> CounterPlan:
         tenant = identity.ids.get("tenant") if self._tenant_scoped else None
         tenant_tag = f"{self._name_tag}.t.{escape_id(tenant)}" if tenant is not None else self._name_tag
-        scope_ids, windows, keys, expires = [], [], [], []
+        scope_ids, windows, keys, expires, caps = [], [], [], [], []
         for limit in self.limits:
             sid = identity.id_for(limit)
             window = limit.window_at(now)
@@ -246,7 +286,8 @@ class BudgetPolicy:
             expires.append(
                 None if window.resets_at is None else int(window.resets_at.timestamp()) + self.retention_seconds
             )
-        return CounterPlan(self.limits, tuple(scope_ids), tuple(windows), tuple(keys), tuple(expires))
+            caps.append(self.limit_nano(limit, sid))
+        return CounterPlan(self.limits, tuple(scope_ids), tuple(windows), tuple(keys), tuple(expires), tuple(caps))
 
     def status(self, config: Mapping[str, Any] | None = None, **ids: Any) -> list[LimitStatus]:
         """Each limit that applies to this identity: limit, spent, held, remaining, resets_at."""

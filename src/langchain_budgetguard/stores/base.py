@@ -13,11 +13,23 @@ Stores use their own clock for leases (Redis: server ``TIME``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-__all__ = ["Counter", "Hold", "CounterState", "ReserveResult", "SettleResult", "Store", "tag_of"]
+__all__ = [
+    "Counter",
+    "Hold",
+    "CounterState",
+    "ReserveResult",
+    "SettleResult",
+    "OverridesSnapshot",
+    "Store",
+    "AdminStore",
+    "tag_of",
+    "glob_regex",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +92,18 @@ class SettleResult:
     pending: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class OverridesSnapshot:
+    """A budget's live limit overrides: field -> nano-USD, and the version they were read at.
+
+    ``values`` is None when the caller passed the current version (nothing changed since it read).
+    Fields are ``"<per>:<window>[@tz]:<escaped id or *>"`` (see ``overrides.override_field``).
+    """
+
+    version: str
+    values: Mapping[str, int] | None
+
+
 @runtime_checkable
 class Store(Protocol):
     """Sync and async twins of the same five operations."""
@@ -104,3 +128,31 @@ def tag_of(key: str) -> str:
         if end > 0:
             return key[1:end]
     return ""
+
+
+@runtime_checkable
+class AdminStore(Protocol):
+    """What operators need on top of ``Store``: live limit overrides, listing and resetting counters.
+
+    Both bundled stores implement it; a store without it still works, with config overrides only.
+    Overrides are kept per budget name; every change bumps the budget's version, so that a process
+    polls with ``read_overrides(name, known_version)`` and gets the values back only when they changed.
+    ``scan_counters(pattern)`` lists counters whose key matches ``pattern``, where ``*`` matches any
+    run of characters and every other character is literal (Redis: SCAN with MATCH, never KEYS).
+    ``reset_counter`` zeroes a counter's spent; holds of calls in flight stay and settle as usual.
+    """
+
+    def read_overrides(self, name: str, known_version: str | None = None) -> OverridesSnapshot: ...
+    def set_override(self, name: str, field: str, nano: int | None) -> str: ...
+    def scan_counters(self, pattern: str) -> list[tuple[str, CounterState]]: ...
+    def reset_counter(self, key: str) -> CounterState: ...
+
+    async def aread_overrides(self, name: str, known_version: str | None = None) -> OverridesSnapshot: ...
+    async def aset_override(self, name: str, field: str, nano: int | None) -> str: ...
+    async def ascan_counters(self, pattern: str) -> list[tuple[str, CounterState]]: ...
+    async def areset_counter(self, key: str) -> CounterState: ...
+
+
+def glob_regex(pattern: str) -> str:
+    """A ``scan_counters`` pattern as a regular expression: ``*`` is any run, the rest literal."""
+    return "".join(".*" if part == "*" else re.escape(part) for part in re.split(r"(\*)", pattern)) + r"\Z"

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from .base import Counter, CounterState, Hold, ReserveResult, SettleResult
+from .base import Counter, CounterState, Hold, OverridesSnapshot, ReserveResult, SettleResult, glob_regex
 
 __all__ = ["MemoryStore"]
 
@@ -47,6 +48,8 @@ class MemoryStore:
         self._counters: dict[str, _Counter] = {}
         self._records: dict[str, _Record] = {}
         self._next_sweep = 0.0
+        self._overrides: dict[str, dict[str, int]] = {}  # budget name -> field -> nano-USD
+        self._override_versions: dict[str, int] = {}
 
     def __repr__(self) -> str:
         return f"MemoryStore({len(self._counters)} counters)"
@@ -161,6 +164,45 @@ class MemoryStore:
     def close(self) -> None:
         pass
 
+    # -- operators: live overrides, listing and resetting counters (stores.base.AdminStore) ---
+
+    def read_overrides(self, name: str, known_version: str | None = None) -> OverridesSnapshot:
+        with self._lock:
+            version = str(self._override_versions.get(name, 0))
+            if version == known_version:
+                return OverridesSnapshot(version, None)
+            return OverridesSnapshot(version, dict(self._overrides.get(name, {})))
+
+    def set_override(self, name: str, field: str, nano: int | None) -> str:
+        """Set (``nano``) or clear (None) one override; returns the budget's new version."""
+        if nano is not None and (isinstance(nano, bool) or not isinstance(nano, int) or nano < 0):
+            raise ValueError(f"an override is a non-negative integer of nano-USD, got {nano!r}")
+        with self._lock:
+            values = self._overrides.setdefault(name, {})
+            if nano is None:
+                values.pop(field, None)
+            else:
+                values[field] = nano
+            version = self._override_versions[name] = self._override_versions.get(name, 0) + 1
+            return str(version)
+
+    def scan_counters(self, pattern: str) -> list[tuple[str, CounterState]]:
+        match = re.compile(glob_regex(pattern)).match
+        with self._lock:
+            now = self._clock()
+            keys = sorted(k for k in self._counters if match(k))
+            return [(k, _state(self._get(k, now))) for k in keys]
+
+    def reset_counter(self, key: str) -> CounterState:
+        """Zero the counter's spent (live holds stay); returns its state before."""
+        with self._lock:
+            counter = self._get(key, self._clock())
+            if counter is None:
+                return CounterState()
+            before = _state(counter)
+            counter.spent = 0
+            return before
+
     # -- async twins: the work is a few dict operations under a lock, so they run inline -----
 
     async def areserve(self, counters: Sequence[Counter], hold: Hold) -> ReserveResult:
@@ -177,3 +219,15 @@ class MemoryStore:
 
     async def aclose(self) -> None:
         pass
+
+    async def aread_overrides(self, name: str, known_version: str | None = None) -> OverridesSnapshot:
+        return self.read_overrides(name, known_version)
+
+    async def aset_override(self, name: str, field: str, nano: int | None) -> str:
+        return self.set_override(name, field, nano)
+
+    async def ascan_counters(self, pattern: str) -> list[tuple[str, CounterState]]:
+        return self.scan_counters(pattern)
+
+    async def areset_counter(self, key: str) -> CounterState:
+        return self.reset_counter(key)

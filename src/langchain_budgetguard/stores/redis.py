@@ -25,6 +25,9 @@ start with their ``{tag}``, the Redis Cluster hash tag)::
                                                    server TIME; deleted when no hold is live
     bg:c:{acme}:<call_id>                          the call's record on this tag: "h:<charge on
                                                    expiry>" while held, "s:<amount>" once settled
+    bg:o:{default}                                 live limit overrides of budget "default": hash of
+                                                   "<per>:<window>:<id or *>" -> nano-USD, and #v,
+                                                   a version bumped on every change (never expires)
 
 Counters expire at ``Counter.expires_at`` (the guard puts window end + retention there); ``total``
 windows never expire. A record lives for its lease + ``record_ttl_seconds`` (1 day): a retried
@@ -47,6 +50,7 @@ import asyncio
 import functools
 import logging
 import math
+import re
 import threading
 import time
 import weakref
@@ -66,7 +70,8 @@ import tenacity
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 
 from ..errors import BudgetStoreUnavailableError
-from .base import Counter, CounterState, Hold, ReserveResult, SettleResult, tag_of
+from ..limits import escape_id
+from .base import Counter, CounterState, Hold, OverridesSnapshot, ReserveResult, SettleResult, glob_regex, tag_of
 from .memory import RECORD_TTL_SECONDS
 
 __all__ = ["RedisStore", "RetryPolicy", "PendingSettle", "DEFAULT_RETENTION_SECONDS"]
@@ -141,7 +146,8 @@ def _load_lua(name: str) -> str:
 
 @functools.cache
 def _lua_sources() -> dict[str, str]:
-    return {name: _load_lua(name) for name in ("reserve", "settle", "release", "renew", "read")}
+    names = ("reserve", "settle", "release", "renew", "read", "overrides", "override", "reset")
+    return {name: _load_lua(name) for name in names}
 
 
 def _slot_part(key: str) -> str:
@@ -188,6 +194,16 @@ def _fill(states: list[CounterState], keys: Sequence[str], group: _Group, found:
 def _states(flat: Sequence[Any]) -> list[CounterState]:
     """``[spent1, held1, spent2, held2, ...]`` (bytes or str, as the client decodes) -> states."""
     return [CounterState(int(flat[i]), int(flat[i + 1])) for i in range(0, len(flat), 2)]
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _glob_escape(text: str, keep_star: bool = False) -> str:
+    """Escape Redis MATCH specials (``* ? [ ] \\``), keeping ``*`` wildcards when asked."""
+    specials = "?[]\\" if keep_star else "*?[]\\"
+    return "".join("\\" + c if c in specials else c for c in text)
 
 
 def _ms(seconds: float) -> int:
@@ -443,6 +459,25 @@ class RedisStore:
         base = key if tag_of(key) else _slot_part(key)
         return self.prefix + base, self.prefix + "l:" + base
 
+    def overrides_key(self, name: str) -> str:
+        """The Redis name of budget ``name``'s live limit overrides (a hash)."""
+        return f"{self.prefix}o:{{{escape_id(name)}}}"
+
+    def _counter_key_of(self, redis_key: str) -> str | None:
+        """The counter key a Redis name stores, or None for lease sets, records and overrides."""
+        if not redis_key.startswith(self.prefix):
+            return None
+        rest = redis_key[len(self.prefix) :]
+        if rest.startswith("{"):
+            return rest
+        if rest.startswith("~{") and rest.endswith("}"):
+            return rest[2:-1]
+        return None
+
+    def _scan_match(self, pattern: str) -> str:
+        head = _glob_escape(self.prefix)
+        return head + (_glob_escape(pattern, keep_star=True) if pattern.startswith("{") else "*")
+
     def _call(self, script: str, group: _Group, call_id: str | None, args: Sequence[str]) -> _Call:
         """A script call on one group: the call's record on that tag (if any), then each counter's keys."""
         keys = [f"{self.prefix}c:{group.slot}:{call_id}"] if call_id is not None else []
@@ -529,6 +564,24 @@ class RedisStore:
         for group in _groups(keys):
             _fill(states, keys, group, _states((yield self._call("read", group, None, []))))
         return states
+
+    def _read_overrides_plan(self, name: str, known_version: str | None) -> Plan[OverridesSnapshot]:
+        reply = yield _Call("overrides", (self.overrides_key(name),), (known_version or "",))
+        version = _text(reply[0])
+        if len(reply) < 2:
+            return OverridesSnapshot(version, None)
+        flat = reply[1]
+        return OverridesSnapshot(version, {_text(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)})
+
+    def _set_override_plan(self, name: str, field: str, nano: int | None) -> Plan[str]:
+        value = "" if nano is None else _check_amount(nano, "override")
+        if not field or ":" not in field:
+            raise ValueError(f"override field must look like 'user:day:alice', got {field!r}")
+        return _text((yield _Call("override", (self.overrides_key(name),), (field, value))))
+
+    def _reset_plan(self, key: str) -> Plan[CounterState]:
+        reply = yield _Call("reset", self.redis_keys(key), ())
+        return CounterState(int(reply[0]), int(reply[1]))
 
     # -- errors ---------------------------------------------------------------------------------
 
@@ -647,6 +700,47 @@ class RedisStore:
         """Each counter's spent and held (zeros for a counter never used)."""
         return self._op(self._read_plan(keys))
 
+    # -- operators (stores.base.AdminStore) ------------------------------------------------------
+
+    def read_overrides(self, name: str, known_version: str | None = None) -> OverridesSnapshot:
+        """Budget ``name``'s live limit overrides; ``values`` is None if ``known_version`` is current."""
+        return self._op(self._read_overrides_plan(name, known_version))
+
+    def set_override(self, name: str, field: str, nano: int | None) -> str:
+        """Set (``nano``) or clear (None) one live override; returns the budget's new version."""
+        return self._op(self._set_override_plan(name, field, nano))
+
+    def reset_counter(self, key: str) -> CounterState:
+        """Zero a counter's spent (live holds stay); returns its state before."""
+        return self._op(self._reset_plan(key))
+
+    def scan_counters(self, pattern: str) -> list[tuple[str, CounterState]]:
+        """Counters whose key matches ``pattern`` (``*`` is a wildcard), with their state.
+
+        Walks the keyspace with SCAN ... MATCH (on every primary of a cluster), never KEYS.
+        """
+        match = self._scan_match(pattern)
+
+        def scan() -> list[Any]:
+            return list(self._sync_backend().client.scan_iter(match=match, count=1000))
+
+        started = time.monotonic()
+        retrying = tenacity.Retrying(**self.retry.tenacity_kwargs())
+        try:
+            raw = retrying(scan)
+        except Exception as exc:
+            if not _is_transient(exc):
+                raise
+            attempts = retrying.statistics.get("attempt_number", 1)
+            raise self._unavailable(_Call("scan", (), ()), exc, attempts, started) from exc
+        keys = self._scanned_keys(raw, pattern)
+        return list(zip(keys, self.read(keys))) if keys else []
+
+    def _scanned_keys(self, raw: Sequence[Any], pattern: str) -> list[str]:
+        wanted = re.compile(glob_regex(pattern)).match
+        found = (self._counter_key_of(_text(r)) for r in raw)
+        return sorted({k for k in found if k is not None and wanted(k)})
+
     def close(self) -> None:
         """Close the sync client the store built (clients you passed stay open)."""
         if self._target is None:
@@ -736,6 +830,37 @@ class RedisStore:
 
     async def aread(self, keys: Sequence[str]) -> list[CounterState]:
         return await self._aop(self._read_plan(keys))
+
+    async def aread_overrides(self, name: str, known_version: str | None = None) -> OverridesSnapshot:
+        return await self._aop(self._read_overrides_plan(name, known_version))
+
+    async def aset_override(self, name: str, field: str, nano: int | None) -> str:
+        return await self._aop(self._set_override_plan(name, field, nano))
+
+    async def areset_counter(self, key: str) -> CounterState:
+        return await self._aop(self._reset_plan(key))
+
+    async def ascan_counters(self, pattern: str) -> list[tuple[str, CounterState]]:
+        backend = self._async_backend()
+        if backend is None:
+            return await asyncio.to_thread(self.scan_counters, pattern)
+        match = self._scan_match(pattern)
+
+        async def scan() -> list[Any]:
+            await backend.aready()
+            return [key async for key in backend.client.scan_iter(match=match, count=1000)]
+
+        started = time.monotonic()
+        retrying = tenacity.AsyncRetrying(**self.retry.tenacity_kwargs())
+        try:
+            raw = await retrying(scan)
+        except Exception as exc:
+            if not _is_transient(exc):
+                raise
+            attempts = retrying.statistics.get("attempt_number", 1)
+            raise self._unavailable(_Call("scan", (), ()), exc, attempts, started) from exc
+        keys = self._scanned_keys(raw, pattern)
+        return list(zip(keys, await self.aread(keys))) if keys else []
 
     async def aclose(self) -> None:
         """Close the asyncio client the store built for the running loop (and the sync one)."""
