@@ -322,3 +322,49 @@ def test_admin_on_a_past_window():
     today = admin.statuses("user")[0].window_label
     assert admin.top("user", at=today)[0].scope_id == "alice"
     assert admin.top("user", at="2020-01-01") == []
+
+
+def test_a_forked_worker_checks_the_store_afresh():
+    import os
+
+    store = MemoryStore()
+    guard = BudgetGuard(model(), limits=[Limit(usd=1, per="user", window="day")], store=store, name="k",
+                        override_refresh_seconds=60)
+    guard.invoke("hi", config=ids(user="alice"))
+    live = guard.policy.live_overrides
+    live._lock.acquire()  # as if another thread were checking when the process forked
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: its lock is free and its copy due
+            os._exit(0 if live._lock.acquire(blocking=False) and live.due() else 1)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        live._lock.release()
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.redis
+def test_admin_on_a_redis_cluster(tmp_path):
+    from .redis_support import start_cluster
+
+    servers = start_cluster(tmp_path)
+    try:
+        url = "redis+cluster://" + ",".join(f"127.0.0.1:{s.port}" for s in servers)
+        limits = [Limit(usd=10, per="tenant", window="month"), Limit(usd=1, per="user", window="day"),
+                  Limit(usd=100, window="month")]
+        guard = BudgetGuard(model(), limits=limits, store=RedisStore(url), name="c", override_refresh_seconds=0)
+        for t in range(9):  # tenants spread over the nodes
+            for _ in range(1 + t % 3):
+                guard.invoke("hi", config=ids(tenant=f"t{t}", user=f"u{t % 2}"))
+        admin = BudgetAdmin(guard.policy)
+        assert len(admin.statuses("tenant")) == 9 and len(admin.statuses("user", "u1")) == 4
+        assert {s.spent for s in admin.top("tenant", n=3)} == {3 * CALL_USD}
+        admin.set_limit("tenant", 0, "t5")
+        with pytest.raises(BudgetExceededError):
+            guard.invoke("hi", config=ids(tenant="t5", user="x"))
+        (done,) = admin.reset("tenant", "t5")
+        assert done.spent_before == 3 * CALL_USD
+        guard.policy.store.close()
+    finally:
+        for server in servers:
+            server.stop()

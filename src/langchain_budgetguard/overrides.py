@@ -28,9 +28,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import threading
 import time
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -175,6 +177,13 @@ class LiveOverrides:
         self._lock = threading.Lock()
         self._task: asyncio.Task[None] | None = None
         self._failing = False
+        _instances.add(self)
+
+    def _after_fork(self) -> None:
+        # A worker forked while another thread was checking would inherit a held lock for good.
+        self._lock = threading.Lock()
+        self._task = None
+        self._next = 0.0
 
     def __repr__(self) -> str:
         return f"LiveOverrides({self.name!r}, {len(self.values)} overrides, version={self.version!r})"
@@ -256,6 +265,18 @@ class LiveOverrides:
             self.generation += 1
         self.version = snapshot.version
         return changed
+
+
+_instances: weakref.WeakSet[LiveOverrides] = weakref.WeakSet()
+
+
+def _reset_after_fork() -> None:
+    for live in list(_instances):
+        live._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 # -- windows by label ------------------------------------------------------------------------
