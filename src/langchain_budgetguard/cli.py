@@ -541,7 +541,8 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def command(name: str, help: str, description: str | None = None) -> argparse.ArgumentParser:
-        return commands.add_parser(name, help=help, description=description or help, parents=[common],
+        description = description or help.replace("%%", "%")  # help is %-formatted, description is not
+        return commands.add_parser(name, help=help, description=description, parents=[common],
                                    formatter_class=formatter, epilog=_EPILOG)
 
     commands.add_parser("demo", help="run a small chain on fake models and the in-process store (no Redis, no key)")
