@@ -424,3 +424,37 @@ def test_long_stream_renews_its_lease_and_a_failed_renewal_does_not_break_it():
     assert FlakyRenewStore.renewals >= 2
     (status,) = guard.status()
     assert status.held == 0 and status.spent == Decimal("0.0000066")
+
+
+def test_fail_open_allowance_is_per_outage_and_closed_refuses_clearly():
+    from langchain_budgetguard.errors import BudgetStoreUnavailableError
+    from langchain_budgetguard.stores import MemoryStore
+
+    class SwitchableStore(MemoryStore):
+        down = False
+
+        def reserve(self, counters, hold):
+            if self.down:
+                raise BudgetStoreUnavailableError("memory-test: reserve failed (store down)")
+            return super().reserve(counters, hold)
+
+    store = SwitchableStore()
+    closed = BudgetGuard(big(), limit=10, store=store, prices=PRICES, estimator=ExactEstimator(1000))
+    llm = big()
+    guard = BudgetGuard(llm, limit=10, store=store, prices=PRICES, estimator=ExactEstimator(1000),
+                        on_store_error="fail_open", fail_open_allowance="0.2")
+    store.down = True
+    with pytest.raises(BudgetStoreUnavailableError, match="store down"):
+        closed.invoke("hi")
+    guard.invoke("hi")
+    guard.invoke("hi")  # 0.18 of the 0.20 allowance
+    with pytest.raises(BudgetStoreUnavailableError, match="allowance"):
+        guard.invoke("hi")
+    assert llm.calls == 2
+    store.down = False
+    guard.invoke("hi")  # the store answers: the outage is over
+    store.down = True
+    guard.invoke("hi")  # a new outage, a fresh allowance
+    assert llm.calls == 4
+    (status,) = guard.status()
+    assert status.spent == Decimal("0.36") and status.held == 0  # every served call reached the store

@@ -44,6 +44,7 @@ from .money import nano_to_usd
 from .policy import BudgetPolicy, CounterPlan, LimitStatus
 from .pricing import ModelRef, RateCard, model_ref
 from .stores.base import Counter, Hold, ReserveResult, SettleResult
+from .stores.memory import MemoryStore
 from .usage import TokenUsage, usage_from_message
 
 __all__ = ["BudgetGuard", "CallCost", "Reservation"]
@@ -129,7 +130,7 @@ class _Admitted:
     call_id: str
     keys: tuple[str, ...]
     unreserved: bool = False  # admitted by fail_open while the store was down
-    local_keys: tuple[str, ...] = ()
+    local_store: MemoryStore | None = None  # the outage's allowance it was held on
 
 
 @dataclass
@@ -198,6 +199,14 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
         self._candidates: list[_Candidate] | None = None
 
     # -- construction helpers --------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, llm: Runnable | None, path: Any, *, degrade_to: Sequence[Runnable] | None = None,
+                    models: Any = None) -> BudgetGuard:
+        """A guard as the TOML config file at ``path`` describes (see ``langchain_budgetguard.config``)."""
+        from .config import guard_from_config
+
+        return guard_from_config(llm, path, degrade_to=degrade_to, models=models)
 
     def wrap(self, llm: Runnable, *, degrade_to: Sequence[Runnable] = ()) -> BudgetGuard:
         """A guard around ``llm`` that draws on this guard's budget (same limits, same store)."""
@@ -364,7 +373,7 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
                 f"The budget store is unreachable and this process has used its fail-open allowance of "
                 f"{nano_to_usd(policy.fail_open_allowance)} USD (spent {spent}); refusing until the store is back."
             )
-        admitted.local_keys = (_FAIL_OPEN_KEY,)
+        admitted.local_store = policy.outage_store()
 
     def _cost(self, admitted: _Admitted, message: Any, streamed_text: str | None = None) -> CallCost:
         """Price a finished (or interrupted) call from its usage, estimating what is missing."""
@@ -409,19 +418,25 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
 
     def _reserve_sync(self, request: _Reserve) -> ReserveResult | Exception:
         op, counters, hold = request
-        store = self.policy.fail_open_store if op == "local_reserve" else self.policy.store
+        if op == "local_reserve":
+            return self.policy.outage_store().reserve(counters, hold)
         try:
-            return store.reserve(counters, hold)
+            result = self.policy.store.reserve(counters, hold)
         except BudgetStoreUnavailableError as exc:
             return exc
+        self.policy.end_outage()
+        return result
 
     async def _reserve_async(self, request: _Reserve) -> ReserveResult | Exception:
         op, counters, hold = request
-        store = self.policy.fail_open_store if op == "local_reserve" else self.policy.store
+        if op == "local_reserve":
+            return await self.policy.outage_store().areserve(counters, hold)
         try:
-            return await store.areserve(counters, hold)
+            result = await self.policy.store.areserve(counters, hold)
         except BudgetStoreUnavailableError as exc:
             return exc
+        self.policy.end_outage()
+        return result
 
     def _admit_sync(self, call: _Call, child: RunnableConfig | None = None) -> _Admitted:
         steps = self._admit(call)
@@ -476,13 +491,13 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
             await adispatch_custom_event(EVENT_COST, cost.as_metadata(), config=child)
 
     def _settle_sync(self, admitted: _Admitted, amount: int) -> SettleResult:
-        if admitted.local_keys:
-            self.policy.fail_open_store.settle(admitted.call_id, admitted.local_keys, amount)
+        if admitted.local_store is not None:
+            admitted.local_store.settle(admitted.call_id, (_FAIL_OPEN_KEY,), amount)
         return self.policy.store.settle(admitted.call_id, admitted.keys, amount)
 
     async def _settle_async(self, admitted: _Admitted, amount: int) -> SettleResult:
-        if admitted.local_keys:
-            await self.policy.fail_open_store.asettle(admitted.call_id, admitted.local_keys, amount)
+        if admitted.local_store is not None:
+            await admitted.local_store.asettle(admitted.call_id, (_FAIL_OPEN_KEY,), amount)
         return await self.policy.store.asettle(admitted.call_id, admitted.keys, amount)
 
     def _open_run(self, input: Any, config: RunnableConfig) -> tuple[Any, RunnableConfig]:

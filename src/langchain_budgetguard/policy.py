@@ -224,7 +224,7 @@ class BudgetPolicy:
         self.fail_open_allowance = (
             None if fail_open_allowance is None else usd_to_nano(fail_open_allowance, what="fail_open_allowance")
         )
-        self.fail_open_store = MemoryStore()
+        self._outage: MemoryStore | None = None  # the fail-open allowance of the current outage
         # Cluster hash tag: with a tenant scope, every counter of a tenant shares the tenant's tag.
         self._tenant_scoped = any(x.per == "tenant" for x in self.limits)
         self._name_tag = escape_id(name)
@@ -239,6 +239,16 @@ class BudgetPolicy:
 
     def __repr__(self) -> str:
         return f"BudgetPolicy(name={self.name!r}, limits={list(self.limits)!r}, store={self.store!r})"
+
+    def outage_store(self) -> MemoryStore:
+        """Where this process counts its fail-open allowance during the current store outage."""
+        if self._outage is None:
+            self._outage = MemoryStore()
+        return self._outage
+
+    def end_outage(self) -> None:
+        """The store answered again: the next outage starts with a fresh allowance."""
+        self._outage = None
 
     def identity(self, config: Mapping[str, Any] | None, **ids: Any) -> Identity:
         return resolve_identity(config, self.limits, **ids)
