@@ -1,0 +1,1 @@
+"""Benchmarks for langchain-budgetguard: ``python -m bench.run`` (see bench/README.md)."""
