@@ -212,6 +212,47 @@ def contention(client: Any, processes: tuple[int, ...]) -> None:
         print(f"  contention N={n:<3}       " + "   ".join(parts), flush=True)
 
 
+def scale(before: Any, after: Any, ids: int, rounds: int, calls: int) -> None:
+    """Section 3's in-process row for before and after: 1 id vs random ids of ``ids``, same rounds."""
+    import secrets
+
+    from .scale import _configs, _user
+
+    model = UsageChat()
+    variants = {}
+    solo, many = _configs(ids, rounds * calls * 2 + 400, seed=5)
+    for k, mod in (("before", before), ("after", after)):
+        limits = [mod.Limit(usd=5, per="user", window="day")]
+        fresh = mod.BudgetGuard(model, limits=limits)
+        full = mod.BudgetGuard(model, limits=limits)
+        store, base = full.policy.store, secrets.token_hex(4)
+        hold = importlib.import_module(f"{mod.__name__}.stores.base").Hold
+        identity = importlib.import_module(f"{mod.__name__}.limits").Identity
+        for i in range(ids):
+            plan = full.policy.plan(identity({"user": _user(i)}))
+            store.reserve(plan.counters(), hold(f"{base}{i}", 13_350, 600.0, 1_200))
+            store.settle(f"{base}{i}", plan.keys, 6_600)
+        for j in range(200):
+            fresh.invoke(PROMPT, config=solo[j])
+            full.invoke(PROMPT, config=next(many))
+
+        def one(n: int, g: Any = fresh) -> None:
+            for j in range(n):
+                g.invoke(PROMPT, config=solo[j])
+
+        def rand(n: int, g: Any = full) -> None:
+            for _ in range(n):
+                g.invoke(PROMPT, config=next(many))
+
+        variants[f"{k} 1 id"], variants[f"{k} many"] = one, rand
+    t = interleave(variants, rounds, calls)
+    parts = []
+    for k in ("before", "after"):
+        ratio = median(per_round(lambda m, o: m / o, t[f"{k} many"], t[f"{k} 1 id"]))
+        parts.append(f"{k} {ratio:.2f}x ({median(t[f'{k} 1 id']):.1f} -> {median(t[f'{k} many']):.1f} µs)")
+    print(f"  {f'in-process, {ids // 1000}k ids / 1 id':<22} " + "   ".join(parts), flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.ab", description=__doc__)
     parser.add_argument("--patch", help="unified diff (paths a/src/langchain_budgetguard/...) applied to the 'after' copy")
@@ -220,11 +261,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=31)
     parser.add_argument("--no-redis", action="store_true")
     parser.add_argument("--contention", default="1,4,16", help="process counts for the contention rows ('' for none)")
+    parser.add_argument("--scale", type=int, default=100_000, help="ids for the in-process scale row (0: skip it)")
     args = parser.parse_args(argv)
     before, after, tmp = load_variants(args.before, args.after, args.patch)
     try:
         print(f"before: {args.before or 'src/'}   after: {args.after or ('src/ + ' + str(args.patch))}")
         in_process(before, after, args.rounds, 200)
+        if args.scale:
+            scale(before, after, args.scale, max(9, args.rounds // 2), 200)
         client = None if args.no_redis else connect_redis()
         if client is not None:
             redis_rows(before, after, client, max(11, args.rounds * 2 // 3), 60)
