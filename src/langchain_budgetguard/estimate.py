@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import math
 import re
@@ -169,7 +170,9 @@ _OPENAI_TILE_PREFIXES = ("gpt-4o", "chatgpt-4o", "gpt-4-turbo", "gpt-4-vision", 
 _OPENAI_PREFIXES = ("gpt-", "chatgpt", "o1", "o3", "o4", "computer-use", "codex")
 
 
+@functools.lru_cache(maxsize=512)
 def _family(model: str | None) -> str:
+    """The image-cost family of a model name (cached: it is asked on every guarded call)."""
     if not model:
         return "default"
     low = model.lower()
@@ -267,8 +270,11 @@ class _Counter:
         """
         family = _family(_model_name(model))
         total = self.request_overhead
-        for message in _as_messages(messages):
-            total += self._message(message, family)
+        if isinstance(messages, str):  # one human message, as a chat model reads a string; not built
+            total += self.message_overhead + self._text(messages)
+        else:
+            for message in _as_messages(messages):
+                total += self._message(message, family)
         if tools:
             total += self._tools(tools, family)
         return total

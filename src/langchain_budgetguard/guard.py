@@ -14,8 +14,8 @@ store's sync or async API. Sync and async cannot drift apart.
 
 from __future__ import annotations
 
+import os
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from decimal import Decimal
@@ -27,7 +27,7 @@ from langchain_core.callbacks.manager import adispatch_custom_event, dispatch_cu
 from langchain_core.globals import get_debug, get_verbose
 from langchain_core.tracers.context import _configure_hooks, _tracing_v2_is_enabled
 from langchain_core.utils.env import env_var_is_set
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage, convert_to_messages
 from langchain_core.prompt_values import PromptValue
 from langchain_core.runnables import Runnable, RunnableBinding, RunnableConfig
 from langchain_core.runnables.config import (
@@ -38,14 +38,14 @@ from langchain_core.runnables.config import (
 )
 
 from .errors import BudgetExceededError, BudgetStoreUnavailableError, GuardMisuseError, Refusal
-from .estimate import estimate_input_tokens, max_output_tokens, tools_of
+from .estimate import StrictEstimator, TypicalEstimator, estimate_input_tokens, max_output_tokens, tools_of
 from .limits import Identity
 from .money import nano_to_usd
 from .policy import BudgetPolicy, CounterPlan, LimitStatus
 from .pricing import ModelRef, RateCard, model_ref
 from .stores.base import Counter, Hold, ReserveResult, SettleResult
 from .stores.memory import MemoryStore
-from .usage import TokenUsage, usage_from_message
+from .usage import TokenUsage, usage_from_message, usage_from_usage_metadata
 
 __all__ = ["BudgetGuard", "CallCost", "Reservation"]
 
@@ -138,7 +138,7 @@ class _Call:
     """Everything known about one guarded call before it is admitted."""
 
     plan: CounterPlan
-    messages: list[BaseMessage]
+    messages: list[BaseMessage] | str  # a string input stays a string until an estimator needs messages
     kwargs: dict[str, Any]
     call_id: str
     ladder: list[_Candidate] | None = None  # a model the guard does not call itself (reserve(model=...))
@@ -150,8 +150,6 @@ _Reserve = tuple  # ("reserve", counters, hold) / ("local_reserve", counters, ho
 
 
 def _to_messages(value: Any) -> list[BaseMessage]:
-    from langchain_core.messages import HumanMessage, convert_to_messages
-
     if isinstance(value, str):
         return [HumanMessage(value)]
     if isinstance(value, PromptValue):
@@ -311,25 +309,22 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
         identity: Identity = self.policy.identity(config)
         plan = self.policy.plan(identity)
         ladder = None if model is None else [_Candidate(None, model)]  # type: ignore[arg-type]
-        return _Call(plan, _to_messages(value), kwargs, call_id or uuid.uuid4().hex, ladder)
+        messages = value if isinstance(value, str) else _to_messages(value)
+        # 128 random bits, as uuid4().hex gave, at a quarter of its cost.
+        return _Call(plan, messages, kwargs, call_id or os.urandom(16).hex(), ladder)
 
     def _estimate(self, call: _Call, candidate: _Candidate) -> _Estimate:
         """What this call would hold on ``candidate`` (nano-USD), from its messages and output cap."""
         policy = self.policy
         card = self._card(candidate)
         cap, tools = candidate.cap_and_tools(call.kwargs)
-        input_tokens = estimate_input_tokens(policy.estimator, call.messages, tools, candidate.runnable)
+        messages = call.messages
+        if isinstance(messages, str) and not isinstance(policy.estimator, (StrictEstimator, TypicalEstimator)):
+            messages = call.messages = [HumanMessage(messages)]  # the built-ins count a string as it is
+        input_tokens = estimate_input_tokens(policy.estimator, messages, tools, candidate.runnable)
         cap = cap or policy.default_max_output_tokens
-        reserve = card.cost_nano(TokenUsage(input_tokens=input_tokens, output_tokens=cap))
-        input_cost = card.cost_nano(TokenUsage(input_tokens=input_tokens))
-        if policy.estimator.mode == "strict":
-            # Cache writes can cost more than plain input (Anthropic: 1.25x-2x): hold the dearer.
-            as_cache_write = TokenUsage(input_tokens=input_tokens, cache_write_1h_tokens=input_tokens,
-                                        cache_write_tokens=input_tokens)
-            extra = card.cost_nano(as_cache_write) - input_cost
-            if extra > 0:
-                reserve += extra
-                input_cost += extra
+        # Strict: cache writes can cost more than plain input (Anthropic: 1.25x-2x): hold the dearer.
+        reserve, input_cost = card.hold_nano(input_tokens, cap, dearer_cache_write=policy.estimator.mode == "strict")
         return _Estimate(card, input_tokens, reserve, input_cost)
 
     def _admit(self, call: _Call) -> Generator[_Reserve, ReserveResult | Exception, _Admitted]:
@@ -341,8 +336,9 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
             estimate = self._estimate(call, candidate)
             fraction = policy.degrade_at if index < last else None
             call_id = call.call_id if index == 0 else f"{call.call_id}.{index}"
-            on_expiry = {"release": 0, "charge_input": estimate.input_cost,
-                         "charge_reserved": estimate.reserve}[policy.expired_hold]
+            expired_hold = policy.expired_hold
+            on_expiry = (estimate.input_cost if expired_hold == "charge_input"
+                         else estimate.reserve if expired_hold == "charge_reserved" else 0)
             hold = Hold(call_id, estimate.reserve, policy.lease_seconds, on_expiry)
             result = yield ("reserve", call.plan.counters(fraction), hold)
             admitted = _Admitted(candidate, estimate, index, call_id, call.plan.keys)
@@ -375,9 +371,11 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
             )
         admitted.local_store = policy.outage_store()
 
-    def _cost(self, admitted: _Admitted, message: Any, streamed_text: str | None = None) -> CallCost:
+    def _cost(self, admitted: _Admitted, message: Any, streamed_text: str | None = None,
+              usage: TokenUsage | None = None) -> CallCost:
         """Price a finished (or interrupted) call from its usage, estimating what is missing."""
-        usage = usage_from_message(message) if message is not None else None
+        if usage is None and message is not None:
+            usage = usage_from_message(message)
         if usage is None or usage.total_tokens == 0:
             text = streamed_text if streamed_text is not None else _text_of(message)
             usage = TokenUsage(
@@ -519,16 +517,17 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
     # -- Runnable API ----------------------------------------------------------------------
 
     def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> BaseMessage:
-        config = ensure_config(config)
+        given, config = config, ensure_config(config)
         call = self._begin(input, config, kwargs)
         run_manager, child = self._open_run(input, config)
         tap = _tap(child)
         try:
             reservation = Reservation(self, self._admit_sync(call, child), child)
             try:
-                output = reservation.model.invoke(input, child, **kwargs)
+                # No run of ours: the model gets the caller's config (it ensures it itself, for less).
+                output = reservation.model.invoke(input, given if child is config else child, **kwargs)
             except BaseException:
-                reservation.settle(output_text=tap.text() or None)
+                reservation.settle(output_text=_tapped(tap))
                 raise
             reservation.settle(output)
         except BaseException as exc:
@@ -538,16 +537,16 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
         return output
 
     async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> BaseMessage:
-        config = ensure_config(config)
+        given, config = config, ensure_config(config)
         call = self._begin(input, config, kwargs)
         run_manager, child = await self._aopen_run(input, config)
         tap = _tap(child)
         try:
             reservation = Reservation(self, await self._admit_async(call, child), child)
             try:
-                output = await reservation.model.ainvoke(input, child, **kwargs)
+                output = await reservation.model.ainvoke(input, given if child is config else child, **kwargs)
             except BaseException:
-                await reservation.asettle(output_text=tap.text() or None)
+                await reservation.asettle(output_text=_tapped(tap))
                 raise
             await reservation.asettle(output)
         except BaseException as exc:
@@ -557,7 +556,7 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
         return output
 
     def stream(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Iterator[BaseMessage]:
-        config = ensure_config(config)
+        given, config = config, ensure_config(config)
         call = self._begin(input, config, kwargs)
         run_manager, child = self._open_run(input, config)
         try:
@@ -568,7 +567,7 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
         tracker = _StreamTracker(self, admitted)
         settled = False
         try:
-            for chunk in admitted.candidate.runnable.stream(input, child, **kwargs):
+            for chunk in admitted.candidate.runnable.stream(input, given if child is config else child, **kwargs):
                 tracker.add(chunk)
                 if tracker.renew_due():
                     self._renew_sync(admitted)
@@ -584,12 +583,13 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
             if not isinstance(exc, GeneratorExit):
                 run_manager.on_chain_error(exc)
             raise
-        run_manager.on_chain_end(tracker.output)
+        if not isinstance(run_manager, _NoRun):  # merging the chunks is for the run's output only
+            run_manager.on_chain_end(tracker.output)
 
     async def astream(
         self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
     ) -> AsyncIterator[BaseMessage]:
-        config = ensure_config(config)
+        given, config = config, ensure_config(config)
         call = self._begin(input, config, kwargs)
         run_manager, child = await self._aopen_run(input, config)
         try:
@@ -600,7 +600,8 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
         tracker = _StreamTracker(self, admitted)
         settled = False
         try:
-            async for chunk in admitted.candidate.runnable.astream(input, child, **kwargs):
+            model_config = given if child is config else child
+            async for chunk in admitted.candidate.runnable.astream(input, model_config, **kwargs):
                 tracker.add(chunk)
                 if tracker.renew_due():
                     await self._renew_async(admitted)
@@ -616,7 +617,8 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
             if not isinstance(exc, GeneratorExit):
                 await run_manager.on_chain_error(exc)
             raise
-        await run_manager.on_chain_end(tracker.output)
+        if not isinstance(run_manager, _ANoRun):
+            await run_manager.on_chain_end(tracker.output)
 
     def transform(self, input: Iterator[Any], config: RunnableConfig | None = None, **kwargs: Any) -> Iterator[Any]:
         # A chat model consumes its whole input before it answers; so does the guard.
@@ -681,23 +683,53 @@ class Reservation:
 
 
 class _StreamTracker:
-    """Accumulates a stream's chunks; knows what to charge when it ends or breaks off."""
+    """Collects a stream's chunks; knows what to charge when it ends or breaks off.
+
+    The chunks are added together once, when the sum is needed (a run's output, a usage spread over
+    several chunks): adding each chunk as it comes builds a new message per chunk (~10 µs each).
+    """
 
     def __init__(self, guard: BudgetGuard, admitted: _Admitted) -> None:
         self.guard = guard
         self.admitted = admitted
-        self.output: Any = None
+        self._chunks: list[Any] = []
+        self._sum: tuple[int, Any] = (0, None)  # (chunks added, their sum)
         self._text: list[str] = []
         self._next_renew = time.monotonic() + guard.policy.lease_seconds / 3
 
     def add(self, chunk: Any) -> None:
-        try:
-            self.output = chunk if self.output is None else self.output + chunk
-        except TypeError:
-            self.output = chunk
+        self._chunks.append(chunk)
         text = _text_of(chunk)
         if text:
             self._text.append(text)
+
+    @property
+    def output(self) -> Any:
+        """The chunks added together (a chunk that cannot be added replaces what came before it)."""
+        chunks = self._chunks
+        if self._sum[0] == len(chunks):
+            return self._sum[1]
+        total: Any = None
+        if len(chunks) > 1 and all(type(c) is AIMessageChunk for c in chunks):
+            total = chunks[0] + chunks[1:]  # one merge of all, equal to adding them one by one
+        else:
+            for chunk in chunks:
+                try:
+                    total = chunk if total is None else total + chunk
+                except TypeError:
+                    total = chunk
+        self._sum = (len(chunks), total)
+        return total
+
+    def _usage(self) -> TokenUsage | None:
+        """The sum's usage; without summing when one chunk carries all of it (the usual last chunk)."""
+        carriers = [c for c in self._chunks if getattr(c, "usage_metadata", None) is not None]
+        if len(carriers) == 1 and all(type(c) is AIMessageChunk for c in self._chunks):
+            usage = usage_from_usage_metadata(carriers[0].usage_metadata)
+            if usage is not None and usage.total_tokens:
+                return usage
+        output = self.output
+        return usage_from_message(output) if output is not None else None
 
     def renew_due(self) -> bool:
         now = time.monotonic()
@@ -707,11 +739,11 @@ class _StreamTracker:
         return True
 
     def finish(self) -> CallCost:
-        return self.guard._cost(self.admitted, self.output, "".join(self._text))
+        return self.guard._cost(self.admitted, None, "".join(self._text), self._usage())
 
     def interrupted_charge(self) -> int:
         """Input plus output so far: once a stream has begun the provider bills the prompt."""
-        if self.output is None:
+        if not self._chunks:
             return 0
         return self.finish().charged_nano
 
@@ -832,9 +864,15 @@ class StreamTap(BaseCallbackHandler):
         return "".join(self.parts)
 
 
-def _tap(child: RunnableConfig) -> StreamTap:
-    tap = StreamTap()
+def _tap(child: RunnableConfig) -> StreamTap | None:
     callbacks = child.get("callbacks")
-    if isinstance(callbacks, BaseCallbackManager):
-        callbacks.add_handler(tap, inherit=True)
+    if not isinstance(callbacks, BaseCallbackManager):
+        return None  # no run of ours, so no listener can stream this call
+    tap = StreamTap()
+    callbacks.add_handler(tap, inherit=True)
     return tap
+
+
+def _tapped(tap: StreamTap | None) -> str | None:
+    """The output a listener saw stream before a call broke off, if any."""
+    return (tap.text() or None) if tap is not None else None

@@ -156,6 +156,7 @@ def resolve_identity(config: Mapping[str, Any] | None, limits: Sequence[Limit], 
 
 
 _SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.@")
+_ALL_SAFE = re.compile(r"[A-Za-z0-9\-_.@]*")
 _MAX_ESCAPED = 96
 
 
@@ -166,6 +167,8 @@ def escape_id(value: str) -> str:
     96 characters becomes ``~`` + its SHA-256; ``~`` is always escaped otherwise, so the two
     forms cannot collide.
     """
+    if len(value) <= _MAX_ESCAPED and _ALL_SAFE.fullmatch(value):
+        return value  # nothing to escape (the usual id): one regex match instead of a loop per character
     out = "".join(c if c in _SAFE else "".join(f"%{b:02X}" for b in c.encode("utf-8")) for c in value)
     if len(out) > _MAX_ESCAPED:
         return "~" + hashlib.sha256(value.encode("utf-8")).hexdigest()

@@ -236,6 +236,8 @@ class BudgetPolicy:
             self.live_overrides = LiveOverrides(self.store, name, override_refresh_seconds)
         # identity -> (plan, when a window turns, overrides generation it was built with)
         self._plans: dict[tuple[tuple[str, str], ...], tuple[CounterPlan, float, int]] = {}
+        # Per limit, its current window and the counter's expiry: the same for every identity.
+        self._windows: list[tuple[WindowInstance, int | None] | None] = [None] * len(self.limits)
 
     def __repr__(self) -> str:
         return f"BudgetPolicy(name={self.name!r}, limits={list(self.limits)!r}, store={self.store!r})"
@@ -284,20 +286,30 @@ class BudgetPolicy:
         tenant = identity.ids.get("tenant") if self._tenant_scoped else None
         tenant_tag = f"{self._name_tag}.t.{escape_id(tenant)}" if tenant is not None else self._name_tag
         scope_ids, windows, keys, expires, caps = [], [], [], [], []
-        for limit in self.limits:
+        for index, limit in enumerate(self.limits):
             sid = identity.id_for(limit)
-            window = limit.window_at(now)
+            window, expires_at = self._window(index, limit, now)
             # A limit above the tenant tree (global, or another scope without a tenant) lives under
             # the budget's own tag; everything a tenant owns shares the tenant's tag.
             tag = tenant_tag if (tenant is not None and limit.per != "global") else self._name_tag
             scope_ids.append(sid)
             windows.append(window)
             keys.append(counter_key(self.name, tag, limit, sid, window.label))
-            expires.append(
-                None if window.resets_at is None else int(window.resets_at.timestamp()) + self.retention_seconds
-            )
+            expires.append(expires_at)
             caps.append(self.limit_nano(limit, sid))
         return CounterPlan(self.limits, tuple(scope_ids), tuple(windows), tuple(keys), tuple(expires), tuple(caps))
+
+    def _window(self, index: int, limit: Limit, now: datetime) -> tuple[WindowInstance, int | None]:
+        """``limit.window_at(now)`` and its counter's expiry, reused while ``now`` is in that window."""
+        cached = self._windows[index]
+        if cached is not None:
+            window = cached[0]
+            if window.starts_at is None or window.starts_at <= now < window.resets_at:  # type: ignore[operator]
+                return cached
+        window = limit.window_at(now)
+        expires = None if window.resets_at is None else int(window.resets_at.timestamp()) + self.retention_seconds
+        self._windows[index] = cached = (window, expires)
+        return cached
 
     def status(self, config: Mapping[str, Any] | None = None, **ids: Any) -> list[LimitStatus]:
         """Each limit that applies to this identity: limit, spent, held, remaining, resets_at."""

@@ -475,6 +475,11 @@ class RateCard:
         self._out_reasoning = "reasoning_tokens" in nonzero
         self._out_audio = "output_audio_tokens" in nonzero
         self._nano_shift = self._exp + 9  # scaled units -> nano-USD: multiply by 10**shift
+        # Per segment, what a prompt token costs when the whole prompt is written to a 1-hour cache
+        # (input + cache write + 1h-write coefficients): the dearest way a prompt can be billed.
+        self._cache_write_input = tuple(
+            seg.input + seg.cache_write + dict(seg.details).get("cache_write_1h_tokens", 0) for seg in self._segments
+        )
 
     @classmethod
     def from_price(
@@ -515,6 +520,32 @@ class RateCard:
         for field, m in seg.details:
             total += m * getattr(usage, field)
         return total if total > 0 else 0
+
+    def _nano(self, scaled: int) -> int:
+        if scaled <= 0:
+            return 0
+        shift = self._nano_shift
+        return scaled * 10**shift if shift >= 0 else -(-scaled // 10**-shift)
+
+    def hold_nano(self, input_tokens: int, output_tokens: int, *, dearer_cache_write: bool = False) -> tuple[int, int]:
+        """What a pre-call estimate holds, in whole nano-USD rounded up: ``(reserve, input_cost)``.
+
+        ``reserve`` is ``cost_nano(TokenUsage(input_tokens=..., output_tokens=...))`` and ``input_cost``
+        is ``cost_nano(TokenUsage(input_tokens=...))``. With ``dearer_cache_write``, both grow by what
+        billing the whole prompt as 1-hour cache writes would add, when that is dearer. The same
+        integers as those ``cost_nano`` calls, without building the usages (this runs on every call).
+        """
+        index = bisect_left(self.tiers, input_tokens) if len(self._segments) > 1 else 0
+        seg = self._segments[index]
+        base = seg.const + seg.input * input_tokens
+        input_cost = self._nano(base)
+        reserve = self._nano(base + seg.output * output_tokens)
+        if dearer_cache_write:
+            extra = self._nano(seg.const + self._cache_write_input[index] * input_tokens) - input_cost
+            if extra > 0:
+                reserve += extra
+                input_cost += extra
+        return reserve, input_cost
 
     def cost(self, usage: TokenUsage) -> Decimal:
         """Exact cost of ``usage`` in USD."""
@@ -574,10 +605,16 @@ def _name_candidates(name: str) -> list[str]:
     return out
 
 
-def _snapshot() -> Any:
-    from genai_prices.data_snapshot import get_snapshot
+_get_snapshot: Any = None
 
-    return get_snapshot()
+
+def _snapshot() -> Any:
+    global _get_snapshot
+    if _get_snapshot is None:  # imported once: this runs on every call, to notice a price update
+        from genai_prices.data_snapshot import get_snapshot
+
+        _get_snapshot = get_snapshot
+    return _get_snapshot()
 
 
 def _find_genai_model(name: str, provider: str | None, now: datetime) -> tuple[Any, Any, Any] | None:

@@ -119,6 +119,13 @@ def usage_from_usage_metadata(usage: Mapping[str, Any] | None) -> TokenUsage | N
     """LangChain's ``AIMessage.usage_metadata`` -> ``TokenUsage`` (None when absent)."""
     if not usage or (type(usage) is not dict and not isinstance(usage, Mapping)):
         return None
+    if "input_token_details" not in usage and "output_token_details" not in usage:
+        # The usual shape, {input_tokens, output_tokens, total_tokens}: nothing to split or reconcile.
+        inp, out, total = usage.get("input_tokens"), usage.get("output_tokens"), usage.get("total_tokens")
+        if type(inp) is int and type(out) is int and inp >= 0 and out >= 0 and (
+            total is None or (type(total) is int and total <= inp + out)
+        ):
+            return TokenUsage(input_tokens=inp, output_tokens=out)
     details_in = usage.get("input_token_details") or _NO_DETAILS
     details_out = usage.get("output_token_details") or _NO_DETAILS
     if type(details_in) is not dict and not isinstance(details_in, Mapping):

@@ -92,34 +92,42 @@ class MemoryStore:
     # -- sync API --------------------------------------------------------------------------
 
     def reserve(self, counters: Sequence[Counter], hold: Hold) -> ReserveResult:
+        call_id, amount = hold.call_id, hold.amount
         with self._lock:
             now = self._clock()
-            self._sweep(now)
+            if now >= self._next_sweep:
+                self._sweep(now)
             # A key listed twice is one counter: checked against each limit, held once.
-            found = {c.key: self._get(c.key, now) for c in counters}
-            states = tuple(_state(found[c.key]) for c in counters)
-            if hold.call_id in self._records:
+            found: dict[str, _Counter | None] = {}
+            for spec in counters:
+                if spec.key not in found:
+                    found[spec.key] = self._get(spec.key, now)
+            states = tuple([_state(found[c.key]) for c in counters])
+            if call_id in self._records:
                 return ReserveResult(ok=True, states=states, duplicate=True)
             for index, (spec, state) in enumerate(zip(counters, states)):
-                if state.spent + state.held + hold.amount > spec.limit:
+                if state.spent + state.held + amount > spec.limit:
                     return ReserveResult(ok=False, states=states, blocked=index)
             deadline = now + hold.lease_seconds
+            entry = (amount, deadline, hold.charge_on_expiry)
             for spec in counters:
                 counter = found[spec.key]
                 if counter is None:
                     counter = found[spec.key] = self._counters[spec.key] = _Counter()
                 if spec.expires_at is not None:
                     counter.expires_at = max(counter.expires_at or 0, spec.expires_at)
-                if hold.call_id in counter.holds:
+                if call_id in counter.holds:
                     continue
-                counter.held += hold.amount
-                counter.holds[hold.call_id] = (hold.amount, deadline, hold.charge_on_expiry)
-                counter.next_deadline = min(counter.next_deadline, deadline)
-            self._records[hold.call_id] = _Record("held", tuple(found), 0, deadline + RECORD_TTL_SECONDS)
-            return ReserveResult(ok=True, states=tuple(_state(found[c.key]) for c in counters))
+                counter.held += amount
+                counter.holds[call_id] = entry
+                if deadline < counter.next_deadline:
+                    counter.next_deadline = deadline
+            self._records[call_id] = _Record("held", tuple(found), 0, deadline + RECORD_TTL_SECONDS)
+            return ReserveResult(ok=True, states=tuple([_state(found[c.key]) for c in counters]))
 
     def settle(self, call_id: str, keys: Sequence[str], amount: int) -> SettleResult:
-        keys = list(dict.fromkeys(keys))
+        if len(keys) > 1:
+            keys = list(dict.fromkeys(keys))
         with self._lock:
             now = self._clock()
             record = self._records.get(call_id)

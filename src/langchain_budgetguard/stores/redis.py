@@ -114,10 +114,11 @@ class RetryPolicy:
     first_wait: float = 0.05
     max_wait: float = 0.5
 
-    def tenacity_kwargs(self) -> dict[str, Any]:
+    def tenacity_kwargs(self, elapsed: float = 0.0) -> dict[str, Any]:
+        """Arguments for ``tenacity.Retrying``; ``elapsed``: seconds this operation has already taken."""
         stop_before = getattr(tenacity, "stop_before_delay", tenacity.stop_after_delay)  # tenacity < 8.3
         return {
-            "stop": tenacity.stop_after_attempt(max(1, self.attempts)) | stop_before(self.deadline_seconds),
+            "stop": tenacity.stop_after_attempt(max(1, self.attempts)) | stop_before(self.deadline_seconds - elapsed),
             "wait": tenacity.wait_random_exponential(multiplier=self.first_wait, max=self.max_wait),
             "retry": tenacity.retry_if_exception(_is_transient),
             "reraise": True,
@@ -177,10 +178,15 @@ class _Group:
 
 def _groups(keys: Sequence[str]) -> list[_Group]:
     """Distinct keys grouped by hash tag, groups in order of first appearance."""
+    return list(_groups_of(tuple(keys)))
+
+
+@functools.lru_cache(maxsize=4096)
+def _groups_of(keys: tuple[str, ...]) -> tuple[_Group, ...]:
     by_slot: dict[str, list[str]] = {}
     for key in dict.fromkeys(keys):
         by_slot.setdefault(_slot_part(key), []).append(key)
-    return [_Group(slot, tuple(ks)) for slot, ks in by_slot.items()]
+    return tuple(_Group(slot, tuple(ks)) for slot, ks in by_slot.items())
 
 
 def _fill(states: list[CounterState], keys: Sequence[str], group: _Group, found: list[CounterState]) -> None:
@@ -421,6 +427,7 @@ class RedisStore:
         self._async_by_loop: weakref.WeakKeyDictionary[Any, _Backend] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
         self._journal: list[PendingSettle] = []
+        self._group_keys: dict[_Group, tuple[str, ...]] = {}  # a group's counter and lease-set names
         self._journal_lock = threading.Lock()
         if isinstance(url_or_client, str):
             self._target = _parse_url(url_or_client)
@@ -480,10 +487,15 @@ class RedisStore:
 
     def _call(self, script: str, group: _Group, call_id: str | None, args: Sequence[str]) -> _Call:
         """A script call on one group: the call's record on that tag (if any), then each counter's keys."""
-        keys = [f"{self.prefix}c:{group.slot}:{call_id}"] if call_id is not None else []
-        for key in group.keys:
-            keys.extend(self.redis_keys(key))
-        return _Call(script, tuple(keys), tuple(args))
+        keys = self._group_keys.get(group)
+        if keys is None:
+            keys = tuple(name for key in group.keys for name in self.redis_keys(key))
+            if len(self._group_keys) >= 4096:
+                self._group_keys.clear()
+            self._group_keys[group] = keys
+        if call_id is not None:
+            keys = (f"{self.prefix}c:{group.slot}:{call_id}", *keys)
+        return _Call(script, keys, tuple(args))
 
     # -- plans: the logic of each operation, shared by the sync and async shells ----------------
 
@@ -611,10 +623,20 @@ class RedisStore:
 
     def _execute(self, call: _Call, policy: RetryPolicy) -> Any:
         started = time.monotonic()
-        retrying = tenacity.Retrying(**policy.tenacity_kwargs())
+        # The first attempt runs bare: a tenacity loop costs ~10 µs, so it is built once Redis fails.
+        try:
+            return self._sync_backend().scripts[call.script](keys=call.keys, args=call.args)
+        except Exception as exc:
+            if not _is_transient(exc):
+                raise
+            failed: Exception | None = exc
+        retrying = tenacity.Retrying(**policy.tenacity_kwargs(time.monotonic() - started))
         try:
             for attempt in retrying:
                 with attempt:
+                    if failed is not None:  # the bare attempt above is the loop's first
+                        failed, exc = None, failed
+                        raise exc
                     return self._sync_backend().scripts[call.script](keys=call.keys, args=call.args)
         except Exception as exc:
             if not _is_transient(exc):
@@ -766,16 +788,28 @@ class RedisStore:
             backend = self._async_by_loop[loop] = _Backend(client, closers)
         return backend
 
+    async def _aattempt(self, call: _Call) -> Any:
+        backend = self._async_backend()
+        assert backend is not None
+        await backend.aready()
+        return await backend.scripts[call.script](keys=call.keys, args=call.args)
+
     async def _aexecute(self, call: _Call, policy: RetryPolicy) -> Any:
         started = time.monotonic()
-        retrying = tenacity.AsyncRetrying(**policy.tenacity_kwargs())
+        try:
+            return await self._aattempt(call)  # a bare first attempt, as in _execute
+        except Exception as exc:
+            if not _is_transient(exc):
+                raise
+            failed: Exception | None = exc
+        retrying = tenacity.AsyncRetrying(**policy.tenacity_kwargs(time.monotonic() - started))
         try:
             async for attempt in retrying:
                 with attempt:
-                    backend = self._async_backend()
-                    assert backend is not None
-                    await backend.aready()
-                    return await backend.scripts[call.script](keys=call.keys, args=call.args)
+                    if failed is not None:
+                        failed, exc = None, failed
+                        raise exc
+                    return await self._aattempt(call)
         except Exception as exc:
             if not _is_transient(exc):
                 raise
