@@ -110,7 +110,7 @@ class _Candidate:
         return self.ref.name or type(self.runnable).__name__
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # these per-call records are built on the hot path: slots, not frozen
 class _Estimate:
     """What one call would cost on one model: its price card, input tokens, and nano-USD amounts."""
 
@@ -120,7 +120,7 @@ class _Estimate:
     input_cost: int
 
 
-@dataclass
+@dataclass(slots=True)
 class _Admitted:
     """A reservation that went through: which model, what is held, under which call id."""
 
@@ -133,7 +133,7 @@ class _Admitted:
     local_store: MemoryStore | None = None  # the outage's allowance it was held on
 
 
-@dataclass
+@dataclass(slots=True)
 class _Call:
     """Everything known about one guarded call before it is admitted."""
 
@@ -637,7 +637,7 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
             yield out
 
 
-@dataclass
+@dataclass(slots=True)
 class Reservation:
     """A call admitted under a guard's budget: call ``model``, then ``settle`` once."""
 
