@@ -8,44 +8,36 @@ astream_events build on them):
      -> call the model -> read usage -> price the actual usage -> settle (idempotent)
 
 The decisions are written once, as generators that yield store requests
-(``_admit``); ``_run_sync`` and ``_run_async`` carry those requests to the
-store's sync or async API. Sync and async cannot drift apart.
+(``_admit``); ``_admit_sync`` and ``_admit_async`` carry those requests to the
+store's sync or async API. Sync and async cannot drift apart. The run the guard
+opens is in ``runs.py``, what a stream has produced in ``streaming.py``.
 """
 
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import AsyncIterator, Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from langchain_core.callbacks import BaseCallbackHandler
-from langchain_core.callbacks.base import BaseCallbackManager
 from langchain_core.callbacks.manager import adispatch_custom_event, dispatch_custom_event
-from langchain_core.globals import get_debug, get_verbose
-from langchain_core.tracers.context import _configure_hooks, _tracing_v2_is_enabled
-from langchain_core.utils.env import env_var_is_set
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage, convert_to_messages
-from langchain_core.prompt_values import PromptValue
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage
 from langchain_core.runnables import Runnable, RunnableBinding, RunnableConfig
-from langchain_core.runnables.config import (
-    ensure_config,
-    get_async_callback_manager_for_config,
-    get_callback_manager_for_config,
-    patch_config,
-)
+from langchain_core.runnables.config import ensure_config
 
 from .errors import BudgetExceededError, BudgetStoreUnavailableError, GuardMisuseError, Refusal
 from .estimate import StrictEstimator, TypicalEstimator, estimate_input_tokens, max_output_tokens, tools_of
 from .limits import Identity
+from .messages import text_of, to_messages
 from .money import nano_to_usd
 from .policy import BudgetPolicy, CounterPlan, LimitStatus
 from .pricing import ModelRef, RateCard, model_ref
+from .runs import ANoRun, NoRun, aopen_run, has_handlers, open_run, tap, tapped
 from .stores.base import Counter, Hold, ReserveResult, SettleResult
 from .stores.memory import MemoryStore
-from .usage import TokenUsage, usage_from_message, usage_from_usage_metadata
+from .streaming import StreamTracker
+from .usage import TokenUsage, usage_from_message
 
 __all__ = ["BudgetGuard", "CallCost", "Reservation"]
 
@@ -147,21 +139,6 @@ class _Call:
 
 # Requests the planning generators yield; the drivers answer them with the store.
 _Reserve = tuple  # ("reserve", counters, hold) / ("local_reserve", counters, hold)
-
-
-def _to_messages(value: Any) -> list[BaseMessage]:
-    if isinstance(value, str):
-        return [HumanMessage(value)]
-    if isinstance(value, PromptValue):
-        return value.to_messages()
-    if isinstance(value, BaseMessage):
-        return [value]
-    if isinstance(value, Sequence):
-        return convert_to_messages(value)
-    raise TypeError(
-        f"BudgetGuard input: expected a string, messages or a prompt value (what a chat model takes), "
-        f"got {type(value).__name__}"
-    )
 
 
 class BudgetGuard(Runnable[Any, BaseMessage]):
@@ -309,7 +286,7 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
         identity: Identity = self.policy.identity(config)
         plan = self.policy.plan(identity)
         ladder = None if model is None else [_Candidate(None, model)]  # type: ignore[arg-type]
-        messages = value if isinstance(value, str) else _to_messages(value)
+        messages = value if isinstance(value, str) else to_messages(value)
         # 128 random bits, as uuid4().hex gave, at a quarter of its cost.
         return _Call(plan, messages, kwargs, call_id or os.urandom(16).hex(), ladder)
 
@@ -377,7 +354,7 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
         if usage is None and message is not None:
             usage = usage_from_message(message)
         if usage is None or usage.total_tokens == 0:
-            text = streamed_text if streamed_text is not None else _text_of(message)
+            text = streamed_text if streamed_text is not None else text_of(message)
             usage = TokenUsage(
                 input_tokens=admitted.estimate.input_tokens,
                 output_tokens=self.policy.estimator.output_tokens(text) if text else 0,
@@ -447,7 +424,7 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
             admitted = done.value
             return admitted
         finally:
-            if child is not None and call.refusals and _has_handlers(child):
+            if child is not None and call.refusals and has_handlers(child):
                 for name, data in _decision_events(call, admitted):
                     dispatch_custom_event(name, data, config=child)
 
@@ -462,7 +439,7 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
             admitted = done.value
             return admitted
         finally:
-            if child is not None and call.refusals and _has_handlers(child):
+            if child is not None and call.refusals and has_handlers(child):
                 for name, data in _decision_events(call, admitted):
                     await adispatch_custom_event(name, data, config=child)
 
@@ -481,11 +458,11 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
             pass
 
     def _report_cost(self, child: RunnableConfig, cost: CallCost) -> None:
-        if _has_handlers(child):
+        if has_handlers(child):
             dispatch_custom_event(EVENT_COST, cost.as_metadata(), config=child)
 
     async def _areport_cost(self, child: RunnableConfig, cost: CallCost) -> None:
-        if _has_handlers(child):
+        if has_handlers(child):
             await adispatch_custom_event(EVENT_COST, cost.as_metadata(), config=child)
 
     def _settle_sync(self, admitted: _Admitted, amount: int) -> SettleResult:
@@ -498,36 +475,20 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
             await admitted.local_store.asettle(admitted.call_id, (_FAIL_OPEN_KEY,), amount)
         return await self.policy.store.asettle(admitted.call_id, admitted.keys, amount)
 
-    def _open_run(self, input: Any, config: RunnableConfig) -> tuple[Any, RunnableConfig]:
-        if not _observed(config):
-            return _NoRun(), config
-        run_manager = get_callback_manager_for_config(config).on_chain_start(
-            None, input, name=config.get("run_name") or self.get_name(), run_id=config.pop("run_id", None)
-        )
-        return run_manager, _guarded_child(config, run_manager, self.policy)
-
-    async def _aopen_run(self, input: Any, config: RunnableConfig) -> tuple[Any, RunnableConfig]:
-        if not _observed(config):
-            return _ANoRun(), config
-        run_manager = await get_async_callback_manager_for_config(config).on_chain_start(
-            None, input, name=config.get("run_name") or self.get_name(), run_id=config.pop("run_id", None)
-        )
-        return run_manager, _guarded_child(config, run_manager, self.policy)
-
     # -- Runnable API ----------------------------------------------------------------------
 
     def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> BaseMessage:
         given, config = config, ensure_config(config)
         call = self._begin(input, config, kwargs)
-        run_manager, child = self._open_run(input, config)
-        tap = _tap(child)
+        run_manager, child = open_run(self.get_name(), input, config, self.policy)
+        streamed = tap(child)
         try:
             reservation = Reservation(self, self._admit_sync(call, child), child)
             try:
                 # No run of ours: the model gets the caller's config (it ensures it itself, for less).
                 output = reservation.model.invoke(input, given if child is config else child, **kwargs)
             except BaseException:
-                reservation.settle(output_text=_tapped(tap))
+                reservation.settle(output_text=tapped(streamed))
                 raise
             reservation.settle(output)
         except BaseException as exc:
@@ -539,14 +500,14 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
     async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> BaseMessage:
         given, config = config, ensure_config(config)
         call = self._begin(input, config, kwargs)
-        run_manager, child = await self._aopen_run(input, config)
-        tap = _tap(child)
+        run_manager, child = await aopen_run(self.get_name(), input, config, self.policy)
+        streamed = tap(child)
         try:
             reservation = Reservation(self, await self._admit_async(call, child), child)
             try:
                 output = await reservation.model.ainvoke(input, given if child is config else child, **kwargs)
             except BaseException:
-                await reservation.asettle(output_text=_tapped(tap))
+                await reservation.asettle(output_text=tapped(streamed))
                 raise
             await reservation.asettle(output)
         except BaseException as exc:
@@ -558,13 +519,13 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
     def stream(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Iterator[BaseMessage]:
         given, config = config, ensure_config(config)
         call = self._begin(input, config, kwargs)
-        run_manager, child = self._open_run(input, config)
+        run_manager, child = open_run(self.get_name(), input, config, self.policy)
         try:
             admitted = self._admit_sync(call, child)
         except BaseException as exc:
             run_manager.on_chain_error(exc)
             raise
-        tracker = _StreamTracker(self, admitted)
+        tracker = StreamTracker(self, admitted)
         settled = False
         try:
             for chunk in admitted.candidate.runnable.stream(input, given if child is config else child, **kwargs):
@@ -583,7 +544,7 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
             if not isinstance(exc, GeneratorExit):
                 run_manager.on_chain_error(exc)
             raise
-        if not isinstance(run_manager, _NoRun):  # merging the chunks is for the run's output only
+        if not isinstance(run_manager, NoRun):  # merging the chunks is for the run's output only
             run_manager.on_chain_end(tracker.output)
 
     async def astream(
@@ -591,13 +552,13 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
     ) -> AsyncIterator[BaseMessage]:
         given, config = config, ensure_config(config)
         call = self._begin(input, config, kwargs)
-        run_manager, child = await self._aopen_run(input, config)
+        run_manager, child = await aopen_run(self.get_name(), input, config, self.policy)
         try:
             admitted = await self._admit_async(call, child)
         except BaseException as exc:
             await run_manager.on_chain_error(exc)
             raise
-        tracker = _StreamTracker(self, admitted)
+        tracker = StreamTracker(self, admitted)
         settled = False
         try:
             model_config = given if child is config else child
@@ -617,7 +578,7 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
             if not isinstance(exc, GeneratorExit):
                 await run_manager.on_chain_error(exc)
             raise
-        if not isinstance(run_manager, _ANoRun):
+        if not isinstance(run_manager, ANoRun):
             await run_manager.on_chain_end(tracker.output)
 
     def transform(self, input: Iterator[Any], config: RunnableConfig | None = None, **kwargs: Any) -> Iterator[Any]:
@@ -682,96 +643,6 @@ class Reservation:
         return cost
 
 
-class _StreamTracker:
-    """Collects a stream's chunks; knows what to charge when it ends or breaks off.
-
-    The chunks are added together once, when the sum is needed (a run's output, a usage spread over
-    several chunks): adding each chunk as it comes builds a new message per chunk (~10 µs each).
-    """
-
-    def __init__(self, guard: BudgetGuard, admitted: _Admitted) -> None:
-        self.guard = guard
-        self.admitted = admitted
-        self._chunks: list[Any] = []
-        self._sum: tuple[int, Any] = (0, None)  # (chunks added, their sum)
-        self._text: list[str] = []
-        self._next_renew = time.monotonic() + guard.policy.lease_seconds / 3
-
-    def add(self, chunk: Any) -> None:
-        self._chunks.append(chunk)
-        text = _text_of(chunk)
-        if text:
-            self._text.append(text)
-
-    @property
-    def output(self) -> Any:
-        """The chunks added together (a chunk that cannot be added replaces what came before it)."""
-        chunks = self._chunks
-        if self._sum[0] == len(chunks):
-            return self._sum[1]
-        total: Any = None
-        if len(chunks) > 1 and all(type(c) is AIMessageChunk for c in chunks):
-            total = chunks[0] + chunks[1:]  # one merge of all, equal to adding them one by one
-        else:
-            for chunk in chunks:
-                try:
-                    total = chunk if total is None else total + chunk
-                except TypeError:
-                    total = chunk
-        self._sum = (len(chunks), total)
-        return total
-
-    def _usage(self) -> TokenUsage | None:
-        """The sum's usage; without summing when one chunk carries all of it (the usual last chunk)."""
-        carriers = [c for c in self._chunks if getattr(c, "usage_metadata", None) is not None]
-        if len(carriers) == 1 and all(type(c) is AIMessageChunk for c in self._chunks):
-            usage = usage_from_usage_metadata(carriers[0].usage_metadata)
-            if usage is not None and usage.total_tokens:
-                return usage
-        output = self.output
-        return usage_from_message(output) if output is not None else None
-
-    def renew_due(self) -> bool:
-        now = time.monotonic()
-        if now < self._next_renew:
-            return False
-        self._next_renew = now + self.guard.policy.lease_seconds / 3
-        return True
-
-    def finish(self) -> CallCost:
-        return self.guard._cost(self.admitted, None, "".join(self._text), self._usage())
-
-    def interrupted_charge(self) -> int:
-        """Input plus output so far: once a stream has begun the provider bills the prompt."""
-        if not self._chunks:
-            return 0
-        return self.finish().charged_nano
-
-
-def _text_of(message: Any) -> str:
-    if message is None:
-        return ""
-    content = getattr(message, "content", message)
-    if isinstance(content, str):
-        text = content
-    else:
-        parts = []
-        for block in content or ():
-            if isinstance(block, str):
-                parts.append(block)
-            elif isinstance(block, Mapping):
-                for key in ("text", "thinking", "partial_json", "input"):
-                    value = block.get(key)
-                    if isinstance(value, str):
-                        parts.append(value)
-        text = "".join(parts)
-    for call in getattr(message, "tool_call_chunks", None) or getattr(message, "tool_calls", None) or ():
-        args = call.get("args")
-        text += args if isinstance(args, str) else str(args or "")
-        text += call.get("name") or ""
-    return text
-
-
 def _annotate(output: Any, cost: CallCost) -> None:
     metadata = getattr(output, "response_metadata", None)
     if isinstance(metadata, dict):
@@ -795,37 +666,6 @@ def _tail_chunk(cost: CallCost) -> AIMessageChunk:
     return AIMessageChunk(content="", response_metadata={METADATA_KEY: cost.as_metadata()})
 
 
-class _NoRun:
-    """Stands in for a run manager when nobody observes runs: opening one would cost for nothing."""
-
-    def on_chain_end(self, *args: Any, **kwargs: Any) -> None:
-        return None
-
-    on_chain_error = on_chain_end
-
-
-class _ANoRun:
-    async def on_chain_end(self, *args: Any, **kwargs: Any) -> None:
-        return None
-
-    on_chain_error = on_chain_end
-
-
-def _observed(config: RunnableConfig) -> bool:
-    """Would anyone see a run of ours: callbacks, tracing, debug output or a configure hook?"""
-    if _has_handlers(config) or get_debug() or get_verbose() or _tracing_v2_is_enabled():
-        return True
-    for var, _inheritable, handler_class, env_var in _configure_hooks:
-        if var.get() is not None or (handler_class is not None and env_var and env_var_is_set(env_var)):
-            return True
-    return False
-
-
-def _has_handlers(config: RunnableConfig) -> bool:
-    callbacks = config.get("callbacks")
-    return bool(getattr(callbacks, "handlers", callbacks))
-
-
 def _asking_for_stream_usage(model: Runnable) -> Runnable:
     """ChatOpenAI on a custom base_url streams without usage: use a copy that asks for it.
 
@@ -840,39 +680,3 @@ def _asking_for_stream_usage(model: Runnable) -> Runnable:
     return model
 
 
-def _guarded_child(config: RunnableConfig, run_manager: Any, policy: BudgetPolicy) -> RunnableConfig:
-    """Our run as parent, and a mark telling ``enforce_budget`` this call is already charged to this budget."""
-    from .enforce import GUARDED_KEY, budget_token
-
-    metadata = {**(config.get("metadata") or {}), GUARDED_KEY: budget_token(policy)}
-    return patch_config({**config, "metadata": metadata}, callbacks=run_manager.get_child())
-
-
-class StreamTap(BaseCallbackHandler):
-    """Sees the tokens of a call that a listener streams, so a break-off can be charged."""
-
-    run_inline = True
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.parts: list[str] = []
-
-    def on_llm_new_token(self, token: str, *, chunk: Any = None, **kwargs: Any) -> None:
-        self.parts.append(_text_of(getattr(chunk, "message", None)) or token)
-
-    def text(self) -> str:
-        return "".join(self.parts)
-
-
-def _tap(child: RunnableConfig) -> StreamTap | None:
-    callbacks = child.get("callbacks")
-    if not isinstance(callbacks, BaseCallbackManager):
-        return None  # no run of ours, so no listener can stream this call
-    tap = StreamTap()
-    callbacks.add_handler(tap, inherit=True)
-    return tap
-
-
-def _tapped(tap: StreamTap | None) -> str | None:
-    """The output a listener saw stream before a call broke off, if any."""
-    return (tap.text() or None) if tap is not None else None

@@ -28,7 +28,8 @@ except ImportError as exc:  # pragma: no cover - langchain is an optional depend
 
 from .enforce import budget_token, charged_budgets
 from .errors import BudgetExceededError
-from .guard import METADATA_KEY, BudgetGuard, Reservation, StreamTap
+from .guard import METADATA_KEY, BudgetGuard, Reservation
+from .runs import StreamTap
 from .policy import BudgetPolicy
 
 __all__ = ["BudgetMiddleware"]

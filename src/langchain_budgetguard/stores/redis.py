@@ -54,7 +54,7 @@ import re
 import threading
 import time
 import weakref
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, TypeVar

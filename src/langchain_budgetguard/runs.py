@@ -1,0 +1,116 @@
+"""The LangChain run a guard opens around its model call, and what listeners see of it.
+
+A guard opens a run (named ``BudgetGuard``) only when something observes runs: callbacks,
+tracing, debug output or a configure hook. A run nobody sees would only cost time.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.callbacks.base import BaseCallbackManager
+from langchain_core.globals import get_debug, get_verbose
+from langchain_core.runnables import RunnableConfig
+from langchain_core.runnables.config import (
+    get_async_callback_manager_for_config,
+    get_callback_manager_for_config,
+    patch_config,
+)
+from langchain_core.tracers.context import _configure_hooks, _tracing_v2_is_enabled
+from langchain_core.utils.env import env_var_is_set
+
+from .messages import text_of
+
+if TYPE_CHECKING:
+    from .policy import BudgetPolicy
+
+__all__ = ["NoRun", "ANoRun", "StreamTap", "observed", "has_handlers", "open_run", "aopen_run", "tap", "tapped"]
+
+
+def open_run(name: str, input: Any, config: RunnableConfig, policy: BudgetPolicy) -> tuple[Any, RunnableConfig]:
+    """``(run manager, config for the model)``; a ``NoRun`` and the same config when nobody observes."""
+    if not observed(config):
+        return NoRun(), config
+    run_manager = get_callback_manager_for_config(config).on_chain_start(
+        None, input, name=config.get("run_name") or name, run_id=config.pop("run_id", None)
+    )
+    return run_manager, guarded_child(config, run_manager, policy)
+
+
+async def aopen_run(name: str, input: Any, config: RunnableConfig, policy: BudgetPolicy) -> tuple[Any, RunnableConfig]:
+    if not observed(config):
+        return ANoRun(), config
+    run_manager = await get_async_callback_manager_for_config(config).on_chain_start(
+        None, input, name=config.get("run_name") or name, run_id=config.pop("run_id", None)
+    )
+    return run_manager, guarded_child(config, run_manager, policy)
+
+
+class NoRun:
+    """Stands in for a run manager when nobody observes runs: opening one would cost for nothing."""
+
+    def on_chain_end(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    on_chain_error = on_chain_end
+
+
+class ANoRun:
+    async def on_chain_end(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    on_chain_error = on_chain_end
+
+
+def observed(config: RunnableConfig) -> bool:
+    """Would anyone see a run of ours: callbacks, tracing, debug output or a configure hook?"""
+    if has_handlers(config) or get_debug() or get_verbose() or _tracing_v2_is_enabled():
+        return True
+    for var, _inheritable, handler_class, env_var in _configure_hooks:
+        if var.get() is not None or (handler_class is not None and env_var and env_var_is_set(env_var)):
+            return True
+    return False
+
+
+def has_handlers(config: RunnableConfig) -> bool:
+    callbacks = config.get("callbacks")
+    return bool(getattr(callbacks, "handlers", callbacks))
+
+
+def guarded_child(config: RunnableConfig, run_manager: Any, policy: BudgetPolicy) -> RunnableConfig:
+    """Our run as parent, and a mark telling ``enforce_budget`` this call is already charged to this budget."""
+    from .enforce import GUARDED_KEY, budget_token
+
+    metadata = {**(config.get("metadata") or {}), GUARDED_KEY: budget_token(policy)}
+    return patch_config({**config, "metadata": metadata}, callbacks=run_manager.get_child())
+
+
+class StreamTap(BaseCallbackHandler):
+    """Sees the tokens of a call that a listener streams, so a break-off can be charged."""
+
+    run_inline = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parts: list[str] = []
+
+    def on_llm_new_token(self, token: str, *, chunk: Any = None, **kwargs: Any) -> None:
+        self.parts.append(text_of(getattr(chunk, "message", None)) or token)
+
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
+def tap(child: RunnableConfig) -> StreamTap | None:
+    callbacks = child.get("callbacks")
+    if not isinstance(callbacks, BaseCallbackManager):
+        return None  # no run of ours, so no listener can stream this call
+    tap = StreamTap()
+    callbacks.add_handler(tap, inherit=True)
+    return tap
+
+
+def tapped(tap: StreamTap | None) -> str | None:
+    """The output a listener saw stream before a call broke off, if any."""
+    return (tap.text() or None) if tap is not None else None
