@@ -32,3 +32,37 @@ class TestMemoryStoreContract(StoreContract):
             return store._counters[key].expires_at
 
         return StoreEnv(store=store, sleep=sleep, expiry_of=expiry_of)
+
+
+def test_sweep_forgets_expired_counters_and_records_but_not_live_ones():
+    from langchain_budgetguard.stores import Counter, Hold
+    from langchain_budgetguard.stores.memory import RECORD_TTL_SECONDS, SETTLED_RECORD_SECONDS
+
+    clock = ManualClock()
+    store = MemoryStore(clock=clock)
+    t0 = int(clock.now)
+    old = Counter("old", 1000, expires_at=t0 + 100)
+    busy = Counter("busy", 1000, expires_at=t0 + 100)
+    keep = Counter("keep", 1000, expires_at=t0 + 10_000)
+    store.reserve([old, keep], Hold("settled-call", 10, 30))
+    store.settle("settled-call", ["old", "keep"], 7)
+    store.reserve([busy], Hold("long-call", 10, 600))
+    store.reserve([keep], Hold("renewed-call", 10, 30))
+    clock.now = t0 + 101
+    store.renew("renewed-call", ["keep"], 30)  # in flight: its record must outlive the first lease
+    store.read(["keep"])
+    store.reserve([keep], Hold("tick", 1, 30))  # an operation runs the sweep
+    assert "old" not in store._counters  # past retention, nothing in flight: dropped
+    assert "busy" in store._counters  # past retention but its call is still in flight
+    assert store.read(["keep"])[0].spent == 7
+    clock.now = t0 + 700  # the long call's lease is over: reaped, then the counter can go
+    store.reserve([keep], Hold("tick2", 1, 30))
+    clock.now = t0 + 702
+    store.reserve([keep], Hold("tick3", 1, 30))
+    assert "busy" not in store._counters
+    clock.now = t0 + SETTLED_RECORD_SECONDS + 10
+    store.reserve([keep], Hold("tick4", 1, 30))
+    assert "settled-call" not in store._records and "renewed-call" in store._records
+    clock.now = t0 + 101 + 30 + RECORD_TTL_SECONDS + 10
+    store.reserve([Counter("fresh", 1000)], Hold("tick5", 1, 30))
+    assert "renewed-call" not in store._records

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import re
 import threading
 import time
@@ -47,6 +48,11 @@ class MemoryStore:
         self._lock = threading.Lock()
         self._counters: dict[str, _Counter] = {}
         self._records: dict[str, _Record] = {}
+        # When records and counters may be forgotten, as heaps: a sweep pops only what is due, so its
+        # work follows the rate of expiries, not the size of the store. An entry whose record or
+        # counter was given more time since is skipped; a newer entry stands for it.
+        self._record_expiry: list[tuple[float, str]] = []
+        self._counter_expiry: list[tuple[int, str]] = []
         self._next_sweep = 0.0
         self._overrides: dict[str, dict[str, int]] = {}  # budget name -> field -> nano-USD
         self._override_versions: dict[str, int] = {}
@@ -70,18 +76,30 @@ class MemoryStore:
                 record.charged = on_expiry
         counter.next_deadline = min((d for _, d, _ in counter.holds.values()), default=float("inf"))
 
+    def _remember(self, call_id: str, record: _Record) -> None:
+        self._records[call_id] = record
+        heapq.heappush(self._record_expiry, (record.forget_at, call_id))
+
     def _sweep(self, now: float) -> None:
-        """Drop counters past their retention and records past their lifetime (lazily, rarely)."""
-        if now < self._next_sweep:
-            return
-        self._next_sweep = now + 60
-        for key in [k for k, c in self._counters.items() if c.expires_at is not None and c.expires_at <= now]:
-            counter = self._counters[key]
+        """Drop counters past their retention and records past their lifetime (at most once a second)."""
+        self._next_sweep = now + 1
+        records, counters = self._record_expiry, self._counter_expiry
+        while records and records[0][0] <= now:
+            _, cid = heapq.heappop(records)
+            record = self._records.get(cid)
+            if record is not None and record.forget_at <= now:
+                del self._records[cid]
+        while counters and counters[0][0] <= now:
+            expires_at, key = heapq.heappop(counters)
+            counter = self._counters.get(key)
+            if counter is None or counter.expires_at != expires_at:
+                continue
             self._reap(counter, now)
-            if not counter.holds:
+            if counter.holds:  # a call still in flight: look again when its lease ends
+                heapq.heappush(counters, (int(counter.next_deadline) + 1, key))
+                counter.expires_at = int(counter.next_deadline) + 1
+            else:
                 del self._counters[key]
-        for cid in [c for c, r in self._records.items() if r.forget_at <= now]:
-            del self._records[cid]
 
     def _get(self, key: str, now: float) -> _Counter | None:
         counter = self._counters.get(key)
@@ -114,15 +132,16 @@ class MemoryStore:
                 counter = found[spec.key]
                 if counter is None:
                     counter = found[spec.key] = self._counters[spec.key] = _Counter()
-                if spec.expires_at is not None:
-                    counter.expires_at = max(counter.expires_at or 0, spec.expires_at)
+                if spec.expires_at is not None and spec.expires_at > (counter.expires_at or 0):
+                    counter.expires_at = spec.expires_at
+                    heapq.heappush(self._counter_expiry, (spec.expires_at, spec.key))
                 if call_id in counter.holds:
                     continue
                 counter.held += amount
                 counter.holds[call_id] = entry
                 if deadline < counter.next_deadline:
                     counter.next_deadline = deadline
-            self._records[call_id] = _Record("held", tuple(found), 0, deadline + RECORD_TTL_SECONDS)
+            self._remember(call_id, _Record("held", tuple(found), 0, deadline + RECORD_TTL_SECONDS))
             return ReserveResult(ok=True, states=tuple([_state(found[c.key]) for c in counters]))
 
     def settle(self, call_id: str, keys: Sequence[str], amount: int) -> SettleResult:
@@ -145,7 +164,7 @@ class MemoryStore:
                 charged_before = record.charged
             for key in keys:
                 self._counters[key].spent += amount - charged_before
-            self._records[call_id] = _Record("settled", tuple(keys), amount, now + SETTLED_RECORD_SECONDS)
+            self._remember(call_id, _Record("settled", tuple(keys), amount, now + SETTLED_RECORD_SECONDS))
             return SettleResult(applied=True, charged=amount)
 
     def renew(self, call_id: str, keys: Sequence[str], lease_seconds: float) -> bool:
@@ -161,6 +180,7 @@ class MemoryStore:
             record = self._records.get(call_id)
             if renewed and record is not None:
                 record.forget_at = now + lease_seconds + RECORD_TTL_SECONDS
+                heapq.heappush(self._record_expiry, (record.forget_at, call_id))
             return renewed
 
     def read(self, keys: Sequence[str]) -> list[CounterState]:
