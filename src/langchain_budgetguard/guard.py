@@ -99,7 +99,9 @@ class _Candidate:
 
     @property
     def label(self) -> str:
-        return self.ref.name or type(self.runnable).__name__
+        if self.ref.name:
+            return self.ref.name
+        return type(self.runnable).__name__ if self.runnable is not None else "unknown model"
 
 
 @dataclass(slots=True)  # these per-call records are built on the hot path: slots, not frozen
@@ -121,7 +123,6 @@ class _Admitted:
     index: int
     call_id: str
     keys: tuple[str, ...]
-    unreserved: bool = False  # admitted by fail_open while the store was down
     local_store: MemoryStore | None = None  # the outage's allowance it was held on
 
 
@@ -334,7 +335,6 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
     def _admit_fail_open(self, admitted: _Admitted) -> Generator[_Reserve, ReserveResult | Exception, None]:
         """The store is down and the policy is fail_open: serve, bounded by a per-process allowance."""
         policy = self.policy
-        admitted.unreserved = True
         if policy.fail_open_allowance is None:
             return
         local = [Counter(_FAIL_OPEN_KEY, policy.fail_open_allowance)]
