@@ -145,3 +145,22 @@ def test_create_agent_with_guarded_model_every_call_charged_and_callback_agrees(
     (status,) = guard.status(config)
     per_call = Decimal(120) * Decimal("0.15") / 10**6 + Decimal(30) * Decimal("0.6") / 10**6
     assert status.spent == cb.total_cost == 2 * per_call and status.held == 0
+
+
+def test_a_request_with_several_choices_counts_once():
+    from uuid import uuid4
+
+    from langchain_core.messages import AIMessage, HumanMessage
+    from langchain_core.outputs import ChatGeneration, LLMResult
+
+    from langchain_budgetguard.callbacks import CostCallbackHandler
+
+    usage = {"input_tokens": 11, "output_tokens": 16, "total_tokens": 27}
+    reply = LLMResult(generations=[[ChatGeneration(message=AIMessage("a", usage_metadata=usage)),
+                                    ChatGeneration(message=AIMessage("b", usage_metadata=usage))]])
+    handler, run_id = CostCallbackHandler(), uuid4()
+    handler.on_chat_model_start({"id": ["ChatOpenAI"]}, [[HumanMessage("hi")]], run_id=run_id,
+                                metadata={"ls_provider": "openai", "ls_model_name": "gpt-4o-mini"})
+    handler.on_llm_end(reply, run_id=run_id)
+    assert (handler.successful_requests, handler.total_tokens, handler.estimated_requests) == (1, 27, 0)
+    assert handler.total_cost == Decimal("0.00001125")

@@ -104,13 +104,16 @@ class CostCallbackHandler(BaseCallbackHandler):
             self._runs.pop(run_id, None)
 
     def on_llm_end(self, response: LLMResult, *, run_id: UUID, **kwargs: Any) -> None:
+        # One run is one request, whatever its number of choices (the parser reports the request's
+        # usage once and zeros for the other choices of an n>1 request).
         with self._lock:
             ref, prompt = self._runs.pop(run_id, (ModelRef(None), None))
-        for usage, reported_model in usage_from_llm_result(response) or [(None, None)]:
-            if usage is None or usage.total_tokens == 0:
-                usage = _estimate_usage(prompt, response)
-            name = ref.name or reported_model
-            self._record(ModelRef(name, ref.provider), usage)
+        reported = [(u, m) for u, m in usage_from_llm_result(response) if u is not None]
+        usage = sum((u for u, _ in reported), TokenUsage())
+        if usage.total_tokens == 0:
+            usage = _estimate_usage(prompt, response)
+        reported_model = next((m for _, m in reported if m), None)
+        self._record(ModelRef(ref.name or reported_model, ref.provider), usage)
 
     # -- accounting ------------------------------------------------------------------------
 
@@ -155,7 +158,7 @@ def _estimate_usage(prompt: Any, response: LLMResult) -> TokenUsage:
     """A provider that reported no usage (a stream without usage): count what was sent and received."""
     from langchain_core.messages import BaseMessage, HumanMessage
 
-    estimator = _typical()
+    estimator = _TYPICAL
     messages: list[BaseMessage] = []
     for item in prompt or ():
         for m in item if isinstance(item, list) else [item]:
@@ -168,13 +171,7 @@ def _estimate_usage(prompt: Any, response: LLMResult) -> TokenUsage:
     )
 
 
-_shared: dict[str, Any] = {}
-
-
-def _typical() -> Any:
-    if "typical" not in _shared:
-        _shared["typical"] = get_estimator("typical")
-    return _shared["typical"]
+_TYPICAL = get_estimator("typical")
 
 
 _context_handler: ContextVar[CostCallbackHandler | None] = ContextVar("budgetguard_cost_callback", default=None)
