@@ -24,6 +24,7 @@ from langchain_core.tracers.context import register_configure_hook
 
 from .errors import UnknownModelPriceError
 from .estimate import get_estimator
+from .messages import to_messages
 from .money import format_usd
 from .pricing import ModelRef, Pricer, default_pricer, model_ref_from_run
 from .usage import TokenUsage, usage_from_llm_result
@@ -156,13 +157,8 @@ class CostCallbackHandler(BaseCallbackHandler):
 
 def _estimate_usage(prompt: Any, response: LLMResult) -> TokenUsage:
     """A provider that reported no usage (a stream without usage): count what was sent and received."""
-    from langchain_core.messages import BaseMessage, HumanMessage
-
     estimator = _TYPICAL
-    messages: list[BaseMessage] = []
-    for item in prompt or ():
-        for m in item if isinstance(item, list) else [item]:
-            messages.append(m if isinstance(m, BaseMessage) else HumanMessage(str(m)))
+    messages = [m for item in prompt or () for m in to_messages(item)]  # chat runs: lists; LLM runs: strings
     text = "".join(g.text for gens in response.generations for g in gens)
     return TokenUsage(
         input_tokens=estimator.input_tokens(messages) if messages else 0,
