@@ -886,12 +886,13 @@ class BudgetGuard(BaseChatModel):
         return guard
 
     def _step_config(self, run_manager: Any) -> RunnableConfig:
-        """The config a model step runs under: the caller's (v3) or the run's metadata, our run as parent."""
+        """The config a model step runs under: the caller's (v3), else the run's metadata."""
         base = self._call_config
         if base is None:
             base = {"metadata": dict(getattr(run_manager, "metadata", None) or {})}
-        if run_manager is not None:
-            base = {**base, "callbacks": run_manager.get_child()}
+        base = {k: v for k, v in base.items() if k not in ("callbacks", "run_id")}
+        # An LLM run has no children: a model step that is not a chat model runs without our
+        # callbacks, or its usage would be reported twice.
         return ensure_config(base)
 
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None, run_manager: Any = None,
