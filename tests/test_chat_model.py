@@ -327,3 +327,25 @@ def test_create_react_agent_with_response_format_on_a_guard(openai_server, bille
     out = agent.invoke({"messages": [("user", "Which city?")]})
     assert out["structured_response"] == Answer(city="Oslo")
     assert len(openai_server.calls) == 2 and spent(guard) == billed(openai_server) and held(guard) == 0
+
+
+def test_the_inner_model_cache_and_rate_limiter_keep_working():
+    from langchain_core.caches import InMemoryCache
+    from langchain_core.rate_limiters import InMemoryRateLimiter
+
+    class CountingLimiter(InMemoryRateLimiter):
+        acquired: int = 0
+
+        def acquire(self, *, blocking: bool = True) -> bool:
+            CountingLimiter.acquired += 1
+            return True
+
+    limiter = CountingLimiter(requests_per_second=1000)
+    llm = UsageChat(cache=InMemoryCache(), rate_limiter=limiter)
+    guard = BudgetGuard(llm, limit=1)
+    first = guard.invoke("hi")
+    second = guard.invoke("hi")  # the cache answers: no model call, nothing billed
+    assert llm.calls == 1 and first.content == second.content
+    assert second.response_metadata["budgetguard"]["cost_usd"] == 0
+    assert spent(guard) == CALL and held(guard) == 0
+    assert CountingLimiter.acquired == 1  # the cache hit did not wait for the limiter

@@ -556,6 +556,8 @@ class BudgetGuard(BaseChatModel):
         if usage is not None and usage.total_tokens:
             return self._price(admitted, usage)
         if reply is not None:
+            if _from_cache(reply):  # LangChain's cache answered: no request was billed
+                return self._price(admitted, TokenUsage())
             return self._cost(admitted, reply)
         if output_text is not None:
             return self._cost(admitted, None, output_text)
@@ -1081,6 +1083,12 @@ def _plain_data(value: Any, depth: int = 0) -> bool:
     if isinstance(value, Mapping):
         return all(_plain_data(k, depth + 1) and _plain_data(v, depth + 1) for k, v in value.items())
     return False
+
+
+def _from_cache(reply: Any) -> bool:
+    """LangChain marks a reply its cache served with ``usage_metadata["total_cost"] = 0``."""
+    usage = getattr(reply, "usage_metadata", None)
+    return isinstance(usage, Mapping) and usage.get("total_cost") == 0
 
 
 def _is_last(chunk: Any) -> bool:
