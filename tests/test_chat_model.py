@@ -353,3 +353,23 @@ def test_the_inner_model_cache_and_rate_limiter_keep_working():
     assert second.response_metadata["budgetguard"]["cost_usd"] == 0
     assert spent(guard) == CALL and held(guard) == 0
     assert CountingLimiter.acquired == 1  # the cache hit did not wait for the limiter
+
+
+def test_no_run_of_the_guard_is_opened_for_handlers_that_only_read_model_runs():
+    from langchain_core.callbacks import BaseCallbackHandler, UsageMetadataCallbackHandler
+
+    from langchain_budgetguard.runs import observed
+
+    class ChainSpy(BaseCallbackHandler):
+        def on_chain_start(self, serialized, inputs, **kwargs):
+            pass
+
+    usage = UsageMetadataCallbackHandler()
+    assert not observed({"callbacks": [usage]})
+    assert observed({"callbacks": [usage, ChainSpy()]})
+    guard = BudgetGuard(UsageChat(), limit=1)
+    guard.invoke("hi", {"callbacks": [usage]})
+    list(guard.stream("hi", {"callbacks": [usage]}))
+    # one model run per call, usage as the model reported it: not counted twice
+    assert usage.usage_metadata["gpt-4o-mini"]["total_tokens"] == 2 * 17
+    assert spent(guard) == 2 * CALL

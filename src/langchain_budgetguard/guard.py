@@ -724,9 +724,10 @@ class BudgetGuard(BaseChatModel):
         given, config = config, ensure_config(config)
         call = self._begin(input, config, kwargs)
         run_manager, child = open_run(self.get_name(), input, config, self.policy)
+        events = None if child is config else child  # decision and cost events go to our run, if any
         streamed = tap(child)
         try:
-            reservation = Reservation(self, self._admit_sync(call, child), child)
+            reservation = Reservation(self, self._admit_sync(call, events), events)
             model, model_kwargs = self._serving(reservation.admitted, kwargs)
             try:
                 # No run of ours: the model gets the caller's config (it ensures it itself, for less).
@@ -747,9 +748,10 @@ class BudgetGuard(BaseChatModel):
         given, config = config, ensure_config(config)
         call = self._begin(input, config, kwargs)
         run_manager, child = await aopen_run(self.get_name(), input, config, self.policy)
+        events = None if child is config else child
         streamed = tap(child)
         try:
-            reservation = Reservation(self, await self._admit_async(call, child), child)
+            reservation = Reservation(self, await self._admit_async(call, events), events)
             model, model_kwargs = self._serving(reservation.admitted, kwargs)
             try:
                 output = await model.ainvoke(input, given if child is config else child, **model_kwargs)
@@ -769,8 +771,9 @@ class BudgetGuard(BaseChatModel):
         given, config = config, ensure_config(config)
         call = self._begin(input, config, kwargs)
         run_manager, child = open_run(self.get_name(), input, config, self.policy)
+        events = None if child is config else child
         try:
-            admitted = self._admit_sync(call, child)
+            admitted = self._admit_sync(call, events)
         except BaseException as exc:
             run_manager.on_chain_error(exc)
             raise
@@ -793,7 +796,8 @@ class BudgetGuard(BaseChatModel):
             cost = tracker.finish()
             self._settle_sync(admitted, cost.charged_nano)
             settled = True
-            self._report_cost(child, cost)
+            if events is not None:
+                self._report_cost(events, cost)
             yield _with_cost(last, cost)
         except BaseException as exc:
             if not settled:
@@ -810,8 +814,9 @@ class BudgetGuard(BaseChatModel):
         given, config = config, ensure_config(config)
         call = self._begin(input, config, kwargs)
         run_manager, child = await aopen_run(self.get_name(), input, config, self.policy)
+        events = None if child is config else child
         try:
-            admitted = await self._admit_async(call, child)
+            admitted = await self._admit_async(call, events)
         except BaseException as exc:
             await run_manager.on_chain_error(exc)
             raise
@@ -834,7 +839,8 @@ class BudgetGuard(BaseChatModel):
             cost = tracker.finish()
             await self._settle_async(admitted, cost.charged_nano)
             settled = True
-            await self._areport_cost(child, cost)
+            if events is not None:
+                await self._areport_cost(events, cost)
             yield _with_cost(last, cost)
         except BaseException as exc:
             if not settled:
