@@ -369,7 +369,7 @@ def test_no_run_of_the_guard_is_opened_for_handlers_that_only_read_model_runs():
     assert observed({"callbacks": [usage, ChainSpy()]})
     guard = BudgetGuard(UsageChat(), limit=1)
     guard.invoke("hi", {"callbacks": [usage]})
-    list(guard.stream("hi", {"callbacks": [usage]}))
+    guard.batch(["hi"], {"callbacks": [usage]})
     # one model run per call, usage as the model reported it: not counted twice
     assert usage.usage_metadata["gpt-4o-mini"]["total_tokens"] == 2 * 17
     assert spent(guard) == 2 * CALL
