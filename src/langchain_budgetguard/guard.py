@@ -34,7 +34,8 @@ from langchain_core.runnables.config import ensure_config
 from langchain_core.runnables.utils import get_unique_config_specs
 from pydantic import Field, PrivateAttr, SecretStr
 
-from .errors import BudgetExceededError, BudgetStoreUnavailableError, GuardMisuseError, Refusal
+from .admission import FAIL_OPEN_KEY, Admitted, Estimate, Request, admit
+from .errors import BudgetStoreUnavailableError, GuardMisuseError, Refusal
 from .estimate import StrictEstimator, TypicalEstimator, estimate_input_tokens, max_output_tokens, tools_of
 from .limits import Identity, Limit
 from .messages import text_of, to_messages
@@ -42,15 +43,13 @@ from .money import nano_to_usd
 from .policy import BudgetPolicy, CounterPlan, LimitStatus
 from .pricing import ModelRef, RateCard, model_ref
 from .runs import ANoRun, NoRun, aopen_run, has_handlers, open_run, tap, tapped
-from .stores.base import Counter, Hold, ReserveResult, SettleResult
-from .stores.memory import MemoryStore
+from .stores.base import ReserveResult, SettleResult
 from .streaming import StreamTracker
 from .usage import TokenUsage, usage_from_message
 
 __all__ = ["BudgetGuard", "CallCost", "Reservation"]
 
 METADATA_KEY = "budgetguard"
-_FAIL_OPEN_KEY = "fail-open-allowance"
 EVENT_DEGRADE = "budgetguard_degrade"
 EVENT_REFUSAL = "budgetguard_refusal"
 EVENT_COST = "budgetguard_cost"
@@ -116,31 +115,6 @@ class _Candidate:
         return type(self.runnable).__name__ if self.runnable is not None else "unknown model"
 
 
-@dataclass(slots=True)  # these per-call records are built on the hot path: slots, not frozen
-class _Estimate:
-    """What one call would cost on one model: its price card, input tokens, and nano-USD amounts."""
-
-    card: RateCard
-    input_tokens: int
-    reserve: int
-    input_cost: int
-    output_tokens: int = 0  # the output cap the reservation covers
-    send_cap: bool = False  # the call sets no cap: the guard sends ``output_tokens`` as its cap
-    clamped: bool = False  # the cap was lowered to fit what is left of the budget
-
-
-@dataclass(slots=True)
-class _Admitted:
-    """A reservation that went through: which model, what is held, under which call id."""
-
-    candidate: _Candidate
-    estimate: _Estimate
-    index: int
-    call_id: str
-    keys: tuple[str, ...]
-    local_store: MemoryStore | None = None  # the outage's allowance it was held on
-
-
 @dataclass(slots=True)
 class _Call:
     """Everything known about one guarded call before it is admitted."""
@@ -153,8 +127,6 @@ class _Call:
     refusals: list[Refusal] = field(default_factory=list)
 
 
-# Requests the planning generators yield; the drivers answer them with the store.
-_Reserve = tuple  # ("reserve", counters, hold) / ("local_reserve", counters, hold)
 
 
 class _Unset:
@@ -470,7 +442,7 @@ class BudgetGuard(BaseChatModel):
         # 128 random bits, as uuid4().hex gave, at a quarter of its cost.
         return _Call(plan, messages, kwargs, call_id or os.urandom(16).hex(), ladder)
 
-    def _estimate(self, call: _Call, candidate: _Candidate) -> _Estimate:
+    def _estimate(self, call: _Call, candidate: _Candidate) -> Estimate:
         """What this call would hold on ``candidate`` (nano-USD), from its messages and output cap."""
         policy = self.policy
         card = self._card(candidate)
@@ -485,98 +457,14 @@ class BudgetGuard(BaseChatModel):
         cap = cap or policy.default_max_output_tokens
         # Strict: cache writes can cost more than plain input (Anthropic: 1.25x-2x): hold the dearer.
         reserve, input_cost = card.hold_nano(input_tokens, cap, dearer_cache_write=policy.estimator.mode == "strict")
-        return _Estimate(card, input_tokens, reserve, input_cost, cap, send)
+        return Estimate(card, input_tokens, reserve, input_cost, cap, send)
 
-    def _clamped(self, estimate: _Estimate, room: int) -> _Estimate | None:
-        """``estimate`` with the largest output cap whose hold fits in ``room`` nano-USD, if that cap is
-        at least ``min_output_tokens``; None when even that does not fit (or clamping is off)."""
-        least = policy_option(self.policy, "min_output_tokens")
-        if not least or estimate.output_tokens <= least:
-            return None
-        strict = self.policy.estimator.mode == "strict"
+    def _admit(self, call: _Call) -> Generator[Request, ReserveResult | Exception, Admitted]:
+        """The admission of ``call`` (see ``admission.admit``) over this guard's ladder."""
+        return admit(self.policy, call.plan, call.ladder or self._ladder(), lambda c: self._estimate(call, c),
+                     call.call_id, call.refusals, shrink=call.ladder is None)
 
-        def hold(cap: int) -> tuple[int, int]:
-            return estimate.card.hold_nano(estimate.input_tokens, cap, dearer_cache_write=strict)
-
-        if hold(least)[0] > room:
-            return None
-        low, high = least, estimate.output_tokens - 1  # hold(low) fits; find the largest that does
-        while low < high:
-            mid = (low + high + 1) // 2
-            low, high = (mid, high) if hold(mid)[0] <= room else (low, mid - 1)
-        reserve, input_cost = hold(low)
-        return _Estimate(estimate.card, estimate.input_tokens, reserve, input_cost, low, True, True)
-
-    def _admit(self, call: _Call) -> Generator[_Reserve, ReserveResult | Exception, _Admitted]:
-        """Try each model of the ladder; yield reservations for the driver to carry out."""
-        policy = self.policy
-        ladder = call.ladder or self._ladder()
-        last = len(ladder) - 1
-        refused: list[tuple[int, _Candidate, _Estimate, ReserveResult]] = []
-        for index, candidate in enumerate(ladder):
-            estimate = self._estimate(call, candidate)
-            call_id = call.call_id if index == 0 else f"{call.call_id}.{index}"
-            admitted = yield from self._try(call, candidate, estimate, index, last, call_id, refused)
-            if admitted is not None:
-                return admitted
-        # No model fits with its full output cap. Shrink to fit: the ladder again, each model with the
-        # largest cap that fits what is left (at least min_output_tokens), so a shorter reply is served
-        # instead of a refusal. Degrading comes first: a whole reply from a cheaper model beats a cut one.
-        for index, candidate, estimate, result in refused if call.ladder is None else ():
-            counters = call.plan.counters(policy.degrade_at if index < last else None)
-            if len(result.states) != len(counters):
-                continue
-            room = min(c.limit - s.spent - s.held for c, s in zip(counters, result.states))
-            clamped = self._clamped(estimate, room)
-            if clamped is None:
-                continue
-            admitted = yield from self._try(call, candidate, clamped, index, last, f"{call.call_id}.c{index}", None)
-            if admitted is not None:
-                return admitted
-        raise BudgetExceededError(call.refusals)
-
-    def _try(self, call: _Call, candidate: _Candidate, estimate: _Estimate, index: int, last: int, call_id: str,
-             refused: list[Any] | None) -> Generator[_Reserve, ReserveResult | Exception, _Admitted | None]:
-        """Reserve ``estimate`` for ``candidate``: the admitted call, or None (the refusal is recorded)."""
-        policy = self.policy
-        fraction = policy.degrade_at if index < last else None
-        expired_hold = policy.expired_hold
-        on_expiry = (estimate.input_cost if expired_hold == "charge_input"
-                     else estimate.reserve if expired_hold == "charge_reserved" else 0)
-        hold = Hold(call_id, estimate.reserve, policy.lease_seconds, on_expiry)
-        result = yield ("reserve", call.plan.counters(fraction), hold)
-        admitted = _Admitted(candidate, estimate, index, call_id, call.plan.keys)
-        if isinstance(result, Exception):
-            if policy.on_store_error == "fail_closed":
-                raise result
-            yield from self._admit_fail_open(admitted)
-            return admitted
-        if result.ok:
-            return admitted
-        blocked = result.blocked or 0
-        call.refusals.append(call.plan.refusal(blocked, result.states[blocked], estimate.reserve,
-                                               candidate.label))
-        if refused is not None:
-            refused.append((index, candidate, estimate, result))
-        return None
-
-    def _admit_fail_open(self, admitted: _Admitted) -> Generator[_Reserve, ReserveResult | Exception, None]:
-        """The store is down and the policy is fail_open: serve, bounded by a per-process allowance."""
-        policy = self.policy
-        if policy.fail_open_allowance is None:
-            return
-        local = [Counter(_FAIL_OPEN_KEY, policy.fail_open_allowance)]
-        amount = admitted.estimate.reserve
-        result = yield ("local_reserve", local, Hold(admitted.call_id, amount, policy.lease_seconds, amount))
-        if not isinstance(result, ReserveResult) or not result.ok:
-            spent = nano_to_usd(result.states[0].spent) if isinstance(result, ReserveResult) else "?"
-            raise BudgetStoreUnavailableError(
-                f"The budget store is unreachable and this process has used its fail-open allowance of "
-                f"{nano_to_usd(policy.fail_open_allowance)} USD (spent {spent}); refusing until the store is back."
-            )
-        admitted.local_store = policy.outage_store()
-
-    def _cost(self, admitted: _Admitted, message: Any, streamed_text: str | None = None,
+    def _cost(self, admitted: Admitted, message: Any, streamed_text: str | None = None,
               usage: TokenUsage | None = None) -> CallCost:
         """Price a finished (or interrupted) call from its usage, estimating what is missing."""
         if usage is None and message is not None:
@@ -590,7 +478,7 @@ class BudgetGuard(BaseChatModel):
             )
         return self._price(admitted, usage)
 
-    def _price(self, admitted: _Admitted, usage: TokenUsage) -> CallCost:
+    def _price(self, admitted: Admitted, usage: TokenUsage) -> CallCost:
         charged = admitted.estimate.card.cost_nano(usage)
         return CallCost(
             model=admitted.candidate.label,
@@ -605,7 +493,7 @@ class BudgetGuard(BaseChatModel):
             clamped=admitted.estimate.clamped,
         )
 
-    def _settlement(self, admitted: _Admitted, reply: Any = None, usage: TokenUsage | None = None,
+    def _settlement(self, admitted: Admitted, reply: Any = None, usage: TokenUsage | None = None,
                     output_text: str | None = None) -> CallCost | None:
         """What a call costs: reported usage, else the reply, else its input and the output seen.
 
@@ -623,7 +511,7 @@ class BudgetGuard(BaseChatModel):
 
     # -- drivers: carry the planning generators' requests to the store ---------------------
 
-    def _reserve_sync(self, request: _Reserve) -> ReserveResult | Exception:
+    def _reserve_sync(self, request: Request) -> ReserveResult | Exception:
         op, counters, hold = request
         if op == "local_reserve":
             return self.policy.outage_store().reserve(counters, hold)
@@ -634,7 +522,7 @@ class BudgetGuard(BaseChatModel):
         self.policy.end_outage()
         return result
 
-    async def _reserve_async(self, request: _Reserve) -> ReserveResult | Exception:
+    async def _reserve_async(self, request: Request) -> ReserveResult | Exception:
         op, counters, hold = request
         if op == "local_reserve":
             return await self.policy.outage_store().areserve(counters, hold)
@@ -645,7 +533,7 @@ class BudgetGuard(BaseChatModel):
         self.policy.end_outage()
         return result
 
-    def _admit_sync(self, call: _Call, child: RunnableConfig | None = None) -> _Admitted:
+    def _admit_sync(self, call: _Call, child: RunnableConfig | None = None) -> Admitted:
         steps = self._admit(call)
         admitted = None
         try:
@@ -660,7 +548,7 @@ class BudgetGuard(BaseChatModel):
                 for name, data in _decision_events(call, admitted):
                     dispatch_custom_event(name, data, config=child)
 
-    async def _admit_async(self, call: _Call, child: RunnableConfig | None = None) -> _Admitted:
+    async def _admit_async(self, call: _Call, child: RunnableConfig | None = None) -> Admitted:
         steps = self._admit(call)
         admitted = None
         try:
@@ -677,13 +565,13 @@ class BudgetGuard(BaseChatModel):
 
     # A renewal that cannot reach the store must not break the reply: at worst the lease runs out
     # and the hold is reaped by policy; the settle at the end still charges the actual cost.
-    def _renew_sync(self, admitted: _Admitted) -> None:
+    def _renew_sync(self, admitted: Admitted) -> None:
         try:
             self.policy.store.renew(admitted.call_id, admitted.keys, self.policy.lease_seconds)
         except BudgetStoreUnavailableError:
             pass
 
-    async def _renew_async(self, admitted: _Admitted) -> None:
+    async def _renew_async(self, admitted: Admitted) -> None:
         try:
             await self.policy.store.arenew(admitted.call_id, admitted.keys, self.policy.lease_seconds)
         except BudgetStoreUnavailableError:
@@ -697,19 +585,19 @@ class BudgetGuard(BaseChatModel):
         if has_handlers(child):
             await adispatch_custom_event(EVENT_COST, cost.as_metadata(), config=child)
 
-    def _settle_sync(self, admitted: _Admitted, amount: int) -> SettleResult:
+    def _settle_sync(self, admitted: Admitted, amount: int) -> SettleResult:
         if admitted.local_store is not None:
-            admitted.local_store.settle(admitted.call_id, (_FAIL_OPEN_KEY,), amount)
+            admitted.local_store.settle(admitted.call_id, (FAIL_OPEN_KEY,), amount)
         return self.policy.store.settle(admitted.call_id, admitted.keys, amount)
 
-    async def _settle_async(self, admitted: _Admitted, amount: int) -> SettleResult:
+    async def _settle_async(self, admitted: Admitted, amount: int) -> SettleResult:
         if admitted.local_store is not None:
-            await admitted.local_store.asettle(admitted.call_id, (_FAIL_OPEN_KEY,), amount)
+            await admitted.local_store.asettle(admitted.call_id, (FAIL_OPEN_KEY,), amount)
         return await self.policy.store.asettle(admitted.call_id, admitted.keys, amount)
 
     # -- calls: every entry point admits, calls the model that fitted, settles ---------------
 
-    def _serving(self, admitted: _Admitted, kwargs: dict[str, Any]) -> tuple[Runnable, dict[str, Any]]:
+    def _serving(self, admitted: Admitted, kwargs: dict[str, Any]) -> tuple[Runnable, dict[str, Any]]:
         """The model that fitted and the kwargs it takes (a degrade model has its own bound tools)."""
         if admitted.index and self._primary_bound:
             kwargs = {k: v for k, v in kwargs.items() if k not in self._primary_bound}
@@ -1047,7 +935,7 @@ class Reservation:
     """A call admitted under a guard's budget: call ``model``, then ``settle`` once."""
 
     guard: BudgetGuard
-    admitted: _Admitted
+    admitted: Admitted
     events: RunnableConfig | None = None
 
     @property
@@ -1093,7 +981,7 @@ def _annotate(output: Any, cost: CallCost) -> None:
         metadata[METADATA_KEY] = cost.as_metadata()
 
 
-def _decision_events(call: _Call, admitted: _Admitted | None) -> list[tuple[str, dict[str, Any]]]:
+def _decision_events(call: _Call, admitted: Admitted | None) -> list[tuple[str, dict[str, Any]]]:
     """Custom events that explain the guard's decision: each degrade, and a final refusal."""
     events: list[tuple[str, dict[str, Any]]] = []
     ladder_refusals = call.refusals if admitted is not None else call.refusals[:-1]

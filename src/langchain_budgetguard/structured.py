@@ -50,7 +50,6 @@ def _replace(node: Runnable, target: Runnable, replacement: Runnable) -> Runnabl
 
 def guarded_structured_output(guard: BudgetGuard, schema: Any, **kwargs: Any) -> Runnable:
     """``guard.llm.with_structured_output(...)`` with its model step (and each degrade model's) guarded."""
-    from .guard import BudgetGuard
 
     structured = guard.llm.with_structured_output(schema, **kwargs)
     primary = _find_model_step(structured)
