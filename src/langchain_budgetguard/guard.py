@@ -17,32 +17,60 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import json
 import os
-from collections.abc import AsyncIterator, Callable, Generator, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Callable,
+    Generator,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import asdict, dataclass, field
 from decimal import Decimal
-from enum import Enum
 from typing import Any
 
-from langchain_core.callbacks.manager import adispatch_custom_event, dispatch_custom_event
+from langchain_core.callbacks.manager import (
+    adispatch_custom_event,
+    dispatch_custom_event,
+)
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage
-from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult, LLMResult
+from langchain_core.outputs import (
+    ChatGeneration,
+    ChatGenerationChunk,
+    ChatResult,
+    LLMResult,
+)
 from langchain_core.runnables import Runnable, RunnableBinding, RunnableConfig
 from langchain_core.runnables.config import ensure_config
 from langchain_core.runnables.utils import get_unique_config_specs
-from pydantic import Field, PrivateAttr, SecretStr
+from pydantic import Field, PrivateAttr
 
 from .admission import FAIL_OPEN_KEY, Admitted, Estimate, Request, admit
 from .errors import BudgetStoreUnavailableError, GuardMisuseError, Refusal
-from .estimate import StrictEstimator, TypicalEstimator, estimate_input_tokens, max_output_tokens, tools_of
-from .limits import Identity, Limit
+from .estimate import (
+    StrictEstimator,
+    TypicalEstimator,
+    estimate_input_tokens,
+    max_output_tokens,
+    tools_of,
+)
+from .limits import Identity
 from .messages import text_of, to_messages
+from .models import (
+    amodel_chunks,
+    chat_model_of,
+    innermost,
+    model_chunks,
+    output_cap_kwarg,
+    with_stop,
+)
 from .money import nano_to_usd
 from .policy import BudgetPolicy, CounterPlan, LimitStatus
 from .pricing import ModelRef, RateCard, model_ref
 from .runs import ANoRun, NoRun, aopen_run, has_handlers, open_run, tap, tapped
+from .serialization import options_from_json, options_to_json, plain_data
 from .stores.base import ReserveResult, SettleResult
 from .streaming import StreamTracker
 from .usage import TokenUsage, usage_from_message
@@ -187,9 +215,9 @@ class BudgetGuard(BaseChatModel):
                 raise TypeError(f"degrade_to: expected chat models, got {type(model).__name__}")
         built = policy is None
         if built:
-            options = _revive_options(options)
+            options = options_from_json(options)
             policy = BudgetPolicy(**options)
-        inner = _innermost(llm) if llm is not None else None
+        inner = innermost(llm) if llm is not None else None
         for name in ("profile", "rate_limiter", "output_version"):
             # What LangChain reads off a chat model (capabilities, pacing) is the wrapped model's.
             if name not in chat_fields and isinstance(inner, BaseChatModel) and getattr(inner, name, None) is not None:
@@ -314,10 +342,10 @@ class BudgetGuard(BaseChatModel):
 
     @property
     def lc_attributes(self) -> dict[str, Any]:
-        return _serial_options(self._options)
+        return options_to_json(self._options)
 
     def to_json(self) -> Any:
-        if self._options is None or _serial_options(self._options) is None:
+        if self._options is None or options_to_json(self._options) is None:
             return self.to_json_not_implemented()
         return super().to_json()
 
@@ -331,8 +359,8 @@ class BudgetGuard(BaseChatModel):
         llm = self.__dict__.get("llm")
         if name.startswith("_") or llm is None:
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-        value = getattr(_innermost(llm), name)
-        if not _plain_data(value):
+        value = getattr(innermost(llm), name)
+        if not plain_data(value):
             raise AttributeError(
                 f"BudgetGuard does not forward {name!r} ({type(value).__name__}) of the wrapped model: only plain "
                 "settings are forwarded, never a way to call the model around the budget. Read it on guard.llm "
@@ -349,34 +377,34 @@ class BudgetGuard(BaseChatModel):
 
     @property
     def _llm_type(self) -> str:
-        inner = _innermost(self.llm)
+        inner = innermost(self.llm)
         return f"budgetguard-{inner._llm_type}" if isinstance(inner, BaseChatModel) else "budgetguard"
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
-        inner = _innermost(self.llm)
+        inner = innermost(self.llm)
         params = dict(inner._identifying_params) if isinstance(inner, BaseChatModel) else {}
         return {**params, "budget": self.policy.name}
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> Any:
-        inner, kwargs = _chat_model_of(self.llm, kwargs)
+        inner, kwargs = chat_model_of(self.llm, kwargs)
         if isinstance(inner, BaseChatModel):
             return inner._get_ls_params(stop=stop, **kwargs)
         return super()._get_ls_params(stop=stop, **kwargs)
 
     def _get_invocation_params(self, stop: list[str] | None = None, **kwargs: Any) -> dict[str, Any]:
-        inner, kwargs = _chat_model_of(self.llm, kwargs)
+        inner, kwargs = chat_model_of(self.llm, kwargs)
         if isinstance(inner, BaseChatModel):
             return inner._get_invocation_params(stop=stop, **kwargs)
         return super()._get_invocation_params(stop=stop, **kwargs)
 
     def get_num_tokens_from_messages(self, messages: list[BaseMessage], tools: Sequence[Any] | None = None) -> int:
         self._require_model()
-        return _innermost(self.llm).get_num_tokens_from_messages(messages, tools=tools)
+        return innermost(self.llm).get_num_tokens_from_messages(messages, tools=tools)
 
     def get_token_ids(self, text: str) -> list[int]:
         self._require_model()
-        return _innermost(self.llm).get_token_ids(text)
+        return innermost(self.llm).get_token_ids(text)
 
     # -- reservations for calls made by other code (agent middleware, callbacks) -------------
 
@@ -608,7 +636,7 @@ class BudgetGuard(BaseChatModel):
 
     def invoke(self, input: Any, config: RunnableConfig | None = None, *, stop: list[str] | None = None,
                **kwargs: Any) -> BaseMessage:
-        kwargs = _with_stop(kwargs, stop)
+        kwargs = with_stop(kwargs, stop)
         given, config = config, ensure_config(config)
         call = self._begin(input, config, kwargs)
         run_manager, child = open_run(self.get_name(), input, config, self.policy)
@@ -632,7 +660,7 @@ class BudgetGuard(BaseChatModel):
 
     async def ainvoke(self, input: Any, config: RunnableConfig | None = None, *, stop: list[str] | None = None,
                       **kwargs: Any) -> BaseMessage:
-        kwargs = _with_stop(kwargs, stop)
+        kwargs = with_stop(kwargs, stop)
         given, config = config, ensure_config(config)
         call = self._begin(input, config, kwargs)
         run_manager, child = await aopen_run(self.get_name(), input, config, self.policy)
@@ -655,7 +683,7 @@ class BudgetGuard(BaseChatModel):
 
     def stream(self, input: Any, config: RunnableConfig | None = None, *, stop: list[str] | None = None,
                **kwargs: Any) -> Iterator[BaseMessage]:
-        kwargs = _with_stop(kwargs, stop)
+        kwargs = with_stop(kwargs, stop)
         given, config = config, ensure_config(config)
         call = self._begin(input, config, kwargs)
         run_manager, child = open_run(self.get_name(), input, config, self.policy)
@@ -698,7 +726,7 @@ class BudgetGuard(BaseChatModel):
 
     async def astream(self, input: Any, config: RunnableConfig | None = None, *, stop: list[str] | None = None,
                       **kwargs: Any) -> AsyncIterator[BaseMessage]:
-        kwargs = _with_stop(kwargs, stop)
+        kwargs = with_stop(kwargs, stop)
         given, config = config, ensure_config(config)
         call = self._begin(input, config, kwargs)
         run_manager, child = await aopen_run(self.get_name(), input, config, self.policy)
@@ -773,14 +801,14 @@ class BudgetGuard(BaseChatModel):
     def _generate_one(self, messages: Any, stop: list[str] | None, options: dict[str, Any],
                       kwargs: dict[str, Any]) -> LLMResult:
         config = _config_of(options)
-        reservation = Reservation(self, self._admit_sync(self._begin(messages, config, _with_stop(kwargs, stop))))
+        reservation = Reservation(self, self._admit_sync(self._begin(messages, config, with_stop(kwargs, stop))))
         model, model_kwargs = self._serving(reservation.admitted, kwargs)
-        chat, chat_kwargs = _chat_model_of(model, model_kwargs)
+        chat, chat_kwargs = chat_model_of(model, model_kwargs)
         try:
             if isinstance(chat, BaseChatModel):
                 result = chat.generate([to_messages(messages)], stop=stop, **options, **chat_kwargs)
             else:
-                reply = model.invoke(messages, config, **_with_stop(model_kwargs, stop))
+                reply = model.invoke(messages, config, **with_stop(model_kwargs, stop))
                 result = LLMResult(generations=[[ChatGeneration(message=reply)]])
         except BaseException:
             reservation.settle()
@@ -791,15 +819,15 @@ class BudgetGuard(BaseChatModel):
     async def _agenerate_one(self, messages: Any, stop: list[str] | None, options: dict[str, Any],
                              kwargs: dict[str, Any]) -> LLMResult:
         config = _config_of(options)
-        call = self._begin(messages, config, _with_stop(kwargs, stop))
+        call = self._begin(messages, config, with_stop(kwargs, stop))
         reservation = Reservation(self, await self._admit_async(call))
         model, model_kwargs = self._serving(reservation.admitted, kwargs)
-        chat, chat_kwargs = _chat_model_of(model, model_kwargs)
+        chat, chat_kwargs = chat_model_of(model, model_kwargs)
         try:
             if isinstance(chat, BaseChatModel):
                 result = await chat.agenerate([to_messages(messages)], stop=stop, **options, **chat_kwargs)
             else:
-                reply = await model.ainvoke(messages, config, **_with_stop(model_kwargs, stop))
+                reply = await model.ainvoke(messages, config, **with_stop(model_kwargs, stop))
                 result = LLMResult(generations=[[ChatGeneration(message=reply)]])
         except BaseException:
             await reservation.asettle()
@@ -810,7 +838,7 @@ class BudgetGuard(BaseChatModel):
     def _merge(self, results: Sequence[LLMResult]) -> LLMResult:
         if len(results) == 1:
             return results[0]
-        inner = _innermost(self.llm)
+        inner = innermost(self.llm)
         outputs = [r.llm_output for r in results]
         llm_output = inner._combine_llm_outputs(outputs) if isinstance(inner, BaseChatModel) else {}
         return LLMResult(
@@ -855,15 +883,15 @@ class BudgetGuard(BaseChatModel):
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None, run_manager: Any = None,
                   **kwargs: Any) -> ChatResult:
         config = self._step_config(run_manager)
-        reservation = Reservation(self, self._admit_sync(self._begin(messages, config, _with_stop(kwargs, stop))))
+        reservation = Reservation(self, self._admit_sync(self._begin(messages, config, with_stop(kwargs, stop))))
         model, model_kwargs = self._serving(reservation.admitted, kwargs)
-        chat, chat_kwargs = _chat_model_of(model, model_kwargs)
+        chat, chat_kwargs = chat_model_of(model, model_kwargs)
         try:
             if isinstance(chat, BaseChatModel):
                 result = chat._generate(messages, stop=stop, run_manager=run_manager, **chat_kwargs)
             else:
                 result = ChatResult(generations=[ChatGeneration(
-                    message=model.invoke(messages, config, **_with_stop(model_kwargs, stop)))])
+                    message=model.invoke(messages, config, **with_stop(model_kwargs, stop)))])
         except BaseException:
             reservation.settle()
             raise
@@ -873,16 +901,16 @@ class BudgetGuard(BaseChatModel):
     async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None, run_manager: Any = None,
                          **kwargs: Any) -> ChatResult:
         config = self._step_config(run_manager)
-        call = self._begin(messages, config, _with_stop(kwargs, stop))
+        call = self._begin(messages, config, with_stop(kwargs, stop))
         reservation = Reservation(self, await self._admit_async(call))
         model, model_kwargs = self._serving(reservation.admitted, kwargs)
-        chat, chat_kwargs = _chat_model_of(model, model_kwargs)
+        chat, chat_kwargs = chat_model_of(model, model_kwargs)
         try:
             if isinstance(chat, BaseChatModel):
                 result = await chat._agenerate(messages, stop=stop, run_manager=run_manager, **chat_kwargs)
             else:
                 result = ChatResult(generations=[ChatGeneration(
-                    message=await model.ainvoke(messages, config, **_with_stop(model_kwargs, stop)))])
+                    message=await model.ainvoke(messages, config, **with_stop(model_kwargs, stop)))])
         except BaseException:
             await reservation.asettle()
             raise
@@ -892,12 +920,12 @@ class BudgetGuard(BaseChatModel):
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None, run_manager: Any = None,
                 **kwargs: Any) -> Iterator[ChatGenerationChunk]:
         config = self._step_config(run_manager)
-        admitted = self._admit_sync(self._begin(messages, config, _with_stop(kwargs, stop)))
+        admitted = self._admit_sync(self._begin(messages, config, with_stop(kwargs, stop)))
         model, model_kwargs = self._serving(admitted, kwargs)
         tracker = StreamTracker(self, admitted)
         settled = False
         try:
-            for chunk in _model_chunks(model, messages, stop, run_manager, config, model_kwargs):
+            for chunk in model_chunks(model, messages, stop, run_manager, config, model_kwargs):
                 tracker.add(chunk.message)
                 if tracker.renew_due():
                     self._renew_sync(admitted)
@@ -912,12 +940,12 @@ class BudgetGuard(BaseChatModel):
     async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None, run_manager: Any = None,
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
         config = self._step_config(run_manager)
-        admitted = await self._admit_async(self._begin(messages, config, _with_stop(kwargs, stop)))
+        admitted = await self._admit_async(self._begin(messages, config, with_stop(kwargs, stop)))
         model, model_kwargs = self._serving(admitted, kwargs)
         tracker = StreamTracker(self, admitted)
         settled = False
         try:
-            async for chunk in _amodel_chunks(model, messages, stop, run_manager, config, model_kwargs):
+            async for chunk in amodel_chunks(model, messages, stop, run_manager, config, model_kwargs):
                 tracker.add(chunk.message)
                 if tracker.renew_due():
                     await self._renew_async(admitted)
@@ -1008,53 +1036,11 @@ def _asking_for_stream_usage(model: Runnable) -> Runnable:
 
 
 
-def _innermost(model: Any) -> Any:
-    while isinstance(model, RunnableBinding):
-        model = model.bound
-    return model
-
-
-def _chat_model_of(model: Any, kwargs: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
-    """The chat model under a model's bindings, and the call's kwargs with the bound ones under them."""
-    merged = dict(kwargs)
-    while isinstance(model, RunnableBinding):
-        merged = {**model.kwargs, **merged}
-        model = model.bound
-    return model, merged
-
-
-def _with_stop(kwargs: dict[str, Any], stop: list[str] | None) -> dict[str, Any]:
-    return kwargs if stop is None else {**kwargs, "stop": stop}
-
-
-def _plain_data(value: Any, depth: int = 0) -> bool:
-    """Settings a guard may show of its model: values, never objects that could call the model."""
-    if value is None or isinstance(value, (str, int, float, Decimal, Enum, SecretStr, bytes)):
-        return True
-    if depth > 4:
-        return False
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return all(_plain_data(item, depth + 1) for item in value)
-    if isinstance(value, Mapping):
-        return all(_plain_data(k, depth + 1) and _plain_data(v, depth + 1) for k, v in value.items())
-    return False
-
-
 _POLICY_DEFAULTS = {"output_cap": "hard", "min_output_tokens": 256}
 
 
 def policy_option(policy: Any, name: str) -> Any:
     return getattr(policy, name, _POLICY_DEFAULTS[name])
-
-
-def output_cap_kwarg(model: Any) -> str:
-    """The call kwarg that caps a model's output."""
-    inner = _innermost(model)
-    fields = getattr(type(inner), "model_fields", {})
-    for name in ("max_tokens", "max_completion_tokens", "max_output_tokens", "num_predict"):
-        if name in fields:
-            return name
-    return "max_tokens"
 
 
 def _from_cache(reply: Any) -> bool:
@@ -1087,51 +1073,6 @@ def _config_of(options: Mapping[str, Any]) -> RunnableConfig:
     return ensure_config({k: v for k, v in options.items() if v is not None and k != "run_id"})
 
 
-def _as_chunk(message: BaseMessage) -> ChatGenerationChunk:
-    """A whole reply as one stream chunk (for a model that cannot stream)."""
-    tool_chunks = [
-        {"name": c["name"], "args": json.dumps(c["args"]), "id": c.get("id"), "index": i, "type": "tool_call_chunk"}
-        for i, c in enumerate(getattr(message, "tool_calls", None) or ())
-    ]
-    return ChatGenerationChunk(message=AIMessageChunk(
-        content=message.content, additional_kwargs=message.additional_kwargs,
-        response_metadata=message.response_metadata, usage_metadata=getattr(message, "usage_metadata", None),
-        id=message.id, tool_call_chunks=tool_chunks,
-    ))
-
-
-def _streams_natively(chat: Any) -> bool:
-    return isinstance(chat, BaseChatModel) and type(chat)._stream is not BaseChatModel._stream
-
-
-def _model_chunks(model: Any, messages: list[BaseMessage], stop: list[str] | None, run_manager: Any,
-                  config: RunnableConfig, kwargs: dict[str, Any]) -> Iterator[ChatGenerationChunk]:
-    chat, chat_kwargs = _chat_model_of(model, kwargs)
-    if _streams_natively(chat):
-        yield from chat._stream(messages, stop=stop, run_manager=run_manager, **chat_kwargs)
-    elif isinstance(chat, BaseChatModel):
-        yield _as_chunk(chat._generate(messages, stop=stop, run_manager=run_manager, **chat_kwargs).generations[0]
-                        .message)
-    else:
-        for chunk in model.stream(messages, config, **_with_stop(kwargs, stop)):
-            yield ChatGenerationChunk(message=chunk)
-
-
-async def _amodel_chunks(model: Any, messages: list[BaseMessage], stop: list[str] | None, run_manager: Any,
-                         config: RunnableConfig, kwargs: dict[str, Any]) -> AsyncIterator[ChatGenerationChunk]:
-    chat, chat_kwargs = _chat_model_of(model, kwargs)
-    if isinstance(chat, BaseChatModel) and (_streams_natively(chat) or type(chat)._astream is not
-                                            BaseChatModel._astream):
-        async for chunk in chat._astream(messages, stop=stop, run_manager=run_manager, **chat_kwargs):
-            yield chunk
-    elif isinstance(chat, BaseChatModel):
-        result = await chat._agenerate(messages, stop=stop, run_manager=run_manager, **chat_kwargs)
-        yield _as_chunk(result.generations[0].message)
-    else:
-        async for chunk in model.astream(messages, config, **_with_stop(kwargs, stop)):
-            yield ChatGenerationChunk(message=chunk)
-
-
 # -- serialization: a guard is its model(s) and the options its budget was built from ------------
 
 
@@ -1139,39 +1080,3 @@ def _revive_guard(llm: Any, degrade_to: Any, options: dict[str, Any], primary_bo
     guard = BudgetGuard(llm, degrade_to=degrade_to, **options)
     guard._primary_bound = primary_bound
     return guard
-
-
-def _revive_options(options: dict[str, Any]) -> dict[str, Any]:
-    """Options as ``dumpd`` wrote them (limits as dicts) back to what BudgetPolicy takes."""
-    if isinstance(options.get("limit"), Mapping):
-        options = {**options, "limit": Limit(**options["limit"])}
-    limits = options.get("limits")
-    if limits and any(isinstance(item, Mapping) for item in limits):
-        options = {**options, "limits": [Limit(**item) if isinstance(item, Mapping) else item for item in limits]}
-    return options
-
-
-def _serial_options(options: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """The options as JSON values, or None when one of them is a live object (a store, an estimator)."""
-    if options is None:
-        return None
-    out: dict[str, Any] = {}
-    for key, value in options.items():
-        if key == "limits":
-            out[key] = [{"usd": str(x.usd), "per": x.per, "window": x.window, "tz": x.tz} for x in value or ()]
-        elif isinstance(value, Decimal):
-            out[key] = str(value)
-        elif isinstance(value, Limit):
-            out[key] = {"usd": str(value.usd), "per": value.per, "window": value.window, "tz": value.tz}
-        elif value is None or isinstance(value, (str, int, float, bool)) or (
-                isinstance(value, Mapping) and _plain_data(value)):
-            out[key] = _jsonable(value)
-        else:
-            return None
-    return out
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    return str(value) if isinstance(value, Decimal) else value

@@ -22,15 +22,19 @@ from langchain_core.runnables.config import ensure_config
 from langchain_core.tracers.context import register_configure_hook
 
 try:
-    from langchain.agents.middleware.types import AgentMiddleware, ModelRequest, ModelResponse
+    from langchain.agents.middleware.types import (
+        AgentMiddleware,
+        ModelRequest,
+        ModelResponse,
+    )
 except ImportError as exc:  # pragma: no cover - langchain is an optional dependency
     raise ImportError("BudgetMiddleware needs LangChain v1 agents: pip install 'langchain>=1.0'") from exc
 
 from .enforce import budget_token, charged_budgets
 from .errors import BudgetExceededError
 from .guard import METADATA_KEY, BudgetGuard, Reservation
-from .runs import StreamTap
 from .policy import BudgetPolicy
+from .runs import StreamTap
 
 __all__ = ["BudgetMiddleware"]
 
