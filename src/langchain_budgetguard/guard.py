@@ -976,6 +976,15 @@ class Reservation:
         return self.admitted.candidate.label
 
     @property
+    def model_settings(self) -> dict[str, Any]:
+        """Kwargs the call must be made with: the output cap the guard reserved, when the call sets none
+        (or a smaller one, shrunk to fit). Empty when the call's own cap applies."""
+        estimate = self.admitted.estimate
+        if not estimate.send_cap or self.model is None:
+            return {}
+        return {output_cap_kwarg(self.model): estimate.output_tokens}
+
+    @property
     def degraded(self) -> bool:
         return self.admitted.index > 0
 

@@ -112,8 +112,11 @@ class BudgetMiddleware(AgentMiddleware):
 
     @staticmethod
     def _served(request: ModelRequest, reservation: Reservation) -> ModelRequest:
-        model = reservation.model
-        return request if model is request.model else request.override(model=model)
+        """The request on the model that fitted, with the output cap the guard reserved for it."""
+        model, settings = reservation.model, reservation.model_settings
+        if model is request.model and not settings:
+            return request
+        return request.override(model=model, model_settings={**request.model_settings, **settings})
 
     def _exhausted(self, error: BudgetExceededError) -> ModelResponse:
         if self.on_exhausted == "raise":
