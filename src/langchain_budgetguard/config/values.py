@@ -114,8 +114,8 @@ def _bounded(*, unit: str, maximum: int, integer: bool, positive: bool, limit_te
     expected = f"{bound} {'whole ' if integer else ''}number of {unit}" + ("" if positive else " (0 or more)")
 
     def check(value: Any) -> int | float:
-        ok_type = isinstance(value, int) if integer else _is_number(value)
-        if isinstance(value, bool) or not ok_type or not math.isfinite(value) or (
+        # A whole number may be written 86400.0 (JSON Schema calls that an integer too).
+        if not _is_number(value) or not math.isfinite(value) or (integer and value != int(value)) or (
                 value <= 0 if positive else value < 0):
             raise bad(f"expected {expected}, got {show(value)}")
         if value > maximum:
