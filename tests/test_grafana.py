@@ -165,7 +165,8 @@ def test_the_dashboard_is_importable_into_grafana():
     for panel in panels(board):
         grid = panel["gridPos"]
         assert 0 <= grid["x"] and grid["x"] + grid["w"] <= 24 and grid["h"] > 0
-        area = {(x, y) for x in range(grid["x"], grid["x"] + grid["w"]) for y in range(grid["y"], grid["y"] + grid["h"])}
+        x0, y0 = grid["x"], grid["y"]
+        area = {(x, y) for x in range(x0, x0 + grid["w"]) for y in range(y0, y0 + grid["h"])}
         assert not area & cells, f"panel {panel['title']!r} overlaps another"
         cells |= area
         if panel["type"] == "row":

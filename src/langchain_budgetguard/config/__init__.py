@@ -57,7 +57,9 @@ expected (``config/saas.toml: limits[1].usd: expected a number of dollars, got "
 problem of the file is listed, unknown keys included.
 """
 
-from .deployment import CONFIG_ENV, DeploymentConfig, guard_from_config, load_config, parse_config
+from .build import guard_from_config
+from .deployment import CONFIG_ENV, DeploymentConfig
+from .reader import load_config, parse_config
 from .problems import ConfigError
 from .schema import ConfigFile, json_schema, json_schema_text
 

@@ -9,32 +9,41 @@ checks that tie keys of different tables together live in ``deployment.py``.
 from __future__ import annotations
 
 import json
-from typing import Any, ClassVar
+from decimal import Decimal
+from typing import Annotated, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import GenerateJsonSchema
 
 from ..limits import WINDOWS
 from .values import (
-    Dollars, EnvName, Flag, Fraction, KeyPrefix, Ladder, PricePerMillion, Scope, StoreUrl, TimeZone, choice, seconds,
-    text, whole_number,
+    Bounded, Choice, Flag, Fraction, Ladder, Money, Pattern, StoreUrl, Text, TimeZone,
 )
 
-__all__ = [
-    "Table", "BudgetTable", "StoreTable", "EstimateTable", "LimitTable", "OverrideTable", "PriceTable", "ConfigFile",
-    "json_schema", "json_schema_text",
-]
-
-Window = choice(*WINDOWS)
-ExpiredHold = choice("charge_input", "release", "charge_reserved")
-OnStoreError = choice("fail_closed", "fail_open")
-EstimateMode = choice("strict", "typical")
-LeaseSeconds = seconds(maximum=86_400, limit_text="a day")
-RetentionSeconds = seconds(maximum=3650 * 86_400, limit_text="ten years", integer=True)
-RefreshSeconds = seconds(maximum=3600, limit_text="an hour", positive=False)
-OutputTokens = whole_number("tokens", maximum=10_000_000, limit_text="ten million")
-BudgetName = text("a non-empty string")
-ScopeId = text("the id of one user, tenant, ...")
+# The kinds of value, by what they mean here.
+Dollars = Annotated[Decimal, Money("dollars")]
+PricePerMillion = Annotated[Decimal, Money("dollars per million tokens", places=None)]
+DegradeAt = Annotated[Decimal, Fraction()]
+Window = Annotated[str, Choice(*WINDOWS)]
+ExpiredHold = Annotated[str, Choice("charge_input", "release", "charge_reserved")]
+OnStoreError = Annotated[str, Choice("fail_closed", "fail_open")]
+EstimateMode = Annotated[str, Choice("strict", "typical")]
+LeaseSeconds = Annotated[float, Bounded("seconds", 86_400, "a day")]
+RetentionSeconds = Annotated[int, Bounded("seconds", 3650 * 86_400, "ten years", integer=True)]
+RefreshSeconds = Annotated[float, Bounded("seconds", 3600, "an hour", positive=False)]
+OutputTokens = Annotated[int, Bounded("tokens", 10_000_000, "ten million", integer=True)]
+BudgetName = Annotated[str, Text("a non-empty string")]
+ScopeId = Annotated[str, Text("the id of one user, tenant, ...")]
+Scope = Annotated[str, Pattern(r"^[a-z][a-z0-9_]{0,31}$", 'expected "global", "user", "project", "tenant" or '
+                               "another lowercase scope name (letters, digits, _)",
+                               ("global", "user", "project", "tenant"))]
+EnvName = Annotated[str, Pattern(r"^[A-Za-z_][A-Za-z0-9_]*$", "expected the name of an environment variable, "
+                                 'such as "BUDGETGUARD_REDIS_URL"', ("BUDGETGUARD_REDIS_URL",))]
+KeyPrefix = Annotated[str, Pattern(r"^[^{}]*$", "expected a string without '{' or '}', such as \"bg:\"", ("bg:",))]
+Zone = Annotated[str, TimeZone()]
+Url = Annotated[str, StoreUrl()]
+Boolean = Annotated[bool, Flag()]
+Models = Annotated[tuple[str, ...], Ladder()]
 
 
 def optional(description: str, default: Any = None) -> Any:
@@ -54,7 +63,7 @@ class BudgetTable(Table):
 
     name: BudgetName = Field(
         description="the budget's name (guards with the same name and store share counters)")
-    degrade_at: Fraction | None = optional(
+    degrade_at: DegradeAt | None = optional(
         "degrade to a cheaper model once this fraction of a limit would be used (0.8: at 80%)", 1)
     lease_seconds: LeaseSeconds | None = optional(
         "a call that crashed mid-way holds its reservation this long at most", 600)
@@ -66,7 +75,7 @@ class BudgetTable(Table):
 class StoreTable(Table):
     """Where the counters live: "memory" (one process) or Redis (every process and machine)."""
 
-    url: StoreUrl | None = optional('"memory" or a Redis URL (redis://, rediss://, redis+cluster://, '
+    url: Url | None = optional('"memory" or a Redis URL (redis://, rediss://, redis+cluster://, '
                                     'redis+sentinel://, unix://)', "memory")
     url_env: EnvName | None = optional("instead of url: the environment variable that holds the store URL")
     prefix: KeyPrefix | None = optional("Redis key prefix", "bg:")
@@ -75,7 +84,7 @@ class StoreTable(Table):
     fail_open_allowance: Dollars | None = optional("USD each process may spend unreserved while fail_open")
     retention_seconds: RetentionSeconds | None = optional(
         "counters are kept this long after their window ends", 604_800)
-    live_overrides: Flag | None = optional("read the limit overrides set with `budgetguard limit set`", True)
+    live_overrides: Boolean | None = optional("read the limit overrides set with `budgetguard limit set`", True)
     override_refresh_seconds: RefreshSeconds | None = optional(
         "re-read the live overrides at most this often (0: before every call)", 5)
 
@@ -96,7 +105,7 @@ class LimitTable(Table):
                                              "lowercase name (its id comes from <name>_id in the run's config)")
     window: Window = Field("total", description="the window the limit applies to (calendar, in tz)")
     usd: Dollars = Field(description="the limit in dollars")
-    tz: TimeZone = Field("UTC", description="the IANA time zone the window boundaries follow")
+    tz: Zone = Field("UTC", description="the IANA time zone the window boundaries follow")
 
 
 class OverrideTable(Table):
@@ -106,7 +115,7 @@ class OverrideTable(Table):
     id: ScopeId = Field(description="whose limit it is")
     usd: Dollars = Field(description="the limit in dollars")
     window: Window | None = optional("the window of the limit it overrides (when the scope has several)")
-    tz: TimeZone | None = optional("the time zone of the limit it overrides (when the scope has several)")
+    tz: Zone | None = optional("the time zone of the limit it overrides (when the scope has several)")
 
 
 class PriceTable(Table):
@@ -134,7 +143,7 @@ class ConfigFile(Table):
     prices: dict[str, PriceTable] = Field(
         default_factory=dict, description="prices of models genai-prices does not know (model name -> price)")
     fallback_price: PriceTable | None = optional("a price for every model nothing else prices")
-    degrade: dict[str, Ladder] = Field(
+    degrade: dict[str, Models] = Field(
         default_factory=dict, description="model name -> the cheaper models it degrades to, tried in order")
 
 
