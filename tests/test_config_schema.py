@@ -3,6 +3,7 @@ against it, and it agrees with the loader on what a value may be. Exact money, b
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -58,6 +59,22 @@ def test_every_example_validates_against_the_schema_and_points_editors_at_it(pat
     assert text.splitlines()[0] == "#:schema ./budgetguard.schema.json"  # taplo / Even Better TOML
     assert schema_errors(text) == []
     assert loader_problems(text) == []
+
+
+TAPLO = shutil.which("taplo") or shutil.which("taplo", path=str(Path(sys.executable).parent))
+
+
+@pytest.mark.skipif(TAPLO is None, reason="no taplo (pip install taplo: the test extra has it)")
+def test_an_editor_reads_the_schema_from_the_examples(tmp_path):
+    """taplo (the engine of Even Better TOML) follows each example's #:schema line and finds it
+    valid, and points at the key of a bad value in a file that follows the same line."""
+    check = subprocess.run([TAPLO, "check", *map(str, EXAMPLES)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    shutil.copy(SHIPPED, tmp_path / SHIPPED.name)  # a user's file beside the schema
+    bad = tmp_path / "deploy.toml"
+    bad.write_text("#:schema ./budgetguard.schema.json\n" + MINIMAL.replace("usd = 2", 'usd = "five"'), "utf-8")
+    check = subprocess.run([TAPLO, "check", str(bad)], capture_output=True, text=True)
+    assert check.returncode != 0 and "deploy.toml:8:7" in check.stderr and '"five"' in check.stderr, check.stderr
 
 
 def test_every_key_is_documented_for_editors():
