@@ -3,7 +3,7 @@ use for completion (``config/budgetguard.schema.json``; regenerate it with
 ``python -m langchain_budgetguard.config --schema > config/budgetguard.schema.json``).
 
 A new key is one annotated field here (a value kind from ``values.py``, a description, a default);
-checks that tie keys of different tables together live in ``deployment.py``.
+checks that tie keys of different tables together live in ``reader.py`` (``relations``).
 """
 
 from __future__ import annotations
