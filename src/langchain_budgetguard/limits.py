@@ -50,6 +50,7 @@ __all__ = [
     "check_seconds",
     "check_id",
     "check_call_id",
+    "text_problem",
     "WINDOWS",
     "MIN_LEASE_SECONDS",
     "MAX_LEASE_SECONDS",
@@ -98,8 +99,9 @@ def check_seconds(value: object, what: str, *, minimum: float = 0.0, maximum: fl
     return seconds
 
 
-def _text_problem(value: object, max_length: int) -> str | None:
-    """Why ``value`` cannot be an id (None when it can). O(1) for ASCII text."""
+def text_problem(value: object, max_length: int) -> str | None:
+    """Why ``value`` cannot be an id or a name (None when it can): not a non-empty string, longer
+    than ``max_length``, or not valid Unicode (a lone surrogate). O(1) for ASCII text."""
     if not isinstance(value, str):
         return f"must be a non-empty string, got {type(value).__name__} {show_value(value)}"
     if not value:
@@ -121,7 +123,7 @@ def _text_problem(value: object, max_length: int) -> str | None:
 def check_id(value: object, what: str = "id") -> str:
     """``value`` if it can be a scope id: a non-empty string of at most ``MAX_ID_LENGTH``
     characters of valid Unicode (no lone surrogates such as ``'\\ud800'``). Else ``IdentityError``."""
-    problem = _text_problem(value, MAX_ID_LENGTH)
+    problem = text_problem(value, MAX_ID_LENGTH)
     if problem is not None:
         raise IdentityError(f"{what} {problem}.")
     return value  # type: ignore[return-value]
@@ -131,7 +133,7 @@ def check_call_id(value: object, what: str = "call_id") -> str:
     """``value`` if it can be a call id: a non-empty string of at most ``MAX_CALL_ID_LENGTH``
     characters of valid Unicode. Else ``ValueError``. (Ids must also be unique per call: the
     store refuses a reused one, ``CallIdReusedError``.)"""
-    problem = _text_problem(value, MAX_CALL_ID_LENGTH)
+    problem = text_problem(value, MAX_CALL_ID_LENGTH)
     if problem is not None:
         raise ValueError(
             f"{what} {problem}. Leave call_id out and the library derives a random 128-bit id per call."
@@ -191,7 +193,7 @@ class Limit:
         if self.tz in ("UTC", "utc", "Z"):
             zone: Any = timezone.utc
         else:
-            problem = _text_problem(self.tz, 255)
+            problem = text_problem(self.tz, 255)
             try:
                 if problem is not None:
                     raise ValueError(problem)
@@ -406,7 +408,7 @@ def escape_id(value: str) -> str:
     if len(value) <= _MAX_ESCAPED and _ALL_SAFE.fullmatch(value):
         return value  # nothing to escape (the usual id): one regex match instead of a loop per character
     if not value.isascii():
-        problem = _text_problem(value, len(value))
+        problem = text_problem(value, len(value))
         if problem is not None:
             raise IdentityError(f"id {problem}.")
     if len(value) > _MAX_ESCAPED:  # escaping never shortens: hash at once, in time linear in the id
