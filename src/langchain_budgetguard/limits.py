@@ -11,7 +11,8 @@ Windows and daylight saving time (``Limit.tz``):
   two windows, ``2026-11-01T01`` and ``2026-11-01T01-0500`` (the repeated wall hour carries its
   UTC offset; every other hour keeps its plain local label), each resetting 3600 s after it
   began; on the spring-forward night 01:00 EST is followed by 03:00 EDT, one hour later. (Where
-  a shift is not a whole hour, as on Lord Howe Island, the window that a shift cuts is shorter.)
+  a shift is not a whole hour or not on a full hour, as on Lord Howe Island and the Chatham
+  Islands, the hour it cuts ends at the shift and the next begins there: still no overlap.)
 - ``day``, ``week`` and ``month`` follow the local calendar: a day runs from local midnight to
   the next, so a DST day is 23 or 25 hours long, and weeks and months likewise.
 - ``total`` never resets.
