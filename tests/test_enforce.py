@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import gc
 import threading
 import time
 from decimal import Decimal
@@ -16,6 +17,7 @@ from uuid import UUID
 
 import pytest
 from langchain.agents import create_agent
+from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import RunnableLambda
@@ -297,3 +299,44 @@ def test_enforced_call_ids_are_random_never_the_run_id():
     assert len(ids) == 1000
     assert all(i.startswith("enforce-") and len(i) == len("enforce-") + 32 for i in ids)
     assert SHARED_RUN_ID.hex not in "".join(ids)
+
+
+# -- leases: a long call keeps its hold; a call another handler aborted gives its hold back -------
+
+
+def test_a_call_longer_than_its_lease_keeps_its_hold():
+    cost = _one_call_cost()
+    # One call fits, two do not; an expired hold would be released for free, letting a second in.
+    policy = BudgetPolicy(limit=cost * Decimal("1.5"), estimator=ExactEstimator(8), lease_seconds=0.3,
+                          expired_hold="release")
+    slow = UsageChat(max_tokens=9, delay=1.2)
+    with enforce_budget(policy):
+        first = threading.Thread(target=contextvars.copy_context().run, args=(lambda: slow.invoke("hi"),))
+        first.start()
+        time.sleep(0.7)  # the first call has outlived its lease twice over
+        with pytest.raises(BudgetExceededError):
+            UsageChat(max_tokens=9).invoke("hi")
+        first.join(10)
+    assert slow.calls == 1 and spent(policy) == cost and held(policy) == 0
+
+
+class AbortingHandler(BaseCallbackHandler):
+    """Another handler that refuses a call at its start, after the enforcer reserved it."""
+
+    raise_error = True
+
+    def on_chat_model_start(self, *args, **kwargs):
+        raise PermissionError("not today")
+
+
+def test_a_call_another_handler_aborts_at_start_gives_its_hold_back():
+    cost = _one_call_cost()
+    policy = BudgetPolicy(limit=cost, estimator=ExactEstimator(8))
+    llm = UsageChat(max_tokens=9)
+    with enforce_budget(policy) as enforcer:
+        with pytest.raises(PermissionError):
+            llm.invoke("hi", config={"callbacks": [enforcer, AbortingHandler()]})
+        assert held(policy) == cost and llm.calls == 0  # reserved, then the run never started
+        gc.collect()  # LangChain has dropped the run: its id is gone without an end event
+        llm.invoke("hi")  # the next call releases the orphan first, so it fits
+    assert llm.calls == 1 and spent(policy) == cost and held(policy) == 0

@@ -353,3 +353,17 @@ def test_a_forked_child_gets_its_own_thread_and_lock(keeper):
     finally:
         stop.set()
         worker.join()
+
+
+def test_a_call_that_no_longer_runs_is_not_renewed_again(keeper):
+    store = MemoryStore()
+    running = threading.Event()
+    running.set()
+    assert reserve(store, "k", "orphan", 0.15)
+    with keeper.hold(store, "orphan", ["k"], 0.15, alive=running.is_set):
+        time.sleep(0.2)
+        assert keeper.renewed >= 1
+        running.clear()  # its run is gone without a settle: the lease must be allowed to run out
+        time.sleep(0.4)
+        assert keeper.abandoned == 1
+        assert reserve(store, "k", "next", 0.15), "the orphan's hold ended with its lease"

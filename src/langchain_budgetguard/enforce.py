@@ -16,6 +16,11 @@ from LangChain's ``run_id``: callers set ``run_id`` (often to a request id) and 
 it, and a repeated call id would let the store take a second call for a retry of the first.
 A ``run_id`` only pairs a call's end with its start: when several calls share one, each
 end settles the reservation its own thread (or asyncio task) made, the oldest if none.
+
+While a call runs, its holds are renewed in the background (``leases.shared_keeper``), so
+a call that outlives ``lease_seconds`` keeps them. A call whose start another handler aborted
+after this one reserved (no end event will come) is noticed when LangChain drops its run id,
+and released at the next call the block sees.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import weakref
+from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -36,6 +43,7 @@ from langchain_core.runnables.config import ensure_config
 from langchain_core.tracers.context import register_configure_hook
 
 from .estimate import max_output_tokens
+from .leases import LeaseHold, shared_keeper
 from .policy import BudgetPolicy, LimitStatus
 from .pricing import model_ref_from_run
 from .usage import TokenUsage, usage_from_llm_result
@@ -79,7 +87,34 @@ class _Running:
 
     where: tuple[int, Any]
     event: object
+    key: Any
     reservations: list[Reservation] = field(default_factory=list)
+    leases: list[LeaseHold] = field(default_factory=list)  # renew each hold while the call runs
+    run: Any = None  # a weak reference to the run's id: LangChain's run managers hold it while it runs
+
+    def watch(self, run_id: UUID, orphans: deque[_Running]) -> None:
+        """Note when the run is gone without an end (a later handler aborted its start): ``orphans``."""
+        try:
+            self.run = weakref.ref(run_id, lambda _: orphans.append(self))
+        except TypeError:  # an id that takes no weak reference: the end event alone settles it
+            self.run = None
+
+    def is_running(self) -> bool:
+        return self.run is None or self.run() is not None
+
+    def keep_leases(self) -> None:
+        keeper = shared_keeper()
+        for reservation in self.reservations:
+            policy, admitted = reservation.guard.policy, reservation.admitted
+            lease = keeper.hold(policy.store, admitted.call_id, admitted.keys, policy.lease_seconds,
+                                alive=self.is_running)
+            lease.__enter__()
+            self.leases.append(lease)
+
+    def end_leases(self) -> None:
+        for lease in self.leases:
+            lease.__exit__(None, None, None)
+        self.leases.clear()
 
 
 class BudgetEnforcer(BaseCallbackHandler):
@@ -92,7 +127,9 @@ class BudgetEnforcer(BaseCallbackHandler):
         super().__init__()
         self.entries = tuple(entries)
         self.tokens = frozenset(e.token for e in self.entries)
-        self._runs: dict[UUID, list[_Running]] = {}  # run_id -> calls in flight (callers may reuse run ids)
+        # run id (its int: the enforcer keeps no reference to the id itself) -> calls in flight under it
+        self._runs: dict[Any, list[_Running]] = {}
+        self._orphans: deque[_Running] = deque()  # calls whose run is gone without an end event
         self._lock = threading.Lock()
 
     def status(self, config: Mapping[str, Any] | None = None) -> list[LimitStatus]:
@@ -133,14 +170,17 @@ class BudgetEnforcer(BaseCallbackHandler):
                kwargs: Mapping[str, Any]) -> None:
         from .guard import BudgetGuard
 
+        if self._orphans:
+            self._settle_orphans()
+        key = _key(run_id)
         # The event's identity: every handler of one start event gets the same metadata dict (the
         # callback manager's), and each call has its own manager; without one, the message list.
         event = metadata if isinstance(metadata, dict) else messages
         metadata = metadata if isinstance(metadata, Mapping) else {}
-        entries = [e for e in self._applicable(metadata) if _claim(run_id, e.token, event)]
+        entries = [e for e in self._applicable(metadata) if _claim(key, e.token, event)]
         if not entries:
             return
-        running = _Running(_where(), event)
+        running = _Running(_where(), event, key)
         try:
             params = dict(kwargs.get("invocation_params") or {})
             if max_output_tokens(None, params) is None and metadata.get("ls_max_tokens"):
@@ -156,29 +196,54 @@ class BudgetEnforcer(BaseCallbackHandler):
         except BaseException:
             for reservation in running.reservations:
                 reservation.settle()
-            _release(run_id, [e.token for e in entries], event)
+            _release(key, [e.token for e in entries], event)
             raise
+        running.watch(run_id, self._orphans)
+        running.keep_leases()  # a long call keeps its holds: renewed in the background until it ends
         with self._lock:
-            self._runs.setdefault(run_id, []).append(running)
+            self._runs.setdefault(key, []).append(running)
 
-    def _take(self, run_id: UUID) -> _Running | None:
-        """The call in flight under ``run_id`` that this end belongs to: the one started in this
+    def _take(self, key: Any) -> _Running | None:
+        """The call in flight under run id ``key`` that this end belongs to: the one started in this
         thread/task, else the oldest (a stream finished elsewhere)."""
         with self._lock:
-            calls = self._runs.get(run_id)
+            calls = self._runs.get(key)
             if not calls:
                 return None
             here = _where()
             index = next((i for i, c in enumerate(calls) if c.where == here), 0)
             running = calls.pop(index)
             if not calls:
-                del self._runs[run_id]
+                del self._runs[key]
+            running.run = None  # it ends now: not an orphan
             return running
 
+    def _settle_orphans(self) -> None:
+        """Release the holds of calls whose run is gone without an end: another handler aborted the
+        run's start after this one reserved, so no request went out and nothing is charged."""
+        while self._orphans:
+            running = self._orphans.popleft()
+            with self._lock:
+                calls = self._runs.get(running.key, [])
+                if not any(c is running for c in calls):
+                    continue  # it ended normally meanwhile
+                calls.remove(running)
+                if not calls:
+                    del self._runs[running.key]
+            running.end_leases()
+            try:
+                for reservation in running.reservations:
+                    reservation.settle()
+            finally:
+                _release(running.key, [budget_token(r.guard.policy) for r in running.reservations], running.event)
+
     def _end(self, run_id: UUID, response: Any, failed: bool = False) -> None:
-        running = self._take(run_id)
+        running = self._take(_key(run_id))
+        if self._orphans:
+            self._settle_orphans()
         if running is None:
             return
+        running.end_leases()
         usage, text = _reported(response)
         # No usage reported: the input estimate plus the output seen; a failure before any output is free.
         output_text = text if (text or not failed) else None
@@ -186,7 +251,12 @@ class BudgetEnforcer(BaseCallbackHandler):
             for reservation in running.reservations:
                 reservation.settle(usage=usage, output_text=output_text)
         finally:
-            _release(run_id, [budget_token(r.guard.policy) for r in running.reservations], running.event)
+            _release(running.key, [budget_token(r.guard.policy) for r in running.reservations], running.event)
+
+
+def _key(run_id: Any) -> Any:
+    """A run id as a dict key that does not keep the id object alive (see ``_Running.watch``)."""
+    return run_id.int if isinstance(run_id, UUID) else run_id
 
 
 def new_call_id() -> str:
@@ -211,23 +281,23 @@ def _reported(response: Any) -> tuple[TokenUsage | None, str]:
 # (say, nested blocks whose handlers reach a thread without the ContextVar) charge it once. Keyed by
 # (run_id, budget token); the value holds the claimed events themselves (compared by identity and
 # kept alive while claimed, so that an id is never reused): calls that share a run_id are each claimed.
-_claims: dict[tuple[UUID, str], list[object]] = {}
+_claims: dict[tuple[Any, str], list[object]] = {}
 _claims_lock = threading.Lock()
 
 
-def _claim(run_id: UUID, token: str, event: object) -> bool:
+def _claim(key: Any, token: str, event: object) -> bool:
     with _claims_lock:
-        taken = _claims.setdefault((run_id, token), [])
+        taken = _claims.setdefault((key, token), [])
         if any(e is event for e in taken):
             return False
         taken.append(event)
         return True
 
 
-def _release(run_id: UUID, tokens: Sequence[str], event: object) -> None:
+def _release(key: Any, tokens: Sequence[str], event: object) -> None:
     with _claims_lock:
         for token in tokens:
-            taken = _claims.get((run_id, token))
+            taken = _claims.get((key, token))
             if taken is None:
                 continue
             for i, e in enumerate(taken):
@@ -235,7 +305,7 @@ def _release(run_id: UUID, tokens: Sequence[str], event: object) -> None:
                     del taken[i]
                     break
             if not taken:
-                del _claims[(run_id, token)]
+                del _claims[(key, token)]
 
 
 _current: ContextVar[BudgetEnforcer | None] = ContextVar("budgetguard_enforcer", default=None)

@@ -41,7 +41,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 __all__ = ["LeaseKeeper", "LeaseHold", "AsyncLeaseHold", "shared_keeper", "RENEW_FRACTION"]
@@ -58,10 +58,12 @@ _INF = math.inf
 class _Entry:
     """One call being kept alive: what to renew, and when."""
 
-    __slots__ = ("store", "call_id", "keys", "lease", "interval", "due", "done", "failed", "queue")
+    __slots__ = ("store", "call_id", "keys", "lease", "interval", "due", "done", "failed", "queue", "alive")
 
-    def __init__(self, store: Any, call_id: str, keys: tuple[str, ...], lease: float) -> None:
+    def __init__(self, store: Any, call_id: str, keys: tuple[str, ...], lease: float,
+                 alive: Callable[[], bool] | None = None) -> None:
         self.store = store
+        self.alive = alive  # None: alive until the block ends
         self.call_id = call_id
         self.keys = keys
         self.lease = lease
@@ -121,8 +123,9 @@ class LeaseHold(_Entry):
 
     __slots__ = ("_keeper",)
 
-    def __init__(self, keeper: LeaseKeeper, store: Any, call_id: str, keys: tuple[str, ...], lease: float) -> None:
-        _Entry.__init__(self, store, call_id, keys, lease)
+    def __init__(self, keeper: LeaseKeeper, store: Any, call_id: str, keys: tuple[str, ...], lease: float,
+                 alive: Callable[[], bool] | None = None) -> None:
+        _Entry.__init__(self, store, call_id, keys, lease, alive)
         self._keeper = keeper
 
     def __enter__(self) -> LeaseHold:
@@ -145,8 +148,9 @@ class AsyncLeaseHold(_Entry):
 
     __slots__ = ("_keeper", "_renewer")
 
-    def __init__(self, keeper: LeaseKeeper, store: Any, call_id: str, keys: tuple[str, ...], lease: float) -> None:
-        _Entry.__init__(self, store, call_id, keys, lease)
+    def __init__(self, keeper: LeaseKeeper, store: Any, call_id: str, keys: tuple[str, ...], lease: float,
+                 alive: Callable[[], bool] | None = None) -> None:
+        _Entry.__init__(self, store, call_id, keys, lease, alive)
         self._keeper = keeper
         self._renewer: _LoopRenewer | None = None
 
@@ -164,12 +168,29 @@ class AsyncLeaseHold(_Entry):
 class _Counts:
     """What a keeper did: renewals that went through, failed, or found no live hold."""
 
-    __slots__ = ("renewed", "failed", "lost")
+    __slots__ = ("renewed", "failed", "lost", "abandoned")
 
     def __init__(self) -> None:
         self.renewed = 0
         self.failed = 0
         self.lost = 0
+        self.abandoned = 0
+
+
+def _abandoned(entry: _Entry, counts: _Counts) -> bool:
+    """True when the call's ``alive`` check says it no longer runs: it is not renewed again."""
+    if entry.alive is None or entry.done:
+        return False
+    try:
+        alive = entry.alive()
+    except Exception:  # a broken check keeps renewing: a live call must not lose its hold
+        alive = True
+    if alive:
+        return False
+    counts.abandoned += 1
+    log.warning("call %s no longer runs but was never settled; its lease is not renewed again, so its hold "
+                "ends with the lease (charged by the expired_hold policy)", entry.call_id)
+    return True
 
 
 def _renewed(entry: _Entry, result: Any, error: BaseException | None, counts: _Counts) -> bool:
@@ -228,7 +249,7 @@ class _LoopRenewer:
             return  # a later schedule replaced this timer
         loop = asyncio.get_running_loop()
         self.wake_at = _INF
-        due = self.queues.pop_due(loop.time())
+        due = [e for e in self.queues.pop_due(loop.time()) if not _abandoned(e, self.counts)]
         if due:
             self.renewing = True
             loop.create_task(self._renew(due), name="budgetguard-lease-renewal")
@@ -293,14 +314,20 @@ class LeaseKeeper:
 
     # -- the API -------------------------------------------------------------------------
 
-    def hold(self, store: Any, call_id: str, keys: Sequence[str], lease_seconds: float) -> LeaseHold:
+    def hold(self, store: Any, call_id: str, keys: Sequence[str], lease_seconds: float, *,
+             alive: Callable[[], bool] | None = None) -> LeaseHold:
         """A context manager that renews ``call_id``'s hold on ``keys`` through ``store.renew``
-        every ``lease_seconds / 3`` until the block ends. Enter it right after the reservation."""
-        return LeaseHold(self, store, call_id, tuple(keys), float(lease_seconds))
+        every ``lease_seconds / 3`` until the block ends. Enter it right after the reservation.
 
-    def ahold(self, store: Any, call_id: str, keys: Sequence[str], lease_seconds: float) -> AsyncLeaseHold:
+        ``alive`` (optional) is asked before each renewal: once it returns False the call is taken
+        to be over without a settle and is not renewed again (its hold then ends with its lease).
+        """
+        return LeaseHold(self, store, call_id, tuple(keys), float(lease_seconds), alive)
+
+    def ahold(self, store: Any, call_id: str, keys: Sequence[str], lease_seconds: float, *,
+              alive: Callable[[], bool] | None = None) -> AsyncLeaseHold:
         """The async twin of ``hold``: renews through ``store.arenew`` on the running event loop."""
-        return AsyncLeaseHold(self, store, call_id, tuple(keys), float(lease_seconds))
+        return AsyncLeaseHold(self, store, call_id, tuple(keys), float(lease_seconds), alive)
 
     @property
     def live(self) -> int:
@@ -311,6 +338,11 @@ class LeaseKeeper:
     def wakeups(self) -> int:
         """How many times the renewal thread woke up (a timeout or a nudge), since start or fork."""
         return self._wakeups
+
+    @property
+    def abandoned(self) -> int:
+        """Holds no longer renewed because their ``alive`` check said the call was over."""
+        return self._counts.abandoned
 
     @property
     def renewed(self) -> int:
@@ -364,7 +396,7 @@ class LeaseKeeper:
                     if self._closed or self._thread is not threading.current_thread():
                         return
                     now = time.monotonic()
-                    due = self._queues.pop_due(now)
+                    due = [e for e in self._queues.pop_due(now) if not _abandoned(e, self._counts)]
                     if due:
                         self._wake_at = -_INF  # renewing: new holds need not wake us, we look again after
                         break
