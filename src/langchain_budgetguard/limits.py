@@ -74,7 +74,7 @@ MAX_RETENTION_SECONDS = 3_660 * 86_400
 """The longest a counter is kept after its window ends (about ten years)."""
 MAX_REFRESH_SECONDS = 86_400.0
 """The longest interval between two reads of the store's live overrides."""
-MAX_ID_LENGTH = 4_096
+MAX_ID_LENGTH = 65_536
 """The longest scope id (``user_id``...), in characters; longer ids are refused, not truncated."""
 MAX_CALL_ID_LENGTH = 256
 """The longest call id, in characters (the library's own are 32 hex digits, plus a short suffix)."""
