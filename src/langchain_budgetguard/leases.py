@@ -370,6 +370,7 @@ class LeaseKeeper:
 
     def _start(self, entry: _Entry) -> None:
         due = entry.due = time.monotonic() + entry.interval
+        entry.done, entry.queue = False, entry.interval  # a hold may be entered again after it ended
         with self._lock:
             if self._closed:
                 return  # a closed keeper renews nothing; the call still runs
