@@ -298,7 +298,8 @@ def test_provider_scoped_override() -> None:
     })
     assert pricer.rate_card(ModelRef("gemini-pro", "google")).source == "override"
     assert pricer.rate_card(ModelRef("gemini-pro", "google_genai")).source == "override"
-    assert pricer.rate_card(ModelRef("gemini-pro", "openrouter")).source != "override"
+    with pytest.raises(UnknownModelPriceError):  # not Google's override, not another host's entry either
+        pricer.rate_card(ModelRef("gemini-pro", "openrouter"))
     free = pricer.rate_card(ModelRef("llama3:8b", "ollama"))
     assert free.source == "override" and free.cost(TokenUsage(1000, 1000)) == 0
 
