@@ -6,10 +6,8 @@ server that answers with it), then priced; the figure must equal genai-prices' t
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import genai_prices
@@ -28,8 +26,7 @@ from langchain_budgetguard.pricing import (
 )
 from langchain_budgetguard.usage import TokenUsage, billed_extras, usage_from_message, usage_from_response_metadata
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from providers.canned_server import CannedServer  # noqa: E402
+from tests.providers.canned_server import CannedServer
 
 
 @pytest.fixture(scope="module")

@@ -410,18 +410,36 @@ def candidate_refs(runnable: Any, kwargs: Mapping[str, Any] | None = None, confi
     return out
 
 
-def served_ref(ref: ModelRef, message: Any) -> ModelRef:
-    """The model that answered, as the reply reports it (``response_metadata`` model name), at ``ref``'s host.
+def served_ref(ref: ModelRef, message: Any, candidates: Iterable[ModelRef] = ()) -> ModelRef:
+    """The model that answered, as the reply reports it (``response_metadata`` model name).
 
-    ``ref`` itself when the reply names no model or the same one; the provider and host stay
-    ``ref``'s: a reply can say which model served, never move the call to another host.
+    ``ref`` is the model the call was reserved for, ``candidates`` every model that could have
+    served it (``candidate_refs``: an inner ``with_fallbacks``). The reply's name picks the
+    candidate it names (exactly, or as a dated form of it: ``gpt-4o-2024-08-06`` is ``gpt-4o``)
+    and its host; a name no candidate has is priced at ``ref``'s host. A reply can say which
+    model served, never move the call to a host it was not sent to. ``ref`` itself when the
+    reply names no model or the same one.
     """
     reported = model_ref_from_response(message)
     if reported is None or not reported.name:
         return ref
-    if ref.name and reported.name.lower() == ref.name.lower():
+    name = reported.name.lower()
+    if ref.name and name == ref.name.lower():
         return ref
+    pool = [ref, *(c for c in candidates if c != ref)]
+    for candidate in pool:
+        if candidate.name and candidate.name.lower() == name:
+            return candidate
+    forms = _name_candidates(reported.name)
+    for candidate in pool:
+        if candidate.name and _base_name(candidate.name) in forms:
+            return ModelRef(reported.name, candidate.provider, candidate.host)
     return ModelRef(reported.name, ref.provider, ref.host)
+
+
+def _base_name(name: str) -> str:
+    base = _name_candidates(name)[-1]
+    return base[: -len("-latest")] if base.endswith("-latest") else base
 
 
 _STANDARD_TIERS = frozenset({"default", "standard", "auto", "on_demand"})
@@ -1202,7 +1220,7 @@ def _unknown_message(ref: ModelRef) -> str:
             f"No price is known for model {ref.name!r}{at}{host}: genai-prices has no entry for it there, "
             "and another host's price is not this one's"
         )
-        if ref.host:
+        if ref.host and ref.provider == ref.host.rsplit(":", 1)[0]:  # a host genai-prices does not know
             what += (
                 f" (if {ref.host} forwards to a vendor at its list price, declare it: "
                 f'price_host_as("{ref.host}", "openai"))'
