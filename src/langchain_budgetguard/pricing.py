@@ -722,6 +722,7 @@ class _Segment:
     input: int
     output: int
     cache_write: int
+    web_search: int
     details: tuple[tuple[str, int], ...]  # the other fields with a non-zero coefficient
 
 
@@ -793,10 +794,11 @@ class RateCard:
                 input=_mantissa(seg["input_tokens"], self._exp),
                 output=_mantissa(seg["output_tokens"], self._exp),
                 cache_write=_mantissa(seg["cache_write_tokens"], self._exp),
+                web_search=_mantissa(seg["web_searches"], self._exp),
                 details=tuple(
                     (f, _mantissa(seg[f], self._exp))
                     for f in _DETAIL_FIELDS
-                    if f != "cache_write_tokens" and seg[f]
+                    if f not in ("cache_write_tokens", "web_searches") and seg[f]
                 ),
             )
             for seg in coefs
@@ -816,6 +818,7 @@ class RateCard:
         self._out_extra = ("output_image_tokens",) if "output_image_tokens" in nonzero else ()
         priced = set(priced_items) if priced_items is not None else nonzero
         self._unpriced = tuple(f for f in _ITEM_FIELDS if f not in priced)
+        self._web_unpriced = "web_searches" in self._unpriced
         self._variants_of = variants
         self._variants: dict[tuple[str | None, str | None], RateCard] = {}
         self._nano_shift = self._exp + 9  # scaled units -> nano-USD: multiply by 10**shift
@@ -853,25 +856,28 @@ class RateCard:
             + (cw if self._in_write else 0)
             + (usage.input_audio_tokens if self._in_audio else 0)
         )
-        for field in self._in_extra:
-            floor += getattr(usage, field)
+        if self._in_extra:  # image / video input priced apart (rare: no loop for the others)
+            for field in self._in_extra:
+                floor += getattr(usage, field)
         if floor > inp:
             inp = floor
         floor = (usage.reasoning_tokens if self._out_reasoning else 0) + (
             usage.output_audio_tokens if self._out_audio else 0
         )
-        for field in self._out_extra:
-            floor += getattr(usage, field)
+        if self._out_extra:
+            floor += usage.output_image_tokens
         if floor > out:
             out = floor
-        for field in self._unpriced:
-            if getattr(usage, field):
-                raise self._unpriced_error(field, getattr(usage, field))
         segments = self._segments
         seg = segments[bisect_left(self.tiers, inp)] if len(segments) > 1 else segments[0]
         total = seg.const + seg.input * inp + seg.output * out + seg.cache_write * cw
         for field, m in seg.details:
             total += m * getattr(usage, field)
+        searches = usage.web_searches
+        if searches:
+            if self._web_unpriced:
+                raise self._unpriced_error("web_searches", searches)
+            total += seg.web_search * searches
         return total if total > 0 else 0
 
     def _nano(self, scaled: int) -> int:
@@ -971,7 +977,7 @@ class RateCard:
             return 0
         if "web_searches" in self._unpriced:
             raise self._unpriced_error("web_searches", web_searches)
-        per = max(dict(seg.details).get("web_searches", 0) for seg in self._segments)
+        per = max(seg.web_search for seg in self._segments)
         return self._nano(per * web_searches)
 
     def _unpriced_error(self, field: str, count: int) -> UnknownModelPriceError:
