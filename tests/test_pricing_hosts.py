@@ -191,3 +191,19 @@ def test_gateways_are_priced_as_declared() -> None:
         price_host_as("", "openai")
     with pytest.raises(ValueError):
         Pricer(hosts={"x": ""})
+
+
+def test_a_callback_run_keeps_the_clients_host() -> None:
+    """get_cost_callback sees runs, not runnables: the serialized constructor still names the host."""
+    from langchain_core.load import dumpd
+    from langchain_openai import ChatOpenAI
+
+    from langchain_budgetguard.pricing import model_ref_from_run
+
+    llm = ChatOpenAI(model="deepseek-ai/DeepSeek-R1-0528", base_url="https://api.together.xyz/v1", api_key="t")
+    ref = model_ref_from_run(dumpd(llm), {"model": "deepseek-ai/DeepSeek-R1-0528"}, {"ls_provider": "openai"})
+    assert ref.provider == "together"
+    plain = ChatOpenAI(model="gpt-4o-mini", api_key="t")
+    assert model_ref_from_run(dumpd(plain), {"model": "gpt-4o-mini"}, {"ls_provider": "openai"}) == ModelRef(
+        "gpt-4o-mini", "openai"
+    )

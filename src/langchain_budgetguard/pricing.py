@@ -552,7 +552,13 @@ def model_ref_from_run(
             name = name or _str(source.get(key))
     class_path = serialized.get("id")
     class_names = [class_path[-1]] if isinstance(class_path, list) and class_path else []
-    return ModelRef(name, _provider_from(metadata.get("ls_provider"), [c for c in class_names if isinstance(c, str)]))
+    provider = _provider_from(metadata.get("ls_provider"), [c for c in class_names if isinstance(c, str)])
+    for attr in _URL_ATTRS:  # the serialized constructor keeps a base_url the client was given
+        url = _str(ctor.get(attr)) if isinstance(ctor, Mapping) else None
+        if url and url.startswith(("http://", "https://")):
+            url_provider, host = host_provider(url)
+            return ModelRef(name, url_provider, None if url_provider == provider else host)
+    return ModelRef(name, provider)
 
 
 def model_ref_from_response(message: Any) -> ModelRef | None:
@@ -1293,8 +1299,9 @@ class Pricer:
         Raises ``UnknownModelPriceError`` (saying how to add a price) when nothing prices it.
         """
         provider = canonical_provider(ref.provider)
-        if ref.host and self._hosts:
-            host = ref.host.lower()
+        ref_host = getattr(ref, "host", None)  # duck-typed refs (name, provider) are fine too
+        if self._hosts and ref_host:
+            host = ref_host.lower()
             provider = self._hosts.get(host) or self._hosts.get(host.rsplit(":", 1)[0]) or provider
         key = (provider, ref.name.strip().lower() if ref.name else None)
         card = self._cards.get(key)
@@ -1306,7 +1313,7 @@ class Pricer:
                     self._snapshot = snapshot
                 card = self._cards.get(key)
                 if card is None or not self._fresh(card):
-                    card = self._cards[key] = self._resolve(ModelRef(ref.name, provider, ref.host))
+                    card = self._cards[key] = self._resolve(ModelRef(ref.name, provider, ref_host))
         if isinstance(card, _Unknown):
             err = UnknownModelPriceError(card.message)
             err.model, err.provider = ref.name, provider  # type: ignore[attr-defined]
