@@ -708,3 +708,62 @@ def test_settle_card_of_an_unpriced_served_model_is_the_dearest_candidates() -> 
     assert pricer.settle_card(MINI, [GPT4O]).model == "gpt-4o-mini"  # a priced served model is charged as itself
     with pytest.raises(UnknownModelPriceError):
         pricer.settle_card(unknown, [ModelRef("also-made-up", "openai")])
+
+
+def test_billed_items_equal_genai_for_every_model_that_prices_them() -> None:
+    """Image/video tokens and web searches, on every bundled model that prices one: genai-prices' figure."""
+    now = datetime.now(UTC)
+    keys = ("input_image_mtok", "output_image_mtok", "input_video_mtok", "web_searches_kcount")
+    models = 0
+    for provider in get_snapshot().providers:
+        for model in provider.models:
+            price = model.get_prices(now)
+            if (price.input_mtok is None and price.output_mtok is None) or not any(
+                getattr(price, k, None) is not None for k in keys
+            ):
+                continue
+            card = pricing._genai_card(model, price, now, model=model.id, provider=provider.id,
+                                       entry_provider=provider)
+            rng = random.Random(f"items/{provider.id}/{model.id}")
+            models += 1
+            for _ in range(6):
+                inp, out = rng.randint(0, 300_000), rng.randint(0, 20_000)
+                image_in = rng.randint(0, inp // 2)
+                video_in = rng.randint(0, inp - image_in) if rng.random() < 0.5 else 0
+                image_out = rng.randint(0, out)
+                searches = rng.randint(0, 40) if price.web_searches_kcount is not None else 0
+                usage = TokenUsage(input_tokens=inp, output_tokens=out, input_image_tokens=image_in,
+                                   input_video_tokens=video_in, output_image_tokens=image_out, web_searches=searches)
+                expected = price.calc_price(genai_prices.Usage(
+                    input_tokens=inp, output_tokens=out, input_image_tokens=image_in, input_video_tokens=video_in,
+                    output_image_tokens=image_out, web_searches=searches,
+                ))["total_price"]
+                assert card.cost(usage) == expected, (provider.id, model.id, usage)
+                assert card.cost_nano(usage) == ceil_nano(expected)
+    assert models > 50
+
+
+def test_every_variant_equals_genai() -> None:
+    """Every service_tier / speed variant genai-prices has today, priced through card.variant."""
+    now = datetime.now(UTC)
+    checked = 0
+    for provider in get_snapshot().providers:
+        for model in provider.models:
+            base = model.get_prices(now)
+            if base.input_mtok is None and base.output_mtok is None:
+                continue
+            for variant in model.price_variants or ():
+                context = {k: v for k, v in variant.when.items() if k in ("service_tier", "speed")}
+                if not context or len(context) != len(variant.when):
+                    continue
+                if variant.constraint is not None and not variant.constraint.active(now):
+                    continue
+                card = pricing._genai_card(model, base, now, model=model.id, provider=provider.id,
+                                           entry_provider=provider)
+                usage = TokenUsage(input_tokens=5_000, output_tokens=700, cache_read_tokens=1_000, **context)
+                expected = model.get_prices(now, context).calc_price(
+                    genai_prices.Usage(input_tokens=5_000, output_tokens=700, cache_read_tokens=1_000)
+                )["total_price"]
+                assert card.cost(usage) == expected, (provider.id, model.id, context)
+                checked += 1
+    assert checked > 50
