@@ -36,7 +36,6 @@ class TestMemoryStoreContract(StoreContract):
 
 def test_sweep_forgets_expired_counters_and_records_but_not_live_ones():
     from langchain_budgetguard.stores import Counter, Hold
-    from langchain_budgetguard.stores.memory import RECORD_TTL_SECONDS, SETTLED_RECORD_SECONDS
 
     clock = ManualClock()
     store = MemoryStore(clock=clock)
@@ -60,9 +59,40 @@ def test_sweep_forgets_expired_counters_and_records_but_not_live_ones():
     clock.now = t0 + 702
     store.reserve([keep], Hold("tick3", 1, 30))
     assert "busy" not in store._counters
-    clock.now = t0 + SETTLED_RECORD_SECONDS + 10
-    store.reserve([keep], Hold("tick4", 1, 30))
+
+
+def test_records_live_for_the_retry_window_not_a_day():
+    from langchain_budgetguard.stores import Counter, Hold
+
+    clock = ManualClock()
+    store = MemoryStore(clock=clock, retry_window_seconds=60)
+    t0 = clock.now
+    keep = Counter("keep", 10_000)
+    settled = Hold("settled-call", 10, 30)
+    store.reserve([keep], settled)
+    store.settle("settled-call", ["keep"], 7)
+    renewed = Hold("renewed-call", 10, 30)
+    store.reserve([keep], renewed)
+    store.reserve([keep], Hold("expiring-call", 10, 30, charge_on_expiry=5))
+    clock.now = t0 + 20
+    assert store.renew("renewed-call", ["keep"], 30)  # its record now lives until t0 + 20 + 30 + 60
+    clock.now = t0 + 59  # inside every window: retries are recognised
+    assert store.reserve([keep], renewed).duplicate
+    assert store.reserve([keep], Hold("settled-call", 1, 30)).reused
+    assert not store.settle("settled-call", ["keep"], 7).applied
+    clock.now = t0 + 61  # the settled call's window is over: its record is forgotten
+    store.read(["keep"])
+    store.reserve([keep], Hold("tick", 1, 30))
     assert "settled-call" not in store._records and "renewed-call" in store._records
-    clock.now = t0 + 101 + 30 + RECORD_TTL_SECONDS + 10
-    store.reserve([Counter("fresh", 1000)], Hold("tick5", 1, 30))
+    assert store._counters["keep"].expired == {"expiring-call": 5}
+    clock.now = t0 + 30 + 60 + 1  # expiry charged at t0 + 59: its correction lives until t0 + 119
+    store.reserve([keep], Hold("tick2", 1, 30))
+    assert "expiring-call" not in store._records
+    clock.now = t0 + 20 + 30 + 60 + 1
+    store.reserve([keep], Hold("tick3", 1, 30))
     assert "renewed-call" not in store._records
+    clock.now = t0 + 59 + 60 + 1
+    store.reserve([keep], Hold("tick4", 1, 30))
+    assert store._counters["keep"].expired == {}
+    heap_sizes = len(store._record_expiry) + len(store._expired_expiry)
+    assert heap_sizes <= 8  # only the last ticks' entries are left
