@@ -534,7 +534,9 @@ class RedisStore:
         self.retention_seconds = retention_seconds
         self.retry = retry or RetryPolicy()
         self._retry_ms = str(_ms(self.retry_window_seconds))
-        self.journal: SettleJournal = journal or (SqliteJournal(journal_path) if journal_path else MemoryJournal())
+        if journal is None:
+            journal = SqliteJournal(journal_path) if journal_path else MemoryJournal()
+        self.journal: SettleJournal = journal
         self._mark_ttl_ms = "" if self.journal.durable else str(MEMORY_MARK_TTL_SECONDS * 1000)
         self._options = client_options
         self._sync: _Backend | None = None
