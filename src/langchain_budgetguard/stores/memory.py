@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import heapq
+import math
 import re
 import threading
 import time
@@ -43,7 +44,7 @@ class _Counter:
 class _Record:
     state: str  # "held", "settled"
     token: str
-    forget_at: float
+    forget_at: float  # inf while a hold of the call is live
 
 
 def _state(counter: _Counter | None) -> CounterState:
@@ -109,6 +110,10 @@ class MemoryStore:
         for cid in expired:
             amount, _, on_expiry = counter.holds.pop(cid)
             counter.held -= amount
+            record = self._records.get(cid)
+            if record is not None and record.state == "held" and record.forget_at == math.inf:
+                # Its lease is over: the record waits one retry window more for a late settle.
+                self._remember(cid, _Record("held", record.token, now + self.retry_window_seconds))
             if on_expiry:
                 _add_spent(counter, on_expiry)
                 counter.expired[cid] = on_expiry
@@ -195,7 +200,10 @@ class MemoryStore:
                 counter.holds[call_id] = entry
                 if deadline < counter.next_deadline:
                     counter.next_deadline = deadline
-            self._remember(call_id, _Record("held", token, deadline + self.retry_window_seconds))
+            if counters:  # forgotten a retry window after its settle, or after its hold is reaped
+                self._records[call_id] = _Record("held", token, math.inf)
+            else:
+                self._remember(call_id, _Record("held", token, now + lease + self.retry_window_seconds))
             return ReserveResult(ok=True, states=tuple([_state(found[c.key]) for c in counters]))
 
     def settle(self, call_id: str, keys: Sequence[str], amount: int) -> SettleResult:
@@ -236,11 +244,7 @@ class MemoryStore:
                     amount, _, on_expiry = counter.holds[call_id]
                     counter.holds[call_id] = (amount, now + lease_seconds, on_expiry)
                     renewed = True
-            record = self._records.get(call_id)
-            if renewed and record is not None:
-                record.forget_at = now + lease_seconds + self.retry_window_seconds
-                heapq.heappush(self._record_expiry, (record.forget_at, call_id))
-            return renewed
+            return renewed  # a held record is forgotten only after its settle or its reaping
 
     def read(self, keys: Sequence[str]) -> list[CounterState]:
         with self._lock:
