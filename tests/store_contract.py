@@ -62,6 +62,9 @@ class Api:
     async def read(self, keys: Sequence[str]) -> list[CounterState]:
         return await self._do("read", keys)
 
+    async def release(self, call_id: str, keys: Sequence[str], hold: Hold) -> None:
+        await self._do("release", call_id, keys, hold)
+
     async def reset(self, key: str) -> CounterState:
         return await self._do("reset_counter", key)
 
@@ -180,6 +183,36 @@ class StoreContract:
             again = await api.reserve(counters, Hold(cid, 100, 30))
             assert not again.ok and again.reused
         assert await api.read(keys_of(counters)) == [CounterState(100, 0)] * 2
+
+    async def test_release_charges_nothing_and_burns_the_call_id(self, env: StoreEnv, api: Api) -> None:
+        counters = [Counter(env.key("release"), 1_000), Counter(env.key("release", tag=1), 1_000)]
+        hold = Hold(call_id(), 300, 30, charge_on_expiry=300)
+        assert (await api.reserve(counters, hold)).ok
+        await api.release(hold.call_id, keys_of(counters), hold)
+        await api.release(hold.call_id, keys_of(counters), hold)  # idempotent
+        assert await api.read(keys_of(counters)) == [CounterState(0, 0)] * 2
+        again = await api.reserve(counters, hold)
+        assert not again.ok and again.reused
+
+    async def test_release_of_another_attempt_changes_nothing(self, env: StoreEnv, api: Api) -> None:
+        counter = Counter(env.key("notmine"), 1_000)
+        owner = Hold(call_id(), 300, 30)
+        assert (await api.reserve([counter], owner)).ok
+        intruder = Hold(owner.call_id, 300, 30)  # same call id, another token
+        await api.release(owner.call_id, [counter.key], intruder)
+        assert await api.read([counter.key]) == [CounterState(0, 300)]
+        await api.settle(owner.call_id, [counter.key], 200)
+        await api.release(owner.call_id, [counter.key], owner)  # a settled call stays settled
+        assert await api.read([counter.key]) == [CounterState(200, 0)]
+
+    async def test_release_after_expiry_undoes_the_expiry_charge(self, env: StoreEnv, api: Api) -> None:
+        counter = Counter(env.key("relexp"), 1_000)
+        hold = Hold(call_id(), 300, env.lease, charge_on_expiry=250)
+        assert (await api.reserve([counter], hold)).ok
+        await env.sleep(env.lease + 0.2)
+        assert await api.read([counter.key]) == [CounterState(250, 0)]
+        await api.release(hold.call_id, [counter.key], hold)  # the call never ran
+        assert await api.read([counter.key]) == [CounterState(0, 0)]
 
     async def test_settle_without_a_reservation_burns_the_call_id(self, env: StoreEnv, api: Api) -> None:
         key = env.key("burnt")

@@ -358,3 +358,38 @@ async def test_sentinel_url_finds_the_master(tmp_path: Path) -> None:
     finally:
         sentinel.stop()
         master.stop()
+
+
+# -- scripts check their arguments before their first write -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "script, args",
+    [
+        ("reserve", ["c", str(2**64 - 1), "0", "1000", "300000", "tok", "1000", ""]),
+        ("reserve", ["c", "10", "0", "1e20", "300000", "tok", "1000", ""]),
+        ("reserve", ["c", "10", "0", "1000", "300000", "tok", str(10**19), ""]),
+        ("reserve", ["c", "10", "0", "1000", "300000", "a:b", "1000", ""]),
+        ("settle", ["c", str(2**63), "300000", "", ""]),
+        ("settle", ["c", "-5", "300000", "", ""]),
+        ("renew", ["c", "inf", "300000"]),
+        ("read", ["0"]),
+    ],
+)
+@pytest.mark.redis
+def test_a_script_with_bad_arguments_fails_before_writing(redis_url: str, script: str, args: list[str]) -> None:  # noqa: F811
+    store = RedisStore(redis_url, prefix=fresh_prefix())
+    key = "{argv}:k"
+    store.reserve([Counter(key, 1_000)], Hold("expired", 100, 0.05, charge_on_expiry=60))
+    time.sleep(0.1)  # a reap is due: any script that got as far as reaping would write
+    counter, leases = store.redis_keys(key)
+    with redis.Redis.from_url(redis_url) as admin:
+        before = (admin.hgetall(counter), admin.zrange(leases, 0, -1))
+        record = f"{store.prefix}c:{{argv}}:c"
+        mark = f"{store.prefix}j:{{argv}}:x"
+        keys = {"read": [counter, leases], "settle": [record, mark, counter, leases]}.get(script, [record, counter, leases])
+        with pytest.raises(redis.exceptions.ResponseError, match="budgetguard"):
+            store._sync_backend().scripts[script](keys=keys, args=args)  # test-only reach: bypass the Python checks
+        assert (admin.hgetall(counter), admin.zrange(leases, 0, -1)) == before
+        assert not admin.exists(record)
+    store.close()

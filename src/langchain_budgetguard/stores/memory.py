@@ -42,7 +42,7 @@ class _Counter:
 
 @dataclass(slots=True)
 class _Record:
-    state: str  # "held", "settled"
+    state: str  # "held", "settled", "released"
     token: str
     forget_at: float  # inf while a hold of the call is live
 
@@ -233,6 +233,29 @@ class MemoryStore:
             self._remember(call_id, _Record("settled", token, now + self.retry_window_seconds))
             return SettleResult(applied=True, charged=amount, capped=capped)
 
+    def release(self, call_id: str, keys: Sequence[str], hold: Hold) -> None:
+        """Release a reservation whose call does not go ahead (charge nothing); the call id then
+        admits nothing more for the retry window. Only ``hold``'s own attempt is released."""
+        check_call_id(call_id)
+        token = check_token(hold.token)
+        with self._lock:
+            now = self._clock()
+            record = self._records.get(call_id)
+            if record is not None and (record.state == "settled" or record.token != token):
+                return
+            for key in dict.fromkeys(keys):
+                counter = self._get(key, now)
+                if counter is None:
+                    continue
+                held = counter.holds.pop(call_id, None)
+                if held is not None:
+                    counter.held -= held[0]
+                    counter.next_deadline = min((d for _, d, _ in counter.holds.values()), default=math.inf)
+                else:
+                    counter.spent -= min(counter.expired.pop(call_id, 0), counter.spent)
+            lease = check_seconds(hold.lease_seconds, "Hold.lease_seconds")
+            self._remember(call_id, _Record("released", token, now + lease + self.retry_window_seconds))
+
     def renew(self, call_id: str, keys: Sequence[str], lease_seconds: float) -> bool:
         lease_seconds = check_seconds(lease_seconds, "lease_seconds")
         with self._lock:
@@ -308,6 +331,9 @@ class MemoryStore:
 
     async def aread(self, keys: Sequence[str]) -> list[CounterState]:
         return self.read(keys)
+
+    async def arelease(self, call_id: str, keys: Sequence[str], hold: Hold) -> None:
+        self.release(call_id, keys, hold)
 
     async def aclose(self) -> None:
         pass
