@@ -22,7 +22,8 @@ from redis.crc import key_slot
 from langchain_budgetguard.errors import BudgetStoreUnavailableError
 from langchain_budgetguard.limits import Limit, counter_key, escape_id
 from langchain_budgetguard.stores.base import Counter, CounterState, Hold
-from langchain_budgetguard.stores.redis import PendingSettle, RedisStore, RetryPolicy, _parse_url
+from langchain_budgetguard.stores.redis import PendingSettle, RedisStore, RetryPolicy
+from langchain_budgetguard.stores.redis_client import parse_url as _parse_url
 
 from .redis_support import (  # noqa: F401 - fixtures
     RedisServer,
