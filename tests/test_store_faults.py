@@ -310,3 +310,22 @@ async def test_the_async_client_checks_the_policy_too(tmp_path: Path) -> None:
         await store.aclose()
     finally:
         evicting.stop()
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_async_every_reply_lost_releases_before_raising(proxy: ReplyDroppingProxy) -> None:
+    store = RedisStore(proxy.url, prefix=fresh_prefix(), retry=FAST_FAIL)
+    tenant, platform = two_tags()
+    hold = Hold(call_id(), 100, 30, charge_on_expiry=100)
+    warm_id = call_id()
+    await store.areserve([Counter("{warm}:k", 10)], Hold(warm_id, 1, 30))
+    await store.asettle(warm_id, ["{warm}:k"], 0)
+    await store.arelease(call_id(), ["{warm}:k"], Hold("x", 1, 30))
+    proxy.drop_script_replies = -1
+    with pytest.raises(BudgetStoreUnavailableError):
+        await store.areserve([tenant, platform], hold)
+    proxy.drop_script_replies = 0
+    settled_everywhere(store)
+    assert await store.aread([tenant.key, platform.key]) == [CounterState(0, 0)] * 2
+    assert (await store.areserve([tenant, platform], hold)).reused
+    await store.aclose()

@@ -802,7 +802,7 @@ class RedisStore:
             except Exception:  # noqa: BLE001 - kept and retried; Redis is still away
                 with self._lock:
                     self._releases[:0] = releases[index:]
-                return 0
+                break
         return self._replay_with(lambda entry: self._run(self._settle_plan(entry.call_id, entry.keys, entry.amount, entry.seq), policy))
 
     def _replay_with(self, apply: Any) -> int:
@@ -1019,7 +1019,7 @@ class RedisStore:
                 except Exception:  # noqa: BLE001 - kept and retried
                     with self._lock:
                         self._releases[:0] = releases[index:]
-                    return 0
+                    break
             done = 0
             for entry in self.journal.pending():
                 try:
