@@ -273,15 +273,18 @@ class ReplyDroppingProxy:
                 client.close()
                 continue
             self._sockets += [client, server]
-            pending: list[bool] = []  # per request sent: was it a script call?
-            threading.Thread(target=self._upstream, args=(client, server, pending), daemon=True).start()
-            threading.Thread(target=self._downstream, args=(server, client, pending), daemon=True).start()
+            # Clients wait for each reply before they send the next command, so a script request
+            # seen upstream is answered by the next data downstream: that is what gets lost.
+            doomed = threading.Event()
+            threading.Thread(target=self._upstream, args=(client, server, doomed), daemon=True).start()
+            threading.Thread(target=self._downstream, args=(server, client, doomed), daemon=True).start()
 
-    def _upstream(self, client: socket.socket, server: socket.socket, pending: list[bool]) -> None:
+    def _upstream(self, client: socket.socket, server: socket.socket, doomed: Any) -> None:
         try:
             while data := client.recv(65536):
                 upper = data.upper()
-                pending.append(b"EVALSHA" in upper or b"\r\nEVAL\r\n" in upper)
+                if (b"EVALSHA" in upper or b"\r\nEVAL\r\n" in upper) and self._should_drop():
+                    doomed.set()
                 server.sendall(data)
         except OSError:
             pass
@@ -304,11 +307,10 @@ class ReplyDroppingProxy:
             self.lost += 1
             return True
 
-    def _downstream(self, server: socket.socket, client: socket.socket, pending: list[bool]) -> None:
+    def _downstream(self, server: socket.socket, client: socket.socket, doomed: Any) -> None:
         try:
             while data := server.recv(65536):
-                script = pending.pop(0) if pending else False
-                if script and self._should_drop():
+                if doomed.is_set():
                     return  # the finally below cuts both sides: the client sees its connection drop
                 client.sendall(data)
         except OSError:
