@@ -166,3 +166,20 @@ def test_a_stalled_second_step_releases_the_first_and_leaves_no_hold(
     assert store.read(keys) == [CounterState(0, 0)] * 2
     assert not store.reserve([tenant, platform], hold).ok  # the burnt attempt admits nothing
     store.close()
+
+
+def test_an_evicting_policy_on_any_master_is_refused(cluster: list[RedisServer], admin: RedisCluster) -> None:
+    import redis as redis_py
+
+    from langchain_budgetguard.errors import BudgetStoreUnavailableError
+
+    with redis_py.Redis(port=cluster[2].port) as one:
+        one.config_set("maxmemory-policy", "allkeys-lru")
+        try:
+            store = RedisStore(cluster_url(cluster), prefix=fresh_prefix())
+            with pytest.raises(BudgetStoreUnavailableError, match="allkeys-lru"):
+                store.reserve([Counter("{ev}:k", 10)], Hold(uuid.uuid4().hex, 1, 30))
+            assert store.pending_releases == 0  # refused before anything was sent: nothing to release
+            store.close()
+        finally:
+            one.config_set("maxmemory-policy", "noeviction")

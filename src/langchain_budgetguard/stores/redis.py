@@ -157,6 +157,10 @@ class RetryPolicy:
 _ONCE = RetryPolicy(attempts=1)
 
 
+class _NotSent(BudgetStoreUnavailableError):
+    """Refused before any command was sent (an evicting policy): nothing to release."""
+
+
 # Every maxmemory-policy but noeviction may drop counters (they all have TTLs, or soon will).
 EVICTING_POLICIES = frozenset(
     {"allkeys-lru", "allkeys-lfu", "allkeys-random", "volatile-lru", "volatile-lfu", "volatile-random", "volatile-ttl"}
@@ -285,6 +289,13 @@ class _Backend:
             if not self._ready:
                 await self.client.initialize()
                 self._ready = True
+
+
+def _every_primary(client: Any) -> dict[str, Any]:
+    """Arguments that send a command to every primary of a cluster client (none for a server)."""
+    if isinstance(client, (redis.cluster.RedisCluster, redis.asyncio.cluster.RedisCluster)):
+        return {"target_nodes": type(client).PRIMARIES}
+    return {}
 
 
 def _policies(reply: Any) -> list[str]:
@@ -506,10 +517,10 @@ class RedisStore:
                 args += [str(limits[key]), "" if expires is None else str(expires)]
             try:
                 reply = yield self._call("reserve", group, call_id, args)
-            except BudgetStoreUnavailableError:
+            except BudgetStoreUnavailableError as exc:
                 # This tag may have run the reserve (a lost reply, a timeout while the server was
                 # stalled): release it and every tag placed, with a tombstone against late runs.
-                reached = [g for g, _, _ in placed] + [group]
+                reached = [g for g, _, _ in placed] + ([] if isinstance(exc, _NotSent) else [group])
                 yield from self._release(reached, call_id, token, tombstone_ms, lease_seconds)
                 raise
             code, found = int(reply[0]), _states(reply[2:])
@@ -667,16 +678,16 @@ class RedisStore:
             backend.policy_checked = True
             return
         backend.policy_refused_at = time.monotonic()
-        raise BudgetStoreUnavailableError(message)
+        raise _NotSent(message)
 
     def _check_policy(self, backend: _Backend) -> None:
         """Read maxmemory-policy once (again every 5 s while it is an evicting one)."""
         if backend.policy_checked:
             return
         if time.monotonic() - backend.policy_refused_at < 5:
-            raise BudgetStoreUnavailableError(self._policy_refusal("(evicting)"))
+            raise _NotSent(self._policy_refusal("(evicting)"))
         try:
-            reply = backend.client.config_get("maxmemory-policy")
+            reply = backend.client.config_get("maxmemory-policy", **_every_primary(backend.client))
         except redis.exceptions.ResponseError as exc:  # CONFIG renamed or denied (managed Redis)
             log.info("cannot read maxmemory-policy of %s (%s); make sure it is noeviction", self.where, exc)
             backend.policy_checked = True
@@ -687,9 +698,9 @@ class RedisStore:
         if backend.policy_checked:
             return
         if time.monotonic() - backend.policy_refused_at < 5:
-            raise BudgetStoreUnavailableError(self._policy_refusal("(evicting)"))
+            raise _NotSent(self._policy_refusal("(evicting)"))
         try:
-            reply = await backend.client.config_get("maxmemory-policy")
+            reply = await backend.client.config_get("maxmemory-policy", **_every_primary(backend.client))
         except redis.exceptions.ResponseError as exc:
             log.info("cannot read maxmemory-policy of %s (%s); make sure it is noeviction", self.where, exc)
             backend.policy_checked = True
