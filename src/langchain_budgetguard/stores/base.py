@@ -128,7 +128,13 @@ class OverridesSnapshot:
 
 @runtime_checkable
 class Store(Protocol):
-    """Sync and async twins of the same five operations."""
+    """Sync and async twins of the same five operations.
+
+    Both bundled stores also have ``release(call_id, keys, hold)`` / ``arelease``: drop a
+    reservation whose call does not go ahead (nothing charged; the call id is then spent), and
+    are context managers; ``close()`` flushes what a store keeps for later (Redis: journaled
+    settles, pending releases) before it closes its clients.
+    """
 
     def reserve(self, counters: Sequence[Counter], hold: Hold) -> ReserveResult: ...
     def settle(self, call_id: str, keys: Sequence[str], amount: int) -> SettleResult: ...
