@@ -171,10 +171,10 @@ def output_cap(model: Any, call_kwargs: Mapping[str, Any] | None = None) -> Outp
     if field is not None:
         source: OutputCapSource = "integration_default" if _is_integration_default(inner, field[0], limit) \
             else "model"
-        return OutputCap(field[0], source, field[1], limit)
+        return OutputCap(field[0], source, output_cap_kwarg(inner) or field[1], limit)
     found = _cap_in(getattr(inner, "model_kwargs", None))
     if found is not None:
-        return OutputCap(found[0], "model", found[1], limit)
+        return OutputCap(found[0], "model", output_cap_kwarg(inner) or found[1], limit)
     kwarg = output_cap_kwarg(inner)
     get_ls_params = getattr(inner, "_get_ls_params", None)
     if callable(get_ls_params):
@@ -198,18 +198,24 @@ def max_output_tokens(model: Any, call_kwargs: Mapping[str, Any] | None = None) 
 def output_cap_kwarg(model: Any) -> str | None:
     """The keyword to pass with a call to set its output cap on ``model``, or None if unknown.
 
-    The key a binding already uses (outermost), else the model's own cap field
-    (``max_tokens`` for ChatOpenAI, ChatAnthropic, ChatMistralAI...; ``max_output_tokens``
-    for Google; ``num_predict`` for Ollama), else a cap key in its ``model_kwargs``.
-    Passing the field's own name matters: ChatOpenAI renames ``max_tokens`` to
-    ``max_completion_tokens`` after merging, so a call's ``max_completion_tokens`` would
-    lose to a ``max_tokens`` set on the model.
+    The key a binding already uses (outermost), else the key the integration's own request
+    defaults carry (ChatOpenAI sends a model's ``max_tokens`` as ``max_completion_tokens``,
+    and on the Responses API a call's ``max_tokens`` would lose to it), else the model's cap
+    field (``max_tokens`` for ChatAnthropic, ChatMistralAI...; ``max_output_tokens`` for
+    Google; ``num_predict`` for Ollama), else a cap key in its ``model_kwargs``.
     """
     layers, inner = binding_layers(model)
     for kwargs in layers:
         found = _cap_in(kwargs)
         if found is not None:
             return found[1]
+    try:  # the key the integration itself puts in its requests, when a cap is set on the model
+        defaults = getattr(inner, "_default_params", None)
+    except Exception:  # a property that needs state we don't have
+        defaults = None
+    found = _cap_in(defaults)
+    if found is not None:
+        return found[1]
     fields = getattr(type(inner), "model_fields", None)
     if isinstance(fields, Mapping):
         for name in _CAP_FIELDS:

@@ -31,6 +31,7 @@ import string
 import threading
 import unicodedata
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
@@ -43,12 +44,20 @@ from .tokenizers import ExactFamily, exact_family, render_openai_tool
 __all__ = [
     "DEFAULT_IMAGE_TOKENS",
     "DEFAULT_MAX_OUTPUT_TOKENS",
+    "CallEstimate",
     "Estimator",
+    "OutputCap",
     "StrictEstimator",
+    "TokenCount",
     "TypicalEstimator",
+    "calibration_key",
+    "dominant_part",
+    "estimate_call",
     "estimate_input_tokens",
     "get_estimator",
     "max_output_tokens",
+    "output_cap",
+    "reserved_output",
     "tools_of",
 ]
 
@@ -1023,3 +1032,86 @@ def tools_of(model: Any, call_kwargs: Mapping[str, Any] | None = None) -> list[A
     if isinstance(config, Mapping) and isinstance(config.get("format"), Mapping):
         found.append(config["format"])
     return found
+
+
+# --------------------------------------------------------------------------------------
+# One call's estimate, explained
+# --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class CallEstimate:
+    """What a call would hold, in tokens, and why.
+
+    ``input_tokens``: the prompt estimate (a ``TokenCount`` from ``TypicalEstimator``: pass it
+    to ``observe`` at settle). ``output_cap``: the cap found and who set it.
+    ``reserved_output_tokens``: the output to reserve: a cap the user set, else
+    ``default_max_output_tokens`` never above the model's output limit. ``send_cap``: the
+    kwargs the guard must add to the call so the provider enforces that reservation (None when
+    the user's own cap applies, or when the model takes no known cap keyword).
+    ``tokenizer``: the exact tokenizer used (``"o200k_base"``...), None for a byte bound or
+    heuristic. ``mode``: the estimator's mode.
+    """
+
+    input_tokens: int
+    output_cap: OutputCap
+    reserved_output_tokens: int
+    send_cap: dict[str, int] | None
+    tokenizer: str | None
+    mode: str
+
+    @property
+    def dominant(self) -> str:
+        """``"input"`` or ``"output"``: the larger part in tokens (compare costs with ``dominant_part``)."""
+        return "output" if self.reserved_output_tokens >= self.input_tokens else "input"
+
+    def describe(self) -> str:
+        """One line for a refusal message: both parts, where the output cap came from."""
+        how = f"exact {self.tokenizer} + margin" if self.tokenizer and self.mode == "strict" else \
+            f"exact {self.tokenizer}" if self.tokenizer else \
+            "UTF-8 byte bound" if self.mode == "strict" else self.mode
+        cap = self.output_cap
+        if cap.user_set:
+            out = f"output {self.reserved_output_tokens:,} tokens ({cap.describe()})"
+        else:
+            found = cap.describe() if cap.tokens is not None else "no output cap set"
+            sent = f", sent as {next(iter(self.send_cap))}" if self.send_cap else ""
+            out = f"output {self.reserved_output_tokens:,} tokens (default cap{sent}; {found})"
+        return f"input {int(self.input_tokens):,} tokens ({how}), {out}"
+
+
+def dominant_part(input_cost: int, output_cost: int) -> str:
+    """``"input"`` or ``"output"``: which part of a reservation costs more (any one unit)."""
+    return "output" if output_cost >= input_cost else "input"
+
+
+def reserved_output(cap: OutputCap, default_max_output_tokens: int) -> tuple[int, dict[str, int] | None]:
+    """The output tokens to reserve for ``cap`` and the kwargs to send so the provider keeps to it."""
+    if cap.user_set and cap.tokens is not None:
+        return cap.tokens, None
+    tokens = default_max_output_tokens
+    if cap.model_limit is not None:
+        tokens = min(tokens, cap.model_limit)
+    if cap.source == "integration_default" and cap.tokens is not None:
+        tokens = min(tokens, cap.tokens)
+    return tokens, ({cap.kwarg: tokens} if cap.kwarg else None)
+
+
+def estimate_call(
+    estimator: Estimator,
+    messages: Sequence[BaseMessage] | Any,
+    model: Any,
+    call_kwargs: Mapping[str, Any] | None = None,
+    *,
+    default_max_output_tokens: int = DEFAULT_MAX_OUTPUT_TOKENS,
+) -> CallEstimate:
+    """Estimate one call on ``model`` (a chat model or binding): input, output cap, what to send."""
+    if isinstance(default_max_output_tokens, bool) or not isinstance(default_max_output_tokens, int) \
+            or default_max_output_tokens <= 0:
+        raise ValueError(f"default_max_output_tokens: expected a positive int, got {default_max_output_tokens!r}")
+    cap = output_cap(model, call_kwargs)
+    tools = tools_of(model, call_kwargs)
+    input_tokens = estimate_input_tokens(estimator, messages, tools, model)
+    reserved, send = reserved_output(cap, default_max_output_tokens)
+    tokenizer_for = getattr(estimator, "tokenizer_for", None)
+    tokenizer = tokenizer_for(model) if callable(tokenizer_for) else None
+    return CallEstimate(input_tokens, cap, reserved, send, tokenizer, getattr(estimator, "mode", "custom"))
