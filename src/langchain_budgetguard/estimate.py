@@ -600,14 +600,25 @@ _PROXY_MODEL = "gpt-4o"
 _features = threading.local()
 
 
+_SAMPLE_ABOVE = 32_768  # characters; longer texts are described by 32 evenly spread slices
+_SLICES, _SLICE = 32, 512
+
+
 def _add_text_features(text: str, acc: list[float]) -> None:
-    classes = text.encode("utf-8", "surrogatepass").translate(_BYTE_CLASSES)
+    """Add ``text``'s features to ``acc`` (long texts: from a sample, scaled to their length)."""
+    scale = 1.0
+    sample = text
+    if len(text) > _SAMPLE_ABOVE:
+        step = len(text) // _SLICES
+        sample = "".join(text[i * step:i * step + _SLICE] for i in range(_SLICES))
+        scale = len(text) / len(sample)
+    classes = sample.encode("utf-8", "surrogatepass").translate(_BYTE_CLASSES)
     for k, marker in enumerate(_CLASS_BYTES):
-        acc[k] += classes.count(marker)
+        acc[k] += classes.count(marker) * scale
     acc[18] += _typical_text(text)  # taken back out of "everything else" by the caller
     proxy = exact_family(_PROXY_MODEL)
     if proxy is not None:
-        acc[19] += proxy.count(text)
+        acc[19] += proxy.count(sample) * scale
 
 
 def _typical_text_tracked(text: str) -> int:
