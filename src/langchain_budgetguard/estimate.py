@@ -604,8 +604,8 @@ _SAMPLE_ABOVE = 32_768  # characters; longer texts are described by 32 evenly sp
 _SLICES, _SLICE = 32, 512
 
 
-def _add_text_features(text: str, acc: list[float]) -> None:
-    """Add ``text``'s features to ``acc`` (long texts: from a sample, scaled to their length)."""
+def _add_text_features(text: str, tokens: int, acc: list[float]) -> None:
+    """Add ``text`` (``tokens`` by the heuristic) to ``acc`` (long texts: a sample, scaled up)."""
     scale = 1.0
     sample = text
     if len(text) > _SAMPLE_ABOVE:
@@ -615,17 +615,18 @@ def _add_text_features(text: str, acc: list[float]) -> None:
     classes = sample.encode("utf-8", "surrogatepass").translate(_BYTE_CLASSES)
     for k, marker in enumerate(_CLASS_BYTES):
         acc[k] += classes.count(marker) * scale
-    acc[18] += _typical_text(text)  # taken back out of "everything else" by the caller
+    acc[18] += tokens  # taken back out of "everything else" by the caller
     proxy = exact_family(_PROXY_MODEL)
     if proxy is not None:
         acc[19] += proxy.count(sample) * scale
 
 
 def _typical_text_tracked(text: str) -> int:
+    n = _typical_text(text)
     acc = getattr(_features, "acc", None)
     if acc is not None and text:
-        _add_text_features(text, acc)
-    return _typical_text(text)
+        _add_text_features(text, n, acc)
+    return n
 
 
 class TypicalEstimator(_Counter):
