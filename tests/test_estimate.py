@@ -634,3 +634,17 @@ def test_call_estimate_breakdown_names_the_dominant_part():
     assert gpt4o.reserved_output_tokens == 16_384 and gpt4o.send_cap == {"max_tokens": 16_384}
     with pytest.raises(ValueError, match="default_max_output_tokens"):
         estimate_call(STRICT, [HumanMessage("hi")], llm, default_max_output_tokens=0)
+
+
+def test_output_tokens_of_a_cut_stream_with_the_model():
+    from langchain_budgetguard.estimate import estimate_output_tokens
+    from langchain_budgetguard.tokenizers import exact_family
+
+    text = "A reply that was cut off halfway through its second sentence. Привет"
+    assert estimate_output_tokens(STRICT, text) == STRICT.output_tokens(text)
+    family = exact_family("gpt-4o")
+    if family is not None:
+        exact = estimate_output_tokens(STRICT, text, "gpt-4o")
+        assert family.count(text) <= exact < STRICT.output_tokens(text)
+    assert estimate_output_tokens(TYPICAL, text, "gpt-4o") == TYPICAL.output_tokens(text)
+    assert estimate_output_tokens(STRICT, "", "gpt-4o") == 0

@@ -54,6 +54,7 @@ __all__ = [
     "dominant_part",
     "estimate_call",
     "estimate_input_tokens",
+    "estimate_output_tokens",
     "get_estimator",
     "max_output_tokens",
     "output_cap",
@@ -992,6 +993,18 @@ def estimate_input_tokens(
     if model is not None and getattr(estimator, "accepts_model", False):
         return estimator.input_tokens(messages, tools, model=model)  # type: ignore[call-arg]
     return estimator.input_tokens(messages, tools)
+
+
+def estimate_output_tokens(estimator: Estimator, text: str, model: Any = None) -> int:
+    """``estimator.output_tokens(text)``, exact for a model whose tokenizer is installed (strict).
+
+    For a reply whose usage never came (a cut stream): the text seen, as the model's tokenizer
+    counts it plus strict's small overhead, instead of its UTF-8 bytes.
+    """
+    counter_for = getattr(estimator, "counter_for", None)
+    if model is not None and callable(counter_for):
+        return counter_for(model).output_tokens(text)
+    return estimator.output_tokens(text)
 
 
 # --------------------------------------------------------------------------------------
