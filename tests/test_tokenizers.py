@@ -235,3 +235,33 @@ def test_typical_uses_the_exact_tokenizer_without_margin(corpus):
     ratios = [typical.input_tokens(r.messages, r.tools or None, model="gpt-4o") / openai_reference(r, "gpt-4o")
               for r in corpus if r.kind not in ("image", "tools", "tool_turns")]
     assert 0.97 <= statistics.median(ratios) <= 1.05
+
+
+def test_mistral_safe_prompt_is_reserved():
+    if exact_family("open-mistral-nemo") is None:
+        _require("mistral:v3-tekken")
+    from langchain_core.runnables import RunnableBinding
+
+    class ChatMistralAI:  # the fields the estimator reads, without the integration installed
+        model = "open-mistral-nemo"
+        safe_mode = True
+
+    plain = StrictEstimator().input_tokens([HumanMessage("hi")], model="open-mistral-nemo")
+    safe = StrictEstimator().input_tokens([HumanMessage("hi")], model=ChatMistralAI())
+    assert safe - plain == 64
+    from langchain_core.language_models import FakeListChatModel
+
+    class Named(FakeListChatModel):
+        model: str = "open-mistral-nemo"
+
+    bound = RunnableBinding(bound=Named(responses=["x"]), kwargs={"safe_prompt": True})
+    assert StrictEstimator().input_tokens([HumanMessage("hi")], model=bound) == safe
+
+
+def test_claude_images_of_known_size_are_bounded_by_their_formula():
+    strict = StrictEstimator()
+    small = [HumanMessage([{"type": "image", "base64": png_data_url(200, 200).split(",")[1], "mime_type": "image/png"}])]
+    url = [HumanMessage([{"type": "image", "url": "https://example.com/a.png"}])]
+    n_small = strict.input_tokens(small, model="claude-sonnet-4-5")
+    assert 200 * 200 / 750 <= n_small - strict.input_tokens([HumanMessage([])], model="claude-sonnet-4-5")
+    assert n_small < strict.input_tokens(url, model="claude-sonnet-4-5")

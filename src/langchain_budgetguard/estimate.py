@@ -504,8 +504,12 @@ class StrictEstimator(_Counter):
         family; without it images count as the worst case of any family but gpt-4o-mini.
         """
         counter = self.counter_for(model)
-        return counter.input_tokens(messages, tools, model=model) if counter is not self else \
-            _Counter.input_tokens(self, messages, tools, model=model)
+        if counter is self:
+            return _Counter.input_tokens(self, messages, tools, model=model)
+        n = counter.input_tokens(messages, tools, model=model)
+        if isinstance(counter, _ExactCounter) and counter.family.provider == "mistral" and _safe_prompt(model):
+            n += MISTRAL_SAFE_PROMPT_TOKENS  # Mistral prepends its guardrail system prompt
+        return n
 
     def counter_for(self, model: Any) -> _Counter:
         """The counter this estimator uses for ``model``: an exact one, or itself (byte bound)."""
@@ -852,6 +856,18 @@ class _ExactCounter(_Counter):
 
     def _tools_request_overhead(self, family: str) -> int:
         return self.tools_request_overhead
+
+
+MISTRAL_SAFE_PROMPT_TOKENS = 64
+"""Bound on the system prompt Mistral's API prepends with ``safe_prompt`` (ChatMistralAI ``safe_mode``)."""
+
+
+def _safe_prompt(model: Any) -> bool:
+    layers, inner = binding_layers(model)
+    for kwargs in layers:
+        if "safe_prompt" in kwargs or "safe_mode" in kwargs:
+            return bool(kwargs.get("safe_prompt", kwargs.get("safe_mode")))
+    return bool(getattr(inner, "safe_mode", False) or getattr(inner, "safe_prompt", False))
 
 
 def _dumps_spaced(value: Any) -> str:

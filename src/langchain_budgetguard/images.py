@@ -10,7 +10,8 @@ provider charges for it:
   scaled up to 768 is not documented, so both are computed and the larger one is kept.
 * OpenAI patch models (gpt-4.1-mini/nano, o4-mini, gpt-5-mini/nano): 32px patches, at most
   1,536, times the model's multiplier (1.62 / 2.46 / 1.72).
-* Claude: ``width * height / 750`` for the image as sent (resizing only lowers it).
+* Claude: ``width * height / 750`` for the image as sent (resizing only lowers it), plus 10%
+  and 16 tokens: Anthropic calls the formula approximate.
 
 Other families, unreadable headers and images by URL keep the family's worst case.
 """
@@ -110,6 +111,6 @@ def image_tokens(family: str, width: int, height: int, low_detail: bool, worst: 
     if family in _PATCH_MULTIPLIER:
         patches = min(math.ceil(width / 32) * math.ceil(height / 32), 1536)
         return min(math.ceil(patches * _PATCH_MULTIPLIER[family]) + 1, worst)
-    if family == "claude":
-        return min(math.ceil(width * height / 750) + 8, worst)
+    if family == "claude":  # "about (w*h)/750": 10% and 16 tokens on top of the published estimate
+        return min(math.ceil(width * height / 750 * 1.1) + 16, worst)
     return worst
