@@ -1,17 +1,27 @@
-"""Pre-call token estimates, offline: no tokenizer files, no network.
+"""Pre-call token estimates, offline: no network, no downloads.
 
 Two estimators share one walk over the messages and differ in how they count:
 
 * ``StrictEstimator`` (mode ``"strict"``) is an upper bound on what a provider
-  reports as prompt tokens. Every token of a byte-level BPE (OpenAI, Anthropic,
-  Llama 3, Mistral Tekken...) covers at least one UTF-8 byte, and a
-  SentencePiece piece covers at least one character (byte fallback: one byte),
-  so ``tokens(text) <= len(text.encode("utf-8"))``. On top come generous
-  per-message, per-block and per-request overheads, the JSON of tool schemas,
-  and a worst case per image.
-* ``TypicalEstimator`` (mode ``"typical"``) is close to real counts:
-  ``ceil(ascii_chars / 4)`` plus about one token per non-ASCII character. It
-  can be below the provider's count now and then.
+  reports as prompt tokens. For a model whose tokenizer is public and installed
+  (the ``tokenizers`` extra: OpenAI o200k/cl100k, Mistral's shipped ones; see
+  ``tokenizers``) it counts exactly, in the provider's chat format (per-message
+  and reply-priming tokens, tools as the larger of their JSON and OpenAI's
+  TypeScript rendering), plus a margin of 1% and 8 tokens. Otherwise every
+  token of a byte-level BPE (OpenAI, Anthropic, Llama 3, Mistral Tekken...)
+  covers at least one UTF-8 byte, and a SentencePiece piece at least one
+  character (byte fallback: one byte), so ``tokens(text) <= len(text.encode())``;
+  on top come generous per-message, per-block and per-request overheads and the
+  JSON of tool schemas. Images count their family's formula when their size can
+  be read from an inline header (``images``), else the family's worst case.
+* ``TypicalEstimator`` (mode ``"typical"``) is close to real counts: exact
+  without margin where a tokenizer is installed, else ``ceil(ascii_chars / 4)``
+  plus about one token per non-ASCII character; ``observe`` calibrates it per
+  model from the prompt counts providers report (``calibration``). It is below
+  the provider's count for about 8% of requests, by design.
+
+``estimate_call`` puts a call's input estimate next to its output cap and where
+that cap came from (``caps``), for the reservation and for a refusal's message.
 
 What no offline estimate can bound (documented, not hidden): documents and
 media given by URL or file id, PDFs whose page objects are compressed, results
