@@ -705,6 +705,9 @@ class TypicalEstimator(_Counter):
                     family, False, self.image_tokens, self.low_detail_image_tokens)
             raw = counter.input_tokens(messages, tools, model=model)
             features: tuple[float, ...] = (float(raw),)
+        elif self.calibrator is None:  # nothing will learn from features: don't compute them
+            raw = _Counter.input_tokens(self, messages, tools, model=model)
+            features = ()
         else:
             acc = [0.0] * (_FEATURES - 1)
             _features.acc = acc
@@ -738,7 +741,7 @@ class TypicalEstimator(_Counter):
             return
         if isinstance(reported_tokens, bool) or not isinstance(reported_tokens, int) or reported_tokens <= 0:
             return
-        if isinstance(estimated_tokens, TokenCount):
+        if isinstance(estimated_tokens, TokenCount) and estimated_tokens.features:
             features, key = estimated_tokens.features, estimated_tokens.key
         elif isinstance(estimated_tokens, int) and not isinstance(estimated_tokens, bool) and estimated_tokens > 0:
             features, key = (float(estimated_tokens),), (model_key or "unknown").strip().lower()
