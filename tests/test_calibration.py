@@ -194,3 +194,12 @@ def test_calibration_key_matches_what_the_estimator_uses():
     llm = ChatOpenAI(model="GPT-4o", api_key="x")
     assert calibration_key(llm) == "gpt-4o" == TypicalEstimator().input_tokens("hi", model=llm).key
     assert calibration_key(None) == "unknown"
+
+
+def test_token_counts_copy_and_pickle():
+    import copy
+    import pickle
+
+    est = TypicalEstimator(exact=False).input_tokens([HumanMessage("hello there")], model="m")
+    for clone in (copy.deepcopy(est), pickle.loads(pickle.dumps(est))):
+        assert clone == est and clone.features == est.features and clone.key == "m" and clone.raw == est.raw

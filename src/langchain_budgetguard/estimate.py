@@ -575,6 +575,12 @@ class TokenCount(int):
         self.raw, self.features, self.key = raw, features, key
         return self
 
+    def __getnewargs__(self) -> tuple[int, int, tuple[float, ...], str]:  # copy and pickle
+        return int(self), self.raw, self.features, self.key
+
+    def __repr__(self) -> str:
+        return f"TokenCount({int(self)}, raw={self.raw}, key={self.key!r})"
+
 
 def calibration_key(model: Any) -> str:
     """The key ``TypicalEstimator`` learns under for ``model`` (a name or a chat model)."""
