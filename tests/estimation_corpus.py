@@ -272,7 +272,7 @@ def build_corpus(n: int = 400, seed: int = 12) -> list[CorpusRequest]:
         elif kind == "tool_turns":
             req.tools = rng.sample(_TOOLS[:5], rng.randint(1, 4))
             msgs.append(HumanMessage(_text(rng, lang, rng.randint(1, 3))))
-            for t in range(rng.randint(1, 3)):
+            for _ in range(rng.randint(1, 3)):
                 tool = rng.choice(req.tools)["function"]
                 call_id = "".join(rng.choice("abcdefghijABCDEFGHIJ0123456789") for _ in range(9))
                 args = {k: (rng.randint(1, 50) if v.get("type") in ("integer", "number")

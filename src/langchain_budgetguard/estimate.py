@@ -37,7 +37,6 @@ import functools
 import json
 import math
 import re
-import string
 import threading
 import unicodedata
 from collections.abc import Callable, Mapping, Sequence
