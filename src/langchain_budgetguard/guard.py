@@ -580,6 +580,10 @@ class BudgetGuard(BaseChatModel):
 
     def _price(self, admitted: Admitted, usage: TokenUsage, reply: Any = None) -> CallCost:
         estimate = admitted.estimate
+        observe = getattr(self.policy.estimator, "observe", None)
+        if observe is not None and not usage.estimated and usage.input_tokens:
+            # typical mode learns from the provider's own prompt counts (no network, bounded memory)
+            observe(admitted.candidate.label, estimate.input_tokens, usage.consistent().input_tokens)
         card, model = estimate.card, admitted.candidate.label
         refs = estimate.refs
         if refs:
