@@ -452,6 +452,28 @@ class BudgetGuard(BaseChatModel):
         call = self._begin(messages, ensure_config(config), dict(kwargs or {}), model, call_id)
         return Reservation(self, await self._admit_async(call, events), events)
 
+    # -- closing the store -------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the budget's store: journaled fail-open settles and pending releases are written
+        first (interpreter exit does this too). Guards sharing the policy share the store."""
+        self.policy.store.close()
+
+    async def aclose(self) -> None:
+        await self.policy.store.aclose()
+
+    def __enter__(self) -> BudgetGuard:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> BudgetGuard:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
     # -- status ----------------------------------------------------------------------------
 
     def status(self, config: RunnableConfig | None = None, **ids: Any) -> list[LimitStatus]:
