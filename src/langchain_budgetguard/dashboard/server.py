@@ -235,6 +235,9 @@ class _Handler(BaseHTTPRequestHandler):
         except BudgetStoreUnavailableError as exc:
             return self._fail(api, HTTPStatus.SERVICE_UNAVAILABLE, f"the budget store could not be reached: {exc}",
                               route)
+        except Exception as exc:  # noqa: BLE001 - answered (and logged), never a dropped connection
+            log.exception("dashboard: %s failed", route)
+            return self._fail(api, HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(exc).__name__}: {exc}", route)
         if api:
             self._json(HTTPStatus.OK, {"budget": self.server.data.name, **payload[0]})
         else:
