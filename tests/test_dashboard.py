@@ -42,7 +42,7 @@ def _model() -> UsageChat:
     return UsageChat(model_name="gpt-4o-mini", input_tokens=1000, output_tokens=500, max_tokens=500)
 
 
-def _guard(store: Any = None) -> BudgetGuard:
+def make_guard(store: Any = None) -> BudgetGuard:
     return BudgetGuard(_model(), limits=[Limit(usd="0.01", per="user", window="day"),
                                          Limit(usd=100, per="global", window="month")],
                        store=store if store is not None else MemoryStore(), name="dash-test")
@@ -92,7 +92,7 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 
 @pytest.fixture
 def guard() -> BudgetGuard:
-    g = _guard()
+    g = make_guard()
     _spend(g, {"alice": 3, "bob": 5, "carol": 1})
     return g
 
@@ -177,7 +177,7 @@ def test_ids_are_escaped_everywhere(guard):
 
 @pytest.fixture
 def many() -> DashboardData:
-    guard = _guard()
+    guard = make_guard()
     for i in range(230):  # spends 1..230 nano-USD * 1000; a few ties
         _charge(guard.policy, f"user-{i:03d}", 1000 * (i % 117 + 1), f"c{i}")
     plan = guard.policy.plan(Identity({"user": "user-005"}))
@@ -234,7 +234,7 @@ def test_bad_query_parameters_are_a_400_that_says_what_to_do(many):
 
 
 def test_paging_and_sorting_reuse_the_ids_within_the_cache_time():
-    guard = _guard()
+    guard = make_guard()
     _spend(guard, {"alice": 1})
     calls = []
     admin = BudgetAdmin(guard.policy)
@@ -256,7 +256,7 @@ def test_paging_and_sorting_reuse_the_ids_within_the_cache_time():
 
 
 def test_a_scope_index_replaces_the_scan_when_the_admin_has_one():
-    guard = _guard()
+    guard = make_guard()
     _spend(guard, {"alice": 1, "bob": 2})
 
     class IndexedAdmin(BudgetAdmin):
@@ -291,7 +291,7 @@ class LedgerStore(MemoryStore):
         return out[-limit:]
 
 
-def _ledger_rows(now: datetime) -> list[dict[str, Any]]:
+def ledger_rows(now: datetime) -> list[dict[str, Any]]:
     start = now.replace(hour=0, minute=0, second=0, microsecond=0)
     return [
         {"at": start - timedelta(hours=1), "kind": "call", "scopes": {"user": "alice"}, "model": "gpt-4o",
@@ -308,8 +308,8 @@ def _ledger_rows(now: datetime) -> list[dict[str, Any]]:
 
 def test_with_a_ledger_the_id_page_charts_exact_spend_and_lists_the_last_calls():
     now = datetime.now(timezone.utc)
-    store = LedgerStore(_ledger_rows(now))
-    data = DashboardData(BudgetAdmin(_guard(store).policy), cache_seconds=0)
+    store = LedgerStore(ledger_rows(now))
+    data = DashboardData(BudgetAdmin(make_guard(store).policy), cache_seconds=0)
     s = Served(data)
     try:
         page = s.json("/api/id/user?id=alice")
@@ -335,9 +335,9 @@ def test_a_float_amount_in_a_ledger_row_is_refused_not_shown():
     with pytest.raises(TypeError, match="never a float"):
         as_entry({"at": datetime.now(timezone.utc), "cost": 0.1})
     now = datetime.now(timezone.utc)
-    rows = _ledger_rows(now)
+    rows = ledger_rows(now)
     rows[1]["cost"] = 0.00045
-    s = Served(DashboardData(BudgetAdmin(_guard(LedgerStore(rows)).policy), cache_seconds=0))
+    s = Served(DashboardData(BudgetAdmin(make_guard(LedgerStore(rows)).policy), cache_seconds=0))
     try:
         code, _, body = s.get("/api/id/user?id=alice")
         assert code == 500 and "never a float" in json.loads(body)["error"]
@@ -406,7 +406,7 @@ def test_a_weak_or_unsafe_token_is_refused():
         with pytest.raises(InsecureBindError, match="16 or more characters"):
             check_bind("127.0.0.1", token)
     with pytest.raises(InsecureBindError):
-        make_server(DashboardData(BudgetAdmin(_guard().policy)), host="0.0.0.0", port=0)
+        make_server(DashboardData(BudgetAdmin(make_guard().policy)), host="0.0.0.0", port=0)
 
 
 # -- the command -------------------------------------------------------------------------------
