@@ -39,7 +39,7 @@ from langchain_budgetguard.stores.base import Hold
 from langchain_budgetguard.stores.redis import RedisStore
 
 from .fakes import UsageChat
-from .redis_support import IN_CI, fresh_prefix, free_port, redis_url, unavailable  # noqa: F401 - fixture
+from .redis_support import IN_CI, fresh_prefix, free_port, redis_url  # noqa: F401 - fixture
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / ".artifacts" / "dashboard"
@@ -53,6 +53,13 @@ TOKEN = secrets.token_urlsafe(24)
 SPEND = {"alice": 3, "bob": 5, "carol": 1, "dave<&>": 2}
 
 pytestmark = pytest.mark.redis
+
+
+def unavailable(reason: str) -> None:
+    """Skip, or fail with CI=true, where the browser tests must run (.ci/run installs chromium)."""
+    if IN_CI:
+        pytest.fail(f"{reason} (CI=true: the dashboard's browser tests must run in CI)", pytrace=False)
+    pytest.skip(reason)
 
 
 def _need_browser() -> Any:
