@@ -187,6 +187,7 @@ class _Unset:
 
 
 _UNSET: Any = _Unset()
+_LADDER = "_ladder_of_candidates"  # the resolved ladder, cached in the instance dict
 _KEEPER = shared_keeper()  # renews the leases of calls in flight (one thread for the process)
 # BaseChatModel's own settings (callbacks, tags, cache, rate_limiter, ...); ``name`` is the budget's.
 _CHAT_MODEL_FIELDS = frozenset(BaseChatModel.model_fields) - {"name"}
@@ -212,7 +213,6 @@ class BudgetGuard(BaseChatModel):
     degrade_to: tuple[Any, ...] = ()
     policy: Any = Field(default=None, exclude=True)
 
-    _candidates: list[_Candidate] | None = PrivateAttr(default=None)
     # Kwargs that bind_tools bound for the primary model only: a degrade model has its own.
     _primary_bound: frozenset[str] = PrivateAttr(default=frozenset())
     # The options the policy was built from (None: a policy object was passed): serialization.
@@ -327,14 +327,14 @@ class BudgetGuard(BaseChatModel):
                 "the wrapped model, copy it: guard.wrap(guard.llm.model_copy(update=...))."
             )
         copied = super().model_copy(update=update, deep=deep)
-        copied._candidates = None
+        copied.__dict__.pop(_LADDER, None)
         return copied
 
     def __deepcopy__(self, memo: dict[int, Any] | None = None) -> BudgetGuard:
         memo = {} if memo is None else memo
         memo[id(self.policy)] = self.policy  # a copy draws on the same budget, never a new one
         copied = super().__deepcopy__(memo)
-        copied._candidates = None
+        copied.__dict__.pop(_LADDER, None)
         return copied
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -497,10 +497,12 @@ class BudgetGuard(BaseChatModel):
         raise GuardMisuseError("This BudgetGuard has no model to guard; it is a policy. " + _WRAP_HINT)
 
     def _ladder(self) -> list[_Candidate]:
-        if self._candidates is None:
-            models = [self.llm, *self.degrade_to]
-            self._candidates = [_Candidate.of(m) for m in models]
-        return self._candidates
+        # Kept in the instance dict, not a pydantic private attribute: this runs on every call, and a
+        # private attribute is read through __getattr__ (about a microsecond each time).
+        ladder = self.__dict__.get(_LADDER)
+        if ladder is None:
+            ladder = self.__dict__[_LADDER] = [_Candidate.of(m) for m in (self.llm, *self.degrade_to)]
+        return ladder
 
     def _card(self, candidate: _Candidate) -> RateCard:
         # The pricer caches cards and re-resolves those whose price changes at a known time.
