@@ -68,7 +68,7 @@ def _get(url: str) -> tuple[float, int]:
 
 def run(results: Results, client: Any | None, quick: bool) -> None:
     if client is None:
-        results.notes.append("section 6 skipped: no Redis")
+        results.notes.append("section 7 skipped: no Redis")
         return
     from langchain_budgetguard.stores.redis import RedisStore
 
@@ -123,7 +123,7 @@ def run(results: Results, client: Any | None, quick: bool) -> None:
         ))
         if first >= GOAL_MS:
             results.notes.append(
-                f"section 6: the scope page finds ids by SCAN ({median(scan_ms):,.0f} ms at {ids:,} ids) and reads "
+                f"section 7: the scope page finds ids by SCAN ({median(scan_ms):,.0f} ms at {ids:,} ids) and reads "
                 f"every counter ({median(read_ms):,.0f} ms); the scope index of issue 14 is what brings the first "
                 "response under 200 ms (read_scope_index in dashboard/data.py)")
     finally:
