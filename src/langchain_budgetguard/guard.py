@@ -826,25 +826,17 @@ class BudgetGuard(BaseChatModel):
             raise
         model, model_kwargs = self._serving(admitted, kwargs)
         tracker = StreamTracker(self, admitted)
-        last = None  # the provider's last chunk, held back to carry the cost
         settled = False
         try:
             with self._lease(admitted):
                 for chunk in model.stream(input, given if child is config else child, **model_kwargs):
-                    tracker.add(chunk)
-                    if last is not None:
-                        yield last
-                        last = None
-                    if _is_last(chunk):
-                        last = chunk
-                        continue
-                    yield chunk
+                    yield from tracker.pass_on(chunk)
             cost = tracker.finish()
             self._settle_sync(admitted, cost.charged_nano)
             settled = True
             if events is not None:
                 self._report_cost(events, cost)
-            yield _with_cost(last, cost)
+            yield _with_cost(tracker.last, cost)
         except BaseException as exc:
             if not settled:
                 self._settle_sync(admitted, tracker.interrupted_charge())
@@ -868,25 +860,18 @@ class BudgetGuard(BaseChatModel):
             raise
         model, model_kwargs = self._serving(admitted, kwargs)
         tracker = StreamTracker(self, admitted)
-        last = None
         settled = False
         try:
             async with self._alease(admitted):
                 async for chunk in model.astream(input, given if child is config else child, **model_kwargs):
-                    tracker.add(chunk)
-                    if last is not None:
-                        yield last
-                        last = None
-                    if _is_last(chunk):
-                        last = chunk
-                        continue
-                    yield chunk
+                    for out in tracker.pass_on(chunk):
+                        yield out
             cost = tracker.finish()
             await self._settle_async(admitted, cost.charged_nano)
             settled = True
             if events is not None:
                 await self._areport_cost(events, cost)
-            yield _with_cost(last, cost)
+            yield _with_cost(tracker.last, cost)
         except BaseException as exc:
             if not settled:
                 await self._settle_async(admitted, tracker.interrupted_charge())
@@ -1188,10 +1173,6 @@ def _from_cache(reply: Any) -> bool:
     """LangChain marks a reply its cache served with ``usage_metadata["total_cost"] = 0``."""
     usage = getattr(reply, "usage_metadata", None)
     return isinstance(usage, Mapping) and usage.get("total_cost") == 0
-
-
-def _is_last(chunk: Any) -> bool:
-    return getattr(chunk, "chunk_position", None) == "last"
 
 
 def _with_cost(last: Any, cost: CallCost) -> AIMessageChunk:

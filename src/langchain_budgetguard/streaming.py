@@ -30,6 +30,17 @@ class StreamTracker:
         self._sum: tuple[int, Any] = (0, None)  # (chunks added, their sum)
         self._text: list[str] = []  # billed output: visible text, tool calls and reasoning
         self._named: Any = None  # the last chunk that names the model that answered
+        self.last: Any = None  # the provider's last chunk, held back by pass_on
+
+    def pass_on(self, chunk: Any) -> tuple[Any, ...]:
+        """Add ``chunk``; return the chunks to yield now. The provider's last chunk
+        (``chunk_position="last"``) is held back in ``last``, to carry the call's cost when it ends."""
+        self.add(chunk)
+        held, self.last = self.last, None
+        if getattr(chunk, "chunk_position", None) == "last":
+            self.last = chunk
+            return () if held is None else (held,)
+        return (chunk,) if held is None else (held, chunk)
 
     def add(self, chunk: Any) -> None:
         self._chunks.append(chunk)
