@@ -831,6 +831,8 @@ class BudgetGuard(BaseChatModel):
             with self._lease(admitted):
                 for chunk in model.stream(input, given if child is config else child, **model_kwargs):
                     yield from tracker.pass_on(chunk)
+                    if tracker.over_cap:  # the provider ignores the cap: stop, charge what came
+                        break
             cost = tracker.finish()
             self._settle_sync(admitted, cost.charged_nano)
             settled = True
@@ -863,9 +865,13 @@ class BudgetGuard(BaseChatModel):
         settled = False
         try:
             async with self._alease(admitted):
-                async for chunk in model.astream(input, given if child is config else child, **model_kwargs):
-                    for out in tracker.pass_on(chunk):
-                        yield out
+                chunks = model.astream(input, given if child is config else child, **model_kwargs)
+                async with _closing(chunks):
+                    async for chunk in chunks:
+                        for out in tracker.pass_on(chunk):
+                            yield out
+                        if tracker.over_cap:
+                            break
             cost = tracker.finish()
             await self._settle_async(admitted, cost.charged_nano)
             settled = True
@@ -1047,6 +1053,8 @@ class BudgetGuard(BaseChatModel):
                 for chunk in model_chunks(model, messages, stop, run_manager, config, model_kwargs):
                     tracker.add(chunk.message)
                     yield chunk
+                    if tracker.over_cap:
+                        break
             cost = tracker.finish()
             self._settle_sync(admitted, cost.charged_nano)
             settled = True
@@ -1063,9 +1071,13 @@ class BudgetGuard(BaseChatModel):
         settled = False
         try:
             async with self._alease(admitted):
-                async for chunk in amodel_chunks(model, messages, stop, run_manager, config, model_kwargs):
-                    tracker.add(chunk.message)
-                    yield chunk
+                chunks = amodel_chunks(model, messages, stop, run_manager, config, model_kwargs)
+                async with _closing(chunks):
+                    async for chunk in chunks:
+                        tracker.add(chunk.message)
+                        yield chunk
+                        if tracker.over_cap:
+                            break
             cost = tracker.finish()
             await self._settle_async(admitted, cost.charged_nano)
             settled = True
@@ -1167,6 +1179,11 @@ def _asking_for_stream_usage(model: Runnable) -> Runnable:
         return model.model_copy(update={"stream_usage": True})
     return model
 
+
+
+def _closing(chunks: Any) -> Any:
+    """Close an async stream we stop reading (a break does not close an async generator)."""
+    return contextlib.aclosing(chunks) if hasattr(chunks, "aclose") else contextlib.nullcontext()
 
 
 def _from_cache(reply: Any) -> bool:
