@@ -637,7 +637,7 @@ class BudgetGuard(BaseChatModel):
             charged_nano=charged,
             output_cap=admitted.estimate.output_tokens if admitted.estimate.send_cap else None,
             clamped=admitted.estimate.clamped,
-            priced_as=card.priced_as if card is not None else None,
+            priced_as=_priced_as(card, model),
             problem=problem,
         )
 
@@ -1179,6 +1179,16 @@ def _asking_for_stream_usage(model: Runnable) -> Runnable:
         return model.model_copy(update={"stream_usage": True})
     return model
 
+
+
+def _priced_as(card: RateCard | None, served: str) -> str | None:
+    """Which price entry charged the call, when it is not the served model's own: a cloud reselling
+    a vendor (``card.priced_as``), or the dearest candidate for a serving model nothing prices."""
+    if card is None:
+        return None
+    if card.priced_as:
+        return card.priced_as
+    return card.model if card.model and card.model.lower() != served.lower() else None
 
 
 def _closing(chunks: Any) -> Any:
