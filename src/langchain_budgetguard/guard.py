@@ -21,7 +21,6 @@ import copy
 import os
 from collections.abc import (
     AsyncIterator,
-    Callable,
     Generator,
     Iterator,
     Mapping,
@@ -271,10 +270,6 @@ class BudgetGuard(BaseChatModel):
         guard._primary_bound = primary_bound
         return guard
 
-    def _rewrap(self, fn: Callable[[Runnable], Runnable]) -> BudgetGuard:
-        self._require_model()
-        return self._sibling(fn(self.llm), [fn(m) for m in self.degrade_to])
-
     def bind_tools(self, tools: Sequence[Any], *, tool_choice: Any = _UNSET, strict: Any = _UNSET,
                    parallel_tool_calls: Any = _UNSET, **kwargs: Any) -> Runnable:
         """The wrapped model's ``bind_tools``, as a binding over a guard: the tools travel with the call.
@@ -503,10 +498,6 @@ class BudgetGuard(BaseChatModel):
         if ladder is None:
             ladder = self.__dict__[_LADDER] = [_Candidate.of(m) for m in (self.llm, *self.degrade_to)]
         return ladder
-
-    def _card(self, candidate: _Candidate) -> RateCard:
-        # The pricer caches cards and re-resolves those whose price changes at a known time.
-        return self.policy.pricer.rate_card(candidate.ref)
 
     def _begin(self, value: Any, config: RunnableConfig, kwargs: dict[str, Any], model: ModelRef | None = None,
                call_id: str | None = None) -> _Call:
