@@ -611,6 +611,7 @@ _CLASS_BYTES = [bytes([k]) for k in range(1, 17)]
 # 3-byte Indic/Thai..., symbols, kana, CJK, Hangul, other; 4-byte; images; tool schemas; everything
 # else (overheads, media...); a constant; o200k tokens of the text (a proxy, when installed).
 _FEATURES = 21
+_IMAGE_FEATURE, _TOOL_FEATURE = 16, 17  # the features that count image and tool-schema tokens
 _PRIOR = (0.25, 0.25, 0.25, 0.25, 0.25, 0.25, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.34,
           1.0, 1.0, 1.0, 0.0, 0.0)
 # With o200k installed the regression starts from "o200k's count" and learns per-script corrections:
@@ -725,6 +726,10 @@ class TypicalEstimator(_Counter):
             features = (*acc, 1.0, proxy)
         tokens = raw
         if self.calibrator is not None:
+            if len(features) > 1:
+                # Tool schemas and media follow rules of their own at the provider: requests with
+                # them learn apart from plain text, so neither widens the other's spread.
+                key += ("|images" if features[_IMAGE_FEATURE] else "") + ("|tools" if features[_TOOL_FEATURE] else "")
             cal = self.calibrator.get(key, len(features))
             if cal is not None and cal.ready:
                 tokens = cal.estimate(features, raw)
@@ -766,14 +771,14 @@ class TypicalEstimator(_Counter):
         n = _Counter._image(self, block, family)
         acc = getattr(_features, "acc", None)
         if acc is not None:
-            acc[16] += n
+            acc[_IMAGE_FEATURE] += n
         return n
 
     def _schema_tokens(self, schema: Any) -> int:
         n = _typical_text(self._json(schema))  # not text features: schemas tokenize unlike prose
         acc = getattr(_features, "acc", None)
         if acc is not None:
-            acc[17] += n
+            acc[_TOOL_FEATURE] += n
         return n
 
     def _image_table(self, family: str, low: bool) -> int:
