@@ -1,0 +1,262 @@
+"""LangChain's standard chat-model suites (``langchain-tests``) for ChatOpenAI and ChatAnthropic,
+bare and guarded (in-process store and Redis), against the local provider servers.
+
+Every class here runs the suites unchanged: ``ChatModelUnitTests`` (construction, ``bind_tools``,
+``with_structured_output``, tracing params, serialization) and ``ChatModelIntegrationTests``
+(invoke/stream/batch/events, tools, structured output, JSON mode, usage details, images, PDFs,
+stop sequences, model override...). The servers answer as a model would
+(``server.respond_like_a_model()``), so the suites run unscripted and offline.
+
+The guarded classes take the bare classes' settings and capabilities and change one thing: the
+model is ``BudgetGuard(<the bare model>, limit=..., store=..., name=<fresh>)``. After every
+test an audit checks the budget's spend equals the list price of every generation request the
+server answered (``billed``), and that nothing is still held.
+
+Skips (each is a capability the bare model lacks here, or a suite feature we do not use):
+- ``test_audio_inputs``: gpt-4o-mini and Claude take no audio input (OpenAI's audio models would).
+- ``test_stream_time``: a VCR-cassette benchmark; we run against live local servers instead.
+- ``test_json_mode`` (Anthropic): ChatAnthropic has no JSON mode (its methods are function_calling
+  and json_schema, both run by the structured-output tests).
+- usage details: OpenAI reports no cache writes; Anthropic no audio.
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import struct
+import zlib
+from collections.abc import Callable, Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, ClassVar, cast
+
+import pytest
+from langchain_anthropic import ChatAnthropic
+from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
+from langchain_openai import ChatOpenAI
+from langchain_tests.integration_tests import ChatModelIntegrationTests
+from langchain_tests.unit_tests import ChatModelUnitTests
+
+from langchain_budgetguard import BudgetGuard
+from langchain_budgetguard.stores.memory import MemoryStore
+from langchain_budgetguard.stores.redis import RedisStore
+
+from .providers.common import ScriptedServer
+from .redis_support import SESSION_PREFIX, delete_prefix, fresh_prefix, redis_url  # noqa: F401 - fixture
+
+README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+NOWHERE = "http://127.0.0.1:9"
+"""Unit suites make no request; a model pointed here fails fast if one ever did."""
+GUARD_IS_CHAT_MODEL = issubclass(BudgetGuard, BaseChatModel)
+BUDGET_USD = Decimal("5")
+
+
+# -- the suites' downloads, served from memory -----------------------------------------------------
+
+
+def _png(width: int = 8, height: int = 8) -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = b"".join(b"\x00" + bytes([200, 30, 90]) * width for _ in range(height))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+_PDF = (
+    b"%PDF-1.1\n1 0 obj<</Type/Catalog/Pages 2 0 R>>endobj\n2 0 obj<</Type/Pages/Kids[3 0 R]/Count 1>>endobj\n"
+    b"3 0 obj<</Type/Page/Parent 2 0 R/MediaBox[0 0 200 200]>>endobj\ntrailer<</Root 1 0 R>>\n%%EOF\n"
+)
+ASSETS = {".png": _png(), ".pdf": _PDF}
+
+
+class _Download:
+    def __init__(self, url: str) -> None:
+        suffix = Path(url.split("?", 1)[0]).suffix
+        if suffix not in ASSETS:
+            raise AssertionError(f"the standard suite fetched {url}: no local stand-in (tests run offline)")
+        self.content = ASSETS[suffix]
+
+
+@pytest.fixture(autouse=True)
+def _offline_downloads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The integration suite downloads an image and a PDF with ``httpx.get``: serve local files."""
+    import langchain_tests.integration_tests.chat_models as suite
+
+    class _Httpx:
+        @staticmethod
+        def get(url: str, **_: Any) -> _Download:
+            return _Download(url)
+
+    monkeypatch.setattr(suite, "httpx", _Httpx)
+
+
+# -- provider settings shared by bare and guarded classes ------------------------------------------
+
+
+def _invoke(model: Any, input_: Any, stream: bool) -> AIMessage:
+    if not stream:
+        return cast(AIMessage, model.invoke(input_))
+    full = None
+    for chunk in model.stream(input_):
+        full = chunk if full is None else full + chunk
+    return cast(AIMessage, full)
+
+
+def _detail(message: AIMessage, kind: str, name: str) -> AIMessage:
+    """``message``, after checking its usage reports a positive ``<kind>_token_details[name]``.
+
+    The suites only check the detail is an int, which a provider's 0 satisfies; a positive count
+    makes the guarded variants price cache and reasoning tokens for real."""
+    usage = message.usage_metadata or {}
+    value = (usage.get(f"{kind}_token_details") or {}).get(name)  # type: ignore[attr-defined]
+    assert isinstance(value, int) and value > 0, f"{kind}_token_details.{name} = {value!r} in {usage}"
+    return message
+
+
+class _Provider:
+    """What a bare provider class needs: its model class, params pointing at its server, its
+    capabilities, and the ``invoke_with_*`` hooks of the usage-details tests."""
+
+    bare_class: ClassVar[type[BaseChatModel]]
+    server_fixture: ClassVar[str | None] = None
+    """The fixture of the server the integration suite talks to (None: unit suite, no server)."""
+    server: ScriptedServer | None = None
+
+    @pytest.fixture(autouse=True)
+    def _provider_server(self, request: pytest.FixtureRequest) -> Iterator[None]:
+        if self.server_fixture is None:
+            yield
+            return
+        server = request.getfixturevalue(self.server_fixture)
+        server.respond_like_a_model()
+        request.instance.server = server
+        yield
+        assert not server.errors, f"the server could not answer: {server.errors}"
+
+    @property
+    def chat_model_class(self) -> type[BaseChatModel]:
+        return self.bare_class
+
+    @property
+    def base_url(self) -> str:
+        return self.server.url if self.server is not None else NOWHERE
+
+    @pytest.fixture
+    def benchmark(self, benchmark: Any) -> Any:
+        """``test_init_time`` runs its loop once, untimed (the suite's runtime budget)."""
+        benchmark.disabled = True
+        return benchmark
+
+
+class _OpenAI(_Provider):
+    bare_class = ChatOpenAI
+
+    @property
+    def chat_model_params(self) -> dict[str, Any]:
+        # A custom base_url turns off ChatOpenAI's stream usage; api.openai.com would have it on.
+        return {"model": "gpt-4o-mini", "base_url": f"{self.base_url}/v1", "api_key": "test",
+                "stream_usage": True, "max_retries": 0}
+
+    @property
+    def init_from_env_params(self) -> tuple[dict[str, str], dict[str, Any], dict[str, Any]]:
+        return (
+            {"OPENAI_API_KEY": "env-key", "OPENAI_API_BASE": f"{NOWHERE}/v1"},
+            {"model": "gpt-4o-mini"},
+            {"openai_api_key": "env-key", "openai_api_base": f"{NOWHERE}/v1"},
+        )
+
+    model_override_value = "gpt-4o"
+    supports_json_mode = True
+    supports_image_inputs = True
+    supports_image_urls = True
+    supports_pdf_inputs = True
+    supports_anthropic_inputs = True
+    supports_image_tool_message = True
+    supports_pdf_tool_message = True
+
+    @property
+    def supported_usage_metadata_details(self) -> dict[str, list[str]]:
+        details = ["reasoning_output", "cache_read_input"]
+        return {"invoke": details, "stream": details}
+
+    def invoke_with_reasoning_output(self, *, stream: bool = False) -> AIMessage:
+        model = self.chat_model_class(**{**self.chat_model_params, "model": "gpt-5-nano", "reasoning_effort": "low"})
+        return _detail(_invoke(model, "Explain why the sky is blue, briefly.", stream), "output", "reasoning")
+
+    def invoke_with_cache_read_input(self, *, stream: bool = False) -> AIMessage:
+        model = self.chat_model_class(**self.chat_model_params)
+        prompt = f"What does this project do? Its README:\n\n{README}"
+        _invoke(model, prompt, stream)  # the first call writes the prompt cache
+        return _detail(_invoke(model, prompt, stream), "input", "cache_read")
+
+
+def _cached_readme_message(purpose: str) -> list[BaseMessage]:
+    """A prompt long enough to cache, marked for caching; ``purpose`` keeps the hooks' caches apart."""
+    block = {"type": "text", "text": f"({purpose}) What does this project do? Its README:\n\n{README}",
+             "cache_control": {"type": "ephemeral"}}
+    return [HumanMessage(content=[block])]
+
+
+class _Anthropic(_Provider):
+    bare_class = ChatAnthropic
+
+    @property
+    def chat_model_params(self) -> dict[str, Any]:
+        return {"model": "claude-sonnet-4-6", "base_url": self.base_url, "api_key": "test", "max_retries": 0}
+
+    @property
+    def init_from_env_params(self) -> tuple[dict[str, str], dict[str, Any], dict[str, Any]]:
+        return (
+            {"ANTHROPIC_API_KEY": "env-key", "ANTHROPIC_API_URL": NOWHERE},
+            {"model": "claude-sonnet-4-6"},
+            {"anthropic_api_key": "env-key", "anthropic_api_url": NOWHERE},
+        )
+
+    model_override_value = "claude-haiku-4-5"
+    supports_image_inputs = True
+    supports_image_urls = True
+    supports_pdf_inputs = True
+    supports_anthropic_inputs = True
+    supports_image_tool_message = True
+    supports_pdf_tool_message = True
+
+    @property
+    def supported_usage_metadata_details(self) -> dict[str, list[str]]:
+        details = ["reasoning_output", "cache_read_input", "cache_creation_input"]
+        return {"invoke": details, "stream": details}
+
+    def invoke_with_reasoning_output(self, *, stream: bool = False) -> AIMessage:
+        thinking = {"type": "enabled", "budget_tokens": 1024}
+        model = self.chat_model_class(**{**self.chat_model_params, "thinking": thinking, "max_tokens": 2048})
+        return _detail(_invoke(model, "Explain why the sky is blue, briefly.", stream), "output", "reasoning")
+
+    def invoke_with_cache_creation_input(self, *, stream: bool = False) -> AIMessage:
+        model = self.chat_model_class(**self.chat_model_params)
+        return _detail(_invoke(model, _cached_readme_message("write"), stream), "input", "cache_creation")
+
+    def invoke_with_cache_read_input(self, *, stream: bool = False) -> AIMessage:
+        model = self.chat_model_class(**self.chat_model_params)
+        _invoke(model, _cached_readme_message("read"), stream)  # the first call writes the cache
+        return _detail(_invoke(model, _cached_readme_message("read"), stream), "input", "cache_read")
+
+
+# -- bare models -----------------------------------------------------------------------------------
+
+
+class TestOpenAIUnit(_OpenAI, ChatModelUnitTests):
+    pass
+
+
+class TestOpenAIIntegration(_OpenAI, ChatModelIntegrationTests):
+    server_fixture = "openai_server"
+
+
+class TestAnthropicUnit(_Anthropic, ChatModelUnitTests):
+    pass
+
+
+class TestAnthropicIntegration(_Anthropic, ChatModelIntegrationTests):
+    server_fixture = "anthropic_server"
