@@ -8,6 +8,7 @@ import threading
 from decimal import Decimal
 
 import pytest
+from langchain_core.runnables import RunnableBinding
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 
@@ -319,7 +320,9 @@ def test_bind_tools_returns_a_guarded_runnable_with_tools_in_the_estimate():
 
     guard = BudgetGuard(UsageChat(), limit=1)
     bound = guard.bind_tools([lookup])
-    assert isinstance(bound, BudgetGuard) and bound.policy is guard.policy
+    # What LangChain expects of bind_tools: a binding (the tools travel with the call) over a guard.
+    assert isinstance(bound, RunnableBinding) and isinstance(bound.bound, BudgetGuard)
+    assert bound.bound.policy is guard.policy and "tools" in bound.kwargs
     reply = bound.invoke("weather in Paris?")
     assert reply.response_metadata["budgetguard"]["reserved_usd"] > \
         guard.invoke("weather in Paris?").response_metadata["budgetguard"]["reserved_usd"]

@@ -1,4 +1,4 @@
-"""``BudgetGuard``: the Runnable that wraps a chat model with a hard spending limit.
+"""``BudgetGuard``: a chat model that wraps a chat model with a hard spending limit.
 
 Data flow of one call (one path for invoke/ainvoke/stream/astream; batch and
 astream_events build on them):
@@ -15,20 +15,28 @@ opens is in ``runs.py``, what a stream has produced in ``streaming.py``.
 
 from __future__ import annotations
 
+import asyncio
+import copy
+import json
 import os
 from collections.abc import AsyncIterator, Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from decimal import Decimal
+from enum import Enum
 from typing import Any
 
 from langchain_core.callbacks.manager import adispatch_custom_event, dispatch_custom_event
+from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult, LLMResult
 from langchain_core.runnables import Runnable, RunnableBinding, RunnableConfig
 from langchain_core.runnables.config import ensure_config
+from langchain_core.runnables.utils import get_unique_config_specs
+from pydantic import Field, PrivateAttr, SecretStr
 
 from .errors import BudgetExceededError, BudgetStoreUnavailableError, GuardMisuseError, Refusal
 from .estimate import StrictEstimator, TypicalEstimator, estimate_input_tokens, max_output_tokens, tools_of
-from .limits import Identity
+from .limits import Identity, Limit
 from .messages import text_of, to_messages
 from .money import nano_to_usd
 from .policy import BudgetPolicy, CounterPlan, LimitStatus
@@ -142,15 +150,43 @@ class _Call:
 _Reserve = tuple  # ("reserve", counters, hold) / ("local_reserve", counters, hold)
 
 
-class BudgetGuard(Runnable[Any, BaseMessage]):
-    """Put a hard spending limit in front of a chat model.
+class _Unset:
+    def __repr__(self) -> str:
+        return "<unset>"
+
+
+_UNSET: Any = _Unset()
+# BaseChatModel's own settings (callbacks, tags, cache, rate_limiter, ...); ``name`` is the budget's.
+_CHAT_MODEL_FIELDS = frozenset(BaseChatModel.model_fields) - {"name"}
+
+
+class BudgetGuard(BaseChatModel):
+    """Put a hard spending limit in front of a chat model; the guarded model is itself a chat model.
 
     ``BudgetGuard(llm, limit=5.0)`` refuses calls once $5 is spent in total. With
     ``limits=[Limit(...)]`` each limit applies per user/project/tenant and per window;
     ``store="redis://..."`` shares the counters between processes; ``degrade_to=[cheaper]``
     serves from a cheaper model when ``llm`` would not fit. Without a model,
     ``BudgetGuard(limit=5.0)`` is a reusable policy: ``policy.wrap(llm)``.
+
+    Every way to call it (invoke, batch, stream, generate, astream_events v2/v3, and the
+    runnables that ``bind_tools``, ``with_structured_output``, ``bind``, ``with_config``,
+    ``configurable_fields`` ... return) goes through the budget. Attribute reads such as
+    ``model_name`` or ``temperature`` show the wrapped model's values; nothing that would call
+    the wrapped model is forwarded.
     """
+
+    llm: Any = None
+    degrade_to: tuple[Any, ...] = ()
+    policy: Any = Field(default=None, exclude=True)
+
+    _candidates: list[_Candidate] | None = PrivateAttr(default=None)
+    # Kwargs that bind_tools bound for the primary model only: a degrade model has its own.
+    _primary_bound: frozenset[str] = PrivateAttr(default=frozenset())
+    # The options the policy was built from (None: a policy object was passed): serialization.
+    _options: dict[str, Any] | None = PrivateAttr(default=None)
+    # The run config of a v3 event stream, whose model step LangChain calls without it.
+    _call_config: dict[str, Any] | None = PrivateAttr(default=None)
 
     def __init__(
         self,
@@ -158,21 +194,29 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
         *,
         degrade_to: Sequence[Runnable] = (),
         policy: BudgetPolicy | None = None,
-        **policy_options: Any,
+        **options: Any,
     ) -> None:
-        if policy is not None and policy_options:
-            raise TypeError(f"Pass either policy= or policy options, not both: {sorted(policy_options)}")
-        self.policy = policy if policy is not None else BudgetPolicy(**policy_options)
+        chat_fields = {k: options.pop(k) for k in list(options) if k in _CHAT_MODEL_FIELDS}
+        if policy is not None and options:
+            raise TypeError(f"Pass either policy= or policy options, not both: {sorted(options)}")
         if llm is not None and not isinstance(llm, Runnable):
             raise TypeError(f"BudgetGuard(llm): expected a LangChain chat model, got {type(llm).__name__}")
         if llm is None and degrade_to:
             raise TypeError("degrade_to needs a model to degrade from: BudgetGuard(llm, degrade_to=[...]).")
-        self.llm = llm
-        self.degrade_to = tuple(degrade_to)
-        for model in self.degrade_to:
+        for model in degrade_to:
             if not isinstance(model, Runnable):
                 raise TypeError(f"degrade_to: expected chat models, got {type(model).__name__}")
-        self._candidates: list[_Candidate] | None = None
+        built = policy is None
+        if built:
+            options = _revive_options(options)
+            policy = BudgetPolicy(**options)
+        inner = _innermost(llm) if llm is not None else None
+        for name in ("profile", "rate_limiter", "output_version"):
+            # What LangChain reads off a chat model (capabilities, pacing) is the wrapped model's.
+            if name not in chat_fields and isinstance(inner, BaseChatModel) and getattr(inner, name, None) is not None:
+                chat_fields[name] = getattr(inner, name)
+        super().__init__(llm=llm, degrade_to=tuple(degrade_to), policy=policy, **chat_fields)
+        self._options = options if built else None
 
     # -- construction helpers --------------------------------------------------------------
 
@@ -186,31 +230,136 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
 
     def wrap(self, llm: Runnable, *, degrade_to: Sequence[Runnable] = ()) -> BudgetGuard:
         """A guard around ``llm`` that draws on this guard's budget (same limits, same store)."""
-        return BudgetGuard(llm, degrade_to=degrade_to, policy=self.policy)
+        return self._sibling(llm, degrade_to)
+
+    def _sibling(self, llm: Runnable, degrade_to: Sequence[Runnable], primary_bound: frozenset[str] = frozenset()
+                 ) -> BudgetGuard:
+        guard = BudgetGuard(llm, degrade_to=degrade_to, policy=self.policy)
+        guard._options = self._options
+        guard._primary_bound = primary_bound
+        return guard
 
     def _rewrap(self, fn: Callable[[Runnable], Runnable]) -> BudgetGuard:
         self._require_model()
-        return BudgetGuard(fn(self.llm), degrade_to=[fn(m) for m in self.degrade_to], policy=self.policy)
+        return self._sibling(fn(self.llm), [fn(m) for m in self.degrade_to])
 
-    def bind_tools(self, tools: Sequence[Any], **kwargs: Any) -> BudgetGuard:
-        """The wrapped models with tools bound, still guarded by this budget."""
-        return self._rewrap(lambda m: m.bind_tools(tools, **kwargs))
+    def bind_tools(self, tools: Sequence[Any], *, tool_choice: Any = _UNSET, strict: Any = _UNSET,
+                   parallel_tool_calls: Any = _UNSET, **kwargs: Any) -> Runnable:
+        """The wrapped model's ``bind_tools``, as a binding over a guard: the tools travel with the call.
+
+        Takes what the wrapped model's ``bind_tools`` takes (``tool_choice``, ``strict``,
+        ``parallel_tool_calls``, ...); each degrade model binds the same tools its own way.
+        """
+        self._require_model()
+        for name, value in (("tool_choice", tool_choice), ("strict", strict),
+                            ("parallel_tool_calls", parallel_tool_calls)):
+            if value is not _UNSET:
+                kwargs[name] = value
+        bound = self.llm.bind_tools(tools, **kwargs)
+        degrade = [m.bind_tools(tools, **kwargs) for m in self.degrade_to]
+        if isinstance(bound, RunnableBinding) and bound.bound is self.llm:
+            guard = self._sibling(self.llm, degrade, frozenset(bound.kwargs))
+            binding = guard.bind(**bound.kwargs)
+            return binding.with_config(bound.config) if bound.config else binding
+        return self._sibling(bound, degrade)
 
     def with_structured_output(self, schema: Any, **kwargs: Any) -> Runnable:
-        """The wrapped model's structured-output runnable, with the model step guarded."""
+        """The wrapped model's structured-output runnable (same method and parser), its model step guarded."""
         from .structured import guarded_structured_output
 
         self._require_model()
         return guarded_structured_output(self, schema, **kwargs)
 
+    def configurable_fields(self, **kwargs: Any) -> BudgetGuard:
+        """``llm.configurable_fields(...)`` under this guard: each call is priced as the model configured."""
+        self._require_model()
+        return self._sibling(self.llm.configurable_fields(**kwargs), self.degrade_to)
+
+    def configurable_alternatives(self, which: Any, **kwargs: Any) -> BudgetGuard:
+        """``llm.configurable_alternatives(...)`` under this guard: every alternative is guarded."""
+        self._require_model()
+        return self._sibling(self.llm.configurable_alternatives(which, **kwargs), self.degrade_to)
+
+    @property
+    def config_specs(self) -> list[Any]:
+        return get_unique_config_specs(
+            spec for model in (self.llm, *self.degrade_to) if model is not None for spec in model.config_specs
+        )
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> BudgetGuard:
+        """A copy of the guard (same budget). ``update`` may change guard fields (``llm``, ``degrade_to``)."""
+        unknown = set(update or ()) - set(type(self).model_fields)
+        if unknown:
+            raise ValueError(
+                f"BudgetGuard.model_copy(update=...): {sorted(unknown)} are not fields of the guard. To change "
+                "the wrapped model, copy it: guard.wrap(guard.llm.model_copy(update=...))."
+            )
+        copied = super().model_copy(update=update, deep=deep)
+        copied._candidates = None
+        return copied
+
+    def __deepcopy__(self, memo: dict[int, Any] | None = None) -> BudgetGuard:
+        memo = {} if memo is None else memo
+        memo[id(self.policy)] = self.policy  # a copy draws on the same budget, never a new one
+        copied = super().__deepcopy__(memo)
+        copied._candidates = None
+        return copied
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_revive_guard, (self.llm, self.degrade_to, self._pickle_options(), self._primary_bound))
+
+    def _pickle_options(self) -> dict[str, Any]:
+        options = self._options
+        if options is None:
+            raise TypeError(
+                "This BudgetGuard was built from a BudgetPolicy object (or a config file), so it cannot be pickled: "
+                "build it with options (BudgetGuard(llm, limits=[...], store='redis://...')) to send it to a "
+                "worker process."
+            )
+        if not isinstance(options.get("store"), str) or options["store"].startswith("memory"):
+            raise TypeError(
+                "A BudgetGuard on an in-process store cannot be pickled: a copy in another process would spend "
+                "a budget of its own. Use a shared store: BudgetGuard(llm, ..., store='redis://host:6379/0')."
+            )
+        return options
+
+    # -- serialization (dumpd / loads) ------------------------------------------------------
+
+    @classmethod
+    def is_lc_serializable(cls) -> bool:
+        return True
+
+    @classmethod
+    def get_lc_namespace(cls) -> list[str]:
+        return ["langchain_budgetguard", "guard"]
+
+    @property
+    def lc_attributes(self) -> dict[str, Any]:
+        return _serial_options(self._options)
+
+    def to_json(self) -> Any:
+        if self._options is None or _serial_options(self._options) is None:
+            return self.to_json_not_implemented()
+        return super().to_json()
+
+    # -- what LangChain reads off a chat model: the wrapped model's --------------------------
+
     def __getattr__(self, name: str) -> Any:
-        # Attributes a chat model has (model_name, temperature, ...) read through to the model.
-        if name.startswith("__") or name in ("llm", "policy", "degrade_to", "_candidates"):
-            raise AttributeError(name)
+        try:
+            return super().__getattr__(name)  # pydantic's private attributes
+        except AttributeError:
+            pass
         llm = self.__dict__.get("llm")
-        if llm is not None and hasattr(llm, name):
-            return getattr(llm, name)
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        if name.startswith("_") or llm is None:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        value = getattr(_innermost(llm), name)
+        if not _plain_data(value):
+            raise AttributeError(
+                f"BudgetGuard does not forward {name!r} ({type(value).__name__}) of the wrapped model: only plain "
+                "settings are forwarded, never a way to call the model around the budget. Read it on guard.llm "
+                "if you must."
+            )
+        return value
 
     def __repr__(self) -> str:
         inner = "no model (a policy: use .wrap(llm))" if self.llm is None else repr(self.llm)[:80]
@@ -220,12 +369,35 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
         return super().get_name(suffix, name=name or "BudgetGuard")
 
     @property
-    def InputType(self) -> Any:  # noqa: N802 - LangChain's name
-        return self.llm.InputType if self.llm is not None else Any
+    def _llm_type(self) -> str:
+        inner = _innermost(self.llm)
+        return f"budgetguard-{inner._llm_type}" if isinstance(inner, BaseChatModel) else "budgetguard"
 
     @property
-    def OutputType(self) -> Any:  # noqa: N802
-        return self.llm.OutputType if self.llm is not None else BaseMessage
+    def _identifying_params(self) -> dict[str, Any]:
+        inner = _innermost(self.llm)
+        params = dict(inner._identifying_params) if isinstance(inner, BaseChatModel) else {}
+        return {**params, "budget": self.policy.name}
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> Any:
+        inner, kwargs = _chat_model_of(self.llm, kwargs)
+        if isinstance(inner, BaseChatModel):
+            return inner._get_ls_params(stop=stop, **kwargs)
+        return super()._get_ls_params(stop=stop, **kwargs)
+
+    def _get_invocation_params(self, stop: list[str] | None = None, **kwargs: Any) -> dict[str, Any]:
+        inner, kwargs = _chat_model_of(self.llm, kwargs)
+        if isinstance(inner, BaseChatModel):
+            return inner._get_invocation_params(stop=stop, **kwargs)
+        return super()._get_invocation_params(stop=stop, **kwargs)
+
+    def get_num_tokens_from_messages(self, messages: list[BaseMessage], tools: Sequence[Any] | None = None) -> int:
+        self._require_model()
+        return _innermost(self.llm).get_num_tokens_from_messages(messages, tools=tools)
+
+    def get_token_ids(self, text: str) -> list[int]:
+        self._require_model()
+        return _innermost(self.llm).get_token_ids(text)
 
     # -- reservations for calls made by other code (agent middleware, callbacks) -------------
 
@@ -475,18 +647,27 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
             await admitted.local_store.asettle(admitted.call_id, (_FAIL_OPEN_KEY,), amount)
         return await self.policy.store.asettle(admitted.call_id, admitted.keys, amount)
 
-    # -- Runnable API ----------------------------------------------------------------------
+    # -- calls: every entry point admits, calls the model that fitted, settles ---------------
 
-    def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> BaseMessage:
+    def _serving(self, admitted: _Admitted, kwargs: dict[str, Any]) -> tuple[Runnable, dict[str, Any]]:
+        """The model that fitted and the kwargs it takes (a degrade model has its own bound tools)."""
+        if admitted.index and self._primary_bound:
+            kwargs = {k: v for k, v in kwargs.items() if k not in self._primary_bound}
+        return admitted.candidate.runnable, kwargs
+
+    def invoke(self, input: Any, config: RunnableConfig | None = None, *, stop: list[str] | None = None,
+               **kwargs: Any) -> BaseMessage:
+        kwargs = _with_stop(kwargs, stop)
         given, config = config, ensure_config(config)
         call = self._begin(input, config, kwargs)
         run_manager, child = open_run(self.get_name(), input, config, self.policy)
         streamed = tap(child)
         try:
             reservation = Reservation(self, self._admit_sync(call, child), child)
+            model, model_kwargs = self._serving(reservation.admitted, kwargs)
             try:
                 # No run of ours: the model gets the caller's config (it ensures it itself, for less).
-                output = reservation.model.invoke(input, given if child is config else child, **kwargs)
+                output = model.invoke(input, given if child is config else child, **model_kwargs)
             except BaseException:
                 reservation.settle(output_text=tapped(streamed))
                 raise
@@ -497,15 +678,18 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
         run_manager.on_chain_end(output)
         return output
 
-    async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> BaseMessage:
+    async def ainvoke(self, input: Any, config: RunnableConfig | None = None, *, stop: list[str] | None = None,
+                      **kwargs: Any) -> BaseMessage:
+        kwargs = _with_stop(kwargs, stop)
         given, config = config, ensure_config(config)
         call = self._begin(input, config, kwargs)
         run_manager, child = await aopen_run(self.get_name(), input, config, self.policy)
         streamed = tap(child)
         try:
             reservation = Reservation(self, await self._admit_async(call, child), child)
+            model, model_kwargs = self._serving(reservation.admitted, kwargs)
             try:
-                output = await reservation.model.ainvoke(input, given if child is config else child, **kwargs)
+                output = await model.ainvoke(input, given if child is config else child, **model_kwargs)
             except BaseException:
                 await reservation.asettle(output_text=tapped(streamed))
                 raise
@@ -516,7 +700,9 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
         await run_manager.on_chain_end(output)
         return output
 
-    def stream(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Iterator[BaseMessage]:
+    def stream(self, input: Any, config: RunnableConfig | None = None, *, stop: list[str] | None = None,
+               **kwargs: Any) -> Iterator[BaseMessage]:
+        kwargs = _with_stop(kwargs, stop)
         given, config = config, ensure_config(config)
         call = self._begin(input, config, kwargs)
         run_manager, child = open_run(self.get_name(), input, config, self.policy)
@@ -525,19 +711,27 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
         except BaseException as exc:
             run_manager.on_chain_error(exc)
             raise
+        model, model_kwargs = self._serving(admitted, kwargs)
         tracker = StreamTracker(self, admitted)
+        last = None  # the provider's last chunk, held back to carry the cost
         settled = False
         try:
-            for chunk in admitted.candidate.runnable.stream(input, given if child is config else child, **kwargs):
+            for chunk in model.stream(input, given if child is config else child, **model_kwargs):
                 tracker.add(chunk)
                 if tracker.renew_due():
                     self._renew_sync(admitted)
+                if last is not None:
+                    yield last
+                    last = None
+                if _is_last(chunk):
+                    last = chunk
+                    continue
                 yield chunk
             cost = tracker.finish()
             self._settle_sync(admitted, cost.charged_nano)
             settled = True
             self._report_cost(child, cost)
-            yield _tail_chunk(cost)
+            yield _with_cost(last, cost)
         except BaseException as exc:
             if not settled:
                 self._settle_sync(admitted, tracker.interrupted_charge())
@@ -547,9 +741,9 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
         if not isinstance(run_manager, NoRun):  # merging the chunks is for the run's output only
             run_manager.on_chain_end(tracker.output)
 
-    async def astream(
-        self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
-    ) -> AsyncIterator[BaseMessage]:
+    async def astream(self, input: Any, config: RunnableConfig | None = None, *, stop: list[str] | None = None,
+                      **kwargs: Any) -> AsyncIterator[BaseMessage]:
+        kwargs = _with_stop(kwargs, stop)
         given, config = config, ensure_config(config)
         call = self._begin(input, config, kwargs)
         run_manager, child = await aopen_run(self.get_name(), input, config, self.policy)
@@ -558,20 +752,27 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
         except BaseException as exc:
             await run_manager.on_chain_error(exc)
             raise
+        model, model_kwargs = self._serving(admitted, kwargs)
         tracker = StreamTracker(self, admitted)
+        last = None
         settled = False
         try:
-            model_config = given if child is config else child
-            async for chunk in admitted.candidate.runnable.astream(input, model_config, **kwargs):
+            async for chunk in model.astream(input, given if child is config else child, **model_kwargs):
                 tracker.add(chunk)
                 if tracker.renew_due():
                     await self._renew_async(admitted)
+                if last is not None:
+                    yield last
+                    last = None
+                if _is_last(chunk):
+                    last = chunk
+                    continue
                 yield chunk
             cost = tracker.finish()
             await self._settle_async(admitted, cost.charged_nano)
             settled = True
             await self._areport_cost(child, cost)
-            yield _tail_chunk(cost)
+            yield _with_cost(last, cost)
         except BaseException as exc:
             if not settled:
                 await self._settle_async(admitted, tracker.interrupted_charge())
@@ -596,6 +797,179 @@ class BudgetGuard(Runnable[Any, BaseMessage]):
             final = chunk if final is None else final + chunk
         async for out in self.astream(final, config, **kwargs):
             yield out
+
+    # generate / agenerate (and generate_prompt, which calls them): each prompt is one guarded call
+    # of the serving model's own generate, so its run, callbacks, cache and llm_output stay its own.
+
+    def generate(self, messages: list[list[BaseMessage]], stop: list[str] | None = None, callbacks: Any = None, *,
+                 tags: list[str] | None = None, metadata: dict[str, Any] | None = None, run_name: str | None = None,
+                 run_id: Any = None, **kwargs: Any) -> LLMResult:
+        options = _generate_options(callbacks, tags, metadata, run_name, run_id, len(messages))
+        return self._merge([self._generate_one(m, stop, options, kwargs) for m in messages])
+
+    async def agenerate(self, messages: list[list[BaseMessage]], stop: list[str] | None = None, callbacks: Any = None,
+                        *, tags: list[str] | None = None, metadata: dict[str, Any] | None = None,
+                        run_name: str | None = None, run_id: Any = None, **kwargs: Any) -> LLMResult:
+        options = _generate_options(callbacks, tags, metadata, run_name, run_id, len(messages))
+        return self._merge(await asyncio.gather(*(self._agenerate_one(m, stop, options, kwargs) for m in messages)))
+
+    def _generate_one(self, messages: Any, stop: list[str] | None, options: dict[str, Any],
+                      kwargs: dict[str, Any]) -> LLMResult:
+        config = _config_of(options)
+        reservation = Reservation(self, self._admit_sync(self._begin(messages, config, _with_stop(kwargs, stop))))
+        model, model_kwargs = self._serving(reservation.admitted, kwargs)
+        chat, chat_kwargs = _chat_model_of(model, model_kwargs)
+        try:
+            if isinstance(chat, BaseChatModel):
+                result = chat.generate([to_messages(messages)], stop=stop, **options, **chat_kwargs)
+            else:
+                reply = model.invoke(messages, config, **_with_stop(model_kwargs, stop))
+                result = LLMResult(generations=[[ChatGeneration(message=reply)]])
+        except BaseException:
+            reservation.settle()
+            raise
+        reservation.settle(result.generations[0][0].message)
+        return result
+
+    async def _agenerate_one(self, messages: Any, stop: list[str] | None, options: dict[str, Any],
+                             kwargs: dict[str, Any]) -> LLMResult:
+        config = _config_of(options)
+        call = self._begin(messages, config, _with_stop(kwargs, stop))
+        reservation = Reservation(self, await self._admit_async(call))
+        model, model_kwargs = self._serving(reservation.admitted, kwargs)
+        chat, chat_kwargs = _chat_model_of(model, model_kwargs)
+        try:
+            if isinstance(chat, BaseChatModel):
+                result = await chat.agenerate([to_messages(messages)], stop=stop, **options, **chat_kwargs)
+            else:
+                reply = await model.ainvoke(messages, config, **_with_stop(model_kwargs, stop))
+                result = LLMResult(generations=[[ChatGeneration(message=reply)]])
+        except BaseException:
+            await reservation.asettle()
+            raise
+        await reservation.asettle(result.generations[0][0].message)
+        return result
+
+    def _merge(self, results: Sequence[LLMResult]) -> LLMResult:
+        if len(results) == 1:
+            return results[0]
+        inner = _innermost(self.llm)
+        outputs = [r.llm_output for r in results]
+        llm_output = inner._combine_llm_outputs(outputs) if isinstance(inner, BaseChatModel) else {}
+        return LLMResult(
+            generations=[g for r in results for g in r.generations],
+            llm_output=llm_output,
+            run=[info for r in results for info in (r.run or [])] or None,
+        )
+
+    # The model step of LangChain's own machinery (stream_events v3, invoke-time v2 events): the run
+    # is already open (ours), so the serving model's _generate/_stream is called inside it.
+
+    def stream_events(self, input: Any, config: RunnableConfig | None = None, *, version: str = "v2",
+                      stop: list[str] | None = None, **kwargs: Any) -> Any:
+        if version == "v3":
+            return super(BudgetGuard, self._with_call_config(config)).stream_events(
+                input, config, version=version, stop=stop, **kwargs)
+        return super().stream_events(input, config, version=version, stop=stop, **kwargs)
+
+    def astream_events(self, input: Any, config: RunnableConfig | None = None, *, version: str = "v2",
+                       stop: list[str] | None = None, **kwargs: Any) -> Any:
+        if version == "v3":
+            return super(BudgetGuard, self._with_call_config(config)).astream_events(
+                input, config, version=version, stop=stop, **kwargs)
+        return super().astream_events(input, config, version=version, stop=stop, **kwargs)
+
+    def _with_call_config(self, config: RunnableConfig | None) -> BudgetGuard:
+        self._require_model()
+        guard = copy.copy(self)  # shares the budget, the ladder and its price cards
+        guard._call_config = dict(ensure_config(config))
+        return guard
+
+    def _step_config(self, run_manager: Any) -> RunnableConfig:
+        """The config a model step runs under: the caller's (v3) or the run's metadata, our run as parent."""
+        base = self._call_config
+        if base is None:
+            base = {"metadata": dict(getattr(run_manager, "metadata", None) or {})}
+        if run_manager is not None:
+            base = {**base, "callbacks": run_manager.get_child()}
+        return ensure_config(base)
+
+    def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None, run_manager: Any = None,
+                  **kwargs: Any) -> ChatResult:
+        config = self._step_config(run_manager)
+        reservation = Reservation(self, self._admit_sync(self._begin(messages, config, _with_stop(kwargs, stop))))
+        model, model_kwargs = self._serving(reservation.admitted, kwargs)
+        chat, chat_kwargs = _chat_model_of(model, model_kwargs)
+        try:
+            if isinstance(chat, BaseChatModel):
+                result = chat._generate(messages, stop=stop, run_manager=run_manager, **chat_kwargs)
+            else:
+                result = ChatResult(generations=[ChatGeneration(
+                    message=model.invoke(messages, config, **_with_stop(model_kwargs, stop)))])
+        except BaseException:
+            reservation.settle()
+            raise
+        reservation.settle(result.generations[0].message)
+        return result
+
+    async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None, run_manager: Any = None,
+                         **kwargs: Any) -> ChatResult:
+        config = self._step_config(run_manager)
+        call = self._begin(messages, config, _with_stop(kwargs, stop))
+        reservation = Reservation(self, await self._admit_async(call))
+        model, model_kwargs = self._serving(reservation.admitted, kwargs)
+        chat, chat_kwargs = _chat_model_of(model, model_kwargs)
+        try:
+            if isinstance(chat, BaseChatModel):
+                result = await chat._agenerate(messages, stop=stop, run_manager=run_manager, **chat_kwargs)
+            else:
+                result = ChatResult(generations=[ChatGeneration(
+                    message=await model.ainvoke(messages, config, **_with_stop(model_kwargs, stop)))])
+        except BaseException:
+            await reservation.asettle()
+            raise
+        await reservation.asettle(result.generations[0].message)
+        return result
+
+    def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None, run_manager: Any = None,
+                **kwargs: Any) -> Iterator[ChatGenerationChunk]:
+        config = self._step_config(run_manager)
+        admitted = self._admit_sync(self._begin(messages, config, _with_stop(kwargs, stop)))
+        model, model_kwargs = self._serving(admitted, kwargs)
+        tracker = StreamTracker(self, admitted)
+        settled = False
+        try:
+            for chunk in _model_chunks(model, messages, stop, run_manager, config, model_kwargs):
+                tracker.add(chunk.message)
+                if tracker.renew_due():
+                    self._renew_sync(admitted)
+                yield chunk
+            cost = tracker.finish()
+            self._settle_sync(admitted, cost.charged_nano)
+            settled = True
+        finally:
+            if not settled:
+                self._settle_sync(admitted, tracker.interrupted_charge())
+
+    async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None, run_manager: Any = None,
+                       **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
+        config = self._step_config(run_manager)
+        admitted = await self._admit_async(self._begin(messages, config, _with_stop(kwargs, stop)))
+        model, model_kwargs = self._serving(admitted, kwargs)
+        tracker = StreamTracker(self, admitted)
+        settled = False
+        try:
+            async for chunk in _amodel_chunks(model, messages, stop, run_manager, config, model_kwargs):
+                tracker.add(chunk.message)
+                if tracker.renew_due():
+                    await self._renew_async(admitted)
+                yield chunk
+            cost = tracker.finish()
+            await self._settle_async(admitted, cost.charged_nano)
+            settled = True
+        finally:
+            if not settled:
+                await self._settle_async(admitted, tracker.interrupted_charge())
 
 
 @dataclass(slots=True)
@@ -661,11 +1035,6 @@ def _decision_events(call: _Call, admitted: _Admitted | None) -> list[tuple[str,
     return events
 
 
-def _tail_chunk(cost: CallCost) -> AIMessageChunk:
-    """An empty last chunk that carries the call's cost, like a provider's usage chunk."""
-    return AIMessageChunk(content="", response_metadata={METADATA_KEY: cost.as_metadata()})
-
-
 def _asking_for_stream_usage(model: Runnable) -> Runnable:
     """ChatOpenAI on a custom base_url streams without usage: use a copy that asks for it.
 
@@ -680,3 +1049,148 @@ def _asking_for_stream_usage(model: Runnable) -> Runnable:
     return model
 
 
+
+def _innermost(model: Any) -> Any:
+    while isinstance(model, RunnableBinding):
+        model = model.bound
+    return model
+
+
+def _chat_model_of(model: Any, kwargs: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The chat model under a model's bindings, and the call's kwargs with the bound ones under them."""
+    merged = dict(kwargs)
+    while isinstance(model, RunnableBinding):
+        merged = {**model.kwargs, **merged}
+        model = model.bound
+    return model, merged
+
+
+def _with_stop(kwargs: dict[str, Any], stop: list[str] | None) -> dict[str, Any]:
+    return kwargs if stop is None else {**kwargs, "stop": stop}
+
+
+def _plain_data(value: Any, depth: int = 0) -> bool:
+    """Settings a guard may show of its model: values, never objects that could call the model."""
+    if value is None or isinstance(value, (str, int, float, Decimal, Enum, SecretStr, bytes)):
+        return True
+    if depth > 4:
+        return False
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return all(_plain_data(item, depth + 1) for item in value)
+    if isinstance(value, Mapping):
+        return all(_plain_data(k, depth + 1) and _plain_data(v, depth + 1) for k, v in value.items())
+    return False
+
+
+def _is_last(chunk: Any) -> bool:
+    return getattr(chunk, "chunk_position", None) == "last"
+
+
+def _with_cost(last: Any, cost: CallCost) -> AIMessageChunk:
+    """The stream's last chunk (the provider's, else a new empty one) carrying the call's cost."""
+    if last is None:
+        return AIMessageChunk(content="", chunk_position="last", response_metadata={METADATA_KEY: cost.as_metadata()})
+    _annotate(last, cost)
+    return last
+
+
+def _generate_options(callbacks: Any, tags: Any, metadata: Any, run_name: Any, run_id: Any, count: int
+                      ) -> dict[str, Any]:
+    options: dict[str, Any] = {"callbacks": callbacks, "tags": tags, "metadata": metadata, "run_name": run_name}
+    if run_id is not None and count == 1:  # a run id names one run
+        options["run_id"] = run_id
+    return options
+
+
+def _config_of(options: Mapping[str, Any]) -> RunnableConfig:
+    return ensure_config({k: v for k, v in options.items() if v is not None and k != "run_id"})
+
+
+def _as_chunk(message: BaseMessage) -> ChatGenerationChunk:
+    """A whole reply as one stream chunk (for a model that cannot stream)."""
+    tool_chunks = [
+        {"name": c["name"], "args": json.dumps(c["args"]), "id": c.get("id"), "index": i, "type": "tool_call_chunk"}
+        for i, c in enumerate(getattr(message, "tool_calls", None) or ())
+    ]
+    return ChatGenerationChunk(message=AIMessageChunk(
+        content=message.content, additional_kwargs=message.additional_kwargs,
+        response_metadata=message.response_metadata, usage_metadata=getattr(message, "usage_metadata", None),
+        id=message.id, tool_call_chunks=tool_chunks,
+    ))
+
+
+def _streams_natively(chat: Any) -> bool:
+    return isinstance(chat, BaseChatModel) and type(chat)._stream is not BaseChatModel._stream
+
+
+def _model_chunks(model: Any, messages: list[BaseMessage], stop: list[str] | None, run_manager: Any,
+                  config: RunnableConfig, kwargs: dict[str, Any]) -> Iterator[ChatGenerationChunk]:
+    chat, chat_kwargs = _chat_model_of(model, kwargs)
+    if _streams_natively(chat):
+        yield from chat._stream(messages, stop=stop, run_manager=run_manager, **chat_kwargs)
+    elif isinstance(chat, BaseChatModel):
+        yield _as_chunk(chat._generate(messages, stop=stop, run_manager=run_manager, **chat_kwargs).generations[0]
+                        .message)
+    else:
+        for chunk in model.stream(messages, config, **_with_stop(kwargs, stop)):
+            yield ChatGenerationChunk(message=chunk)
+
+
+async def _amodel_chunks(model: Any, messages: list[BaseMessage], stop: list[str] | None, run_manager: Any,
+                         config: RunnableConfig, kwargs: dict[str, Any]) -> AsyncIterator[ChatGenerationChunk]:
+    chat, chat_kwargs = _chat_model_of(model, kwargs)
+    if isinstance(chat, BaseChatModel) and (_streams_natively(chat) or type(chat)._astream is not
+                                            BaseChatModel._astream):
+        async for chunk in chat._astream(messages, stop=stop, run_manager=run_manager, **chat_kwargs):
+            yield chunk
+    elif isinstance(chat, BaseChatModel):
+        result = await chat._agenerate(messages, stop=stop, run_manager=run_manager, **chat_kwargs)
+        yield _as_chunk(result.generations[0].message)
+    else:
+        async for chunk in model.astream(messages, config, **_with_stop(kwargs, stop)):
+            yield ChatGenerationChunk(message=chunk)
+
+
+# -- serialization: a guard is its model(s) and the options its budget was built from ------------
+
+
+def _revive_guard(llm: Any, degrade_to: Any, options: dict[str, Any], primary_bound: frozenset[str]) -> BudgetGuard:
+    guard = BudgetGuard(llm, degrade_to=degrade_to, **options)
+    guard._primary_bound = primary_bound
+    return guard
+
+
+def _revive_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Options as ``dumpd`` wrote them (limits as dicts) back to what BudgetPolicy takes."""
+    if isinstance(options.get("limit"), Mapping):
+        options = {**options, "limit": Limit(**options["limit"])}
+    limits = options.get("limits")
+    if limits and any(isinstance(item, Mapping) for item in limits):
+        options = {**options, "limits": [Limit(**item) if isinstance(item, Mapping) else item for item in limits]}
+    return options
+
+
+def _serial_options(options: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The options as JSON values, or None when one of them is a live object (a store, an estimator)."""
+    if options is None:
+        return None
+    out: dict[str, Any] = {}
+    for key, value in options.items():
+        if key == "limits":
+            out[key] = [{"usd": str(x.usd), "per": x.per, "window": x.window, "tz": x.tz} for x in value or ()]
+        elif isinstance(value, Decimal):
+            out[key] = str(value)
+        elif isinstance(value, Limit):
+            out[key] = {"usd": str(value.usd), "per": value.per, "window": value.window, "tz": value.tz}
+        elif value is None or isinstance(value, (str, int, float, bool)) or (
+                isinstance(value, Mapping) and _plain_data(value)):
+            out[key] = _jsonable(value)
+        else:
+            return None
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return str(value) if isinstance(value, Decimal) else value

@@ -71,7 +71,7 @@ def guarded_structured_output(guard: BudgetGuard, schema: Any, **kwargs: Any) ->
         if step is None:
             raise TypeError(f"{type(model).__name__}.with_structured_output has no chat model step to guard.")
         fallbacks.append(step)
-    replacement = BudgetGuard(primary, degrade_to=fallbacks, policy=guard.policy)
+    replacement = guard.wrap(primary, degrade_to=fallbacks)
     return _replace(structured, primary, replacement)
 
 
