@@ -22,29 +22,29 @@ Skips (each is a capability the bare model lacks here, or a suite feature we do 
 
 from __future__ import annotations
 
-import base64
 import itertools
+import os
 import struct
 import zlib
 from collections.abc import Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, ClassVar, cast
+from unittest import mock
 
 import pytest
 from langchain_anthropic import ChatAnthropic
 from langchain_core.language_models import BaseChatModel
+from langchain_core.load import dumpd, load
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 from langchain_openai import ChatOpenAI
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 from langchain_tests.unit_tests import ChatModelUnitTests
 
 from langchain_budgetguard import BudgetGuard
-from langchain_budgetguard.stores.memory import MemoryStore
-from langchain_budgetguard.stores.redis import RedisStore
 
 from .providers.common import ScriptedServer
-from .redis_support import SESSION_PREFIX, delete_prefix, fresh_prefix, redis_url  # noqa: F401 - fixture
+from .redis_support import SESSION_PREFIX, delete_prefix, redis_url  # noqa: F401 - fixture
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 NOWHERE = "http://127.0.0.1:9"
@@ -243,6 +243,155 @@ class _Anthropic(_Provider):
         return _detail(_invoke(model, _cached_readme_message("read"), stream), "input", "cache_read")
 
 
+# -- guarded models --------------------------------------------------------------------------------
+
+
+class _Budget:
+    """The budget one test's guards draw on, and every guard the test built (for the audit)."""
+
+    def __init__(self, store: str, name: str) -> None:
+        self.store, self.name = store, name
+        self.guards: list[BudgetGuard] = []
+
+    def guard(self, llm: BaseChatModel) -> BudgetGuard:
+        # Options, not a store object: that is how a user builds a guard that dumpd/pickle can carry.
+        guard = BudgetGuard(llm, limit=BUDGET_USD, store=self.store, name=self.name)
+        self.guards.append(guard)
+        return guard
+
+    def spent_and_held(self) -> tuple[Decimal, Decimal]:
+        """Totals over every distinct budget the test's guards drew on."""
+        if self.store == "memory":  # each guard built from "memory" has a store of its own
+            policies = {id(g.policy.store): g for g in self.guards}.values()
+        else:  # guards on one URL with one name share one budget: read it once, model-less
+            policies = [BudgetGuard(limit=BUDGET_USD, store=self.store, name=self.name)]
+        statuses = [s for p in policies for s in p.status()]
+        return sum((s.spent for s in statuses), Decimal(0)), sum((s.held for s in statuses), Decimal(0))
+
+    def close(self) -> None:
+        for guard in self.guards:
+            guard.policy.store.close()
+
+
+def guarded_class(bare: type[BaseChatModel], budget: _Budget) -> type:
+    """What the suites call ``chat_model_class``: ``cls(**params)`` builds ``BudgetGuard(bare(**params))``.
+
+    A factory, not a BudgetGuard subclass, so that every model the suites see (and serialize) is a
+    plain ``BudgetGuard``; the class-level capability checks read BudgetGuard's own methods.
+    """
+
+    def __new__(cls: type, **params: Any) -> BudgetGuard:  # noqa: N807
+        return budget.guard(bare(**params))
+
+    attrs = {name: getattr(BudgetGuard, name) for name in ("bind_tools", "with_structured_output")}
+    attrs["is_lc_serializable"] = staticmethod(BudgetGuard.is_lc_serializable)
+    return type(f"Guarded{bare.__name__}", (), {"__new__": __new__, **attrs})
+
+
+_budget_names = itertools.count()
+
+
+class _Guarded:
+    """Runs a provider's suite on ``BudgetGuard(<bare model>)``; audits the budget after each test."""
+
+    store_kind: ClassVar[str]
+    budget: _Budget
+    server: ScriptedServer | None
+    bare_class: ClassVar[type[BaseChatModel]]
+
+    @pytest.fixture(autouse=True)
+    def _audited_budget(self, request: pytest.FixtureRequest, billed: Callable[..., Decimal]) -> Iterator[None]:
+        if self.store_kind == "redis":
+            store = request.getfixturevalue("redis_url")
+            name = f"{request.getfixturevalue('suite_budget_stem')}-{next(_budget_names)}"
+        else:
+            store, name = "memory", "standard-suite"
+        budget = _Budget(store, name)
+        request.instance.budget = budget
+        yield
+        try:
+            spent, held = budget.spent_and_held()
+            server = self.server
+            expected = billed(server) if server is not None else Decimal(0)
+            assert held == 0, f"{held} USD still held after the test"
+            assert spent == expected, f"budget spent {spent} USD; the server's usage at list price is {expected} USD"
+        finally:
+            budget.close()
+
+    @property
+    def chat_model_class(self) -> type:
+        return guarded_class(self.bare_class, self.budget)
+
+    # The guarded model must do whatever the bare one does: same capabilities as the bare class.
+    @property
+    def has_tool_calling(self) -> bool:
+        return self.bare_class.bind_tools is not BaseChatModel.bind_tools
+
+    @property
+    def has_tool_choice(self) -> bool:
+        import inspect
+
+        return "tool_choice" in inspect.signature(self.bare_class.bind_tools).parameters
+
+    @property
+    def has_structured_output(self) -> bool:
+        return True
+
+
+
+class _GuardedUnit(_Guarded):
+    """The unit suite on a guard: ``test_serdes`` cannot pass out of LangChain's tree (see there)."""
+
+    @pytest.fixture
+    def snapshot(self, snapshot: Any) -> Any:
+        """``test_serdes``: the Redis budget's per-test name and the Redis URL read as placeholders."""
+        volatile = {self.budget.name: "<budget>", self.budget.store: "<store>"} if self.store_kind == "redis" else {}
+
+        def matcher(data: Any, path: Any) -> Any:
+            return volatile.get(data, data) if isinstance(data, str) else data
+
+        return snapshot.with_defaults(matcher=matcher)
+
+    @pytest.mark.xfail(
+        reason="langchain-tests loads with allowed_objects='all', which admits only the classes in LangChain's "
+        "own mapping (langchain_core.load.mapping), so no model outside LangChain's tree can pass; "
+        "test_serdes_with_the_guard_allowed runs the same round trip with BudgetGuard allowed.",
+        raises=ValueError,
+        strict=True,
+    )
+    def test_serdes(self, model: BaseChatModel, snapshot: Any) -> None:
+        super().test_serdes(model, snapshot)  # type: ignore[misc]
+
+    def test_serdes_with_the_guard_allowed(self, model: BaseChatModel, snapshot: Any) -> None:
+        """``test_serdes`` (snapshot, then ``load(dumpd(model))`` equal to the model) with the guard's class allowed."""
+        env, _, _ = self.init_from_env_params  # type: ignore[attr-defined]
+        with mock.patch.dict(os.environ, env):
+            assert dumpd(model) == snapshot(name="serialized")
+            loaded = load(dumpd(model), valid_namespaces=["langchain_budgetguard"],
+                          allowed_objects=[BudgetGuard, self.bare_class], secrets_from_env=True)
+        assert isinstance(loaded, BudgetGuard)
+        assert loaded.dict() == model.dict()
+        assert (loaded.policy.name, loaded.policy.limits) == (model.policy.name, model.policy.limits)  # type: ignore[attr-defined]
+        self.budget.guards.append(loaded)
+
+
+@pytest.fixture(scope="class")
+def suite_budget_stem(redis_url: str) -> Iterator[str]:  # noqa: F811
+    """A budget name stem for one guarded Redis class; its keys are deleted after the class."""
+    import redis
+
+    stem = f"{SESSION_PREFIX.strip(':').replace(':', '-')}-std{next(_budget_names)}"
+    yield stem
+    client = redis.Redis.from_url(redis_url)
+    delete_prefix(client, f"bg:*{stem}*")
+    client.close()
+
+
+_needs_guard_chat_model = pytest.mark.skipif(
+    not GUARD_IS_CHAT_MODEL, reason="BudgetGuard is not a BaseChatModel yet (issue 10)"
+)
+
+
 # -- bare models -----------------------------------------------------------------------------------
 
 
@@ -259,4 +408,55 @@ class TestAnthropicUnit(_Anthropic, ChatModelUnitTests):
 
 
 class TestAnthropicIntegration(_Anthropic, ChatModelIntegrationTests):
+    server_fixture = "anthropic_server"
+
+
+# -- guarded models: the same suites, the same settings, the model wrapped -------------------------
+
+
+@_needs_guard_chat_model
+class TestGuardedOpenAIUnitMemory(_GuardedUnit, _OpenAI, ChatModelUnitTests):
+    store_kind = "memory"
+
+
+@_needs_guard_chat_model
+class TestGuardedOpenAIIntegrationMemory(_Guarded, _OpenAI, ChatModelIntegrationTests):
+    store_kind = "memory"
+    server_fixture = "openai_server"
+
+
+@_needs_guard_chat_model
+class TestGuardedAnthropicUnitMemory(_GuardedUnit, _Anthropic, ChatModelUnitTests):
+    store_kind = "memory"
+
+
+@_needs_guard_chat_model
+class TestGuardedAnthropicIntegrationMemory(_Guarded, _Anthropic, ChatModelIntegrationTests):
+    store_kind = "memory"
+    server_fixture = "anthropic_server"
+
+
+@_needs_guard_chat_model
+@pytest.mark.redis
+class TestGuardedOpenAIUnitRedis(_GuardedUnit, _OpenAI, ChatModelUnitTests):
+    store_kind = "redis"
+
+
+@_needs_guard_chat_model
+@pytest.mark.redis
+class TestGuardedOpenAIIntegrationRedis(_Guarded, _OpenAI, ChatModelIntegrationTests):
+    store_kind = "redis"
+    server_fixture = "openai_server"
+
+
+@_needs_guard_chat_model
+@pytest.mark.redis
+class TestGuardedAnthropicUnitRedis(_GuardedUnit, _Anthropic, ChatModelUnitTests):
+    store_kind = "redis"
+
+
+@_needs_guard_chat_model
+@pytest.mark.redis
+class TestGuardedAnthropicIntegrationRedis(_Guarded, _Anthropic, ChatModelIntegrationTests):
+    store_kind = "redis"
     server_fixture = "anthropic_server"
