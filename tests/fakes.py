@@ -6,11 +6,14 @@ import asyncio
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+
+
+_CALLS_LOCK = threading.Lock()  # one for all fakes: a fake stays picklable and deep-copyable
 
 
 class UsageChat(BaseChatModel):
@@ -32,10 +35,7 @@ class UsageChat(BaseChatModel):
     tool_calls: list[dict] | None = None
     script: list[dict] | None = None  # per call, in order: {"reply": ..., "tool_calls": [...]}
     calls: int = 0
-    _lock: Any = None
-
-    def model_post_init(self, context: Any) -> None:
-        object.__setattr__(self, "_lock", threading.Lock())
+    total_calls: ClassVar[int] = 0  # every fake's calls: copies of a model count here too
 
     @property
     def _llm_type(self) -> str:
@@ -53,8 +53,9 @@ class UsageChat(BaseChatModel):
         return self.bind(tools=[convert_to_openai_tool(t) for t in tools], **kwargs)
 
     def _count(self) -> None:
-        with self._lock:
+        with _CALLS_LOCK:
             object.__setattr__(self, "calls", self.calls + 1)
+            UsageChat.total_calls += 1
 
     def _usage(self) -> dict[str, int]:
         return {

@@ -556,6 +556,8 @@ class BudgetGuard(BaseChatModel):
         if usage is not None and usage.total_tokens:
             return self._price(admitted, usage)
         if reply is not None:
+            if _from_cache(reply):  # LangChain's cache answered: no request was billed
+                return self._price(admitted, TokenUsage())
             return self._cost(admitted, reply)
         if output_text is not None:
             return self._cost(admitted, None, output_text)
@@ -886,12 +888,13 @@ class BudgetGuard(BaseChatModel):
         return guard
 
     def _step_config(self, run_manager: Any) -> RunnableConfig:
-        """The config a model step runs under: the caller's (v3) or the run's metadata, our run as parent."""
+        """The config a model step runs under: the caller's (v3), else the run's metadata."""
         base = self._call_config
         if base is None:
             base = {"metadata": dict(getattr(run_manager, "metadata", None) or {})}
-        if run_manager is not None:
-            base = {**base, "callbacks": run_manager.get_child()}
+        base = {k: v for k, v in base.items() if k not in ("callbacks", "run_id")}
+        # An LLM run has no children: a model step that is not a chat model runs without our
+        # callbacks, or its usage would be reported twice.
         return ensure_config(base)
 
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None, run_manager: Any = None,
@@ -1080,6 +1083,12 @@ def _plain_data(value: Any, depth: int = 0) -> bool:
     if isinstance(value, Mapping):
         return all(_plain_data(k, depth + 1) and _plain_data(v, depth + 1) for k, v in value.items())
     return False
+
+
+def _from_cache(reply: Any) -> bool:
+    """LangChain marks a reply its cache served with ``usage_metadata["total_cost"] = 0``."""
+    usage = getattr(reply, "usage_metadata", None)
+    return isinstance(usage, Mapping) and usage.get("total_cost") == 0
 
 
 def _is_last(chunk: Any) -> bool:
