@@ -26,6 +26,7 @@ import itertools
 import os
 import struct
 import zlib
+from contextvars import ContextVar
 from collections.abc import Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -34,15 +35,18 @@ from unittest import mock
 
 import pytest
 from langchain_anthropic import ChatAnthropic
+from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.language_models import BaseChatModel
 from langchain_core.load import dumpd, load
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
+from langchain_core.tracers.context import register_configure_hook
 from langchain_openai import ChatOpenAI
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 from langchain_tests.unit_tests import ChatModelUnitTests
 
 from langchain_budgetguard import BudgetGuard
 
+from .conftest import list_price
 from .providers.common import ScriptedServer
 from .redis_support import SESSION_PREFIX, delete_prefix, redis_url  # noqa: F401 - fixture
 
@@ -246,12 +250,33 @@ class _Anthropic(_Provider):
 # -- guarded models --------------------------------------------------------------------------------
 
 
+class _CostEntries(BaseCallbackHandler):
+    """Sees every run of the test (a configure hook, as ``get_openai_callback`` does): the guard's
+    cost events (``budgetguard_cost``) and the chat-model runs that started."""
+
+    def __init__(self) -> None:
+        self.entries: list[dict[str, Any]] = []
+        self.chat_model_runs = 0
+
+    def on_chat_model_start(self, serialized: Any, messages: Any, **kwargs: Any) -> None:
+        self.chat_model_runs += 1
+
+    def on_custom_event(self, name: str, data: Any, **kwargs: Any) -> None:
+        if name == "budgetguard_cost":
+            self.entries.append(dict(data))
+
+
+_COST_EVENTS: ContextVar[_CostEntries | None] = ContextVar("standard_suite_cost_events", default=None)
+register_configure_hook(_COST_EVENTS, inheritable=True)
+
+
 class _Budget:
-    """The budget one test's guards draw on, and every guard the test built (for the audit)."""
+    """The budget one test's guards draw on, every guard the test built, and their cost entries."""
 
     def __init__(self, store: str, name: str) -> None:
         self.store, self.name = store, name
         self.guards: list[BudgetGuard] = []
+        self.costs = _CostEntries()
 
     def guard(self, llm: BaseChatModel) -> BudgetGuard:
         # Options, not a store object: that is how a user builds a guard that dumpd/pickle can carry.
@@ -308,15 +333,32 @@ class _Guarded:
             store, name = "memory", "standard-suite"
         budget = _Budget(store, name)
         request.instance.budget = budget
+        watching = _COST_EVENTS.set(budget.costs)
         yield
+        _COST_EVENTS.reset(watching)
         try:
             spent, held = budget.spent_and_held()
             server = self.server
             expected = billed(server) if server is not None else Decimal(0)
             assert held == 0, f"{held} USD still held after the test"
             assert spent == expected, f"budget spent {spent} USD; the server's usage at list price is {expected} USD"
+            self._audit_calls(budget.costs, server.calls if server is not None else [])
         finally:
             budget.close()
+
+    @staticmethod
+    def _audit_calls(costs: _CostEntries, requests: list[Any]) -> None:
+        """One chat-model run and one cost entry per request, each at that request's list price, none
+        above its hold."""
+        assert costs.chat_model_runs == len(requests), f"{costs.chat_model_runs} chat-model runs for {len(requests)} requests"
+        entries = costs.entries
+        assert len(entries) == len(requests), f"{len(entries)} cost entries for {len(requests)} provider requests"
+        by_price = sorted((list_price(r), r.body["model"]) for r in requests)
+        charged = sorted((Decimal(e["cost_usd"]), e["model"]) for e in entries)
+        assert [c for c, _ in charged] == [p for p, _ in by_price], f"charged {charged}; list prices {by_price}"
+        for entry in entries:
+            assert not entry["estimated"], f"charged an estimate, not the reported usage: {entry}"
+            assert Decimal(entry["cost_usd"]) <= Decimal(entry["reserved_usd"]), f"cost above its hold: {entry}"
 
     @property
     def chat_model_class(self) -> type:
