@@ -73,7 +73,8 @@ _PDF = (
     b"%PDF-1.1\n1 0 obj<</Type/Catalog/Pages 2 0 R>>endobj\n2 0 obj<</Type/Pages/Kids[3 0 R]/Count 1>>endobj\n"
     b"3 0 obj<</Type/Page/Parent 2 0 R/MediaBox[0 0 200 200]>>endobj\ntrailer<</Root 1 0 R>>\n%%EOF\n"
 )
-ASSETS = {".png": _png(), ".pdf": _PDF}
+ASSETS = {".png": _png(1600, 1200), ".pdf": _PDF}
+"""A large, highly compressible PNG: few base64 bytes, many image tokens (what a guard must bound)."""
 
 
 class _Download:

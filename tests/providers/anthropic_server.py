@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import math
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from .common import PromptView, RecordedRequest, Reply, ScriptedServer, _Handler, count_prompt_tokens, sse
+from .common import (
+    PDF_PAGE_SIZE,
+    URL_IMAGE_SIZE,
+    PromptView,
+    RecordedRequest,
+    Reply,
+    ScriptedServer,
+    _Handler,
+    count_prompt_tokens,
+    image_size,
+    pdf_pages,
+    sse,
+)
 
 __all__ = ["AnthropicServer"]
 
@@ -111,6 +125,30 @@ class AnthropicServer(ScriptedServer):
             reasoning=thinking.get("type") in ("enabled", "adaptive"),
             cache=_cache_prefix(body),
         )
+
+    def media_tokens(self, body: Mapping[str, Any]) -> int:
+        """Images: width x height / 750 after the long edge is cut to 1568 px. PDFs: each page as an
+        image (the servers' PDFs have no text)."""
+
+        def image(size: tuple[int, int]) -> int:
+            w, h = size
+            scale = min(1.0, 1568 / max(w, h))
+            return math.ceil(w * scale * h * scale / 750)
+
+        def walk(content: Any) -> int:
+            tokens = 0
+            for block in _as_blocks(content):
+                kind, source = block.get("type"), block.get("source") or {}
+                raw = base64.b64decode(source["data"]) if source.get("type") == "base64" else None
+                if kind == "image":
+                    tokens += image(image_size(raw) if raw else URL_IMAGE_SIZE)
+                elif kind == "document":
+                    tokens += pdf_pages(raw or b"") * image(PDF_PAGE_SIZE)
+                elif kind == "tool_result":
+                    tokens += walk(block.get("content"))
+            return tokens
+
+        return sum(walk(m.get("content")) for m in body.get("messages") or [] if isinstance(m, Mapping))
 
     def _error_body(self, reply: Reply) -> dict[str, Any]:
         type_, message = _ERRORS.get(reply.error or 500, ("api_error", "Error."))

@@ -20,9 +20,11 @@ retries stay fast.
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import socket
+import struct
 import sys
 import threading
 import time
@@ -365,7 +367,7 @@ class ScriptedServer:
             return answer(
                 self.prompt_view(body),
                 self._cached_prompts,
-                count_prompt_tokens(body),
+                count_prompt_tokens(body) + self.media_tokens(body),
                 cache_min_tokens=self.cache_min_tokens,
                 reports_cache_writes=self.reports_cache_writes,
             )
@@ -373,6 +375,10 @@ class ScriptedServer:
     def prompt_view(self, body: Mapping[str, Any]) -> PromptView:
         """What a model would read in this provider's request body."""
         raise NotImplementedError
+
+    def media_tokens(self, body: Mapping[str, Any]) -> int:
+        """Prompt tokens of the images and documents in the request, as this provider bills them."""
+        return 0
 
     @property
     def pending(self) -> int:
@@ -687,3 +693,31 @@ def answer(
         stop_sequence=hit,
     )
     return reply
+
+
+# -- media sizes -------------------------------------------------------------------------------
+
+URL_IMAGE_SIZE = (1024, 768)
+"""The size the servers assume for an image given by URL (they never fetch it: tests run offline)."""
+PDF_PAGE_SIZE = (612, 792)
+"""A PDF page (US letter, in points), rendered as an image of this size."""
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """Width and height of a PNG (or, for other formats, ``URL_IMAGE_SIZE``)."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR":
+        width, height = struct.unpack(">II", data[16:24])
+        return width, height
+    return URL_IMAGE_SIZE
+
+
+def data_url_bytes(url: str) -> bytes | None:
+    """The bytes of a ``data:...;base64,`` URL, None for any other URL."""
+    if not url.startswith("data:") or ";base64," not in url:
+        return None
+    return base64.b64decode(url.split(";base64,", 1)[1])
+
+
+def pdf_pages(data: bytes) -> int:
+    """Page objects in a PDF (at least 1)."""
+    return max(1, len(re.findall(rb"/Type\s*/Page(?![a-zA-Z])", data)))

@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from .common import PromptView, Reply, ScriptedServer, count_prompt_tokens, sse
+from .common import (
+    PDF_PAGE_SIZE,
+    URL_IMAGE_SIZE,
+    PromptView,
+    Reply,
+    ScriptedServer,
+    count_prompt_tokens,
+    data_url_bytes,
+    image_size,
+    pdf_pages,
+    sse,
+)
 
 __all__ = ["OpenAIServer"]
 
@@ -86,6 +98,36 @@ class OpenAIServer(ScriptedServer):
             reasoning=reasoning,
             cache=(key, cached) if cached else None,
         )
+
+    def media_tokens(self, body: Mapping[str, Any]) -> int:
+        """Images: OpenAI's tile rule (fit in 2048x2048, shortest side to 768, base + a price per
+        512px tile; gpt-4o-mini's base and tile are inflated to keep gpt-4o's price). PDFs: an image
+        of each page (the servers' PDFs have no text)."""
+        base, tile = (2833, 5667) if str(body.get("model", "")).startswith("gpt-4o-mini") else (85, 170)
+
+        def image(size: tuple[int, int], detail: str | None) -> int:
+            if detail == "low":
+                return base
+            w, h = size
+            scale = min(1.0, 2048 / max(w, h))
+            w, h = w * scale, h * scale
+            scale = min(1.0, 768 / min(w, h))
+            w, h = w * scale, h * scale
+            return base + tile * math.ceil(w / 512) * math.ceil(h / 512)
+
+        tokens = 0
+        for message in body.get("messages") or []:
+            content = message.get("content") if isinstance(message, Mapping) else None
+            for part in content if isinstance(content, list) else []:
+                kind = part.get("type")
+                if kind == "image_url":
+                    spec = part.get("image_url") or {}
+                    data = data_url_bytes(spec.get("url", ""))
+                    tokens += image(image_size(data) if data else URL_IMAGE_SIZE, spec.get("detail"))
+                elif kind == "file":
+                    data = data_url_bytes((part.get("file") or {}).get("file_data", ""))
+                    tokens += pdf_pages(data or b"") * image(PDF_PAGE_SIZE, None)
+        return tokens
 
     def _error_body(self, reply: Reply) -> dict[str, Any]:
         type_, code, message = _ERRORS.get(reply.error or 500, ("server_error", None, "Error."))
