@@ -251,9 +251,12 @@ def test_a_guard_sent_to_a_spawned_worker_charges_the_shared_budget(redis_url): 
 # -- LangChain code that needs a BaseChatModel ---------------------------------------------------
 
 
+CAP_KEYS = ("max_tokens", "max_completion_tokens")
+
+
 def _agent_bodies(server):
-    """What an agent sent, less what differs between any two runs (ids)."""
-    return [{k: v for k, v in r.body.items() if k not in ("user", "metadata")} for r in server.calls]
+    """What an agent sent, less the output cap (the guard sends one where the call sets none)."""
+    return [{k: v for k, v in r.body.items() if k not in CAP_KEYS} for r in server.calls]
 
 
 def test_create_agent_response_format_sends_the_same_requests_as_the_bare_model(openai_server, billed):
@@ -277,6 +280,7 @@ def test_create_agent_response_format_sends_the_same_requests_as_the_bare_model(
     out = create_agent(model=guard, response_format=City).invoke(ask)
     assert out["structured_response"] == bare["structured_response"] == City(name="Oslo", population=709000)
     assert _agent_bodies(openai_server) == bare_bodies
+    assert all(r.body["max_completion_tokens"] == 4096 for r in openai_server.calls)  # the cap it reserved
     assert "response_format" in bare_bodies[0] and "tool_choice" not in bare_bodies[0]  # provider strategy
     assert spent(guard) == billed(openai_server) > 0 and held(guard) == 0
 
@@ -349,3 +353,23 @@ def test_the_inner_model_cache_and_rate_limiter_keep_working():
     assert second.response_metadata["budgetguard"]["cost_usd"] == 0
     assert spent(guard) == CALL and held(guard) == 0
     assert CountingLimiter.acquired == 1  # the cache hit did not wait for the limiter
+
+
+def test_no_run_of_the_guard_is_opened_for_handlers_that_only_read_model_runs():
+    from langchain_core.callbacks import BaseCallbackHandler, UsageMetadataCallbackHandler
+
+    from langchain_budgetguard.runs import observed
+
+    class ChainSpy(BaseCallbackHandler):
+        def on_chain_start(self, serialized, inputs, **kwargs):
+            pass
+
+    usage = UsageMetadataCallbackHandler()
+    assert not observed({"callbacks": [usage]})
+    assert observed({"callbacks": [usage, ChainSpy()]})
+    guard = BudgetGuard(UsageChat(), limit=1)
+    guard.invoke("hi", {"callbacks": [usage]})
+    guard.batch(["hi"], {"callbacks": [usage]})
+    # one model run per call, usage as the model reported it: not counted twice
+    assert usage.usage_metadata["gpt-4o-mini"]["total_tokens"] == 2 * 17
+    assert spent(guard) == 2 * CALL

@@ -72,6 +72,8 @@ class CallCost:
     reserved_usd: Decimal
     call_id: str
     charged_nano: int = field(default=0, repr=False)
+    output_cap: int | None = None  # the cap the guard sent (None: the call's own cap applied)
+    clamped: bool = False  # the cap was lowered to fit what was left of the budget
 
     def as_metadata(self) -> dict[str, Any]:
         return {
@@ -81,6 +83,8 @@ class CallCost:
             "estimated": self.estimated,
             "degraded": self.degraded,
             "call_id": self.call_id,
+            "output_cap": self.output_cap,
+            "clamped": self.clamped,
             "input_tokens": self.usage.input_tokens,
             "output_tokens": self.usage.output_tokens,
         }
@@ -120,6 +124,9 @@ class _Estimate:
     input_tokens: int
     reserve: int
     input_cost: int
+    output_tokens: int = 0  # the output cap the reservation covers
+    send_cap: bool = False  # the call sets no cap: the guard sends ``output_tokens`` as its cap
+    clamped: bool = False  # the cap was lowered to fit what is left of the budget
 
 
 @dataclass(slots=True)
@@ -472,37 +479,86 @@ class BudgetGuard(BaseChatModel):
         if isinstance(messages, str) and not isinstance(policy.estimator, (StrictEstimator, TypicalEstimator)):
             messages = call.messages = [HumanMessage(messages)]  # the built-ins count a string as it is
         input_tokens = estimate_input_tokens(policy.estimator, messages, tools, candidate.runnable)
+        # With no cap anywhere, a reply could cost any amount: the guard sends the cap it reserves for
+        # (output_cap="hard"), unless the user opted out ("trust": reserve the default, send nothing).
+        send = cap is None and policy_option(policy, "output_cap") == "hard" and candidate.runnable is not None
         cap = cap or policy.default_max_output_tokens
         # Strict: cache writes can cost more than plain input (Anthropic: 1.25x-2x): hold the dearer.
         reserve, input_cost = card.hold_nano(input_tokens, cap, dearer_cache_write=policy.estimator.mode == "strict")
-        return _Estimate(card, input_tokens, reserve, input_cost)
+        return _Estimate(card, input_tokens, reserve, input_cost, cap, send)
+
+    def _clamped(self, estimate: _Estimate, room: int) -> _Estimate | None:
+        """``estimate`` with the largest output cap whose hold fits in ``room`` nano-USD, if that cap is
+        at least ``min_output_tokens``; None when even that does not fit (or clamping is off)."""
+        least = policy_option(self.policy, "min_output_tokens")
+        if not least or estimate.output_tokens <= least:
+            return None
+        strict = self.policy.estimator.mode == "strict"
+
+        def hold(cap: int) -> tuple[int, int]:
+            return estimate.card.hold_nano(estimate.input_tokens, cap, dearer_cache_write=strict)
+
+        if hold(least)[0] > room:
+            return None
+        low, high = least, estimate.output_tokens - 1  # hold(low) fits; find the largest that does
+        while low < high:
+            mid = (low + high + 1) // 2
+            low, high = (mid, high) if hold(mid)[0] <= room else (low, mid - 1)
+        reserve, input_cost = hold(low)
+        return _Estimate(estimate.card, estimate.input_tokens, reserve, input_cost, low, True, True)
 
     def _admit(self, call: _Call) -> Generator[_Reserve, ReserveResult | Exception, _Admitted]:
         """Try each model of the ladder; yield reservations for the driver to carry out."""
         policy = self.policy
         ladder = call.ladder or self._ladder()
         last = len(ladder) - 1
+        refused: list[tuple[int, _Candidate, _Estimate, ReserveResult]] = []
         for index, candidate in enumerate(ladder):
             estimate = self._estimate(call, candidate)
-            fraction = policy.degrade_at if index < last else None
             call_id = call.call_id if index == 0 else f"{call.call_id}.{index}"
-            expired_hold = policy.expired_hold
-            on_expiry = (estimate.input_cost if expired_hold == "charge_input"
-                         else estimate.reserve if expired_hold == "charge_reserved" else 0)
-            hold = Hold(call_id, estimate.reserve, policy.lease_seconds, on_expiry)
-            result = yield ("reserve", call.plan.counters(fraction), hold)
-            admitted = _Admitted(candidate, estimate, index, call_id, call.plan.keys)
-            if isinstance(result, Exception):
-                if policy.on_store_error == "fail_closed":
-                    raise result
-                yield from self._admit_fail_open(admitted)
+            admitted = yield from self._try(call, candidate, estimate, index, last, call_id, refused)
+            if admitted is not None:
                 return admitted
-            if result.ok:
+        # No model fits with its full output cap. Shrink to fit: the ladder again, each model with the
+        # largest cap that fits what is left (at least min_output_tokens), so a shorter reply is served
+        # instead of a refusal. Degrading comes first: a whole reply from a cheaper model beats a cut one.
+        for index, candidate, estimate, result in refused if call.ladder is None else ():
+            counters = call.plan.counters(policy.degrade_at if index < last else None)
+            if len(result.states) != len(counters):
+                continue
+            room = min(c.limit - s.spent - s.held for c, s in zip(counters, result.states))
+            clamped = self._clamped(estimate, room)
+            if clamped is None:
+                continue
+            admitted = yield from self._try(call, candidate, clamped, index, last, f"{call.call_id}.c{index}", None)
+            if admitted is not None:
                 return admitted
-            blocked = result.blocked or 0
-            call.refusals.append(call.plan.refusal(blocked, result.states[blocked], estimate.reserve,
-                                                   candidate.label))
         raise BudgetExceededError(call.refusals)
+
+    def _try(self, call: _Call, candidate: _Candidate, estimate: _Estimate, index: int, last: int, call_id: str,
+             refused: list[Any] | None) -> Generator[_Reserve, ReserveResult | Exception, _Admitted | None]:
+        """Reserve ``estimate`` for ``candidate``: the admitted call, or None (the refusal is recorded)."""
+        policy = self.policy
+        fraction = policy.degrade_at if index < last else None
+        expired_hold = policy.expired_hold
+        on_expiry = (estimate.input_cost if expired_hold == "charge_input"
+                     else estimate.reserve if expired_hold == "charge_reserved" else 0)
+        hold = Hold(call_id, estimate.reserve, policy.lease_seconds, on_expiry)
+        result = yield ("reserve", call.plan.counters(fraction), hold)
+        admitted = _Admitted(candidate, estimate, index, call_id, call.plan.keys)
+        if isinstance(result, Exception):
+            if policy.on_store_error == "fail_closed":
+                raise result
+            yield from self._admit_fail_open(admitted)
+            return admitted
+        if result.ok:
+            return admitted
+        blocked = result.blocked or 0
+        call.refusals.append(call.plan.refusal(blocked, result.states[blocked], estimate.reserve,
+                                               candidate.label))
+        if refused is not None:
+            refused.append((index, candidate, estimate, result))
+        return None
 
     def _admit_fail_open(self, admitted: _Admitted) -> Generator[_Reserve, ReserveResult | Exception, None]:
         """The store is down and the policy is fail_open: serve, bounded by a per-process allowance."""
@@ -545,6 +601,8 @@ class BudgetGuard(BaseChatModel):
             reserved_usd=nano_to_usd(admitted.estimate.reserve),
             call_id=admitted.call_id,
             charged_nano=charged,
+            output_cap=admitted.estimate.output_tokens if admitted.estimate.send_cap else None,
+            clamped=admitted.estimate.clamped,
         )
 
     def _settlement(self, admitted: _Admitted, reply: Any = None, usage: TokenUsage | None = None,
@@ -655,7 +713,10 @@ class BudgetGuard(BaseChatModel):
         """The model that fitted and the kwargs it takes (a degrade model has its own bound tools)."""
         if admitted.index and self._primary_bound:
             kwargs = {k: v for k, v in kwargs.items() if k not in self._primary_bound}
-        return admitted.candidate.runnable, kwargs
+        model = admitted.candidate.runnable
+        if admitted.estimate.send_cap:
+            kwargs = {**kwargs, output_cap_kwarg(model): admitted.estimate.output_tokens}
+        return model, kwargs
 
     def invoke(self, input: Any, config: RunnableConfig | None = None, *, stop: list[str] | None = None,
                **kwargs: Any) -> BaseMessage:
@@ -663,9 +724,10 @@ class BudgetGuard(BaseChatModel):
         given, config = config, ensure_config(config)
         call = self._begin(input, config, kwargs)
         run_manager, child = open_run(self.get_name(), input, config, self.policy)
+        events = None if child is config else child  # decision and cost events go to our run, if any
         streamed = tap(child)
         try:
-            reservation = Reservation(self, self._admit_sync(call, child), child)
+            reservation = Reservation(self, self._admit_sync(call, events), events)
             model, model_kwargs = self._serving(reservation.admitted, kwargs)
             try:
                 # No run of ours: the model gets the caller's config (it ensures it itself, for less).
@@ -686,9 +748,10 @@ class BudgetGuard(BaseChatModel):
         given, config = config, ensure_config(config)
         call = self._begin(input, config, kwargs)
         run_manager, child = await aopen_run(self.get_name(), input, config, self.policy)
+        events = None if child is config else child
         streamed = tap(child)
         try:
-            reservation = Reservation(self, await self._admit_async(call, child), child)
+            reservation = Reservation(self, await self._admit_async(call, events), events)
             model, model_kwargs = self._serving(reservation.admitted, kwargs)
             try:
                 output = await model.ainvoke(input, given if child is config else child, **model_kwargs)
@@ -708,8 +771,9 @@ class BudgetGuard(BaseChatModel):
         given, config = config, ensure_config(config)
         call = self._begin(input, config, kwargs)
         run_manager, child = open_run(self.get_name(), input, config, self.policy)
+        events = None if child is config else child
         try:
-            admitted = self._admit_sync(call, child)
+            admitted = self._admit_sync(call, events)
         except BaseException as exc:
             run_manager.on_chain_error(exc)
             raise
@@ -732,7 +796,8 @@ class BudgetGuard(BaseChatModel):
             cost = tracker.finish()
             self._settle_sync(admitted, cost.charged_nano)
             settled = True
-            self._report_cost(child, cost)
+            if events is not None:
+                self._report_cost(events, cost)
             yield _with_cost(last, cost)
         except BaseException as exc:
             if not settled:
@@ -749,8 +814,9 @@ class BudgetGuard(BaseChatModel):
         given, config = config, ensure_config(config)
         call = self._begin(input, config, kwargs)
         run_manager, child = await aopen_run(self.get_name(), input, config, self.policy)
+        events = None if child is config else child
         try:
-            admitted = await self._admit_async(call, child)
+            admitted = await self._admit_async(call, events)
         except BaseException as exc:
             await run_manager.on_chain_error(exc)
             raise
@@ -773,7 +839,8 @@ class BudgetGuard(BaseChatModel):
             cost = tracker.finish()
             await self._settle_async(admitted, cost.charged_nano)
             settled = True
-            await self._areport_cost(child, cost)
+            if events is not None:
+                await self._areport_cost(events, cost)
             yield _with_cost(last, cost)
         except BaseException as exc:
             if not settled:
@@ -1083,6 +1150,23 @@ def _plain_data(value: Any, depth: int = 0) -> bool:
     if isinstance(value, Mapping):
         return all(_plain_data(k, depth + 1) and _plain_data(v, depth + 1) for k, v in value.items())
     return False
+
+
+_POLICY_DEFAULTS = {"output_cap": "hard", "min_output_tokens": 256}
+
+
+def policy_option(policy: Any, name: str) -> Any:
+    return getattr(policy, name, _POLICY_DEFAULTS[name])
+
+
+def output_cap_kwarg(model: Any) -> str:
+    """The call kwarg that caps a model's output."""
+    inner = _innermost(model)
+    fields = getattr(type(inner), "model_fields", {})
+    for name in ("max_tokens", "max_completion_tokens", "max_output_tokens", "num_predict"):
+        if name in fields:
+            return name
+    return "max_tokens"
 
 
 def _from_cache(reply: Any) -> bool:

@@ -1,11 +1,15 @@
 """The LangChain run a guard opens around its model call, and what listeners see of it.
 
-A guard opens a run (named ``BudgetGuard``) only when something observes runs: callbacks,
-tracing, debug output or a configure hook. A run nobody sees would only cost time.
+A guard opens a run (named ``BudgetGuard``) only when something would read it: a handler that
+consumes chain runs, custom events or streamed tokens (tracers, ``astream_events``, LangGraph's
+stream modes), tracing, debug output or a configure hook. A handler that only reads model runs
+(``UsageMetadataCallbackHandler``, ``get_cost_callback``) gets the model's run without one of ours:
+a run nobody reads would only cost time.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any
 
 from langchain_core.callbacks import BaseCallbackHandler
@@ -17,6 +21,7 @@ from langchain_core.runnables.config import (
     get_callback_manager_for_config,
     patch_config,
 )
+from langchain_core.tracers.base import BaseTracer
 from langchain_core.tracers.context import _configure_hooks, _tracing_v2_is_enabled
 from langchain_core.utils.env import env_var_is_set
 
@@ -25,7 +30,7 @@ from .messages import text_of
 if TYPE_CHECKING:
     from .policy import BudgetPolicy
 
-__all__ = ["NoRun", "ANoRun", "StreamTap", "observed", "has_handlers", "open_run", "aopen_run", "tap", "tapped"]
+__all__ = ["NoRun", "ANoRun", "StreamTap", "observed", "has_handlers", "has_consumers", "consumes_runs", "open_run", "aopen_run", "tap", "tapped"]
 
 
 def open_run(name: str, input: Any, config: RunnableConfig, policy: BudgetPolicy) -> tuple[Any, RunnableConfig]:
@@ -64,13 +69,33 @@ class ANoRun:
 
 
 def observed(config: RunnableConfig) -> bool:
-    """Would anyone see a run of ours: callbacks, tracing, debug output or a configure hook?"""
-    if has_handlers(config) or get_debug() or get_verbose() or _tracing_v2_is_enabled():
+    """Would anyone read a run of ours: a consuming handler, tracing, debug output or a configure hook?"""
+    if has_consumers(config) or get_debug() or get_verbose() or _tracing_v2_is_enabled():
         return True
     for var, _inheritable, handler_class, env_var in _configure_hooks:
         if var.get() is not None or (handler_class is not None and env_var and env_var_is_set(env_var)):
             return True
     return False
+
+
+# What a run of ours produces: chain start/end/error, custom events; and, through the stream tap,
+# the tokens of a call a listener streams.
+_RUN_CALLBACKS = ("on_chain_start", "on_chain_end", "on_chain_error", "on_custom_event", "on_llm_new_token")
+
+
+@functools.cache
+def consumes_runs(handler_class: type) -> bool:
+    """Does a handler of this class read chain runs, custom events or tokens (cached per class)?"""
+    if issubclass(handler_class, BaseTracer):
+        return True
+    return any(getattr(handler_class, name, None) is not getattr(BaseCallbackHandler, name)
+               for name in _RUN_CALLBACKS)
+
+
+def has_consumers(config: RunnableConfig) -> bool:
+    callbacks = config.get("callbacks")
+    handlers = getattr(callbacks, "handlers", callbacks)
+    return bool(handlers) and any(consumes_runs(type(h)) for h in handlers)
 
 
 def has_handlers(config: RunnableConfig) -> bool:
