@@ -500,3 +500,55 @@ class TestGuardedAnthropicUnitRedis(_GuardedUnit, _Anthropic, ChatModelUnitTests
 class TestGuardedAnthropicIntegrationRedis(_Guarded, _Anthropic, ChatModelIntegrationTests):
     store_kind = "redis"
     server_fixture = "anthropic_server"
+
+
+# -- the servers' model-like answers, pinned -------------------------------------------------------
+
+
+def _data_url(data: bytes, mime: str) -> str:
+    import base64
+
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+@pytest.mark.parametrize(
+    ("model", "detail", "tokens"),
+    [
+        ("gpt-4o-mini", None, 2833 + 4 * 5667),  # 1600x1200 -> 1024x768: 2x2 tiles at 4o-mini's rates
+        ("gpt-4o", None, 85 + 4 * 170),
+        ("gpt-4o", "low", 85),
+    ],
+)
+def test_openai_server_bills_an_image_by_its_tiles(openai_server: Any, model: str, detail: str | None,
+                                                   tokens: int) -> None:
+    image = {"url": _data_url(ASSETS[".png"], "image/png"), **({"detail": detail} if detail else {})}
+    body = {"model": model, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": image}]}]}
+    assert openai_server.media_tokens(body) == tokens
+
+
+def test_anthropic_server_bills_images_by_area_and_pdf_pages_as_images(anthropic_server: Any) -> None:
+    png = {"type": "base64", "media_type": "image/png", "data": _data_url(ASSETS[".png"], "x").split(",", 1)[1]}
+    pdf = {"type": "base64", "media_type": "application/pdf", "data": _data_url(_PDF, "x").split(",", 1)[1]}
+    image = {"role": "user", "content": [{"type": "image", "source": png}]}
+    document = {"role": "user", "content": [{"type": "document", "source": pdf}]}
+    assert anthropic_server.media_tokens({"messages": [image]}) == 1534  # scaled to 1.15 MP: 1238x929 / 750
+    assert anthropic_server.media_tokens({"messages": [document]}) == 647  # one 612x792 page / 750
+
+
+def test_model_like_answers_call_tools_fill_schemas_and_cache(openai_server: Any, anthropic_server: Any) -> None:
+    openai_server.respond_like_a_model()
+    anthropic_server.respond_like_a_model()
+    tools = ChatOpenAI(model="gpt-4o-mini", api_key="x", base_url=f"{openai_server.url}/v1", max_retries=0)
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}}
+    adder = {"type": "function", "function": {"name": "add_numbers", "description": "Add.", "parameters": schema}}
+    reply = tools.bind_tools([adder]).invoke("Please add numbers 3 and 4")
+    assert reply.tool_calls[0]["name"] == "add_numbers" and reply.tool_calls[0]["args"] == {"a": 3, "b": 4}
+    assert tools.bind_tools([adder]).invoke("Hello there").tool_calls == []  # not about the tool: text
+    assert tools.invoke("Say hello", stop=["I am"]).content == "Hello! "
+
+    claude = ChatAnthropic(model="claude-sonnet-4-6", api_key="x", base_url=anthropic_server.url, max_retries=0)
+    first, second = claude.invoke(_cached_readme_message("pin")), claude.invoke(_cached_readme_message("pin"))
+    assert first.usage_metadata["input_token_details"]["cache_creation"] > 1024  # type: ignore[index]
+    assert second.usage_metadata["input_token_details"]["cache_read"] == (  # type: ignore[index]
+        first.usage_metadata["input_token_details"]["cache_creation"])  # type: ignore[index]
+    assert claude.invoke("hi").usage_metadata["input_token_details"]["cache_read"] == 0  # type: ignore[index]

@@ -127,12 +127,12 @@ class AnthropicServer(ScriptedServer):
         )
 
     def media_tokens(self, body: Mapping[str, Any]) -> int:
-        """Images: width x height / 750 after the long edge is cut to 1568 px. PDFs: each page as an
-        image (the servers' PDFs have no text)."""
+        """Images: width x height / 750 after scaling to at most 1568 px a side and 1.15 megapixels
+        (about 1,600 tokens at most). PDFs: each page as an image (the servers' PDFs have no text)."""
 
         def image(size: tuple[int, int]) -> int:
             w, h = size
-            scale = min(1.0, 1568 / max(w, h))
+            scale = min(1.0, 1568 / max(w, h), math.sqrt(1_150_000 / (w * h)))
             return math.ceil(w * scale * h * scale / 750)
 
         def walk(content: Any) -> int:

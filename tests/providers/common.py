@@ -16,6 +16,12 @@ both ChatOpenAI and ChatAnthropic). Build models with ``max_retries=0`` (as
 error can produce up to three requests and consume up to three queued replies.
 Error replies carry ``retry-after-ms: 1`` by default so tests that *do* exercise
 retries stay fast.
+
+``server.respond_like_a_model()`` replaces the default reply with one that depends on the
+request (see ``answer``): tool calls, JSON-schema and JSON-mode output, stop sequences,
+reasoning tokens, prompt-cache reads/writes, and prompt tokens for images and PDFs billed as
+the provider bills them. Code written for the real API (LangChain's standard suites) runs on it
+unscripted.
 """
 
 from __future__ import annotations
@@ -36,12 +42,16 @@ from typing import Any, ClassVar, Self
 
 __all__ = [
     "DEFAULT_TEXT",
+    "MODEL_TEXT",
+    "PromptView",
     "RecordedRequest",
     "Reply",
     "ScriptedServer",
     "ToolCall",
+    "answer",
     "count_output_tokens",
     "count_prompt_tokens",
+    "fill_schema",
 ]
 
 
