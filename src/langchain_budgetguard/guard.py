@@ -17,40 +17,67 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import json
 import os
-from collections.abc import AsyncIterator, Callable, Generator, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Callable,
+    Generator,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import asdict, dataclass, field
 from decimal import Decimal
-from enum import Enum
 from typing import Any
 
-from langchain_core.callbacks.manager import adispatch_custom_event, dispatch_custom_event
+from langchain_core.callbacks.manager import (
+    adispatch_custom_event,
+    dispatch_custom_event,
+)
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage
-from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult, LLMResult
+from langchain_core.outputs import (
+    ChatGeneration,
+    ChatGenerationChunk,
+    ChatResult,
+    LLMResult,
+)
 from langchain_core.runnables import Runnable, RunnableBinding, RunnableConfig
 from langchain_core.runnables.config import ensure_config
 from langchain_core.runnables.utils import get_unique_config_specs
-from pydantic import Field, PrivateAttr, SecretStr
+from pydantic import Field, PrivateAttr
 
-from .errors import BudgetExceededError, BudgetStoreUnavailableError, GuardMisuseError, Refusal
-from .estimate import StrictEstimator, TypicalEstimator, estimate_input_tokens, max_output_tokens, tools_of
-from .limits import Identity, Limit
+from .admission import FAIL_OPEN_KEY, Admitted, Estimate, Request, admit
+from .errors import BudgetStoreUnavailableError, GuardMisuseError, Refusal
+from .estimate import (
+    StrictEstimator,
+    TypicalEstimator,
+    estimate_input_tokens,
+    max_output_tokens,
+    tools_of,
+)
+from .limits import Identity
 from .messages import text_of, to_messages
+from .models import (
+    amodel_chunks,
+    chat_model_of,
+    innermost,
+    model_chunks,
+    output_cap_kwarg,
+    with_stop,
+)
 from .money import nano_to_usd
 from .policy import BudgetPolicy, CounterPlan, LimitStatus
 from .pricing import ModelRef, RateCard, model_ref
 from .runs import ANoRun, NoRun, aopen_run, has_handlers, open_run, tap, tapped
-from .stores.base import Counter, Hold, ReserveResult, SettleResult
-from .stores.memory import MemoryStore
+from .serialization import options_from_json, options_to_json, plain_data
+from .stores.base import ReserveResult, SettleResult
 from .streaming import StreamTracker
 from .usage import TokenUsage, usage_from_message
 
 __all__ = ["BudgetGuard", "CallCost", "Reservation"]
 
 METADATA_KEY = "budgetguard"
-_FAIL_OPEN_KEY = "fail-open-allowance"
 EVENT_DEGRADE = "budgetguard_degrade"
 EVENT_REFUSAL = "budgetguard_refusal"
 EVENT_COST = "budgetguard_cost"
@@ -116,31 +143,6 @@ class _Candidate:
         return type(self.runnable).__name__ if self.runnable is not None else "unknown model"
 
 
-@dataclass(slots=True)  # these per-call records are built on the hot path: slots, not frozen
-class _Estimate:
-    """What one call would cost on one model: its price card, input tokens, and nano-USD amounts."""
-
-    card: RateCard
-    input_tokens: int
-    reserve: int
-    input_cost: int
-    output_tokens: int = 0  # the output cap the reservation covers
-    send_cap: bool = False  # the call sets no cap: the guard sends ``output_tokens`` as its cap
-    clamped: bool = False  # the cap was lowered to fit what is left of the budget
-
-
-@dataclass(slots=True)
-class _Admitted:
-    """A reservation that went through: which model, what is held, under which call id."""
-
-    candidate: _Candidate
-    estimate: _Estimate
-    index: int
-    call_id: str
-    keys: tuple[str, ...]
-    local_store: MemoryStore | None = None  # the outage's allowance it was held on
-
-
 @dataclass(slots=True)
 class _Call:
     """Everything known about one guarded call before it is admitted."""
@@ -153,8 +155,6 @@ class _Call:
     refusals: list[Refusal] = field(default_factory=list)
 
 
-# Requests the planning generators yield; the drivers answer them with the store.
-_Reserve = tuple  # ("reserve", counters, hold) / ("local_reserve", counters, hold)
 
 
 class _Unset:
@@ -215,9 +215,9 @@ class BudgetGuard(BaseChatModel):
                 raise TypeError(f"degrade_to: expected chat models, got {type(model).__name__}")
         built = policy is None
         if built:
-            options = _revive_options(options)
+            options = options_from_json(options)
             policy = BudgetPolicy(**options)
-        inner = _innermost(llm) if llm is not None else None
+        inner = innermost(llm) if llm is not None else None
         for name in ("profile", "rate_limiter", "output_version"):
             # What LangChain reads off a chat model (capabilities, pacing) is the wrapped model's.
             if name not in chat_fields and isinstance(inner, BaseChatModel) and getattr(inner, name, None) is not None:
@@ -342,10 +342,10 @@ class BudgetGuard(BaseChatModel):
 
     @property
     def lc_attributes(self) -> dict[str, Any]:
-        return _serial_options(self._options)
+        return options_to_json(self._options)
 
     def to_json(self) -> Any:
-        if self._options is None or _serial_options(self._options) is None:
+        if self._options is None or options_to_json(self._options) is None:
             return self.to_json_not_implemented()
         return super().to_json()
 
@@ -359,8 +359,8 @@ class BudgetGuard(BaseChatModel):
         llm = self.__dict__.get("llm")
         if name.startswith("_") or llm is None:
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-        value = getattr(_innermost(llm), name)
-        if not _plain_data(value):
+        value = getattr(innermost(llm), name)
+        if not plain_data(value):
             raise AttributeError(
                 f"BudgetGuard does not forward {name!r} ({type(value).__name__}) of the wrapped model: only plain "
                 "settings are forwarded, never a way to call the model around the budget. Read it on guard.llm "
@@ -377,34 +377,34 @@ class BudgetGuard(BaseChatModel):
 
     @property
     def _llm_type(self) -> str:
-        inner = _innermost(self.llm)
+        inner = innermost(self.llm)
         return f"budgetguard-{inner._llm_type}" if isinstance(inner, BaseChatModel) else "budgetguard"
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
-        inner = _innermost(self.llm)
+        inner = innermost(self.llm)
         params = dict(inner._identifying_params) if isinstance(inner, BaseChatModel) else {}
         return {**params, "budget": self.policy.name}
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> Any:
-        inner, kwargs = _chat_model_of(self.llm, kwargs)
+        inner, kwargs = chat_model_of(self.llm, kwargs)
         if isinstance(inner, BaseChatModel):
             return inner._get_ls_params(stop=stop, **kwargs)
         return super()._get_ls_params(stop=stop, **kwargs)
 
     def _get_invocation_params(self, stop: list[str] | None = None, **kwargs: Any) -> dict[str, Any]:
-        inner, kwargs = _chat_model_of(self.llm, kwargs)
+        inner, kwargs = chat_model_of(self.llm, kwargs)
         if isinstance(inner, BaseChatModel):
             return inner._get_invocation_params(stop=stop, **kwargs)
         return super()._get_invocation_params(stop=stop, **kwargs)
 
     def get_num_tokens_from_messages(self, messages: list[BaseMessage], tools: Sequence[Any] | None = None) -> int:
         self._require_model()
-        return _innermost(self.llm).get_num_tokens_from_messages(messages, tools=tools)
+        return innermost(self.llm).get_num_tokens_from_messages(messages, tools=tools)
 
     def get_token_ids(self, text: str) -> list[int]:
         self._require_model()
-        return _innermost(self.llm).get_token_ids(text)
+        return innermost(self.llm).get_token_ids(text)
 
     # -- reservations for calls made by other code (agent middleware, callbacks) -------------
 
@@ -470,7 +470,7 @@ class BudgetGuard(BaseChatModel):
         # 128 random bits, as uuid4().hex gave, at a quarter of its cost.
         return _Call(plan, messages, kwargs, call_id or os.urandom(16).hex(), ladder)
 
-    def _estimate(self, call: _Call, candidate: _Candidate) -> _Estimate:
+    def _estimate(self, call: _Call, candidate: _Candidate) -> Estimate:
         """What this call would hold on ``candidate`` (nano-USD), from its messages and output cap."""
         policy = self.policy
         card = self._card(candidate)
@@ -485,98 +485,14 @@ class BudgetGuard(BaseChatModel):
         cap = cap or policy.default_max_output_tokens
         # Strict: cache writes can cost more than plain input (Anthropic: 1.25x-2x): hold the dearer.
         reserve, input_cost = card.hold_nano(input_tokens, cap, dearer_cache_write=policy.estimator.mode == "strict")
-        return _Estimate(card, input_tokens, reserve, input_cost, cap, send)
+        return Estimate(card, input_tokens, reserve, input_cost, cap, send)
 
-    def _clamped(self, estimate: _Estimate, room: int) -> _Estimate | None:
-        """``estimate`` with the largest output cap whose hold fits in ``room`` nano-USD, if that cap is
-        at least ``min_output_tokens``; None when even that does not fit (or clamping is off)."""
-        least = policy_option(self.policy, "min_output_tokens")
-        if not least or estimate.output_tokens <= least:
-            return None
-        strict = self.policy.estimator.mode == "strict"
+    def _admit(self, call: _Call) -> Generator[Request, ReserveResult | Exception, Admitted]:
+        """The admission of ``call`` (see ``admission.admit``) over this guard's ladder."""
+        return admit(self.policy, call.plan, call.ladder or self._ladder(), lambda c: self._estimate(call, c),
+                     call.call_id, call.refusals, shrink=call.ladder is None)
 
-        def hold(cap: int) -> tuple[int, int]:
-            return estimate.card.hold_nano(estimate.input_tokens, cap, dearer_cache_write=strict)
-
-        if hold(least)[0] > room:
-            return None
-        low, high = least, estimate.output_tokens - 1  # hold(low) fits; find the largest that does
-        while low < high:
-            mid = (low + high + 1) // 2
-            low, high = (mid, high) if hold(mid)[0] <= room else (low, mid - 1)
-        reserve, input_cost = hold(low)
-        return _Estimate(estimate.card, estimate.input_tokens, reserve, input_cost, low, True, True)
-
-    def _admit(self, call: _Call) -> Generator[_Reserve, ReserveResult | Exception, _Admitted]:
-        """Try each model of the ladder; yield reservations for the driver to carry out."""
-        policy = self.policy
-        ladder = call.ladder or self._ladder()
-        last = len(ladder) - 1
-        refused: list[tuple[int, _Candidate, _Estimate, ReserveResult]] = []
-        for index, candidate in enumerate(ladder):
-            estimate = self._estimate(call, candidate)
-            call_id = call.call_id if index == 0 else f"{call.call_id}.{index}"
-            admitted = yield from self._try(call, candidate, estimate, index, last, call_id, refused)
-            if admitted is not None:
-                return admitted
-        # No model fits with its full output cap. Shrink to fit: the ladder again, each model with the
-        # largest cap that fits what is left (at least min_output_tokens), so a shorter reply is served
-        # instead of a refusal. Degrading comes first: a whole reply from a cheaper model beats a cut one.
-        for index, candidate, estimate, result in refused if call.ladder is None else ():
-            counters = call.plan.counters(policy.degrade_at if index < last else None)
-            if len(result.states) != len(counters):
-                continue
-            room = min(c.limit - s.spent - s.held for c, s in zip(counters, result.states))
-            clamped = self._clamped(estimate, room)
-            if clamped is None:
-                continue
-            admitted = yield from self._try(call, candidate, clamped, index, last, f"{call.call_id}.c{index}", None)
-            if admitted is not None:
-                return admitted
-        raise BudgetExceededError(call.refusals)
-
-    def _try(self, call: _Call, candidate: _Candidate, estimate: _Estimate, index: int, last: int, call_id: str,
-             refused: list[Any] | None) -> Generator[_Reserve, ReserveResult | Exception, _Admitted | None]:
-        """Reserve ``estimate`` for ``candidate``: the admitted call, or None (the refusal is recorded)."""
-        policy = self.policy
-        fraction = policy.degrade_at if index < last else None
-        expired_hold = policy.expired_hold
-        on_expiry = (estimate.input_cost if expired_hold == "charge_input"
-                     else estimate.reserve if expired_hold == "charge_reserved" else 0)
-        hold = Hold(call_id, estimate.reserve, policy.lease_seconds, on_expiry)
-        result = yield ("reserve", call.plan.counters(fraction), hold)
-        admitted = _Admitted(candidate, estimate, index, call_id, call.plan.keys)
-        if isinstance(result, Exception):
-            if policy.on_store_error == "fail_closed":
-                raise result
-            yield from self._admit_fail_open(admitted)
-            return admitted
-        if result.ok:
-            return admitted
-        blocked = result.blocked or 0
-        call.refusals.append(call.plan.refusal(blocked, result.states[blocked], estimate.reserve,
-                                               candidate.label))
-        if refused is not None:
-            refused.append((index, candidate, estimate, result))
-        return None
-
-    def _admit_fail_open(self, admitted: _Admitted) -> Generator[_Reserve, ReserveResult | Exception, None]:
-        """The store is down and the policy is fail_open: serve, bounded by a per-process allowance."""
-        policy = self.policy
-        if policy.fail_open_allowance is None:
-            return
-        local = [Counter(_FAIL_OPEN_KEY, policy.fail_open_allowance)]
-        amount = admitted.estimate.reserve
-        result = yield ("local_reserve", local, Hold(admitted.call_id, amount, policy.lease_seconds, amount))
-        if not isinstance(result, ReserveResult) or not result.ok:
-            spent = nano_to_usd(result.states[0].spent) if isinstance(result, ReserveResult) else "?"
-            raise BudgetStoreUnavailableError(
-                f"The budget store is unreachable and this process has used its fail-open allowance of "
-                f"{nano_to_usd(policy.fail_open_allowance)} USD (spent {spent}); refusing until the store is back."
-            )
-        admitted.local_store = policy.outage_store()
-
-    def _cost(self, admitted: _Admitted, message: Any, streamed_text: str | None = None,
+    def _cost(self, admitted: Admitted, message: Any, streamed_text: str | None = None,
               usage: TokenUsage | None = None) -> CallCost:
         """Price a finished (or interrupted) call from its usage, estimating what is missing."""
         if usage is None and message is not None:
@@ -590,7 +506,7 @@ class BudgetGuard(BaseChatModel):
             )
         return self._price(admitted, usage)
 
-    def _price(self, admitted: _Admitted, usage: TokenUsage) -> CallCost:
+    def _price(self, admitted: Admitted, usage: TokenUsage) -> CallCost:
         charged = admitted.estimate.card.cost_nano(usage)
         return CallCost(
             model=admitted.candidate.label,
@@ -605,7 +521,7 @@ class BudgetGuard(BaseChatModel):
             clamped=admitted.estimate.clamped,
         )
 
-    def _settlement(self, admitted: _Admitted, reply: Any = None, usage: TokenUsage | None = None,
+    def _settlement(self, admitted: Admitted, reply: Any = None, usage: TokenUsage | None = None,
                     output_text: str | None = None) -> CallCost | None:
         """What a call costs: reported usage, else the reply, else its input and the output seen.
 
@@ -623,7 +539,7 @@ class BudgetGuard(BaseChatModel):
 
     # -- drivers: carry the planning generators' requests to the store ---------------------
 
-    def _reserve_sync(self, request: _Reserve) -> ReserveResult | Exception:
+    def _reserve_sync(self, request: Request) -> ReserveResult | Exception:
         op, counters, hold = request
         if op == "local_reserve":
             return self.policy.outage_store().reserve(counters, hold)
@@ -634,7 +550,7 @@ class BudgetGuard(BaseChatModel):
         self.policy.end_outage()
         return result
 
-    async def _reserve_async(self, request: _Reserve) -> ReserveResult | Exception:
+    async def _reserve_async(self, request: Request) -> ReserveResult | Exception:
         op, counters, hold = request
         if op == "local_reserve":
             return await self.policy.outage_store().areserve(counters, hold)
@@ -645,7 +561,7 @@ class BudgetGuard(BaseChatModel):
         self.policy.end_outage()
         return result
 
-    def _admit_sync(self, call: _Call, child: RunnableConfig | None = None) -> _Admitted:
+    def _admit_sync(self, call: _Call, child: RunnableConfig | None = None) -> Admitted:
         steps = self._admit(call)
         admitted = None
         try:
@@ -660,7 +576,7 @@ class BudgetGuard(BaseChatModel):
                 for name, data in _decision_events(call, admitted):
                     dispatch_custom_event(name, data, config=child)
 
-    async def _admit_async(self, call: _Call, child: RunnableConfig | None = None) -> _Admitted:
+    async def _admit_async(self, call: _Call, child: RunnableConfig | None = None) -> Admitted:
         steps = self._admit(call)
         admitted = None
         try:
@@ -677,13 +593,13 @@ class BudgetGuard(BaseChatModel):
 
     # A renewal that cannot reach the store must not break the reply: at worst the lease runs out
     # and the hold is reaped by policy; the settle at the end still charges the actual cost.
-    def _renew_sync(self, admitted: _Admitted) -> None:
+    def _renew_sync(self, admitted: Admitted) -> None:
         try:
             self.policy.store.renew(admitted.call_id, admitted.keys, self.policy.lease_seconds)
         except BudgetStoreUnavailableError:
             pass
 
-    async def _renew_async(self, admitted: _Admitted) -> None:
+    async def _renew_async(self, admitted: Admitted) -> None:
         try:
             await self.policy.store.arenew(admitted.call_id, admitted.keys, self.policy.lease_seconds)
         except BudgetStoreUnavailableError:
@@ -697,19 +613,19 @@ class BudgetGuard(BaseChatModel):
         if has_handlers(child):
             await adispatch_custom_event(EVENT_COST, cost.as_metadata(), config=child)
 
-    def _settle_sync(self, admitted: _Admitted, amount: int) -> SettleResult:
+    def _settle_sync(self, admitted: Admitted, amount: int) -> SettleResult:
         if admitted.local_store is not None:
-            admitted.local_store.settle(admitted.call_id, (_FAIL_OPEN_KEY,), amount)
+            admitted.local_store.settle(admitted.call_id, (FAIL_OPEN_KEY,), amount)
         return self.policy.store.settle(admitted.call_id, admitted.keys, amount)
 
-    async def _settle_async(self, admitted: _Admitted, amount: int) -> SettleResult:
+    async def _settle_async(self, admitted: Admitted, amount: int) -> SettleResult:
         if admitted.local_store is not None:
-            await admitted.local_store.asettle(admitted.call_id, (_FAIL_OPEN_KEY,), amount)
+            await admitted.local_store.asettle(admitted.call_id, (FAIL_OPEN_KEY,), amount)
         return await self.policy.store.asettle(admitted.call_id, admitted.keys, amount)
 
     # -- calls: every entry point admits, calls the model that fitted, settles ---------------
 
-    def _serving(self, admitted: _Admitted, kwargs: dict[str, Any]) -> tuple[Runnable, dict[str, Any]]:
+    def _serving(self, admitted: Admitted, kwargs: dict[str, Any]) -> tuple[Runnable, dict[str, Any]]:
         """The model that fitted and the kwargs it takes (a degrade model has its own bound tools)."""
         if admitted.index and self._primary_bound:
             kwargs = {k: v for k, v in kwargs.items() if k not in self._primary_bound}
@@ -720,7 +636,7 @@ class BudgetGuard(BaseChatModel):
 
     def invoke(self, input: Any, config: RunnableConfig | None = None, *, stop: list[str] | None = None,
                **kwargs: Any) -> BaseMessage:
-        kwargs = _with_stop(kwargs, stop)
+        kwargs = with_stop(kwargs, stop)
         given, config = config, ensure_config(config)
         call = self._begin(input, config, kwargs)
         run_manager, child = open_run(self.get_name(), input, config, self.policy)
@@ -744,7 +660,7 @@ class BudgetGuard(BaseChatModel):
 
     async def ainvoke(self, input: Any, config: RunnableConfig | None = None, *, stop: list[str] | None = None,
                       **kwargs: Any) -> BaseMessage:
-        kwargs = _with_stop(kwargs, stop)
+        kwargs = with_stop(kwargs, stop)
         given, config = config, ensure_config(config)
         call = self._begin(input, config, kwargs)
         run_manager, child = await aopen_run(self.get_name(), input, config, self.policy)
@@ -767,7 +683,7 @@ class BudgetGuard(BaseChatModel):
 
     def stream(self, input: Any, config: RunnableConfig | None = None, *, stop: list[str] | None = None,
                **kwargs: Any) -> Iterator[BaseMessage]:
-        kwargs = _with_stop(kwargs, stop)
+        kwargs = with_stop(kwargs, stop)
         given, config = config, ensure_config(config)
         call = self._begin(input, config, kwargs)
         run_manager, child = open_run(self.get_name(), input, config, self.policy)
@@ -810,7 +726,7 @@ class BudgetGuard(BaseChatModel):
 
     async def astream(self, input: Any, config: RunnableConfig | None = None, *, stop: list[str] | None = None,
                       **kwargs: Any) -> AsyncIterator[BaseMessage]:
-        kwargs = _with_stop(kwargs, stop)
+        kwargs = with_stop(kwargs, stop)
         given, config = config, ensure_config(config)
         call = self._begin(input, config, kwargs)
         run_manager, child = await aopen_run(self.get_name(), input, config, self.policy)
@@ -885,14 +801,14 @@ class BudgetGuard(BaseChatModel):
     def _generate_one(self, messages: Any, stop: list[str] | None, options: dict[str, Any],
                       kwargs: dict[str, Any]) -> LLMResult:
         config = _config_of(options)
-        reservation = Reservation(self, self._admit_sync(self._begin(messages, config, _with_stop(kwargs, stop))))
+        reservation = Reservation(self, self._admit_sync(self._begin(messages, config, with_stop(kwargs, stop))))
         model, model_kwargs = self._serving(reservation.admitted, kwargs)
-        chat, chat_kwargs = _chat_model_of(model, model_kwargs)
+        chat, chat_kwargs = chat_model_of(model, model_kwargs)
         try:
             if isinstance(chat, BaseChatModel):
                 result = chat.generate([to_messages(messages)], stop=stop, **options, **chat_kwargs)
             else:
-                reply = model.invoke(messages, config, **_with_stop(model_kwargs, stop))
+                reply = model.invoke(messages, config, **with_stop(model_kwargs, stop))
                 result = LLMResult(generations=[[ChatGeneration(message=reply)]])
         except BaseException:
             reservation.settle()
@@ -903,15 +819,15 @@ class BudgetGuard(BaseChatModel):
     async def _agenerate_one(self, messages: Any, stop: list[str] | None, options: dict[str, Any],
                              kwargs: dict[str, Any]) -> LLMResult:
         config = _config_of(options)
-        call = self._begin(messages, config, _with_stop(kwargs, stop))
+        call = self._begin(messages, config, with_stop(kwargs, stop))
         reservation = Reservation(self, await self._admit_async(call))
         model, model_kwargs = self._serving(reservation.admitted, kwargs)
-        chat, chat_kwargs = _chat_model_of(model, model_kwargs)
+        chat, chat_kwargs = chat_model_of(model, model_kwargs)
         try:
             if isinstance(chat, BaseChatModel):
                 result = await chat.agenerate([to_messages(messages)], stop=stop, **options, **chat_kwargs)
             else:
-                reply = await model.ainvoke(messages, config, **_with_stop(model_kwargs, stop))
+                reply = await model.ainvoke(messages, config, **with_stop(model_kwargs, stop))
                 result = LLMResult(generations=[[ChatGeneration(message=reply)]])
         except BaseException:
             await reservation.asettle()
@@ -922,7 +838,7 @@ class BudgetGuard(BaseChatModel):
     def _merge(self, results: Sequence[LLMResult]) -> LLMResult:
         if len(results) == 1:
             return results[0]
-        inner = _innermost(self.llm)
+        inner = innermost(self.llm)
         outputs = [r.llm_output for r in results]
         llm_output = inner._combine_llm_outputs(outputs) if isinstance(inner, BaseChatModel) else {}
         return LLMResult(
@@ -967,15 +883,15 @@ class BudgetGuard(BaseChatModel):
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None, run_manager: Any = None,
                   **kwargs: Any) -> ChatResult:
         config = self._step_config(run_manager)
-        reservation = Reservation(self, self._admit_sync(self._begin(messages, config, _with_stop(kwargs, stop))))
+        reservation = Reservation(self, self._admit_sync(self._begin(messages, config, with_stop(kwargs, stop))))
         model, model_kwargs = self._serving(reservation.admitted, kwargs)
-        chat, chat_kwargs = _chat_model_of(model, model_kwargs)
+        chat, chat_kwargs = chat_model_of(model, model_kwargs)
         try:
             if isinstance(chat, BaseChatModel):
                 result = chat._generate(messages, stop=stop, run_manager=run_manager, **chat_kwargs)
             else:
                 result = ChatResult(generations=[ChatGeneration(
-                    message=model.invoke(messages, config, **_with_stop(model_kwargs, stop)))])
+                    message=model.invoke(messages, config, **with_stop(model_kwargs, stop)))])
         except BaseException:
             reservation.settle()
             raise
@@ -985,16 +901,16 @@ class BudgetGuard(BaseChatModel):
     async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None, run_manager: Any = None,
                          **kwargs: Any) -> ChatResult:
         config = self._step_config(run_manager)
-        call = self._begin(messages, config, _with_stop(kwargs, stop))
+        call = self._begin(messages, config, with_stop(kwargs, stop))
         reservation = Reservation(self, await self._admit_async(call))
         model, model_kwargs = self._serving(reservation.admitted, kwargs)
-        chat, chat_kwargs = _chat_model_of(model, model_kwargs)
+        chat, chat_kwargs = chat_model_of(model, model_kwargs)
         try:
             if isinstance(chat, BaseChatModel):
                 result = await chat._agenerate(messages, stop=stop, run_manager=run_manager, **chat_kwargs)
             else:
                 result = ChatResult(generations=[ChatGeneration(
-                    message=await model.ainvoke(messages, config, **_with_stop(model_kwargs, stop)))])
+                    message=await model.ainvoke(messages, config, **with_stop(model_kwargs, stop)))])
         except BaseException:
             await reservation.asettle()
             raise
@@ -1004,12 +920,12 @@ class BudgetGuard(BaseChatModel):
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None, run_manager: Any = None,
                 **kwargs: Any) -> Iterator[ChatGenerationChunk]:
         config = self._step_config(run_manager)
-        admitted = self._admit_sync(self._begin(messages, config, _with_stop(kwargs, stop)))
+        admitted = self._admit_sync(self._begin(messages, config, with_stop(kwargs, stop)))
         model, model_kwargs = self._serving(admitted, kwargs)
         tracker = StreamTracker(self, admitted)
         settled = False
         try:
-            for chunk in _model_chunks(model, messages, stop, run_manager, config, model_kwargs):
+            for chunk in model_chunks(model, messages, stop, run_manager, config, model_kwargs):
                 tracker.add(chunk.message)
                 if tracker.renew_due():
                     self._renew_sync(admitted)
@@ -1024,12 +940,12 @@ class BudgetGuard(BaseChatModel):
     async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None, run_manager: Any = None,
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
         config = self._step_config(run_manager)
-        admitted = await self._admit_async(self._begin(messages, config, _with_stop(kwargs, stop)))
+        admitted = await self._admit_async(self._begin(messages, config, with_stop(kwargs, stop)))
         model, model_kwargs = self._serving(admitted, kwargs)
         tracker = StreamTracker(self, admitted)
         settled = False
         try:
-            async for chunk in _amodel_chunks(model, messages, stop, run_manager, config, model_kwargs):
+            async for chunk in amodel_chunks(model, messages, stop, run_manager, config, model_kwargs):
                 tracker.add(chunk.message)
                 if tracker.renew_due():
                     await self._renew_async(admitted)
@@ -1047,7 +963,7 @@ class Reservation:
     """A call admitted under a guard's budget: call ``model``, then ``settle`` once."""
 
     guard: BudgetGuard
-    admitted: _Admitted
+    admitted: Admitted
     events: RunnableConfig | None = None
 
     @property
@@ -1058,6 +974,15 @@ class Reservation:
     @property
     def model_name(self) -> str:
         return self.admitted.candidate.label
+
+    @property
+    def model_settings(self) -> dict[str, Any]:
+        """Kwargs the call must be made with: the output cap the guard reserved, when the call sets none
+        (or a smaller one, shrunk to fit). Empty when the call's own cap applies."""
+        estimate = self.admitted.estimate
+        if not estimate.send_cap or self.model is None:
+            return {}
+        return {output_cap_kwarg(self.model): estimate.output_tokens}
 
     @property
     def degraded(self) -> bool:
@@ -1093,7 +1018,7 @@ def _annotate(output: Any, cost: CallCost) -> None:
         metadata[METADATA_KEY] = cost.as_metadata()
 
 
-def _decision_events(call: _Call, admitted: _Admitted | None) -> list[tuple[str, dict[str, Any]]]:
+def _decision_events(call: _Call, admitted: Admitted | None) -> list[tuple[str, dict[str, Any]]]:
     """Custom events that explain the guard's decision: each degrade, and a final refusal."""
     events: list[tuple[str, dict[str, Any]]] = []
     ladder_refusals = call.refusals if admitted is not None else call.refusals[:-1]
@@ -1120,53 +1045,11 @@ def _asking_for_stream_usage(model: Runnable) -> Runnable:
 
 
 
-def _innermost(model: Any) -> Any:
-    while isinstance(model, RunnableBinding):
-        model = model.bound
-    return model
-
-
-def _chat_model_of(model: Any, kwargs: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
-    """The chat model under a model's bindings, and the call's kwargs with the bound ones under them."""
-    merged = dict(kwargs)
-    while isinstance(model, RunnableBinding):
-        merged = {**model.kwargs, **merged}
-        model = model.bound
-    return model, merged
-
-
-def _with_stop(kwargs: dict[str, Any], stop: list[str] | None) -> dict[str, Any]:
-    return kwargs if stop is None else {**kwargs, "stop": stop}
-
-
-def _plain_data(value: Any, depth: int = 0) -> bool:
-    """Settings a guard may show of its model: values, never objects that could call the model."""
-    if value is None or isinstance(value, (str, int, float, Decimal, Enum, SecretStr, bytes)):
-        return True
-    if depth > 4:
-        return False
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return all(_plain_data(item, depth + 1) for item in value)
-    if isinstance(value, Mapping):
-        return all(_plain_data(k, depth + 1) and _plain_data(v, depth + 1) for k, v in value.items())
-    return False
-
-
 _POLICY_DEFAULTS = {"output_cap": "hard", "min_output_tokens": 256}
 
 
 def policy_option(policy: Any, name: str) -> Any:
     return getattr(policy, name, _POLICY_DEFAULTS[name])
-
-
-def output_cap_kwarg(model: Any) -> str:
-    """The call kwarg that caps a model's output."""
-    inner = _innermost(model)
-    fields = getattr(type(inner), "model_fields", {})
-    for name in ("max_tokens", "max_completion_tokens", "max_output_tokens", "num_predict"):
-        if name in fields:
-            return name
-    return "max_tokens"
 
 
 def _from_cache(reply: Any) -> bool:
@@ -1199,51 +1082,6 @@ def _config_of(options: Mapping[str, Any]) -> RunnableConfig:
     return ensure_config({k: v for k, v in options.items() if v is not None and k != "run_id"})
 
 
-def _as_chunk(message: BaseMessage) -> ChatGenerationChunk:
-    """A whole reply as one stream chunk (for a model that cannot stream)."""
-    tool_chunks = [
-        {"name": c["name"], "args": json.dumps(c["args"]), "id": c.get("id"), "index": i, "type": "tool_call_chunk"}
-        for i, c in enumerate(getattr(message, "tool_calls", None) or ())
-    ]
-    return ChatGenerationChunk(message=AIMessageChunk(
-        content=message.content, additional_kwargs=message.additional_kwargs,
-        response_metadata=message.response_metadata, usage_metadata=getattr(message, "usage_metadata", None),
-        id=message.id, tool_call_chunks=tool_chunks,
-    ))
-
-
-def _streams_natively(chat: Any) -> bool:
-    return isinstance(chat, BaseChatModel) and type(chat)._stream is not BaseChatModel._stream
-
-
-def _model_chunks(model: Any, messages: list[BaseMessage], stop: list[str] | None, run_manager: Any,
-                  config: RunnableConfig, kwargs: dict[str, Any]) -> Iterator[ChatGenerationChunk]:
-    chat, chat_kwargs = _chat_model_of(model, kwargs)
-    if _streams_natively(chat):
-        yield from chat._stream(messages, stop=stop, run_manager=run_manager, **chat_kwargs)
-    elif isinstance(chat, BaseChatModel):
-        yield _as_chunk(chat._generate(messages, stop=stop, run_manager=run_manager, **chat_kwargs).generations[0]
-                        .message)
-    else:
-        for chunk in model.stream(messages, config, **_with_stop(kwargs, stop)):
-            yield ChatGenerationChunk(message=chunk)
-
-
-async def _amodel_chunks(model: Any, messages: list[BaseMessage], stop: list[str] | None, run_manager: Any,
-                         config: RunnableConfig, kwargs: dict[str, Any]) -> AsyncIterator[ChatGenerationChunk]:
-    chat, chat_kwargs = _chat_model_of(model, kwargs)
-    if isinstance(chat, BaseChatModel) and (_streams_natively(chat) or type(chat)._astream is not
-                                            BaseChatModel._astream):
-        async for chunk in chat._astream(messages, stop=stop, run_manager=run_manager, **chat_kwargs):
-            yield chunk
-    elif isinstance(chat, BaseChatModel):
-        result = await chat._agenerate(messages, stop=stop, run_manager=run_manager, **chat_kwargs)
-        yield _as_chunk(result.generations[0].message)
-    else:
-        async for chunk in model.astream(messages, config, **_with_stop(kwargs, stop)):
-            yield ChatGenerationChunk(message=chunk)
-
-
 # -- serialization: a guard is its model(s) and the options its budget was built from ------------
 
 
@@ -1251,39 +1089,3 @@ def _revive_guard(llm: Any, degrade_to: Any, options: dict[str, Any], primary_bo
     guard = BudgetGuard(llm, degrade_to=degrade_to, **options)
     guard._primary_bound = primary_bound
     return guard
-
-
-def _revive_options(options: dict[str, Any]) -> dict[str, Any]:
-    """Options as ``dumpd`` wrote them (limits as dicts) back to what BudgetPolicy takes."""
-    if isinstance(options.get("limit"), Mapping):
-        options = {**options, "limit": Limit(**options["limit"])}
-    limits = options.get("limits")
-    if limits and any(isinstance(item, Mapping) for item in limits):
-        options = {**options, "limits": [Limit(**item) if isinstance(item, Mapping) else item for item in limits]}
-    return options
-
-
-def _serial_options(options: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """The options as JSON values, or None when one of them is a live object (a store, an estimator)."""
-    if options is None:
-        return None
-    out: dict[str, Any] = {}
-    for key, value in options.items():
-        if key == "limits":
-            out[key] = [{"usd": str(x.usd), "per": x.per, "window": x.window, "tz": x.tz} for x in value or ()]
-        elif isinstance(value, Decimal):
-            out[key] = str(value)
-        elif isinstance(value, Limit):
-            out[key] = {"usd": str(value.usd), "per": value.per, "window": value.window, "tz": value.tz}
-        elif value is None or isinstance(value, (str, int, float, bool)) or (
-                isinstance(value, Mapping) and _plain_data(value)):
-            out[key] = _jsonable(value)
-        else:
-            return None
-    return out
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    return str(value) if isinstance(value, Decimal) else value

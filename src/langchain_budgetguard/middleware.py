@@ -22,15 +22,19 @@ from langchain_core.runnables.config import ensure_config
 from langchain_core.tracers.context import register_configure_hook
 
 try:
-    from langchain.agents.middleware.types import AgentMiddleware, ModelRequest, ModelResponse
+    from langchain.agents.middleware.types import (
+        AgentMiddleware,
+        ModelRequest,
+        ModelResponse,
+    )
 except ImportError as exc:  # pragma: no cover - langchain is an optional dependency
     raise ImportError("BudgetMiddleware needs LangChain v1 agents: pip install 'langchain>=1.0'") from exc
 
 from .enforce import budget_token, charged_budgets
 from .errors import BudgetExceededError
 from .guard import METADATA_KEY, BudgetGuard, Reservation
-from .runs import StreamTap
 from .policy import BudgetPolicy
+from .runs import StreamTap
 
 __all__ = ["BudgetMiddleware"]
 
@@ -108,8 +112,11 @@ class BudgetMiddleware(AgentMiddleware):
 
     @staticmethod
     def _served(request: ModelRequest, reservation: Reservation) -> ModelRequest:
-        model = reservation.model
-        return request if model is request.model else request.override(model=model)
+        """The request on the model that fitted, with the output cap the guard reserved for it."""
+        model, settings = reservation.model, reservation.model_settings
+        if model is request.model and not settings:
+            return request
+        return request.override(model=model, model_settings={**request.model_settings, **settings})
 
     def _exhausted(self, error: BudgetExceededError) -> ModelResponse:
         if self.on_exhausted == "raise":

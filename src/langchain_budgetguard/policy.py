@@ -16,9 +16,22 @@ from typing import Any, Literal
 
 from .errors import Refusal
 from .estimate import DEFAULT_MAX_OUTPUT_TOKENS, Estimator, get_estimator
-from .limits import Identity, Limit, WindowInstance, counter_key, escape_id, resolve_identity
+from .limits import (
+    Identity,
+    Limit,
+    WindowInstance,
+    counter_key,
+    escape_id,
+    resolve_identity,
+)
 from .money import nano_to_usd, to_decimal, usd_to_nano
-from .overrides import DEFAULT_REFRESH_SECONDS, LiveOverrides, Override, resolve_cap, resolve_config_overrides
+from .overrides import (
+    DEFAULT_REFRESH_SECONDS,
+    LiveOverrides,
+    Override,
+    resolve_cap,
+    resolve_config_overrides,
+)
 from .pricing import Pricer
 from .stores.base import Counter, CounterState, Store
 from .stores.memory import MemoryStore

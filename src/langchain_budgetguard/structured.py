@@ -11,7 +11,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from langchain_core.language_models import BaseChatModel
-from langchain_core.runnables import Runnable, RunnableBinding, RunnableParallel, RunnableSequence
+from langchain_core.runnables import (
+    Runnable,
+    RunnableBinding,
+    RunnableParallel,
+    RunnableSequence,
+)
+
+from .models import innermost
 
 if TYPE_CHECKING:
     from .guard import BudgetGuard
@@ -50,7 +57,6 @@ def _replace(node: Runnable, target: Runnable, replacement: Runnable) -> Runnabl
 
 def guarded_structured_output(guard: BudgetGuard, schema: Any, **kwargs: Any) -> Runnable:
     """``guard.llm.with_structured_output(...)`` with its model step (and each degrade model's) guarded."""
-    from .guard import BudgetGuard
 
     structured = guard.llm.with_structured_output(schema, **kwargs)
     primary = _find_model_step(structured)
@@ -61,10 +67,10 @@ def guarded_structured_output(guard: BudgetGuard, schema: Any, **kwargs: Any) ->
         )
     fallbacks = []
     for model in guard.degrade_to:
-        if type(_innermost(model)) is not type(_innermost(guard.llm)):
+        if type(innermost(model)) is not type(innermost(guard.llm)):
             raise TypeError(
                 "with_structured_output on a guard whose degrade_to models are of another class "
-                f"({type(_innermost(model)).__name__} vs {type(_innermost(guard.llm)).__name__}) is not "
+                f"({type(innermost(model)).__name__} vs {type(innermost(guard.llm)).__name__}) is not "
                 "supported: their replies need different parsers. Use models of one provider class."
             )
         step = _find_model_step(model.with_structured_output(schema, **kwargs))
@@ -73,9 +79,3 @@ def guarded_structured_output(guard: BudgetGuard, schema: Any, **kwargs: Any) ->
         fallbacks.append(step)
     replacement = guard.wrap(primary, degrade_to=fallbacks)
     return _replace(structured, primary, replacement)
-
-
-def _innermost(node: Runnable) -> Runnable:
-    while isinstance(node, RunnableBinding):
-        node = node.bound
-    return node

@@ -9,7 +9,15 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from .base import Counter, CounterState, Hold, OverridesSnapshot, ReserveResult, SettleResult, glob_regex
+from .base import (
+    Counter,
+    CounterState,
+    Hold,
+    OverridesSnapshot,
+    ReserveResult,
+    SettleResult,
+    glob_regex,
+)
 
 __all__ = ["MemoryStore"]
 

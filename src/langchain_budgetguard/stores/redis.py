@@ -71,7 +71,16 @@ from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 
 from ..errors import BudgetStoreUnavailableError
 from ..limits import escape_id
-from .base import Counter, CounterState, Hold, OverridesSnapshot, ReserveResult, SettleResult, glob_regex, tag_of
+from .base import (
+    Counter,
+    CounterState,
+    Hold,
+    OverridesSnapshot,
+    ReserveResult,
+    SettleResult,
+    glob_regex,
+    tag_of,
+)
 from .memory import RECORD_TTL_SECONDS
 
 __all__ = ["RedisStore", "RetryPolicy", "PendingSettle", "DEFAULT_RETENTION_SECONDS"]

@@ -1,0 +1,67 @@
+"""Deployment config files (TOML): one file describes one budget as it is deployed.
+
+    from langchain_budgetguard.config import guard_from_config, load_config
+    guarded = guard_from_config(ChatOpenAI(model="gpt-4o"), "config/saas.toml",
+                                models={"gpt-4o-mini": ChatOpenAI(model="gpt-4o-mini")})
+
+Schema (every key but ``budget.name`` and ``[[limits]]`` is optional; see config/*.toml, and
+config/budgetguard.schema.json for editors)::
+
+    [budget]
+    name = "support-bot"            # guards with the same name and store share counters
+    degrade_at = 0.8                # degrade once 80% of a limit would be used
+    lease_seconds = 600             # a crashed call's hold ends after this (at most a day)
+    expired_hold = "charge_input"   # what an expired hold costs: "charge_input", "release", "charge_reserved"
+
+    [store]
+    url = "redis://127.0.0.1:6379/0"    # or "memory" (default: one process); or instead:
+    url_env = "BUDGETGUARD_REDIS_URL"   # the environment variable that holds the URL
+    prefix = "bg:"                      # Redis key prefix
+    on_error = "fail_closed"            # store unreachable: "fail_closed" refuses, "fail_open" serves
+    fail_open_allowance = 1.00          # USD each process may spend unreserved while fail_open
+    retention_seconds = 604800          # counters are kept this long after their window ends
+    live_overrides = true               # read limit overrides set with `budgetguard limit set`
+    override_refresh_seconds = 5        # ... at most this old
+
+    [estimate]
+    mode = "strict"                     # "strict" (an upper bound) or "typical"
+    default_max_output_tokens = 4096    # output reserved for calls without max_tokens
+
+    [[limits]]                          # one table per limit
+    per = "tenant"                      # "global", "user", "project", "tenant", or any scope name
+    window = "month"                    # "hour", "day", "week", "month", "total"
+    usd = 200
+    tz = "UTC"                          # IANA zone the window boundaries follow
+
+    [[overrides]]                       # one id's own limit (window/tz: when the scope has several)
+    per = "tenant"
+    id = "acme"
+    usd = 1000
+
+    [prices."ft:gpt-4o-mini:acme"]      # USD per million tokens; cache_read, cache_write, reasoning
+    input = "0.30"                      # default to input, input, output
+    output = "1.20"
+
+    [fallback_price]                    # a price for every model nothing else prices
+    input = 5
+    output = 15
+
+    [degrade]                           # model name -> cheaper models, tried in order
+    "gpt-4o" = ["gpt-4o-mini"]
+
+Amounts are exact: numbers are read as written (``0.1`` is ``Decimal("0.1")``), strings such as
+``"0.10"`` too; limits have at most 9 decimal places (whole nano-dollars) and are at most $1e9.
+
+A file that does not fit raises ``ConfigError``, which names the file, the key and what was
+expected (``config/saas.toml: limits[1].usd: expected a number of dollars, got "five"``); every
+problem of the file is listed, unknown keys included.
+"""
+
+from .build import guard_from_config
+from .deployment import CONFIG_ENV, DeploymentConfig
+from .reader import load_config, parse_config
+from .problems import ConfigError
+from .schema import ConfigFile, json_schema, json_schema_text
+
+__all__ = ["ConfigError", "DeploymentConfig", "load_config", "parse_config", "guard_from_config", "CONFIG_ENV",
+           "ConfigFile", "json_schema", "json_schema_text"]

@@ -1,0 +1,184 @@
+"""Reading a config file: TOML -> checked models -> ``DeploymentConfig``.
+
+``schema.py`` checks each key; ``relations`` below checks what ties tables together (two limits on
+one counter, an override of a limit that does not exist, a model that degrades to itself). Every
+problem of the file is reported at once, each naming the file and the key, in the file's order.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+from ..limits import GLOBAL, Limit
+from ..overrides import Override, find_limit
+from ..pricing import ModelPrice
+from .deployment import DeploymentConfig
+from .problems import ConfigError, Problem, key_part, problems_of
+from .schema import ConfigFile, LimitTable, Models, OverrideTable, PriceTable
+
+__all__ = ["load_config", "parse_config", "relations"]
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def load_config(path: str | os.PathLike[str]) -> DeploymentConfig:
+    """Read and check a TOML config file; ``ConfigError`` lists every problem, naming the file."""
+    source = os.fspath(path)
+    try:
+        data = Path(source).read_bytes()
+    except OSError as exc:
+        raise ConfigError(source, [("", f"cannot read the config file: {exc.strerror or exc}")]) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(source, [("", f"not UTF-8 text ({exc.reason} at byte {exc.start})")]) from None
+    return parse_config(text, source)
+
+
+def parse_config(text: str, source: str = "<config>") -> DeploymentConfig:
+    """Check TOML text (``source`` names it in errors) and build its ``DeploymentConfig``."""
+    try:
+        raw = tomllib.loads(text, parse_float=Decimal)  # money stays exactly as written
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(source, [("", f"invalid TOML: {exc}")]) from None
+    problems: list[Problem] = []
+    checked: ConfigFile | None = None
+    try:
+        checked = ConfigFile.model_validate(raw)
+    except ValidationError as exc:
+        problems += problems_of(exc, ConfigFile)
+    limits, overrides, related = relations(raw)
+    problems += related
+    if problems or checked is None:
+        raise ConfigError(source, _in_file_order(problems, raw))
+    return _deployment(checked, limits, overrides, source)
+
+
+def _in_file_order(problems: list[Problem], raw: Mapping[str, Any]) -> list[Problem]:
+    """Problems sorted by where their table is in the file (a missing one first; stable within one)."""
+    order = {name: i for i, name in enumerate(raw)}
+
+    def position(problem: Problem) -> tuple[int, int]:
+        head = problem[0].split(".", 1)[0].split("[", 1)
+        index = int(head[1].split("]", 1)[0]) if len(head) > 1 and head[1][:1].isdigit() else -1
+        return order.get(head[0], -1), index
+
+    return sorted(problems, key=position)
+
+
+# -- what ties tables together ----------------------------------------------------------------------
+
+
+def _valid(model: type[M], value: Any) -> M | None:
+    """``value`` as ``model`` when it is valid (its problems are reported by the whole file's check)."""
+    try:
+        return model.model_validate(value)
+    except ValidationError:
+        return None
+
+
+def _items(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def relations(raw: Mapping[str, Any]) -> tuple[list[Limit], list[Override], list[Problem]]:
+    """The checks between keys (on the tables that are valid on their own), and the limits and
+    overrides they resolve."""
+    problems: list[Problem] = []
+    store = raw.get("store")
+    if isinstance(store, dict) and "url" in store and "url_env" in store:
+        problems.append(("store.url_env", "give store.url or store.url_env, not both"))
+
+    limits: list[Limit] = []
+    seen: dict[tuple[str, str, str], int] = {}
+    for i, table in enumerate(_items(raw.get("limits"))):
+        checked = _valid(LimitTable, table)
+        if checked is None:
+            continue
+        slug = (checked.per, checked.window, checked.tz)
+        if slug in seen:
+            problems.append((f"limits[{i}]", f"limits[{seen[slug]}] is per {checked.per} per {checked.window} "
+                             f"({checked.tz}) too; they would share one counter: keep the stricter one"))
+            continue
+        seen[slug] = i
+        limits.append(Limit(usd=checked.usd, per=checked.per, window=checked.window, tz=checked.tz))
+
+    overrides: list[Override] = []
+    taken: dict[tuple[str, str], int] = {}
+    for i, table in enumerate(_items(raw.get("overrides"))):
+        where = f"overrides[{i}]"
+        item = _valid(OverrideTable, table)
+        if item is None:
+            continue
+        if item.per == GLOBAL:
+            problems.append((f"{where}.per",
+                             "a global limit has no ids to override; change the limit's usd instead"))
+            continue
+        if item.id == "*":
+            problems.append((f"{where}.id", f'"*" would be every {item.per}: change the limit\'s usd instead'))
+            continue
+        try:
+            limit = find_limit(limits, item.per, item.window, item.tz)
+        except ValueError as exc:
+            several = item.window is None and "several" in str(exc)
+            problems.append((f"{where}.window" if several else f"{where}.per", str(exc)))
+            continue
+        slug = (limit.slug, item.id)
+        if slug in taken:
+            problems.append((where, f"overrides[{taken[slug]}] already sets {item.per} {item.id!r} on the same limit"))
+            continue
+        taken[slug] = i
+        overrides.append(Override(per=item.per, id=item.id, usd=item.usd, window=limit.window, tz=limit.tz))
+
+    degrade = raw.get("degrade")
+    for model, ladder in (degrade.items() if isinstance(degrade, dict) else ()):
+        if model in _ladder_or_empty(ladder):
+            problems.append((f"degrade.{key_part(model)}", f"{model!r} cannot degrade to itself"))
+    return limits, overrides, problems
+
+
+_LADDER: TypeAdapter[tuple[str, ...]] = TypeAdapter(Models)
+
+
+def _ladder_or_empty(value: Any) -> tuple[str, ...]:
+    try:
+        return _LADDER.validate_python(value)
+    except ValidationError:
+        return ()
+
+
+def _price(table: PriceTable) -> ModelPrice:
+    return ModelPrice(**{k: v for k, v in table.model_dump().items() if v is not None})
+
+
+def _deployment(file: ConfigFile, limits: list[Limit], overrides: list[Override], source: str) -> DeploymentConfig:
+    budget, store, estimate = file.budget, file.store, file.estimate
+    options: dict[str, Any] = {
+        "name": budget.name,
+        "degrade_at": budget.degrade_at,
+        "lease_seconds": budget.lease_seconds,
+        "expired_hold": budget.expired_hold,
+        "store_url": store.url,
+        "store_url_env": store.url_env,
+        "prefix": store.prefix,
+        "on_store_error": store.on_error,
+        "fail_open_allowance": store.fail_open_allowance,
+        "retention_seconds": store.retention_seconds,
+        "live_overrides": store.live_overrides,
+        "override_refresh_seconds": store.override_refresh_seconds,
+        "estimator": estimate.mode,
+        "default_max_output_tokens": estimate.default_max_output_tokens,
+        "fallback_price": None if file.fallback_price is None else _price(file.fallback_price),
+    }
+    return DeploymentConfig(
+        source=source, limits=tuple(limits), overrides=tuple(overrides),
+        prices={model: _price(p) for model, p in file.prices.items()}, degrade=dict(file.degrade),
+        **{k: v for k, v in options.items() if v is not None},
+    )

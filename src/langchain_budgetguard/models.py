@@ -1,0 +1,94 @@
+"""The models a guard wraps: the chat model under bindings, and calling its model step directly.
+
+A guard reaches its model through its public API (``invoke``, ``stream``, ``generate``); only inside
+LangChain's own machinery (a run already open for the call: ``stream_events(version="v3")``) does it
+call the model step (``_generate`` / ``_stream``), as ``BaseChatModel`` does itself.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterator, Mapping
+from typing import Any
+
+from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import AIMessageChunk, BaseMessage
+from langchain_core.outputs import ChatGenerationChunk
+from langchain_core.runnables import RunnableBinding, RunnableConfig
+
+__all__ = ["innermost", "chat_model_of", "with_stop", "output_cap_kwarg", "as_chunk", "model_chunks",
+           "amodel_chunks", "streams_natively"]
+
+
+def innermost(model: Any) -> Any:
+    while isinstance(model, RunnableBinding):
+        model = model.bound
+    return model
+
+
+def chat_model_of(model: Any, kwargs: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The chat model under a model's bindings, and the call's kwargs with the bound ones under them."""
+    merged = dict(kwargs)
+    while isinstance(model, RunnableBinding):
+        merged = {**model.kwargs, **merged}
+        model = model.bound
+    return model, merged
+
+
+def with_stop(kwargs: dict[str, Any], stop: list[str] | None) -> dict[str, Any]:
+    return kwargs if stop is None else {**kwargs, "stop": stop}
+
+
+def output_cap_kwarg(model: Any) -> str:
+    """The call kwarg that caps a model's output."""
+    inner = innermost(model)
+    fields = getattr(type(inner), "model_fields", {})
+    for name in ("max_tokens", "max_completion_tokens", "max_output_tokens", "num_predict"):
+        if name in fields:
+            return name
+    return "max_tokens"
+
+
+def as_chunk(message: BaseMessage) -> ChatGenerationChunk:
+    """A whole reply as one stream chunk (for a model that cannot stream)."""
+    tool_chunks = [
+        {"name": c["name"], "args": json.dumps(c["args"]), "id": c.get("id"), "index": i, "type": "tool_call_chunk"}
+        for i, c in enumerate(getattr(message, "tool_calls", None) or ())
+    ]
+    return ChatGenerationChunk(message=AIMessageChunk(
+        content=message.content, additional_kwargs=message.additional_kwargs,
+        response_metadata=message.response_metadata, usage_metadata=getattr(message, "usage_metadata", None),
+        id=message.id, tool_call_chunks=tool_chunks,
+    ))
+
+
+def streams_natively(chat: Any) -> bool:
+    return isinstance(chat, BaseChatModel) and type(chat)._stream is not BaseChatModel._stream
+
+
+def model_chunks(model: Any, messages: list[BaseMessage], stop: list[str] | None, run_manager: Any,
+                  config: RunnableConfig, kwargs: dict[str, Any]) -> Iterator[ChatGenerationChunk]:
+    chat, chat_kwargs = chat_model_of(model, kwargs)
+    if streams_natively(chat):
+        yield from chat._stream(messages, stop=stop, run_manager=run_manager, **chat_kwargs)
+    elif isinstance(chat, BaseChatModel):
+        yield as_chunk(chat._generate(messages, stop=stop, run_manager=run_manager, **chat_kwargs).generations[0]
+                        .message)
+    else:
+        for chunk in model.stream(messages, config, **with_stop(kwargs, stop)):
+            yield ChatGenerationChunk(message=chunk)
+
+
+async def amodel_chunks(model: Any, messages: list[BaseMessage], stop: list[str] | None, run_manager: Any,
+                         config: RunnableConfig, kwargs: dict[str, Any]) -> AsyncIterator[ChatGenerationChunk]:
+    chat, chat_kwargs = chat_model_of(model, kwargs)
+    if isinstance(chat, BaseChatModel) and (streams_natively(chat) or type(chat)._astream is not
+                                            BaseChatModel._astream):
+        async for chunk in chat._astream(messages, stop=stop, run_manager=run_manager, **chat_kwargs):
+            yield chunk
+    elif isinstance(chat, BaseChatModel):
+        result = await chat._agenerate(messages, stop=stop, run_manager=run_manager, **chat_kwargs)
+        yield as_chunk(result.generations[0].message)
+    else:
+        async for chunk in model.astream(messages, config, **with_stop(kwargs, stop)):
+            yield ChatGenerationChunk(message=chunk)

@@ -1,0 +1,67 @@
+"""A guard as JSON (``dumpd``/``loads``) and pickle: its model(s) and the options its budget was built from.
+
+A live store, estimator or pricer object cannot be written down; a guard built with one is not
+serializable (``dumpd`` says ``not_implemented``) rather than revived as another budget.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from decimal import Decimal
+from enum import Enum
+from typing import Any
+
+from pydantic import SecretStr
+
+from .limits import Limit
+
+__all__ = ["options_from_json", "options_to_json", "plain_data"]
+
+
+def options_from_json(options: dict[str, Any]) -> dict[str, Any]:
+    """Options as ``dumpd`` wrote them (limits as dicts) back to what BudgetPolicy takes."""
+    if isinstance(options.get("limit"), Mapping):
+        options = {**options, "limit": Limit(**options["limit"])}
+    limits = options.get("limits")
+    if limits and any(isinstance(item, Mapping) for item in limits):
+        options = {**options, "limits": [Limit(**item) if isinstance(item, Mapping) else item for item in limits]}
+    return options
+
+
+def options_to_json(options: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The options as JSON values, or None when one of them is a live object (a store, an estimator)."""
+    if options is None:
+        return None
+    out: dict[str, Any] = {}
+    for key, value in options.items():
+        if key == "limits":
+            out[key] = [{"usd": str(x.usd), "per": x.per, "window": x.window, "tz": x.tz} for x in value or ()]
+        elif isinstance(value, Decimal):
+            out[key] = str(value)
+        elif isinstance(value, Limit):
+            out[key] = {"usd": str(value.usd), "per": value.per, "window": value.window, "tz": value.tz}
+        elif value is None or isinstance(value, (str, int, float, bool)) or (
+                isinstance(value, Mapping) and plain_data(value)):
+            out[key] = _jsonable(value)
+        else:
+            return None
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return str(value) if isinstance(value, Decimal) else value
+
+
+def plain_data(value: Any, depth: int = 0) -> bool:
+    """Settings a guard may show of its model: values, never objects that could call the model."""
+    if value is None or isinstance(value, (str, int, float, Decimal, Enum, SecretStr, bytes)):
+        return True
+    if depth > 4:
+        return False
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return all(plain_data(item, depth + 1) for item in value)
+    if isinstance(value, Mapping):
+        return all(plain_data(k, depth + 1) and plain_data(v, depth + 1) for k, v in value.items())
+    return False
