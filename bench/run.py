@@ -23,6 +23,7 @@ SECTIONS = {
     "3": ("Scale: 100k ids", "bench.scale"),
     "4": ("Estimation", "bench.estimation"),
     "5": ("Cost of pricing", "bench.pricing_cost"),
+    "6": ("Memory per call record", "bench.records_memory"),
 }
 
 
@@ -30,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     parser.add_argument("--quick", action="store_true", help="fewer rounds and smaller sizes (a smoke run)")
-    parser.add_argument("--only", default="", help="comma-separated sections to run (1-5); default all")
+    parser.add_argument("--only", default="", help="comma-separated sections to run (1-6); default all")
     args = parser.parse_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()] or list(SECTIONS)
     unknown = [s for s in only if s not in SECTIONS]

@@ -8,6 +8,7 @@ from decimal import Decimal
 import genai_prices
 import pytest
 
+from langchain_budgetguard.pricing import price_host_as
 from tests.providers.anthropic_server import AnthropicServer
 from tests.providers.fixtures import anthropic_server_session, openai_server_session  # noqa: F401
 from tests.providers.openai_server import OpenAIServer
@@ -32,6 +33,7 @@ def openai_server(openai_server_session: OpenAIServer) -> OpenAIServer:
     """The session's OpenAI server, with an empty queue and request log."""
     _fresh_async_clients()
     openai_server_session.reset()
+    price_host_as(openai_server_session.url, "openai")  # a local server: priced only as declared
     return openai_server_session
 
 
@@ -40,6 +42,7 @@ def anthropic_server(anthropic_server_session: AnthropicServer) -> AnthropicServ
     """The session's Anthropic server, with an empty queue and request log."""
     _fresh_async_clients()
     anthropic_server_session.reset()
+    price_host_as(anthropic_server_session.url, "anthropic")
     return anthropic_server_session
 
 

@@ -223,3 +223,111 @@ def script_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, ...]]:
     monkeypatch.setattr(Script, "__call__", spy)
     monkeypatch.setattr(AsyncScript, "__call__", aspy)
     return calls
+
+
+# -- a proxy that loses replies ------------------------------------------------------------------
+
+
+class ReplyDroppingProxy:
+    """A TCP proxy on a free port in front of a Redis server that can lose script replies.
+
+    Requests always reach the server (it runs them); while ``drop_script_replies`` > 0 the reply
+    to the next script call (EVALSHA / EVAL) on a connection is thrown away and that client
+    connection closed, as when a network fails after the server answered; each loss counts the
+    budget down, and ``-1`` loses every script reply until set back to 0. ``skip_script_replies``
+    lets that many script replies through first. ``lost`` counts the replies thrown away.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        import threading
+
+        self.target_port = target_port
+        self.drop_script_replies = 0
+        self.skip_script_replies = 0
+        self.lost = 0
+        self._lock = threading.Lock()
+        self._listener = socket.socket()
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(64)
+        self.port = self._listener.getsockname()[1]
+        self._closed = False
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def _accept(self) -> None:
+        import threading
+
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            try:
+                server = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:
+                client.close()
+                continue
+            self._sockets += [client, server]
+            # Clients wait for each reply before they send the next command, so a script request
+            # seen upstream is answered by the next data downstream: that is what gets lost.
+            doomed = threading.Event()
+            threading.Thread(target=self._upstream, args=(client, server, doomed), daemon=True).start()
+            threading.Thread(target=self._downstream, args=(server, client, doomed), daemon=True).start()
+
+    def _upstream(self, client: socket.socket, server: socket.socket, doomed: Any) -> None:
+        try:
+            while data := client.recv(65536):
+                upper = data.upper()
+                if (b"EVALSHA" in upper or b"\r\nEVAL\r\n" in upper) and self._should_drop():
+                    doomed.set()
+                server.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (client, server):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def _should_drop(self) -> bool:
+        with self._lock:
+            if self.drop_script_replies == 0:
+                return False
+            if self.skip_script_replies > 0:
+                self.skip_script_replies -= 1
+                return False
+            if self.drop_script_replies > 0:
+                self.drop_script_replies -= 1
+            self.lost += 1
+            return True
+
+    def _downstream(self, server: socket.socket, client: socket.socket, doomed: Any) -> None:
+        try:
+            while data := server.recv(65536):
+                if doomed.is_set():
+                    return  # the finally below cuts both sides: the client sees its connection drop
+                client.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (client, server):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                s.close()
+
+    def close(self) -> None:
+        self._closed = True
+        self._listener.close()
+        for s in self._sockets:
+            try:
+                s.close()
+            except OSError:
+                pass

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from langchain_budgetguard.stores.base import Counter, CounterState, Hold, ReserveResult, SettleResult
+from langchain_budgetguard.stores.bounds import MAX_NANO
 
 __all__ = ["StoreContract", "StoreEnv", "Api"]
 
@@ -61,6 +62,12 @@ class Api:
     async def read(self, keys: Sequence[str]) -> list[CounterState]:
         return await self._do("read", keys)
 
+    async def release(self, call_id: str, keys: Sequence[str], hold: Hold) -> None:
+        await self._do("release", call_id, keys, hold)
+
+    async def reset(self, key: str) -> CounterState:
+        return await self._do("reset_counter", key)
+
 
 def call_id() -> str:
     return uuid.uuid4().hex
@@ -98,7 +105,7 @@ class StoreContract:
         assert await api.read([counter.key]) == [CounterState(300, 700)]
 
     async def test_exact_beyond_float_precision(self, env: StoreEnv, api: Api) -> None:
-        limit = 2**62 + 1  # no double can tell 2**62 + 1 from 2**62
+        limit = 2**60 + 1  # no double can tell 2**60 + 1 from 2**60
         counter = Counter(env.key("huge"), limit=limit)
         assert not (await api.reserve([counter], Hold(call_id(), limit + 1, 30))).ok
         big = call_id()
@@ -153,15 +160,65 @@ class StoreContract:
     async def test_reserve_is_idempotent_per_call_id(self, env: StoreEnv, api: Api) -> None:
         counters = [Counter(env.key("idem"), 1_000), Counter(env.key("idem", tag=1), 1_000)]
         cid = call_id()
-        first = await api.reserve(counters, Hold(cid, 100, 30))
-        again = await api.reserve(counters, Hold(cid, 100, 30))
-        assert first.ok and not first.duplicate
-        assert again.ok and again.duplicate
+        hold = Hold(cid, 100, 30)
+        first = await api.reserve(counters, hold)
+        again = await api.reserve(counters, hold)  # the same attempt retried (its reply was lost)
+        assert first.ok and not first.duplicate and not first.reused
+        assert again.ok and again.duplicate and not again.reused
         assert await api.read(keys_of(counters)) == [CounterState(0, 100)] * 2
         await api.settle(cid, keys_of(counters), 40)
-        after = await api.reserve(counters, Hold(cid, 100, 30))
-        assert after.ok and after.duplicate
+        after = await api.reserve(counters, hold)  # settled: even the same attempt admits nothing
+        assert not after.ok and after.reused and after.blocked is None
         assert await api.read(keys_of(counters)) == [CounterState(40, 0)] * 2
+
+    async def test_a_call_id_never_admits_a_second_call(self, env: StoreEnv, api: Api) -> None:
+        counters = [Counter(env.key("reuse"), 1_000), Counter(env.key("reuse", tag=1), 1_000)]
+        cid = call_id()
+        assert (await api.reserve(counters, Hold(cid, 100, 30))).ok
+        while_held = await api.reserve(counters, Hold(cid, 100, 30))  # another attempt, same id
+        assert not while_held.ok and while_held.reused and not while_held.duplicate
+        assert await api.read(keys_of(counters)) == [CounterState(0, 100)] * 2
+        await api.settle(cid, keys_of(counters), 100)
+        for _ in range(5):  # the attack: one id, many calls, one charge
+            again = await api.reserve(counters, Hold(cid, 100, 30))
+            assert not again.ok and again.reused
+        assert await api.read(keys_of(counters)) == [CounterState(100, 0)] * 2
+
+    async def test_release_charges_nothing_and_burns_the_call_id(self, env: StoreEnv, api: Api) -> None:
+        counters = [Counter(env.key("release"), 1_000), Counter(env.key("release", tag=1), 1_000)]
+        hold = Hold(call_id(), 300, 30, charge_on_expiry=300)
+        assert (await api.reserve(counters, hold)).ok
+        await api.release(hold.call_id, keys_of(counters), hold)
+        await api.release(hold.call_id, keys_of(counters), hold)  # idempotent
+        assert await api.read(keys_of(counters)) == [CounterState(0, 0)] * 2
+        again = await api.reserve(counters, hold)
+        assert not again.ok and again.reused
+
+    async def test_release_of_another_attempt_changes_nothing(self, env: StoreEnv, api: Api) -> None:
+        counter = Counter(env.key("notmine"), 1_000)
+        owner = Hold(call_id(), 300, 30)
+        assert (await api.reserve([counter], owner)).ok
+        intruder = Hold(owner.call_id, 300, 30)  # same call id, another token
+        await api.release(owner.call_id, [counter.key], intruder)
+        assert await api.read([counter.key]) == [CounterState(0, 300)]
+        await api.settle(owner.call_id, [counter.key], 200)
+        await api.release(owner.call_id, [counter.key], owner)  # a settled call stays settled
+        assert await api.read([counter.key]) == [CounterState(200, 0)]
+
+    async def test_release_after_expiry_undoes_the_expiry_charge(self, env: StoreEnv, api: Api) -> None:
+        counter = Counter(env.key("relexp"), 1_000)
+        hold = Hold(call_id(), 300, env.lease, charge_on_expiry=250)
+        assert (await api.reserve([counter], hold)).ok
+        await env.sleep(env.lease + 0.2)
+        assert await api.read([counter.key]) == [CounterState(250, 0)]
+        await api.release(hold.call_id, [counter.key], hold)  # the call never ran
+        assert await api.read([counter.key]) == [CounterState(0, 0)]
+
+    async def test_settle_without_a_reservation_burns_the_call_id(self, env: StoreEnv, api: Api) -> None:
+        key = env.key("burnt")
+        cid = call_id()
+        assert (await api.settle(cid, [key], 5)).applied
+        assert (await api.reserve([Counter(key, 1_000)], Hold(cid, 10, 30))).reused
 
     async def test_settle_replaces_the_hold_with_the_actual_cost(self, env: StoreEnv, api: Api) -> None:
         counters = [Counter(env.key("settle"), 1_000), Counter(env.key("settle", tag=2), 1_000)]
@@ -218,6 +275,38 @@ class StoreContract:
         assert (await api.settle(cid, keys_of(counters), 120)).applied
         assert await api.read(keys_of(counters)) == [CounterState(120, 0)]
 
+    async def test_expire_then_reset_then_late_settle_is_exact(self, env: StoreEnv, api: Api) -> None:
+        counters = [Counter(env.key("reset"), 1_000), Counter(env.key("reset", tag=1), 1_000)]
+        cid = call_id()
+        await api.reserve(counters, Hold(cid, 900, env.lease, charge_on_expiry=897))
+        await env.sleep(env.lease + 0.2)
+        assert await api.read(keys_of(counters)) == [CounterState(897, 0)] * 2
+        await api.reset(counters[0].key)  # an operator resets one of the two counters
+        assert await api.read(keys_of(counters)) == [CounterState(0, 0), CounterState(897, 0)]
+        assert (await api.settle(cid, keys_of(counters), 120)).applied
+        # Reset counter: the late settle's amount, never negative; the other: expiry replaced.
+        assert await api.read(keys_of(counters)) == [CounterState(120, 0)] * 2
+
+    async def test_reset_while_held_then_expiry_then_late_settle(self, env: StoreEnv, api: Api) -> None:
+        counter = Counter(env.key("resetheld"), 1_000)
+        cid = call_id()
+        await api.settle(call_id(), [counter.key], 300)
+        await api.reserve([counter], Hold(cid, 500, env.lease, charge_on_expiry=400))
+        await api.reset(counter.key)  # the hold stays; expiry later charges the fresh counter
+        assert await api.read([counter.key]) == [CounterState(0, 500)]
+        await env.sleep(env.lease + 0.2)
+        assert await api.read([counter.key]) == [CounterState(400, 0)]
+        assert (await api.settle(cid, [counter.key], 50)).applied
+        assert await api.read([counter.key]) == [CounterState(50, 0)]
+
+    async def test_a_late_settle_corrects_only_counters_expiry_charged(self, env: StoreEnv, api: Api) -> None:
+        held, other = Counter(env.key("corr"), 1_000), Counter(env.key("corr", tag=1), 1_000)
+        cid = call_id()
+        await api.reserve([held], Hold(cid, 400, env.lease, charge_on_expiry=300))
+        await env.sleep(env.lease + 0.2)
+        assert (await api.settle(cid, [held.key, other.key], 20)).applied  # 'other' was never held
+        assert await api.read([held.key, other.key]) == [CounterState(20, 0), CounterState(20, 0)]
+
     async def test_renew_extends_the_lease(self, env: StoreEnv, api: Api) -> None:
         counters = [Counter(env.key("renew"), 1_000), Counter(env.key("renew", tag=1), 1_000)]
         cid = call_id()
@@ -240,6 +329,74 @@ class StoreContract:
     async def test_read_of_unknown_keys_is_zeros(self, env: StoreEnv, api: Api) -> None:
         keys = [env.key("never"), env.key("never", tag=1), env.key("never")]
         assert await api.read(keys) == [CounterState(0, 0)] * 3
+
+    # -- bounds: hostile values are refused before anything is written ---------------------------
+
+    @pytest.mark.parametrize(
+        "field, value",
+        [
+            ("amount", 2**64 - 1),
+            ("amount", -1),
+            ("amount", 1.5),
+            ("amount", True),
+            ("amount", "10"),
+            ("charge_on_expiry", 2**63),
+            ("limit", 10**19),
+            ("limit", -5),
+            ("lease_seconds", 1e20),
+            ("lease_seconds", float("inf")),
+            ("lease_seconds", float("nan")),
+            ("lease_seconds", 0),
+            ("lease_seconds", "10"),
+            ("call_id", "\ud800"),
+            ("call_id", ""),
+            ("call_id", "a\tb"),
+            ("expires_at", float("inf")),
+            ("expires_at", 10**30),
+        ],
+    )
+    async def test_out_of_bounds_reserve_is_refused_before_any_write(
+        self, env: StoreEnv, api: Api, field: str, value: Any
+    ) -> None:
+        key, other = env.key("bounds"), env.key("bounds", tag=1)
+        hold = {"call_id": call_id(), "amount": 10, "lease_seconds": 30, "charge_on_expiry": 0}
+        spec = {"limit": 1_000, "expires_at": None}
+        (hold if field in hold else spec)[field] = value
+        counters = [Counter(other, 1_000), Counter(key, **spec)]
+        started = time.perf_counter()
+        with pytest.raises(ValueError, match=field if field != "call_id" else "call_id"):
+            await api.reserve(counters, Hold(**hold))
+        assert time.perf_counter() - started < 0.05
+        assert await api.read([other, key]) == [CounterState(0, 0)] * 2
+
+    @pytest.mark.parametrize("value", [-1, 1.0, None, "5", float("nan")])
+    async def test_invalid_settle_amount_is_refused_and_the_hold_stays(self, env: StoreEnv, api: Api, value: Any) -> None:
+        counter = Counter(env.key("badsettle"), 1_000)
+        cid = call_id()
+        await api.reserve([counter], Hold(cid, 100, 30, charge_on_expiry=100))
+        with pytest.raises(ValueError, match="settle amount"):
+            await api.settle(cid, [counter.key], value)
+        assert await api.read([counter.key]) == [CounterState(0, 100)]  # expiry will charge it
+
+    async def test_a_settle_above_the_maximum_fills_the_counter(self, env: StoreEnv, api: Api) -> None:
+        counter = Counter(env.key("huge_settle"), MAX_NANO)
+        cid = call_id()
+        await api.reserve([counter], Hold(cid, 100, 30))
+        result = await api.settle(cid, [counter.key], 2**64 - 1)  # e.g. total_tokens = 2**64 - 1
+        assert result.applied and result.capped and result.charged == MAX_NANO
+        assert await api.read([counter.key]) == [CounterState(MAX_NANO, 0)]
+        assert (await api.settle(call_id(), [counter.key], MAX_NANO)).applied  # saturates, never overflows
+        assert await api.read([counter.key]) == [CounterState(MAX_NANO, 0)]
+        refused = await api.reserve([counter], Hold(call_id(), 1, 30))
+        assert not refused.ok and refused.blocked == 0
+
+    async def test_renew_with_a_bad_lease_is_refused(self, env: StoreEnv, api: Api) -> None:
+        counter = Counter(env.key("badrenew"), 1_000)
+        cid = call_id()
+        await api.reserve([counter], Hold(cid, 100, 30))
+        for bad in (1e20, float("inf"), -1, 0):
+            with pytest.raises(ValueError, match="lease_seconds"):
+                await api.renew(cid, [counter.key], bad)
 
     # -- retention ------------------------------------------------------------------------------
 

@@ -7,11 +7,17 @@ pointed at the scripted server, with no guard anywhere in it.
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import gc
 import threading
+import time
 from decimal import Decimal
+from typing import Any
+from uuid import UUID
 
 import pytest
 from langchain.agents import create_agent
+from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import RunnableLambda
@@ -28,6 +34,7 @@ from langchain_budgetguard import (
 from langchain_budgetguard.enforce import enforce_budget
 from langchain_budgetguard.middleware import BudgetMiddleware
 
+from .fakes import ExactEstimator, UsageChat
 from .providers import Reply
 
 
@@ -195,3 +202,141 @@ def test_a_budget_middleware_on_the_same_budget_is_not_charged_twice(openai_serv
         asyncio.run(agent.ainvoke({"messages": [("user", "hi")]}))
         agent.invoke({"messages": [("user", "hi")]})
     assert spent(policy) == billed(openai_server) > 0
+
+
+# -- call ids: a run_id that callers reuse never admits a free call ------------------------------
+
+SHARED_RUN_ID = UUID("00000000-0000-4000-8000-000000000042")
+
+
+class GatedChat(UsageChat):
+    """A UsageChat whose calls wait at a gate: every admitted call is in flight at the same time."""
+
+    gate: Any = None
+    inside: Any = None
+
+    def _generate(self, messages, stop=None, run_manager=None, **kwargs):
+        self.inside.release()
+        assert self.gate.wait(30), "the test never opened the gate"
+        return super()._generate(messages, stop, run_manager, **kwargs)
+
+
+def _one_call_cost() -> Decimal:
+    """What one call of the fake model costs: the budget below fits exactly 18 of them."""
+    probe = BudgetPolicy(limit=1, estimator=ExactEstimator(8))
+    with enforce_budget(probe):
+        UsageChat(max_tokens=9).invoke("hi")
+    return spent(probe)
+
+
+def test_one_run_id_for_100_sequential_calls_admits_each_once_and_charges_each():
+    cost = _one_call_cost()
+    assert cost > 0
+    policy = BudgetPolicy(limit=18 * cost, estimator=ExactEstimator(8))
+    llm = UsageChat(max_tokens=9)
+    served = refused = 0
+    with enforce_budget(policy):
+        for _ in range(100):
+            try:
+                llm.invoke("hi", config={"run_id": SHARED_RUN_ID})
+                served += 1
+            except BudgetExceededError:
+                refused += 1
+    assert (served, refused, llm.calls) == (18, 82, 18)
+    assert spent(policy) == 18 * cost and held(policy) == 0
+
+
+def test_one_run_id_for_100_concurrent_calls_admits_18_and_settles_each():
+    cost = _one_call_cost()
+    policy = BudgetPolicy(limit=18 * cost, estimator=ExactEstimator(8))
+    llm = GatedChat(max_tokens=9, gate=threading.Event(), inside=threading.Semaphore(0))
+    outcomes: list[str] = []
+    lock = threading.Lock()
+
+    def call():
+        try:
+            llm.invoke("hi", config={"run_id": SHARED_RUN_ID})
+            outcome = "served"
+        except BudgetExceededError:
+            outcome = "refused"
+        with lock:
+            outcomes.append(outcome)
+
+    with enforce_budget(policy):
+        threads = [threading.Thread(target=contextvars.copy_context().run, args=(call,)) for _ in range(100)]
+        for t in threads:
+            t.start()
+        for _ in range(18):  # 18 calls are inside the model, holding the whole budget ...
+            assert llm.inside.acquire(timeout=30)
+        deadline = time.monotonic() + 30
+        while len(outcomes) < 82 and time.monotonic() < deadline:  # ... and the 82 others were refused
+            time.sleep(0.01)
+        assert sorted(outcomes) == ["refused"] * 82
+        assert held(policy) == 18 * cost and spent(policy) == 0
+        llm.gate.set()
+        for t in threads:
+            t.join(30)
+    assert outcomes.count("served") == 18 and llm.calls == 18
+    assert spent(policy) == 18 * cost and held(policy) == 0
+
+
+async def test_one_run_id_for_100_async_calls_admits_18():
+    cost = _one_call_cost()
+    policy = BudgetPolicy(limit=18 * cost, estimator=ExactEstimator(8))
+    llm = UsageChat(max_tokens=9, delay=0.05)
+    with enforce_budget(policy):
+        results = await asyncio.gather(
+            *(llm.ainvoke("hi", config={"run_id": SHARED_RUN_ID}) for _ in range(100)), return_exceptions=True)
+    refused = [r for r in results if isinstance(r, BudgetExceededError)]
+    assert len(refused) == 82 and len(results) - len(refused) == 18 == llm.calls
+    assert spent(policy) == 18 * cost and held(policy) == 0
+
+
+def test_enforced_call_ids_are_random_never_the_run_id():
+    from langchain_budgetguard.enforce import new_call_id
+
+    ids = {new_call_id() for _ in range(1000)}
+    assert len(ids) == 1000
+    assert all(i.startswith("enforce-") and len(i) == len("enforce-") + 32 for i in ids)
+    assert SHARED_RUN_ID.hex not in "".join(ids)
+
+
+# -- leases: a long call keeps its hold; a call another handler aborted gives its hold back -------
+
+
+def test_a_call_longer_than_its_lease_keeps_its_hold():
+    cost = _one_call_cost()
+    # One call fits, two do not; an expired hold would be released for free, letting a second in.
+    policy = BudgetPolicy(limit=cost * Decimal("1.5"), estimator=ExactEstimator(8), lease_seconds=0.3,
+                          expired_hold="release")
+    slow = UsageChat(max_tokens=9, delay=1.2)
+    with enforce_budget(policy):
+        first = threading.Thread(target=contextvars.copy_context().run, args=(lambda: slow.invoke("hi"),))
+        first.start()
+        time.sleep(0.7)  # the first call has outlived its lease twice over
+        with pytest.raises(BudgetExceededError):
+            UsageChat(max_tokens=9).invoke("hi")
+        first.join(10)
+    assert slow.calls == 1 and spent(policy) == cost and held(policy) == 0
+
+
+class AbortingHandler(BaseCallbackHandler):
+    """Another handler that refuses a call at its start, after the enforcer reserved it."""
+
+    raise_error = True
+
+    def on_chat_model_start(self, *args, **kwargs):
+        raise PermissionError("not today")
+
+
+def test_a_call_another_handler_aborts_at_start_gives_its_hold_back():
+    cost = _one_call_cost()
+    policy = BudgetPolicy(limit=cost, estimator=ExactEstimator(8))
+    llm = UsageChat(max_tokens=9)
+    with enforce_budget(policy) as enforcer:
+        with pytest.raises(PermissionError):
+            llm.invoke("hi", config={"callbacks": [enforcer, AbortingHandler()]})
+        assert held(policy) == cost and llm.calls == 0  # reserved, then the run never started
+        gc.collect()  # LangChain has dropped the run: its id is gone without an end event
+        llm.invoke("hi")  # the next call releases the orphan first, so it fits
+    assert llm.calls == 1 and spent(policy) == cost and held(policy) == 0

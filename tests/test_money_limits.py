@@ -80,3 +80,20 @@ def test_hostile_ids_escape_injectively_and_cannot_forge_a_tag():
     keys = {counter_key("default", "default", limit, x, "all") for x in HOSTILE}
     assert len(keys) == len(HOSTILE)
     assert all(k.startswith("{default}:") and k.count("{") == 1 for k in keys)
+
+
+def test_durations_are_floats_within_their_range():
+    from langchain_budgetguard.limits import MAX_LEASE_SECONDS, check_seconds
+
+    assert check_seconds(2, "lease_seconds", minimum=0.01, maximum=MAX_LEASE_SECONDS) == 2.0
+    assert check_seconds(Decimal("0.5"), "x", maximum=1) == 0.5
+    for bad in ("10", True, float("nan"), float("inf"), -1, 1e20, 10**400, None, [1]):
+        with pytest.raises(ValueError, match=r"x: expected a number of seconds from 0 to 1"):
+            check_seconds(bad, "x", maximum=1)
+
+
+def test_identity_accepts_unicode_ids_and_refuses_broken_ones():
+    limits = [Limit(usd=1, per="user")]
+    assert resolve_identity({"configurable": {"user_id": "zoë 🙂"}}, limits).ids == {"user": "zoë 🙂"}
+    with pytest.raises(IdentityError, match="user_id must be valid Unicode.*position 3"):
+        resolve_identity({"configurable": {"user_id": "zoë\ud800"}}, limits)

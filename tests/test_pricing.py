@@ -298,7 +298,8 @@ def test_provider_scoped_override() -> None:
     })
     assert pricer.rate_card(ModelRef("gemini-pro", "google")).source == "override"
     assert pricer.rate_card(ModelRef("gemini-pro", "google_genai")).source == "override"
-    assert pricer.rate_card(ModelRef("gemini-pro", "openrouter")).source != "override"
+    with pytest.raises(UnknownModelPriceError):  # not Google's override, not another host's entry either
+        pricer.rate_card(ModelRef("gemini-pro", "openrouter"))
     free = pricer.rate_card(ModelRef("llama3:8b", "ollama"))
     assert free.source == "override" and free.cost(TokenUsage(1000, 1000)) == 0
 
@@ -579,3 +580,190 @@ def test_rate_card_repr_and_prices() -> None:
     assert card.prices["input"] == 30 and str(card.prices["output"]) == "60"
     assert "gpt-4" in repr(card) and "genai-prices" in repr(card)
     assert str(ModelRef("gpt-4", "openai")) == "openai/gpt-4"
+
+
+# --------------------------------------------------------------------------------------
+# The model that serves the call (issue 11: "the wrong model priced")
+# --------------------------------------------------------------------------------------
+
+
+def _mini(**kwargs):
+    from langchain_openai import ChatOpenAI
+
+    return ChatOpenAI(**{"model": "gpt-4o-mini", "api_key": "test", **kwargs})
+
+
+GPT4O = ModelRef("gpt-4o", "openai")
+MINI = ModelRef("gpt-4o-mini", "openai")
+
+
+def test_call_kwargs_and_bindings_name_the_model() -> None:
+    llm = _mini()
+    assert model_ref(llm) == MINI
+    assert model_ref(llm, {"model": "gpt-4o"}) == GPT4O
+    assert model_ref(llm, {"model_name": "gpt-4o"}) == GPT4O
+    assert model_ref(llm.bind(model="gpt-4o")) == GPT4O
+    assert model_ref(llm.bind(model="gpt-4o"), {"model": "o3"}) == ModelRef("o3", "openai")  # the call wins
+    assert model_ref(llm.bind(model="gpt-4o").bind(model="o1")) == ModelRef("o1", "openai")  # the outer bind wins
+    assert model_ref(llm.bind_tools([]).with_retry()) == MINI
+
+
+def test_configurable_fields_and_alternatives_follow_the_run_config() -> None:
+    from langchain_anthropic import ChatAnthropic
+    from langchain_core.runnables import ConfigurableField
+
+    fields = _mini().configurable_fields(model_name=ConfigurableField(id="model"))
+    assert model_ref(fields) == MINI
+    assert model_ref(fields, config={"configurable": {"model": "gpt-4o"}}) == GPT4O
+    assert model_ref(fields.with_config(configurable={"model": "gpt-4o"})) == GPT4O
+    alternatives = _mini().configurable_alternatives(
+        ConfigurableField(id="llm"), default_key="mini",
+        claude=ChatAnthropic(model="claude-3-5-haiku-latest", api_key="test"),
+    )
+    assert model_ref(alternatives) == MINI
+    assert model_ref(alternatives, config={"configurable": {"llm": "claude"}}) == ModelRef(
+        "claude-3-5-haiku-latest", "anthropic"
+    )
+    assert model_ref(alternatives.bind(stop=["x"]), config={"configurable": {"llm": "claude"}}).provider == "anthropic"
+
+
+def test_init_chat_model_configurable_model_is_resolved_with_its_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    from langchain.chat_models import init_chat_model
+
+    monkeypatch.setenv("OPENAI_API_KEY", "test")
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "test")
+    llm = init_chat_model("gpt-4o-mini", configurable_fields=("model", "model_provider", "base_url"))
+    assert model_ref(llm) == MINI
+    assert model_ref(llm, config={"configurable": {"model": "gpt-4o"}}) == GPT4O
+    assert model_ref(llm, config={"configurable": {"model": "claude-3-5-haiku-latest"}}).provider == "anthropic"
+    together = model_ref(llm, config={"configurable": {"base_url": "https://api.together.xyz/v1"}})
+    assert together.provider == "together"
+    prefixed = init_chat_model("gpt-4o-mini", configurable_fields="any", config_prefix="chat")
+    assert model_ref(prefixed, config={"configurable": {"chat_model": "gpt-4o"}}) == GPT4O
+    assert model_ref(init_chat_model(configurable_fields=("model",))).name is None  # no model yet: unknown
+
+
+def test_with_fallbacks_gives_every_candidate() -> None:
+    from langchain_anthropic import ChatAnthropic
+
+    from langchain_budgetguard.pricing import candidate_refs
+
+    claude = ChatAnthropic(model="claude-sonnet-4-5", api_key="test")
+    chain = _mini().with_fallbacks([claude, _mini(model="gpt-4o")])
+    assert model_ref(chain) == MINI
+    assert candidate_refs(chain) == [MINI, ModelRef("claude-sonnet-4-5", "anthropic"), GPT4O]
+    assert candidate_refs(chain, {"model": "o3"})[0] == ModelRef("o3", "openai")
+    assert candidate_refs(_mini()) == [MINI]
+
+
+def test_served_ref_picks_the_candidate_the_reply_names() -> None:
+    from langchain_core.messages import AIMessage
+
+    from langchain_budgetguard.pricing import served_ref
+
+    claude = ModelRef("claude-sonnet-4-5", "anthropic")
+    reply = AIMessage("", response_metadata={"model_name": "gpt-4o-2024-08-06"})
+    assert served_ref(MINI, reply) == ModelRef("gpt-4o-2024-08-06", "openai")
+    by_claude = AIMessage("", response_metadata={"model": "claude-sonnet-4-5-20250929", "model_provider": "anthropic"})
+    assert served_ref(MINI, by_claude, [MINI, claude]) == ModelRef("claude-sonnet-4-5-20250929", "anthropic")
+    assert served_ref(MINI, AIMessage("")) is MINI
+    assert served_ref(MINI, AIMessage("", response_metadata={"model_name": "GPT-4o-mini"})) is MINI
+    together = ModelRef("deepseek-ai/DeepSeek-R1-0528", "together", "api.together.xyz")
+    spoof = AIMessage("", response_metadata={"model_name": "deepseek-reasoner", "model_provider": "deepseek"})
+    assert served_ref(together, spoof).provider == "together"  # a reply never moves the call to another host
+
+
+def test_real_chat_openai_priced_as_the_model_that_served(openai_server) -> None:
+    """invoke(model=...) and an inner with_fallbacks against the real ChatOpenAI: the served model's price."""
+    from langchain_budgetguard.pricing import candidate_refs, served_ref
+    from tests.providers import Reply
+
+    pricer = Pricer(hosts={openai_server.url.split("//", 1)[1]: "openai"})
+    llm = openai_server.chat_model(model="gpt-4o-mini")
+    openai_server.script(Reply("hi", input_tokens=1000, output_tokens=500))
+    reply = llm.invoke("hi", model="gpt-4o")
+    assert openai_server.last.body["model"] == "gpt-4o"
+    ref = model_ref(llm, {"model": "gpt-4o"})
+    card = pricer.settle_card(served_ref(ref, reply), [ref])
+    usage = TokenUsage(1000, 500)
+    assert card.cost(usage) == genai_prices.calc_price(genai_usage(usage), "gpt-4o", provider_id="openai").total_price
+    assert card.cost(usage) > 16 * pricer.rate_card(ModelRef("gpt-4o-mini", "openai")).cost(usage)
+
+    chain = llm.with_fallbacks([openai_server.chat_model(model="gpt-4o")])
+    openai_server.script(Reply(error=500), Reply("from the fallback", input_tokens=1000, output_tokens=500))
+    reply = chain.invoke("hi")
+    candidates = candidate_refs(chain)
+    served = served_ref(model_ref(chain), reply, candidates)
+    assert served.name == "gpt-4o"
+    assert pricer.settle_card(served, candidates).cost(usage) == card.cost(usage)
+
+
+def test_settle_card_of_an_unpriced_served_model_is_the_dearest_candidates() -> None:
+    pricer = Pricer()
+    unknown = ModelRef("gpt-made-up-9000", "openai")
+    usage = TokenUsage(1000, 1000)
+    card = pricer.settle_card(unknown, [MINI, GPT4O], usage)
+    assert card.model == "gpt-4o"  # never $0, never the cheaper default
+    assert pricer.settle_card(unknown, [MINI, GPT4O]).model == "gpt-4o"
+    assert pricer.settle_card(MINI, [GPT4O]).model == "gpt-4o-mini"  # a priced served model is charged as itself
+    with pytest.raises(UnknownModelPriceError):
+        pricer.settle_card(unknown, [ModelRef("also-made-up", "openai")])
+
+
+def test_billed_items_equal_genai_for_every_model_that_prices_them() -> None:
+    """Image/video tokens and web searches, on every bundled model that prices one: genai-prices' figure."""
+    now = datetime.now(UTC)
+    keys = ("input_image_mtok", "output_image_mtok", "input_video_mtok", "web_searches_kcount")
+    models = 0
+    for provider in get_snapshot().providers:
+        for model in provider.models:
+            price = model.get_prices(now)
+            if (price.input_mtok is None and price.output_mtok is None) or not any(
+                getattr(price, k, None) is not None for k in keys
+            ):
+                continue
+            card = pricing._genai_card(model, price, now, model=model.id, provider=provider.id,
+                                       entry_provider=provider)
+            rng = random.Random(f"items/{provider.id}/{model.id}")
+            models += 1
+            for _ in range(6):
+                inp, out = rng.randint(0, 300_000), rng.randint(0, 20_000)
+                image_in = rng.randint(0, inp // 2)
+                video_in = rng.randint(0, inp - image_in) if rng.random() < 0.5 else 0
+                image_out = rng.randint(0, out)
+                searches = rng.randint(0, 40) if price.web_searches_kcount is not None else 0
+                usage = TokenUsage(input_tokens=inp, output_tokens=out, input_image_tokens=image_in,
+                                   input_video_tokens=video_in, output_image_tokens=image_out, web_searches=searches)
+                expected = price.calc_price(genai_prices.Usage(
+                    input_tokens=inp, output_tokens=out, input_image_tokens=image_in, input_video_tokens=video_in,
+                    output_image_tokens=image_out, web_searches=searches,
+                ))["total_price"]
+                assert card.cost(usage) == expected, (provider.id, model.id, usage)
+                assert card.cost_nano(usage) == ceil_nano(expected)
+    assert models > 50
+
+
+def test_every_variant_equals_genai() -> None:
+    """Every service_tier / speed variant genai-prices has today, priced through card.variant."""
+    now = datetime.now(UTC)
+    checked = 0
+    for provider in get_snapshot().providers:
+        for model in provider.models:
+            base = model.get_prices(now)
+            if base.input_mtok is None and base.output_mtok is None:
+                continue
+            for variant in model.price_variants or ():
+                context = {k: v for k, v in variant.when.items() if k in ("service_tier", "speed")}
+                if not context or len(context) != len(variant.when):
+                    continue
+                if variant.constraint is not None and not variant.constraint.active(now):
+                    continue
+                card = pricing._genai_card(model, base, now, model=model.id, provider=provider.id,
+                                           entry_provider=provider)
+                usage = TokenUsage(input_tokens=5_000, output_tokens=700, cache_read_tokens=1_000, **context)
+                expected = model.get_prices(now, context).calc_price(
+                    genai_prices.Usage(input_tokens=5_000, output_tokens=700, cache_read_tokens=1_000)
+                )["total_price"]
+                assert card.cost(usage) == expected, (provider.id, model.id, context)
+                checked += 1
+    assert checked > 50

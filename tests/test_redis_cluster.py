@@ -118,3 +118,68 @@ async def test_store_built_from_cluster_clients(cluster: list[RedisServer], admi
     assert "Redis Cluster" in store.where
     await async_client.aclose()
     sync_client.close()
+
+
+def test_a_stalled_second_step_releases_the_first_and_leaves_no_hold(
+    cluster: list[RedisServer], admin: RedisCluster
+) -> None:
+    """Tenant tag on one master, platform tag on another; the platform's master stalls (CLIENT
+    PAUSE), so step 2 times out and runs late: step 1 is released, step 2's late run is refused
+    by the tombstone (or released after it), and nothing stays held."""
+    import threading
+    import time
+
+    import redis as redis_py
+
+    from langchain_budgetguard.errors import BudgetStoreUnavailableError
+    from langchain_budgetguard.stores.redis import RetryPolicy
+
+    tenant_tag, platform_tag, _ = tags_on_every_node(admin)
+    tenant, platform = Counter("{" + tenant_tag + "}:user:a", 1_000), Counter("{" + platform_tag + "}:all", 1_000)
+    keys = [tenant.key, platform.key]
+    store = RedisStore(
+        cluster_url(cluster) + "?socket_timeout=0.3",
+        prefix=fresh_prefix(),
+        retry=RetryPolicy(attempts=2, deadline_seconds=0.4, first_wait=0.01, max_wait=0.05),
+    )
+    warm = uuid.uuid4().hex
+    assert store.reserve([tenant, platform], Hold(warm, 1, 30)).ok  # scripts loaded on both nodes
+    store.settle(warm, keys, 0)
+    node = admin.get_node_from_key(platform.key)
+
+    def pause() -> None:
+        with redis_py.Redis(host=node.host, port=node.port) as direct:
+            direct.execute_command("CLIENT", "PAUSE", "1500", "WRITE")
+
+    stalling = threading.Thread(target=pause)
+    stalling.start()
+    stalling.join()
+    hold = Hold(uuid.uuid4().hex, 100, 30, charge_on_expiry=100)
+    with pytest.raises(BudgetStoreUnavailableError):
+        store.reserve([tenant, platform], hold)
+    assert store.read([tenant.key]) == [CounterState(0, 0)]  # step 1 released at once
+    deadline = time.monotonic() + 15
+    while store.pending_releases and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.6)  # the pause is over; every queued command has run
+    assert store.pending_releases == 0
+    assert store.read(keys) == [CounterState(0, 0)] * 2
+    assert not store.reserve([tenant, platform], hold).ok  # the burnt attempt admits nothing
+    store.close()
+
+
+def test_an_evicting_policy_on_any_master_is_refused(cluster: list[RedisServer], admin: RedisCluster) -> None:
+    import redis as redis_py
+
+    from langchain_budgetguard.errors import BudgetStoreUnavailableError
+
+    with redis_py.Redis(port=cluster[2].port) as one:
+        one.config_set("maxmemory-policy", "allkeys-lru")
+        try:
+            store = RedisStore(cluster_url(cluster), prefix=fresh_prefix())
+            with pytest.raises(BudgetStoreUnavailableError, match="allkeys-lru"):
+                store.reserve([Counter("{ev}:k", 10)], Hold(uuid.uuid4().hex, 1, 30))
+            assert store.pending_releases == 0  # refused before anything was sent: nothing to release
+            store.close()
+        finally:
+            one.config_set("maxmemory-policy", "noeviction")

@@ -36,7 +36,6 @@ class TestMemoryStoreContract(StoreContract):
 
 def test_sweep_forgets_expired_counters_and_records_but_not_live_ones():
     from langchain_budgetguard.stores import Counter, Hold
-    from langchain_budgetguard.stores.memory import RECORD_TTL_SECONDS, SETTLED_RECORD_SECONDS
 
     clock = ManualClock()
     store = MemoryStore(clock=clock)
@@ -60,9 +59,54 @@ def test_sweep_forgets_expired_counters_and_records_but_not_live_ones():
     clock.now = t0 + 702
     store.reserve([keep], Hold("tick3", 1, 30))
     assert "busy" not in store._counters
-    clock.now = t0 + SETTLED_RECORD_SECONDS + 10
-    store.reserve([keep], Hold("tick4", 1, 30))
-    assert "settled-call" not in store._records and "renewed-call" in store._records
-    clock.now = t0 + 101 + 30 + RECORD_TTL_SECONDS + 10
-    store.reserve([Counter("fresh", 1000)], Hold("tick5", 1, 30))
+
+
+def test_records_live_for_the_retry_window_not_a_day():
+    from langchain_budgetguard.stores import Counter, Hold
+
+    clock = ManualClock()
+    store = MemoryStore(clock=clock, retry_window_seconds=60)
+    t0 = clock.now
+    keep = Counter("keep", 10_000)
+    store.reserve([keep], Hold("settled-call", 10, 30))
+    store.settle("settled-call", ["keep"], 7)  # forgotten at t0 + 60
+    renewed = Hold("renewed-call", 10, 30)
+    store.reserve([keep], renewed)
+    store.reserve([keep], Hold("expiring-call", 10, 30, charge_on_expiry=5))
+    clock.now = t0 + 20
+    assert store.renew("renewed-call", ["keep"], 60)  # live until t0 + 80
+    clock.now = t0 + 59  # inside every window: retries are recognised; expiring-call is reaped
+    assert store.reserve([keep], renewed).duplicate
+    assert store.reserve([keep], Hold("settled-call", 1, 30)).reused
+    assert not store.settle("settled-call", ["keep"], 7).applied
+    clock.now = t0 + 61
+    store.reserve([keep], Hold("tick", 1, 30))
+    assert "settled-call" not in store._records
+    assert {"renewed-call", "expiring-call"} <= set(store._records)
+    assert store._counters["keep"].expired == {"expiring-call": 5}
+    clock.now = t0 + 81  # the renewed lease ends now: its record waits one window more
+    store.read(["keep"])
+    clock.now = t0 + 120
+    store.reserve([keep], Hold("tick2", 1, 30))
+    assert "expiring-call" not in store._records and "renewed-call" in store._records
+    assert store._counters["keep"].expired == {}
+    clock.now = t0 + 142
+    store.reserve([keep], Hold("tick3", 1, 30))
     assert "renewed-call" not in store._records
+    heap_sizes = len(store._record_expiry) + len(store._expired_expiry)
+    assert heap_sizes <= 6  # only the ticks' entries are left
+
+
+def test_a_sustained_stream_keeps_one_window_of_records():
+    from langchain_budgetguard.stores import Counter, Hold
+
+    clock = ManualClock()
+    store = MemoryStore(clock=clock, retry_window_seconds=10)
+    counters = [Counter("a", 10**15), Counter("b", 10**15)]
+    for n in range(4_000):  # 100 calls/s for 40 s, lease 600 s
+        store.reserve(counters, Hold(f"c{n}", 5, 600, 5))
+        store.settle(f"c{n}", ["a", "b"], 4)
+        clock.now += 0.01
+    assert len(store._records) <= 100 * 11
+    assert len(store._record_expiry) <= 100 * 11
+    assert store.read(["a", "b"]) == [store.read(["a"])[0]] * 2 and store.read(["a"])[0].spent == 16_000

@@ -11,6 +11,10 @@ from langchain_core.messages import AIMessage, AIMessageChunk
 from langchain_core.outputs import ChatGeneration, Generation, LLMResult
 
 from langchain_budgetguard.usage import (
+    MAX_TOKENS,
+    UsageError,
+    billed_extras,
+    validate_usage,
     TokenUsage,
     model_from_response_metadata,
     usage_from_llm_result,
@@ -266,15 +270,13 @@ def test_response_metadata_is_used_when_usage_metadata_is_empty() -> None:
     assert usage_from_message(message) == TokenUsage(input_tokens=7, output_tokens=3)
 
 
-def test_usage_metadata_wins_without_reading_response_metadata() -> None:
-    class Message:
-        usage_metadata = {"input_tokens": 5, "output_tokens": 6, "total_tokens": 11}
-
-        @property
-        def response_metadata(self) -> dict[str, Any]:
-            raise AssertionError("response_metadata read although usage_metadata has counts")
-
-    assert usage_from_message(Message()) == TokenUsage(input_tokens=5, output_tokens=6)
+def test_usage_metadata_counts_win_over_response_metadata_counts() -> None:
+    message = AIMessage(
+        content="",
+        usage_metadata={"input_tokens": 5, "output_tokens": 6, "total_tokens": 11},
+        response_metadata={"token_usage": {"prompt_tokens": 700, "completion_tokens": 300, "total_tokens": 1000}},
+    )
+    assert usage_from_message(message) == TokenUsage(input_tokens=5, output_tokens=6)
 
 
 def test_model_keys_in_order() -> None:
@@ -369,46 +371,73 @@ def test_garbage_gives_none(value: Any) -> None:
     assert usage_from_llm_result(value) == []
 
 
-@pytest.mark.parametrize(
-    "metadata",
-    [
-        {"usage": {"input_tokens": "12", "output_tokens": None}},
-        {"usage": {"input_tokens": True, "output_tokens": False}},
-        {"usage": {"input_tokens": float("nan"), "output_tokens": float("inf")}},
-        {"model": 42, "model_name": "  "},
-    ],
-    ids=repr,
-)
-def test_non_numbers_are_not_counts(metadata: dict[str, Any]) -> None:
-    assert usage_from_response_metadata(metadata) is None
-    assert model_from_response_metadata(metadata) is None
+def test_non_numbers_without_a_usage_key_are_not_counts() -> None:
+    assert model_from_response_metadata({"model": 42, "model_name": "  "}) is None
+    assert usage_from_response_metadata({"model": 42, "model_name": "  "}) is None
+
+
+ABSURD = [
+    {"usage": {"input_tokens": "12", "output_tokens": None}},
+    {"usage": {"input_tokens": True, "output_tokens": False}},
+    {"usage": {"input_tokens": float("nan"), "output_tokens": 1}},
+    {"usage": {"input_tokens": 1, "output_tokens": float("inf")}},
+    {"usage": {"input_tokens": -5, "output_tokens": 1}},
+    {"token_usage": {"prompt_tokens": -1, "completion_tokens": 0}},
+    {"token_usage": {"prompt_tokens": 2.5, "completion_tokens": 0}},
+    {"token_usage": {"prompt_tokens": 1, "completion_tokens": 2**64 - 1}},
+    {"token_usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2**64 - 1}},
+    {"usage": {"input_tokens": 0, "cache_read_input_tokens": -3}},
+    {"usage_metadata": {"prompt_token_count": 3, "prompt_tokens_details": [{"modality": "AUDIO", "token_count": "9"}]}},
+    {"usage": {"input_tokens": 1, "output_tokens": 1, "server_tool_use": {"web_search_requests": -1}}},
+]
+
+
+@pytest.mark.parametrize("metadata", ABSURD, ids=repr)
+def test_absurd_counts_raise_usage_error(metadata: dict[str, Any]) -> None:
+    """A count that cannot be real is refused, never read as 0 (a free call) nor sent to a store."""
+    with pytest.raises(UsageError, match="not a token count"):
+        usage_from_message(AIMessage(content="", response_metadata=metadata))
 
 
 @pytest.mark.parametrize(
-    "metadata",
+    "usage_metadata",
     [
-        {"usage": {"input_tokens": -5, "output_tokens": True}},
-        {"token_usage": {"prompt_tokens": -1, "completion_tokens": 0, "prompt_tokens_details": "x"}},
-        {"usage_metadata": {"prompt_token_count": 0, "prompt_tokens_details": [None, "x", {"modality": None}]}},
-        {"usage": {"input_tokens": 0, "cache_creation": "x", "cache_read_input_tokens": -3}},
+        {"input_tokens": -3, "output_tokens": 2, "total_tokens": -1},
+        {"input_tokens": 3, "output_tokens": 2.9, "total_tokens": 5},
+        {"input_tokens": 3, "output_tokens": 2, "total_tokens": 2**64 - 1},  # LangChain accepts this
+        {"input_tokens": 3, "output_tokens": 2, "total_tokens": "many"},
+        {"input_tokens": 3, "output_tokens": 2, "output_token_details": {"reasoning": -1}},
+        {"input_tokens": 2**40 + 1, "output_tokens": 2, "total_tokens": 2**40 + 3},
     ],
     ids=repr,
 )
-def test_negative_and_malformed_counts_give_zero(metadata: dict[str, Any]) -> None:
-    assert usage_from_response_metadata(metadata) == TokenUsage()
+def test_absurd_usage_metadata_raises_usage_error(usage_metadata: dict[str, Any]) -> None:
+    with pytest.raises(UsageError):
+        usage_from_usage_metadata(usage_metadata)
 
 
-def test_garbage_usage_metadata_fields() -> None:
-    usage = usage_from_usage_metadata(
-        {
-            "input_tokens": -3,
-            "output_tokens": 2.9,
-            "total_tokens": "many",
-            "input_token_details": "x",
-            "output_token_details": {"reasoning": -1, "audio": None},
-        }
-    )
-    assert usage == TokenUsage(output_tokens=2)
+def test_whole_float_counts_and_the_bound_itself_are_accepted() -> None:
+    assert usage_from_response_metadata({"usage": {"input_tokens": 12.0, "output_tokens": 3}}) == TokenUsage(12, 3)
+    assert usage_from_usage_metadata({"input_tokens": MAX_TOKENS, "output_tokens": 0}) == TokenUsage(MAX_TOKENS, 0)
+
+
+def test_malformed_detail_containers_are_ignored() -> None:
+    assert usage_from_response_metadata(
+        {"token_usage": {"prompt_tokens": 4, "completion_tokens": 0, "prompt_tokens_details": "x"}}
+    ) == TokenUsage(4, 0)
+    assert usage_from_response_metadata(
+        {"usage_metadata": {"prompt_token_count": 0, "prompt_tokens_details": [None, "x", {"modality": None}]}}
+    ) == TokenUsage()
+    assert usage_from_usage_metadata(
+        {"input_tokens": 3, "output_tokens": 2, "input_token_details": "x", "output_token_details": {"audio": None}}
+    ) == TokenUsage(3, 2)
+
+
+def test_validate_usage() -> None:
+    assert validate_usage(TokenUsage(1, 2)) == TokenUsage(1, 2)
+    for bad in (TokenUsage(-1, 2), TokenUsage(1, 2**64), TokenUsage(1, 2.0), TokenUsage(web_searches=True)):  # type: ignore[arg-type]
+        with pytest.raises(UsageError):
+            validate_usage(bad)
 
 
 def test_garbage_llm_results() -> None:

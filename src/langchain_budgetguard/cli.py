@@ -453,11 +453,7 @@ def _read_prompt(source: str | None) -> list[Any]:
 
 
 def _cmd_estimate(args: argparse.Namespace) -> int:
-    from .estimate import (
-        DEFAULT_MAX_OUTPUT_TOKENS,
-        estimate_input_tokens,
-        get_estimator,
-    )
+    from .estimate import DEFAULT_MAX_OUTPUT_TOKENS, estimate_input_tokens, get_estimator
     from .money import nano_to_usd
     from .usage import TokenUsage
 

@@ -10,15 +10,30 @@ that does not fit: only a synchronous handler with ``raise_error=True`` can stop
 run, and it does so for ``ainvoke`` and streams too. It cannot switch models, so it
 refuses. Calls that a ``BudgetGuard`` or ``BudgetMiddleware`` already charges to the
 same budget are skipped.
+
+Each call gets its own random call id (``enforce-`` + 128 random bits), never one derived
+from LangChain's ``run_id``: callers set ``run_id`` (often to a request id) and may repeat
+it, and a repeated call id would let the store take a second call for a retry of the first.
+A ``run_id`` only pairs a call's end with its start: when several calls share one, each
+end settles the reservation its own thread (or asyncio task) made, the oldest if none.
+
+While a call runs, its holds are renewed in the background (``leases.shared_keeper``), so
+a call that outlives ``lease_seconds`` keeps them. A call whose start another handler aborted
+after this one reserved (no end event will come) is noticed when LangChain drops its run id,
+and released at the next call the block sees.
 """
 
 from __future__ import annotations
 
+import asyncio
+import os
 import threading
+import weakref
+from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
@@ -28,6 +43,7 @@ from langchain_core.runnables.config import ensure_config
 from langchain_core.tracers.context import register_configure_hook
 
 from .estimate import max_output_tokens
+from .leases import LeaseHold, shared_keeper
 from .policy import BudgetPolicy, LimitStatus
 from .pricing import model_ref_from_run
 from .usage import TokenUsage, usage_from_llm_result
@@ -35,7 +51,7 @@ from .usage import TokenUsage, usage_from_llm_result
 if TYPE_CHECKING:
     from .guard import Reservation
 
-__all__ = ["BudgetEnforcer", "GUARDED_KEY", "budget_token", "charged_budgets", "enforce_budget"]
+__all__ = ["BudgetEnforcer", "GUARDED_KEY", "budget_token", "charged_budgets", "enforce_budget", "new_call_id"]
 
 GUARDED_KEY = "budgetguard_budget"
 """Run metadata naming the budget (``budget_token``) a guard already charges this model call to."""
@@ -56,6 +72,51 @@ class _Entry:
     token: str
 
 
+def _where() -> tuple[int, Any]:
+    """The thread and asyncio task a callback runs in: a call's start and end share them."""
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # no running event loop in this thread
+        task = None
+    return threading.get_ident(), task
+
+
+@dataclass(eq=False)
+class _Running:
+    """One call an enforcer admitted: where it started, its reservations, the event it claimed."""
+
+    where: tuple[int, Any]
+    event: object
+    key: Any
+    reservations: list[Reservation] = field(default_factory=list)
+    leases: list[LeaseHold] = field(default_factory=list)  # renew each hold while the call runs
+    run: Any = None  # a weak reference to the run's id: LangChain's run managers hold it while it runs
+
+    def watch(self, run_id: UUID, orphans: deque[_Running]) -> None:
+        """Note when the run is gone without an end (a later handler aborted its start): ``orphans``."""
+        try:
+            self.run = weakref.ref(run_id, lambda _: orphans.append(self))
+        except TypeError:  # an id that takes no weak reference: the end event alone settles it
+            self.run = None
+
+    def is_running(self) -> bool:
+        return self.run is None or self.run() is not None
+
+    def keep_leases(self) -> None:
+        keeper = shared_keeper()
+        for reservation in self.reservations:
+            policy, admitted = reservation.guard.policy, reservation.admitted
+            lease = keeper.hold(policy.store, admitted.call_id, admitted.keys, policy.lease_seconds,
+                                alive=self.is_running)
+            lease.__enter__()
+            self.leases.append(lease)
+
+    def end_leases(self) -> None:
+        for lease in self.leases:
+            lease.__exit__(None, None, None)
+        self.leases.clear()
+
+
 class BudgetEnforcer(BaseCallbackHandler):
     """Reserves each chat model call on its start, settles it on its end or error. Thread-safe."""
 
@@ -66,7 +127,9 @@ class BudgetEnforcer(BaseCallbackHandler):
         super().__init__()
         self.entries = tuple(entries)
         self.tokens = frozenset(e.token for e in self.entries)
-        self._runs: dict[UUID, list[Reservation]] = {}
+        # run id (its int: the enforcer keeps no reference to the id itself) -> calls in flight under it
+        self._runs: dict[Any, list[_Running]] = {}
+        self._orphans: deque[_Running] = deque()  # calls whose run is gone without an end event
         self._lock = threading.Lock()
 
     def status(self, config: Mapping[str, Any] | None = None) -> list[LimitStatus]:
@@ -107,11 +170,17 @@ class BudgetEnforcer(BaseCallbackHandler):
                kwargs: Mapping[str, Any]) -> None:
         from .guard import BudgetGuard
 
+        if self._orphans:
+            self._settle_orphans()
+        key = _key(run_id)
+        # The event's identity: every handler of one start event gets the same metadata dict (the
+        # callback manager's), and each call has its own manager; without one, the message list.
+        event = metadata if isinstance(metadata, dict) else messages
         metadata = metadata if isinstance(metadata, Mapping) else {}
-        entries = [e for e in self._applicable(metadata) if _claim(run_id, e.token)]
+        entries = [e for e in self._applicable(metadata) if _claim(key, e.token, event)]
         if not entries:
             return
-        admitted: list[Reservation] = []
+        running = _Running(_where(), event, key)
         try:
             params = dict(kwargs.get("invocation_params") or {})
             if max_output_tokens(None, params) is None and metadata.get("ls_max_tokens"):
@@ -119,32 +188,80 @@ class BudgetEnforcer(BaseCallbackHandler):
             ref = model_ref_from_run(serialized, params, metadata)
             context = ensure_config()  # the enclosing runnable's config: its configurable may name ids
             config = {"configurable": context.get("configurable") or {}, "metadata": metadata}
-            for index, entry in enumerate(entries):
+            for entry in entries:
                 guard = BudgetGuard(policy=entry.policy)
                 ids_config = {**config, "configurable": {**config["configurable"], **entry.ids}}
-                admitted.append(guard.reserve(messages, ids_config, kwargs=params, model=ref,
-                                              call_id=f"enforce-{run_id.hex}-{index}"))
+                running.reservations.append(guard.reserve(messages, ids_config, kwargs=params, model=ref,
+                                                          call_id=new_call_id()))
         except BaseException:
-            for reservation in admitted:
+            for reservation in running.reservations:
                 reservation.settle()
-            _release(run_id, [e.token for e in entries])
+            _release(key, [e.token for e in entries], event)
             raise
+        running.watch(run_id, self._orphans)
+        running.keep_leases()  # a long call keeps its holds: renewed in the background until it ends
         with self._lock:
-            self._runs[run_id] = admitted
+            self._runs.setdefault(key, []).append(running)
+
+    def _take(self, key: Any) -> _Running | None:
+        """The call in flight under run id ``key`` that this end belongs to: the one started in this
+        thread/task, else the oldest (a stream finished elsewhere)."""
+        with self._lock:
+            calls = self._runs.get(key)
+            if not calls:
+                return None
+            here = _where()
+            index = next((i for i, c in enumerate(calls) if c.where == here), 0)
+            running = calls.pop(index)
+            if not calls:
+                del self._runs[key]
+            running.run = None  # it ends now: not an orphan
+            return running
+
+    def _settle_orphans(self) -> None:
+        """Release the holds of calls whose run is gone without an end: another handler aborted the
+        run's start after this one reserved, so no request went out and nothing is charged."""
+        while self._orphans:
+            running = self._orphans.popleft()
+            with self._lock:
+                calls = self._runs.get(running.key, [])
+                if not any(c is running for c in calls):
+                    continue  # it ended normally meanwhile
+                calls.remove(running)
+                if not calls:
+                    del self._runs[running.key]
+            running.end_leases()
+            try:
+                for reservation in running.reservations:
+                    reservation.settle()
+            finally:
+                _release(running.key, [budget_token(r.guard.policy) for r in running.reservations], running.event)
 
     def _end(self, run_id: UUID, response: Any, failed: bool = False) -> None:
-        with self._lock:
-            admitted = self._runs.pop(run_id, None)
-        if admitted is None:
+        running = self._take(_key(run_id))
+        if self._orphans:
+            self._settle_orphans()
+        if running is None:
             return
+        running.end_leases()
         usage, text = _reported(response)
         # No usage reported: the input estimate plus the output seen; a failure before any output is free.
         output_text = text if (text or not failed) else None
         try:
-            for reservation in admitted:
+            for reservation in running.reservations:
                 reservation.settle(usage=usage, output_text=output_text)
         finally:
-            _release(run_id, [budget_token(r.guard.policy) for r in admitted])
+            _release(running.key, [budget_token(r.guard.policy) for r in running.reservations], running.event)
+
+
+def _key(run_id: Any) -> Any:
+    """A run id as a dict key that does not keep the id object alive (see ``_Running.watch``)."""
+    return run_id.int if isinstance(run_id, UUID) else run_id
+
+
+def new_call_id() -> str:
+    """A fresh call id for one call ``enforce_budget`` admits: ``enforce-`` + 128 random bits."""
+    return "enforce-" + os.urandom(16).hex()
 
 
 def _reported(response: Any) -> tuple[TokenUsage | None, str]:
@@ -161,27 +278,34 @@ def _reported(response: Any) -> tuple[TokenUsage | None, str]:
 
 
 # Which budget each running call is charged to, process-wide: two enforcers that both see a call
-# (say, nested blocks whose handlers reach a thread without the ContextVar) charge it once.
-_claims: dict[UUID, set[str]] = {}
+# (say, nested blocks whose handlers reach a thread without the ContextVar) charge it once. Keyed by
+# (run_id, budget token); the value holds the claimed events themselves (compared by identity and
+# kept alive while claimed, so that an id is never reused): calls that share a run_id are each claimed.
+_claims: dict[tuple[Any, str], list[object]] = {}
 _claims_lock = threading.Lock()
 
 
-def _claim(run_id: UUID, token: str) -> bool:
+def _claim(key: Any, token: str, event: object) -> bool:
     with _claims_lock:
-        taken = _claims.setdefault(run_id, set())
-        if token in taken:
+        taken = _claims.setdefault((key, token), [])
+        if any(e is event for e in taken):
             return False
-        taken.add(token)
+        taken.append(event)
         return True
 
 
-def _release(run_id: UUID, tokens: Sequence[str]) -> None:
+def _release(key: Any, tokens: Sequence[str], event: object) -> None:
     with _claims_lock:
-        taken = _claims.get(run_id)
-        if taken is not None:
-            taken.difference_update(tokens)
+        for token in tokens:
+            taken = _claims.get((key, token))
+            if taken is None:
+                continue
+            for i, e in enumerate(taken):
+                if e is event:
+                    del taken[i]
+                    break
             if not taken:
-                del _claims[run_id]
+                del _claims[(key, token)]
 
 
 _current: ContextVar[BudgetEnforcer | None] = ContextVar("budgetguard_enforcer", default=None)

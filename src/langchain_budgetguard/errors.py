@@ -15,6 +15,7 @@ __all__ = [
     "UnknownModelPriceError",
     "BudgetStoreUnavailableError",
     "GuardMisuseError",
+    "CallIdReusedError",
     "Refusal",
 ]
 
@@ -82,3 +83,31 @@ class BudgetStoreUnavailableError(BudgetGuardError):
 
 class GuardMisuseError(BudgetGuardError, TypeError):
     """The guard was placed where it cannot guard anything (for example after the model)."""
+
+
+class CallIdReusedError(BudgetGuardError, ValueError):
+    """A call id that already reserved (or settled) was given to admit another call.
+
+    A call id names exactly one call: once it has held money it can never admit a second call,
+    or a settled call id would make every later call with it free. ``call_id`` is the id and
+    ``state`` what the store knows of it (``"held"``, ``"expired"``, ``"settled"``, or None).
+    """
+
+    def __init__(self, call_id: str, state: str | None = None) -> None:
+        self.call_id = call_id
+        self.state = state
+        known = {
+            "held": "is held by a call in flight",
+            "expired": "belonged to a call whose hold expired",
+            "settled": "belonged to a call that is already settled",
+        }.get(state or "", "was already used by another call")
+        shown = call_id if len(call_id) <= 80 else call_id[:80] + "..."
+        super().__init__(
+            f"Call id {shown!r} {known}; call ids must be unique per call, so this call is refused "
+            "rather than served free. Leave call_id out and the library derives a random 128-bit id "
+            "for each call (os.urandom(16).hex()), or pass a fresh one per call (uuid.uuid4().hex), "
+            "never a request or LangChain run_id that callers may repeat."
+        )
+
+    def __reduce__(self) -> tuple[type, tuple[str, str | None]]:
+        return (type(self), (self.call_id, self.state))

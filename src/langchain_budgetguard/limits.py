@@ -3,36 +3,162 @@
 A counter is one (budget name, scope, id, window instance). The window
 instance is part of the counter's key, so a new day simply starts a new
 counter: nothing has to be reset.
+
+Windows and daylight saving time (``Limit.tz``):
+
+- ``hour`` is a range of instants: the 3600 s that begin at a local full hour. DST never
+  merges or splits an hour: on America/New_York's fall-back night 01:30 EDT and 01:30 EST are
+  two windows, ``2026-11-01T01`` and ``2026-11-01T01-0500`` (the repeated wall hour carries its
+  UTC offset; every other hour keeps its plain local label), each resetting 3600 s after it
+  began; on the spring-forward night 01:00 EST is followed by 03:00 EDT, one hour later. (Where
+  a shift is not a whole hour or not on a full hour, as on Lord Howe Island and the Chatham
+  Islands, the hour it cuts ends at the shift and the next begins there: still no overlap.)
+- ``day``, ``week`` and ``month`` follow the local calendar: a day runs from local midnight to
+  the next, so a DST day is 23 or 25 hours long, and weeks and months likewise.
+- ``total`` never resets.
+
+Window bounds (``WindowInstance.starts_at`` / ``resets_at``) are aware datetimes in the fixed
+UTC offset in force at that instant, so they print as local time and subtract exactly.
+
+Input bounds, checked before anything reaches a store: ``check_seconds`` for durations
+(``MIN_LEASE_SECONDS`` .. ``MAX_LEASE_SECONDS``, ``MAX_RETENTION_SECONDS``), ``check_id`` for
+the ids of scopes (at most ``MAX_ID_LENGTH`` characters of valid Unicode) and
+``check_call_id`` for call ids (at most ``MAX_CALL_ID_LENGTH``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from .errors import IdentityError
-from .money import to_decimal, usd_to_nano
+from .money import show_value, to_decimal, usd_to_nano
 
-__all__ = ["Limit", "WindowInstance", "Identity", "resolve_identity", "escape_id", "counter_key", "WINDOWS"]
+__all__ = [
+    "Limit",
+    "WindowInstance",
+    "Identity",
+    "resolve_identity",
+    "escape_id",
+    "counter_key",
+    "check_seconds",
+    "check_id",
+    "check_call_id",
+    "text_problem",
+    "WINDOWS",
+    "MIN_LEASE_SECONDS",
+    "MAX_LEASE_SECONDS",
+    "MAX_RETENTION_SECONDS",
+    "MAX_REFRESH_SECONDS",
+    "MAX_ID_LENGTH",
+    "MAX_CALL_ID_LENGTH",
+]
 
 WINDOWS = ("hour", "day", "week", "month", "total")
 GLOBAL = "global"
 _SCOPE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 
+MIN_LEASE_SECONDS = 0.01
+"""The shortest lease a hold may have (the lease keeper renews at a third of it)."""
+MAX_LEASE_SECONDS = 86_400.0
+"""The longest lease (a day): how long a crashed process's hold can block a budget. Live calls
+are renewed in the background (``leases``), so a long call never needs a long lease."""
+MAX_RETENTION_SECONDS = 3_660 * 86_400
+"""The longest a counter is kept after its window ends (about ten years)."""
+MAX_REFRESH_SECONDS = 86_400.0
+"""The longest interval between two reads of the store's live overrides."""
+MAX_ID_LENGTH = 65_536
+"""The longest scope id (``user_id``...), in characters; longer ids are refused, not truncated."""
+MAX_CALL_ID_LENGTH = 256
+"""The longest call id, in characters (the library's own are 32 hex digits, plus a short suffix)."""
+
+
+def check_seconds(value: object, what: str, *, minimum: float = 0.0, maximum: float) -> float:
+    """``value`` as float seconds if it is a real number in ``[minimum, maximum]``.
+
+    Anything else (a string such as ``'10'``, a bool, NaN, infinity, a negative or absurd
+    duration) is a ``ValueError`` that names the value and the allowed range.
+    """
+    allowed = f"a number of seconds from {minimum:g} to {maximum:g}"
+    if isinstance(value, bool) or not isinstance(value, (int, float, Decimal)):
+        raise ValueError(f"{what}: expected {allowed}, got {type(value).__name__} {show_value(value)}")
+    if isinstance(value, int) and value.bit_length() > 64:
+        raise ValueError(f"{what}: expected {allowed}, got {show_value(value)}")
+    try:
+        seconds = float(value)
+    except (OverflowError, ValueError):
+        raise ValueError(f"{what}: expected {allowed}, got {show_value(value)}") from None
+    if not math.isfinite(seconds) or not minimum <= seconds <= maximum:
+        raise ValueError(f"{what}: expected {allowed}, got {show_value(value)}")
+    return seconds
+
+
+def text_problem(value: object, max_length: int) -> str | None:
+    """Why ``value`` cannot be an id or a name (None when it can): not a non-empty string, longer
+    than ``max_length``, or not valid Unicode (a lone surrogate). O(1) for ASCII text."""
+    if not isinstance(value, str):
+        return f"must be a non-empty string, got {type(value).__name__} {show_value(value)}"
+    if not value:
+        return "must be a non-empty string, got ''"
+    if len(value) > max_length:
+        return f"must be at most {max_length} characters, got {len(value)} ({show_value(value, 40)})"
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return (
+                f"must be valid Unicode text, but {show_value(value)} holds a lone surrogate "
+                f"{value[exc.start]!r} at position {exc.start} (decode bytes with errors='strict' "
+                "or 'replace' before using them as an id)"
+            )
+    return None
+
+
+def check_id(value: object, what: str = "id") -> str:
+    """``value`` if it can be a scope id: a non-empty string of at most ``MAX_ID_LENGTH``
+    characters of valid Unicode (no lone surrogates such as ``'\\ud800'``). Else ``IdentityError``."""
+    problem = text_problem(value, MAX_ID_LENGTH)
+    if problem is not None:
+        raise IdentityError(f"{what} {problem}.")
+    return value  # type: ignore[return-value]
+
+
+def check_call_id(value: object, what: str = "call_id") -> str:
+    """``value`` if it can be a call id: a non-empty string of at most ``MAX_CALL_ID_LENGTH``
+    characters of valid Unicode. Else ``ValueError``. (Ids must also be unique per call: the
+    store refuses a reused one, ``CallIdReusedError``.)"""
+    problem = text_problem(value, MAX_CALL_ID_LENGTH)
+    if problem is not None:
+        raise ValueError(
+            f"{what} {problem}. Leave call_id out and the library derives a random 128-bit id per call."
+        )
+    return value  # type: ignore[return-value]
+
 
 @dataclass(frozen=True)
 class WindowInstance:
-    """One concrete window: its label (part of the counter key) and its bounds."""
+    """One concrete window: its label (part of the counter key) and its bounds.
+
+    ``starts_at`` / ``resets_at`` are aware datetimes (None for ``total``) in the fixed UTC offset
+    in force at that instant; the window holds the instants ``starts_at <= t < resets_at``.
+    """
 
     label: str
     starts_at: datetime | None
     resets_at: datetime | None
+
+
+_HOUR_LABEL = re.compile(r"^(\d{4}-\d{2}-\d{2}T\d{2})(?:([+-])(\d{2})(\d{2})(\d{2})?)?$")
+_WEEK_LABEL = re.compile(r"^(\d{4})-W(\d{2})$")
+_LABEL_FORMATS = {"hour": "%Y-%m-%dT%H", "day": "%Y-%m-%d", "month": "%Y-%m"}
+_LABEL_EXAMPLES = {"hour": "2026-11-22T09", "day": "2026-11-22", "week": "2026-W47", "month": "2026-11"}
 
 
 @dataclass(frozen=True)
@@ -43,7 +169,9 @@ class Limit:
     ``"tenant"`` or any other lowercase name; the id of a scope ``x`` comes from
     ``x_id`` in the run's ``configurable``, then its ``metadata``.
     ``window`` is ``"hour"``, ``"day"``, ``"week"`` (ISO, Monday first), ``"month"``
-    or ``"total"``; ``tz`` is the IANA time zone the window boundaries follow.
+    or ``"total"``; ``tz`` is the IANA time zone the window boundaries follow. An hour is
+    3600 s of real time even across a DST shift; a day, week or month follows the local
+    calendar (a DST day has 23 or 25 hours). ``usd`` is at most ``money.MAX_USD``.
     """
 
     usd: Decimal
@@ -59,14 +187,22 @@ class Limit:
         if not isinstance(self.per, str) or not _SCOPE_NAME.match(self.per):
             raise ValueError(
                 f"Limit.per: expected 'global', 'user', 'project', 'tenant' or another lowercase "
-                f"name (letters, digits, '_'), got {self.per!r}"
+                f"name (letters, digits, '_'), got {show_value(self.per)}"
             )
-        if self.window not in WINDOWS:
-            raise ValueError(f"Limit.window: expected one of {', '.join(WINDOWS)}, got {self.window!r}")
-        try:
-            zone = timezone.utc if self.tz in ("UTC", "utc", "Z") else ZoneInfo(self.tz)
-        except (ZoneInfoNotFoundError, ValueError, TypeError):
-            raise ValueError(f"Limit.tz: expected an IANA time zone such as 'Europe/Paris', got {self.tz!r}") from None
+        if not isinstance(self.window, str) or self.window not in WINDOWS:
+            raise ValueError(f"Limit.window: expected one of {', '.join(WINDOWS)}, got {show_value(self.window)}")
+        if self.tz in ("UTC", "utc", "Z"):
+            zone: Any = timezone.utc
+        else:
+            problem = text_problem(self.tz, 255)
+            try:
+                if problem is not None:
+                    raise ValueError(problem)
+                zone = ZoneInfo(self.tz)
+            except (ZoneInfoNotFoundError, ValueError, TypeError, OSError):
+                raise ValueError(
+                    f"Limit.tz: expected an IANA time zone such as 'Europe/Paris', got {show_value(self.tz)}"
+                ) from None
         object.__setattr__(self, "_zone", zone)
 
     @property
@@ -84,35 +220,140 @@ class Limit:
         """The window instance that contains ``now`` (an aware datetime)."""
         if self.window == "total":
             return WindowInstance("all", None, None)
-        local = now.astimezone(self._zone)
+        zone = self._zone
         if self.window == "hour":
-            start = local.replace(minute=0, second=0, microsecond=0)
-            end = start + timedelta(hours=1)
-            label = start.strftime("%Y-%m-%dT%H")
-        elif self.window == "day":
-            start = local.replace(hour=0, minute=0, second=0, microsecond=0)
-            end = _next_day(start)
-            label = start.strftime("%Y-%m-%d")
+            return _hour_window(zone, now.timestamp())
+        day = now.astimezone(zone).date()
+        if self.window == "day":
+            first, after = day, day + timedelta(days=1)
+            label = first.isoformat()
         elif self.window == "week":
-            day = local.replace(hour=0, minute=0, second=0, microsecond=0)
-            start = _local_midnight(day.date() - timedelta(days=day.weekday()), self._zone)
-            end = _local_midnight(start.date() + timedelta(days=7), self._zone)
-            iso = start.isocalendar()
+            first = day - timedelta(days=day.weekday())
+            after = first + timedelta(days=7)
+            iso = first.isocalendar()
             label = f"{iso.year}-W{iso.week:02d}"
         else:  # month
-            start = local.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-            first_next = (start.date().replace(day=28) + timedelta(days=4)).replace(day=1)
-            end = _local_midnight(first_next, self._zone)
-            label = start.strftime("%Y-%m")
-        return WindowInstance(label, start, end)
+            first = day.replace(day=1)
+            after = (first.replace(day=28) + timedelta(days=4)).replace(day=1)
+            label = first.strftime("%Y-%m")
+        return WindowInstance(label, _midnight(first, zone), _midnight(after, zone))
+
+    def window_named(self, label: str) -> WindowInstance:
+        """The window instance whose label is ``label`` (``2026-11``, ``2026-11-22``, ``2026-W47``,
+        ``2026-11-22T09``, ``2026-11-01T01-0500``, ``all``). ``ValueError`` for a label of another
+        shape or one this limit's windows never carry."""
+        if not isinstance(label, str) or len(label) > 40:
+            raise ValueError(f"window label: expected a string such as 'all' or '2026-11-22', got {show_value(label)}")
+        if self.window == "total":
+            if label != "all":
+                raise ValueError(f"a total limit has one window, 'all'; got {label!r}")
+            return WindowInstance("all", None, None)
+        probes: list[float] = []
+        try:
+            if self.window == "hour":
+                match = _HOUR_LABEL.match(label)
+                if match is None:
+                    raise ValueError(label)
+                wall = datetime.strptime(match[1], _LABEL_FORMATS["hour"])
+                if match[2] is None:  # a plain label: the first reading of that wall hour
+                    base = wall.replace(tzinfo=self._zone).timestamp()
+                else:
+                    sign = -1 if match[2] == "-" else 1
+                    offset = sign * (int(match[3]) * 3600 + int(match[4]) * 60 + int(match[5] or 0))
+                    base = wall.replace(tzinfo=timezone.utc).timestamp() - offset
+                probes = [base + 1800, base, base + 3599]
+            elif self.window == "week":
+                match = _WEEK_LABEL.match(label)
+                if match is None:
+                    raise ValueError(label)
+                first = date.fromisocalendar(int(match[1]), int(match[2]), 1)
+                probes = [_midnight(first, self._zone).timestamp() + 43_200]
+            else:
+                first = datetime.strptime(label, _LABEL_FORMATS[self.window]).date()
+                # Noon of the window's first day is inside the window whatever the DST shifts of that day.
+                probes = [_midnight(first, self._zone).timestamp() + 43_200]
+        except ValueError:
+            raise ValueError(
+                f"window label {label!r} does not name a {self.window}: expected e.g. {_LABEL_EXAMPLES[self.window]}"
+            ) from None
+        window = None
+        for probe in probes:
+            window = self.window_at(datetime.fromtimestamp(probe, timezone.utc))
+            if window.label == label:
+                return window
+        raise ValueError(
+            f"window label {label!r} is not a {self.window} of this limit (did you mean {window.label}?)"  # type: ignore[union-attr]
+        )
 
 
-def _local_midnight(day: Any, zone: Any) -> datetime:
-    return datetime(day.year, day.month, day.day, tzinfo=zone)
+# -- windows -----------------------------------------------------------------------------------
+
+_OFFSETS: dict[int, timezone] = {}
 
 
-def _next_day(start: datetime) -> datetime:
-    return _local_midnight(start.date() + timedelta(days=1), start.tzinfo)
+def _fixed(offset: int) -> timezone:
+    """A fixed-offset tzinfo (cached): datetimes in it subtract and compare as instants."""
+    tz = _OFFSETS.get(offset)
+    if tz is None:
+        tz = _OFFSETS[offset] = timezone.utc if offset == 0 else timezone(timedelta(seconds=offset))
+    return tz
+
+
+def _offset_at(zone: Any, ts: float) -> int:
+    """The zone's UTC offset (seconds) at the instant ``ts``."""
+    return int(datetime.fromtimestamp(ts, zone).utcoffset().total_seconds())  # type: ignore[union-attr]
+
+
+def _instant(ts: float, zone: Any) -> datetime:
+    """The instant ``ts`` as local time in the fixed offset the zone has then."""
+    return datetime.fromtimestamp(ts, _fixed(_offset_at(zone, ts)))
+
+
+def _midnight(day: date, zone: Any) -> datetime:
+    """The first instant of local date ``day`` (the instant the clock jumps, if midnight is skipped)."""
+    ts = datetime(day.year, day.month, day.day, tzinfo=zone).timestamp()  # fold=0: the earlier reading
+    return _instant(ts, zone)
+
+
+def _first_where(zone: Any, lo: int, hi: int, offset: int, equal: bool) -> int:
+    """The first second in ``(lo, hi]`` where the zone's offset is (``equal``) or is not ``offset``;
+    ``hi`` is such a second. One shift lies between: bisection, at most 12 steps in an hour."""
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if (_offset_at(zone, mid) == offset) == equal:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def _offset_label(offset: int) -> str:
+    sign = "-" if offset < 0 else "+"
+    hours, rest = divmod(abs(offset), 3600)
+    minutes, seconds = divmod(rest, 60)
+    return f"{sign}{hours:02d}{minutes:02d}" + (f"{seconds:02d}" if seconds else "")
+
+
+def _hour_window(zone: Any, now: float) -> WindowInstance:
+    """The hour window (a range of instants) containing ``now``: see the module docstring."""
+    t = math.floor(now)
+    if zone is timezone.utc:
+        start = t - t % 3600
+        begins = datetime.fromtimestamp(start, timezone.utc)
+        return WindowInstance(begins.strftime("%Y-%m-%dT%H"), begins, datetime.fromtimestamp(start + 3600, timezone.utc))
+    offset = _offset_at(zone, t)
+    nominal = t - (t + offset) % 3600  # the local full hour, read in the offset in force now
+    start, end = nominal, nominal + 3600
+    if _offset_at(zone, start) != offset:  # a shift inside this hour, before now: start there
+        start = _first_where(zone, start, t, offset, equal=True)
+    if _offset_at(zone, end - 1) != offset:  # a shift inside this hour, after now: end there
+        end = _first_where(zone, t, end - 1, offset, equal=False)
+    wall = datetime.fromtimestamp(nominal + offset, timezone.utc).replace(tzinfo=None)
+    label = wall.strftime("%Y-%m-%dT%H")
+    first_reading = wall.replace(tzinfo=zone).utcoffset()  # fold=0
+    if first_reading is None or int(first_reading.total_seconds()) != offset:
+        label += _offset_label(offset)  # the second reading of a repeated wall hour
+    return WindowInstance(label, datetime.fromtimestamp(start, _fixed(offset)), _instant(end, zone))
 
 
 @dataclass(frozen=True)
@@ -128,8 +369,8 @@ class Identity:
 def resolve_identity(config: Mapping[str, Any] | None, limits: Sequence[Limit], **explicit: Any) -> Identity:
     """Read each per-scope limit's id from ``explicit``, ``configurable``, then ``metadata``.
 
-    Raises ``IdentityError`` when a per-scope limit has no id, or the id is empty or not a string:
-    such a call is never pooled with others.
+    Raises ``IdentityError`` when a per-scope limit has no id, or the id is not a non-empty string
+    of valid Unicode of at most ``MAX_ID_LENGTH`` characters: such a call is never pooled with others.
     """
     config = config or {}
     configurable = config.get("configurable") or {}
@@ -149,9 +390,7 @@ def resolve_identity(config: Mapping[str, Any] | None, limits: Sequence[Limit], 
                 f'config={{"configurable": {{"{key}": "..."}}}} (or in metadata); calls without an id '
                 "are refused rather than pooled into one shared budget."
             )
-        if not isinstance(value, str) or not value:
-            raise IdentityError(f"{key} must be a non-empty string, got {type(value).__name__} {value!r}.")
-        ids[limit.per] = value
+        ids[limit.per] = check_id(value, key)
     return Identity(ids)
 
 
@@ -169,6 +408,12 @@ def escape_id(value: str) -> str:
     """
     if len(value) <= _MAX_ESCAPED and _ALL_SAFE.fullmatch(value):
         return value  # nothing to escape (the usual id): one regex match instead of a loop per character
+    if not value.isascii():
+        problem = text_problem(value, len(value))
+        if problem is not None:
+            raise IdentityError(f"id {problem}.")
+    if len(value) > _MAX_ESCAPED:  # escaping never shortens: hash at once, in time linear in the id
+        return "~" + hashlib.sha256(value.encode("utf-8")).hexdigest()
     out = "".join(c if c in _SAFE else "".join(f"%{b:02X}" for b in c.encode("utf-8")) for c in value)
     if len(out) > _MAX_ESCAPED:
         return "~" + hashlib.sha256(value.encode("utf-8")).hexdigest()

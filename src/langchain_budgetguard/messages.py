@@ -8,7 +8,7 @@ from typing import Any
 from langchain_core.messages import BaseMessage, HumanMessage, convert_to_messages
 from langchain_core.prompt_values import PromptValue
 
-__all__ = ["to_messages", "text_of"]
+__all__ = ["to_messages", "text_of", "billed_text_of", "billed_output_text"]
 
 
 def to_messages(value: Any) -> list[BaseMessage]:
@@ -50,3 +50,50 @@ def text_of(message: Any) -> str:
         text += args if isinstance(args, str) else str(args or "")
         text += call.get("name") or ""
     return text
+
+
+def _reasoning_of_block(block: Mapping[str, Any]) -> str:
+    """Reasoning text in a content block that ``text_of`` does not read (v1 ``reasoning``, summaries)."""
+    parts = []
+    value = block.get("reasoning")
+    if isinstance(value, str):
+        parts.append(value)
+    summary = block.get("summary")
+    for item in summary if isinstance(summary, list) else ():
+        if isinstance(item, Mapping) and isinstance(item.get("text"), str):
+            parts.append(item["text"])
+    return "".join(parts)
+
+
+def billed_text_of(message: Any) -> str:
+    """The output text a reply or chunk was billed for: ``text_of`` plus its reasoning.
+
+    Reasoning is billed as output even when it is not in the visible text: ChatDeepSeek's
+    ``additional_kwargs["reasoning_content"]``, OpenAI's ``additional_kwargs["reasoning"]``
+    summaries, and content blocks of type ``reasoning`` (``reasoning`` / ``summary``; ``thinking``
+    blocks are in ``text_of`` already). Count it with the estimator when a reply has no usage.
+    """
+    if message is None:
+        return ""
+    text = text_of(message)
+    content = getattr(message, "content", None)
+    if isinstance(content, list):
+        text += "".join(_reasoning_of_block(b) for b in content if isinstance(b, Mapping))
+    extra = getattr(message, "additional_kwargs", None)
+    if isinstance(extra, Mapping) and extra:
+        reasoning = extra.get("reasoning_content")
+        if isinstance(reasoning, str):
+            text += reasoning
+        reasoning = extra.get("reasoning")
+        if isinstance(reasoning, Mapping):
+            text += _reasoning_of_block(reasoning)
+        elif isinstance(reasoning, str):
+            text += reasoning
+    return text
+
+
+def billed_output_text(messages: Any) -> str:
+    """``billed_text_of`` for a message or each chunk of a stream, joined (no chunk is merged or lost)."""
+    if isinstance(messages, BaseMessage) or not isinstance(messages, Sequence) or isinstance(messages, str):
+        return billed_text_of(messages) if not isinstance(messages, str) else messages
+    return "".join(billed_text_of(m) for m in messages)

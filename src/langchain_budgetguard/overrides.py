@@ -29,13 +29,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 import threading
 import time
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from decimal import Decimal
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -281,39 +280,12 @@ if hasattr(os, "register_at_fork"):
 
 # -- windows by label ------------------------------------------------------------------------
 
-_LABEL_FORMATS = {"hour": "%Y-%m-%dT%H", "day": "%Y-%m-%d", "month": "%Y-%m"}
-_WEEK = re.compile(r"^(\d{4})-W(\d{2})$")
-
-
 def window_for_label(limit: Limit, label: str | None, now: datetime | None = None) -> WindowInstance:
     """The window instance of ``limit`` named ``label`` (``2026-11``, ``2026-11-22``, ``2026-W47``,
     ``2026-11-22T09``, ``all``); None means the current one. ValueError for a label of another shape."""
     if label is None:
         return limit.window_at(now or datetime.now(timezone.utc))
-    if limit.window == "total":
-        if label != "all":
-            raise ValueError(f"a total limit has one window, 'all'; got {label!r}")
-        return limit.window_at(datetime.now(timezone.utc))
-    zone = limit._zone
-    try:
-        if limit.window == "week":
-            match = _WEEK.match(label)
-            if match is None:
-                raise ValueError(label)
-            start = datetime.fromisocalendar(int(match[1]), int(match[2]), 1)
-        else:
-            start = datetime.strptime(label, _LABEL_FORMATS[limit.window])
-    except ValueError:
-        example = {"hour": "2026-11-22T09", "day": "2026-11-22", "week": "2026-W47", "month": "2026-11"}
-        raise ValueError(
-            f"window label {label!r} does not name a {limit.window}: expected e.g. {example[limit.window]}"
-        ) from None
-    # Noon of the window's first day is inside the window whatever the DST shifts of that day.
-    probe = start.replace(tzinfo=zone) + (timedelta(minutes=30) if limit.window == "hour" else timedelta(hours=12))
-    window = limit.window_at(probe)
-    if window.label != label:
-        raise ValueError(f"window label {label!r} is not a {limit.window} of this limit (did you mean {window.label}?)")
-    return window
+    return limit.window_named(label)
 
 
 # -- the operator's API ----------------------------------------------------------------------

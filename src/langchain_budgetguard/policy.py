@@ -7,6 +7,7 @@ as ``LimitStatus`` snapshots. It does no model calls itself.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -17,29 +18,40 @@ from typing import Any, Literal
 from .errors import Refusal
 from .estimate import DEFAULT_MAX_OUTPUT_TOKENS, Estimator, get_estimator
 from .limits import (
+    MAX_LEASE_SECONDS,
+    MAX_REFRESH_SECONDS,
+    MAX_RETENTION_SECONDS,
+    MIN_LEASE_SECONDS,
     Identity,
     Limit,
     WindowInstance,
+    check_seconds,
     counter_key,
     escape_id,
     resolve_identity,
+    text_problem,
 )
-from .money import nano_to_usd, to_decimal, usd_to_nano
-from .overrides import (
-    DEFAULT_REFRESH_SECONDS,
-    LiveOverrides,
-    Override,
-    resolve_cap,
-    resolve_config_overrides,
-)
+from .money import nano_to_usd, show_value, to_decimal, usd_to_nano
+from .overrides import DEFAULT_REFRESH_SECONDS, LiveOverrides, Override, resolve_cap, resolve_config_overrides
 from .pricing import Pricer
 from .stores.base import Counter, CounterState, Store
 from .stores.memory import MemoryStore
 
-__all__ = ["BudgetPolicy", "LimitStatus", "DEFAULT_LEASE_SECONDS", "DEFAULT_RETENTION_SECONDS"]
+__all__ = [
+    "BudgetPolicy",
+    "LimitStatus",
+    "DEFAULT_LEASE_SECONDS",
+    "DEFAULT_RETENTION_SECONDS",
+    "MAX_DEFAULT_OUTPUT_TOKENS",
+    "MAX_NAME_LENGTH",
+]
 
 DEFAULT_LEASE_SECONDS = 600.0
 DEFAULT_RETENTION_SECONDS = 7 * 24 * 3600
+MAX_DEFAULT_OUTPUT_TOKENS = 10_000_000
+"""The largest ``default_max_output_tokens`` (models answer in at most a few hundred thousand)."""
+MAX_NAME_LENGTH = 256
+"""The longest budget ``name``, in characters."""
 _PLAN_CACHE_SIZE = 4096
 
 ExpiredHold = Literal["release", "charge_input", "charge_reserved"]
@@ -207,8 +219,9 @@ class BudgetPolicy:
         overrides: Sequence[Override] | None = None,
         override_refresh_seconds: float | None = DEFAULT_REFRESH_SECONDS,
     ) -> None:
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"name: expected a non-empty string, got {name!r}")
+        problem = text_problem(name, MAX_NAME_LENGTH)
+        if problem is not None:
+            raise ValueError(f"name {problem}.")
         self.name = name
         self.limits = _parse_limits(limit, limits)
         self.store = resolve_store(store)
@@ -217,26 +230,35 @@ class BudgetPolicy:
         if degrade_at is not None:
             degrade_at = to_decimal(degrade_at, what="degrade_at")
             if not Decimal(0) < degrade_at <= Decimal(1):
-                raise ValueError(f"degrade_at: expected a fraction in (0, 1], got {degrade_at}")
+                raise ValueError(f"degrade_at: expected a fraction in (0, 1], such as 0.8, got {show_value(degrade_at)}")
         self.degrade_at: Decimal | None = degrade_at
-        if not isinstance(default_max_output_tokens, int) or default_max_output_tokens <= 0:
-            raise ValueError(f"default_max_output_tokens: expected a positive int, got {default_max_output_tokens!r}")
-        self.default_max_output_tokens = default_max_output_tokens
-        if not lease_seconds > 0:
-            raise ValueError(f"lease_seconds: expected a positive number of seconds, got {lease_seconds!r}")
-        self.lease_seconds = float(lease_seconds)
-        self.retention_seconds = int(retention_seconds)
-        if expired_hold not in ("release", "charge_input", "charge_reserved"):
+        if (isinstance(default_max_output_tokens, bool) or not isinstance(default_max_output_tokens, int)
+                or not 0 < default_max_output_tokens <= MAX_DEFAULT_OUTPUT_TOKENS):
             raise ValueError(
-                f"expired_hold: expected 'release', 'charge_input' or 'charge_reserved', got {expired_hold!r}"
+                f"default_max_output_tokens: expected a whole number of tokens from 1 to {MAX_DEFAULT_OUTPUT_TOKENS}, "
+                f"got {show_value(default_max_output_tokens)}"
+            )
+        self.default_max_output_tokens = default_max_output_tokens
+        self.lease_seconds = check_seconds(lease_seconds, "lease_seconds", minimum=MIN_LEASE_SECONDS,
+                                           maximum=MAX_LEASE_SECONDS)
+        self.retention_seconds = math.ceil(check_seconds(retention_seconds, "retention_seconds",
+                                                         maximum=MAX_RETENTION_SECONDS))
+        if not isinstance(expired_hold, str) or expired_hold not in ("release", "charge_input", "charge_reserved"):
+            raise ValueError(
+                f"expired_hold: expected 'release', 'charge_input' or 'charge_reserved', got {show_value(expired_hold)}"
             )
         self.expired_hold = expired_hold
-        if on_store_error not in ("fail_closed", "fail_open"):
-            raise ValueError(f"on_store_error: expected 'fail_closed' or 'fail_open', got {on_store_error!r}")
+        if not isinstance(on_store_error, str) or on_store_error not in ("fail_closed", "fail_open"):
+            raise ValueError(
+                f"on_store_error: expected 'fail_closed' or 'fail_open', got {show_value(on_store_error)}"
+            )
         self.on_store_error = on_store_error
         self.fail_open_allowance = (
             None if fail_open_allowance is None else usd_to_nano(fail_open_allowance, what="fail_open_allowance")
         )
+        if override_refresh_seconds is not None:
+            override_refresh_seconds = check_seconds(override_refresh_seconds, "override_refresh_seconds",
+                                                     maximum=MAX_REFRESH_SECONDS)
         self._outage: MemoryStore | None = None  # the fail-open allowance of the current outage
         # Cluster hash tag: with a tenant scope, every counter of a tenant shares the tenant's tag.
         self._tenant_scoped = any(x.per == "tenant" for x in self.limits)

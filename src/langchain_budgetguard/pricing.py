@@ -10,11 +10,13 @@ genai-prices on the hot path. Tests check the compiled cost against
 from __future__ import annotations
 
 import inspect
+import ipaddress
 import re
 import threading
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
+from urllib.parse import urlsplit
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any
@@ -24,12 +26,19 @@ from .money import to_decimal
 from .usage import TokenUsage
 
 __all__ = [
+    "ItemBound",
     "ModelRef",
     "ModelPrice",
     "RateCard",
     "Pricer",
+    "call_price_context",
+    "candidate_refs",
+    "host_provider",
+    "item_bound",
     "model_ref",
     "model_ref_from_run",
+    "price_host_as",
+    "served_ref",
     "model_ref_from_response",
     "canonical_provider",
     "default_pricer",
@@ -43,15 +52,20 @@ __all__ = [
 
 @dataclass(frozen=True)
 class ModelRef:
-    """Which model a runnable or a callback run is: its name and, when known, its provider.
+    """Which model a runnable or a callback run is: its name, its provider and, when set, its host.
 
     ``provider`` is a canonical provider id (see ``canonical_provider``): the genai-prices
     id where genai-prices knows the provider (``"openai"``, ``"azure"``, ``"anthropic"``,
     ``"google"``, ``"aws"`` for Bedrock, ``"mistral"``, ...), else LangChain's name lowercased.
+    For a client pointed at another host (``ChatOpenAI(base_url=...)``) it is that host's
+    provider (``"together"``, ``"fireworks"``, ...), ``"local"`` for a server on this machine or
+    network, or the host name itself for a host genai-prices does not know. ``host`` is the
+    ``base_url``'s ``host[:port]`` when the client was given one.
     """
 
     name: str | None
     provider: str | None = None
+    host: str | None = None
 
     def __str__(self) -> str:
         name = self.name or "unknown model"
@@ -163,15 +177,173 @@ def _provider_from(reported: Any, class_names: Iterable[str]) -> str | None:
     return canonical_provider(reported)
 
 
-def _unwrap(runnable: Any) -> tuple[Any, dict[str, Any]]:
-    """Peel bindings and thin wrappers off a chat model; collect the bound call kwargs."""
-    from langchain_core.runnables import RunnableBinding
+# --------------------------------------------------------------------------------------
+# Which host serves it?
+# --------------------------------------------------------------------------------------
 
-    obj, kwargs = runnable, {}
+LOCAL = "local"
+"""The provider id of a server on this machine or a private network (Ollama, vLLM, LM Studio, ...)."""
+
+# Hosts genai-prices has no ``api_pattern`` for (or spells differently), by host name suffix.
+_HOST_SUFFIXES: tuple[tuple[str, str], ...] = (
+    ("api.openai.com", "openai"),
+    ("openai.azure.com", "azure"),
+    ("cognitiveservices.azure.com", "azure"),
+    ("services.ai.azure.com", "azure"),
+    ("inference.ai.azure.com", "azure"),
+    ("models.ai.azure.com", "azure"),
+    ("azure-api.net", "azure"),
+    ("api.anthropic.com", "anthropic"),
+    ("googleapis.com", "google"),
+    ("amazonaws.com", "aws"),
+    ("api.together.xyz", "together"),
+    ("api.together.ai", "together"),
+    ("api.fireworks.ai", "fireworks"),
+    ("openrouter.ai", "openrouter"),
+    ("api.deepseek.com", "deepseek"),
+    ("api.groq.com", "groq"),
+    ("api.deepinfra.com", "deepinfra"),
+    ("api.mistral.ai", "mistral"),
+    ("api.x.ai", "x-ai"),
+    ("api.perplexity.ai", "perplexity"),
+    ("api.cerebras.ai", "cerebras"),
+    ("api.moonshot.ai", "moonshotai"),
+    ("api.moonshot.cn", "moonshotai"),
+    ("open.bigmodel.cn", "zhipuai"),
+    ("api.z.ai", "zai"),
+    ("api.cohere.com", "cohere"),
+    ("api.cohere.ai", "cohere"),
+)
+_LOCAL_NAMES = frozenset({"localhost", "host.docker.internal", "gateway.docker.internal", "ip6-localhost"})
+_LOCAL_SUFFIXES = (".localhost", ".local", ".internal", ".lan", ".home.arpa")
+# A client class that talks to a local server when no URL is given.
+_LOCAL_CLASSES = frozenset({"ChatOllama", "ChatLlamaCpp", "ChatLlamafile"})
+# Fields that hold a client's base URL, in LangChain integrations.
+_URL_ATTRS = (
+    "openai_api_base", "base_url", "api_base", "anthropic_api_url", "azure_endpoint", "fireworks_api_base",
+    "xai_api_base", "groq_api_base", "together_api_base", "endpoint_url", "endpoint", "api_url",
+)
+
+_registered_hosts: dict[str, str] = {}
+
+
+def _host_key(host: str) -> str:
+    host = host.strip().lower()
+    if "//" not in host:
+        host = "//" + host
+    return urlsplit(host).netloc or host.strip("/")
+
+
+def price_host_as(host: str, provider: str) -> None:
+    """Declare that ``host`` (``"gateway.corp"``, ``"127.0.0.1:8080"`` or a URL) bills as ``provider``.
+
+    For a proxy or gateway that forwards to a vendor at its list price: models reached through
+    it are then priced as ``provider``'s (e.g. ``price_host_as("llm-gateway.corp", "openai")``).
+    Process-wide; a ``Pricer(hosts=...)`` does the same for one pricer. Without it, a host
+    genai-prices does not know prices nothing: its models are unknown models.
+    """
+    if not isinstance(host, str) or not host.strip():
+        raise ValueError(f"price_host_as: host must be a non-empty string, got {host!r}")
+    if not isinstance(provider, str) or not provider.strip():
+        raise ValueError(f"price_host_as: provider must be a non-empty string, got {provider!r}")
+    _registered_hosts[_host_key(host)] = canonical_provider(provider) or provider
+
+
+def _is_local(hostname: str) -> bool:
+    if hostname in _LOCAL_NAMES or hostname.endswith(_LOCAL_SUFFIXES):
+        return True
+    try:
+        ip = ipaddress.ip_address(hostname.strip("[]"))
+    except ValueError:
+        return "." not in hostname  # a bare name ("ollama", "vllm"): a container or LAN host
+    return ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_unspecified
+
+
+def host_provider(url: str) -> tuple[str, str]:
+    """``(provider, host)`` of an API base URL: who bills calls sent there.
+
+    A host declared with ``price_host_as`` is that provider; a known API host is its provider
+    (``api.together.xyz`` -> ``"together"``); a server on this machine or a private network is
+    ``"local"``; any other host is its own name (genai-prices has no price there).
+    """
+    text = url.strip()
+    parts = urlsplit(text if "//" in text else "//" + text)
+    netloc = (parts.netloc or "").lower()
+    hostname = (parts.hostname or netloc).lower()
+    for key in (netloc, hostname):
+        if key in _registered_hosts:
+            return _registered_hosts[key], netloc
+    for suffix, provider in _HOST_SUFFIXES:
+        if hostname == suffix or hostname.endswith("." + suffix):
+            return provider, netloc
+    if _is_local(hostname):
+        return LOCAL, netloc
+    https = f"https://{netloc}{parts.path}"
+    for genai_provider in _snapshot().providers:
+        pattern = getattr(genai_provider, "api_pattern", None)
+        if pattern and re.match(pattern, https):
+            return genai_provider.id, netloc
+    return hostname, netloc
+
+
+def _base_url(obj: Any) -> str | None:
+    """The base URL a chat model was pointed at (its field, else its SDK client's), if any."""
+    for attr in _URL_ATTRS:
+        value = _str(inspect.getattr_static(obj, attr, None))
+        if value and (value.startswith(("http://", "https://")) or "." in value or ":" in value):
+            return value
+    for attr in ("root_client", "client"):
+        client = inspect.getattr_static(obj, attr, None)
+        url = getattr(client, "base_url", None) if client is not None and not isinstance(client, str) else None
+        if url is not None and not isinstance(url, (int, float)):
+            value = _str(str(url))
+            if value and value.startswith(("http://", "https://")):
+                return value
+    return None
+
+
+# --------------------------------------------------------------------------------------
+# Which model serves the call?
+# --------------------------------------------------------------------------------------
+
+
+def _resolve(runnable: Any, kwargs: Mapping[str, Any] | None, config: Any) -> list[tuple[Any, dict[str, Any]]]:
+    """The chat models a call on ``runnable`` may reach, each with the call kwargs it gets.
+
+    Peels bindings (their kwargs and config), resolves configurable fields and alternatives
+    with the run's ``configurable``, and ``init_chat_model``'s configurable model; a
+    ``with_fallbacks`` gives its primary then each fallback.
+    """
+    from langchain_core.runnables import RunnableBinding
+    from langchain_core.runnables.config import merge_configs
+    from langchain_core.runnables.configurable import DynamicRunnable
+    from langchain_core.runnables.fallbacks import RunnableWithFallbacks
+
+    obj, kw, cfg = runnable, dict(kwargs or {}), config
     for _ in range(32):
         if isinstance(obj, RunnableBinding):
-            kwargs = {**obj.kwargs, **kwargs}  # an outer bind overrides an inner one
+            kw = {**obj.kwargs, **kw}  # an outer bind and the call's own kwargs override an inner bind
+            if obj.config:
+                cfg = merge_configs(obj.config, cfg)
             obj = obj.bound
+            continue
+        if isinstance(obj, DynamicRunnable):
+            try:
+                obj, cfg = obj.prepare(cfg)
+            except Exception:  # a configurable value the runnable rejects: the call fails too
+                break
+            continue
+        if isinstance(obj, RunnableWithFallbacks):
+            out: list[tuple[Any, dict[str, Any]]] = []
+            for member in obj.runnables:
+                out.extend(_resolve(member, kw, cfg))
+            return out
+        if type(obj).__name__ == "_ConfigurableModel" and callable(getattr(type(obj), "_model", None)):
+            # langchain's init_chat_model(configurable_fields=...): the model it would build for this config.
+            try:
+                obj = obj._model(cfg)
+            except Exception:
+                break
             continue
         if getattr(type(obj), "_get_ls_params", None) is not None:
             break
@@ -185,17 +357,10 @@ def _unwrap(runnable: Any) -> tuple[Any, dict[str, Any]]:
         if inner is None:
             break
         obj = inner
-    return obj, kwargs
+    return [(obj, kw)]
 
 
-def model_ref(runnable: Any) -> ModelRef:
-    """The model behind a chat model, or a ``RunnableBinding`` (``bind``, ``bind_tools``) around one.
-
-    Asks LangChain first (``_get_ls_params``: ``ls_provider``, ``ls_model_name``, honouring a
-    bound ``model=``), then the attributes ``model_name`` / ``model`` / ``model_id`` /
-    ``deployment_name``; the provider falls back to the class name (``ChatOpenAI`` -> openai).
-    """
-    obj, kwargs = _unwrap(runnable)
+def _ref_of(obj: Any, kwargs: Mapping[str, Any]) -> ModelRef:
     params: Mapping[str, Any] = {}
     if getattr(type(obj), "_get_ls_params", None) is not None:
         for call_kwargs in (kwargs, {}):
@@ -204,13 +369,160 @@ def model_ref(runnable: Any) -> ModelRef:
                 break
             except Exception:  # a third-party model that chokes on bound kwargs
                 continue
-    name = _str(params.get("ls_model_name")) or _str(kwargs.get("model"))
+    name = _str(kwargs.get("model")) or _str(kwargs.get("model_name")) or _str(params.get("ls_model_name"))
     if name is None:
         for attr in _MODEL_ATTRS:
             if name := _str(inspect.getattr_static(obj, attr, None)) or _str(_safe_getattr(obj, attr)):
                 break
     class_names = [cls.__name__ for cls in type(obj).__mro__]
-    return ModelRef(name, _provider_from(params.get("ls_provider"), class_names))
+    provider = _provider_from(params.get("ls_provider"), class_names)
+    url = _base_url(obj)
+    if url is not None:
+        url_provider, host = host_provider(url)
+        # The vendor's own API host adds nothing: keep refs equal however the client was built.
+        return ModelRef(name, url_provider, None if url_provider == provider else host)
+    if class_names[0] in _LOCAL_CLASSES:
+        return ModelRef(name, LOCAL)
+    return ModelRef(name, provider)
+
+
+def model_ref(runnable: Any, kwargs: Mapping[str, Any] | None = None, config: Any = None) -> ModelRef:
+    """The model a call on ``runnable`` with these call ``kwargs`` and run ``config`` is sent to.
+
+    Honours ``invoke(..., model=...)``/``model_name=``, ``bind(model=...)``, configurable fields
+    and alternatives (chosen by ``config["configurable"]``) and ``init_chat_model``'s
+    configurable model; for ``with_fallbacks`` it is the primary (see ``candidate_refs``).
+    The name comes from LangChain (``_get_ls_params``), else the attributes ``model_name`` /
+    ``model`` / ``model_id`` / ``deployment_name``; the provider is the host the client is
+    pointed at (``base_url``), else LangChain's ``ls_provider``, else the class name.
+    """
+    obj, kw = _resolve(runnable, kwargs, config)[0]
+    return _ref_of(obj, kw)
+
+
+def candidate_refs(runnable: Any, kwargs: Mapping[str, Any] | None = None, config: Any = None) -> list[ModelRef]:
+    """Every model that may serve the call, in the order tried (a ``with_fallbacks``: primary first)."""
+    out: list[ModelRef] = []
+    for obj, kw in _resolve(runnable, kwargs, config):
+        ref = _ref_of(obj, kw)
+        if ref not in out:
+            out.append(ref)
+    return out
+
+
+def served_ref(ref: ModelRef, message: Any, candidates: Iterable[ModelRef] = ()) -> ModelRef:
+    """The model that answered, as the reply reports it (``response_metadata`` model name).
+
+    ``ref`` is the model the call was reserved for, ``candidates`` every model that could have
+    served it (``candidate_refs``: an inner ``with_fallbacks``). The reply's name picks the
+    candidate it names (exactly, or as a dated form of it: ``gpt-4o-2024-08-06`` is ``gpt-4o``)
+    and its host; a name no candidate has is priced at ``ref``'s host. A reply can say which
+    model served, never move the call to a host it was not sent to. ``ref`` itself when the
+    reply names no model or the same one.
+    """
+    reported = model_ref_from_response(message)
+    if reported is None or not reported.name:
+        return ref
+    name = reported.name.lower()
+    if ref.name and name == ref.name.lower():
+        return ref
+    pool = [ref, *(c for c in candidates if c != ref)]
+    for candidate in pool:
+        if candidate.name and candidate.name.lower() == name:
+            return candidate
+    forms = _name_candidates(reported.name)
+    for candidate in pool:
+        if candidate.name and _base_name(candidate.name) in forms:
+            return ModelRef(reported.name, candidate.provider, candidate.host)
+    return ModelRef(reported.name, ref.provider, ref.host)
+
+
+def _base_name(name: str) -> str:
+    base = _name_candidates(name)[-1]
+    return base[: -len("-latest")] if base.endswith("-latest") else base
+
+
+_STANDARD_TIERS = frozenset({"default", "standard", "auto", "on_demand"})
+_CHEAPER_TIERS = frozenset({"flex", "batch"})
+
+
+def _context_value(value: Any) -> str | None:
+    if not isinstance(value, str) or not value.strip():
+        return None
+    value = value.strip().lower()
+    return None if value in _STANDARD_TIERS else value
+
+
+def call_price_context(runnable: Any, kwargs: Mapping[str, Any] | None = None, config: Any = None) -> dict[str, str]:
+    """The priced variant a call asks for: ``{"service_tier": ..., "speed": ...}`` (only those set).
+
+    Read from the call kwargs, the binding, ``model_kwargs`` and the model's own fields
+    (ChatOpenAI ``service_tier="priority"``, ChatAnthropic ``speed="fast"``). A standard tier
+    (``default``, ``auto``, ``standard``) is left out. Reserve with ``card.variant(**context)``.
+    """
+    obj, kw = _resolve(runnable, kwargs, config)[0]
+    model_kwargs = inspect.getattr_static(obj, "model_kwargs", None)
+    model_kwargs = model_kwargs if isinstance(model_kwargs, Mapping) else {}
+    out: dict[str, str] = {}
+    for key in ("service_tier", "speed"):
+        for source in (kw, model_kwargs):
+            if key in source:
+                value = _context_value(source[key])
+                break
+        else:
+            value = _context_value(inspect.getattr_static(obj, key, None))
+        if value:
+            out[key] = value
+    return out
+
+
+@dataclass(frozen=True)
+class ItemBound:
+    """What a call may bill besides tokens, bounded before it runs.
+
+    ``web_searches``: the most server-side web searches it can make (a tool's ``max_uses``, or
+    ``default_uses`` per search tool without one). ``unbounded`` names the tools whose use the
+    request does not cap (their searches were counted at ``default_uses``).
+    """
+
+    web_searches: int = 0
+    unbounded: tuple[str, ...] = ()
+
+
+_WEB_SEARCH_TYPES = re.compile(r"^(?:web_search(?:_preview)?(?:_\d{4}_\d{2}_\d{2})?|web_search_\d{8})$")
+_GEMINI_SEARCH_KEYS = ("google_search", "google_search_retrieval", "googleSearch", "googleSearchRetrieval")
+
+
+def item_bound(
+    runnable: Any, kwargs: Mapping[str, Any] | None = None, config: Any = None, *, default_uses: int = 10
+) -> ItemBound:
+    """How many billed server-tool requests a call can make, from the tools bound to it.
+
+    Anthropic ``{"type": "web_search_20250305", "max_uses": 5}`` counts 5; an Anthropic search
+    tool without ``max_uses``, OpenAI ``{"type": "web_search"}`` and Gemini ``google_search``
+    (which the requests cannot cap) count ``default_uses`` each and are listed in ``unbounded``.
+    Reserve ``card.item_hold_nano(web_searches=bound.web_searches)`` on top of the token hold.
+    """
+    if isinstance(default_uses, bool) or not isinstance(default_uses, int) or default_uses < 0:
+        raise ValueError(f"item_bound: default_uses must be a whole number >= 0, got {default_uses!r}")
+    obj, kw = _resolve(runnable, kwargs, config)[0]
+    tools = kw.get("tools")
+    searches, unbounded = 0, []
+    for tool in tools if isinstance(tools, (list, tuple)) else ():
+        if not isinstance(tool, Mapping):
+            continue
+        kind = tool.get("type")
+        if isinstance(kind, str) and _WEB_SEARCH_TYPES.match(kind):
+            uses = tool.get("max_uses")
+            if type(uses) is int and uses >= 0:
+                searches += uses
+            else:
+                searches += default_uses
+                unbounded.append(kind)
+        elif any(key in tool for key in _GEMINI_SEARCH_KEYS):
+            searches += default_uses
+            unbounded.append(next(key for key in _GEMINI_SEARCH_KEYS if key in tool))
+    return ItemBound(searches, tuple(unbounded))
 
 
 def _safe_getattr(obj: Any, attr: str) -> Any:
@@ -240,7 +552,13 @@ def model_ref_from_run(
             name = name or _str(source.get(key))
     class_path = serialized.get("id")
     class_names = [class_path[-1]] if isinstance(class_path, list) and class_path else []
-    return ModelRef(name, _provider_from(metadata.get("ls_provider"), [c for c in class_names if isinstance(c, str)]))
+    provider = _provider_from(metadata.get("ls_provider"), [c for c in class_names if isinstance(c, str)])
+    for attr in _URL_ATTRS:  # the serialized constructor keeps a base_url the client was given
+        url = _str(ctor.get(attr)) if isinstance(ctor, Mapping) else None
+        if url and url.startswith(("http://", "https://")):
+            url_provider, host = host_provider(url)
+            return ModelRef(name, url_provider, None if url_provider == provider else host)
+    return ModelRef(name, provider)
 
 
 def model_ref_from_response(message: Any) -> ModelRef | None:
@@ -261,7 +579,7 @@ def model_ref_from_response(message: Any) -> ModelRef | None:
 # Prices you set
 # --------------------------------------------------------------------------------------
 
-_PRICE_KEYS = ("input", "output", "cache_read", "cache_write", "reasoning")
+_PRICE_KEYS = ("input", "output", "cache_read", "cache_write", "reasoning", "web_search")
 
 
 def _dollars_per_mtok(value: Any, key: str, what: str) -> Decimal:
@@ -271,6 +589,13 @@ def _dollars_per_mtok(value: Any, key: str, what: str) -> Decimal:
         if _is_negative(value):
             raise ValueError(f"{what}: {key!r} must not be negative, got {value!r}") from None
         raise ValueError(f"{what}: {key!r} must be a number of dollars per million tokens, got {value!r}") from None
+
+
+def _is_zero(value: Any) -> bool:
+    try:
+        return Decimal(str(value).strip()) == 0
+    except ArithmeticError:
+        return False
 
 
 def _is_negative(value: Any) -> bool:
@@ -295,6 +620,8 @@ class ModelPrice:
     cache_read: Decimal | None = None
     cache_write: Decimal | None = None
     reasoning: Decimal | None = None
+    web_search: Decimal | None = None
+    """USD per 1,000 server-side web searches; None: web searches are not priced (a reply billing one is refused)."""
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -307,6 +634,8 @@ class ModelPrice:
         """A ``ModelPrice`` or a mapping such as ``{"input": "0.5", "output": "1.5"}`` -> ``ModelPrice``."""
         if isinstance(value, ModelPrice):
             return value
+        if not isinstance(value, bool) and isinstance(value, (int, str, Decimal)) and _is_zero(value):
+            return cls(input=Decimal(0), output=Decimal(0), web_search=Decimal(0))  # explicitly free
         if not isinstance(value, Mapping):
             raise ValueError(
                 f'{what}: expected a ModelPrice or a mapping like {{"input": "0.50", "output": "1.50"}} '
@@ -338,7 +667,15 @@ _FIELDS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("input_audio_tokens", "input_audio_tokens", ("input_tokens",)),
     ("output_audio_tokens", "output_audio_tokens", ("output_tokens",)),
     ("reasoning_tokens", "output_reasoning_tokens", ("output_tokens",)),
+    ("input_image_tokens", "input_image_tokens", ("input_tokens",)),
+    ("output_image_tokens", "output_image_tokens", ("output_tokens",)),
+    ("input_video_tokens", "input_video_tokens", ("input_tokens",)),
+    ("web_searches", "web_searches", ()),
 )
+# Billed items that are not tokens: genai-prices prices them apart or not at all (then a reply that
+# bills one cannot be priced), never as some share of the tokens.
+_ITEM_FIELDS = ("web_searches",)
+_ITEM_PRICE_KEYS = {"web_searches": "web_searches_kcount"}
 _FIELD_NAMES = tuple(f for f, _, _ in _FIELDS)
 _DETAIL_FIELDS = _FIELD_NAMES[2:]
 _MTOK = Decimal(1_000_000)
@@ -391,6 +728,7 @@ class _Segment:
     input: int
     output: int
     cache_write: int
+    web_search: int
     details: tuple[tuple[str, int], ...]  # the other fields with a non-zero coefficient
 
 
@@ -419,6 +757,8 @@ class RateCard:
         tiers: Iterable[int] = (),
         priced_as: str | None = None,
         valid_until: datetime | None = None,
+        priced_items: Iterable[str] | None = None,
+        variants: Callable[[Mapping[str, str]], RateCard | None] | None = None,
     ) -> None:
         self.model = model
         self.provider = provider
@@ -441,8 +781,13 @@ class RateCard:
             "input_audio": first["input_tokens"] + first["input_audio_tokens"],
             "output_audio": first["output_tokens"] + first["output_audio_tokens"],
             "reasoning": first["output_tokens"] + first["reasoning_tokens"],
+            "input_image": first["input_tokens"] + first["input_image_tokens"],
+            "output_image": first["output_tokens"] + first["output_image_tokens"],
+            "input_video": first["input_tokens"] + first["input_video_tokens"],
         }
         self.prices: dict[str, Decimal] = {k: _plain(v * _MTOK) for k, v in effective.items()}
+        if first["web_searches"]:
+            self.prices["web_search_per_1k"] = _plain(first["web_searches"] * 1000)
         if first[""]:
             self.prices["request"] = _plain(first[""])
 
@@ -455,10 +800,11 @@ class RateCard:
                 input=_mantissa(seg["input_tokens"], self._exp),
                 output=_mantissa(seg["output_tokens"], self._exp),
                 cache_write=_mantissa(seg["cache_write_tokens"], self._exp),
+                web_search=_mantissa(seg["web_searches"], self._exp),
                 details=tuple(
                     (f, _mantissa(seg[f], self._exp))
                     for f in _DETAIL_FIELDS
-                    if f != "cache_write_tokens" and seg[f]
+                    if f not in ("cache_write_tokens", "web_searches") and seg[f]
                 ),
             )
             for seg in coefs
@@ -474,6 +820,13 @@ class RateCard:
         self._ttl = bool(nonzero & {"cache_write_5m_tokens", "cache_write_1h_tokens"})
         self._out_reasoning = "reasoning_tokens" in nonzero
         self._out_audio = "output_audio_tokens" in nonzero
+        self._in_extra = tuple(f for f in ("input_image_tokens", "input_video_tokens") if f in nonzero)
+        self._out_extra = ("output_image_tokens",) if "output_image_tokens" in nonzero else ()
+        priced = set(priced_items) if priced_items is not None else nonzero
+        self._unpriced = tuple(f for f in _ITEM_FIELDS if f not in priced)
+        self._web_unpriced = "web_searches" in self._unpriced
+        self._variants_of = variants
+        self._variants: dict[tuple[str | None, str | None], RateCard] = {}
         self._nano_shift = self._exp + 9  # scaled units -> nano-USD: multiply by 10**shift
         # Per segment, what a prompt token costs when the whole prompt is written to a 1-hour cache
         # (input + cache write + 1h-write coefficients): the dearest way a prompt can be billed.
@@ -494,8 +847,10 @@ class RateCard:
             cache_read_mtok=price.cache_read,
             cache_write_mtok=price.cache_write,
             output_reasoning_mtok=price.reasoning,
+            web_searches_kcount=price.web_search,
         )
-        return cls(_genai_price_fn(genai_price), model=model, provider=provider, source=source)
+        priced = ["web_searches"] if price.web_search is not None else []
+        return cls(_genai_price_fn(genai_price), model=model, provider=provider, source=source, priced_items=priced)
 
     def _scaled(self, usage: TokenUsage) -> int:
         """Cost in units of 10**self._exp USD."""
@@ -507,11 +862,16 @@ class RateCard:
             + (cw if self._in_write else 0)
             + (usage.input_audio_tokens if self._in_audio else 0)
         )
+        if self._in_extra:  # image / video input priced apart (rare: no loop for the others)
+            for field in self._in_extra:
+                floor += getattr(usage, field)
         if floor > inp:
             inp = floor
         floor = (usage.reasoning_tokens if self._out_reasoning else 0) + (
             usage.output_audio_tokens if self._out_audio else 0
         )
+        if self._out_extra:
+            floor += usage.output_image_tokens
         if floor > out:
             out = floor
         segments = self._segments
@@ -519,6 +879,11 @@ class RateCard:
         total = seg.const + seg.input * inp + seg.output * out + seg.cache_write * cw
         for field, m in seg.details:
             total += m * getattr(usage, field)
+        searches = usage.web_searches
+        if searches:
+            if self._web_unpriced:
+                raise self._unpriced_error("web_searches", searches)
+            total += seg.web_search * searches
         return total if total > 0 else 0
 
     def _nano(self, scaled: int) -> int:
@@ -548,8 +913,11 @@ class RateCard:
         return reserve, input_cost
 
     def cost(self, usage: TokenUsage) -> Decimal:
-        """Exact cost of ``usage`` in USD."""
-        scaled, exp = self._scaled(usage), self._exp
+        """Exact cost of ``usage`` in USD (at the variant its ``service_tier`` / ``speed`` names)."""
+        card = self if usage.service_tier is None and usage.speed is None else self.variant(
+            service_tier=usage.service_tier, speed=usage.speed
+        )
+        scaled, exp = card._scaled(usage), card._exp
         if not scaled:
             return Decimal(0)
         while exp < 0 and scaled % 10 == 0:
@@ -558,11 +926,77 @@ class RateCard:
         return Decimal(f"{scaled}E{exp}")
 
     def cost_nano(self, usage: TokenUsage) -> int:
-        """Cost in whole nano-USD, rounded up (``money.ceil_nano(self.cost(usage))``)."""
-        scaled, shift = self._scaled(usage), self._nano_shift
+        """Cost in whole nano-USD, rounded up (``money.ceil_nano(self.cost(usage))``).
+
+        Raises ``UnknownModelPriceError`` when ``usage`` bills an item (a web search, a service
+        tier) this price does not cover: such a call is never priced as if the item were free.
+        """
+        if usage.service_tier is None and usage.speed is None:
+            scaled, shift = self._scaled(usage), self._nano_shift
+        else:
+            card = self.variant(service_tier=usage.service_tier, speed=usage.speed)
+            scaled, shift = card._scaled(usage), card._nano_shift
         if shift >= 0:
             return scaled * 10**shift
         return -(-scaled // 10**-shift)
+
+    def variant(self, service_tier: str | None = None, speed: str | None = None) -> RateCard:
+        """This model's card at a service tier (``"priority"``, ``"flex"``) and/or speed (``"fast"``).
+
+        The standard tier (``None``, ``"default"``, ``"standard"``, ``"auto"``) is this card. A
+        cheaper tier genai-prices has no price for (``"flex"``, ``"batch"``) is priced at the
+        standard rate (never less); any other tier it has no price for raises
+        ``UnknownModelPriceError``, as an unknown model does.
+        """
+        tier, fast = _context_value(service_tier), _context_value(speed)
+        if tier is None and fast is None:
+            return self
+        key = (tier, fast)
+        card = self._variants.get(key)
+        if card is not None:
+            return card
+        context = {k: v for k, v in (("service_tier", tier), ("speed", fast)) if v is not None}
+        card = self._variants_of(context) if self._variants_of is not None else None
+        if card is None:
+            if all(v in _CHEAPER_TIERS for v in context.values()):
+                card = self
+            else:
+                shown = ", ".join(f"{k}={v!r}" for k, v in context.items())
+                err = UnknownModelPriceError(
+                    f"No price is known for {self.model!r} ({self.provider or 'any provider'}) at {shown}: "
+                    f"genai-prices has none, and the guard will not charge it at the standard rate. Add the "
+                    f"price as an override for this model (prices={{...}}) or avoid {shown} for it."
+                )
+                err.model, err.provider = self.model, self.provider  # type: ignore[attr-defined]
+                raise err
+        self._variants[key] = card
+        return card
+
+    def item_hold_nano(self, *, web_searches: int = 0) -> int:
+        """What ``web_searches`` server-side web searches can cost, in nano-USD rounded up (for a hold).
+
+        Raises ``UnknownModelPriceError`` when searches are asked for but this price has none.
+        """
+        if isinstance(web_searches, bool) or not isinstance(web_searches, int) or web_searches < 0:
+            raise ValueError(f"item_hold_nano: web_searches must be a whole number >= 0, got {web_searches!r}")
+        if not web_searches:
+            return 0
+        if "web_searches" in self._unpriced:
+            raise self._unpriced_error("web_searches", web_searches)
+        per = max(seg.web_search for seg in self._segments)
+        return self._nano(per * web_searches)
+
+    def _unpriced_error(self, field: str, count: int) -> UnknownModelPriceError:
+        what = {"web_searches": "web searches"}.get(field, field)
+        err = UnknownModelPriceError(
+            f"The reply bills {count} {what}, and no price is known for {what} on {self.model!r} "
+            f"({self.provider or 'any provider'}; priced by {self.source}{' as ' + self.priced_as if self.priced_as else ''}): "
+            f"the guard will not count them as $0. Add a price for them, e.g. "
+            f'prices={{"{self.model}": {{"input": ..., "output": ..., "web_search": "10"}}}} (USD per 1,000), '
+            "or do not bind the tool for this model."
+        )
+        err.model, err.provider = self.model, self.provider  # type: ignore[attr-defined]
+        return err
 
     def __repr__(self) -> str:
         shown = ", ".join(f"{k}=${v}/M" for k, v in self.prices.items() if k in ("input", "output", "cache_read"))
@@ -617,24 +1051,59 @@ def _snapshot() -> Any:
     return _get_snapshot()
 
 
-def _find_genai_model(name: str, provider: str | None, now: datetime) -> tuple[Any, Any, Any] | None:
-    """(genai provider, model info, its price now) for the first name form genai-prices knows."""
+# Clouds that resell a vendor's models at the vendor's list price: when genai-prices has no entry
+# for the model at the cloud, the vendor's entry prices it (and the card says so in priced_as).
+_RESELLERS: dict[str, tuple[str, ...]] = {"aws": ("anthropic",), "google": ("anthropic",), "azure": ("openai",)}
+
+
+def _token_priced(model: Any, now: datetime) -> Any:
+    price = model.get_prices(now)
+    # Priced only per character, image, ...: no token price means we cannot price a chat call.
+    return None if price.input_mtok is None and price.output_mtok is None else price
+
+
+def _find_genai_model(name: str, provider: str | None, now: datetime) -> tuple[Any, Any, Any, Any] | None:
+    """(genai provider, model info, its price now, the provider whose entry it is), or None.
+
+    Only ``provider``'s own entries count (and, for a cloud reselling a vendor, the vendor's):
+    never another host's. With no provider at all genai-prices picks the provider by model name.
+    """
     snapshot = _snapshot()
     candidates = _name_candidates(name)
-    hints = [provider, None] if provider else [None]
-    for hint in hints:
+    if provider is None:
         for candidate in candidates:
             try:
-                found = snapshot.find_provider_model(candidate, None, hint, None)
+                genai_provider, model = snapshot.find_provider_model(candidate, None, None, None)
             except LookupError:
                 continue
-            genai_provider, model = found
-            price = model.get_prices(now)
-            # Priced only per character, image, ...: no token price means we cannot price a chat call.
-            if price.input_mtok is None and price.output_mtok is None:
+            price = _token_priced(model, now)
+            if price is not None:
+                return genai_provider, model, price, genai_provider
+        return None
+    try:
+        genai_provider = snapshot.find_provider(None, provider, None)
+    except LookupError:
+        return None  # a host genai-prices does not know: nothing there is priced
+    for entry_provider in (genai_provider, *_resellers(snapshot, genai_provider.id)):
+        for candidate in candidates:
+            # No all_providers: genai-prices' own fallbacks (e.g. Azure -> DeepSeek) are not ours to take.
+            model = entry_provider.find_model(candidate)
+            if model is None:
                 continue
-            return genai_provider, model, price
+            price = _token_priced(model, now)
+            if price is not None:
+                return genai_provider, model, price, entry_provider
     return None
+
+
+def _resellers(snapshot: Any, provider_id: str) -> list[Any]:
+    out = []
+    for vendor in _RESELLERS.get(provider_id, ()):
+        try:
+            out.append(snapshot.find_provider(None, vendor, None))
+        except LookupError:
+            continue
+    return out
 
 
 def _genai_price_fn(model_price: Any) -> PriceFn:
@@ -645,6 +1114,45 @@ def _genai_price_fn(model_price: Any) -> PriceFn:
         return model_price.calc_price(usage)["total_price"]
 
     return price_of
+
+
+def _genai_card(model_info: Any, model_price: Any, now: datetime, *, model: str, provider: str | None,
+                entry_provider: Any, context: Mapping[str, str] | None = None) -> RateCard:
+    """A card for genai-prices' price of ``model_info`` (at a price variant when ``context`` is set)."""
+    priced_as = f"{entry_provider.id}/{model_info.id}"
+    if context:
+        priced_as += " (" + ", ".join(f"{k}={v}" for k, v in context.items()) + ")"
+
+    def variants(ctx: Mapping[str, str]) -> RateCard | None:
+        if not _has_variant(model_info, ctx, _now()):
+            return None
+        at = _now()
+        return _genai_card(model_info, model_info.get_prices(at, dict(ctx)), at, model=model, provider=provider,
+                           entry_provider=entry_provider, context=ctx)
+
+    return RateCard(
+        _genai_price_fn(model_price),
+        model=model,
+        provider=provider,
+        source="genai-prices",
+        tiers=_tier_starts(model_price),
+        priced_as=priced_as,
+        valid_until=_next_price_change(model_info, now),
+        priced_items=[f for f in _ITEM_FIELDS if getattr(model_price, _ITEM_PRICE_KEYS[f], None) is not None],
+        variants=None if context else variants,
+    )
+
+
+def _has_variant(model_info: Any, context: Mapping[str, str], now: datetime) -> bool:
+    """Whether genai-prices prices ``model_info`` apart for every key of ``context`` (service_tier, speed)."""
+    matched: set[str] = set()
+    for variant in model_info.price_variants or ():
+        if variant.constraint is not None and not variant.constraint.active(now):
+            continue
+        when = variant.when
+        if when and all(context.get(k) == v for k, v in when.items()):
+            matched.update(when)
+    return all(k in matched for k in context)
 
 
 def _tier_starts(model_price: Any) -> set[int]:
@@ -668,11 +1176,10 @@ def _next_price_change(model_info: Any, now: datetime) -> datetime | None:
     """When the price genai-prices picks for ``now`` may change (dated and time-of-day prices)."""
     from genai_prices.types import StartDateConstraint, TimeOfDateConstraint
 
-    if not isinstance(model_info.prices, list):
-        return None
+    constraints = [c.constraint for c in model_info.prices] if isinstance(model_info.prices, list) else []
+    constraints += [v.constraint for v in model_info.price_variants or ()]
     changes: list[datetime] = []
-    for conditional in model_info.prices:
-        constraint = conditional.constraint
+    for constraint in constraints:
         if constraint is None:
             continue
         if isinstance(constraint, StartDateConstraint):
@@ -711,9 +1218,25 @@ def _unknown_message(ref: ModelRef) -> str:
     if not ref.name:
         what = "Cannot tell which model this is (no model name on the runnable or in the run)"
         example = "my-model"
+    elif ref.provider == LOCAL:
+        what = (
+            f"No price is known for model {ref.name!r} on the local server {ref.host or ''}".rstrip()
+            + ": a local server is priced only as you price it (its calls may be free: say so with "
+            f'prices={{"{ref.name}": 0}})'
+        )
+        example = ref.name
     else:
-        provider = f" (provider {ref.provider!r})" if ref.provider else ""
-        what = f"No price is known for model {ref.name!r}{provider}: genai-prices has no entry for it"
+        at = f" at {ref.provider!r}" if ref.provider else ""
+        host = f" (host {ref.host})" if ref.host else ""
+        what = (
+            f"No price is known for model {ref.name!r}{at}{host}: genai-prices has no entry for it there, "
+            "and another host's price is not this one's"
+        )
+        if ref.host and ref.provider == ref.host.rsplit(":", 1)[0]:  # a host genai-prices does not know
+            what += (
+                f" (if {ref.host} forwards to a vendor at its list price, declare it: "
+                f'price_host_as("{ref.host}", "openai"))'
+            )
         example = ref.name
     return (
         f"{what}, and the guard will not count it as $0. Add its price in USD per million tokens, "
@@ -728,11 +1251,28 @@ class Pricer:
 
     ``overrides`` maps a model name (case-insensitive, exact) or ``"provider:model"`` to a
     ``ModelPrice`` or a mapping like ``{"input": "0.5", "output": "1.5", "cache_read": "0.05"}``
-    in USD per million tokens. ``fallback`` prices any model nothing else prices. Cards are
-    cached per (provider, model); the cache is safe to share between threads.
+    in USD per million tokens (``0`` prices a model as free, e.g. a local server's). ``fallback``
+    prices any model nothing else prices. ``hosts`` maps a host (``"gateway.corp"``,
+    ``"127.0.0.1:8080"``) to the provider it bills as (see ``price_host_as``). Cards are cached
+    per (provider, model); the cache is safe to share between threads.
+
+    A model is priced at its host only: a model genai-prices does not list at that host is
+    unknown (``UnknownModelPriceError``, or ``fallback``), never another host's entry. The one
+    exception is a cloud reselling a vendor at list price (Bedrock or Vertex AI serving an
+    Anthropic model, Azure serving an OpenAI model) when genai-prices has no entry at the cloud:
+    the vendor's entry prices it, and ``card.priced_as`` names that entry.
     """
 
-    def __init__(self, overrides: Mapping[str, Any] | None = None, fallback: Any = None) -> None:
+    def __init__(
+        self, overrides: Mapping[str, Any] | None = None, fallback: Any = None, hosts: Mapping[str, str] | None = None
+    ) -> None:
+        if hosts is not None and not isinstance(hosts, Mapping):
+            raise ValueError(f"hosts: expected a mapping of host -> provider, got {hosts!r}")
+        self._hosts: dict[str, str] = {}
+        for host, provider in (hosts or {}).items():
+            if not isinstance(host, str) or not host.strip() or not isinstance(provider, str) or not provider.strip():
+                raise ValueError(f"hosts: expected host -> provider strings, got {host!r}: {provider!r}")
+            self._hosts[_host_key(host)] = canonical_provider(provider) or provider
         if overrides is not None and not isinstance(overrides, Mapping):
             raise ValueError(f"prices: expected a mapping of model name -> price, got {overrides!r}")
         self._overrides: dict[str, ModelPrice] = {}
@@ -759,6 +1299,10 @@ class Pricer:
         Raises ``UnknownModelPriceError`` (saying how to add a price) when nothing prices it.
         """
         provider = canonical_provider(ref.provider)
+        ref_host = getattr(ref, "host", None)  # duck-typed refs (name, provider) are fine too
+        if self._hosts and ref_host:
+            host = ref_host.lower()
+            provider = self._hosts.get(host) or self._hosts.get(host.rsplit(":", 1)[0]) or provider
         key = (provider, ref.name.strip().lower() if ref.name else None)
         card = self._cards.get(key)
         if card is None or not self._fresh(card):
@@ -769,7 +1313,7 @@ class Pricer:
                     self._snapshot = snapshot
                 card = self._cards.get(key)
                 if card is None or not self._fresh(card):
-                    card = self._cards[key] = self._resolve(ModelRef(ref.name, provider))
+                    card = self._cards[key] = self._resolve(ModelRef(ref.name, provider, ref_host))
         if isinstance(card, _Unknown):
             err = UnknownModelPriceError(card.message)
             err.model, err.provider = ref.name, provider  # type: ignore[attr-defined]
@@ -785,6 +1329,36 @@ class Pricer:
         """Shorthand for ``self.rate_card(ref).cost(usage)``."""
         return self.rate_card(ref).cost(usage)
 
+    def settle_card(
+        self, served: ModelRef, candidates: Iterable[ModelRef] = (), usage: TokenUsage | None = None
+    ) -> RateCard:
+        """The card to charge a finished call with: the serving model's, else the dearest candidate's.
+
+        ``served`` is ``served_ref(reserved_ref, reply)``. When nothing prices it, the candidate
+        (``candidate_refs`` of the call) that charges ``usage`` the most (without ``usage``: the
+        dearest output token) prices it, never $0 and never the cheaper default; compare
+        ``card.model`` with ``served.name`` to report it. Raises ``UnknownModelPriceError`` for
+        ``served`` when no candidate is priced either.
+        """
+        try:
+            return self.rate_card(served)
+        except UnknownModelPriceError as unknown:
+            best: tuple[tuple[int, Decimal], RateCard] | None = None
+            for ref in candidates:
+                if ref == served:
+                    continue
+                try:
+                    card = self.rate_card(ref)
+                    rank = (card.cost_nano(usage) if usage is not None else 0,
+                            card.prices["output"] + card.prices["input"])
+                except UnknownModelPriceError:
+                    continue
+                if best is None or rank > best[0]:
+                    best = (rank, card)
+            if best is None:
+                raise unknown
+            return best[1]
+
     def _resolve(self, ref: ModelRef) -> RateCard | _Unknown:
         name = ref.name.strip() if ref.name else None
         if name:
@@ -796,16 +1370,9 @@ class Pricer:
             now = _now()
             found = _find_genai_model(name, ref.provider, now)
             if found is not None:
-                genai_provider, model_info, model_price = found
-                return RateCard(
-                    _genai_price_fn(model_price),
-                    model=name,
-                    provider=ref.provider or genai_provider.id,
-                    source="genai-prices",
-                    tiers=_tier_starts(model_price),
-                    priced_as=f"{genai_provider.id}/{model_info.id}",
-                    valid_until=_next_price_change(model_info, now),
-                )
+                genai_provider, model_info, model_price, entry_provider = found
+                return _genai_card(model_info, model_price, now, model=name,
+                                   provider=ref.provider or genai_provider.id, entry_provider=entry_provider)
         if self._fallback is not None:
             return RateCard.from_price(
                 self._fallback, model=name or "unknown model", provider=ref.provider, source="fallback"

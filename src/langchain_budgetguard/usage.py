@@ -4,7 +4,13 @@ Conventions (the same as LangChain's ``UsageMetadata`` and genai-prices):
 ``input_tokens`` is the whole prompt, *including* cache reads and cache
 writes; ``output_tokens`` is the whole completion, *including* reasoning
 tokens. The detail fields say how much of each total is of a special kind,
-so the pricer can charge those tokens at their own rates.
+so the pricer can charge those tokens at their own rates. Besides tokens a call
+can bill server-tool requests (``web_searches``) and run at a priced variant
+(``service_tier``, ``speed``); those are read too.
+
+A count that cannot be a token count (negative, not a whole number, a string,
+more than ``MAX_TOKENS``) raises ``UsageError``: the guard then charges by its
+policy instead of trusting it.
 """
 
 from __future__ import annotations
@@ -12,12 +18,16 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from functools import lru_cache
 from typing import Any
 
 __all__ = [
+    "MAX_TOKENS",
     "TokenUsage",
+    "UsageError",
+    "billed_extras",
+    "validate_usage",
     "model_from_response_metadata",
     "usage_from_llm_result",
     "usage_from_message",
@@ -39,8 +49,17 @@ class TokenUsage:
     input_audio_tokens: int = 0
     output_audio_tokens: int = 0
     reasoning_tokens: int = 0
+    input_image_tokens: int = 0
+    output_image_tokens: int = 0
+    input_video_tokens: int = 0
+    web_searches: int = 0
+    """Server-side web searches billed per request (Anthropic web search, OpenAI web_search_call, Gemini grounding)."""
     estimated: bool = False
     """True when some count was estimated by the guard rather than reported by the provider."""
+    service_tier: str | None = None
+    """The tier the provider says served the call (OpenAI ``priority``/``flex``, Anthropic ``priority``)."""
+    speed: str | None = None
+    """Anthropic ``speed`` (``"fast"`` is billed at its own rate)."""
 
     @property
     def total_tokens(self) -> int:
@@ -49,56 +68,88 @@ class TokenUsage:
     def __add__(self, other: TokenUsage) -> TokenUsage:
         if not isinstance(other, TokenUsage):
             return NotImplemented
+        # A sum of calls served at different tiers has no one tier: price each call before summing.
         return TokenUsage(
-            *(getattr(self, f.name) + getattr(other, f.name) for f in _COUNT_FIELDS),
+            **{name: getattr(self, name) + getattr(other, name) for name in _COUNT_NAMES},
             estimated=self.estimated or other.estimated,
+            service_tier=self.service_tier if self.service_tier == other.service_tier else None,
+            speed=self.speed if self.speed == other.speed else None,
         )
 
     def consistent(self) -> TokenUsage:
         """Make the totals cover their details (some providers report them apart)."""
         cache_write = max(self.cache_write_tokens, self.cache_write_5m_tokens + self.cache_write_1h_tokens)
-        input_tokens = max(self.input_tokens, self.cache_read_tokens + cache_write, self.input_audio_tokens)
-        output_tokens = max(self.output_tokens, self.reasoning_tokens, self.output_audio_tokens)
+        input_tokens = max(
+            self.input_tokens,
+            self.cache_read_tokens + cache_write,
+            self.input_audio_tokens + self.input_image_tokens + self.input_video_tokens,
+        )
+        output_tokens = max(
+            self.output_tokens, self.reasoning_tokens, self.output_audio_tokens + self.output_image_tokens
+        )
         if (cache_write, input_tokens, output_tokens) == (
             self.cache_write_tokens,
             self.input_tokens,
             self.output_tokens,
         ):
             return self
-        return TokenUsage(
-            input_tokens=input_tokens,
-            output_tokens=output_tokens,
-            cache_read_tokens=self.cache_read_tokens,
-            cache_write_tokens=cache_write,
-            cache_write_5m_tokens=self.cache_write_5m_tokens,
-            cache_write_1h_tokens=self.cache_write_1h_tokens,
-            input_audio_tokens=self.input_audio_tokens,
-            output_audio_tokens=self.output_audio_tokens,
-            reasoning_tokens=self.reasoning_tokens,
-            estimated=self.estimated,
-        )
+        return replace(self, input_tokens=input_tokens, output_tokens=output_tokens, cache_write_tokens=cache_write)
 
 
-_COUNT_FIELDS = tuple(f for f in fields(TokenUsage) if f.name != "estimated")
+_COUNT_NAMES = tuple(f.name for f in fields(TokenUsage) if f.type in (int, "int"))
+
+MAX_TOKENS = 2**40
+"""Above this a reported count is taken for garbage (about a trillion tokens: no call is that large)."""
 
 
-def _count(value: Any) -> int | None:
-    """A token count, or None when ``value`` is not a number (bools, strings, NaN, inf are not)."""
+class UsageError(ValueError):
+    """A provider's usage report holds a count that cannot be real (negative, not whole, huge, not a number).
+
+    The guard charges such a call by its policy (e.g. the whole reservation), never by the count.
+    """
+
+
+def validate_usage(usage: TokenUsage) -> TokenUsage:
+    """``usage`` if every count is an ``int`` in ``0..MAX_TOKENS``, else ``UsageError`` saying which is not."""
+    for name in _COUNT_NAMES:
+        value = getattr(usage, name)
+        if type(value) is not int or not 0 <= value <= MAX_TOKENS:
+            raise UsageError(_bad_count(name, value))
+    for name in ("service_tier", "speed"):
+        value = getattr(usage, name)
+        if value is not None and not isinstance(value, str):
+            raise UsageError(f"usage {name} must be a string or None, got {value!r}")
+    return usage
+
+
+def _bad_count(key: str, value: Any) -> str:
+    return (
+        f"usage report: {key}={value!r} is not a token count (a whole number from 0 to {MAX_TOKENS}); "
+        "the call is charged by the guard's policy instead of this report"
+    )
+
+
+def _count(value: Any, key: str = "count") -> int | None:
+    """A token count; None when absent (``None``); ``UsageError`` when it cannot be a count."""
     if type(value) is int:
-        return value if value > 0 else 0
-    if isinstance(value, bool) or value is None:
+        if 0 <= value <= MAX_TOKENS:
+            return value
+        raise UsageError(_bad_count(key, value))
+    if value is None:
         return None
-    if isinstance(value, int):
-        return max(int(value), 0)
-    if isinstance(value, float) and math.isfinite(value):
-        return max(int(value), 0)
-    return None
+    if isinstance(value, bool):
+        raise UsageError(_bad_count(key, value))
+    if isinstance(value, int) and 0 <= value <= MAX_TOKENS:
+        return int(value)
+    if isinstance(value, float) and value.is_integer() and 0 <= value <= MAX_TOKENS:
+        return int(value)  # JSON decoders and protobuf give 12.0 for 12
+    raise UsageError(_bad_count(key, value))
 
 
-def _int(value: Any) -> int:
-    if type(value) is int:
-        return value if value > 0 else 0
-    return _count(value) or 0
+def _int(value: Any, key: str = "count") -> int:
+    if type(value) is int and 0 <= value <= MAX_TOKENS:
+        return value
+    return _count(value, key) or 0
 
 
 def _tiered(details: Mapping[str, Any], key: str) -> Any:
@@ -122,8 +173,8 @@ def usage_from_usage_metadata(usage: Mapping[str, Any] | None) -> TokenUsage | N
     if "input_token_details" not in usage and "output_token_details" not in usage:
         # The usual shape, {input_tokens, output_tokens, total_tokens}: nothing to split or reconcile.
         inp, out, total = usage.get("input_tokens"), usage.get("output_tokens"), usage.get("total_tokens")
-        if type(inp) is int and type(out) is int and inp >= 0 and out >= 0 and (
-            total is None or (type(total) is int and total <= inp + out)
+        if type(inp) is int and type(out) is int and 0 <= inp <= MAX_TOKENS and 0 <= out <= MAX_TOKENS and (
+            total is None or (type(total) is int and 0 <= total <= inp + out)
         ):
             return TokenUsage(input_tokens=inp, output_tokens=out)
     details_in = usage.get("input_token_details") or _NO_DETAILS
@@ -132,13 +183,13 @@ def usage_from_usage_metadata(usage: Mapping[str, Any] | None) -> TokenUsage | N
         details_in = _NO_DETAILS
     if type(details_out) is not dict and not isinstance(details_out, Mapping):
         details_out = _NO_DETAILS
-    input_tokens = _int(usage.get("input_tokens"))
-    output_tokens = _int(usage.get("output_tokens"))
-    cache_read = _int(_tiered(details_in, "cache_read"))
-    cache_write = _int(_tiered(details_in, "cache_creation"))
-    reasoning = _int(_tiered(details_out, "reasoning"))
+    input_tokens = _int(usage.get("input_tokens"), "input_tokens")
+    output_tokens = _int(usage.get("output_tokens"), "output_tokens")
+    cache_read = _int(_tiered(details_in, "cache_read"), "cache_read")
+    cache_write = _int(_tiered(details_in, "cache_creation"), "cache_creation")
+    reasoning = _int(_tiered(details_out, "reasoning"), "reasoning")
     estimated = False
-    total = _count(usage.get("total_tokens"))
+    total = _count(usage.get("total_tokens"), "total_tokens")
     if total is not None and total > input_tokens + output_tokens:
         input_tokens, output_tokens, estimated = _reconcile_total(
             total, input_tokens, output_tokens, cache_read + cache_write, reasoning
@@ -148,11 +199,14 @@ def usage_from_usage_metadata(usage: Mapping[str, Any] | None) -> TokenUsage | N
         output_tokens=output_tokens,
         cache_read_tokens=cache_read,
         cache_write_tokens=cache_write,
-        cache_write_5m_tokens=_int(details_in.get("ephemeral_5m_input_tokens")),
-        cache_write_1h_tokens=_int(details_in.get("ephemeral_1h_input_tokens")),
-        input_audio_tokens=_int(details_in.get("audio")),
-        output_audio_tokens=_int(details_out.get("audio")),
+        cache_write_5m_tokens=_int(details_in.get("ephemeral_5m_input_tokens"), "ephemeral_5m_input_tokens"),
+        cache_write_1h_tokens=_int(details_in.get("ephemeral_1h_input_tokens"), "ephemeral_1h_input_tokens"),
+        input_audio_tokens=_int(details_in.get("audio"), "audio"),
+        output_audio_tokens=_int(details_out.get("audio"), "audio"),
         reasoning_tokens=reasoning,
+        input_image_tokens=_int(details_in.get("image"), "image"),
+        output_image_tokens=_int(details_out.get("image"), "image"),
+        input_video_tokens=_int(details_in.get("video"), "video"),
         estimated=estimated,
     ).consistent()
 
@@ -193,7 +247,7 @@ def _sub(data: Mapping[str, Any], key: str) -> dict[str, Any]:
 
 def _first(data: Mapping[str, Any], keys: tuple[str, ...]) -> tuple[int | None, str | None]:
     for key in keys:
-        value = _count(data.get(key))
+        value = _count(data.get(key), key)
         if value is not None:
             return value, key
     return None, None
@@ -208,7 +262,7 @@ def _modality_count(details: Any, modality: str) -> int:
         if isinstance(item, Mapping):
             item = _snake_keys(item)
             if str(item.get("modality", "")).upper() == modality:
-                total += _int(item.get("token_count"))
+                total += _int(item.get("token_count"), "token_count")
     return total
 
 
@@ -241,24 +295,35 @@ def _usage_from_counts(raw: Mapping[str, Any]) -> TokenUsage | None:
     # the details are parts of the totals.
     details_in = _sub(data, "prompt_tokens_details") or _sub(data, "input_tokens_details")
     details_out = _sub(data, "completion_tokens_details") or _sub(data, "output_tokens_details")
-    cache_read = _int(details_in.get("cached_tokens")) or _int(data.get("prompt_cache_hit_tokens"))  # DeepSeek
-    cache_read = max(cache_read, _int(data.get("cached_content_token_count")))  # Gemini, also included
-    cache_write = _int(details_in.get("cache_write_tokens")) or _int(details_in.get("cache_creation_tokens"))
-    input_audio = _int(details_in.get("audio_tokens")) or _modality_count(data.get("prompt_tokens_details"), "AUDIO")
-    output_audio = _int(details_out.get("audio_tokens")) or _modality_count(
+    cache_read = _int(details_in.get("cached_tokens"), "cached_tokens") or _int(data.get("prompt_cache_hit_tokens"), "prompt_cache_hit_tokens")  # DeepSeek
+    cache_read = max(cache_read, _int(data.get("cached_content_token_count"), "cached_content_token_count"))  # Gemini, also included
+    cache_write = _int(details_in.get("cache_write_tokens"), "cache_write_tokens") or _int(details_in.get("cache_creation_tokens"), "cache_creation_tokens")
+    input_audio = _int(details_in.get("audio_tokens"), "audio_tokens") or _modality_count(data.get("prompt_tokens_details"), "AUDIO")
+    output_audio = _int(details_out.get("audio_tokens"), "audio_tokens") or _modality_count(
         data.get("candidates_tokens_details"), "AUDIO"
     )
-    reasoning = _int(details_out.get("reasoning_tokens")) or _int(details_out.get("thinking_tokens"))
+    reasoning = _int(details_out.get("reasoning_tokens"), "reasoning_tokens") or _int(
+        details_out.get("thinking_tokens"), "thinking_tokens"
+    )
+    input_image = _int(details_in.get("image_tokens"), "image_tokens") or _modality_count(
+        data.get("prompt_tokens_details"), "IMAGE"
+    )
+    output_image = _int(details_out.get("image_tokens"), "image_tokens") or _modality_count(
+        data.get("candidates_tokens_details"), "IMAGE"
+    )
+    input_video = _int(details_in.get("video_tokens"), "video_tokens") or _modality_count(
+        data.get("prompt_tokens_details"), "VIDEO"
+    )
 
     # Anthropic (cache_read/cache_creation_input_tokens) and Bedrock Converse (cacheRead/
     # cacheWriteInputTokens) report cache tokens apart from input_tokens. Proxies that keep
     # OpenAI's prompt_tokens (which include the cache) sometimes add the same keys, so the
     # key of the input count decides, unless a total settles it.
-    apart_read = _int(data.get("cache_read_input_tokens"))
-    apart_write = _int(data.get("cache_creation_input_tokens")) or _int(data.get("cache_write_input_tokens"))
+    apart_read = _int(data.get("cache_read_input_tokens"), "cache_read_input_tokens")
+    apart_write = _int(data.get("cache_creation_input_tokens"), "cache_creation_input_tokens") or _int(data.get("cache_write_input_tokens"), "cache_write_input_tokens")
     cache_creation = _sub(data, "cache_creation")
-    write_5m = _int(cache_creation.get("ephemeral_5m_input_tokens"))
-    write_1h = _int(cache_creation.get("ephemeral_1h_input_tokens"))
+    write_5m = _int(cache_creation.get("ephemeral_5m_input_tokens"), "ephemeral_5m_input_tokens")
+    write_1h = _int(cache_creation.get("ephemeral_1h_input_tokens"), "ephemeral_1h_input_tokens")
     apart_write = max(apart_write, write_5m + write_1h)
     apart = apart_read + apart_write
     if apart:
@@ -274,7 +339,7 @@ def _usage_from_counts(raw: Mapping[str, Any]) -> TokenUsage | None:
         cache_write = max(cache_write, apart_write)
 
     # Gemini counts thoughts and tool-use prompts apart from candidates and prompt.
-    tool_prompt = _int(data.get("tool_use_prompt_token_count"))
+    tool_prompt = _int(data.get("tool_use_prompt_token_count"), "tool_use_prompt_token_count")
     if (thoughts or tool_prompt) and not (total is not None and total == inp + out):
         inp += tool_prompt
         out += thoughts
@@ -293,6 +358,9 @@ def _usage_from_counts(raw: Mapping[str, Any]) -> TokenUsage | None:
         input_audio_tokens=input_audio,
         output_audio_tokens=output_audio,
         reasoning_tokens=reasoning,
+        input_image_tokens=input_image,
+        output_image_tokens=output_image,
+        input_video_tokens=input_video,
         estimated=estimated,
     ).consistent()
 
@@ -345,12 +413,83 @@ def model_from_response_metadata(metadata: Mapping[str, Any] | None) -> str | No
 
 
 def usage_from_message(message: Any) -> TokenUsage | None:
-    """Usage of an ``AIMessage``/``AIMessageChunk``: ``usage_metadata`` first, then ``response_metadata``."""
+    """Usage of an ``AIMessage``/``AIMessageChunk``: ``usage_metadata`` first, then ``response_metadata``.
+
+    Billed items that are not tokens (web searches, the service tier, Anthropic's speed) are read
+    from the message too (``billed_extras``). Raises ``UsageError`` for a count that cannot be real.
+    """
     usage = usage_from_usage_metadata(getattr(message, "usage_metadata", None))
-    if usage is not None and usage.total_tokens:
-        return usage
-    from_meta = usage_from_response_metadata(getattr(message, "response_metadata", None))
-    return from_meta if from_meta is not None else usage
+    if usage is None or not usage.total_tokens:
+        from_meta = usage_from_response_metadata(getattr(message, "response_metadata", None))
+        usage = from_meta if from_meta is not None else usage
+    if usage is None:
+        return None
+    extras = billed_extras(message)
+    return replace(usage, **extras) if extras else usage
+
+
+_STANDARD = ("default", "standard", "auto", "on_demand")
+
+
+def _tier(value: Any) -> str | None:
+    if not isinstance(value, str) or not value.strip():
+        return None
+    value = value.strip().lower()
+    return None if value in _STANDARD else value
+
+
+def billed_extras(message: Any) -> dict[str, Any]:
+    """What a reply says was billed besides tokens: ``{"web_searches", "service_tier", "speed"}`` (only those seen).
+
+    Reads OpenAI's ``service_tier`` and Responses ``web_search_call`` items (content blocks, or
+    ``additional_kwargs["tool_outputs"]``, or v1 ``server_tool_call`` blocks named ``web_search``),
+    Anthropic's ``usage.server_tool_use.web_search_requests`` / ``usage.service_tier`` /
+    ``usage.speed``, and Gemini's ``grounding_metadata`` (one search per ``web_search_queries``
+    entry, at least one for a grounded reply). A standard tier (``default``, ``standard``) is None.
+    """
+    meta = message if isinstance(message, Mapping) else getattr(message, "response_metadata", None)
+    extras: dict[str, Any] = {}
+    if isinstance(meta, Mapping) and meta:
+        usage = meta.get("usage")
+        usage = usage if isinstance(usage, Mapping) else _NO_DETAILS
+        tier = _tier(meta.get("service_tier")) or _tier(usage.get("service_tier"))
+        if tier:
+            extras["service_tier"] = tier
+        speed = _tier(meta.get("speed")) or _tier(usage.get("speed"))
+        if speed:
+            extras["speed"] = speed
+        server = usage.get("server_tool_use")
+        if isinstance(server, Mapping):
+            searches = _int(server.get("web_search_requests"), "web_search_requests")
+            if searches:
+                extras["web_searches"] = searches
+        grounding = meta.get("grounding_metadata")
+        if isinstance(grounding, Mapping) and grounding:
+            queries = grounding.get("web_search_queries")
+            n = len(queries) if isinstance(queries, list) else 0
+            if n or grounding.get("grounding_chunks") or grounding.get("search_entry_point"):
+                extras["web_searches"] = extras.get("web_searches", 0) + max(n, 1)
+    if not isinstance(message, Mapping):
+        calls = _web_search_calls(getattr(message, "content", None))
+        kwargs = getattr(message, "additional_kwargs", None)
+        if isinstance(kwargs, Mapping):
+            calls = max(calls, _web_search_calls(kwargs.get("tool_outputs")))
+        if calls:
+            extras["web_searches"] = max(extras.get("web_searches", 0), calls)
+    return extras
+
+
+def _web_search_calls(blocks: Any) -> int:
+    """OpenAI Responses ``web_search_call`` items (or LangChain v1 ``server_tool_call`` web searches)."""
+    if not isinstance(blocks, list):
+        return 0
+    n = 0
+    for block in blocks:
+        if isinstance(block, Mapping):
+            kind = block.get("type")
+            if kind == "web_search_call" or (kind == "server_tool_call" and block.get("name") == "web_search"):
+                n += 1
+    return n
 
 
 def usage_from_llm_result(result: Any) -> list[tuple[TokenUsage | None, str | None]]:

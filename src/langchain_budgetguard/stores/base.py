@@ -5,8 +5,18 @@ counter it draws on, all or none; when it ends it settles: the hold is
 replaced by the actual cost. Holds carry a lease: a hold whose lease ran out
 (its process crashed) is reaped by the store on its next touch, and
 ``Hold.charge_on_expiry`` is added to spent. Both reserve and settle are
-idempotent per ``call_id``; a settle that arrives after its lease expired
-still charges the actual cost (replacing what expiry charged).
+idempotent per ``call_id`` for as long as a retry can arrive (the lease plus the
+store's retry window): a reserve repeated with the same ``Hold.token`` is a
+duplicate; any other reserve of a call id that already reserved, settled or
+was released is refused with ``ReserveResult.reused``, so a call id never
+admits two calls. A settle that arrives after its lease expired still charges
+the actual cost, replacing what expiry charged on each counter that expiry
+charged since its last reset (never anywhere else, never below zero).
+
+Bounds (``stores.bounds``): amounts and limits are integers in [0, 2**62],
+leases finite in (0, 30 days]; a store raises ``ValueError`` for anything else
+before it touches a counter. A settle above 2**62 is charged as 2**62
+(``SettleResult.capped``): the counter is full, never free.
 
 Stores use their own clock for leases (Redis: server ``TIME``).
 """
@@ -14,8 +24,9 @@ Stores use their own clock for leases (Redis: server ``TIME``).
 from __future__ import annotations
 
 import re
+import secrets
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 __all__ = [
@@ -51,12 +62,17 @@ class Hold:
 
     If the lease runs out before a settle, the store charges ``charge_on_expiry`` (0 releases
     the hold for free) and drops the hold.
+
+    ``token`` names this attempt (random unless given): build one ``Hold`` per call and pass
+    that same object again to retry a reserve whose reply was lost; the store answers
+    ``duplicate``. A new ``Hold`` for a call id already used gets ``ReserveResult.reused``.
     """
 
     call_id: str
     amount: int
     lease_seconds: float
     charge_on_expiry: int = 0
+    token: str = field(default_factory=lambda: secrets.token_hex(8))
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,12 +87,15 @@ class ReserveResult:
 
     When refused, ``blocked`` is the index of the first counter that could not take the hold;
     ``states`` is every counter's state as the store saw it.
+    ``reused``: refused because this call id already reserved with another token, settled, or
+    was released (``blocked`` is None); the caller must use a fresh call id.
     """
 
     ok: bool
     states: tuple[CounterState, ...]
     blocked: int | None = None
     duplicate: bool = False
+    reused: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,11 +104,14 @@ class SettleResult:
 
     ``pending`` is True when the store could not be reached and keeps the settle to replay it
     later (``applied`` is then False and ``charged`` is what the replay will charge).
+    ``capped`` is True when the amount was above ``bounds.MAX_NANO`` and that maximum was
+    charged instead (the counters are full: every later call is refused).
     """
 
     applied: bool
     charged: int = 0
     pending: bool = False
+    capped: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +128,13 @@ class OverridesSnapshot:
 
 @runtime_checkable
 class Store(Protocol):
-    """Sync and async twins of the same five operations."""
+    """Sync and async twins of the same five operations.
+
+    Both bundled stores also have ``release(call_id, keys, hold)`` / ``arelease``: drop a
+    reservation whose call does not go ahead (nothing charged; the call id is then spent), and
+    are context managers; ``close()`` flushes what a store keeps for later (Redis: journaled
+    settles, pending releases) before it closes its clients.
+    """
 
     def reserve(self, counters: Sequence[Counter], hold: Hold) -> ReserveResult: ...
     def settle(self, call_id: str, keys: Sequence[str], amount: int) -> SettleResult: ...
@@ -139,7 +167,9 @@ class AdminStore(Protocol):
     polls with ``read_overrides(name, known_version)`` and gets the values back only when they changed.
     ``scan_counters(pattern)`` lists counters whose key matches ``pattern``, where ``*`` matches any
     run of characters and every other character is literal (Redis: SCAN with MATCH, never KEYS).
-    ``reset_counter`` zeroes a counter's spent; holds of calls in flight stay and settle as usual.
+    ``reset_counter`` zeroes a counter's spent; holds of calls in flight stay and settle as usual,
+    and a late settle of a hold that expired before the reset charges its amount on the fresh
+    counter without undoing the (already reset) expiry charge.
     """
 
     def read_overrides(self, name: str, known_version: str | None = None) -> OverridesSnapshot: ...

@@ -3,28 +3,30 @@
 from __future__ import annotations
 
 import heapq
+import math
 import re
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from .base import (
-    Counter,
-    CounterState,
-    Hold,
-    OverridesSnapshot,
-    ReserveResult,
-    SettleResult,
-    glob_regex,
+from .base import Counter, CounterState, Hold, OverridesSnapshot, ReserveResult, SettleResult, glob_regex
+from .bounds import (
+    DEFAULT_RETRY_WINDOW_SECONDS,
+    MAX_NANO,
+    MAX_RETRY_WINDOW_SECONDS,
+    check_call_id,
+    check_expires_at,
+    check_nano,
+    check_seconds,
+    check_token,
 )
 
 __all__ = ["MemoryStore"]
 
-# How long a call's record outlives its lease, so a late settle or a retried reserve
-# is still recognised; once settled, a record only has to catch a repeated settle.
-RECORD_TTL_SECONDS = 24 * 3600
-SETTLED_RECORD_SECONDS = 3600
+# Kept for callers of the old names: how long a record outlives its lease (now the retry window).
+RECORD_TTL_SECONDS = DEFAULT_RETRY_WINDOW_SECONDS
+SETTLED_RECORD_SECONDS = DEFAULT_RETRY_WINDOW_SECONDS
 
 
 @dataclass(slots=True)
@@ -34,32 +36,51 @@ class _Counter:
     expires_at: int | None = None
     holds: dict[str, tuple[int, float, int]] = field(default_factory=dict)  # call_id -> (amount, deadline, on_expiry)
     next_deadline: float = float("inf")  # earliest lease deadline: reaping is free until then
+    # call_id -> what expiry charged here since the last reset, for a late settle to replace
+    expired: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
 class _Record:
-    state: str  # "held", "expired", "settled"
-    keys: tuple[str, ...]
-    charged: int  # what expiry charged, for a late settle to replace
-    forget_at: float
+    state: str  # "held", "settled", "released"
+    token: str
+    forget_at: float  # inf while a hold of the call is live
 
 
 def _state(counter: _Counter | None) -> CounterState:
     return CounterState(counter.spent, counter.held) if counter is not None else CounterState()
 
 
-class MemoryStore:
-    """Counters in a dict behind one lock. Operations are short and never await while locked."""
+def _add_spent(counter: _Counter, amount: int) -> None:
+    counter.spent = min(counter.spent + amount, MAX_NANO)  # saturates: a full counter, never overflow
 
-    def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
+
+class MemoryStore:
+    """Counters in a dict behind one lock. Operations are short and never await while locked.
+
+    ``retry_window_seconds``: how long a call's record outlives its lease (a settled call's, its
+    settle), so that retries inside it are recognised; after it, the record is forgotten.
+    """
+
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], float] = time.time,
+        retry_window_seconds: float = DEFAULT_RETRY_WINDOW_SECONDS,
+    ) -> None:
         self._clock = clock
+        self.retry_window_seconds = check_seconds(
+            retry_window_seconds, "retry_window_seconds", MAX_RETRY_WINDOW_SECONDS
+        )
         self._lock = threading.Lock()
         self._counters: dict[str, _Counter] = {}
         self._records: dict[str, _Record] = {}
-        # When records and counters may be forgotten, as heaps: a sweep pops only what is due, so its
-        # work follows the rate of expiries, not the size of the store. An entry whose record or
-        # counter was given more time since is skipped; a newer entry stands for it.
+        # When records, expiry charges and counters may be forgotten, as heaps: a sweep pops only
+        # what is due, so its work follows the rate of expiries, not the size of the store. An
+        # entry whose record or counter was given more time since is skipped; a newer entry
+        # stands for it.
         self._record_expiry: list[tuple[float, str]] = []
+        self._expired_expiry: list[tuple[float, str, str]] = []  # (forget at, counter key, call_id)
         self._counter_expiry: list[tuple[int, str]] = []
         self._next_sweep = 0.0
         self._overrides: dict[str, dict[str, int]] = {}  # budget name -> field -> nano-USD
@@ -68,20 +89,35 @@ class MemoryStore:
     def __repr__(self) -> str:
         return f"MemoryStore({len(self._counters)} counters)"
 
+    def __enter__(self) -> MemoryStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> MemoryStore:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
     # -- internals (called with the lock held) --------------------------------------------
 
-    def _reap(self, counter: _Counter, now: float) -> None:
+    def _reap(self, key: str, counter: _Counter, now: float) -> None:
         if now < counter.next_deadline:
             return
         expired = [cid for cid, (_, deadline, _) in counter.holds.items() if deadline <= now]
         for cid in expired:
             amount, _, on_expiry = counter.holds.pop(cid)
             counter.held -= amount
-            counter.spent += on_expiry
             record = self._records.get(cid)
-            if record is not None and record.state == "held":
-                record.state = "expired"
-                record.charged = on_expiry
+            if record is not None and record.state == "held" and record.forget_at == math.inf:
+                # Its lease is over: the record waits one retry window more for a late settle.
+                self._remember(cid, _Record("held", record.token, now + self.retry_window_seconds))
+            if on_expiry:
+                _add_spent(counter, on_expiry)
+                counter.expired[cid] = on_expiry
+                heapq.heappush(self._expired_expiry, (now + self.retry_window_seconds, key, cid))
         counter.next_deadline = min((d for _, d, _ in counter.holds.values()), default=float("inf"))
 
     def _remember(self, call_id: str, record: _Record) -> None:
@@ -89,20 +125,25 @@ class MemoryStore:
         heapq.heappush(self._record_expiry, (record.forget_at, call_id))
 
     def _sweep(self, now: float) -> None:
-        """Drop counters past their retention and records past their lifetime (at most once a second)."""
+        """Drop what outlived its use: records, expiry charges, counters past retention (at most once a second)."""
         self._next_sweep = now + 1
-        records, counters = self._record_expiry, self._counter_expiry
+        records, counters, expired = self._record_expiry, self._counter_expiry, self._expired_expiry
         while records and records[0][0] <= now:
             _, cid = heapq.heappop(records)
             record = self._records.get(cid)
             if record is not None and record.forget_at <= now:
                 del self._records[cid]
+        while expired and expired[0][0] <= now:
+            _, key, cid = heapq.heappop(expired)
+            counter = self._counters.get(key)
+            if counter is not None:
+                counter.expired.pop(cid, None)
         while counters and counters[0][0] <= now:
             expires_at, key = heapq.heappop(counters)
             counter = self._counters.get(key)
             if counter is None or counter.expires_at != expires_at:
                 continue
-            self._reap(counter, now)
+            self._reap(key, counter, now)
             if counter.holds:  # a call still in flight: look again when its lease ends
                 heapq.heappush(counters, (int(counter.next_deadline) + 1, key))
                 counter.expires_at = int(counter.next_deadline) + 1
@@ -112,13 +153,20 @@ class MemoryStore:
     def _get(self, key: str, now: float) -> _Counter | None:
         counter = self._counters.get(key)
         if counter is not None:
-            self._reap(counter, now)
+            self._reap(key, counter, now)
         return counter
 
     # -- sync API --------------------------------------------------------------------------
 
     def reserve(self, counters: Sequence[Counter], hold: Hold) -> ReserveResult:
-        call_id, amount = hold.call_id, hold.amount
+        call_id = check_call_id(hold.call_id, "Hold.call_id")
+        amount = check_nano(hold.amount, "Hold.amount")
+        check_nano(hold.charge_on_expiry, "Hold.charge_on_expiry")
+        lease = check_seconds(hold.lease_seconds, "Hold.lease_seconds")
+        token = check_token(hold.token)
+        for spec in counters:
+            check_nano(spec.limit, f"the limit of counter {spec.key!r}")
+            check_expires_at(spec.expires_at)
         with self._lock:
             now = self._clock()
             if now >= self._next_sweep:
@@ -129,12 +177,15 @@ class MemoryStore:
                 if spec.key not in found:
                     found[spec.key] = self._get(spec.key, now)
             states = tuple([_state(found[c.key]) for c in counters])
-            if call_id in self._records:
-                return ReserveResult(ok=True, states=states, duplicate=True)
+            record = self._records.get(call_id)
+            if record is not None:
+                if record.state == "held" and record.token == token:
+                    return ReserveResult(ok=True, states=states, duplicate=True)
+                return ReserveResult(ok=False, states=states, reused=True)
             for index, (spec, state) in enumerate(zip(counters, states)):
                 if state.spent + state.held + amount > spec.limit:
                     return ReserveResult(ok=False, states=states, blocked=index)
-            deadline = now + hold.lease_seconds
+            deadline = now + lease
             entry = (amount, deadline, hold.charge_on_expiry)
             for spec in counters:
                 counter = found[spec.key]
@@ -149,10 +200,18 @@ class MemoryStore:
                 counter.holds[call_id] = entry
                 if deadline < counter.next_deadline:
                     counter.next_deadline = deadline
-            self._remember(call_id, _Record("held", tuple(found), 0, deadline + RECORD_TTL_SECONDS))
+            if counters:  # forgotten a retry window after its settle, or after its hold is reaped
+                self._records[call_id] = _Record("held", token, math.inf)
+            else:
+                self._remember(call_id, _Record("held", token, now + lease + self.retry_window_seconds))
             return ReserveResult(ok=True, states=tuple([_state(found[c.key]) for c in counters]))
 
     def settle(self, call_id: str, keys: Sequence[str], amount: int) -> SettleResult:
+        check_call_id(call_id)
+        if isinstance(amount, int) and not isinstance(amount, bool) and amount > MAX_NANO:
+            amount, capped = MAX_NANO, True
+        else:
+            amount, capped = check_nano(amount, "settle amount"), False
         if len(keys) > 1:
             keys = list(dict.fromkeys(keys))
         with self._lock:
@@ -160,7 +219,6 @@ class MemoryStore:
             record = self._records.get(call_id)
             if record is not None and record.state == "settled":
                 return SettleResult(applied=False)
-            charged_before = 0
             for key in keys:
                 counter = self._get(key, now)
                 if counter is None:
@@ -168,14 +226,38 @@ class MemoryStore:
                 held = counter.holds.pop(call_id, None)
                 if held is not None:
                     counter.held -= held[0]
-            if record is not None and record.state == "expired":
-                charged_before = record.charged
-            for key in keys:
-                self._counters[key].spent += amount - charged_before
-            self._remember(call_id, _Record("settled", tuple(keys), amount, now + SETTLED_RECORD_SECONDS))
-            return SettleResult(applied=True, charged=amount)
+                else:  # expiry charged here (since the last reset): the actual cost replaces it
+                    counter.spent -= min(counter.expired.pop(call_id, 0), counter.spent)
+                _add_spent(counter, amount)
+            token = record.token if record is not None else ""
+            self._remember(call_id, _Record("settled", token, now + self.retry_window_seconds))
+            return SettleResult(applied=True, charged=amount, capped=capped)
+
+    def release(self, call_id: str, keys: Sequence[str], hold: Hold) -> None:
+        """Release a reservation whose call does not go ahead (charge nothing); the call id then
+        admits nothing more for the retry window. Only ``hold``'s own attempt is released."""
+        check_call_id(call_id)
+        token = check_token(hold.token)
+        with self._lock:
+            now = self._clock()
+            record = self._records.get(call_id)
+            if record is not None and (record.state == "settled" or record.token != token):
+                return
+            for key in dict.fromkeys(keys):
+                counter = self._get(key, now)
+                if counter is None:
+                    continue
+                held = counter.holds.pop(call_id, None)
+                if held is not None:
+                    counter.held -= held[0]
+                    counter.next_deadline = min((d for _, d, _ in counter.holds.values()), default=math.inf)
+                else:
+                    counter.spent -= min(counter.expired.pop(call_id, 0), counter.spent)
+            lease = check_seconds(hold.lease_seconds, "Hold.lease_seconds")
+            self._remember(call_id, _Record("released", token, now + lease + self.retry_window_seconds))
 
     def renew(self, call_id: str, keys: Sequence[str], lease_seconds: float) -> bool:
+        lease_seconds = check_seconds(lease_seconds, "lease_seconds")
         with self._lock:
             now = self._clock()
             renewed = False
@@ -185,11 +267,7 @@ class MemoryStore:
                     amount, _, on_expiry = counter.holds[call_id]
                     counter.holds[call_id] = (amount, now + lease_seconds, on_expiry)
                     renewed = True
-            record = self._records.get(call_id)
-            if renewed and record is not None:
-                record.forget_at = now + lease_seconds + RECORD_TTL_SECONDS
-                heapq.heappush(self._record_expiry, (record.forget_at, call_id))
-            return renewed
+            return renewed  # a held record is forgotten only after its settle or its reaping
 
     def read(self, keys: Sequence[str]) -> list[CounterState]:
         with self._lock:
@@ -211,8 +289,8 @@ class MemoryStore:
 
     def set_override(self, name: str, field: str, nano: int | None) -> str:
         """Set (``nano``) or clear (None) one override; returns the budget's new version."""
-        if nano is not None and (isinstance(nano, bool) or not isinstance(nano, int) or nano < 0):
-            raise ValueError(f"an override is a non-negative integer of nano-USD, got {nano!r}")
+        if nano is not None:
+            check_nano(nano, "override")
         with self._lock:
             values = self._overrides.setdefault(name, {})
             if nano is None:
@@ -237,6 +315,7 @@ class MemoryStore:
                 return CounterState()
             before = _state(counter)
             counter.spent = 0
+            counter.expired.clear()  # what expiry charged is gone with the reset: never undone again
             return before
 
     # -- async twins: the work is a few dict operations under a lock, so they run inline -----
@@ -252,6 +331,9 @@ class MemoryStore:
 
     async def aread(self, keys: Sequence[str]) -> list[CounterState]:
         return self.read(keys)
+
+    async def arelease(self, call_id: str, keys: Sequence[str], hold: Hold) -> None:
+        self.release(call_id, keys, hold)
 
     async def aclose(self) -> None:
         pass

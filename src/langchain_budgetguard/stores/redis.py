@@ -1,37 +1,35 @@
 """The Redis store: one budget shared by every process and machine that uses the same Redis.
 
-URL forms, for ``RedisStore(url)`` or ``RedisStore.from_url(url)``:
-
-- ``redis://[[user]:password@]host[:port][/db]``, ``rediss://...`` (TLS),
-  ``unix:///path/to/redis.sock?db=0``: one Redis server.
-- ``redis+cluster://[[user]:password@]host1:port1[,host2:port2,...]`` (``rediss+cluster://`` for
-  TLS), or any ``redis://`` / ``rediss://`` URL with ``?cluster=true``: a Redis Cluster, found
-  through these seed nodes.
-- ``redis+sentinel://[[user]:password@]host1:26379[,host2:26379,...]/service_name[/db]``
-  (``rediss+sentinel://`` for TLS): the master of ``service_name``, found through Sentinel, which
-  follows failovers. The password is the master's; add ``?sentinel_password=...`` (and
-  ``sentinel_username=...``) when the sentinels require their own.
-
-Other query parameters are redis-py connection options (``?socket_timeout=2``). Unless the URL
-says otherwise, connecting times out after 1 s and a reply after 2 s, and redis-py's own retries
-are off: the store retries by its ``RetryPolicy``, then raises ``BudgetStoreUnavailableError``.
+``RedisStore(url)`` / ``RedisStore.from_url(url)`` take ``redis://``, ``rediss://``,
+``unix://``, ``redis+cluster://`` and ``redis+sentinel://`` URLs (``stores.redis_client``
+documents each form). Store options may be given in the query too:
+``evicting_policy=refuse|warn``, ``journal_path=/path/journal.sqlite``,
+``retry_window_seconds=300``; other query parameters are redis-py connection options
+(``?socket_timeout=2``). Unless the URL says otherwise, connecting times out after 1 s and a reply
+after 2 s, and redis-py's own retries are off: the store retries by its ``RetryPolicy``, then
+raises ``BudgetStoreUnavailableError``.
 
 Key layout (``prefix`` is ``bg:`` by default; counter keys come from ``limits.counter_key`` and
 start with their ``{tag}``, the Redis Cluster hash tag)::
 
     bg:{acme}:default:user:alice:day:2026-11-22    counter: hash of s (spent), h (held) and, per
-                                                   live hold, @<call_id> = "amount:charge_on_expiry"
-    bg:l:{acme}:default:user:alice:day:2026-11-22  its lease deadlines: sorted set call_id -> ms of
-                                                   server TIME; deleted when no hold is live
-    bg:c:{acme}:<call_id>                          the call's record on this tag: "h:<charge on
-                                                   expiry>" while held, "s:<amount>" once settled
+                                                   live hold, @<call_id> = "amount:charge_on_expiry";
+                                                   per hold reaped with a charge, !<call_id> = charge
+                                                   (kept for the retry window, dropped by a reset)
+    bg:l:{acme}:default:user:alice:day:2026-11-22  its deadlines: sorted set call_id -> ms of server
+                                                   TIME (and TAB<call_id>: when !<call_id> goes)
+    bg:c:{acme}:<call_id>                          the call's record on this tag: "h:<token>" while
+                                                   held, "s" once settled, "r" once released
+    bg:j:{acme}:<journal id>                       highest journal entry replayed on this tag
     bg:o:{default}                                 live limit overrides of budget "default": hash of
                                                    "<per>:<window>:<id or *>" -> nano-USD, and #v,
                                                    a version bumped on every change (never expires)
 
 Counters expire at ``Counter.expires_at`` (the guard puts window end + retention there); ``total``
-windows never expire. A record lives for its lease + ``record_ttl_seconds`` (1 day): a retried
-reserve or settle of the same call_id within that time changes nothing. A key that does not
+windows never expire. A call's record lives for its lease + ``retry_window_seconds`` (5 minutes),
+a settled call's for the retry window after its settle: inside it, a retried reserve (same
+``Hold.token``) is a duplicate, a repeated settle changes nothing, and any other reserve of that
+call id is refused (``ReserveResult.reused``). After it the record is gone, memory with it. A key that does not
 start with a ``{tag}`` is stored as ``bg:~{key}``, which makes the key its own tag.
 
 Every script touches the keys of one tag only, so in a Redis Cluster each runs on one node. A call
@@ -39,14 +37,28 @@ whose counters span several tags (a platform-wide limit has its own) is reserved
 the order the counters come; if a later tag refuses or fails, the holds already placed are
 released, so the worst case is a brief false refusal, never overspend.
 
-A settle that cannot reach Redis is kept in an in-process journal and replayed after the next
-operation that succeeds (or by ``flush_journal()``); settles are idempotent per call_id, so a
-replay never counts twice.
+Faults. A reserve whose reply was lost is retried with the same token and answers "duplicate":
+that hold counts as placed. When a reserve cannot complete (every reply lost, a tag down, a
+command error), every tag it may have reached is released before ``BudgetStoreUnavailableError``
+is raised, and the release leaves a tombstone (for lease + retry window) so that a reserve still
+queued in Redis (a client timeout while the server was stalled) is refused when it finally runs.
+A release that cannot reach Redis is retried after each later operation and by a background
+thread until it succeeds or the lease + retry window is over. Redis command errors (OOM,
+READONLY, MISCONF, BUSY, LOADING, ...) become ``BudgetStoreUnavailableError``; NOSCRIPT after a
+failover or restart reloads the script. On first use the store reads ``maxmemory-policy``: an
+evicting policy (``allkeys-*``, ``volatile-*``: counters have TTLs) would silently reset budgets,
+so the store refuses (``evicting_policy="refuse"``, the default) or logs a warning (``"warn"``).
+
+A settle that cannot reach Redis is kept in the settle journal (``stores.journal``: in memory, or
+a SQLite file with ``journal_path``) and replayed exactly once when Redis answers (see there).
+Call ``close()`` (or use ``with RedisStore(...) as store:``) to flush it and close the clients;
+interpreter exit flushes too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import functools
 import logging
 import math
@@ -58,32 +70,33 @@ from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, TypeVar
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 import redis
 import redis.asyncio
 import redis.asyncio.cluster
-import redis.asyncio.sentinel
 import redis.cluster
-import redis.sentinel
 import tenacity
-from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 
 from ..errors import BudgetStoreUnavailableError
 from ..limits import escape_id
-from .base import (
-    Counter,
-    CounterState,
-    Hold,
-    OverridesSnapshot,
-    ReserveResult,
-    SettleResult,
-    glob_regex,
-    tag_of,
+from .base import Counter, CounterState, Hold, OverridesSnapshot, ReserveResult, SettleResult, glob_regex, tag_of
+from .bounds import (
+    DEFAULT_RETRY_WINDOW_SECONDS,
+    MAX_NANO,
+    MAX_RETRY_WINDOW_SECONDS,
+    check_call_id,
+    check_expires_at,
+    check_nano,
+    check_seconds,
+    check_token,
 )
-from .memory import RECORD_TTL_SECONDS
+from .journal import MEMORY_MARK_TTL_SECONDS, MemoryJournal, PendingSettle, SettleJournal, SqliteJournal
+from .redis_client import RedisTarget, describe_client, describe_url, is_async_client, is_sync_client, make_client, parse_url
 
-__all__ = ["RedisStore", "RetryPolicy", "PendingSettle", "DEFAULT_RETENTION_SECONDS"]
+# The former private names, for callers that still use them (config.py).
+_parse_url, _describe_url = parse_url, describe_url
+
+__all__ = ["RedisStore", "RetryPolicy", "PendingSettle", "DEFAULT_RETENTION_SECONDS", "EVICTING_POLICIES"]
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +116,15 @@ _TRANSIENT = (
 )
 
 
+# Replies of a server that cannot serve now (memory full, disk errors, busy, loading, failing
+# over): retried like a lost connection, then reported unavailable.
+_BUSY_REPLIES = ("OOM", "MISCONF", "BUSY", "LOADING", "MASTERDOWN", "NOREPLICAS", "TRYAGAIN", "CLUSTERDOWN", "READONLY")
+
+
 def _is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, _TRANSIENT):
+    if isinstance(exc, _TRANSIENT) or isinstance(exc, redis.exceptions.OutOfMemoryError):
+        return True
+    if isinstance(exc, redis.exceptions.ResponseError) and str(exc).startswith(_BUSY_REPLIES):
         return True
     # A cluster client that reaches no node raises this base class, not a ConnectionError.
     return isinstance(exc, redis.exceptions.RedisClusterException) and "connect" in str(exc).lower()
@@ -137,13 +157,22 @@ class RetryPolicy:
 _ONCE = RetryPolicy(attempts=1)
 
 
-@dataclass(frozen=True, slots=True)
-class PendingSettle:
-    """A settle that could not reach Redis, waiting in the journal to be replayed."""
+class _NotSent(BudgetStoreUnavailableError):
+    """Refused before any command was sent (an evicting policy): nothing to release."""
 
-    call_id: str
-    keys: tuple[str, ...]
-    amount: int
+
+# Every maxmemory-policy but noeviction may drop counters (they all have TTLs, or soon will).
+EVICTING_POLICIES = frozenset(
+    {"allkeys-lru", "allkeys-lfu", "allkeys-random", "volatile-lru", "volatile-lfu", "volatile-random", "volatile-ttl"}
+)
+
+
+@dataclass(slots=True)
+class _PendingRelease:
+    """A release that could not reach Redis, retried until ``give_up_at`` (monotonic)."""
+
+    call: _Call
+    give_up_at: float
 
 
 # -- pure helpers: names, script arguments, replies ----------------------------------------------
@@ -175,6 +204,7 @@ class _Call:
     script: str
     keys: tuple[str, ...]
     args: tuple[str, ...]
+    once: bool = False  # tried once, not by the store's RetryPolicy (what fails is queued instead)
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,147 +256,7 @@ def _ms(seconds: float) -> int:
 
 
 def _check_amount(value: Any, what: str) -> str:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{what} must be a non-negative integer (nano-USD), got {value!r}")
-    return str(value)
-
-
-def _describe_url(url: str) -> str:
-    """The URL without its password (and without query options that may hold one)."""
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        user, _, hosts = netloc.rpartition("@")
-        user = user.split(":", 1)[0]
-        netloc = f"{user}@{hosts}" if user else hosts
-    return f"{parts.scheme}://{netloc}{parts.path}"
-
-
-def _describe_client(client: Any) -> str:
-    if isinstance(client, (redis.cluster.RedisCluster, redis.asyncio.cluster.RedisCluster)):
-        nodes = list(getattr(getattr(client, "nodes_manager", None), "startup_nodes", None) or [])
-        return "Redis Cluster via " + (",".join(nodes[:3]) or "a RedisCluster client")
-    kwargs = getattr(getattr(client, "connection_pool", None), "connection_kwargs", {}) or {}
-    if "path" in kwargs:
-        return f"unix://{kwargs['path']}"
-    if "host" in kwargs:
-        return f"redis://{kwargs['host']}:{kwargs.get('port', 6379)}/{kwargs.get('db', 0)}"
-    return type(client).__name__
-
-
-def _is_async_client(client: Any) -> bool:
-    return isinstance(client, (redis.asyncio.Redis, redis.asyncio.cluster.RedisCluster))
-
-
-def _is_sync_client(client: Any) -> bool:
-    return isinstance(client, (redis.Redis, redis.cluster.RedisCluster))
-
-
-# -- URLs -> clients --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Target:
-    kind: str  # "server", "cluster", "sentinel"
-    url: str  # a plain redis(s):// or unix:// URL: first host, options, no store-specific query
-    hosts: tuple[tuple[str, int], ...]
-    service: str | None = None
-    sentinel_kwargs: dict[str, Any] | None = None
-
-
-def _split_host(text: str, default_port: int) -> tuple[str, int]:
-    if text.startswith("["):  # [ipv6]:port
-        host, _, rest = text[1:].partition("]")
-        return host, int(rest[1:]) if rest.startswith(":") else default_port
-    host, sep, port = text.rpartition(":")
-    return (host, int(port)) if sep else (text, default_port)
-
-
-def _parse_url(url: str) -> _Target:
-    """Understand the URL forms in the module docstring."""
-    parts = urlsplit(url)
-    scheme, _, flavour = parts.scheme.lower().partition("+")
-    known = flavour in ("", "cluster", "sentinel") and not (flavour and scheme == "unix")
-    if scheme not in ("redis", "rediss", "unix") or not known:
-        raise ValueError(
-            f"Unsupported Redis URL scheme {parts.scheme!r}: use redis://, rediss://, unix://, "
-            "redis+cluster:// or redis+sentinel:// (rediss+... for TLS)."
-        )
-    query = dict(parse_qsl(parts.query, keep_blank_values=True))
-    if query.pop("cluster", "false").lower() in ("1", "true", "yes", "on"):
-        flavour = flavour or "cluster"
-    sentinel_kwargs = {k: query.pop(f"sentinel_{k}") for k in ("password", "username") if f"sentinel_{k}" in query}
-    userinfo, _, hostlist = parts.netloc.rpartition("@")
-    default_port = 26379 if flavour == "sentinel" else 6379
-    hosts = tuple(_split_host(h, default_port) for h in hostlist.split(",") if h) if hostlist else ()
-    path, service = parts.path, None
-    if flavour == "sentinel":
-        segments = [s for s in parts.path.split("/") if s]
-        if not segments:
-            raise ValueError(
-                f"A Sentinel URL names its service: redis+sentinel://host:26379/mymaster, got {_describe_url(url)!r}"
-            )
-        service = unquote(segments[0])
-        path = "/" + segments[1] if len(segments) > 1 else ""
-    elif flavour == "cluster" and parts.path.strip("/") not in ("", "0"):
-        raise ValueError(f"Redis Cluster has only database 0, got {_describe_url(url)!r}")
-    elif flavour == "cluster":
-        path = ""
-    first = hostlist.split(",")[0] if hostlist else ""
-    plain = f"{scheme}://{userinfo + '@' if userinfo else ''}{first}{path}"
-    if query:
-        plain += "?" + urlencode(query)
-    return _Target(flavour or "server", plain, hosts, service, sentinel_kwargs)
-
-
-# Store defaults for clients it builds; anything in the URL or given to the store wins.
-_CLIENT_DEFAULTS = {"socket_connect_timeout": 1.0, "socket_timeout": 2.0}
-_POOL_DEFAULTS = {"max_connections": 100, "timeout": 2.0}  # timeout: the wait for a free connection
-
-
-def _url_options(target: _Target, options: dict[str, Any]) -> dict[str, Any]:
-    """Connection options from the URL (password, db, TLS, query), over the store's and user's."""
-    from redis.connection import SSLConnection, parse_url
-
-    parsed = parse_url(target.url)
-    for key in ("host", "port"):
-        parsed.pop(key, None)
-    if parsed.pop("connection_class", None) is SSLConnection:
-        parsed["ssl"] = True
-    return {**_CLIENT_DEFAULTS, **options, **parsed}
-
-
-def _make_client(target: _Target, options: dict[str, Any], *, use_async: bool) -> tuple[Any, list[Any]]:
-    """A client for ``target`` and everything to close with it. Cluster clients connect at once."""
-    if use_async:
-        from redis.asyncio.retry import Retry
-    else:
-        from redis.retry import Retry
-    no_retry = Retry(NoBackoff(), 0)
-    if target.kind == "server":
-        # A burst of calls waits for a free connection instead of failing when the pool is full.
-        module = redis.asyncio if use_async else redis
-        pool = module.BlockingConnectionPool.from_url(
-            target.url, **{**_CLIENT_DEFAULTS, **_POOL_DEFAULTS, "retry": no_retry, **options}
-        )
-        client = module.Redis.from_pool(pool)
-        return client, [client]
-    kwargs = _url_options(target, options)
-    if target.kind == "cluster":
-        module = redis.asyncio.cluster if use_async else redis.cluster
-        nodes = [module.ClusterNode(host, port) for host, port in target.hosts]
-        # The cluster client follows slot moves and failovers by refreshing its slot map between
-        # retries of its own: keep a few quick ones; the store's RetryPolicy comes on top.
-        quick = Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.1), 3)
-        # Cluster node pools cannot wait for a free connection; let a burst open more instead.
-        client = module.RedisCluster(startup_nodes=nodes, **{"retry": quick, "max_connections": 1_000, **kwargs})
-        return client, [client]
-    module = redis.asyncio.sentinel if use_async else redis.sentinel
-    sentinel_kwargs = {k: v for k, v in kwargs.items() if k.startswith("socket_") or k == "ssl"}
-    sentinel_kwargs.update(target.sentinel_kwargs or {})
-    sentinel = module.Sentinel(list(target.hosts), sentinel_kwargs=sentinel_kwargs, **kwargs)
-    client = sentinel.master_for(target.service, retry=no_retry)
-    return client, [client, *sentinel.sentinels]
+    return str(check_nano(value, what))
 
 
 # -- the store --------------------------------------------------------------------------------------
@@ -385,6 +275,8 @@ class _Backend:
         self.scripts = {name: client.register_script(src) for name, src in _lua_sources().items()}
         self._ready = not isinstance(client, redis.asyncio.cluster.RedisCluster)
         self._init_lock: asyncio.Lock | None = None
+        self.policy_checked = False  # maxmemory-policy read and found safe (or unreadable)
+        self.policy_refused_at = -math.inf  # when an evicting policy was last found (monotonic)
 
     async def aready(self) -> None:
         """Discover an asyncio cluster's topology once, before concurrent use: many first calls
@@ -399,6 +291,39 @@ class _Backend:
                 self._ready = True
 
 
+def _every_primary(client: Any) -> dict[str, Any]:
+    """Arguments that send a command to every primary of a cluster client (none for a server)."""
+    if isinstance(client, (redis.cluster.RedisCluster, redis.asyncio.cluster.RedisCluster)):
+        return {"target_nodes": type(client).PRIMARIES}
+    return {}
+
+
+def _policies(reply: Any) -> list[str]:
+    """maxmemory-policy values in a CONFIG GET reply (one server's dict, or a cluster's per node)."""
+    if not isinstance(reply, dict):
+        return []
+    found = []
+    for key, value in reply.items():
+        if isinstance(value, dict):
+            found += _policies(value)
+        elif _text(key) == "maxmemory-policy":
+            found.append(_text(value))
+    return found
+
+
+# Stores with work left (journaled settles, releases): flushed at interpreter exit.
+_LIVE_STORES: weakref.WeakSet[RedisStore] = weakref.WeakSet()
+
+
+@atexit.register
+def _flush_at_exit() -> None:
+    for store in list(_LIVE_STORES):
+        try:
+            store.flush(final=True)
+        except Exception:  # noqa: BLE001 - exit must go on; flush logged what it could not save
+            log.exception("budget store %s: flush at exit failed", store.where)
+
+
 class RedisStore:
     """Budget counters in Redis (a server, a Cluster, or a Sentinel-managed master).
 
@@ -410,6 +335,13 @@ class RedisStore:
 
     ``retention_seconds`` is how long counters are kept after their window ends; the guard reads
     it when it computes ``Counter.expires_at``, which the store applies as given.
+    ``retry_window_seconds`` is how long a call's record outlives its lease or settle (retries
+    inside it are exact). ``evicting_policy``: ``"refuse"`` (default) or ``"warn"`` when Redis may
+    evict keys. ``journal_path``: keep journaled settles in that SQLite file (see
+    ``stores.journal``), or pass ``journal=`` any ``SettleJournal``.
+
+    Use it as a context manager, or call ``close()`` / ``aclose()`` when done: journaled settles
+    and pending releases are flushed, then the clients the store built are closed.
     """
 
     def __init__(
@@ -419,43 +351,75 @@ class RedisStore:
         prefix: str = "bg:",
         retention_seconds: int = DEFAULT_RETENTION_SECONDS,
         retry: RetryPolicy | None = None,
-        record_ttl_seconds: int = RECORD_TTL_SECONDS,
+        retry_window_seconds: float | None = None,
+        record_ttl_seconds: float | None = None,
+        evicting_policy: str | None = None,
+        journal_path: str | None = None,
+        journal: SettleJournal | None = None,
         async_client: Any = None,
         **client_options: Any,
     ) -> None:
         if not isinstance(prefix, str) or "{" in prefix or "}" in prefix:
             raise ValueError(f"prefix must be a string without '{{' or '}}' (they change hash slots), got {prefix!r}")
+        self._target: RedisTarget | None = None
+        if isinstance(url_or_client, str):
+            self._target = parse_url(url_or_client)
+            query = self._target.store_options or {}
+            retry_window_seconds = query.get("retry_window_seconds", retry_window_seconds)
+            evicting_policy = evicting_policy or query.get("evicting_policy")
+            journal_path = journal_path or query.get("journal_path")
+        if retry_window_seconds is None:
+            retry_window_seconds = record_ttl_seconds  # the former name of the same setting
+        if retry_window_seconds is None:
+            retry_window_seconds = DEFAULT_RETRY_WINDOW_SECONDS
+        self.retry_window_seconds = check_seconds(retry_window_seconds, "retry_window_seconds", MAX_RETRY_WINDOW_SECONDS)
+        if isinstance(retention_seconds, bool) or not isinstance(retention_seconds, int) or not (
+            0 <= retention_seconds <= 10 * 365 * 24 * 3600
+        ):
+            raise ValueError(f"retention_seconds must be whole seconds between 0 and 10 years, got {retention_seconds!r}")
+        self.evicting_policy = evicting_policy or "refuse"
+        if self.evicting_policy not in ("refuse", "warn"):
+            raise ValueError(f"evicting_policy must be 'refuse' or 'warn', got {self.evicting_policy!r}")
+        if journal is not None and journal_path is not None:
+            raise ValueError("give journal_path or journal, not both")
         self.prefix = prefix
         self.retention_seconds = retention_seconds
         self.retry = retry or RetryPolicy()
-        self._record_ttl_ms = str(int(record_ttl_seconds * 1000))
+        self._retry_ms = str(_ms(self.retry_window_seconds))
+        if journal is None:
+            journal = SqliteJournal(journal_path) if journal_path else MemoryJournal()
+        self.journal: SettleJournal = journal
+        self._mark_ttl_ms = "" if self.journal.durable else str(MEMORY_MARK_TTL_SECONDS * 1000)
         self._options = client_options
-        self._target: _Target | None = None
         self._sync: _Backend | None = None
         self._async_given: _Backend | None = None
         self._async_by_loop: weakref.WeakKeyDictionary[Any, _Backend] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
-        self._journal: list[PendingSettle] = []
         self._group_keys: dict[_Group, tuple[str, ...]] = {}  # a group's counter and lease-set names
-        self._journal_lock = threading.Lock()
-        if isinstance(url_or_client, str):
-            self._target = _parse_url(url_or_client)
-            self.where = _describe_url(url_or_client)
+        self._releases: list[_PendingRelease] = []
+        self._repair_lock = threading.Lock()  # one replay at a time
+        self._repairer: threading.Thread | None = None
+        self._closed = False
+        if self._target is not None:
+            self.where = describe_url(url_or_client)
         else:
             if client_options:
                 raise TypeError(f"connection options {sorted(client_options)} apply to a URL, not to a client you built")
             clients = [url_or_client] + ([async_client] if async_client is not None else [])
             for client in clients:
-                if _is_async_client(client):
+                if is_async_client(client):
                     self._async_given = _Backend(client, [])
-                elif _is_sync_client(client):
+                elif is_sync_client(client):
                     self._sync = _Backend(client, [])
                 else:
                     raise TypeError(
                         "RedisStore takes a redis URL or a redis-py client (redis.Redis, RedisCluster or "
                         f"their redis.asyncio twins), got {type(client).__name__}"
                     )
-            self.where = _describe_client(url_or_client)
+            self.where = describe_client(url_or_client)
+        _LIVE_STORES.add(self)
+        if len(self.journal):  # a file journal left by an earlier process: replay it soon
+            self._start_repairer()
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> RedisStore:
@@ -468,6 +432,18 @@ class RedisStore:
     def __repr__(self) -> str:
         return f"RedisStore({self.where!r}, prefix={self.prefix!r})"
 
+    def __enter__(self) -> RedisStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> RedisStore:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
     # -- key names ------------------------------------------------------------------------------
 
     def redis_keys(self, key: str) -> tuple[str, str]:
@@ -478,6 +454,10 @@ class RedisStore:
     def overrides_key(self, name: str) -> str:
         """The Redis name of budget ``name``'s live limit overrides (a hash)."""
         return f"{self.prefix}o:{{{escape_id(name)}}}"
+
+    def record_key(self, call_id: str, key: str) -> str:
+        """The Redis name of a call's record on the tag of counter ``key`` (for tools and tests)."""
+        return f"{self.prefix}c:{_slot_part(key)}:{call_id}"
 
     def _counter_key_of(self, redis_key: str) -> str | None:
         """The counter key a Redis name stores, or None for lease sets, records and overrides."""
@@ -494,8 +474,9 @@ class RedisStore:
         head = _glob_escape(self.prefix)
         return head + (_glob_escape(pattern, keep_star=True) if pattern.startswith("{") else "*")
 
-    def _call(self, script: str, group: _Group, call_id: str | None, args: Sequence[str]) -> _Call:
-        """A script call on one group: the call's record on that tag (if any), then each counter's keys."""
+    def _call(self, script: str, group: _Group, call_id: str | None, args: Sequence[str], *extra: str) -> _Call:
+        """A script call on one group: the call's record on that tag (if any), ``extra`` keys of
+        that tag, then each counter's keys."""
         keys = self._group_keys.get(group)
         if keys is None:
             keys = tuple(name for key in group.keys for name in self.redis_keys(key))
@@ -503,78 +484,123 @@ class RedisStore:
                 self._group_keys.clear()
             self._group_keys[group] = keys
         if call_id is not None:
-            keys = (f"{self.prefix}c:{group.slot}:{call_id}", *keys)
+            keys = (f"{self.prefix}c:{group.slot}:{call_id}", *extra, *keys)
         return _Call(script, keys, tuple(args))
 
     # -- plans: the logic of each operation, shared by the sync and async shells ----------------
 
     def _reserve_plan(self, counters: Sequence[Counter], hold: Hold) -> Plan[ReserveResult]:
+        call_id = check_call_id(hold.call_id, "Hold.call_id")
         amount = _check_amount(hold.amount, "Hold.amount")
         charge = _check_amount(hold.charge_on_expiry, "Hold.charge_on_expiry")
-        lease_ms = str(_ms(hold.lease_seconds))
+        lease_seconds = check_seconds(hold.lease_seconds, "Hold.lease_seconds")
+        token = check_token(hold.token)
+        lease_ms = str(_ms(lease_seconds))
+        tombstone_ms = str(_ms(lease_seconds) + int(self._retry_ms))
         # A key listed twice (two limits on one counter) is held once, within the tighter limit.
         limits: dict[str, int] = {}
         expiries: dict[str, int | None] = {}
         for c in counters:
+            check_nano(c.limit, f"the limit of counter {c.key!r}")
+            expires_at = check_expires_at(c.expires_at)
             limits[c.key] = min(limits.get(c.key, c.limit), c.limit)
-            ends = [e for e in (expiries.get(c.key), c.expires_at) if e is not None]
-            expiries[c.key] = math.ceil(max(ends)) if ends else None
+            ends = [e for e in (expiries.get(c.key), expires_at) if e is not None]
+            expiries[c.key] = max(ends) if ends else None
         groups = _groups(list(limits))
         states = [CounterState()] * len(counters)
-        placed: list[tuple[_Group, list[CounterState]]] = []
-        duplicate = True
+        placed: list[tuple[_Group, list[CounterState], bool]] = []  # group, states before, was new
         keys = [c.key for c in counters]
-        try:
-            for number, group in enumerate(groups):
-                args = [hold.call_id, amount, charge, lease_ms, self._record_ttl_ms]
-                for key in group.keys:
-                    expires = expiries[key]
-                    args += [str(limits[key]), "" if expires is None else str(expires)]
-                reply = yield self._call("reserve", group, hold.call_id, args)
-                code, found = int(reply[0]), _states(reply[2:])
-                _fill(states, keys, group, found)
-                if code == 0:
-                    yield from self._release([g for g, _ in placed], hold.call_id)
-                    # Read the tags not tried yet, so that the refusal shows every counter and names
-                    # the first one, in the caller's order, that cannot take the hold.
-                    for later in groups[number + 1 :]:
-                        try:
-                            _fill(states, keys, later, _states((yield self._call("read", later, None, []))))
-                        except BudgetStoreUnavailableError:
-                            pass  # the refusal stands; those counters show zeros
-                    refused = keys.index(group.keys[int(reply[1]) - 1])
-                    too_full = (
-                        i for i, (c, s) in enumerate(zip(counters, states)) if s.spent + s.held + hold.amount > c.limit
-                    )
-                    blocked = next(too_full, refused)
-                    return ReserveResult(ok=False, states=tuple(states), blocked=min(blocked, refused))
-                if code == 1:
-                    placed.append((group, found))
-                    duplicate = False
-        except BudgetStoreUnavailableError:
-            yield from self._release([g for g, _ in placed], hold.call_id)
-            raise
-        for group, found in placed:
-            _fill(states, keys, group, [CounterState(s.spent, s.held + hold.amount) for s in found])
-        return ReserveResult(ok=True, states=tuple(states), duplicate=duplicate and bool(groups))
-
-    def _release(self, groups: list[_Group], call_id: str) -> Plan[None]:
-        """Best effort: a hold that cannot be released now runs out with its lease."""
-        for group in groups:
+        for number, group in enumerate(groups):
+            args = [call_id, amount, charge, lease_ms, self._retry_ms, token]
+            for key in group.keys:
+                expires = expiries[key]
+                args += [str(limits[key]), "" if expires is None else str(expires)]
             try:
-                yield self._call("release", group, call_id, [call_id])
-            except BudgetStoreUnavailableError:
-                log.warning("could not release call %s on %s; its hold ends with its lease", call_id, group.slot)
+                reply = yield self._call("reserve", group, call_id, args)
+            except BudgetStoreUnavailableError as exc:
+                # This tag may have run the reserve (a lost reply, a timeout while the server was
+                # stalled): release it and every tag placed, with a tombstone against late runs.
+                reached = [g for g, _, _ in placed] + ([] if isinstance(exc, _NotSent) else [group])
+                yield from self._release(reached, call_id, token, tombstone_ms, lease_seconds)
+                raise
+            code, found = int(reply[0]), _states(reply[2:])
+            _fill(states, keys, group, found)
+            if code == 3:
+                yield from self._release([g for g, _, _ in placed], call_id, token, "", lease_seconds)
+                return ReserveResult(ok=False, states=tuple(states), reused=True)
+            if code == 0:
+                yield from self._release([g for g, _, _ in placed], call_id, token, "", lease_seconds)
+                # Read the tags not tried yet, so that the refusal shows every counter and names
+                # the first one, in the caller's order, that cannot take the hold.
+                for later in groups[number + 1 :]:
+                    try:
+                        read = yield self._call("read", later, None, [self._retry_ms])
+                        _fill(states, keys, later, _states(read))
+                    except BudgetStoreUnavailableError:
+                        pass  # the refusal stands; those counters show zeros
+                refused = keys.index(group.keys[int(reply[1]) - 1])
+                too_full = (
+                    i for i, (c, s) in enumerate(zip(counters, states)) if s.spent + s.held + hold.amount > c.limit
+                )
+                blocked = next(too_full, refused)
+                return ReserveResult(ok=False, states=tuple(states), blocked=min(blocked, refused))
+            # 1: placed now; 2: placed by an earlier try of this very attempt (its reply was lost).
+            placed.append((group, found, code == 1))
+        for group, found, new in placed:
+            if new:
+                _fill(states, keys, group, [CounterState(s.spent, s.held + hold.amount) for s in found])
+        duplicate = bool(placed) and not any(new for _, _, new in placed)
+        return ReserveResult(ok=True, states=tuple(states), duplicate=duplicate)
 
-    def _settle_plan(self, call_id: str, keys: Sequence[str], amount: int) -> Plan[SettleResult]:
-        args = [call_id, _check_amount(amount, "settle amount"), self._record_ttl_ms]
+    def _release(
+        self, groups: list[_Group], call_id: str, token: str, tombstone_ms: str, lease_seconds: float
+    ) -> Plan[None]:
+        """Release the call's holds on ``groups``. One that cannot reach Redis now is queued and
+        retried (after later operations, and by a background thread) until the lease and the
+        retry window are over, after which Redis no longer needs it (the records are gone)."""
+        for group in groups:
+            call = self._call("release", group, call_id, [call_id, token, tombstone_ms])
+            call = _Call(call.script, call.keys, call.args, once=True)
+            try:
+                yield call
+            except BudgetStoreUnavailableError:
+                give_up = time.monotonic() + lease_seconds + self.retry_window_seconds
+                with self._lock:
+                    self._releases.append(_PendingRelease(call, give_up))
+                log.warning("could not release call %s on %s yet; retrying in the background", call_id, group.slot)
+                self._start_repairer()
+
+    def release(self, call_id: str, keys: Sequence[str], hold: Hold) -> None:
+        """Release a reservation whose call does not go ahead (charge nothing), leaving a
+        tombstone so that the call id admits nothing more. Retried in the background if Redis
+        cannot be reached."""
+        self._run(self._release_plan(call_id, keys, hold))
+
+    async def arelease(self, call_id: str, keys: Sequence[str], hold: Hold) -> None:
+        await self._arun(self._release_plan(call_id, keys, hold))
+
+    def _release_plan(self, call_id: str, keys: Sequence[str], hold: Hold) -> Plan[None]:
+        check_call_id(call_id)
+        lease = check_seconds(hold.lease_seconds, "Hold.lease_seconds")
+        tombstone_ms = str(_ms(lease) + int(self._retry_ms))
+        yield from self._release(_groups(keys), call_id, check_token(hold.token), tombstone_ms, lease)
+
+    def _settle_plan(self, call_id: str, keys: Sequence[str], amount: int, seq: int = 0) -> Plan[SettleResult]:
+        check_call_id(call_id)
+        capped = isinstance(amount, int) and not isinstance(amount, bool) and amount > MAX_NANO
+        if capped:
+            log.error("settle of call %s: %d nano-USD is above the maximum; charging %d", call_id, amount, MAX_NANO)
+            amount = MAX_NANO
+        args = [call_id, _check_amount(amount, "settle amount"), self._retry_ms, str(seq) if seq else "", self._mark_ttl_ms]
         applied = False
         for group in _groups(keys):
-            applied = bool(int((yield self._call("settle", group, call_id, args)))) or applied
-        return SettleResult(applied=applied, charged=amount if applied else 0)
+            mark = f"{self.prefix}j:{group.slot}:{self.journal.journal_id}"
+            applied = bool(int((yield self._call("settle", group, call_id, args, mark)))) or applied
+        return SettleResult(applied=applied, charged=amount if applied else 0, capped=capped)
 
     def _renew_plan(self, call_id: str, keys: Sequence[str], lease_seconds: float) -> Plan[bool]:
-        args = [call_id, str(_ms(lease_seconds)), self._record_ttl_ms]
+        check_call_id(call_id)
+        args = [call_id, str(_ms(check_seconds(lease_seconds, "lease_seconds"))), self._retry_ms]
         renewed = False
         for group in _groups(keys):
             renewed = bool(int((yield self._call("renew", group, call_id, args)))) or renewed
@@ -583,7 +609,7 @@ class RedisStore:
     def _read_plan(self, keys: Sequence[str]) -> Plan[list[CounterState]]:
         states = [CounterState()] * len(keys)
         for group in _groups(keys):
-            _fill(states, keys, group, _states((yield self._call("read", group, None, []))))
+            _fill(states, keys, group, _states((yield self._call("read", group, None, [self._retry_ms]))))
         return states
 
     def _read_overrides_plan(self, name: str, known_version: str | None) -> Plan[OverridesSnapshot]:
@@ -601,19 +627,85 @@ class RedisStore:
         return _text((yield _Call("override", (self.overrides_key(name),), (field, value))))
 
     def _reset_plan(self, key: str) -> Plan[CounterState]:
-        reply = yield _Call("reset", self.redis_keys(key), ())
+        reply = yield _Call("reset", self.redis_keys(key), (self._retry_ms,))
         return CounterState(int(reply[0]), int(reply[1]))
 
     # -- errors ---------------------------------------------------------------------------------
 
     def _unavailable(self, call: _Call, exc: Exception, attempts: int, started: float) -> BudgetStoreUnavailableError:
+        if isinstance(exc, BudgetStoreUnavailableError):
+            return exc
+        text = str(exc)
+        if isinstance(exc, redis.exceptions.OutOfMemoryError) or text.startswith("OOM"):
+            advice = (
+                "Redis is out of memory (maxmemory reached under noeviction): raise maxmemory or free memory; "
+                "do not switch to an evicting policy, which would silently reset budgets."
+            )
+        elif text.startswith("MISCONF"):
+            advice = "Redis cannot persist to disk (MISCONF): fix its disk or its save settings."
+        elif text.startswith("READONLY") or isinstance(exc, redis.exceptions.ReadOnlyError):
+            advice = "the store is connected to a read-only replica: point it at the primary (or use Sentinel/Cluster URLs)."
+        elif _is_transient(exc):
+            advice = (
+                "Check that the Redis server is running and reachable from this host (address, password, TLS, "
+                "firewall), or give the store a larger RetryPolicy."
+            )
+        else:
+            advice = "Redis refused the command: check that the prefix's keys are not used by another application."
         return BudgetStoreUnavailableError(
             f"Redis budget store at {self.where} is unavailable: {call.script} failed after {attempts} "
-            f"attempt(s) in {time.monotonic() - started:.1f}s ({type(exc).__name__}: {exc}). Check that the "
-            "Redis server is running and reachable from this host (address, password, TLS, firewall), or give "
-            "the store a larger RetryPolicy. Settles are journaled and replayed once Redis answers; whether "
-            "new calls go ahead meanwhile is the guard's fail-open/fail-closed policy."
+            f"attempt(s) in {time.monotonic() - started:.1f}s ({type(exc).__name__}: {exc}). {advice} Settles are "
+            "journaled and replayed once Redis answers; whether new calls go ahead meanwhile is the guard's "
+            "fail-open/fail-closed policy."
         )
+
+    def _policy_refusal(self, policy: str) -> str:
+        return (
+            f"Redis at {self.where} has maxmemory-policy {policy}: it may evict budget counters (they have "
+            "TTLs), which silently resets budgets. Set `CONFIG SET maxmemory-policy noeviction` (and "
+            "`maxmemory-policy noeviction` in redis.conf), or give the store its own Redis; "
+            "RedisStore(..., evicting_policy='warn') (URL: ?evicting_policy=warn) only warns."
+        )
+
+    def _judge_policy(self, backend: _Backend, reply: Any) -> None:
+        evicting = sorted(set(_policies(reply)) & EVICTING_POLICIES)
+        if not evicting:
+            backend.policy_checked = True
+            return
+        message = self._policy_refusal(",".join(evicting))
+        if self.evicting_policy == "warn":
+            log.warning("%s", message)
+            backend.policy_checked = True
+            return
+        backend.policy_refused_at = time.monotonic()
+        raise _NotSent(message)
+
+    def _check_policy(self, backend: _Backend) -> None:
+        """Read maxmemory-policy once (again every 5 s while it is an evicting one)."""
+        if backend.policy_checked:
+            return
+        if time.monotonic() - backend.policy_refused_at < 5:
+            raise _NotSent(self._policy_refusal("(evicting)"))
+        try:
+            reply = backend.client.config_get("maxmemory-policy", **_every_primary(backend.client))
+        except redis.exceptions.ResponseError as exc:  # CONFIG renamed or denied (managed Redis)
+            log.info("cannot read maxmemory-policy of %s (%s); make sure it is noeviction", self.where, exc)
+            backend.policy_checked = True
+            return
+        self._judge_policy(backend, reply)
+
+    async def _acheck_policy(self, backend: _Backend) -> None:
+        if backend.policy_checked:
+            return
+        if time.monotonic() - backend.policy_refused_at < 5:
+            raise _NotSent(self._policy_refusal("(evicting)"))
+        try:
+            reply = await backend.client.config_get("maxmemory-policy", **_every_primary(backend.client))
+        except redis.exceptions.ResponseError as exc:
+            log.info("cannot read maxmemory-policy of %s (%s); make sure it is noeviction", self.where, exc)
+            backend.policy_checked = True
+            return
+        self._judge_policy(backend, reply)
 
     # -- sync shell -----------------------------------------------------------------------------
 
@@ -626,19 +718,28 @@ class RedisStore:
                             "This RedisStore was given an asyncio client: use the a* methods (areserve, asettle, "
                             "...), or pass a sync client too: RedisStore(sync_client, async_client=async_client)."
                         )
-                    client, closers = _make_client(self._target, self._options, use_async=False)
+                    client, closers = make_client(self._target, self._options, use_async=False)
                     self._sync = _Backend(client, closers)
         return self._sync
+
+    def _attempt(self, call: _Call) -> Any:
+        backend = self._sync_backend()
+        self._check_policy(backend)
+        return backend.scripts[call.script](keys=call.keys, args=call.args)
 
     def _execute(self, call: _Call, policy: RetryPolicy) -> Any:
         started = time.monotonic()
         # The first attempt runs bare: a tenacity loop costs ~10 µs, so it is built once Redis fails.
         try:
-            return self._sync_backend().scripts[call.script](keys=call.keys, args=call.args)
-        except Exception as exc:
+            return self._attempt(call)
+        except BudgetStoreUnavailableError:
+            raise
+        except redis.exceptions.RedisError as exc:
             if not _is_transient(exc):
-                raise
+                raise self._unavailable(call, exc, 1, started) from exc
             failed: Exception | None = exc
+        except (ConnectionError, TimeoutError) as exc:
+            failed = exc
         retrying = tenacity.Retrying(**policy.tenacity_kwargs(time.monotonic() - started))
         try:
             for attempt in retrying:
@@ -646,10 +747,10 @@ class RedisStore:
                     if failed is not None:  # the bare attempt above is the loop's first
                         failed, exc = None, failed
                         raise exc
-                    return self._sync_backend().scripts[call.script](keys=call.keys, args=call.args)
-        except Exception as exc:
-            if not _is_transient(exc):
-                raise
+                    return self._attempt(call)
+        except BudgetStoreUnavailableError:
+            raise
+        except (redis.exceptions.RedisError, ConnectionError, TimeoutError) as exc:
             raise self._unavailable(call, exc, retrying.statistics.get("attempt_number", 1), started) from exc
 
     def _run(self, plan: Plan[T], policy: RetryPolicy | None = None) -> T:
@@ -658,7 +759,7 @@ class RedisStore:
             call = next(plan)
             while True:
                 try:
-                    reply = self._execute(call, policy)
+                    reply = self._execute(call, _ONCE if call.once else policy)
                 except BudgetStoreUnavailableError as exc:
                     call = plan.throw(exc)
                 else:
@@ -668,48 +769,104 @@ class RedisStore:
 
     def _op(self, plan: Plan[T]) -> T:
         result = self._run(plan)
-        if self._journal:
-            self._replay(_ONCE)
+        if self._releases or len(self.journal):
+            self._repair(_ONCE, wait=False)
         return result
 
-    def _take_journal(self) -> list[PendingSettle]:
-        with self._journal_lock:
-            entries, self._journal = self._journal, []
-        return entries
-
-    def _replay_stopped(self, entries: list[PendingSettle], done: int, exc: Exception) -> int:
-        """Keep what a replay could not settle; it is tried again after the next operation."""
-        with self._journal_lock:
-            self._journal[:0] = entries[done:]
-        if not isinstance(exc, BudgetStoreUnavailableError):
-            log.error("replaying settle of call %s failed; kept in the journal", entries[done].call_id, exc_info=exc)
-        return done
+    # -- repairs: pending releases and journaled settles ------------------------------------------
 
     def _journal_settle(self, call_id: str, keys: Sequence[str], amount: int, exc: Exception) -> SettleResult:
-        with self._journal_lock:
-            self._journal.append(PendingSettle(call_id, tuple(keys), amount))
-            pending = len(self._journal)
-        log.warning("settle of call %s journaled (%d pending) until Redis answers: %s", call_id, pending, exc)
-        return SettleResult(applied=False, charged=amount, pending=True)
+        capped = amount > MAX_NANO
+        entry = self.journal.append(call_id, keys, min(amount, MAX_NANO))
+        log.warning(
+            "settle of call %s journaled (%d pending in %r) until Redis answers: %s", call_id, len(self.journal),
+            self.journal, exc,
+        )
+        self._start_repairer()
+        return SettleResult(applied=False, charged=entry.amount, pending=True, capped=capped)
 
-    def _replay(self, policy: RetryPolicy) -> int:
-        entries = self._take_journal()
-        for done, entry in enumerate(entries):
+    def _take_releases(self) -> list[_PendingRelease]:
+        now = time.monotonic()
+        with self._lock:
+            due, self._releases = self._releases, []
+        live = [r for r in due if r.give_up_at > now]
+        for dropped in due:
+            if dropped.give_up_at <= now:
+                log.warning("gave up releasing %s: its lease and retry window are over", dropped.call.keys[0])
+        return live
+
+    def _repair(self, policy: RetryPolicy, wait: bool = True) -> int:
+        """Retry pending releases, then replay the journal oldest first; stop at the first that
+        cannot reach Redis (kept for next time). Returns how many journal entries reached Redis."""
+        if not self._repair_lock.acquire(blocking=wait, timeout=-1 if not wait else 30):
+            return 0
+        try:
+            return self._repair_locked(policy)
+        finally:
+            self._repair_lock.release()
+
+    def _repair_locked(self, policy: RetryPolicy) -> int:
+        releases = self._take_releases()
+        for index, release in enumerate(releases):
             try:
-                self._run(self._settle_plan(entry.call_id, entry.keys, entry.amount), policy)
-            except Exception as exc:
-                return self._replay_stopped(entries, done, exc)
-        return len(entries)
+                self._execute(release.call, policy)
+            except Exception:  # noqa: BLE001 - kept and retried; Redis is still away
+                with self._lock:
+                    self._releases[:0] = releases[index:]
+                break
+        return self._replay_with(lambda entry: self._run(self._settle_plan(entry.call_id, entry.keys, entry.amount, entry.seq), policy))
+
+    def _replay_with(self, apply: Any) -> int:
+        done = 0
+        for entry in self.journal.pending():
+            try:
+                apply(entry)
+            except Exception as exc:  # noqa: BLE001 - kept in the journal
+                if not isinstance(exc, BudgetStoreUnavailableError):
+                    log.error("replaying settle of call %s failed; kept in the journal", entry.call_id, exc_info=exc)
+                return done
+            self.journal.done(entry)
+            done += 1
+        return done
+
+    def _start_repairer(self) -> None:
+        """A daemon thread that retries pending work while there is some (sync clients only)."""
+        if self._closed or (self._target is None and self._sync is None):
+            return
+        with self._lock:
+            if self._repairer is not None and self._repairer.is_alive():
+                return
+            thread = threading.Thread(target=_repair_loop, args=(weakref.ref(self),), daemon=True, name="budgetguard-repair")
+            self._repairer = thread
+        thread.start()
 
     @property
     def pending_journal(self) -> tuple[PendingSettle, ...]:
         """Settles that could not reach Redis yet, oldest first."""
-        with self._journal_lock:
-            return tuple(self._journal)
+        return tuple(self.journal.pending())
+
+    @property
+    def pending_releases(self) -> int:
+        """Releases that could not reach Redis yet (retried in the background)."""
+        return len(self._releases)
 
     def flush_journal(self) -> int:
-        """Replay journaled settles now; returns how many reached Redis (the rest stay)."""
-        return self._replay(self.retry)
+        """Retry pending releases and replay journaled settles now; returns how many settles
+        reached Redis (the rest stay)."""
+        return self._repair(self.retry)
+
+    def flush(self, final: bool = False) -> int:
+        """``flush_journal``; with ``final`` (close, exit), log what could not be flushed."""
+        done = self._repair(self.retry) if (self._releases or len(self.journal)) else 0
+        if final and len(self.journal):
+            entries = self.journal.pending()
+            where = "kept in " + repr(self.journal) if self.journal.durable else "LOST with this process"
+            log.error(
+                "budget store %s: %d journaled settle(s) totalling %d nano-USD could not reach Redis; %s "
+                "(use journal_path=... to keep them on disk)", self.where, len(entries),
+                sum(e.amount for e in entries), where,
+            )
+        return done
 
     def reserve(self, counters: Sequence[Counter], hold: Hold) -> ReserveResult:
         """Hold ``hold.amount`` on every counter, or on none (see ``ReserveResult``)."""
@@ -718,8 +875,9 @@ class RedisStore:
     def settle(self, call_id: str, keys: Sequence[str], amount: int) -> SettleResult:
         """Replace the call's holds with ``amount``. If Redis cannot be reached, the settle is
         journaled and ``SettleResult.pending`` is True."""
+        plan = self._settle_plan(call_id, keys, amount)  # bad input raises ValueError, never journaled
         try:
-            return self._op(self._settle_plan(call_id, keys, amount))
+            return self._op(plan)
         except BudgetStoreUnavailableError as exc:
             return self._journal_settle(call_id, keys, amount, exc)
 
@@ -759,9 +917,7 @@ class RedisStore:
         retrying = tenacity.Retrying(**self.retry.tenacity_kwargs())
         try:
             raw = retrying(scan)
-        except Exception as exc:
-            if not _is_transient(exc):
-                raise
+        except (redis.exceptions.RedisError, ConnectionError, TimeoutError) as exc:
             attempts = retrying.statistics.get("attempt_number", 1)
             raise self._unavailable(_Call("scan", (), ()), exc, attempts, started) from exc
         keys = self._scanned_keys(raw, pattern)
@@ -773,7 +929,16 @@ class RedisStore:
         return sorted({k for k in found if k is not None and wanted(k)})
 
     def close(self) -> None:
-        """Close the sync client the store built (clients you passed stay open)."""
+        """Flush pending releases and journaled settles (as far as Redis answers), then close the
+        sync client the store built (clients you passed stay open)."""
+        try:
+            self.flush(final=True)
+        except TypeError:  # an asyncio-only store: aclose() flushes
+            pass
+        self._close_sync()
+
+    def _close_sync(self) -> None:
+        self._closed = True
         if self._target is None:
             return
         with self._lock:
@@ -793,7 +958,7 @@ class RedisStore:
         loop = asyncio.get_running_loop()
         backend = self._async_by_loop.get(loop)
         if backend is None:
-            client, closers = _make_client(self._target, self._options, use_async=True)
+            client, closers = make_client(self._target, self._options, use_async=True)
             backend = self._async_by_loop[loop] = _Backend(client, closers)
         return backend
 
@@ -801,16 +966,21 @@ class RedisStore:
         backend = self._async_backend()
         assert backend is not None
         await backend.aready()
+        await self._acheck_policy(backend)
         return await backend.scripts[call.script](keys=call.keys, args=call.args)
 
     async def _aexecute(self, call: _Call, policy: RetryPolicy) -> Any:
         started = time.monotonic()
         try:
             return await self._aattempt(call)  # a bare first attempt, as in _execute
-        except Exception as exc:
+        except BudgetStoreUnavailableError:
+            raise
+        except redis.exceptions.RedisError as exc:
             if not _is_transient(exc):
-                raise
+                raise self._unavailable(call, exc, 1, started) from exc
             failed: Exception | None = exc
+        except (ConnectionError, TimeoutError) as exc:
+            failed = exc
         retrying = tenacity.AsyncRetrying(**policy.tenacity_kwargs(time.monotonic() - started))
         try:
             async for attempt in retrying:
@@ -819,9 +989,9 @@ class RedisStore:
                         failed, exc = None, failed
                         raise exc
                     return await self._aattempt(call)
-        except Exception as exc:
-            if not _is_transient(exc):
-                raise
+        except BudgetStoreUnavailableError:
+            raise
+        except (redis.exceptions.RedisError, ConnectionError, TimeoutError) as exc:
             raise self._unavailable(call, exc, retrying.statistics.get("attempt_number", 1), started) from exc
 
     async def _arun(self, plan: Plan[T], policy: RetryPolicy | None = None) -> T:
@@ -832,7 +1002,7 @@ class RedisStore:
             call = next(plan)
             while True:
                 try:
-                    reply = await self._aexecute(call, policy)
+                    reply = await self._aexecute(call, _ONCE if call.once else policy)
                 except BudgetStoreUnavailableError as exc:
                     call = plan.throw(exc)
                 else:
@@ -842,29 +1012,50 @@ class RedisStore:
 
     async def _aop(self, plan: Plan[T]) -> T:
         result = await self._arun(plan)
-        if self._journal:
-            await self._areplay(_ONCE)
+        if self._releases or len(self.journal):
+            await self._arepair(_ONCE, wait=False)
         return result
 
-    async def _areplay(self, policy: RetryPolicy) -> int:
-        entries = self._take_journal()
-        for done, entry in enumerate(entries):
-            try:
-                await self._arun(self._settle_plan(entry.call_id, entry.keys, entry.amount), policy)
-            except Exception as exc:
-                return self._replay_stopped(entries, done, exc)
-        return len(entries)
+    async def _arepair(self, policy: RetryPolicy, wait: bool = True) -> int:
+        if self._async_backend() is None:
+            return await asyncio.to_thread(self._repair, policy, wait)
+        # The lock is a thread lock: never block the event loop on it.
+        if not self._repair_lock.acquire(blocking=False):
+            return 0
+        try:
+            releases = self._take_releases()
+            for index, release in enumerate(releases):
+                try:
+                    await self._aexecute(release.call, policy)
+                except Exception:  # noqa: BLE001 - kept and retried
+                    with self._lock:
+                        self._releases[:0] = releases[index:]
+                    break
+            done = 0
+            for entry in self.journal.pending():
+                try:
+                    await self._arun(self._settle_plan(entry.call_id, entry.keys, entry.amount, entry.seq), policy)
+                except Exception as exc:  # noqa: BLE001 - kept in the journal
+                    if not isinstance(exc, BudgetStoreUnavailableError):
+                        log.error("replaying settle of call %s failed; kept in the journal", entry.call_id, exc_info=exc)
+                    return done
+                self.journal.done(entry)
+                done += 1
+            return done
+        finally:
+            self._repair_lock.release()
 
     async def aflush_journal(self) -> int:
         """Async twin of ``flush_journal``."""
-        return await self._areplay(self.retry)
+        return await self._arepair(self.retry)
 
     async def areserve(self, counters: Sequence[Counter], hold: Hold) -> ReserveResult:
         return await self._aop(self._reserve_plan(counters, hold))
 
     async def asettle(self, call_id: str, keys: Sequence[str], amount: int) -> SettleResult:
+        plan = self._settle_plan(call_id, keys, amount)
         try:
-            return await self._aop(self._settle_plan(call_id, keys, amount))
+            return await self._aop(plan)
         except BudgetStoreUnavailableError as exc:
             return self._journal_settle(call_id, keys, amount, exc)
 
@@ -897,18 +1088,39 @@ class RedisStore:
         retrying = tenacity.AsyncRetrying(**self.retry.tenacity_kwargs())
         try:
             raw = await retrying(scan)
-        except Exception as exc:
-            if not _is_transient(exc):
-                raise
+        except (redis.exceptions.RedisError, ConnectionError, TimeoutError) as exc:
             attempts = retrying.statistics.get("attempt_number", 1)
             raise self._unavailable(_Call("scan", (), ()), exc, attempts, started) from exc
         keys = self._scanned_keys(raw, pattern)
         return list(zip(keys, await self.aread(keys))) if keys else []
 
     async def aclose(self) -> None:
-        """Close the asyncio client the store built for the running loop (and the sync one)."""
+        """Flush what is pending, close the asyncio client the store built for the running loop
+        (and the sync one)."""
+        await self._arepair(self.retry)
+        if len(self.journal) and self._target is not None:
+            await asyncio.to_thread(self.flush, True)
         backend = self._async_by_loop.pop(asyncio.get_running_loop(), None)
         if backend is not None:
             for closer in backend.closers:
                 await closer.aclose()
-        self.close()
+        self._close_sync()
+
+
+def _repair_loop(ref: weakref.ReferenceType[RedisStore]) -> None:
+    """Retry a store's pending work every so often until there is none (or the store is gone)."""
+    wait = 0.2
+    while True:
+        time.sleep(wait)
+        store = ref()
+        if store is None or store._closed:
+            return
+        try:
+            if not (store._releases or len(store.journal)):
+                return
+            store._repair(_ONCE, wait=False)
+        except Exception:  # noqa: BLE001 - try again later
+            log.debug("background repair of %s failed", store.where, exc_info=True)
+        finally:
+            del store
+        wait = min(wait * 2, 5.0)

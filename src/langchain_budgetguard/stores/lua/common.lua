@@ -1,14 +1,21 @@
 -- Helpers shared by every budget script; the store prepends this file to each one.
 --
--- Layout of one counter (see stores/redis.py): a hash with fields s (spent), h (held) and
--- '@' .. call_id = 'amount:charge_on_expiry' for each live hold, and a sorted set of lease
--- deadlines (member call_id, score: deadline in ms of server TIME).
+-- Layout of one counter (see stores/redis.py): a hash with fields s (spent), h (held),
+-- '@' .. call_id = 'amount:charge_on_expiry' for each live hold and '!' .. call_id = charge for
+-- each hold that expiry charged here since the last reset (so that a late settle replaces that
+-- charge on this counter only); and a sorted set of deadlines in ms of server TIME: member
+-- call_id for a live hold's lease, member TAB .. call_id for when that expiry charge is forgotten.
 -- KEYS of a counter script come in pairs after the call record: counter hash, lease set.
 --
 -- Money stays in decimal strings handed to HINCRBY: Lua numbers are doubles (exact only below
 -- 2^53) and print large values in exponent form, so no amount is ever computed in Lua.
+-- Every amount is at most MAX (2^62); spent saturates at MAX, so no HINCRBY ever overflows.
+-- Each script checks all of its ARGV before its first write: it fails whole or not at all.
 
 local B = 1000000000
+local MAX = '4611686018427387904'
+local MAX_MS = 2592000000 -- 30 days
+local TAB = '\t'
 
 -- Server time in ms; every script reads it once, so a call never depends on a client clock.
 local function now_ms()
@@ -40,10 +47,48 @@ local function fits(spent, held, amount, limit)
   return hi < h4 or (hi == h4 and lo <= l4)
 end
 
+-- Argument checks: raise before anything is written.
+local function check_nano(s, what)
+  if type(s) ~= 'string' or not string.match(s, '^%d+$') or #s > 19 or not fits(s, '0', '0', MAX) then
+    error('budgetguard: ' .. what .. ' must be an integer in [0, 2^62], got ' .. tostring(s))
+  end
+  return s
+end
+
+local function check_ms(s, what)
+  local v = type(s) == 'string' and string.match(s, '^%d+$') and #s <= 13 and tonumber(s)
+  if not v or v < 1 or v > MAX_MS then
+    error('budgetguard: ' .. what .. ' must be whole ms in [1, 30 days], got ' .. tostring(s))
+  end
+  return v
+end
+
 -- '-' .. s, except that Redis refuses '-0' as an integer.
 local function neg(s)
   if s == '0' then return '0' end
   return '-' .. s
+end
+
+-- spent += amount, saturating at MAX.
+local function add_spent(c, amount)
+  if amount == '0' then return end
+  local s = redis.call('HGET', c, 's') or '0'
+  if fits(s, '0', amount, MAX) then
+    redis.call('HINCRBY', c, 's', amount)
+  else
+    redis.call('HSET', c, 's', MAX)
+  end
+end
+
+-- spent -= amount, never below zero.
+local function sub_spent(c, amount)
+  if amount == '0' then return end
+  local s = redis.call('HGET', c, 's') or '0'
+  if fits(amount, '0', '0', s) then
+    redis.call('HINCRBY', c, 's', neg(amount))
+  else
+    redis.call('HSET', c, 's', '0')
+  end
 end
 
 -- Remove one live hold (its field value v) from counter c and its lease set l; charge nothing.
@@ -54,18 +99,38 @@ local function drop(c, l, id, v)
   redis.call('ZREM', l, id)
 end
 
--- Reap holds whose lease ended by now: release each and charge its charge_on_expiry.
--- The lease set disappears once empty (Redis deletes empty sorted sets).
-local function reap(c, l, now)
+-- Undo what expiry charged call id on counter c (if it did, since the last reset).
+local function unexpire(c, l, id)
+  local charged = redis.call('HGET', c, '!' .. id)
+  if charged then
+    sub_spent(c, charged)
+    redis.call('HDEL', c, '!' .. id)
+    redis.call('ZREM', l, TAB .. id)
+  end
+end
+
+-- Reap holds whose lease ended by now: release each and charge its charge_on_expiry, which is
+-- remembered for keep_ms (the retry window) for a late settle to replace. Forget such charges
+-- once their time is up. The lease set disappears once empty (Redis deletes empty sorted sets).
+local function reap(c, l, now, keep_ms)
   local ids = redis.call('ZRANGEBYSCORE', l, '-inf', now)
   for _, id in ipairs(ids) do
-    local v = redis.call('HGET', c, '@' .. id)
-    if v then
-      local charge = string.match(v, ':(%d+)$')
-      drop(c, l, id, v)
-      if charge ~= '0' then redis.call('HINCRBY', c, 's', charge) end
-    else
+    if string.sub(id, 1, 1) == TAB then
+      redis.call('HDEL', c, '!' .. string.sub(id, 2))
       redis.call('ZREM', l, id)
+    else
+      local v = redis.call('HGET', c, '@' .. id)
+      if v then
+        local charge = string.match(v, ':(%d+)$')
+        drop(c, l, id, v)
+        if charge ~= '0' then
+          add_spent(c, charge)
+          redis.call('HSET', c, '!' .. id, charge)
+          redis.call('ZADD', l, now + keep_ms, TAB .. id)
+        end
+      else
+        redis.call('ZREM', l, id)
+      end
     end
   end
 end

@@ -1,7 +1,18 @@
--- Zero one counter's spent after reaping expired holds; live holds stay (their calls settle as usual).
--- KEYS: counter hash, lease set. Returns {spent, held} as they were before the reset.
+-- Zero one counter's spent after reaping expired holds; live holds stay (their calls settle as
+-- usual). What expiry charged before is forgotten with it: a late settle then adds its amount
+-- to the fresh counter and takes nothing off it.
+-- KEYS: counter hash, lease set. ARGV: retry_ms. Returns {spent, held} as they were before.
 local c, l = KEYS[1], KEYS[2]
-reap(c, l, now_ms())
+local keep = check_ms(ARGV[1], 'retry_ms')
+reap(c, l, now_ms(), keep)
 local state = redis.call('HMGET', c, 's', 'h')
-if redis.call('EXISTS', c) == 1 then redis.call('HSET', c, 's', '0') end
+if redis.call('EXISTS', c) == 1 then
+  redis.call('HSET', c, 's', '0')
+  for _, f in ipairs(redis.call('HKEYS', c)) do
+    if string.sub(f, 1, 1) == '!' then
+      redis.call('HDEL', c, f)
+      redis.call('ZREM', l, TAB .. string.sub(f, 2))
+    end
+  end
+end
 return {state[1] or '0', state[2] or '0'}
