@@ -91,29 +91,18 @@ def test_strict_at_least_a_bytes_only_bpe(text):
     assert STRICT.output_tokens(text) >= worst
 
 
-def _offline_encoding(monkeypatch, name):
-    """A tiktoken encoding only if its file is already cached: downloading is made to fail."""
-    tiktoken = pytest.importorskip("tiktoken")
-    import tiktoken.load
-
-    def no_network(blobpath):
-        raise OSError(f"offline test: not fetching {blobpath}")
-
-    monkeypatch.setattr(tiktoken.load, "read_file", no_network)
-    try:
-        return tiktoken.get_encoding(name)
-    except Exception:
-        return None
-
-
 @pytest.mark.parametrize("text", TEXTS)
-@pytest.mark.parametrize("encoding", ["o200k_base", "cl100k_base"])
-def test_strict_at_least_tiktoken(monkeypatch, encoding, text):
-    enc = _offline_encoding(monkeypatch, encoding)
-    if enc is None:
-        pytest.skip(f"tiktoken's {encoding} file is not cached on this machine and tests may not download it")
-    assert STRICT.input_tokens([HumanMessage(text)]) >= len(enc.encode(text)) + 3  # +3: OpenAI's reply priming
-    assert STRICT.output_tokens(text) >= len(enc.encode(text))
+@pytest.mark.parametrize("model", ["gpt-4o", "gpt-4"])
+def test_the_byte_bound_is_at_least_the_real_tokenizer(model, text):
+    from langchain_budgetguard.tokenizers import exact_family
+
+    family = exact_family(model)
+    if family is None:
+        pytest.skip("the [tokenizers] extra is not installed")
+    byte_bound = StrictEstimator(exact=False)
+    assert byte_bound.input_tokens([HumanMessage(text)]) >= family.count(text) + 3  # +3: OpenAI's reply priming
+    assert byte_bound.output_tokens(text) >= family.count(text)
+    assert STRICT.output_tokens(text) >= family.count(text)
 
 
 @pytest.mark.parametrize("text", TEXTS)
@@ -542,3 +531,120 @@ def test_get_estimator_rejects_objects_without_a_mode():
 
     with pytest.raises(ValueError, match="mode"):
         get_estimator(NoMode())
+
+
+# -- output caps: who set them, the model's limit, the kwarg to send --------------------------
+
+def _anthropic(**kwargs):
+    from langchain_anthropic import ChatAnthropic
+
+    return ChatAnthropic(api_key="x", **kwargs)
+
+
+def _openai(**kwargs):
+    from langchain_openai import ChatOpenAI
+
+    return ChatOpenAI(api_key="x", **kwargs)
+
+
+def test_anthropic_default_max_tokens_is_the_integration_default():
+    from langchain_budgetguard.caps import model_output_limit, output_cap, output_cap_kwarg
+
+    for model, limit in (("claude-sonnet-4-5", 64_000), ("claude-opus-4-6", 128_000)):
+        llm = _anthropic(model=model)
+        assert llm.max_tokens == limit  # ChatAnthropic filled it in from the profile
+        cap = output_cap(llm)
+        assert (cap.tokens, cap.source, cap.kwarg, cap.model_limit) == (limit, "integration_default", "max_tokens",
+                                                                        limit)
+        assert not cap.user_set
+        assert model_output_limit(llm) == limit and output_cap_kwarg(llm) == "max_tokens"
+    # A model without a profile: ChatAnthropic's fallback of 4,096 is its default too.
+    cap = output_cap(_anthropic(model="claude-3-haiku-20240307"))
+    assert (cap.tokens, cap.source, cap.model_limit) == (4096, "integration_default", None)
+
+
+def test_anthropic_caps_the_user_set_are_theirs():
+    from langchain_budgetguard.caps import output_cap
+
+    llm = _anthropic(model="claude-opus-4-6", max_tokens=1000)
+    assert (output_cap(llm).tokens, output_cap(llm).source) == (1000, "model")
+    bound = llm.bind(max_tokens=200)
+    assert (output_cap(bound).tokens, output_cap(bound).source, output_cap(bound).kwarg) == (200, "binding",
+                                                                                           "max_tokens")
+    call = output_cap(bound, {"max_tokens": 50})
+    assert (call.tokens, call.source, call.model_limit) == (50, "call", 128_000)
+    # Binding the full limit is how a user keeps it: bindings are never read as defaults.
+    full = output_cap(_anthropic(model="claude-opus-4-6").bind(max_tokens=128_000))
+    assert (full.tokens, full.source) == (128_000, "binding")
+    # Tools bound on top do not hide the default.
+    tooled = output_cap(_anthropic(model="claude-sonnet-4-5").bind_tools([GetWeather]))
+    assert (tooled.tokens, tooled.source) == (64_000, "integration_default")
+
+
+def test_openai_caps_and_kwarg():
+    from langchain_budgetguard.caps import model_output_limit, output_cap, output_cap_kwarg
+
+    plain = _openai(model="gpt-4o")
+    cap = output_cap(plain)
+    assert (cap.tokens, cap.source, cap.kwarg, cap.model_limit) == (None, "none", "max_tokens", 16_384)
+    assert model_output_limit(_openai(model="o3-mini")) == 100_000
+    assert (output_cap(_openai(model="gpt-4o", max_tokens=300)).source) == "model"
+    set_via_alias = output_cap(_openai(model="gpt-5", max_completion_tokens=100))
+    assert (set_via_alias.tokens, set_via_alias.source, set_via_alias.kwarg) == (100, "model", "max_completion_tokens")
+    bound = _openai(model="gpt-4o").bind(max_completion_tokens=77)
+    assert output_cap_kwarg(bound) == "max_completion_tokens"
+    assert (output_cap(bound).tokens, output_cap(bound).source) == (77, "binding")
+    assert output_cap_kwarg(object()) is None and output_cap(object()).source == "none"
+
+
+@pytest.mark.parametrize("make", [lambda: _openai(model="gpt-4o", max_tokens=9000),
+                                  lambda: _openai(model="gpt-4o", use_responses_api=True, max_tokens=9000),
+                                  lambda: _anthropic(model="claude-opus-4-6")])
+def test_the_kwarg_sets_the_cap_the_provider_receives(make):
+    """The guard sends ``{output_cap_kwarg(llm): n}`` with the call: it must win over the model's own cap."""
+    from langchain_budgetguard.caps import output_cap_kwarg
+
+    llm = make()
+    kwarg = output_cap_kwarg(llm)
+    payload = llm._get_request_payload([HumanMessage("hi")], **{kwarg: 123})
+    caps = {k: v for k, v in payload.items() if k in ("max_tokens", "max_completion_tokens", "max_output_tokens")}
+    assert list(caps.values()) == [123], caps
+
+
+def test_call_estimate_breakdown_names_the_dominant_part():
+    from langchain_budgetguard.estimate import estimate_call
+
+    llm = _anthropic(model="claude-opus-4-6")
+    est = estimate_call(STRICT, [HumanMessage("hi")], llm, default_max_output_tokens=4096)
+    assert est.output_cap.source == "integration_default" and est.output_cap.tokens == 128_000
+    assert est.reserved_output_tokens == 4096 and est.send_cap == {"max_tokens": 4096}
+    assert est.input_tokens < 100 and est.dominant == "output"
+    assert "max_tokens=128,000" in est.describe() and "4,096" in est.describe()
+    mine = estimate_call(STRICT, [HumanMessage("hi")], llm.bind(max_tokens=90_000), default_max_output_tokens=4096)
+    assert mine.reserved_output_tokens == 90_000 and mine.send_cap is None and mine.output_cap.source == "binding"
+    big = estimate_call(STRICT, [HumanMessage("word " * 20_000)], _openai(model="gpt-4o", max_tokens=50),
+                        default_max_output_tokens=4096)
+    assert big.dominant == "input" and big.reserved_output_tokens == 50 and big.send_cap is None
+    # Never more than the model can produce, even when the default is larger.
+    small_model = estimate_call(STRICT, [HumanMessage("hi")], _anthropic(model="claude-3-haiku-20240307"),
+                                default_max_output_tokens=8192)
+    # No profile: the integration's own default (4,096, claude-3-haiku's real limit) is the ceiling.
+    assert small_model.reserved_output_tokens == 4096 and small_model.send_cap == {"max_tokens": 4096}
+    gpt4o = estimate_call(STRICT, [HumanMessage("hi")], _openai(model="gpt-4o"), default_max_output_tokens=50_000)
+    assert gpt4o.reserved_output_tokens == 16_384 and gpt4o.send_cap == {"max_tokens": 16_384}
+    with pytest.raises(ValueError, match="default_max_output_tokens"):
+        estimate_call(STRICT, [HumanMessage("hi")], llm, default_max_output_tokens=0)
+
+
+def test_output_tokens_of_a_cut_stream_with_the_model():
+    from langchain_budgetguard.estimate import estimate_output_tokens
+    from langchain_budgetguard.tokenizers import exact_family
+
+    text = "A reply that was cut off halfway through its second sentence. Привет"
+    assert estimate_output_tokens(STRICT, text) == STRICT.output_tokens(text)
+    family = exact_family("gpt-4o")
+    if family is not None:
+        exact = estimate_output_tokens(STRICT, text, "gpt-4o")
+        assert family.count(text) <= exact < STRICT.output_tokens(text)
+    assert estimate_output_tokens(TYPICAL, text, "gpt-4o") == TYPICAL.output_tokens(text)
+    assert estimate_output_tokens(STRICT, "", "gpt-4o") == 0

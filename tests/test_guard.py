@@ -94,7 +94,9 @@ def test_reply_carries_served_model_and_exact_cost():
 
 
 def test_strict_default_never_overspends_with_real_estimates():
-    llm = UsageChat(model_name="gpt-4o-mini", input_tokens=50, output_tokens=500, max_tokens=500)
+    # 18 prompt tokens: what OpenAI counts for this message (o200k content + chat framing); strict is
+    # exact for gpt-4o-mini now, so the fake must report a count the provider could report.
+    llm = UsageChat(model_name="gpt-4o-mini", input_tokens=18, output_tokens=500, max_tokens=500)
     guard = BudgetGuard(llm, limit=0.01)
     with pytest.raises(BudgetExceededError):
         for _ in range(1000):

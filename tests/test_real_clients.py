@@ -203,7 +203,8 @@ async def test_a_refused_call_sends_no_request(request, server_name):
 def _interrupted_cost(guard, prompt: str, text: str) -> Decimal:
     """What the guard charges a stream cut after ``text``: its input estimate plus the output so far."""
     policy = guard.policy
-    usage = TokenUsage(input_tokens=policy.estimator.input_tokens([HumanMessage(prompt)], []),
+    model = guard._ladder()[0].runnable  # as the guard estimates: with the model (its exact tokenizer)
+    usage = TokenUsage(input_tokens=policy.estimator.input_tokens([HumanMessage(prompt)], [], model=model),
                        output_tokens=policy.estimator.output_tokens(text))
     return policy.pricer.rate_card(guard._ladder()[0].ref).cost(usage)
 

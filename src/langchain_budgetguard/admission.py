@@ -18,9 +18,9 @@ from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .errors import BudgetExceededError, BudgetStoreUnavailableError, Refusal
+from .errors import BudgetExceededError, BudgetStoreUnavailableError, CallIdReusedError, Refusal
 from .money import nano_to_usd
-from .pricing import RateCard
+from .pricing import ModelRef, RateCard
 from .stores.base import Counter, Hold, ReserveResult
 
 if TYPE_CHECKING:
@@ -44,6 +44,8 @@ class Estimate:
     output_tokens: int = 0  # the output cap the reservation covers
     send_cap: bool = False  # the call sets no cap: ``output_tokens`` is sent as its cap
     clamped: bool = False  # the cap was lowered to fit what is left of the budget
+    extra: int = 0  # what billed items besides tokens may add (server tool requests), in ``reserve``
+    refs: tuple[ModelRef, ...] = ()  # every model that may serve the call (priced at settle)
 
 
 @dataclass(slots=True)
@@ -55,6 +57,7 @@ class Admitted:
     index: int
     call_id: str
     keys: tuple[str, ...]
+    held: bool = True  # the store placed the hold (False: admitted fail-open while it was unreachable)
     local_store: MemoryStore | None = None  # the outage's allowance it was held on
 
 
@@ -99,6 +102,7 @@ def shrink_to_fit(policy: BudgetPolicy, estimate: Estimate, room: int) -> Estima
     def hold(cap: int) -> tuple[int, int]:
         return estimate.card.hold_nano(estimate.input_tokens, cap, dearer_cache_write=strict)
 
+    room -= estimate.extra
     if hold(least)[0] > room:
         return None
     low, high = least, estimate.output_tokens - 1  # hold(low) fits: find the largest cap that does
@@ -106,7 +110,8 @@ def shrink_to_fit(policy: BudgetPolicy, estimate: Estimate, room: int) -> Estima
         mid = (low + high + 1) // 2
         low, high = (mid, high) if hold(mid)[0] <= room else (low, mid - 1)
     reserve, input_cost = hold(low)
-    return Estimate(estimate.card, estimate.input_tokens, reserve, input_cost, low, True, True)
+    return Estimate(estimate.card, estimate.input_tokens, reserve + estimate.extra, input_cost, low, True, True,
+                    estimate.extra, estimate.refs)
 
 
 def _try(policy: BudgetPolicy, plan: CounterPlan, candidate: Any, estimate: Estimate, index: int, last: int,
@@ -123,10 +128,13 @@ def _try(policy: BudgetPolicy, plan: CounterPlan, candidate: Any, estimate: Esti
     if isinstance(result, Exception):
         if policy.on_store_error == "fail_closed":
             raise result
+        admitted.held = False
         yield from _fail_open(policy, admitted)
         return admitted
     if result.ok:
         return admitted
+    if result.reused:  # never a refusal to degrade from: this call id already named another call
+        raise CallIdReusedError(call_id)
     blocked = result.blocked or 0
     refusals.append(plan.refusal(blocked, result.states[blocked], estimate.reserve, candidate.label))
     if refused is not None:

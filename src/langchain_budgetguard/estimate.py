@@ -1,17 +1,27 @@
-"""Pre-call token estimates, offline: no tokenizer files, no network.
+"""Pre-call token estimates, offline: no network, no downloads.
 
 Two estimators share one walk over the messages and differ in how they count:
 
 * ``StrictEstimator`` (mode ``"strict"``) is an upper bound on what a provider
-  reports as prompt tokens. Every token of a byte-level BPE (OpenAI, Anthropic,
-  Llama 3, Mistral Tekken...) covers at least one UTF-8 byte, and a
-  SentencePiece piece covers at least one character (byte fallback: one byte),
-  so ``tokens(text) <= len(text.encode("utf-8"))``. On top come generous
-  per-message, per-block and per-request overheads, the JSON of tool schemas,
-  and a worst case per image.
-* ``TypicalEstimator`` (mode ``"typical"``) is close to real counts:
-  ``ceil(ascii_chars / 4)`` plus about one token per non-ASCII character. It
-  can be below the provider's count now and then.
+  reports as prompt tokens. For a model whose tokenizer is public and installed
+  (the ``tokenizers`` extra: OpenAI o200k/cl100k, Mistral's shipped ones; see
+  ``tokenizers``) it counts exactly, in the provider's chat format (per-message
+  and reply-priming tokens, tools as the larger of their JSON and OpenAI's
+  TypeScript rendering), plus a margin of 1% and 8 tokens. Otherwise every
+  token of a byte-level BPE (OpenAI, Anthropic, Llama 3, Mistral Tekken...)
+  covers at least one UTF-8 byte, and a SentencePiece piece at least one
+  character (byte fallback: one byte), so ``tokens(text) <= len(text.encode())``;
+  on top come generous per-message, per-block and per-request overheads and the
+  JSON of tool schemas. Images count their family's formula when their size can
+  be read from an inline header (``images``), else the family's worst case.
+* ``TypicalEstimator`` (mode ``"typical"``) is close to real counts: exact
+  without margin where a tokenizer is installed, else ``ceil(ascii_chars / 4)``
+  plus about one token per non-ASCII character; ``observe`` calibrates it per
+  model from the prompt counts providers report (``calibration``). It is below
+  the provider's count for about 8% of requests, by design.
+
+``estimate_call`` puts a call's input estimate next to its output cap and where
+that cap came from (``caps``), for the reservation and for a refusal's message.
 
 What no offline estimate can bound (documented, not hidden): documents and
 media given by URL or file id, PDFs whose page objects are compressed, results
@@ -27,21 +37,37 @@ import functools
 import json
 import math
 import re
+import threading
 import unicodedata
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
 
+from .calibration import Calibrator
+from .caps import OutputCap, binding_layers, max_output_tokens, output_cap
+from .images import image_size, image_tokens
+from .tokenizers import ExactFamily, exact_family, render_openai_tool
+
 __all__ = [
     "DEFAULT_IMAGE_TOKENS",
     "DEFAULT_MAX_OUTPUT_TOKENS",
+    "CallEstimate",
     "Estimator",
+    "OutputCap",
     "StrictEstimator",
+    "TokenCount",
     "TypicalEstimator",
+    "calibration_key",
+    "dominant_part",
+    "estimate_call",
     "estimate_input_tokens",
+    "estimate_output_tokens",
     "get_estimator",
     "max_output_tokens",
+    "output_cap",
+    "reserved_output",
     "tools_of",
 ]
 
@@ -236,6 +262,7 @@ class _Counter:
     block_overhead: int
     tool_overhead: int
     tool_call_overhead: int
+    tool_result_overhead: int = 0
     tools_request_overhead: int
     server_tool_tokens: int
     response_format_overhead: int
@@ -291,7 +318,7 @@ class _Counter:
         if isinstance(message, AIMessage):
             n += self._ai_extras(message)
         elif isinstance(message, ToolMessage):
-            n += self._text(message.tool_call_id or "")
+            n += self._text(message.tool_call_id or "") + self.tool_result_overhead
         elif message.type == "chat":
             n += self._text(getattr(message, "role", "") or "")
         return n
@@ -318,8 +345,14 @@ class _Counter:
         if isinstance(call_id, str):
             n += self._text(call_id)
         if args is not None:
-            n += self._text(args if isinstance(args, str) else _dumps(args, self.mode != "strict"))
+            n += self._text(args if isinstance(args, str) else self._json(args))
         return n
+
+    def _json(self, value: Any) -> str:
+        return _dumps(value, self.mode != "strict")
+
+    def _schema_tokens(self, schema: Any) -> int:
+        return self._text(self._json(schema))
 
     def _content(self, content: Any, family: str) -> int:
         if isinstance(content, str):
@@ -369,6 +402,13 @@ class _Counter:
             return self.low_detail_image_tokens
         if not low and self.image_tokens is not None:
             return self.image_tokens
+        payload = _longest_string(block)
+        if payload is not None and not _is_reference(payload):
+            size = image_size(payload)
+            if size is not None:  # the family's formula for this size, never above its worst case
+                row = _IMAGE_TOKENS[family]
+                return image_tokens(family, size[0], size[1], low, row[1] if low else row[0],
+                                    bound=self.mode == "strict")
         return self._image_table(family, low)
 
     def _image_table(self, family: str, low: bool) -> int:
@@ -407,10 +447,10 @@ class _Counter:
             schema = _tool_dict(tool)
             kind = schema.get("type") if isinstance(schema, Mapping) else None
             if kind in _RESPONSE_FORMATS and "function" not in schema:
-                n += self.response_format_overhead + self._text(_dumps(schema, self.mode != "strict"))
+                n += self.response_format_overhead + self._schema_tokens(schema)
                 continue
             uses_tools = True
-            n += self.tool_overhead + self._text(_dumps(schema, self.mode != "strict"))
+            n += self.tool_overhead + self._schema_tokens(schema)
             if _is_server_tool(schema):
                 # Provider-defined tools (web search, bash, text editor, computer use) carry
                 # a hidden definition far longer than their few-field declaration.
@@ -435,6 +475,7 @@ class StrictEstimator(_Counter):
     """
 
     mode = "strict"
+    exact = True
     message_overhead = 8
     request_overhead = 12
     block_overhead = 2
@@ -448,6 +489,54 @@ class StrictEstimator(_Counter):
     output_overhead = 4  # end-of-turn / stop tokens, SentencePiece's dummy prefix
 
     _text = staticmethod(_strict_text)
+
+    def __init__(self, image_tokens: int | None = None, low_detail_image_tokens: int | None = None, *,
+                 exact: bool = True) -> None:
+        super().__init__(image_tokens, low_detail_image_tokens)
+        if not isinstance(exact, bool):
+            raise ValueError(f"exact: expected True or False, got {exact!r}")
+        self.exact = exact
+        self._exact_counters: dict[str, _Counter] = {}
+
+    def input_tokens(
+        self,
+        messages: Sequence[BaseMessage] | Any,
+        tools: Sequence[Any] | None = None,
+        *,
+        model: Any = None,
+    ) -> int:
+        """Upper bound on the prompt tokens of ``messages`` plus ``tools`` on ``model``.
+
+        For a model with a public tokenizer installed (see ``tokenizers``): its exact
+        counts in its provider's chat format, plus 1% and 8 tokens. Otherwise the UTF-8
+        byte bound. ``model`` (a name or a chat model) also picks the image cost of its
+        family; without it images count as the worst case of any family but gpt-4o-mini.
+        """
+        counter = self.counter_for(model)
+        if counter is self:
+            return _Counter.input_tokens(self, messages, tools, model=model)
+        n = counter.input_tokens(messages, tools, model=model)
+        if isinstance(counter, _ExactCounter) and counter.family.provider == "mistral" and _safe_prompt(model):
+            n += MISTRAL_SAFE_PROMPT_TOKENS  # Mistral prepends its guardrail system prompt
+        return n
+
+    def counter_for(self, model: Any) -> _Counter:
+        """The counter this estimator uses for ``model``: an exact one, or itself (byte bound)."""
+        if not self.exact:
+            return self
+        family = exact_family(_model_name(model))
+        if family is None:
+            return self
+        counter = self._exact_counters.get(family.name)
+        if counter is None:
+            counter = self._exact_counters[family.name] = _ExactCounter(
+                family, True, self.image_tokens, self.low_detail_image_tokens)
+        return counter
+
+    def tokenizer_for(self, model: Any) -> str | None:
+        """The exact tokenizer used for ``model`` (``"o200k_base"``...), or None for the byte bound."""
+        counter = self.counter_for(model)
+        return counter.family.name if isinstance(counter, _ExactCounter) else None
 
     def output_tokens(self, text: str) -> int:
         """Upper bound on the tokens that produced ``text``: its UTF-8 bytes plus a small overhead.
@@ -469,14 +558,113 @@ class StrictEstimator(_Counter):
         return n + pages * self.pdf_page_tokens
 
 
-class TypicalEstimator(_Counter):
-    """Close to real counts, may be below them (mode ``"typical"``).
+class TokenCount(int):
+    """An ``int`` of tokens from ``TypicalEstimator``, carrying what ``observe`` learns from.
 
-    Text: ``ceil(ascii/4)`` plus ~1 token per non-ASCII character; each
-    message adds 4, the request 3; tools their compact JSON likewise plus 8
-    each and, with tools present, 350 for Claude or unknown models (its
-    tool-use system prompt), 30 otherwise. Images count a ~1024x1024 image of
-    the model's family.
+    ``raw``: the uncalibrated estimate; ``features``: the request's features; ``key``: the
+    calibration key (the model id). Arithmetic on it gives plain ints.
+    """
+
+    raw: int
+    features: tuple[float, ...]
+    key: str
+
+    def __new__(cls, tokens: int, raw: int, features: tuple[float, ...], key: str) -> TokenCount:
+        self = super().__new__(cls, tokens)
+        self.raw, self.features, self.key = raw, features, key
+        return self
+
+    def __getnewargs__(self) -> tuple[int, int, tuple[float, ...], str]:  # copy and pickle
+        return int(self), self.raw, self.features, self.key
+
+    def __repr__(self) -> str:
+        return f"TokenCount({int(self)}, raw={self.raw}, key={self.key!r})"
+
+
+def calibration_key(model: Any) -> str:
+    """The key ``TypicalEstimator`` learns under for ``model`` (a name or a chat model)."""
+    return (_model_name(model) or "unknown").strip().lower()
+
+
+def _byte_classes() -> bytes:
+    """UTF-8 byte -> feature index + 1 (0: continuation bytes, not counted).
+
+    A UTF-8 lead byte names its script block closely enough to tell Cyrillic (D0-D3) from
+    Arabic (D8-DB), kana (E3) from CJK ideographs (E4-E9) and Hangul (EA-ED).
+    """
+    table = bytearray(256)
+    for b in range(128):
+        ch = chr(b)
+        table[b] = (1 if ch.islower() else 2 if ch.isupper() else 3 if ch.isdigit() else 4 if ch == " "
+                    else 5 if ch.isspace() else 6)
+    for lo, hi, cls in ((0xC0, 0xCF, 7), (0xD4, 0xD7, 7), (0xDC, 0xDF, 7), (0xD0, 0xD3, 8), (0xD8, 0xDB, 9),
+                        (0xE0, 0xE1, 10), (0xE2, 0xE2, 11), (0xE3, 0xE3, 12), (0xE4, 0xE9, 13), (0xEA, 0xED, 14),
+                        (0xEE, 0xEF, 15), (0xF0, 0xFF, 16)):
+        for b in range(lo, hi + 1):
+            table[b] = cls
+    return bytes(table)
+
+
+_BYTE_CLASSES = _byte_classes()
+_CLASS_BYTES = [bytes([k]) for k in range(1, 17)]
+# ASCII lower, upper, digits, spaces, other whitespace, punctuation; 2-byte other, Cyrillic, Arabic;
+# 3-byte Indic/Thai..., symbols, kana, CJK, Hangul, other; 4-byte; images; tool schemas; everything
+# else (overheads, media...); a constant; o200k tokens of the text (a proxy, when installed).
+_FEATURES = 21
+_PRIOR = (0.25, 0.25, 0.25, 0.25, 0.25, 0.25, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.34,
+          1.0, 1.0, 1.0, 0.0, 0.0)
+# With o200k installed the regression starts from "o200k's count" and learns per-script corrections:
+# the character classes are nearly collinear with it, and the ridge decides between equal fits.
+_PRIOR_PROXY = (0.0,) * 16 + (1.0, 1.0, 1.0, 0.0, 1.0)
+_PROXY_MODEL = "gpt-4o"
+_features = threading.local()
+
+
+_SAMPLE_ABOVE = 32_768  # characters; longer texts are described by 32 evenly spread slices
+_SLICES, _SLICE = 32, 512
+
+
+def _add_text_features(text: str, tokens: int, acc: list[float]) -> None:
+    """Add ``text`` (``tokens`` by the heuristic) to ``acc`` (long texts: a sample, scaled up)."""
+    scale = 1.0
+    sample = text
+    if len(text) > _SAMPLE_ABOVE:
+        step = len(text) // _SLICES
+        sample = "".join(text[i * step:i * step + _SLICE] for i in range(_SLICES))
+        scale = len(text) / len(sample)
+    classes = sample.encode("utf-8", "surrogatepass").translate(_BYTE_CLASSES)
+    for k, marker in enumerate(_CLASS_BYTES):
+        acc[k] += classes.count(marker) * scale
+    acc[18] += tokens  # taken back out of "everything else" by the caller
+    proxy = exact_family(_PROXY_MODEL)
+    if proxy is not None:
+        acc[19] += proxy.count(sample) * scale
+
+
+def _typical_text_tracked(text: str) -> int:
+    n = _typical_text(text)
+    acc = getattr(_features, "acc", None)
+    if acc is not None and text:
+        _add_text_features(text, n, acc)
+    return n
+
+
+class TypicalEstimator(_Counter):
+    """Close to real counts, learning from reported counts; may be below them (mode ``"typical"``).
+
+    For a model with a public tokenizer installed: its exact counts in its provider's chat
+    format, without margin. Otherwise text counts ``ceil(ascii/4)`` plus ~1 token per
+    non-ASCII character; each message adds 4, the request 3; tools their compact JSON
+    likewise plus 8 each and, with tools present, 350 for Claude or unknown models (its
+    tool-use system prompt), 30 otherwise. Images count a ~1024x1024 image of the model's
+    family (or their formula, for a known size).
+
+    ``observe(model_key, estimated, reported)`` (the guard calls it at settle with the
+    provider's prompt count) calibrates the estimates of that model: once 24 requests are
+    seen, an estimate is a regression on the request's features times the 0.9 quantile of
+    reported / predicted over the last 256 requests (see ``calibration``): right on average,
+    below the provider's count for about 10% of requests. ``calibrate=False`` turns it off;
+    ``exact=False`` uses the heuristic even where a tokenizer is installed.
     """
 
     mode = "typical"
@@ -491,11 +679,102 @@ class TypicalEstimator(_Counter):
     url_media_tokens = 3_000
     pdf_page_tokens = 1_500
 
-    _text = staticmethod(_typical_text)
+    _text = staticmethod(_typical_text_tracked)
+
+    def __init__(self, image_tokens: int | None = None, low_detail_image_tokens: int | None = None, *,
+                 exact: bool = True, calibrate: bool | Calibrator = True) -> None:
+        super().__init__(image_tokens, low_detail_image_tokens)
+        if not isinstance(exact, bool):
+            raise ValueError(f"exact: expected True or False, got {exact!r}")
+        if not isinstance(calibrate, (bool, Calibrator)):
+            raise ValueError(f"calibrate: expected True, False or a Calibrator, got {calibrate!r}")
+        self.exact = exact
+        self.calibrator: Calibrator | None = (Calibrator() if calibrate is True else calibrate or None)
+        self._exact_counters: dict[str, _Counter] = {}
+
+    def input_tokens(
+        self,
+        messages: Sequence[BaseMessage] | Any,
+        tools: Sequence[Any] | None = None,
+        *,
+        model: Any = None,
+    ) -> int:
+        """Estimated prompt tokens (a ``TokenCount``): calibrated once the model has been observed."""
+        name = _model_name(model)
+        key = (name or "unknown").strip().lower()
+        family = exact_family(name) if self.exact else None
+        if family is not None:
+            counter = self._exact_counters.get(family.name)
+            if counter is None:
+                counter = self._exact_counters[family.name] = _ExactCounter(
+                    family, False, self.image_tokens, self.low_detail_image_tokens)
+            raw = counter.input_tokens(messages, tools, model=model)
+            features: tuple[float, ...] = (float(raw),)
+        elif self.calibrator is None:  # nothing will learn from features: don't compute them
+            raw = _Counter.input_tokens(self, messages, tools, model=model)
+            features = ()
+        else:
+            acc = [0.0] * (_FEATURES - 1)
+            _features.acc = acc
+            try:
+                raw = _Counter.input_tokens(self, messages, tools, model=model)
+            finally:
+                _features.acc = None
+            acc[18] = raw - acc[18] - acc[17] - acc[16]  # overheads, media: not text, images or tools
+            proxy = acc.pop()
+            features = (*acc, 1.0, proxy)
+        tokens = raw
+        if self.calibrator is not None:
+            cal = self.calibrator.get(key, len(features))
+            if cal is not None and cal.ready:
+                tokens = cal.estimate(features, raw)
+            elif len(features) > 1:
+                ratio = self.calibrator.get(key, 1)  # only plain ints were observed for this model
+                if ratio is not None and ratio.ready:
+                    tokens = ratio.estimate((float(raw),), raw)
+        return TokenCount(tokens, raw, features, key)
+
+    def observe(self, model_key: str | None, estimated_tokens: int, reported_tokens: int) -> None:
+        """Learn from one settled call: its estimate (as ``input_tokens`` returned it) and the
+        prompt tokens the provider reported. Thread-safe; bounded memory; a no-op when
+        calibration is off or the numbers are unusable.
+
+        A ``TokenCount`` carries its own key and features (``model_key`` is then ignored); a
+        plain int is taken as an uncalibrated estimate for ``model_key``.
+        """
+        if self.calibrator is None:
+            return
+        if isinstance(reported_tokens, bool) or not isinstance(reported_tokens, int) or reported_tokens <= 0:
+            return
+        if isinstance(estimated_tokens, TokenCount) and estimated_tokens.features:
+            features, key = estimated_tokens.features, estimated_tokens.key
+        elif isinstance(estimated_tokens, int) and not isinstance(estimated_tokens, bool) and estimated_tokens > 0:
+            features, key = (float(estimated_tokens),), (model_key or "unknown").strip().lower()
+        else:
+            return
+        if len(features) == _FEATURES:
+            prior = _PRIOR_PROXY if exact_family(_PROXY_MODEL) is not None else _PRIOR
+        else:
+            prior = (1.0,)
+        self.calibrator.observe(key, features, prior, reported_tokens)
 
     def output_tokens(self, text: str) -> int:
         """Estimated tokens of ``text`` at the same ratio as input text."""
         return _typical_text(text)
+
+    def _image(self, block: Mapping[str, Any], family: str) -> int:
+        n = _Counter._image(self, block, family)
+        acc = getattr(_features, "acc", None)
+        if acc is not None:
+            acc[16] += n
+        return n
+
+    def _schema_tokens(self, schema: Any) -> int:
+        n = _typical_text(self._json(schema))  # not text features: schemas tokenize unlike prose
+        acc = getattr(_features, "acc", None)
+        if acc is not None:
+            acc[17] += n
+        return n
 
     def _image_table(self, family: str, low: bool) -> int:
         row = _IMAGE_TOKENS[family]
@@ -510,6 +789,110 @@ class TypicalEstimator(_Counter):
 
     def _tools_request_overhead(self, family: str) -> int:
         return 350 if family in ("claude", "default") else self.tools_request_overhead
+
+
+class _ExactCounter(_Counter):
+    """Exact tokens of one public tokenizer in its provider's chat format (see ``tokenizers``).
+
+    ``strict``: the provider's format overheads plus the format's margin, images and media at
+    the strict worst case; otherwise the same counts without margin, images of typical size.
+    """
+
+    server_tool_tokens = StrictEstimator.server_tool_tokens
+    response_format_overhead = StrictEstimator.response_format_overhead
+
+    def __init__(self, family: ExactFamily, strict: bool, image_tokens: int | None = None,
+                 low_detail_image_tokens: int | None = None) -> None:
+        super().__init__(image_tokens, low_detail_image_tokens)
+        fmt = family.format
+        self.family = family
+        self.strict = strict
+        self.mode = "strict" if strict else "typical"
+        self.message_overhead = fmt.message
+        self.request_overhead = fmt.request
+        self.block_overhead = fmt.block
+        self.tool_overhead = fmt.tool
+        self.tool_call_overhead = fmt.tool_call
+        self.tool_result_overhead = fmt.tool_result
+        self.tools_request_overhead = fmt.tools_request
+        source = StrictEstimator if strict else TypicalEstimator
+        self.url_media_tokens = source.url_media_tokens
+        self.pdf_page_tokens = source.pdf_page_tokens
+        self._text = family.count  # type: ignore[assignment]
+        self._schema_cache: dict[int, tuple[Any, int]] = {}
+
+    def __repr__(self) -> str:
+        return f"_ExactCounter({self.family.name!r}, strict={self.strict})"
+
+    def input_tokens(self, messages: Any, tools: Sequence[Any] | None = None, *, model: Any = None) -> int:
+        n = _Counter.input_tokens(self, messages, tools, model=model)
+        if not self.strict:
+            return n
+        fmt = self.family.format
+        return n + math.ceil(n * fmt.margin_ratio) + fmt.margin_tokens
+
+    def output_tokens(self, text: str) -> int:
+        return self.family.count(text) + (StrictEstimator.output_overhead if self.strict else 0) if text else 0
+
+    def _json(self, value: Any) -> str:
+        if self.family.format.spaced_json:
+            return _dumps_spaced(value)
+        return _dumps(value, True)
+
+    def _message(self, message: BaseMessage, family: str) -> int:
+        if isinstance(message, ToolMessage) and self.family.format.spaced_json:
+            # Mistral sends a tool result inside JSON: {"content": "...", "call_id": "..."}.
+            content = message.content if isinstance(message.content, str) else _dumps(message.content, True)
+            return (self.message_overhead + self.tool_result_overhead + self._text(_dumps_spaced(content))
+                    + self._text(message.tool_call_id or ""))
+        return _Counter._message(self, message, family)
+
+    def _schema_tokens(self, schema: Any) -> int:
+        hit = self._schema_cache.get(id(schema))
+        if hit is not None and hit[0] is schema:
+            return hit[1]
+        n = self._text(self._json(schema))
+        if self.family.provider == "openai":
+            rendered = render_openai_tool(schema)
+            if rendered is not None:
+                n = max(n, self._text(rendered))
+        if len(self._schema_cache) > 512:
+            self._schema_cache.clear()
+        self._schema_cache[id(schema)] = (schema, n)  # holding the schema keeps its id from being reused
+        return n
+
+    def _image_table(self, family: str, low: bool) -> int:
+        row = _IMAGE_TOKENS[family]
+        if self.strict:
+            return row[1] if low else row[0]
+        return row[3] if low else row[2]
+
+    def _media_payload(self, payload: str) -> int:
+        if self.strict:
+            return StrictEstimator._media_payload(self, payload)  # type: ignore[arg-type]
+        return TypicalEstimator._media_payload(self, payload)  # type: ignore[arg-type]
+
+    def _tools_request_overhead(self, family: str) -> int:
+        return self.tools_request_overhead
+
+
+MISTRAL_SAFE_PROMPT_TOKENS = 64
+"""Bound on the system prompt Mistral's API prepends with ``safe_prompt`` (ChatMistralAI ``safe_mode``)."""
+
+
+def _safe_prompt(model: Any) -> bool:
+    layers, inner = binding_layers(model)
+    for kwargs in layers:
+        if "safe_prompt" in kwargs or "safe_mode" in kwargs:
+            return bool(kwargs.get("safe_prompt", kwargs.get("safe_mode")))
+    return bool(getattr(inner, "safe_mode", False) or getattr(inner, "safe_prompt", False))
+
+
+def _dumps_spaced(value: Any) -> str:
+    try:
+        return json.dumps(value, ensure_ascii=False, default=str)
+    except (TypeError, ValueError):
+        return str(value)
 
 
 def _as_messages(messages: Any) -> Sequence[BaseMessage]:
@@ -646,88 +1029,21 @@ def estimate_input_tokens(
     return estimator.input_tokens(messages, tools)
 
 
+def estimate_output_tokens(estimator: Estimator, text: str, model: Any = None) -> int:
+    """``estimator.output_tokens(text)``, exact for a model whose tokenizer is installed (strict).
+
+    For a reply whose usage never came (a cut stream): the text seen, as the model's tokenizer
+    counts it plus strict's small overhead, instead of its UTF-8 bytes.
+    """
+    counter_for = getattr(estimator, "counter_for", None)
+    if model is not None and callable(counter_for):
+        return counter_for(model).output_tokens(text)
+    return estimator.output_tokens(text)
+
+
 # --------------------------------------------------------------------------------------
 # What a call is bound with
 # --------------------------------------------------------------------------------------
-
-_CAP_KWARGS = ("max_tokens", "max_completion_tokens", "max_output_tokens", "num_predict", "maxTokens",
-               "max_new_tokens", "max_tokens_to_sample")
-_CAP_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens", "num_predict", "max_new_tokens")
-
-
-def _positive_int(value: Any) -> int | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value if value > 0 else None
-    if isinstance(value, float):
-        return math.ceil(value) if math.isfinite(value) and value > 0 else None
-    if isinstance(value, str) and value.strip().isdigit():
-        return int(value) or None
-    return None
-
-
-def _cap_in(kwargs: Any) -> int | None:
-    if not isinstance(kwargs, Mapping):
-        return None
-    for key in _CAP_KWARGS:
-        cap = _positive_int(kwargs.get(key))
-        if cap is not None:
-            return cap
-    return None
-
-
-def _layers(model: Any) -> tuple[list[Mapping[str, Any]], Any]:
-    """Bound kwargs from the outermost binding in, and the innermost runnable."""
-    layers: list[Mapping[str, Any]] = []
-    for _ in range(32):
-        inner = getattr(model, "bound", None)
-        if inner is not None:
-            kwargs = getattr(model, "kwargs", None)
-            if isinstance(kwargs, Mapping):
-                layers.append(kwargs)
-            model = inner
-            continue
-        default = getattr(model, "default", None)  # RunnableConfigurableFields / Alternatives
-        if default is not None and hasattr(default, "invoke"):
-            model = default
-            continue
-        break
-    return layers, model
-
-
-def max_output_tokens(model: Any, call_kwargs: Mapping[str, Any] | None = None) -> int | None:
-    """The output cap a call will run with, or None (then use ``DEFAULT_MAX_OUTPUT_TOKENS``).
-
-    Looks at the call's kwargs, then kwargs bound on ``RunnableBinding`` layers
-    (outer over inner), then the model's fields and ``model_kwargs``, then its
-    ``ls_max_tokens``. Non-positive and non-numeric values are ignored.
-    """
-    cap = _cap_in(call_kwargs)
-    if cap is not None:
-        return cap
-    layers, inner = _layers(model)
-    for kwargs in layers:
-        cap = _cap_in(kwargs)
-        if cap is not None:
-            return cap
-    for field in _CAP_FIELDS:
-        cap = _positive_int(getattr(inner, field, None))
-        if cap is not None:
-            return cap
-    cap = _cap_in(getattr(inner, "model_kwargs", None))
-    if cap is not None:
-        return cap
-    get_ls_params = getattr(inner, "_get_ls_params", None)
-    if callable(get_ls_params):
-        try:
-            params = get_ls_params()
-        except Exception:  # a model whose ls params need arguments we don't have
-            return None
-        if isinstance(params, Mapping):
-            return _positive_int(params.get("ls_max_tokens"))
-    return None
-
 
 def _response_format(value: Any) -> Any:
     """A structured-output schema as a ``{"type": "json_schema", ...}`` dict, or None."""
@@ -751,7 +1067,7 @@ def tools_of(model: Any, call_kwargs: Mapping[str, Any] | None = None) -> list[A
     ``{"type": "json_schema", ...}`` dicts, which the estimators count without
     the tool-use overhead.
     """
-    layers, _ = _layers(model)
+    layers, _ = binding_layers(model)
     if isinstance(call_kwargs, Mapping):
         layers.insert(0, call_kwargs)
 
@@ -775,3 +1091,86 @@ def tools_of(model: Any, call_kwargs: Mapping[str, Any] | None = None) -> list[A
     if isinstance(config, Mapping) and isinstance(config.get("format"), Mapping):
         found.append(config["format"])
     return found
+
+
+# --------------------------------------------------------------------------------------
+# One call's estimate, explained
+# --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class CallEstimate:
+    """What a call would hold, in tokens, and why.
+
+    ``input_tokens``: the prompt estimate (a ``TokenCount`` from ``TypicalEstimator``: pass it
+    to ``observe`` at settle). ``output_cap``: the cap found and who set it.
+    ``reserved_output_tokens``: the output to reserve: a cap the user set, else
+    ``default_max_output_tokens`` never above the model's output limit. ``send_cap``: the
+    kwargs the guard must add to the call so the provider enforces that reservation (None when
+    the user's own cap applies, or when the model takes no known cap keyword).
+    ``tokenizer``: the exact tokenizer used (``"o200k_base"``...), None for a byte bound or
+    heuristic. ``mode``: the estimator's mode.
+    """
+
+    input_tokens: int
+    output_cap: OutputCap
+    reserved_output_tokens: int
+    send_cap: dict[str, int] | None
+    tokenizer: str | None
+    mode: str
+
+    @property
+    def dominant(self) -> str:
+        """``"input"`` or ``"output"``: the larger part in tokens (compare costs with ``dominant_part``)."""
+        return "output" if self.reserved_output_tokens >= self.input_tokens else "input"
+
+    def describe(self) -> str:
+        """One line for a refusal message: both parts, where the output cap came from."""
+        how = f"exact {self.tokenizer} + margin" if self.tokenizer and self.mode == "strict" else \
+            f"exact {self.tokenizer}" if self.tokenizer else \
+            "UTF-8 byte bound" if self.mode == "strict" else self.mode
+        cap = self.output_cap
+        if cap.user_set:
+            out = f"output {self.reserved_output_tokens:,} tokens ({cap.describe()})"
+        else:
+            found = cap.describe() if cap.tokens is not None else "no output cap set"
+            sent = f", sent as {next(iter(self.send_cap))}" if self.send_cap else ""
+            out = f"output {self.reserved_output_tokens:,} tokens (default cap{sent}; {found})"
+        return f"input {int(self.input_tokens):,} tokens ({how}), {out}"
+
+
+def dominant_part(input_cost: int, output_cost: int) -> str:
+    """``"input"`` or ``"output"``: which part of a reservation costs more (any one unit)."""
+    return "output" if output_cost >= input_cost else "input"
+
+
+def reserved_output(cap: OutputCap, default_max_output_tokens: int) -> tuple[int, dict[str, int] | None]:
+    """The output tokens to reserve for ``cap`` and the kwargs to send so the provider keeps to it."""
+    if cap.user_set and cap.tokens is not None:
+        return cap.tokens, None
+    tokens = default_max_output_tokens
+    if cap.model_limit is not None:
+        tokens = min(tokens, cap.model_limit)
+    if cap.source == "integration_default" and cap.tokens is not None:
+        tokens = min(tokens, cap.tokens)
+    return tokens, ({cap.kwarg: tokens} if cap.kwarg else None)
+
+
+def estimate_call(
+    estimator: Estimator,
+    messages: Sequence[BaseMessage] | Any,
+    model: Any,
+    call_kwargs: Mapping[str, Any] | None = None,
+    *,
+    default_max_output_tokens: int = DEFAULT_MAX_OUTPUT_TOKENS,
+) -> CallEstimate:
+    """Estimate one call on ``model`` (a chat model or binding): input, output cap, what to send."""
+    if isinstance(default_max_output_tokens, bool) or not isinstance(default_max_output_tokens, int) \
+            or default_max_output_tokens <= 0:
+        raise ValueError(f"default_max_output_tokens: expected a positive int, got {default_max_output_tokens!r}")
+    cap = output_cap(model, call_kwargs)
+    tools = tools_of(model, call_kwargs)
+    input_tokens = estimate_input_tokens(estimator, messages, tools, model)
+    reserved, send = reserved_output(cap, default_max_output_tokens)
+    tokenizer_for = getattr(estimator, "tokenizer_for", None)
+    tokenizer = tokenizer_for(model) if callable(tokenizer_for) else None
+    return CallEstimate(input_tokens, cap, reserved, send, tokenizer, getattr(estimator, "mode", "custom"))

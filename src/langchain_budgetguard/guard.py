@@ -16,6 +16,7 @@ opens is in ``runs.py``, what a stream has produced in ``streaming.py``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import os
 from collections.abc import (
@@ -48,7 +49,7 @@ from langchain_core.runnables.utils import get_unique_config_specs
 from pydantic import Field, PrivateAttr
 
 from .admission import FAIL_OPEN_KEY, Admitted, Estimate, Request, admit
-from .errors import BudgetStoreUnavailableError, GuardMisuseError, Refusal
+from .errors import BudgetStoreUnavailableError, GuardMisuseError, Refusal, UnknownModelPriceError
 from .estimate import (
     StrictEstimator,
     TypicalEstimator,
@@ -56,8 +57,9 @@ from .estimate import (
     max_output_tokens,
     tools_of,
 )
-from .limits import Identity
-from .messages import text_of, to_messages
+from .leases import shared_keeper
+from .limits import Identity, check_call_id
+from .messages import billed_text_of, to_messages
 from .models import (
     amodel_chunks,
     chat_model_of,
@@ -68,12 +70,12 @@ from .models import (
 )
 from .money import nano_to_usd
 from .policy import BudgetPolicy, CounterPlan, LimitStatus
-from .pricing import ModelRef, RateCard, model_ref
+from .pricing import ModelRef, RateCard, call_price_context, candidate_refs, item_bound, model_ref, served_ref
 from .runs import ANoRun, NoRun, aopen_run, has_handlers, open_run, tap, tapped
 from .serialization import options_from_json, options_to_json, plain_data
 from .stores.base import ReserveResult, SettleResult
 from .streaming import StreamTracker
-from .usage import TokenUsage, usage_from_message
+from .usage import TokenUsage, UsageError, usage_from_message
 
 __all__ = ["BudgetGuard", "CallCost", "Reservation"]
 
@@ -101,6 +103,8 @@ class CallCost:
     charged_nano: int = field(default=0, repr=False)
     output_cap: int | None = None  # the cap the guard sent (None: the call's own cap applied)
     clamped: bool = False  # the cap was lowered to fit what was left of the budget
+    priced_as: str | None = None  # the genai-prices entry that priced it, when a cloud resells a vendor
+    problem: str | None = None  # why the call was charged its whole reservation (usage or price unknown)
 
     def as_metadata(self) -> dict[str, Any]:
         return {
@@ -112,6 +116,8 @@ class CallCost:
             "call_id": self.call_id,
             "output_cap": self.output_cap,
             "clamped": self.clamped,
+            "priced_as": self.priced_as,
+            **({"problem": self.problem} if self.problem else {}),
             "input_tokens": self.usage.input_tokens,
             "output_tokens": self.usage.output_tokens,
         }
@@ -125,16 +131,31 @@ class _Candidate:
     ref: ModelRef
     output_cap: int | None = None
     tools: list[Any] = field(default_factory=list)
+    refs: tuple[ModelRef, ...] = ()  # every model that may serve a plain call (an inner with_fallbacks)
+    context: dict[str, str] = field(default_factory=dict)  # its price variant (service tier, speed)
+    searches: int = 0  # the server-tool requests its bound tools may bill
 
     @classmethod
     def of(cls, runnable: Runnable) -> _Candidate:
         runnable = _asking_for_stream_usage(runnable)
-        return cls(runnable, model_ref(runnable), max_output_tokens(runnable), tools_of(runnable))
+        refs = tuple(candidate_refs(runnable)) or (model_ref(runnable),)
+        return cls(runnable, refs[0], max_output_tokens(runnable), tools_of(runnable), refs,
+                   call_price_context(runnable), item_bound(runnable).web_searches)
 
     def cap_and_tools(self, call_kwargs: dict[str, Any]) -> tuple[int | None, list[Any]]:
         if not call_kwargs:
             return self.output_cap, self.tools
         return max_output_tokens(self.runnable, call_kwargs), tools_of(self.runnable, call_kwargs)
+
+    def pricing(self, call_kwargs: dict[str, Any], config: RunnableConfig | None
+                ) -> tuple[tuple[ModelRef, ...], dict[str, str], int]:
+        """The models that may serve this call (call kwargs and ``configurable`` choose), their price
+        variant and the billed server-tool requests: resolved once unless the call changes them."""
+        if self.runnable is None or (not call_kwargs and not (config or {}).get("configurable")):
+            return self.refs or (self.ref,), self.context, self.searches
+        refs = tuple(candidate_refs(self.runnable, call_kwargs, config)) or (self.ref,)
+        return (refs, call_price_context(self.runnable, call_kwargs, config),
+                item_bound(self.runnable, call_kwargs, config).web_searches)
 
     @property
     def label(self) -> str:
@@ -153,6 +174,7 @@ class _Call:
     call_id: str
     ladder: list[_Candidate] | None = None  # a model the guard does not call itself (reserve(model=...))
     refusals: list[Refusal] = field(default_factory=list)
+    config: RunnableConfig | None = None
 
 
 
@@ -163,6 +185,7 @@ class _Unset:
 
 
 _UNSET: Any = _Unset()
+_KEEPER = shared_keeper()  # renews the leases of calls in flight (one thread for the process)
 # BaseChatModel's own settings (callbacks, tags, cache, rate_limiter, ...); ``name`` is the budget's.
 _CHAT_MODEL_FIELDS = frozenset(BaseChatModel.model_fields) - {"name"}
 
@@ -467,13 +490,15 @@ class BudgetGuard(BaseChatModel):
         plan = self.policy.plan(identity)
         ladder = None if model is None else [_Candidate(None, model)]  # type: ignore[arg-type]
         messages = value if isinstance(value, str) else to_messages(value)
+        if call_id is not None:
+            check_call_id(call_id)
         # 128 random bits, as uuid4().hex gave, at a quarter of its cost.
-        return _Call(plan, messages, kwargs, call_id or os.urandom(16).hex(), ladder)
+        return _Call(plan, messages, kwargs, call_id or os.urandom(16).hex(), ladder, config=config)
 
     def _estimate(self, call: _Call, candidate: _Candidate) -> Estimate:
         """What this call would hold on ``candidate`` (nano-USD), from its messages and output cap."""
         policy = self.policy
-        card = self._card(candidate)
+        refs, context, searches = candidate.pricing(call.kwargs, call.config)
         cap, tools = candidate.cap_and_tools(call.kwargs)
         messages = call.messages
         if isinstance(messages, str) and not isinstance(policy.estimator, (StrictEstimator, TypicalEstimator)):
@@ -484,8 +509,18 @@ class BudgetGuard(BaseChatModel):
         send = cap is None and policy_option(policy, "output_cap") == "hard" and candidate.runnable is not None
         cap = cap or policy.default_max_output_tokens
         # Strict: cache writes can cost more than plain input (Anthropic: 1.25x-2x): hold the dearer.
-        reserve, input_cost = card.hold_nano(input_tokens, cap, dearer_cache_write=policy.estimator.mode == "strict")
-        return Estimate(card, input_tokens, reserve, input_cost, cap, send)
+        strict = policy.estimator.mode == "strict"
+        best: tuple[int, int, int, RateCard] | None = None
+        for ref in refs:  # the dearest model that may serve the call (an inner fallback) is held for
+            card = policy.pricer.rate_card(ref)
+            if context:
+                card = card.variant(**context)
+            extra = card.item_hold_nano(web_searches=searches) if searches else 0
+            reserve, input_cost = card.hold_nano(input_tokens, cap, dearer_cache_write=strict)
+            if best is None or reserve + extra > best[0]:
+                best = (reserve + extra, input_cost, extra, card)
+        reserve, input_cost, extra, card = best  # type: ignore[misc]
+        return Estimate(card, input_tokens, reserve, input_cost, cap, send, False, extra, refs)
 
     def _admit(self, call: _Call) -> Generator[Request, ReserveResult | Exception, Admitted]:
         """The admission of ``call`` (see ``admission.admit``) over this guard's ladder."""
@@ -493,23 +528,55 @@ class BudgetGuard(BaseChatModel):
                      call.call_id, call.refusals, shrink=call.ladder is None)
 
     def _cost(self, admitted: Admitted, message: Any, streamed_text: str | None = None,
-              usage: TokenUsage | None = None) -> CallCost:
-        """Price a finished (or interrupted) call from its usage, estimating what is missing."""
-        if usage is None and message is not None:
-            usage = usage_from_message(message)
+              usage: TokenUsage | None = None, served: Any = None) -> CallCost:
+        """Price a finished (or interrupted) call from its usage, estimating what is missing.
+
+        ``served`` is the reply (or the stream chunk) that names the model that answered.
+        """
+        if served is None:
+            served = message
+        try:
+            if usage is None and message is not None:
+                usage = usage_from_message(message)
+        except UsageError as bad:  # a count that cannot be real is never trusted: charge the hold
+            return self._charged_by_policy(admitted, str(bad))
         if usage is None or usage.total_tokens == 0:
-            text = streamed_text if streamed_text is not None else text_of(message)
+            text = streamed_text if streamed_text is not None else billed_text_of(message)
             usage = TokenUsage(
                 input_tokens=admitted.estimate.input_tokens,
                 output_tokens=self.policy.estimator.output_tokens(text) if text else 0,
                 estimated=True,
             )
-        return self._price(admitted, usage)
+        return self._price(admitted, usage, served)
 
-    def _price(self, admitted: Admitted, usage: TokenUsage) -> CallCost:
-        charged = admitted.estimate.card.cost_nano(usage)
+    def _charged_by_policy(self, admitted: Admitted, why: str) -> CallCost:
+        """What a call whose cost cannot be known costs: everything it reserved (never $0)."""
+        estimate = admitted.estimate
+        usage = TokenUsage(input_tokens=estimate.input_tokens, output_tokens=estimate.output_tokens, estimated=True)
+        return self._priced(admitted, usage, estimate.reserve, admitted.candidate.label, None, why)
+
+    def _price(self, admitted: Admitted, usage: TokenUsage, reply: Any = None) -> CallCost:
+        estimate = admitted.estimate
+        card, model = estimate.card, admitted.candidate.label
+        refs = estimate.refs
+        if refs:
+            served = served_ref(refs[0], reply, refs) if reply is not None else refs[0]
+            model = served.name or model
+            try:
+                # The card reserved with (its service tier applied) unless another model answered.
+                if not (len(refs) == 1 and served == refs[0]):
+                    card = self.policy.pricer.settle_card(served, refs, usage)
+                charged = card.cost_nano(usage)
+            except UnknownModelPriceError as unknown:  # an item billed that nothing prices: charge the hold
+                return self._charged_by_policy(admitted, str(unknown))
+        else:
+            charged = card.cost_nano(usage)
+        return self._priced(admitted, usage, charged, model, card, None)
+
+    def _priced(self, admitted: Admitted, usage: TokenUsage, charged: int, model: str, card: RateCard | None,
+                problem: str | None) -> CallCost:
         return CallCost(
-            model=admitted.candidate.label,
+            model=model,
             cost_usd=nano_to_usd(charged),
             usage=usage,
             estimated=usage.estimated,
@@ -519,6 +586,8 @@ class BudgetGuard(BaseChatModel):
             charged_nano=charged,
             output_cap=admitted.estimate.output_tokens if admitted.estimate.send_cap else None,
             clamped=admitted.estimate.clamped,
+            priced_as=card.priced_as if card is not None else None,
+            problem=problem,
         )
 
     def _settlement(self, admitted: Admitted, reply: Any = None, usage: TokenUsage | None = None,
@@ -528,10 +597,10 @@ class BudgetGuard(BaseChatModel):
         None (nothing to charge) when it failed before any output: providers bill no failed request.
         """
         if usage is not None and usage.total_tokens:
-            return self._price(admitted, usage)
+            return self._price(admitted, usage, reply)
         if reply is not None:
             if _from_cache(reply):  # LangChain's cache answered: no request was billed
-                return self._price(admitted, TokenUsage())
+                return self._price(admitted, TokenUsage(), reply)
             return self._cost(admitted, reply)
         if output_text is not None:
             return self._cost(admitted, None, output_text)
@@ -591,19 +660,28 @@ class BudgetGuard(BaseChatModel):
                 for name, data in _decision_events(call, admitted):
                     await adispatch_custom_event(name, data, config=child)
 
-    # A renewal that cannot reach the store must not break the reply: at worst the lease runs out
-    # and the hold is reaped by policy; the settle at the end still charges the actual cost.
-    def _renew_sync(self, admitted: Admitted) -> None:
-        try:
-            self.policy.store.renew(admitted.call_id, admitted.keys, self.policy.lease_seconds)
-        except BudgetStoreUnavailableError:
-            pass
+    # A call in flight keeps its hold for as long as it runs: the shared keeper renews its lease in the
+    # background (a renewal that fails never breaks the call; at worst the lease runs out and the
+    # hold is charged by policy, and the settle corrects it).
 
-    async def _renew_async(self, admitted: Admitted) -> None:
-        try:
-            await self.policy.store.arenew(admitted.call_id, admitted.keys, self.policy.lease_seconds)
-        except BudgetStoreUnavailableError:
-            pass
+    def _lease(self, admitted: Admitted) -> Any:
+        store, keys = self._lease_target(admitted)
+        if store is None:
+            return contextlib.nullcontext()
+        return _KEEPER.hold(store, admitted.call_id, keys, self.policy.lease_seconds)
+
+    def _alease(self, admitted: Admitted) -> Any:
+        store, keys = self._lease_target(admitted)
+        if store is None:
+            return contextlib.nullcontext()
+        return _KEEPER.ahold(store, admitted.call_id, keys, self.policy.lease_seconds)
+
+    def _lease_target(self, admitted: Admitted) -> tuple[Any, tuple[str, ...]]:
+        if admitted.held:
+            return self.policy.store, admitted.keys
+        if admitted.local_store is not None:  # served fail-open: the allowance holds it
+            return admitted.local_store, (FAIL_OPEN_KEY,)
+        return None, ()
 
     def _report_cost(self, child: RunnableConfig, cost: CallCost) -> None:
         if has_handlers(child):
@@ -647,7 +725,8 @@ class BudgetGuard(BaseChatModel):
             model, model_kwargs = self._serving(reservation.admitted, kwargs)
             try:
                 # No run of ours: the model gets the caller's config (it ensures it itself, for less).
-                output = model.invoke(input, given if child is config else child, **model_kwargs)
+                with reservation.keep_alive():
+                    output = model.invoke(input, given if child is config else child, **model_kwargs)
             except BaseException:
                 reservation.settle(output_text=tapped(streamed))
                 raise
@@ -670,7 +749,8 @@ class BudgetGuard(BaseChatModel):
             reservation = Reservation(self, await self._admit_async(call, events), events)
             model, model_kwargs = self._serving(reservation.admitted, kwargs)
             try:
-                output = await model.ainvoke(input, given if child is config else child, **model_kwargs)
+                async with reservation.akeep_alive():
+                    output = await model.ainvoke(input, given if child is config else child, **model_kwargs)
             except BaseException:
                 await reservation.asettle(output_text=tapped(streamed))
                 raise
@@ -698,17 +778,16 @@ class BudgetGuard(BaseChatModel):
         last = None  # the provider's last chunk, held back to carry the cost
         settled = False
         try:
-            for chunk in model.stream(input, given if child is config else child, **model_kwargs):
-                tracker.add(chunk)
-                if tracker.renew_due():
-                    self._renew_sync(admitted)
-                if last is not None:
-                    yield last
-                    last = None
-                if _is_last(chunk):
-                    last = chunk
-                    continue
-                yield chunk
+            with self._lease(admitted):
+                for chunk in model.stream(input, given if child is config else child, **model_kwargs):
+                    tracker.add(chunk)
+                    if last is not None:
+                        yield last
+                        last = None
+                    if _is_last(chunk):
+                        last = chunk
+                        continue
+                    yield chunk
             cost = tracker.finish()
             self._settle_sync(admitted, cost.charged_nano)
             settled = True
@@ -741,17 +820,16 @@ class BudgetGuard(BaseChatModel):
         last = None
         settled = False
         try:
-            async for chunk in model.astream(input, given if child is config else child, **model_kwargs):
-                tracker.add(chunk)
-                if tracker.renew_due():
-                    await self._renew_async(admitted)
-                if last is not None:
-                    yield last
-                    last = None
-                if _is_last(chunk):
-                    last = chunk
-                    continue
-                yield chunk
+            async with self._alease(admitted):
+                async for chunk in model.astream(input, given if child is config else child, **model_kwargs):
+                    tracker.add(chunk)
+                    if last is not None:
+                        yield last
+                        last = None
+                    if _is_last(chunk):
+                        last = chunk
+                        continue
+                    yield chunk
             cost = tracker.finish()
             await self._settle_async(admitted, cost.charged_nano)
             settled = True
@@ -805,11 +883,12 @@ class BudgetGuard(BaseChatModel):
         model, model_kwargs = self._serving(reservation.admitted, kwargs)
         chat, chat_kwargs = chat_model_of(model, model_kwargs)
         try:
-            if isinstance(chat, BaseChatModel):
-                result = chat.generate([to_messages(messages)], stop=stop, **options, **chat_kwargs)
-            else:
-                reply = model.invoke(messages, config, **with_stop(model_kwargs, stop))
-                result = LLMResult(generations=[[ChatGeneration(message=reply)]])
+            with reservation.keep_alive():
+                if isinstance(chat, BaseChatModel):
+                    result = chat.generate([to_messages(messages)], stop=stop, **options, **chat_kwargs)
+                else:
+                    reply = model.invoke(messages, config, **with_stop(model_kwargs, stop))
+                    result = LLMResult(generations=[[ChatGeneration(message=reply)]])
         except BaseException:
             reservation.settle()
             raise
@@ -824,11 +903,12 @@ class BudgetGuard(BaseChatModel):
         model, model_kwargs = self._serving(reservation.admitted, kwargs)
         chat, chat_kwargs = chat_model_of(model, model_kwargs)
         try:
-            if isinstance(chat, BaseChatModel):
-                result = await chat.agenerate([to_messages(messages)], stop=stop, **options, **chat_kwargs)
-            else:
-                reply = await model.ainvoke(messages, config, **with_stop(model_kwargs, stop))
-                result = LLMResult(generations=[[ChatGeneration(message=reply)]])
+            async with reservation.akeep_alive():
+                if isinstance(chat, BaseChatModel):
+                    result = await chat.agenerate([to_messages(messages)], stop=stop, **options, **chat_kwargs)
+                else:
+                    reply = await model.ainvoke(messages, config, **with_stop(model_kwargs, stop))
+                    result = LLMResult(generations=[[ChatGeneration(message=reply)]])
         except BaseException:
             await reservation.asettle()
             raise
@@ -887,11 +967,12 @@ class BudgetGuard(BaseChatModel):
         model, model_kwargs = self._serving(reservation.admitted, kwargs)
         chat, chat_kwargs = chat_model_of(model, model_kwargs)
         try:
-            if isinstance(chat, BaseChatModel):
-                result = chat._generate(messages, stop=stop, run_manager=run_manager, **chat_kwargs)
-            else:
-                result = ChatResult(generations=[ChatGeneration(
-                    message=model.invoke(messages, config, **with_stop(model_kwargs, stop)))])
+            with reservation.keep_alive():
+                if isinstance(chat, BaseChatModel):
+                    result = chat._generate(messages, stop=stop, run_manager=run_manager, **chat_kwargs)
+                else:
+                    result = ChatResult(generations=[ChatGeneration(
+                        message=model.invoke(messages, config, **with_stop(model_kwargs, stop)))])
         except BaseException:
             reservation.settle()
             raise
@@ -906,11 +987,12 @@ class BudgetGuard(BaseChatModel):
         model, model_kwargs = self._serving(reservation.admitted, kwargs)
         chat, chat_kwargs = chat_model_of(model, model_kwargs)
         try:
-            if isinstance(chat, BaseChatModel):
-                result = await chat._agenerate(messages, stop=stop, run_manager=run_manager, **chat_kwargs)
-            else:
-                result = ChatResult(generations=[ChatGeneration(
-                    message=await model.ainvoke(messages, config, **with_stop(model_kwargs, stop)))])
+            async with reservation.akeep_alive():
+                if isinstance(chat, BaseChatModel):
+                    result = await chat._agenerate(messages, stop=stop, run_manager=run_manager, **chat_kwargs)
+                else:
+                    result = ChatResult(generations=[ChatGeneration(
+                        message=await model.ainvoke(messages, config, **with_stop(model_kwargs, stop)))])
         except BaseException:
             await reservation.asettle()
             raise
@@ -925,11 +1007,10 @@ class BudgetGuard(BaseChatModel):
         tracker = StreamTracker(self, admitted)
         settled = False
         try:
-            for chunk in model_chunks(model, messages, stop, run_manager, config, model_kwargs):
-                tracker.add(chunk.message)
-                if tracker.renew_due():
-                    self._renew_sync(admitted)
-                yield chunk
+            with self._lease(admitted):
+                for chunk in model_chunks(model, messages, stop, run_manager, config, model_kwargs):
+                    tracker.add(chunk.message)
+                    yield chunk
             cost = tracker.finish()
             self._settle_sync(admitted, cost.charged_nano)
             settled = True
@@ -945,11 +1026,10 @@ class BudgetGuard(BaseChatModel):
         tracker = StreamTracker(self, admitted)
         settled = False
         try:
-            async for chunk in amodel_chunks(model, messages, stop, run_manager, config, model_kwargs):
-                tracker.add(chunk.message)
-                if tracker.renew_due():
-                    await self._renew_async(admitted)
-                yield chunk
+            async with self._alease(admitted):
+                async for chunk in amodel_chunks(model, messages, stop, run_manager, config, model_kwargs):
+                    tracker.add(chunk.message)
+                    yield chunk
             cost = tracker.finish()
             await self._settle_async(admitted, cost.charged_nano)
             settled = True
@@ -987,6 +1067,14 @@ class Reservation:
     @property
     def degraded(self) -> bool:
         return self.admitted.index > 0
+
+    def keep_alive(self) -> Any:
+        """A context manager that renews this call's hold while the block runs: wrap the model call."""
+        return self.guard._lease(self.admitted)
+
+    def akeep_alive(self) -> Any:
+        """The async twin of ``keep_alive`` (``async with``)."""
+        return self.guard._alease(self.admitted)
 
     def settle(self, reply: Any = None, *, usage: TokenUsage | None = None,
                output_text: str | None = None) -> CallCost | None:

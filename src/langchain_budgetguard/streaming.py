@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING, Any
 
 from langchain_core.messages import AIMessageChunk
 
-from .messages import text_of
-from .usage import TokenUsage, usage_from_message, usage_from_usage_metadata
+from .messages import billed_text_of
+from .usage import TokenUsage, UsageError, usage_from_message, usage_from_usage_metadata
 
 if TYPE_CHECKING:
-    from .guard import BudgetGuard, CallCost, _Admitted
+    from .admission import Admitted
+    from .guard import BudgetGuard, CallCost
 
 __all__ = ["StreamTracker"]
 
@@ -23,19 +23,22 @@ class StreamTracker:
     several chunks): adding each chunk as it comes builds a new message per chunk (~10 µs each).
     """
 
-    def __init__(self, guard: BudgetGuard, admitted: _Admitted) -> None:
+    def __init__(self, guard: BudgetGuard, admitted: Admitted) -> None:
         self.guard = guard
         self.admitted = admitted
         self._chunks: list[Any] = []
         self._sum: tuple[int, Any] = (0, None)  # (chunks added, their sum)
-        self._text: list[str] = []
-        self._next_renew = time.monotonic() + guard.policy.lease_seconds / 3
+        self._text: list[str] = []  # billed output: visible text, tool calls and reasoning
+        self._named: Any = None  # the last chunk that names the model that answered
 
     def add(self, chunk: Any) -> None:
         self._chunks.append(chunk)
-        text = text_of(chunk)
+        text = billed_text_of(chunk)
         if text:
             self._text.append(text)
+        metadata = getattr(chunk, "response_metadata", None)
+        if metadata and ("model_name" in metadata or "model" in metadata):
+            self._named = chunk
 
     @property
     def output(self) -> Any:
@@ -65,18 +68,19 @@ class StreamTracker:
         output = self.output
         return usage_from_message(output) if output is not None else None
 
-    def renew_due(self) -> bool:
-        now = time.monotonic()
-        if now < self._next_renew:
-            return False
-        self._next_renew = now + self.guard.policy.lease_seconds / 3
-        return True
-
     def finish(self) -> CallCost:
-        return self.guard._cost(self.admitted, None, "".join(self._text), self._usage())
+        try:
+            usage = self._usage()
+        except UsageError as bad:  # a count that cannot be real is never trusted: charge the hold
+            return self.guard._charged_by_policy(self.admitted, str(bad))
+        return self.guard._cost(self.admitted, None, "".join(self._text), usage, self._named)
 
     def interrupted_charge(self) -> int:
-        """Input plus output so far: once a stream has begun the provider bills the prompt."""
+        """Input plus output so far: once a stream has begun the provider bills the prompt. Never
+        raises: chunks that cannot even be added up (a junk usage shape) charge the whole hold."""
         if not self._chunks:
             return 0
-        return self.finish().charged_nano
+        try:
+            return self.finish().charged_nano
+        except Exception as exc:  # noqa: BLE001 - the settle must happen whatever the chunks hold
+            return self.guard._charged_by_policy(self.admitted, f"unreadable stream: {exc!r}").charged_nano

@@ -1,0 +1,227 @@
+"""Output caps: what bounds a call's reply, who set it, and the model's own output limit.
+
+A call's cap can come from its kwargs, from a ``RunnableBinding`` (``llm.bind(max_tokens=...)``),
+from a field the user set on the model, or from a value the integration filled in by itself:
+``ChatAnthropic`` sets ``max_tokens`` to the model's full output limit from its profile (64,000
+for Sonnet 4.5, 128,000 for Opus 4.6) when none is given, which would make every call hold the
+price of a maximal reply. ``output_cap`` tells these apart so the guard can reserve (and send) a
+sane cap instead.
+
+A model field equal to the model's full output limit (``profile["max_output_tokens"]``), or
+``ChatAnthropic``'s fallback of 4,096 on a model without a profile, is read as the integration's
+default: LangChain does not record whether the user typed it. To make the guard honour a full
+output limit, bind it (``llm.bind(max_tokens=64000)``) or pass it with the call.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+__all__ = [
+    "CAP_KWARGS",
+    "OutputCap",
+    "OutputCapSource",
+    "binding_layers",
+    "innermost_model",
+    "max_output_tokens",
+    "model_output_limit",
+    "output_cap",
+    "output_cap_kwarg",
+]
+
+CAP_KWARGS = ("max_tokens", "max_completion_tokens", "max_output_tokens", "num_predict", "maxTokens",
+              "max_new_tokens", "max_tokens_to_sample")
+"""Call / binding kwargs that set an output cap, in the order they are looked for."""
+
+_CAP_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens", "num_predict", "max_new_tokens")
+
+# Integrations that fill in a cap of their own when none is given: class name -> fallback used
+# when the model has no profile (the profile's max_output_tokens otherwise).
+_FILLS_DEFAULT_CAP = {"ChatAnthropic": 4096, "ChatAnthropicVertex": 4096}
+
+OutputCapSource = Literal["call", "binding", "model", "integration_default", "none"]
+
+
+@dataclass(frozen=True, slots=True)
+class OutputCap:
+    """A call's output cap and where it comes from.
+
+    ``tokens``: the cap the call runs with (None when nothing sets one).
+    ``source``: ``"call"`` (the call's kwargs), ``"binding"`` (``bind`` / ``bind_tools``
+    kwargs), ``"model"`` (a field or ``model_kwargs`` the user set), ``"integration_default"``
+    (the integration's own default, equal to the model's full output limit), or ``"none"``.
+    ``kwarg``: the keyword that sets this call's cap (the one found, else the model's field).
+    ``model_limit``: the model's own output limit from its LangChain profile, if known.
+    """
+
+    tokens: int | None
+    source: OutputCapSource
+    kwarg: str | None
+    model_limit: int | None
+
+    @property
+    def user_set(self) -> bool:
+        """True when the user chose this cap (call, binding or model field)."""
+        return self.source in ("call", "binding", "model")
+
+    def describe(self) -> str:
+        """A short phrase for an error message: ``"max_tokens=64,000 (ChatAnthropic's default ...)"``."""
+        name = self.kwarg or "max_tokens"
+        if self.tokens is None:
+            return "no output cap set"
+        where = {
+            "call": "passed with the call",
+            "binding": "bound on the model (bind)",
+            "model": "set on the model",
+            "integration_default": "the integration's default: the model's full output limit",
+            "none": "",
+        }[self.source]
+        return f"{name}={self.tokens:,} ({where})" if where else f"{name}={self.tokens:,}"
+
+
+def _positive_int(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if value > 0 else None
+    if isinstance(value, float):
+        return math.ceil(value) if math.isfinite(value) and value > 0 else None
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value) or None
+    return None
+
+
+def _cap_in(kwargs: Any) -> tuple[int, str] | None:
+    if not isinstance(kwargs, Mapping):
+        return None
+    for key in CAP_KWARGS:
+        cap = _positive_int(kwargs.get(key))
+        if cap is not None:
+            return cap, key
+    return None
+
+
+def binding_layers(model: Any) -> tuple[list[Mapping[str, Any]], Any]:
+    """Bound kwargs from the outermost ``RunnableBinding`` in, and the innermost runnable."""
+    layers: list[Mapping[str, Any]] = []
+    for _ in range(32):
+        inner = getattr(model, "bound", None)
+        if inner is not None:
+            kwargs = getattr(model, "kwargs", None)
+            if isinstance(kwargs, Mapping):
+                layers.append(kwargs)
+            model = inner
+            continue
+        default = getattr(model, "default", None)  # RunnableConfigurableFields / Alternatives
+        if default is not None and hasattr(default, "invoke"):
+            model = default
+            continue
+        break
+    return layers, model
+
+
+def innermost_model(model: Any) -> Any:
+    """The chat model under any bindings / configurable wrappers."""
+    return binding_layers(model)[1]
+
+
+def model_output_limit(model: Any) -> int | None:
+    """The model's own output limit (``profile["max_output_tokens"]``), or None when unknown."""
+    profile = getattr(innermost_model(model), "profile", None)
+    if isinstance(profile, Mapping):
+        return _positive_int(profile.get("max_output_tokens"))
+    return None
+
+
+def _field_cap(inner: Any) -> tuple[int, str] | None:
+    for name in _CAP_FIELDS:
+        cap = _positive_int(getattr(inner, name, None))
+        if cap is not None:
+            return cap, name
+    return None
+
+
+def _is_integration_default(inner: Any, cap: int, limit: int | None) -> bool:
+    if limit is not None and cap == limit:
+        return True
+    fallback = _FILLS_DEFAULT_CAP.get(type(inner).__name__)
+    return fallback is not None and limit is None and cap == fallback
+
+
+def output_cap(model: Any, call_kwargs: Mapping[str, Any] | None = None) -> OutputCap:
+    """The output cap a call on ``model`` runs with, who set it, and the model's output limit.
+
+    Looks at the call's kwargs, then ``RunnableBinding`` kwargs (outer over inner), then the
+    model's fields and ``model_kwargs``, then its ``ls_max_tokens``. Non-positive and
+    non-numeric values are ignored.
+    """
+    layers, inner = binding_layers(model)
+    limit = model_output_limit(inner)
+    found = _cap_in(call_kwargs)
+    if found is not None:
+        return OutputCap(found[0], "call", found[1], limit)
+    for kwargs in layers:
+        found = _cap_in(kwargs)
+        if found is not None:
+            return OutputCap(found[0], "binding", found[1], limit)
+    field = _field_cap(inner)
+    if field is not None:
+        source: OutputCapSource = "integration_default" if _is_integration_default(inner, field[0], limit) \
+            else "model"
+        return OutputCap(field[0], source, output_cap_kwarg(inner) or field[1], limit)
+    found = _cap_in(getattr(inner, "model_kwargs", None))
+    if found is not None:
+        return OutputCap(found[0], "model", output_cap_kwarg(inner) or found[1], limit)
+    kwarg = output_cap_kwarg(inner)
+    get_ls_params = getattr(inner, "_get_ls_params", None)
+    if callable(get_ls_params):
+        try:
+            params = get_ls_params()
+        except Exception:  # a model whose ls params need arguments we don't have
+            params = None
+        if isinstance(params, Mapping):
+            cap = _positive_int(params.get("ls_max_tokens"))
+            if cap is not None:
+                source = "integration_default" if limit is not None and cap == limit else "model"
+                return OutputCap(cap, source, kwarg, limit)
+    return OutputCap(None, "none", kwarg, limit)
+
+
+def max_output_tokens(model: Any, call_kwargs: Mapping[str, Any] | None = None) -> int | None:
+    """The output cap a call will run with, or None (then the guard's default applies)."""
+    return output_cap(model, call_kwargs).tokens
+
+
+def output_cap_kwarg(model: Any) -> str | None:
+    """The keyword to pass with a call to set its output cap on ``model``, or None if unknown.
+
+    The key a binding already uses (outermost), else the key the integration's own request
+    defaults carry (ChatOpenAI sends a model's ``max_tokens`` as ``max_completion_tokens``,
+    and on the Responses API a call's ``max_tokens`` would lose to it), else the model's cap
+    field (``max_tokens`` for ChatAnthropic, ChatMistralAI...; ``max_output_tokens`` for
+    Google; ``num_predict`` for Ollama), else a cap key in its ``model_kwargs``.
+    """
+    layers, inner = binding_layers(model)
+    for kwargs in layers:
+        found = _cap_in(kwargs)
+        if found is not None:
+            return found[1]
+    try:  # the key the integration itself puts in its requests, when a cap is set on the model
+        defaults = getattr(inner, "_default_params", None)
+    except Exception:  # a property that needs state we don't have
+        defaults = None
+    found = _cap_in(defaults)
+    if found is not None:
+        return found[1]
+    fields = getattr(type(inner), "model_fields", None)
+    if isinstance(fields, Mapping):
+        for name in _CAP_FIELDS:
+            if name in fields:
+                return name
+    found = _cap_in(getattr(inner, "model_kwargs", None))
+    if found is not None:
+        return found[1]
+    return None

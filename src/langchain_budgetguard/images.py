@@ -1,0 +1,116 @@
+"""Image token costs from an image's size, for families whose formula is published.
+
+``image_size`` reads the width and height from the header of an inline PNG, JPEG, GIF or WebP
+(base64 or data URL) without decoding the image. ``image_tokens`` turns a size into the most a
+provider charges for it:
+
+* OpenAI tile models (gpt-4o, gpt-4.1, gpt-4.5, o1, o3, gpt-5): ``base + per_tile * tiles``
+  after fitting in 2048x2048 and scaling the short side to 768 (85 + 170 a 512px tile;
+  gpt-4o-mini 2,833 + 5,667), ``base`` alone at ``detail="low"``. Whether a small image is
+  scaled up to 768 is not documented, so both are computed and the larger one is kept.
+* OpenAI patch models (gpt-4.1-mini/nano, o4-mini, gpt-5-mini/nano): 32px patches, at most
+  1,536, times the model's multiplier (1.62 / 2.46 / 1.72).
+* Claude: ``width * height / 750`` for the image as sent (resizing only lowers it), plus 10%
+  and 16 tokens: Anthropic calls the formula approximate.
+
+Other families, unreadable headers and images by URL keep the family's worst case.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+import struct
+
+__all__ = ["image_size", "image_tokens"]
+
+_TILES = {"openai-tiles": (85, 170), "gpt-4o-mini": (2_833, 5_667)}
+_PATCH_MULTIPLIER = {"openai-mini": 1.62, "openai-nano": 2.46, "o4-mini": 1.72}
+
+
+def _header_bytes(payload: str, limit_chars: int = 1 << 18) -> bytes | None:
+    data = payload.split(",", 1)[1] if payload.startswith("data:") else payload
+    head = data[:limit_chars]
+    head = head[: len(head) - len(head) % 4]
+    try:
+        return base64.b64decode(head, validate=False)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def _jpeg_size(raw: bytes) -> tuple[int, int] | None:
+    i = 2
+    while i + 9 < len(raw):
+        if raw[i] != 0xFF:
+            return None
+        marker = raw[i + 1]
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            i += 2
+            continue
+        (length,) = struct.unpack(">H", raw[i + 2:i + 4])
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            height, width = struct.unpack(">HH", raw[i + 5:i + 9])
+            return width, height
+        i += 2 + length
+    return None
+
+
+def image_size(payload: str) -> tuple[int, int] | None:
+    """``(width, height)`` of an inline base64 image (or ``data:`` URL), or None if unreadable."""
+    raw = _header_bytes(payload)
+    if not raw:
+        return None
+    size: tuple[int, int] | None = None
+    if raw.startswith(b"\x89PNG\r\n\x1a\n") and len(raw) >= 24:
+        size = struct.unpack(">II", raw[16:24])
+    elif raw.startswith(b"\xff\xd8"):
+        size = _jpeg_size(raw)
+    elif raw[:6] in (b"GIF87a", b"GIF89a") and len(raw) >= 10:
+        size = struct.unpack("<HH", raw[6:10])
+    elif raw[:4] == b"RIFF" and raw[8:12] == b"WEBP" and len(raw) >= 30:
+        kind = raw[12:16]
+        if kind == b"VP8X":
+            size = (1 + int.from_bytes(raw[24:27], "little"), 1 + int.from_bytes(raw[27:30], "little"))
+        elif kind == b"VP8L":
+            bits = int.from_bytes(raw[21:25], "little")
+            size = ((bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1)
+        elif kind == b"VP8 ":
+            w, h = struct.unpack("<HH", raw[26:30])
+            size = (w & 0x3FFF, h & 0x3FFF)
+    if size is None or size[0] <= 0 or size[1] <= 0:
+        return None
+    return size
+
+
+def _tiles(width: int, height: int, upscale: bool) -> int:
+    w, h = float(width), float(height)
+    if max(w, h) > 2048:
+        scale = 2048 / max(w, h)
+        w, h = w * scale, h * scale
+    if min(w, h) > 768 or upscale:
+        scale = 768 / min(w, h)
+        w, h = w * scale, h * scale
+    return math.ceil(w / 512) * math.ceil(h / 512)
+
+
+def image_tokens(family: str, width: int, height: int, low_detail: bool, worst: int, *, bound: bool = True) -> int:
+    """The most ``family`` charges for a ``width`` x ``height`` image, never above ``worst``.
+
+    ``worst`` is the family's cap for any image (what is used when the size is unknown).
+    ``bound=False``: the likely count instead (a small image is not scaled up).
+    """
+    if family in _TILES:
+        base, per_tile = _TILES[family]
+        if low_detail:
+            return min(base, worst)
+        tiles = _tiles(width, height, False)
+        if bound:
+            tiles = max(tiles, _tiles(width, height, True))
+        return min(base + per_tile * tiles, worst)
+    if family in _PATCH_MULTIPLIER:
+        patches = min(math.ceil(width / 32) * math.ceil(height / 32), 1536)
+        return min(math.ceil(patches * _PATCH_MULTIPLIER[family]) + 1, worst)
+    if family == "claude":  # "about (w*h)/750": 10% and 16 tokens on top of the published estimate
+        return min(math.ceil(width * height / 750 * 1.1) + 16, worst)
+    return worst
