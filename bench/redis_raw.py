@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import secrets
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,7 +32,8 @@ class RawScripts:
 
     def __init__(self, client: Any, store: RedisStore, counters: Sequence[Counter], amount: int, charge: int,
                  settle_amount: int, lease_seconds: float = 600.0) -> None:
-        sources = _lua_sources()
+        # The scripts of the store's own package (bench.ab loads two versions side by side).
+        sources = getattr(sys.modules.get(type(store).__module__), "_lua_sources", _lua_sources)()
         self.sources = {"reserve": sources["reserve"], "settle": sources["settle"], "trivial": TRIVIAL_SCRIPT}
         self.load(client)
         hold = Hold(_PLACEHOLDER, amount, lease_seconds, charge)

@@ -24,6 +24,7 @@ SECTIONS = {
     "4": ("Estimation", "bench.estimation"),
     "5": ("Cost of pricing", "bench.pricing_cost"),
     "6": ("Memory per call record", "bench.records_memory"),
+    "7": ("Dashboard: the scope page at 100k ids", "bench.dashboard"),
 }
 
 

@@ -15,6 +15,7 @@ from langchain_core.messages import AIMessageChunk, HumanMessage
 from pydantic import BaseModel
 
 from langchain_budgetguard import BudgetExceededError, BudgetGuard, TokenUsage, get_cost_callback
+from langchain_budgetguard.estimate import estimate_output_tokens
 
 from .providers import Reply, ToolCall
 
@@ -205,7 +206,7 @@ def _interrupted_cost(guard, prompt: str, text: str) -> Decimal:
     policy = guard.policy
     model = guard._ladder()[0].runnable  # as the guard estimates: with the model (its exact tokenizer)
     usage = TokenUsage(input_tokens=policy.estimator.input_tokens([HumanMessage(prompt)], [], model=model),
-                       output_tokens=policy.estimator.output_tokens(text))
+                       output_tokens=estimate_output_tokens(policy.estimator, text, model))
     return policy.pricer.rate_card(guard._ladder()[0].ref).cost(usage)
 
 

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from .policy import BudgetPolicy, CounterPlan
     from .stores.memory import MemoryStore
 
-__all__ = ["Estimate", "Admitted", "Request", "admit", "shrink_to_fit", "FAIL_OPEN_KEY"]
+__all__ = ["Estimate", "Admitted", "Request", "admit", "shrink_to_fit", "fitting_output_tokens", "FAIL_OPEN_KEY"]
 
 FAIL_OPEN_KEY = "fail-open-allowance"
 Request = tuple  # ("reserve" | "local_reserve", counters, hold)
@@ -46,6 +46,8 @@ class Estimate:
     clamped: bool = False  # the cap was lowered to fit what is left of the budget
     extra: int = 0  # what billed items besides tokens may add (server tool requests), in ``reserve``
     refs: tuple[ModelRef, ...] = ()  # every model that may serve the call (priced at settle)
+    cap_kwarg: str | None = None  # the call kwarg that caps output (sent with ``send_cap``)
+    cap_source: str = "none"  # who set the cap: call, binding, model, integration_default, none
 
 
 @dataclass(slots=True)
@@ -94,24 +96,33 @@ def admit(policy: BudgetPolicy, plan: CounterPlan, ladder: Sequence[Any], estima
 def shrink_to_fit(policy: BudgetPolicy, estimate: Estimate, room: int) -> Estimate | None:
     """``estimate`` with the largest output cap whose hold fits in ``room`` nano-USD, if that cap is at
     least ``min_output_tokens``; None when even that does not fit (or shrinking is off)."""
-    least = getattr(policy, "min_output_tokens", 256)
-    if not least or estimate.output_tokens <= least:
+    least = policy.min_output_tokens
+    if not least or estimate.output_tokens <= least or estimate.cap_kwarg is None:
+        return None  # shrinking is off, or the cap is small already, or it cannot be sent
+    low = fitting_output_tokens(policy, estimate, room)
+    if low < least:
         return None
     strict = policy.estimator.mode == "strict"
+    reserve, input_cost = estimate.card.hold_nano(estimate.input_tokens, low, dearer_cache_write=strict)
+    return Estimate(estimate.card, estimate.input_tokens, reserve + estimate.extra, input_cost, low, True, True,
+                    estimate.extra, estimate.refs, estimate.cap_kwarg, estimate.cap_source)
 
-    def hold(cap: int) -> tuple[int, int]:
-        return estimate.card.hold_nano(estimate.input_tokens, cap, dearer_cache_write=strict)
 
+def fitting_output_tokens(policy: BudgetPolicy, estimate: Estimate, room: int) -> int:
+    """The largest output cap below ``estimate``'s whose hold fits in ``room`` nano-USD (0: none does)."""
+    strict = policy.estimator.mode == "strict"
     room -= estimate.extra
-    if hold(least)[0] > room:
-        return None
-    low, high = least, estimate.output_tokens - 1  # hold(low) fits: find the largest cap that does
+
+    def fits(cap: int) -> bool:
+        return estimate.card.hold_nano(estimate.input_tokens, cap, dearer_cache_write=strict)[0] <= room
+
+    if not fits(1):
+        return 0
+    low, high = 1, max(estimate.output_tokens - 1, 1)  # fits(low): find the largest cap that does
     while low < high:
         mid = (low + high + 1) // 2
-        low, high = (mid, high) if hold(mid)[0] <= room else (low, mid - 1)
-    reserve, input_cost = hold(low)
-    return Estimate(estimate.card, estimate.input_tokens, reserve + estimate.extra, input_cost, low, True, True,
-                    estimate.extra, estimate.refs)
+        low, high = (mid, high) if fits(mid) else (low, mid - 1)
+    return low
 
 
 def _try(policy: BudgetPolicy, plan: CounterPlan, candidate: Any, estimate: Estimate, index: int, last: int,
@@ -136,7 +147,15 @@ def _try(policy: BudgetPolicy, plan: CounterPlan, candidate: Any, estimate: Esti
     if result.reused:  # never a refusal to degrade from: this call id already named another call
         raise CallIdReusedError(call_id)
     blocked = result.blocked or 0
-    refusals.append(plan.refusal(blocked, result.states[blocked], estimate.reserve, candidate.label))
+    state = result.states[blocked]
+    room = plan.counters(fraction)[blocked].limit - state.spent - state.held
+    refusals.append(plan.refusal(
+        blocked, state, estimate.reserve, candidate.label,
+        input_estimate=nano_to_usd(estimate.input_cost),
+        output_estimate=nano_to_usd(estimate.reserve - estimate.input_cost),
+        output_tokens=estimate.output_tokens, output_cap_source=estimate.cap_source,
+        fitting_output_tokens=fitting_output_tokens(policy, estimate, room),
+    ))
     if refused is not None:
         refused.append((index, candidate, estimate, result))
     return None

@@ -53,6 +53,7 @@ examples:
   budgetguard prices gpt-4o-mini                     what the guard charges per token
   budgetguard estimate --model gpt-4o prompt.txt     the reservation a prompt takes (or pipe it on stdin)
   budgetguard metrics --port 9464                    Prometheus metrics of the budget's counters
+  budgetguard dashboard --port 8765                  a read-only web page of the budget (127.0.0.1)
 
 exit codes:
   0  ok
@@ -519,6 +520,35 @@ def _cmd_metrics(args: argparse.Namespace) -> int:
         return EXIT_OK
 
 
+def _cmd_dashboard(args: argparse.Namespace) -> int:
+    from .dashboard import DashboardData, InsecureBindError, check_bind, make_server
+    from .dashboard.server import TOKEN_ENV
+
+    config = _load(args)
+    token = args.token or os.environ.get(TOKEN_ENV) or None
+    try:
+        check_bind(args.host, token)
+    except InsecureBindError as exc:
+        raise UsageError(str(exc)) from None
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port: expected 0..65535, got {args.port}")
+    data = DashboardData(_admin(config), source=str(config.source), store=config.describe_store())
+    try:
+        server = make_server(data, args.host, args.port, token)
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
+    sys.stderr.write(f"dashboard of budget {config.name} on {server.url}/"
+                     + (" (bearer token required; a browser can open /?token=TOKEN once)" if token else "")
+                     + " (read-only; Ctrl-C stops)\n")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return EXIT_OK
+
+
 # -- the parser -------------------------------------------------------------------------------
 
 
@@ -603,6 +633,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--id-label", action="append", metavar="SCOPE",
                    help="also export per-id series for this scope (mind label cardinality)")
     p.add_argument("--interval", type=float, default=10.0, help="reuse store readings this long (default 10 s)")
+
+    p = command("dashboard", "a read-only web page of the budget: limits, ids by %% used, one id, refusals")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1; any other needs a token)")
+    p.add_argument("--port", type=int, default=8765, help="port to listen on (default 8765; 0: a free one)")
+    p.add_argument("--token", help="require Authorization: Bearer TOKEN (default: $BUDGETGUARD_DASHBOARD_TOKEN)")
     return parser
 
 
@@ -616,6 +652,7 @@ _COMMANDS = {
     "prices": _cmd_prices,
     "estimate": _cmd_estimate,
     "metrics": _cmd_metrics,
+    "dashboard": _cmd_dashboard,
 }
 
 

@@ -37,15 +37,48 @@ class Refusal:
     estimate: Decimal
     model: str
     resets_at: datetime | None
+    # What the estimate is made of, and what would have fitted (None when not known).
+    input_estimate: Decimal | None = None
+    output_estimate: Decimal | None = None
+    output_tokens: int | None = None  # the output cap the estimate reserves for
+    output_cap_source: str | None = None  # who set it: call, binding, model, integration_default, none
+    fitting_output_tokens: int | None = None  # the largest output cap that would fit (0: not even input)
+
+    @property
+    def dominant(self) -> str | None:
+        """``"input"`` or ``"output"``: the larger part of the estimate."""
+        if self.input_estimate is None or self.output_estimate is None:
+            return None
+        return "output" if self.output_estimate >= self.input_estimate else "input"
 
     def describe(self) -> str:
         who = f"{self.scope} {self.scope_id!r}" if self.scope_id is not None else self.scope
         resets = f"; resets at {self.resets_at.isoformat()}" if self.resets_at else "; never resets (total)"
+        parts = ""
+        if self.dominant is not None:
+            parts = (f" (input {format_usd(self.input_estimate)}, output {format_usd(self.output_estimate)} for "
+                     f"{self.output_tokens:,} tokens)")
         return (
             f"{who}, window {self.window}: limit {format_usd(self.limit)}, spent {format_usd(self.spent)}, "
             f"held by calls in flight {format_usd(self.held)}, this call's estimate on {self.model} "
-            f"{format_usd(self.estimate)}{resets}"
+            f"{format_usd(self.estimate)}{parts}{resets}"
         )
+
+    def fix(self) -> str:
+        """What would make this call fit, from what dominated its estimate."""
+        if self.dominant == "output" and self.fitting_output_tokens:
+            source = {"integration_default": " (the integration's default: its full output limit)",
+                      "none": " (the guard's default_max_output_tokens)"}.get(self.output_cap_source or "", "")
+            return (f"The output cap dominates: {self.output_tokens:,} tokens{source}. A max_tokens of at most "
+                    f"{self.fitting_output_tokens:,} would fit (or lower min_output_tokens so the guard shrinks "
+                    "the cap to fit), or degrade to a cheaper model.")
+        if self.dominant == "output":
+            return (f"The output cap dominates ({self.output_tokens:,} tokens), but what is left does not hold "
+                    "even the prompt: raise the limit, wait for the reset, or add a cheaper model to degrade_to.")
+        if self.dominant == "input":
+            return ("The prompt dominates: shorten it (trim the history, fewer or smaller documents), or add a "
+                    "cheaper model to degrade_to; or raise the limit, or wait for the window to reset.")
+        return "Raise the limit, wait for the window to reset, or add a cheaper model to degrade_to."
 
 
 class BudgetExceededError(BudgetGuardError):
@@ -62,11 +95,8 @@ class BudgetExceededError(BudgetGuardError):
         self.scope, self.scope_id, self.window = r.scope, r.scope_id, r.window
         self.limit, self.spent, self.held, self.estimate = r.limit, r.spent, r.held, r.estimate
         self.model, self.resets_at = r.model, r.resets_at
-        tried = ", ".join(x.model for x in self.refusals)
-        super().__init__(
-            f"Budget exceeded for {r.describe()}. Models tried: {tried}. "
-            "Raise the limit, wait for the window to reset, or add a cheaper model to degrade_to."
-        )
+        tried = ", ".join(dict.fromkeys(x.model for x in self.refusals))
+        super().__init__(f"Budget exceeded for {r.describe()}. Models tried: {tried}. {r.fix()}")
 
 
 class IdentityError(BudgetGuardError, ValueError):

@@ -53,8 +53,11 @@ from .errors import BudgetStoreUnavailableError, GuardMisuseError, Refusal, Unkn
 from .estimate import (
     StrictEstimator,
     TypicalEstimator,
+    OutputCap,
     estimate_input_tokens,
-    max_output_tokens,
+    estimate_output_tokens,
+    output_cap,
+    reserved_output,
     tools_of,
 )
 from .leases import shared_keeper
@@ -65,7 +68,6 @@ from .models import (
     chat_model_of,
     innermost,
     model_chunks,
-    output_cap_kwarg,
     with_stop,
 )
 from .money import nano_to_usd
@@ -129,7 +131,7 @@ class _Candidate:
 
     runnable: Runnable
     ref: ModelRef
-    output_cap: int | None = None
+    output_cap: OutputCap = field(default_factory=lambda: OutputCap(None, "none", None, None))
     tools: list[Any] = field(default_factory=list)
     refs: tuple[ModelRef, ...] = ()  # every model that may serve a plain call (an inner with_fallbacks)
     context: dict[str, str] = field(default_factory=dict)  # its price variant (service tier, speed)
@@ -139,13 +141,13 @@ class _Candidate:
     def of(cls, runnable: Runnable) -> _Candidate:
         runnable = _asking_for_stream_usage(runnable)
         refs = tuple(candidate_refs(runnable)) or (model_ref(runnable),)
-        return cls(runnable, refs[0], max_output_tokens(runnable), tools_of(runnable), refs,
+        return cls(runnable, refs[0], output_cap(runnable), tools_of(runnable), refs,
                    call_price_context(runnable), item_bound(runnable).web_searches)
 
-    def cap_and_tools(self, call_kwargs: dict[str, Any]) -> tuple[int | None, list[Any]]:
+    def cap_and_tools(self, call_kwargs: dict[str, Any]) -> tuple[OutputCap, list[Any]]:
         if not call_kwargs:
             return self.output_cap, self.tools
-        return max_output_tokens(self.runnable, call_kwargs), tools_of(self.runnable, call_kwargs)
+        return output_cap(self.runnable, call_kwargs), tools_of(self.runnable, call_kwargs)
 
     def pricing(self, call_kwargs: dict[str, Any], config: RunnableConfig | None
                 ) -> tuple[tuple[ModelRef, ...], dict[str, str], int]:
@@ -185,6 +187,7 @@ class _Unset:
 
 
 _UNSET: Any = _Unset()
+_LADDER = "_ladder_of_candidates"  # the resolved ladder, cached in the instance dict
 _KEEPER = shared_keeper()  # renews the leases of calls in flight (one thread for the process)
 # BaseChatModel's own settings (callbacks, tags, cache, rate_limiter, ...); ``name`` is the budget's.
 _CHAT_MODEL_FIELDS = frozenset(BaseChatModel.model_fields) - {"name"}
@@ -210,7 +213,6 @@ class BudgetGuard(BaseChatModel):
     degrade_to: tuple[Any, ...] = ()
     policy: Any = Field(default=None, exclude=True)
 
-    _candidates: list[_Candidate] | None = PrivateAttr(default=None)
     # Kwargs that bind_tools bound for the primary model only: a degrade model has its own.
     _primary_bound: frozenset[str] = PrivateAttr(default=frozenset())
     # The options the policy was built from (None: a policy object was passed): serialization.
@@ -325,14 +327,14 @@ class BudgetGuard(BaseChatModel):
                 "the wrapped model, copy it: guard.wrap(guard.llm.model_copy(update=...))."
             )
         copied = super().model_copy(update=update, deep=deep)
-        copied._candidates = None
+        copied.__dict__.pop(_LADDER, None)
         return copied
 
     def __deepcopy__(self, memo: dict[int, Any] | None = None) -> BudgetGuard:
         memo = {} if memo is None else memo
         memo[id(self.policy)] = self.policy  # a copy draws on the same budget, never a new one
         copied = super().__deepcopy__(memo)
-        copied._candidates = None
+        copied.__dict__.pop(_LADDER, None)
         return copied
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -450,6 +452,28 @@ class BudgetGuard(BaseChatModel):
         call = self._begin(messages, ensure_config(config), dict(kwargs or {}), model, call_id)
         return Reservation(self, await self._admit_async(call, events), events)
 
+    # -- closing the store -------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the budget's store: journaled fail-open settles and pending releases are written
+        first (interpreter exit does this too). Guards sharing the policy share the store."""
+        self.policy.store.close()
+
+    async def aclose(self) -> None:
+        await self.policy.store.aclose()
+
+    def __enter__(self) -> BudgetGuard:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> BudgetGuard:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
     # -- status ----------------------------------------------------------------------------
 
     def status(self, config: RunnableConfig | None = None, **ids: Any) -> list[LimitStatus]:
@@ -473,10 +497,12 @@ class BudgetGuard(BaseChatModel):
         raise GuardMisuseError("This BudgetGuard has no model to guard; it is a policy. " + _WRAP_HINT)
 
     def _ladder(self) -> list[_Candidate]:
-        if self._candidates is None:
-            models = [self.llm, *self.degrade_to]
-            self._candidates = [_Candidate.of(m) for m in models]
-        return self._candidates
+        # Kept in the instance dict, not a pydantic private attribute: this runs on every call, and a
+        # private attribute is read through __getattr__ (about a microsecond each time).
+        ladder = self.__dict__.get(_LADDER)
+        if ladder is None:
+            ladder = self.__dict__[_LADDER] = [_Candidate.of(m) for m in (self.llm, *self.degrade_to)]
+        return ladder
 
     def _card(self, candidate: _Candidate) -> RateCard:
         # The pricer caches cards and re-resolves those whose price changes at a known time.
@@ -499,15 +525,12 @@ class BudgetGuard(BaseChatModel):
         """What this call would hold on ``candidate`` (nano-USD), from its messages and output cap."""
         policy = self.policy
         refs, context, searches = candidate.pricing(call.kwargs, call.config)
-        cap, tools = candidate.cap_and_tools(call.kwargs)
+        found, tools = candidate.cap_and_tools(call.kwargs)
         messages = call.messages
         if isinstance(messages, str) and not isinstance(policy.estimator, (StrictEstimator, TypicalEstimator)):
             messages = call.messages = [HumanMessage(messages)]  # the built-ins count a string as it is
         input_tokens = estimate_input_tokens(policy.estimator, messages, tools, candidate.runnable)
-        # With no cap anywhere, a reply could cost any amount: the guard sends the cap it reserves for
-        # (output_cap="hard"), unless the user opted out ("trust": reserve the default, send nothing).
-        send = cap is None and policy_option(policy, "output_cap") == "hard" and candidate.runnable is not None
-        cap = cap or policy.default_max_output_tokens
+        cap, send = self._output_reservation(found)
         # Strict: cache writes can cost more than plain input (Anthropic: 1.25x-2x): hold the dearer.
         strict = policy.estimator.mode == "strict"
         best: tuple[int, int, int, RateCard] | None = None
@@ -520,7 +543,30 @@ class BudgetGuard(BaseChatModel):
             if best is None or reserve + extra > best[0]:
                 best = (reserve + extra, input_cost, extra, card)
         reserve, input_cost, extra, card = best  # type: ignore[misc]
-        return Estimate(card, input_tokens, reserve, input_cost, cap, send, False, extra, refs)
+        return Estimate(card, input_tokens, reserve, input_cost, cap, send, False, extra, refs, cap_kwarg=found.kwarg,
+                        cap_source=found.source)
+
+    def _output_reservation(self, cap: OutputCap) -> tuple[int, bool]:
+        """The output tokens to reserve for a call whose cap is ``cap``, and whether to send them.
+
+        A cap the user set is reserved as it is. Otherwise (no cap, or an integration's default that
+        is the model's whole output limit, as ChatAnthropic sends) a reply could cost far more than a
+        sane reservation: ``output_cap="hard"`` reserves ``default_max_output_tokens`` (never above the
+        model's limit) and sends it as the call's cap; ``"model"`` reserves the model's full output
+        limit and sends nothing; ``"trust"`` reserves the default and sends nothing (a reply may
+        overrun: it is charged in full and blocks the budget until paid).
+        """
+        policy = self.policy
+        if cap.user_set and cap.tokens is not None:
+            return cap.tokens, False
+        reserved, send = reserved_output(cap, policy.default_max_output_tokens)
+        if policy.output_cap == "model":
+            limit = cap.model_limit or cap.tokens
+            if limit is not None:
+                return limit, False
+        elif policy.output_cap == "trust":
+            return reserved, False
+        return reserved, send is not None
 
     def _admit(self, call: _Call) -> Generator[Request, ReserveResult | Exception, Admitted]:
         """The admission of ``call`` (see ``admission.admit``) over this guard's ladder."""
@@ -544,7 +590,8 @@ class BudgetGuard(BaseChatModel):
             text = streamed_text if streamed_text is not None else billed_text_of(message)
             usage = TokenUsage(
                 input_tokens=admitted.estimate.input_tokens,
-                output_tokens=self.policy.estimator.output_tokens(text) if text else 0,
+                output_tokens=estimate_output_tokens(self.policy.estimator, text, admitted.candidate.runnable)
+                if text else 0,
                 estimated=True,
             )
         return self._price(admitted, usage, served)
@@ -557,6 +604,10 @@ class BudgetGuard(BaseChatModel):
 
     def _price(self, admitted: Admitted, usage: TokenUsage, reply: Any = None) -> CallCost:
         estimate = admitted.estimate
+        observe = getattr(self.policy.estimator, "observe", None)
+        if observe is not None and not usage.estimated and usage.input_tokens:
+            # typical mode learns from the provider's own prompt counts (no network, bounded memory)
+            observe(admitted.candidate.label, estimate.input_tokens, usage.consistent().input_tokens)
         card, model = estimate.card, admitted.candidate.label
         refs = estimate.refs
         if refs:
@@ -707,10 +758,10 @@ class BudgetGuard(BaseChatModel):
         """The model that fitted and the kwargs it takes (a degrade model has its own bound tools)."""
         if admitted.index and self._primary_bound:
             kwargs = {k: v for k, v in kwargs.items() if k not in self._primary_bound}
-        model = admitted.candidate.runnable
-        if admitted.estimate.send_cap:
-            kwargs = {**kwargs, output_cap_kwarg(model): admitted.estimate.output_tokens}
-        return model, kwargs
+        estimate = admitted.estimate
+        if estimate.send_cap and estimate.cap_kwarg:
+            kwargs = {**kwargs, estimate.cap_kwarg: estimate.output_tokens}
+        return admitted.candidate.runnable, kwargs
 
     def invoke(self, input: Any, config: RunnableConfig | None = None, *, stop: list[str] | None = None,
                **kwargs: Any) -> BaseMessage:
@@ -1060,9 +1111,9 @@ class Reservation:
         """Kwargs the call must be made with: the output cap the guard reserved, when the call sets none
         (or a smaller one, shrunk to fit). Empty when the call's own cap applies."""
         estimate = self.admitted.estimate
-        if not estimate.send_cap or self.model is None:
+        if not estimate.send_cap or not estimate.cap_kwarg:
             return {}
-        return {output_cap_kwarg(self.model): estimate.output_tokens}
+        return {estimate.cap_kwarg: estimate.output_tokens}
 
     @property
     def degraded(self) -> bool:
@@ -1131,13 +1182,6 @@ def _asking_for_stream_usage(model: Runnable) -> Runnable:
         return model.model_copy(update={"stream_usage": True})
     return model
 
-
-
-_POLICY_DEFAULTS = {"output_cap": "hard", "min_output_tokens": 256}
-
-
-def policy_option(policy: Any, name: str) -> Any:
-    return getattr(policy, name, _POLICY_DEFAULTS[name])
 
 
 def _from_cache(reply: Any) -> bool:

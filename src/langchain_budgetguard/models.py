@@ -16,7 +16,7 @@ from langchain_core.messages import AIMessageChunk, BaseMessage
 from langchain_core.outputs import ChatGenerationChunk
 from langchain_core.runnables import RunnableBinding, RunnableConfig
 
-__all__ = ["innermost", "chat_model_of", "with_stop", "output_cap_kwarg", "as_chunk", "model_chunks",
+__all__ = ["innermost", "chat_model_of", "with_stop", "as_chunk", "model_chunks",
            "amodel_chunks", "streams_natively"]
 
 
@@ -37,16 +37,6 @@ def chat_model_of(model: Any, kwargs: Mapping[str, Any]) -> tuple[Any, dict[str,
 
 def with_stop(kwargs: dict[str, Any], stop: list[str] | None) -> dict[str, Any]:
     return kwargs if stop is None else {**kwargs, "stop": stop}
-
-
-def output_cap_kwarg(model: Any) -> str:
-    """The call kwarg that caps a model's output."""
-    inner = innermost(model)
-    fields = getattr(type(inner), "model_fields", {})
-    for name in ("max_tokens", "max_completion_tokens", "max_output_tokens", "num_predict"):
-        if name in fields:
-            return name
-    return "max_tokens"
 
 
 def as_chunk(message: BaseMessage) -> ChatGenerationChunk:

@@ -54,6 +54,9 @@ MAX_NAME_LENGTH = 256
 """The longest budget ``name``, in characters."""
 _PLAN_CACHE_SIZE = 4096
 
+OutputCapPolicy = Literal["hard", "model", "trust"]
+DEFAULT_MIN_OUTPUT_TOKENS = 256
+"""A call whose full output cap does not fit is served with a smaller one, down to this many tokens."""
 ExpiredHold = Literal["release", "charge_input", "charge_reserved"]
 StoreErrorPolicy = Literal["fail_closed", "fail_open"]
 
@@ -111,7 +114,8 @@ class CounterPlan:
             out.append(Counter(key, cap, exp))
         return out
 
-    def refusal(self, index: int, state: CounterState, estimate: int, model: str) -> Refusal:
+    def refusal(self, index: int, state: CounterState, estimate: int, model: str, **explained: Any) -> Refusal:
+        """Why counter ``index`` refused; ``explained`` adds what the estimate is made of (Refusal's fields)."""
         limit = self.limits[index]
         return Refusal(
             scope=limit.per,
@@ -123,6 +127,7 @@ class CounterPlan:
             estimate=nano_to_usd(estimate),
             model=model,
             resets_at=self.windows[index].resets_at,
+            **explained,
         )
 
     def statuses(self, states: Sequence[CounterState]) -> list[LimitStatus]:
@@ -211,6 +216,8 @@ class BudgetPolicy:
         pricer: Pricer | None = None,
         degrade_at: float | Decimal | None = None,
         default_max_output_tokens: int = DEFAULT_MAX_OUTPUT_TOKENS,
+        output_cap: OutputCapPolicy = "hard",
+        min_output_tokens: int | None = DEFAULT_MIN_OUTPUT_TOKENS,
         lease_seconds: float = DEFAULT_LEASE_SECONDS,
         retention_seconds: int = DEFAULT_RETENTION_SECONDS,
         expired_hold: ExpiredHold = "charge_input",
@@ -239,6 +246,19 @@ class BudgetPolicy:
                 f"got {show_value(default_max_output_tokens)}"
             )
         self.default_max_output_tokens = default_max_output_tokens
+        if not isinstance(output_cap, str) or output_cap not in ("hard", "model", "trust"):
+            raise ValueError(
+                f"output_cap: expected 'hard' (send the cap reserved when a call sets none), 'model' (reserve the "
+                f"model's full output limit) or 'trust' (reserve the default, send nothing), got {show_value(output_cap)}"
+            )
+        self.output_cap: OutputCapPolicy = output_cap
+        if min_output_tokens is not None and (isinstance(min_output_tokens, bool) or not isinstance(
+                min_output_tokens, int) or not 0 < min_output_tokens <= MAX_DEFAULT_OUTPUT_TOKENS):
+            raise ValueError(
+                f"min_output_tokens: expected None (never shrink a call's cap to fit) or a whole number of tokens "
+                f"from 1 to {MAX_DEFAULT_OUTPUT_TOKENS}, got {show_value(min_output_tokens)}"
+            )
+        self.min_output_tokens = min_output_tokens
         self.lease_seconds = check_seconds(lease_seconds, "lease_seconds", minimum=MIN_LEASE_SECONDS,
                                            maximum=MAX_LEASE_SECONDS)
         self.retention_seconds = math.ceil(check_seconds(retention_seconds, "retention_seconds",

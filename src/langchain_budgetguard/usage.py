@@ -15,7 +15,6 @@ policy instead of trusting it.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields, replace

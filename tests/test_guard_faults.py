@@ -1,0 +1,155 @@
+"""The guard under faults and hostile replies: long calls keep their holds, no call id admits twice,
+usage that cannot be real and streams that cannot be read are charged by policy, never free."""
+
+from __future__ import annotations
+
+import threading
+import time
+from decimal import Decimal
+
+import pytest
+from langchain_core.messages import AIMessageChunk
+from langchain_core.outputs import ChatGenerationChunk
+
+from langchain_budgetguard import BudgetExceededError, BudgetGuard, CallIdReusedError
+
+from .fakes import ExactEstimator, UsageChat
+from .redis_support import fresh_prefix, redis_url  # noqa: F401
+
+PRICES = {"big": {"input": "40", "output": "50"}}  # 1000 in + 1000 out = $0.09, input alone $0.04
+
+
+def big(**kwargs) -> UsageChat:
+    return UsageChat(model_name="big", input_tokens=1000, output_tokens=1000, max_tokens=1000, **kwargs)
+
+
+def state(guard) -> tuple[Decimal, Decimal]:
+    (status,) = guard.status()
+    return status.spent, status.held
+
+
+class LateStream(UsageChat):
+    def _stream(self, messages, stop=None, run_manager=None, **kwargs):
+        time.sleep(8.0)
+        yield from super()._stream(messages, stop, run_manager, **kwargs)
+
+
+@pytest.mark.parametrize("store", ["memory", "redis"])
+def test_an_8s_invoke_and_an_8s_stream_keep_their_holds_with_a_2s_lease(request, store):
+    url = request.getfixturevalue("redis_url") if store == "redis" else None
+    options = dict(limit="0.20", prices=PRICES, estimator=ExactEstimator(1000), lease_seconds=2,
+                   name=f"{fresh_prefix()}lease")
+    if url:
+        options["store"] = url
+    slow = BudgetGuard(big(delay=8.0), **options)  # invoke: 8 s before the reply
+    first_chunk_late = BudgetGuard(LateStream(model_name="big", input_tokens=1000, output_tokens=1000,
+                                              max_tokens=1000), policy=slow.policy)  # first chunk after 8 s
+    done: list[object] = []
+    threads = [threading.Thread(target=lambda: done.append(slow.invoke("x"))),
+               threading.Thread(target=lambda: done.append(list(first_chunk_late.stream("x"))))]
+    for t in threads:
+        t.start()
+    time.sleep(5)  # well past two leases: without renewals both holds would have been reaped
+    spent, held = state(slow)
+    assert spent == 0 and held == Decimal("0.18")
+    with pytest.raises(BudgetExceededError):  # $0.09 more fits only if the two holds were gone
+        BudgetGuard(big(), policy=slow.policy).invoke("x")
+    for t in threads:
+        t.join()
+    assert len(done) == 2
+    assert state(slow) == (Decimal("0.18"), Decimal(0))
+
+
+def test_a_repeated_call_id_is_refused_and_the_first_call_is_charged_once():
+    guard = BudgetGuard(UsageChat(), limit=1)
+    reservation = guard.reserve("hi", call_id="request-42")
+    reservation.settle(usage=None, output_text="hello")
+    with pytest.raises(CallIdReusedError, match="request-42"):
+        guard.reserve("hi", call_id="request-42")
+    with pytest.raises(ValueError):
+        guard.reserve("hi", call_id="\ud800")
+    spent, held = state(guard)
+    assert spent > 0 and held == 0
+
+
+def test_a_usage_report_that_cannot_be_real_charges_the_whole_reservation():
+    class Absurd(UsageChat):
+        def _usage(self):
+            return {"input_tokens": 2**63, "output_tokens": 2**63, "total_tokens": 2**64 - 1}
+
+    guard = BudgetGuard(Absurd(max_tokens=100), limit=1)
+    reply = guard.invoke("hi")
+    meta = reply.response_metadata["budgetguard"]
+    assert meta["estimated"] is True and "problem" in meta
+    assert meta["cost_usd"] == meta["reserved_usd"] > 0  # charged by policy: never free, never overflowing
+    assert state(guard) == (meta["reserved_usd"], Decimal(0))
+
+
+def test_a_stream_whose_last_chunk_has_junk_usage_is_settled_not_left_held():
+    class JunkTail(UsageChat):
+        def _stream(self, messages, stop=None, run_manager=None, **kwargs):
+            yield ChatGenerationChunk(message=AIMessageChunk(content="Hello"))
+            junk = AIMessageChunk(content="", usage_metadata={"input_tokens": 1, "output_tokens": 1,
+                                                              "total_tokens": 2})
+            junk.usage_metadata["output_tokens"] = "lots"  # passes validation, breaks LangChain's merge
+            yield ChatGenerationChunk(message=junk)
+
+    guard = BudgetGuard(JunkTail(max_tokens=100), limit=1)
+    with pytest.raises(Exception):  # noqa: B017, PT011 - LangChain's own merge error
+        list(guard.stream("hi"))
+    spent, held = state(guard)
+    assert held == 0 and spent > 0
+
+
+def test_anthropic_default_max_tokens_does_not_hold_the_whole_output_limit(anthropic_server, billed):
+    llm = anthropic_server.chat_model(model="claude-opus-4-6")
+    assert llm.max_tokens > 60_000  # ChatAnthropic fills in the model's full output limit
+    anthropic_server.set_default("A short answer.")
+    guard = BudgetGuard(llm, limit=3)
+    for _ in range(20):
+        guard.invoke("hi")
+    sent = {r.body["max_tokens"] for r in anthropic_server.calls}
+    assert sent == {4096}  # the guard's default cap, sent and reserved instead of 128k
+    spent, held = state(guard)
+    assert held == 0 and spent == billed(anthropic_server) <= 3
+
+
+def test_a_refusal_names_what_dominated_and_what_would_fit():
+    guard = BudgetGuard(UsageChat(), limit="0.0005", min_output_tokens=None)  # no shrinking
+    with pytest.raises(BudgetExceededError) as caught:
+        guard.invoke("hi")
+    message = str(caught.value)
+    refusal = caught.value.refusal
+    assert refusal.dominant == "output" and refusal.output_tokens == 4096
+    assert "output cap dominates" in message and f"at most {refusal.fitting_output_tokens:,}" in message
+    assert 0 < refusal.fitting_output_tokens < 4096
+    # and the fix it names works: that cap fits
+    guard.invoke("hi", max_tokens=refusal.fitting_output_tokens)
+
+
+def test_close_and_context_managers_close_the_store():
+    from langchain_budgetguard.stores.memory import MemoryStore
+
+    class Closing(MemoryStore):
+        closed = 0
+
+        def close(self) -> None:
+            Closing.closed += 1
+            super().close()
+
+        async def aclose(self) -> None:
+            Closing.closed += 1
+            await super().aclose()
+
+    with BudgetGuard(UsageChat(), limit=1, store=Closing()) as guard:
+        guard.invoke("hi")
+    assert Closing.closed == 1
+
+    async def run() -> None:
+        async with BudgetGuard(UsageChat(), limit=1, store=Closing()) as guard:
+            await guard.ainvoke("hi")
+
+    import asyncio
+
+    asyncio.run(run())
+    assert Closing.closed == 2
