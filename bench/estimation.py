@@ -163,7 +163,7 @@ def _reported(results: Results) -> None:
         never_below &= s >= reported
         rows.append({"prompt": text if len(text) < 20 else text[:17] + "...", "model": model_name,
                      "reported": reported, "strict": s, "strict/reported": f"{s / reported:.2f}",
-                     "typical": t, "typical/reported": f"{t / reported:.2f}"})
+                     "typical": int(t), "typical/reported": f"{t / reported:.2f}"})
     results.tables["4. Estimates vs provider-reported prompt tokens"] = rows
     ratios = [r["strict"] / r["reported"] for r in rows]
     results.add(Row(

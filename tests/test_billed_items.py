@@ -354,6 +354,30 @@ def test_deepseek_reasoner_stream_without_usage_bills_its_reasoning(server: Cann
     assert billed_text_of(merged) == visible + "".join(reasoning)
 
 
+def test_a_guarded_deepseek_reasoner_stream_without_usage_is_charged_its_reasoning(server: CannedServer) -> None:
+    from langchain_budgetguard import BudgetGuard
+    from langchain_budgetguard.pricing import price_host_as
+
+    deepseek = pytest.importorskip("langchain_deepseek")
+    reasoning = ["Let me think. ", "The user greets me; ", "思考中 ", "so I greet back."]
+    answer = ["Hello", " there!"]
+    server.push(deepseek_stream(reasoning, answer))
+    price_host_as(server.url, "deepseek")  # the canned server stands in for api.deepseek.com
+    llm = deepseek.ChatDeepSeek(model="deepseek-reasoner", api_base=server.url + "/v1", api_key="test",
+                                max_retries=0, stream_usage=False)
+    guard = BudgetGuard(llm, limit=1)
+    chunks = list(guard.stream("hi"))
+    meta = chunks[-1].response_metadata["budgetguard"]
+    assert meta["estimated"] is True
+    # at least every streamed byte of output, reasoning included, at deepseek-reasoner's output price
+    streamed_bytes = len("".join(reasoning + answer).encode())
+    assert meta["output_tokens"] >= streamed_bytes
+    card = guard.policy.pricer.rate_card(guard._ladder()[0].ref)
+    assert meta["cost_usd"] >= card.cost(TokenUsage(output_tokens=streamed_bytes))
+    (status,) = guard.status()
+    assert status.held == 0 and status.spent == meta["cost_usd"]
+
+
 def test_billed_text_reads_every_reasoning_shape() -> None:
     assert billed_text_of(AIMessage("ok", additional_kwargs={"reasoning_content": "hmm "})) == "okhmm "
     v1 = AIMessage(content=[{"type": "reasoning", "reasoning": "step 1. "}, {"type": "text", "text": "done"}])

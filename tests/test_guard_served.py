@@ -80,3 +80,19 @@ def test_bedrock_claude_v2_seed_figure_still_holds():
 
     card = Pricer().rate_card(ModelRef("anthropic.claude-v2", "aws"))
     assert card.cost(TokenUsage(input_tokens=26, output_tokens=70)) == Decimal("0.001888")
+
+
+def test_a_serving_model_nothing_prices_is_charged_at_a_candidate_price_and_reported():
+    from .fakes import UsageChat
+
+    class Mystery(UsageChat):
+        def _generate(self, messages, stop=None, run_manager=None, **kwargs):
+            result = super()._generate(messages, stop, run_manager, **kwargs)
+            result.generations[0].message.response_metadata["model_name"] = "gpt-4o-mystery"
+            return result
+
+    guard = BudgetGuard(Mystery(input_tokens=1000, output_tokens=200), limit=1)
+    meta = guard.invoke("hi").response_metadata["budgetguard"]
+    # never $0: the model the call was reserved for prices it, and the reply says so
+    assert meta["model"] == "gpt-4o-mystery" and meta["priced_as"] == "openai/gpt-4o-mini"
+    assert meta["cost_usd"] == price("gpt-4o-mini", 1000, 200) == spent(guard)

@@ -11,9 +11,12 @@ import threading
 from decimal import Decimal
 
 import pytest
+from langchain_core.messages import AIMessageChunk
+from langchain_core.outputs import ChatGenerationChunk
 
 from langchain_budgetguard import BudgetExceededError, BudgetGuard
 
+from .fakes import UsageChat
 from .providers import Reply
 
 WOULD_WRITE = 20_000  # what the model writes when nothing caps it: $0.16 of o3 output alone
@@ -97,3 +100,45 @@ def test_shrink_to_fit_serves_a_shorter_reply_instead_of_refusing(openai_server,
         for _ in range(10):
             guard.invoke("Think.")
     assert spent_and_held(guard)[0] <= Decimal("0.04")
+
+
+class IgnoresCaps(UsageChat):
+    """A server that streams 300 pieces whatever cap it is sent, and no usage (a local server)."""
+
+    closed: bool = False
+
+    def _stream(self, messages, stop=None, run_manager=None, **kwargs):
+        try:
+            for i in range(300):
+                yield ChatGenerationChunk(message=AIMessageChunk(content=f" w{i}"))
+        finally:
+            object.__setattr__(self, "closed", True)
+
+    async def _astream(self, messages, stop=None, run_manager=None, **kwargs):
+        try:
+            for i in range(300):
+                yield ChatGenerationChunk(message=AIMessageChunk(content=f" w{i}"))
+        finally:
+            object.__setattr__(self, "closed", True)
+
+
+def _sum(chunks):
+    return "".join(c.content for c in chunks)
+
+
+def test_a_stream_that_ignores_its_cap_is_stopped_at_the_cap():
+    llm = IgnoresCaps(max_tokens=50, report_usage=False)
+    guard = BudgetGuard(llm, limit=1)
+    chunks = list(guard.stream("hi"))
+    assert len(_sum(chunks).split()) == 51 and llm.closed  # stopped once it passed 50 pieces
+    (status,) = guard.status()
+    assert status.held == 0 and status.spent == chunks[-1].response_metadata["budgetguard"]["cost_usd"] > 0
+
+
+async def test_an_async_stream_that_ignores_its_cap_is_stopped_and_closed():
+    llm = IgnoresCaps(max_tokens=50, report_usage=False)
+    guard = BudgetGuard(llm, limit=1)
+    chunks = [c async for c in guard.astream("hi")]
+    assert len(_sum(chunks).split()) == 51 and llm.closed
+    (status,) = guard.status()
+    assert status.held == 0 and status.spent > 0

@@ -21,7 +21,6 @@ import copy
 import os
 from collections.abc import (
     AsyncIterator,
-    Callable,
     Generator,
     Iterator,
     Mapping,
@@ -271,10 +270,6 @@ class BudgetGuard(BaseChatModel):
         guard._primary_bound = primary_bound
         return guard
 
-    def _rewrap(self, fn: Callable[[Runnable], Runnable]) -> BudgetGuard:
-        self._require_model()
-        return self._sibling(fn(self.llm), [fn(m) for m in self.degrade_to])
-
     def bind_tools(self, tools: Sequence[Any], *, tool_choice: Any = _UNSET, strict: Any = _UNSET,
                    parallel_tool_calls: Any = _UNSET, **kwargs: Any) -> Runnable:
         """The wrapped model's ``bind_tools``, as a binding over a guard: the tools travel with the call.
@@ -504,10 +499,6 @@ class BudgetGuard(BaseChatModel):
             ladder = self.__dict__[_LADDER] = [_Candidate.of(m) for m in (self.llm, *self.degrade_to)]
         return ladder
 
-    def _card(self, candidate: _Candidate) -> RateCard:
-        # The pricer caches cards and re-resolves those whose price changes at a known time.
-        return self.policy.pricer.rate_card(candidate.ref)
-
     def _begin(self, value: Any, config: RunnableConfig, kwargs: dict[str, Any], model: ModelRef | None = None,
                call_id: str | None = None) -> _Call:
         if model is None:
@@ -637,7 +628,7 @@ class BudgetGuard(BaseChatModel):
             charged_nano=charged,
             output_cap=admitted.estimate.output_tokens if admitted.estimate.send_cap else None,
             clamped=admitted.estimate.clamped,
-            priced_as=card.priced_as if card is not None else None,
+            priced_as=_priced_as(card, model),
             problem=problem,
         )
 
@@ -826,25 +817,19 @@ class BudgetGuard(BaseChatModel):
             raise
         model, model_kwargs = self._serving(admitted, kwargs)
         tracker = StreamTracker(self, admitted)
-        last = None  # the provider's last chunk, held back to carry the cost
         settled = False
         try:
             with self._lease(admitted):
                 for chunk in model.stream(input, given if child is config else child, **model_kwargs):
-                    tracker.add(chunk)
-                    if last is not None:
-                        yield last
-                        last = None
-                    if _is_last(chunk):
-                        last = chunk
-                        continue
-                    yield chunk
+                    yield from tracker.pass_on(chunk)
+                    if tracker.over_cap:  # the provider ignores the cap: stop, charge what came
+                        break
             cost = tracker.finish()
             self._settle_sync(admitted, cost.charged_nano)
             settled = True
             if events is not None:
                 self._report_cost(events, cost)
-            yield _with_cost(last, cost)
+            yield _with_cost(tracker.last, cost)
         except BaseException as exc:
             if not settled:
                 self._settle_sync(admitted, tracker.interrupted_charge())
@@ -868,25 +853,22 @@ class BudgetGuard(BaseChatModel):
             raise
         model, model_kwargs = self._serving(admitted, kwargs)
         tracker = StreamTracker(self, admitted)
-        last = None
         settled = False
         try:
             async with self._alease(admitted):
-                async for chunk in model.astream(input, given if child is config else child, **model_kwargs):
-                    tracker.add(chunk)
-                    if last is not None:
-                        yield last
-                        last = None
-                    if _is_last(chunk):
-                        last = chunk
-                        continue
-                    yield chunk
+                chunks = model.astream(input, given if child is config else child, **model_kwargs)
+                async with _closing(chunks):
+                    async for chunk in chunks:
+                        for out in tracker.pass_on(chunk):
+                            yield out
+                        if tracker.over_cap:
+                            break
             cost = tracker.finish()
             await self._settle_async(admitted, cost.charged_nano)
             settled = True
             if events is not None:
                 await self._areport_cost(events, cost)
-            yield _with_cost(last, cost)
+            yield _with_cost(tracker.last, cost)
         except BaseException as exc:
             if not settled:
                 await self._settle_async(admitted, tracker.interrupted_charge())
@@ -1062,6 +1044,8 @@ class BudgetGuard(BaseChatModel):
                 for chunk in model_chunks(model, messages, stop, run_manager, config, model_kwargs):
                     tracker.add(chunk.message)
                     yield chunk
+                    if tracker.over_cap:
+                        break
             cost = tracker.finish()
             self._settle_sync(admitted, cost.charged_nano)
             settled = True
@@ -1078,9 +1062,13 @@ class BudgetGuard(BaseChatModel):
         settled = False
         try:
             async with self._alease(admitted):
-                async for chunk in amodel_chunks(model, messages, stop, run_manager, config, model_kwargs):
-                    tracker.add(chunk.message)
-                    yield chunk
+                chunks = amodel_chunks(model, messages, stop, run_manager, config, model_kwargs)
+                async with _closing(chunks):
+                    async for chunk in chunks:
+                        tracker.add(chunk.message)
+                        yield chunk
+                        if tracker.over_cap:
+                            break
             cost = tracker.finish()
             await self._settle_async(admitted, cost.charged_nano)
             settled = True
@@ -1184,14 +1172,25 @@ def _asking_for_stream_usage(model: Runnable) -> Runnable:
 
 
 
+def _priced_as(card: RateCard | None, served: str) -> str | None:
+    """Which price entry charged the call, when it is not the served model's own: a cloud reselling
+    a vendor (``card.priced_as``), or the dearest candidate for a serving model nothing prices."""
+    if card is None:
+        return None
+    if card.priced_as:
+        return card.priced_as
+    return card.model if card.model and card.model.lower() != served.lower() else None
+
+
+def _closing(chunks: Any) -> Any:
+    """Close an async stream we stop reading (a break does not close an async generator)."""
+    return contextlib.aclosing(chunks) if hasattr(chunks, "aclose") else contextlib.nullcontext()
+
+
 def _from_cache(reply: Any) -> bool:
     """LangChain marks a reply its cache served with ``usage_metadata["total_cost"] = 0``."""
     usage = getattr(reply, "usage_metadata", None)
     return isinstance(usage, Mapping) and usage.get("total_cost") == 0
-
-
-def _is_last(chunk: Any) -> bool:
-    return getattr(chunk, "chunk_position", None) == "last"
 
 
 def _with_cost(last: Any, cost: CallCost) -> AIMessageChunk:

@@ -30,12 +30,30 @@ class StreamTracker:
         self._sum: tuple[int, Any] = (0, None)  # (chunks added, their sum)
         self._text: list[str] = []  # billed output: visible text, tool calls and reasoning
         self._named: Any = None  # the last chunk that names the model that answered
+        self.last: Any = None  # the provider's last chunk, held back by pass_on
+        # A chunk with output carries at least one token: more such chunks than the output cap the
+        # call was reserved for means the provider ignores the cap, and the stream is stopped.
+        self._pieces = 0
+        self.over_cap = False
+
+    def pass_on(self, chunk: Any) -> tuple[Any, ...]:
+        """Add ``chunk``; return the chunks to yield now. The provider's last chunk
+        (``chunk_position="last"``) is held back in ``last``, to carry the call's cost when it ends."""
+        self.add(chunk)
+        held, self.last = self.last, None
+        if getattr(chunk, "chunk_position", None) == "last":
+            self.last = chunk
+            return () if held is None else (held,)
+        return (chunk,) if held is None else (held, chunk)
 
     def add(self, chunk: Any) -> None:
         self._chunks.append(chunk)
         text = billed_text_of(chunk)
         if text:
             self._text.append(text)
+            self._pieces += 1
+            if self._pieces > self.admitted.estimate.output_tokens:
+                self.over_cap = True
         metadata = getattr(chunk, "response_metadata", None)
         if metadata and ("model_name" in metadata or "model" in metadata):
             self._named = chunk
