@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import base64
 import json
-from collections.abc import Iterator
+import math
+from collections.abc import Iterator, Mapping
 from typing import Any
 
-from .common import RecordedRequest, Reply, ScriptedServer, _Handler, count_prompt_tokens, sse
+from .common import (
+    PDF_PAGE_SIZE,
+    URL_IMAGE_SIZE,
+    PromptView,
+    RecordedRequest,
+    Reply,
+    ScriptedServer,
+    _Handler,
+    count_prompt_tokens,
+    image_size,
+    pdf_pages,
+    sse,
+)
 
 __all__ = ["AnthropicServer"]
 
@@ -22,6 +36,36 @@ _ERRORS: dict[int, tuple[str, str]] = {
 }
 
 
+def _as_blocks(content: Any) -> list[Mapping[str, Any]]:
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    return [b for b in content or [] if isinstance(b, Mapping)]
+
+
+def _block_text(content: Any) -> str:
+    return " ".join(b.get("text", "") for b in _as_blocks(content) if b.get("type") == "text")
+
+
+def _cache_prefix(body: Mapping[str, Any]) -> tuple[str, int] | None:
+    """(key, tokens) of the prompt up to its last ``cache_control`` breakpoint, or None.
+
+    Tokens use the ``count_prompt_tokens`` convention (text characters // 4 + 1)."""
+    parts: list[Any] = [body.get("model"), body.get("tools")]
+    chars, best = 0, None
+    sections = [("system", body.get("system") or [])] + [
+        (m.get("role"), m.get("content")) for m in body.get("messages") or [] if isinstance(m, Mapping)
+    ]
+    for role, content in sections:
+        for block in _as_blocks(content):
+            parts.append([role, block])
+            chars += len(block.get("text") or "") if block.get("type") == "text" else 0
+            if block.get("cache_control"):
+                best = (json.dumps(parts, sort_keys=True, default=str), chars // 4 + 1)
+    if any(t.get("cache_control") for t in body.get("tools") or []) and best is None:
+        best = (json.dumps(parts[:2], sort_keys=True, default=str), 1)
+    return best
+
+
 class AnthropicServer(ScriptedServer):
     """Answers like api.anthropic.com for ``ChatAnthropic(base_url=server.base_url)``.
 
@@ -31,6 +75,7 @@ class AnthropicServer(ScriptedServer):
 
     api_path = "/v1/messages"
     count_tokens_path = "/v1/messages/count_tokens"
+    reports_cache_writes = True
 
     def __init__(self, default: Reply | str | None = None) -> None:
         super().__init__(default)
@@ -59,6 +104,51 @@ class AnthropicServer(ScriptedServer):
             handler.send_json(200, {"input_tokens": value if value is not None else count_prompt_tokens(request.body or {})})
         else:
             super()._other(handler, request)
+
+    def prompt_view(self, body: Mapping[str, Any]) -> PromptView:
+        messages = [m for m in body.get("messages") or [] if isinstance(m, Mapping)]
+        last = messages[-1] if messages else {}
+        last_blocks = _as_blocks(last.get("content"))
+        after_tool = last.get("role") == "user" and any(b.get("type") == "tool_result" for b in last_blocks)
+        users = [m for m in messages if m.get("role") == "user"]
+        choice = body.get("tool_choice") or {}
+        kind = choice.get("type")
+        fmt = (body.get("output_config") or {}).get("format") or body.get("output_format") or {}
+        thinking = body.get("thinking") or {}
+        return PromptView(
+            last_user_text=_block_text(users[-1].get("content")) if users else "",
+            after_tool_result=after_tool,
+            tools=tuple((t["name"], t.get("input_schema") or {}) for t in body.get("tools") or [] if "name" in t),
+            tool_choice=choice.get("name") if kind == "tool" else kind,
+            response_schema=fmt.get("schema") if fmt.get("type") == "json_schema" else None,
+            stop=tuple(body.get("stop_sequences") or ()),
+            reasoning=thinking.get("type") in ("enabled", "adaptive"),
+            cache=_cache_prefix(body),
+        )
+
+    def media_tokens(self, body: Mapping[str, Any]) -> int:
+        """Images: width x height / 750 after scaling to at most 1568 px a side and 1.15 megapixels
+        (about 1,600 tokens at most). PDFs: each page as an image (the servers' PDFs have no text)."""
+
+        def image(size: tuple[int, int]) -> int:
+            w, h = size
+            scale = min(1.0, 1568 / max(w, h), math.sqrt(1_150_000 / (w * h)))
+            return math.ceil(w * scale * h * scale / 750)
+
+        def walk(content: Any) -> int:
+            tokens = 0
+            for block in _as_blocks(content):
+                kind, source = block.get("type"), block.get("source") or {}
+                raw = base64.b64decode(source["data"]) if source.get("type") == "base64" else None
+                if kind == "image":
+                    tokens += image(image_size(raw) if raw else URL_IMAGE_SIZE)
+                elif kind == "document":
+                    tokens += pdf_pages(raw or b"") * image(PDF_PAGE_SIZE)
+                elif kind == "tool_result":
+                    tokens += walk(block.get("content"))
+            return tokens
+
+        return sum(walk(m.get("content")) for m in body.get("messages") or [] if isinstance(m, Mapping))
 
     def _error_body(self, reply: Reply) -> dict[str, Any]:
         type_, message = _ERRORS.get(reply.error or 500, ("api_error", "Error."))
@@ -102,6 +192,8 @@ class AnthropicServer(ScriptedServer):
 
     def _blocks(self, reply: Reply, index: int) -> list[dict[str, Any]]:
         blocks: list[dict[str, Any]] = []
+        if reply.thinking:
+            blocks.append({"type": "thinking", "thinking": reply.thinking, "signature": f"sig_test{index}"})
         if reply.text or not reply.tool_calls:
             blocks.append({"type": "text", "text": reply.text})
         for i, tc in enumerate(reply.tool_calls):
@@ -109,7 +201,11 @@ class AnthropicServer(ScriptedServer):
         return blocks
 
     def _stop_reason(self, reply: Reply) -> str:
-        return reply.finish_reason or ("tool_use" if reply.tool_calls else "end_turn")
+        if reply.finish_reason:
+            return reply.finish_reason
+        if reply.stop_sequence is not None:
+            return "stop_sequence"
+        return "tool_use" if reply.tool_calls else "end_turn"
 
     def _completion(self, reply: Reply, body: Any, model: str, usage: dict[str, int], index: int) -> dict[str, Any]:
         return {
@@ -119,7 +215,7 @@ class AnthropicServer(ScriptedServer):
             "model": model,
             "content": self._blocks(reply, index),
             "stop_reason": self._stop_reason(reply),
-            "stop_sequence": None,
+            "stop_sequence": reply.stop_sequence,
             "usage": self._wire_usage(reply, usage, usage["output_tokens"]),
         }
 
@@ -140,7 +236,14 @@ class AnthropicServer(ScriptedServer):
         }
         yield sse({"type": "message_start", "message": message}, "message_start"), False
         for i, block in enumerate(self._blocks(reply, index)):
-            if block["type"] == "text":
+            if block["type"] == "thinking":
+                start = {"type": "thinking", "thinking": "", "signature": ""}
+                yield sse({"type": "content_block_start", "index": i, "content_block": start}, "content_block_start"), False
+                delta = {"type": "thinking_delta", "thinking": block["thinking"]}
+                yield sse({"type": "content_block_delta", "index": i, "delta": delta}, "content_block_delta"), False
+                delta = {"type": "signature_delta", "signature": block["signature"]}
+                yield sse({"type": "content_block_delta", "index": i, "delta": delta}, "content_block_delta"), False
+            elif block["type"] == "text":
                 yield sse({"type": "content_block_start", "index": i, "content_block": {"type": "text", "text": ""}}, "content_block_start"), False
                 if i == 0:
                     yield sse({"type": "ping"}, "ping"), False
@@ -160,7 +263,7 @@ class AnthropicServer(ScriptedServer):
         final.pop("cache_creation", None)  # not part of MessageDeltaUsage
         if reply.delta_usage == "output_only":
             final = {"output_tokens": usage["output_tokens"]}
-        delta = {"stop_reason": self._stop_reason(reply), "stop_sequence": None}
+        delta = {"stop_reason": self._stop_reason(reply), "stop_sequence": reply.stop_sequence}
         yield sse({"type": "message_delta", "delta": delta, "usage": final}, "message_delta"), True
         yield sse({"type": "message_stop"}, "message_stop"), False
 

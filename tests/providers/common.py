@@ -16,13 +16,21 @@ both ChatOpenAI and ChatAnthropic). Build models with ``max_retries=0`` (as
 error can produce up to three requests and consume up to three queued replies.
 Error replies carry ``retry-after-ms: 1`` by default so tests that *do* exercise
 retries stay fast.
+
+``server.respond_like_a_model()`` replaces the default reply with one that depends on the
+request (see ``answer``): tool calls, JSON-schema and JSON-mode output, stop sequences,
+reasoning tokens, prompt-cache reads/writes, and prompt tokens for images and PDFs billed as
+the provider bills them. Code written for the real API (LangChain's standard suites) runs on it
+unscripted.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import socket
+import struct
 import sys
 import threading
 import time
@@ -34,12 +42,16 @@ from typing import Any, ClassVar, Self
 
 __all__ = [
     "DEFAULT_TEXT",
+    "MODEL_TEXT",
+    "PromptView",
     "RecordedRequest",
     "Reply",
     "ScriptedServer",
     "ToolCall",
+    "answer",
     "count_output_tokens",
     "count_prompt_tokens",
+    "fill_schema",
 ]
 
 
@@ -99,6 +111,10 @@ class Reply:
     """Seconds to wait between SSE events."""
     headers: Mapping[str, str] | None = None
     """Extra response headers; for errors they replace the default ``retry-after-ms: 1``."""
+    thinking: str = ""
+    """Anthropic: a thinking block (with a signature) before the text; OpenAI keeps reasoning hidden."""
+    stop_sequence: str | None = None
+    """The stop sequence that ended the text (Anthropic reports it, stop_reason "stop_sequence")."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tool_calls", tuple(self.tool_calls))
@@ -279,6 +295,7 @@ class ScriptedServer:
         """Exceptions from bad scripts (each was answered with a bare HTTP 500)."""
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self._cached_prompts: set[str] = set()
 
     # -- lifecycle --
 
@@ -343,6 +360,35 @@ class ScriptedServer:
             self._requests.clear()
             self.errors.clear()
             self._default = self._initial_default
+            self._cached_prompts.clear()
+
+    cache_min_tokens: ClassVar[int] = 1024
+    """The shortest prompt prefix the provider caches."""
+    reports_cache_writes: ClassVar[bool] = False
+
+    def respond_like_a_model(self) -> Self:
+        """Answer unscripted requests as a model would (see ``answer``), until :meth:`reset`."""
+        return self.set_default(self.model_answer)
+
+    def model_answer(self, request: RecordedRequest) -> Reply:
+        """The reply a model would give to this request (usable as a scripted item too)."""
+        body = request.body if isinstance(request.body, Mapping) else {}
+        with self._lock:
+            return answer(
+                self.prompt_view(body),
+                self._cached_prompts,
+                count_prompt_tokens(body) + self.media_tokens(body),
+                cache_min_tokens=self.cache_min_tokens,
+                reports_cache_writes=self.reports_cache_writes,
+            )
+
+    def prompt_view(self, body: Mapping[str, Any]) -> PromptView:
+        """What a model would read in this provider's request body."""
+        raise NotImplementedError
+
+    def media_tokens(self, body: Mapping[str, Any]) -> int:
+        """Prompt tokens of the images and documents in the request, as this provider bills them."""
+        return 0
 
     @property
     def pending(self) -> int:
@@ -487,3 +533,201 @@ def sse(data: Any, event: str | None = None) -> bytes:
     head = f"event: {event}\n" if event else ""
     return f"{head}data: {text}\n\n".encode()
 
+
+
+# -- answering like a model --------------------------------------------------------------------
+#
+# ``server.respond_like_a_model()`` makes the server's default reply depend on the request, the
+# way a real model's does, so code written for the real API (LangChain's standard chat-model
+# suites, agents) runs unscripted: it calls a tool when one is forced or the prompt is about
+# one, fills the tool's arguments and any JSON schema from the prompt, answers JSON in JSON mode,
+# honours stop sequences, reports reasoning tokens for reasoning models and cache reads/writes
+# for prompts a cache would serve. Each server reads its own wire format into a ``PromptView``.
+
+MODEL_TEXT = "Hello! I am the test model; how can I help you today?"
+REASONING_TOKENS = 64
+"""Reasoning tokens a reasoning model "spends" on each answer (part of output_tokens)."""
+
+
+@dataclass(frozen=True)
+class PromptView:
+    """What a model would read in one generation request, independent of the wire format."""
+
+    last_user_text: str
+    after_tool_result: bool = False
+    """The conversation ends with a tool's result (the model answers it in text)."""
+    tools: tuple[tuple[str, Mapping[str, Any]], ...] = ()
+    """(name, JSON schema of the arguments) of each tool offered."""
+    tool_choice: str | None = None
+    """None/"auto": the model decides; "any": some tool; "none": no tool; else that tool's name."""
+    response_schema: Mapping[str, Any] | None = None
+    """A JSON schema the answer must follow (structured output)."""
+    json_mode: bool = False
+    stop: tuple[str, ...] = ()
+    reasoning: bool = False
+    """A reasoning model (or thinking enabled): reasoning tokens are spent and reported."""
+    cache: tuple[str, int] | None = None
+    """(key, tokens) of the prompt prefix a provider cache would store, or None."""
+
+
+def _words(name: str) -> list[str]:
+    spaced = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", " ", name)
+    return [w.lower() for w in re.split(r"[\s_\-]+", spaced) if len(w) >= 4]
+
+
+def _mentions(text: str, tool: str) -> bool:
+    lowered = text.lower()
+    return tool.lower() in lowered or any(w in lowered for w in _words(tool))
+
+
+class _Filler:
+    """Values for a JSON schema taken from the prompt: numbers in order, then quoted strings."""
+
+    def __init__(self, prompt: str, defs: Mapping[str, Any]) -> None:
+        self.prompt = prompt
+        self.defs = defs
+        self.numbers = [int(n) for n in re.findall(r"(?<![\w.])-?\d+(?![\w.])", prompt)]
+        self.quoted = re.findall(r"'([^']+)'|\"([^\"]+)\"", prompt)
+        self.quoted = [a or b for a, b in self.quoted]
+        place = re.search(r"\bin ([A-Z][^?.!]*)", prompt)
+        self.place = place.group(1).strip() if place else None
+
+    def value(self, schema: Mapping[str, Any], name: str) -> Any:
+        if "$ref" in schema:
+            return self.value(self.defs[schema["$ref"].rsplit("/", 1)[-1]], name)
+        for key in ("anyOf", "oneOf", "allOf"):
+            if key in schema:
+                options = [s for s in schema[key] if s.get("type") != "null"] or schema[key]
+                return self.value(options[0], name)
+        if "enum" in schema:
+            return schema["enum"][0]
+        if "const" in schema:
+            return schema["const"]
+        kind = schema.get("type", "object" if "properties" in schema else "string")
+        if isinstance(kind, list):
+            kind = next((k for k in kind if k != "null"), "null")
+        if kind == "object":
+            props = schema.get("properties") or {}
+            return {k: self.value(v, k) for k, v in props.items()}
+        if kind == "array":
+            return [self.value(schema.get("items") or {}, name)]
+        if kind in ("integer", "number"):
+            low = schema.get("exclusiveMinimum", schema.get("minimum"))
+            n = self.numbers.pop(0) if self.numbers else (int(low) + 1 if low is not None else 1)
+            return n
+        if kind == "boolean":
+            return True
+        if kind == "null":
+            return None
+        if self.quoted:
+            return self.quoted.pop(0)
+        if name in ("location", "city", "place") and self.place:
+            return self.place
+        description = schema.get("description") or name.replace("_", " ")
+        return f"{description} ({self.prompt[:40].strip()})"
+
+
+def fill_schema(schema: Mapping[str, Any], prompt: str) -> Any:
+    """An instance of ``schema`` built from what ``prompt`` mentions (numbers, quoted names, places)."""
+    defs = {**(schema.get("definitions") or {}), **(schema.get("$defs") or {})}
+    return _Filler(prompt, defs).value(schema, "value")
+
+
+def _apply_stop(text: str, stop: tuple[str, ...]) -> tuple[str, str | None]:
+    cut, hit = len(text), None
+    for s in stop:
+        at = text.find(s) if s else -1
+        if 0 <= at < cut:
+            cut, hit = at, s
+    return text[:cut], hit
+
+
+def answer(
+    view: PromptView, seen: set[str], input_tokens: int, *, cache_min_tokens: int, reports_cache_writes: bool
+) -> Reply:
+    """The reply a model would give to ``view``, with its usage.
+
+    ``seen`` holds the cache keys of earlier prompts (this updates it): a prompt prefix of at
+    least ``cache_min_tokens`` is written to the cache on first sight (reported as a cache write
+    when the provider reports those) and read from it after.
+    """
+    tool_calls: tuple[ToolCall, ...] = ()
+    text = MODEL_TEXT
+    names = [n for n, _ in view.tools]
+    wanted = None
+    if view.tools and view.tool_choice != "none":
+        if view.tool_choice in names:
+            wanted = view.tool_choice
+        else:
+            mentioned = [n for n in names if _mentions(view.last_user_text, n)]
+            forced = view.tool_choice == "any"
+            about_tools = bool(mentioned) or "tool" in view.last_user_text.lower()
+            if forced or (about_tools and not view.after_tool_result):
+                wanted = (mentioned or names)[0]
+    if wanted is not None:
+        schema = dict(view.tools)[wanted]
+        tool_calls = (ToolCall(wanted, fill_schema(schema, view.last_user_text)),)
+        text = ""
+    elif view.response_schema is not None:
+        text = json.dumps(fill_schema(view.response_schema, view.last_user_text), ensure_ascii=False)
+    elif view.json_mode:
+        keys = re.findall(r"'(\w+)'", view.last_user_text) or ["answer"]
+        text = json.dumps({k: f"{k} ({view.last_user_text[:30].strip()})" for k in keys})
+    elif view.after_tool_result:
+        text = "The tool answered; here is what it says."
+    hit = None
+    if text and not tool_calls:
+        text, hit = _apply_stop(text, view.stop)
+    probe = Reply(text=text, tool_calls=tool_calls)
+    output = count_output_tokens(probe)
+    reasoning = REASONING_TOKENS if view.reasoning else 0
+    cache_read = cache_write = 0
+    if view.cache is not None:
+        key, tokens = view.cache
+        tokens = min(tokens, input_tokens)
+        if tokens >= cache_min_tokens:
+            if key in seen:
+                cache_read = tokens
+            else:
+                cache_write = tokens if reports_cache_writes else 0
+                seen.add(key)
+    reply = Reply(
+        text=text,
+        tool_calls=tool_calls,
+        input_tokens=input_tokens,
+        output_tokens=output + reasoning,
+        reasoning_tokens=reasoning,
+        cache_read_tokens=cache_read,
+        cache_creation_tokens=cache_write,
+        thinking="Let me think about that." if view.reasoning else "",
+        stop_sequence=hit,
+    )
+    return reply
+
+
+# -- media sizes -------------------------------------------------------------------------------
+
+URL_IMAGE_SIZE = (1024, 768)
+"""The size the servers assume for an image given by URL (they never fetch it: tests run offline)."""
+PDF_PAGE_SIZE = (612, 792)
+"""A PDF page (US letter, in points), rendered as an image of this size."""
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """Width and height of a PNG (or, for other formats, ``URL_IMAGE_SIZE``)."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR":
+        width, height = struct.unpack(">II", data[16:24])
+        return width, height
+    return URL_IMAGE_SIZE
+
+
+def data_url_bytes(url: str) -> bytes | None:
+    """The bytes of a ``data:...;base64,`` URL, None for any other URL."""
+    if not url.startswith("data:") or ";base64," not in url:
+        return None
+    return base64.b64decode(url.split(";base64,", 1)[1])
+
+
+def pdf_pages(data: bytes) -> int:
+    """Page objects in a PDF (at least 1)."""
+    return max(1, len(re.findall(rb"/Type\s*/Page(?![a-zA-Z])", data)))

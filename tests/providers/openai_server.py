@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import json
+import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
-from .common import Reply, ScriptedServer, sse
+from .common import (
+    PDF_PAGE_SIZE,
+    URL_IMAGE_SIZE,
+    PromptView,
+    Reply,
+    ScriptedServer,
+    count_prompt_tokens,
+    data_url_bytes,
+    image_size,
+    pdf_pages,
+    sse,
+)
 
 __all__ = ["OpenAIServer"]
 
@@ -20,6 +32,17 @@ _ERRORS: dict[int, tuple[str, str | None, str]] = {
     500: ("server_error", None, "The server had an error while processing your request. Sorry about that!"),
     503: ("server_error", None, "The engine is currently overloaded, please try again later."),
 }
+
+
+_REASONING_MODELS = ("o1", "o3", "o4", "gpt-5")
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(p.get("text", "") for p in content if isinstance(p, Mapping) and p.get("type") == "text")
+    return ""
 
 
 class OpenAIServer(ScriptedServer):
@@ -42,6 +65,69 @@ class OpenAIServer(ScriptedServer):
         params: dict[str, Any] = {"model": "gpt-4o-mini", "api_key": "test", "max_retries": 0}
         params.update(kwargs)
         return ChatOpenAI(base_url=self.base_url, **params)
+
+    def prompt_view(self, body: Mapping[str, Any]) -> PromptView:
+        messages = [m for m in body.get("messages") or [] if isinstance(m, Mapping)]
+        users = [m for m in messages if m.get("role") == "user"]
+        tools = tuple(
+            (t["function"]["name"], t["function"].get("parameters") or {})
+            for t in body.get("tools") or []
+            if t.get("type") == "function"
+        )
+        choice = body.get("tool_choice")
+        if isinstance(choice, Mapping):
+            choice = (choice.get("function") or {}).get("name")
+        elif choice == "required":
+            choice = "any"
+        fmt = body.get("response_format") or {}
+        stop = body.get("stop") or ()
+        model = str(body.get("model", ""))
+        reasoning = bool(body.get("reasoning_effort")) or model.startswith(_REASONING_MODELS)
+        # Automatic prompt caching: prompts of 1024+ tokens, cached in 128-token steps.
+        tokens = count_prompt_tokens(body)
+        cached = 1024 + (tokens - 1024) // 128 * 128 if tokens >= 1024 else 0
+        key = json.dumps([model, messages, body.get("tools")], sort_keys=True)
+        return PromptView(
+            last_user_text=_text(users[-1].get("content")) if users else "",
+            after_tool_result=bool(messages) and messages[-1].get("role") == "tool",
+            tools=tools,
+            tool_choice=choice,
+            response_schema=(fmt.get("json_schema") or {}).get("schema") if fmt.get("type") == "json_schema" else None,
+            json_mode=fmt.get("type") == "json_object",
+            stop=(stop,) if isinstance(stop, str) else tuple(stop),
+            reasoning=reasoning,
+            cache=(key, cached) if cached else None,
+        )
+
+    def media_tokens(self, body: Mapping[str, Any]) -> int:
+        """Images: OpenAI's tile rule (fit in 2048x2048, shortest side to 768, base + a price per
+        512px tile; gpt-4o-mini's base and tile are inflated to keep gpt-4o's price). PDFs: an image
+        of each page (the servers' PDFs have no text)."""
+        base, tile = (2833, 5667) if str(body.get("model", "")).startswith("gpt-4o-mini") else (85, 170)
+
+        def image(size: tuple[int, int], detail: str | None) -> int:
+            if detail == "low":
+                return base
+            w, h = size
+            scale = min(1.0, 2048 / max(w, h))
+            w, h = w * scale, h * scale
+            scale = min(1.0, 768 / min(w, h))
+            w, h = w * scale, h * scale
+            return base + tile * math.ceil(w / 512) * math.ceil(h / 512)
+
+        tokens = 0
+        for message in body.get("messages") or []:
+            content = message.get("content") if isinstance(message, Mapping) else None
+            for part in content if isinstance(content, list) else []:
+                kind = part.get("type")
+                if kind == "image_url":
+                    spec = part.get("image_url") or {}
+                    data = data_url_bytes(spec.get("url", ""))
+                    tokens += image(image_size(data) if data else URL_IMAGE_SIZE, spec.get("detail"))
+                elif kind == "file":
+                    data = data_url_bytes((part.get("file") or {}).get("file_data", ""))
+                    tokens += pdf_pages(data or b"") * image(PDF_PAGE_SIZE, None)
+        return tokens
 
     def _error_body(self, reply: Reply) -> dict[str, Any]:
         type_, code, message = _ERRORS.get(reply.error or 500, ("server_error", None, "Error."))
