@@ -373,3 +373,44 @@ def test_no_run_of_the_guard_is_opened_for_handlers_that_only_read_model_runs():
     # one model run per call, usage as the model reported it: not counted twice
     assert usage.usage_metadata["gpt-4o-mini"]["total_tokens"] == 2 * 17
     assert spent(guard) == 2 * CALL
+
+
+def test_the_guard_own_callbacks_tags_and_metadata_reach_the_model_run():
+    from langchain_core.callbacks import BaseCallbackHandler
+
+    seen = []
+
+    class Spy(BaseCallbackHandler):
+        def on_chat_model_start(self, serialized, messages, **kwargs):
+            seen.append((kwargs.get("tags"), (kwargs.get("metadata") or {}).get("team")))
+
+    guard = BudgetGuard(UsageChat(), limit=1, callbacks=[Spy()], tags=["guarded"], metadata={"team": "ml"})
+    guard.invoke("hi")
+    list(guard.stream("hi"))
+    guard.generate([[HumanMessage("hi")]])
+    assert len(seen) == 3 and all("guarded" in tags and team == "ml" for tags, team in seen)
+
+
+@pytest.mark.parametrize("how", ["generate", "agenerate", "stream_events v3"])
+def test_model_steps_and_generate_report_their_cost_event(how):
+    from langchain_core.callbacks import BaseCallbackHandler
+
+    costs = []
+
+    class Costs(BaseCallbackHandler):
+        def on_custom_event(self, name, data, **kwargs):
+            if name == "budgetguard_cost":
+                costs.append(data["cost_usd"])
+
+    guard = BudgetGuard(UsageChat(), limit=1)
+    handler = Costs()
+    if how == "generate":
+        guard.generate([[HumanMessage("hi")], [HumanMessage("ho")]], callbacks=[handler])
+    elif how == "agenerate":
+        asyncio.run(guard.agenerate([[HumanMessage("hi")]], callbacks=[handler]))
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            guard.stream_events("hi", {"callbacks": [handler]}, version="v3").output  # noqa: B018
+    assert costs == [CALL] * (2 if how == "generate" else 1)
+    assert spent(guard) == len(costs) * CALL

@@ -433,9 +433,9 @@ class _Counter:
         payload = _longest_string(block)
         if payload is None or _is_reference(payload):
             return self.url_media_tokens
-        return self._media_payload(payload)
+        return self._media_payload(payload, family)
 
-    def _media_payload(self, payload: str) -> int:
+    def _media_payload(self, payload: str, family: str) -> int:
         raise NotImplementedError
 
     # -- tools --------------------------------------------------------------------------
@@ -549,13 +549,15 @@ class StrictEstimator(_Counter):
         row = _IMAGE_TOKENS[family]
         return row[1] if low else row[0]
 
-    def _media_payload(self, payload: str) -> int:
+    def _media_payload(self, payload: str, family: str) -> int:
         # Base64 text is 4/3 of the bytes it encodes; audio and video stay well under one
         # token per byte (gpt-4o audio: 10 tokens/s, Gemini video: ~300 tokens/s).
         payload = _strip_data_url(payload)
         n = len(payload)
         pages = _pdf_pages(payload)
-        return n + pages * self.pdf_page_tokens
+        # A provider may bill each page as an image as well as its text: the family's image bound
+        # (gpt-4o-mini's inflated image rates make a page far dearer than on Claude).
+        return n + pages * max(self.pdf_page_tokens, self._image_table(family, False))
 
 
 class TokenCount(int):
@@ -785,7 +787,7 @@ class TypicalEstimator(_Counter):
         row = _IMAGE_TOKENS[family]
         return row[3] if low else row[2]
 
-    def _media_payload(self, payload: str) -> int:
+    def _media_payload(self, payload: str, family: str) -> int:
         payload = _strip_data_url(payload)
         pages = _pdf_pages(payload)
         if pages:
@@ -872,10 +874,10 @@ class _ExactCounter(_Counter):
             return row[1] if low else row[0]
         return row[3] if low else row[2]
 
-    def _media_payload(self, payload: str) -> int:
+    def _media_payload(self, payload: str, family: str) -> int:
         if self.strict:
-            return StrictEstimator._media_payload(self, payload)  # type: ignore[arg-type]
-        return TypicalEstimator._media_payload(self, payload)  # type: ignore[arg-type]
+            return StrictEstimator._media_payload(self, payload, family)  # type: ignore[arg-type]
+        return TypicalEstimator._media_payload(self, payload, family)  # type: ignore[arg-type]
 
     def _tools_request_overhead(self, family: str) -> int:
         return self.tools_request_overhead

@@ -30,7 +30,11 @@ from dataclasses import asdict, dataclass, field
 from decimal import Decimal
 from typing import Any
 
+from langchain_core.callbacks.base import BaseCallbackManager
 from langchain_core.callbacks.manager import (
+    AsyncCallbackManager,
+    AsyncRunManager,
+    CallbackManager,
     adispatch_custom_event,
     dispatch_custom_event,
 )
@@ -745,6 +749,38 @@ class BudgetGuard(BaseChatModel):
 
     # -- calls: every entry point admits, calls the model that fitted, settles ---------------
 
+    def _configs(self, config: RunnableConfig | None) -> tuple[RunnableConfig | None, RunnableConfig]:
+        """``(the config to hand the model when we open no run, the ensured config)``: the caller's
+        own config as it was (the model ensures it itself, for less), unless the guard's own
+        settings must be added to it."""
+        if self.callbacks or self.tags or self.metadata:
+            config = self._with_own_settings(ensure_config(config))
+            return config, config
+        return config, ensure_config(config)
+
+    def _with_own_settings(self, config: RunnableConfig) -> RunnableConfig:
+        """The call's config with the guard's own ``callbacks``, ``tags`` and ``metadata`` (as a chat
+        model's own settings apply to its runs: here, the wrapped model's run)."""
+        own, tags, metadata = self.callbacks, self.tags, self.metadata
+        if not (own or tags or metadata):
+            return config
+        config = dict(config)  # type: ignore[assignment]
+        if own:
+            handlers = own.handlers if isinstance(own, BaseCallbackManager) else list(own)
+            given = config.get("callbacks")
+            if given is None or isinstance(given, list):
+                config["callbacks"] = [*(given or ()), *handlers]
+            else:
+                merged = given.copy()
+                for handler in handlers:
+                    merged.add_handler(handler, inherit=True)
+                config["callbacks"] = merged
+        if tags:
+            config["tags"] = [*(config.get("tags") or ()), *tags]
+        if metadata:
+            config["metadata"] = {**metadata, **(config.get("metadata") or {})}
+        return config
+
     def _serving(self, admitted: Admitted, kwargs: dict[str, Any]) -> tuple[Runnable, dict[str, Any]]:
         """The model that fitted and the kwargs it takes (a degrade model has its own bound tools)."""
         if admitted.index and self._primary_bound:
@@ -757,7 +793,7 @@ class BudgetGuard(BaseChatModel):
     def invoke(self, input: Any, config: RunnableConfig | None = None, *, stop: list[str] | None = None,
                **kwargs: Any) -> BaseMessage:
         kwargs = with_stop(kwargs, stop)
-        given, config = config, ensure_config(config)
+        given, config = self._configs(config)
         call = self._begin(input, config, kwargs)
         run_manager, child = open_run(self.get_name(), input, config, self.policy)
         events = None if child is config else child  # decision and cost events go to our run, if any
@@ -782,7 +818,7 @@ class BudgetGuard(BaseChatModel):
     async def ainvoke(self, input: Any, config: RunnableConfig | None = None, *, stop: list[str] | None = None,
                       **kwargs: Any) -> BaseMessage:
         kwargs = with_stop(kwargs, stop)
-        given, config = config, ensure_config(config)
+        given, config = self._configs(config)
         call = self._begin(input, config, kwargs)
         run_manager, child = await aopen_run(self.get_name(), input, config, self.policy)
         events = None if child is config else child
@@ -806,7 +842,7 @@ class BudgetGuard(BaseChatModel):
     def stream(self, input: Any, config: RunnableConfig | None = None, *, stop: list[str] | None = None,
                **kwargs: Any) -> Iterator[BaseMessage]:
         kwargs = with_stop(kwargs, stop)
-        given, config = config, ensure_config(config)
+        given, config = self._configs(config)
         call = self._begin(input, config, kwargs)
         run_manager, child = open_run(self.get_name(), input, config, self.policy)
         events = None if child is config else child
@@ -842,7 +878,7 @@ class BudgetGuard(BaseChatModel):
     async def astream(self, input: Any, config: RunnableConfig | None = None, *, stop: list[str] | None = None,
                       **kwargs: Any) -> AsyncIterator[BaseMessage]:
         kwargs = with_stop(kwargs, stop)
-        given, config = config, ensure_config(config)
+        given, config = self._configs(config)
         call = self._begin(input, config, kwargs)
         run_manager, child = await aopen_run(self.get_name(), input, config, self.policy)
         events = None if child is config else child
@@ -911,41 +947,58 @@ class BudgetGuard(BaseChatModel):
 
     def _generate_one(self, messages: Any, stop: list[str] | None, options: dict[str, Any],
                       kwargs: dict[str, Any]) -> LLMResult:
-        config = _config_of(options)
-        reservation = Reservation(self, self._admit_sync(self._begin(messages, config, with_stop(kwargs, stop))))
-        model, model_kwargs = self._serving(reservation.admitted, kwargs)
-        chat, chat_kwargs = chat_model_of(model, model_kwargs)
+        config = self._with_own_settings(_config_of(options))
+        call = self._begin(messages, config, with_stop(kwargs, stop))
+        run_manager, child = open_run(self.get_name(), messages, config, self.policy)
+        events = None if child is config else child
         try:
-            with reservation.keep_alive():
-                if isinstance(chat, BaseChatModel):
-                    result = chat.generate([to_messages(messages)], stop=stop, **options, **chat_kwargs)
-                else:
-                    reply = model.invoke(messages, config, **with_stop(model_kwargs, stop))
-                    result = LLMResult(generations=[[ChatGeneration(message=reply)]])
-        except BaseException:
-            reservation.settle()
+            reservation = Reservation(self, self._admit_sync(call, events), events)
+            model, model_kwargs = self._serving(reservation.admitted, kwargs)
+            chat, chat_kwargs = chat_model_of(model, model_kwargs)
+            try:
+                with reservation.keep_alive():
+                    if isinstance(chat, BaseChatModel):
+                        result = chat.generate([to_messages(messages)], stop=stop, **_step_options(child, options),
+                                               **chat_kwargs)
+                    else:
+                        reply = model.invoke(messages, child, **with_stop(model_kwargs, stop))
+                        result = LLMResult(generations=[[ChatGeneration(message=reply)]])
+            except BaseException:
+                reservation.settle()
+                raise
+            reservation.settle(result.generations[0][0].message)
+        except BaseException as exc:
+            run_manager.on_chain_error(exc)
             raise
-        reservation.settle(result.generations[0][0].message)
+        run_manager.on_chain_end(result.generations[0][0].message)
         return result
 
     async def _agenerate_one(self, messages: Any, stop: list[str] | None, options: dict[str, Any],
                              kwargs: dict[str, Any]) -> LLMResult:
-        config = _config_of(options)
+        config = self._with_own_settings(_config_of(options))
         call = self._begin(messages, config, with_stop(kwargs, stop))
-        reservation = Reservation(self, await self._admit_async(call))
-        model, model_kwargs = self._serving(reservation.admitted, kwargs)
-        chat, chat_kwargs = chat_model_of(model, model_kwargs)
+        run_manager, child = await aopen_run(self.get_name(), messages, config, self.policy)
+        events = None if child is config else child
         try:
-            async with reservation.akeep_alive():
-                if isinstance(chat, BaseChatModel):
-                    result = await chat.agenerate([to_messages(messages)], stop=stop, **options, **chat_kwargs)
-                else:
-                    reply = await model.ainvoke(messages, config, **with_stop(model_kwargs, stop))
-                    result = LLMResult(generations=[[ChatGeneration(message=reply)]])
-        except BaseException:
-            await reservation.asettle()
+            reservation = Reservation(self, await self._admit_async(call, events), events)
+            model, model_kwargs = self._serving(reservation.admitted, kwargs)
+            chat, chat_kwargs = chat_model_of(model, model_kwargs)
+            try:
+                async with reservation.akeep_alive():
+                    if isinstance(chat, BaseChatModel):
+                        result = await chat.agenerate([to_messages(messages)], stop=stop,
+                                                      **_step_options(child, options), **chat_kwargs)
+                    else:
+                        reply = await model.ainvoke(messages, child, **with_stop(model_kwargs, stop))
+                        result = LLMResult(generations=[[ChatGeneration(message=reply)]])
+            except BaseException:
+                await reservation.asettle()
+                raise
+            await reservation.asettle(result.generations[0][0].message)
+        except BaseException as exc:
+            await run_manager.on_chain_error(exc)
             raise
-        await reservation.asettle(result.generations[0][0].message)
+        await run_manager.on_chain_end(result.generations[0][0].message)
         return result
 
     def _merge(self, results: Sequence[LLMResult]) -> LLMResult:
@@ -993,10 +1046,22 @@ class BudgetGuard(BaseChatModel):
         # callbacks, or its usage would be reported twice.
         return ensure_config(base)
 
+    @staticmethod
+    def _step_events(run_manager: Any) -> RunnableConfig | None:
+        """Where a model step's decision and cost events go: the chat-model run LangChain opened."""
+        handlers = getattr(run_manager, "handlers", None)
+        if not handlers:
+            return None
+        manager_class = AsyncCallbackManager if isinstance(run_manager, AsyncRunManager) else CallbackManager
+        manager = manager_class(handlers=handlers, inheritable_handlers=run_manager.inheritable_handlers,
+                                parent_run_id=run_manager.run_id)
+        return {"callbacks": manager}
+
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None, run_manager: Any = None,
                   **kwargs: Any) -> ChatResult:
-        config = self._step_config(run_manager)
-        reservation = Reservation(self, self._admit_sync(self._begin(messages, config, with_stop(kwargs, stop))))
+        config, events = self._step_config(run_manager), self._step_events(run_manager)
+        call = self._begin(messages, config, with_stop(kwargs, stop))
+        reservation = Reservation(self, self._admit_sync(call, events), events)
         model, model_kwargs = self._serving(reservation.admitted, kwargs)
         chat, chat_kwargs = chat_model_of(model, model_kwargs)
         try:
@@ -1014,9 +1079,9 @@ class BudgetGuard(BaseChatModel):
 
     async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None, run_manager: Any = None,
                          **kwargs: Any) -> ChatResult:
-        config = self._step_config(run_manager)
+        config, events = self._step_config(run_manager), self._step_events(run_manager)
         call = self._begin(messages, config, with_stop(kwargs, stop))
-        reservation = Reservation(self, await self._admit_async(call))
+        reservation = Reservation(self, await self._admit_async(call, events), events)
         model, model_kwargs = self._serving(reservation.admitted, kwargs)
         chat, chat_kwargs = chat_model_of(model, model_kwargs)
         try:
@@ -1034,8 +1099,8 @@ class BudgetGuard(BaseChatModel):
 
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None, run_manager: Any = None,
                 **kwargs: Any) -> Iterator[ChatGenerationChunk]:
-        config = self._step_config(run_manager)
-        admitted = self._admit_sync(self._begin(messages, config, with_stop(kwargs, stop)))
+        config, events = self._step_config(run_manager), self._step_events(run_manager)
+        admitted = self._admit_sync(self._begin(messages, config, with_stop(kwargs, stop)), events)
         model, model_kwargs = self._serving(admitted, kwargs)
         tracker = StreamTracker(self, admitted)
         settled = False
@@ -1049,14 +1114,16 @@ class BudgetGuard(BaseChatModel):
             cost = tracker.finish()
             self._settle_sync(admitted, cost.charged_nano)
             settled = True
+            if events is not None:
+                self._report_cost(events, cost)
         finally:
             if not settled:
                 self._settle_sync(admitted, tracker.interrupted_charge())
 
     async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None, run_manager: Any = None,
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
-        config = self._step_config(run_manager)
-        admitted = await self._admit_async(self._begin(messages, config, with_stop(kwargs, stop)))
+        config, events = self._step_config(run_manager), self._step_events(run_manager)
+        admitted = await self._admit_async(self._begin(messages, config, with_stop(kwargs, stop)), events)
         model, model_kwargs = self._serving(admitted, kwargs)
         tracker = StreamTracker(self, admitted)
         settled = False
@@ -1072,6 +1139,8 @@ class BudgetGuard(BaseChatModel):
             cost = tracker.finish()
             await self._settle_async(admitted, cost.charged_nano)
             settled = True
+            if events is not None:
+                await self._areport_cost(events, cost)
         finally:
             if not settled:
                 await self._settle_async(admitted, tracker.interrupted_charge())
@@ -1207,6 +1276,13 @@ def _generate_options(callbacks: Any, tags: Any, metadata: Any, run_name: Any, r
     if run_id is not None and count == 1:  # a run id names one run
         options["run_id"] = run_id
     return options
+
+
+def _step_options(child: RunnableConfig, options: Mapping[str, Any]) -> dict[str, Any]:
+    """``generate``'s own arguments for the serving model: our run's callbacks (or the caller's), the
+    tags and metadata, the run name and id the caller gave for the model's run."""
+    return {"callbacks": child.get("callbacks"), "tags": child.get("tags"), "metadata": child.get("metadata"),
+            "run_name": options.get("run_name"), "run_id": options.get("run_id")}
 
 
 def _config_of(options: Mapping[str, Any]) -> RunnableConfig:
