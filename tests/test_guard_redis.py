@@ -102,7 +102,7 @@ class Worker:
             self.lines.put(line)
         self.lines.put("")
 
-    def message(self, timeout: float = 20.0) -> dict[str, Any]:
+    def message(self, timeout: float = 60.0) -> dict[str, Any]:
         try:
             line = self.lines.get(timeout=timeout)
         except queue.Empty:
