@@ -153,3 +153,32 @@ def test_close_and_context_managers_close_the_store():
 
     asyncio.run(run())
     assert Closing.closed == 2
+
+
+@pytest.mark.parametrize(("policy", "outcome"), [("fail_closed", "fail_closed"), ("fail_open", "fail_open")])
+def test_a_store_error_is_reported_as_an_event(policy, outcome):
+    from langchain_core.callbacks import BaseCallbackHandler
+
+    from langchain_budgetguard import BudgetStoreUnavailableError
+    from langchain_budgetguard.stores.memory import MemoryStore
+
+    class Down(MemoryStore):
+        def reserve(self, counters, hold):
+            raise BudgetStoreUnavailableError("the store is down (test)")
+
+    seen = []
+
+    class Events(BaseCallbackHandler):
+        def on_custom_event(self, name, data, **kwargs):
+            seen.append((name, data))
+
+    guard = BudgetGuard(UsageChat(), limit=1, store=Down(), on_store_error=policy, fail_open_allowance=1)
+    config = {"callbacks": [Events()]}
+    if policy == "fail_closed":
+        with pytest.raises(BudgetStoreUnavailableError):
+            guard.invoke("hi", config)
+    else:
+        guard.invoke("hi", config)
+    errors = [data for name, data in seen if name == "budgetguard_store_error"]
+    assert [(e["operation"], e["outcome"], e["error"]) for e in errors] == [
+        ("reserve", outcome, "BudgetStoreUnavailableError")]

@@ -88,6 +88,7 @@ METADATA_KEY = "budgetguard"
 EVENT_DEGRADE = "budgetguard_degrade"
 EVENT_REFUSAL = "budgetguard_refusal"
 EVENT_COST = "budgetguard_cost"
+EVENT_STORE_ERROR = "budgetguard_store_error"
 _WRAP_HINT = (
     "Wrap the model instead: guarded = BudgetGuard(llm, limit=5.0); chain = prompt | guarded | parser "
     "(or policy = BudgetGuard(limit=5.0); guarded = policy.wrap(llm))."
@@ -180,6 +181,7 @@ class _Call:
     ladder: list[_Candidate] | None = None  # a model the guard does not call itself (reserve(model=...))
     refusals: list[Refusal] = field(default_factory=list)
     config: RunnableConfig | None = None
+    store_errors: list[tuple[str, Exception]] = field(default_factory=list)  # (operation, error) while admitting
 
 
 
@@ -682,13 +684,16 @@ class BudgetGuard(BaseChatModel):
         try:
             request = next(steps)
             while True:
-                request = steps.send(self._reserve_sync(request))
+                result = self._reserve_sync(request)
+                if isinstance(result, Exception):
+                    call.store_errors.append(("reserve", result))
+                request = steps.send(result)
         except StopIteration as done:
             admitted = done.value
             return admitted
         finally:
-            if child is not None and call.refusals and has_handlers(child):
-                for name, data in _decision_events(call, admitted):
+            if child is not None and (call.refusals or call.store_errors) and has_handlers(child):
+                for name, data in _decision_events(call, admitted, self.policy):
                     dispatch_custom_event(name, data, config=child)
 
     async def _admit_async(self, call: _Call, child: RunnableConfig | None = None) -> Admitted:
@@ -697,13 +702,16 @@ class BudgetGuard(BaseChatModel):
         try:
             request = next(steps)
             while True:
-                request = steps.send(await self._reserve_async(request))
+                result = await self._reserve_async(request)
+                if isinstance(result, Exception):
+                    call.store_errors.append(("reserve", result))
+                request = steps.send(result)
         except StopIteration as done:
             admitted = done.value
             return admitted
         finally:
-            if child is not None and call.refusals and has_handlers(child):
-                for name, data in _decision_events(call, admitted):
+            if child is not None and (call.refusals or call.store_errors) and has_handlers(child):
+                for name, data in _decision_events(call, admitted, self.policy):
                     await adispatch_custom_event(name, data, config=child)
 
     # A call in flight keeps its hold for as long as it runs: the shared keeper renews its lease in the
@@ -1190,7 +1198,13 @@ class Reservation:
         input estimate plus ``output_text`` (the call ended without a usage report); with none of
         them the call failed before any output and costs nothing."""
         cost = self.guard._settlement(self.admitted, reply, usage, output_text)
-        self.guard._settle_sync(self.admitted, cost.charged_nano if cost else 0)
+        try:
+            self.guard._settle_sync(self.admitted, cost.charged_nano if cost else 0)
+        except BudgetStoreUnavailableError as error:
+            if self.events is not None and has_handlers(self.events):
+                dispatch_custom_event(EVENT_STORE_ERROR, _store_error("settle", error, self.guard.policy),
+                                      config=self.events)
+            raise
         if cost is not None:
             _annotate(reply, cost)
             if self.events is not None:
@@ -1200,7 +1214,13 @@ class Reservation:
     async def asettle(self, reply: Any = None, *, usage: TokenUsage | None = None,
                       output_text: str | None = None) -> CallCost | None:
         cost = self.guard._settlement(self.admitted, reply, usage, output_text)
-        await self.guard._settle_async(self.admitted, cost.charged_nano if cost else 0)
+        try:
+            await self.guard._settle_async(self.admitted, cost.charged_nano if cost else 0)
+        except BudgetStoreUnavailableError as error:
+            if self.events is not None and has_handlers(self.events):
+                await adispatch_custom_event(EVENT_STORE_ERROR, _store_error("settle", error, self.guard.policy),
+                                             config=self.events)
+            raise
         if cost is not None:
             _annotate(reply, cost)
             if self.events is not None:
@@ -1214,9 +1234,20 @@ def _annotate(output: Any, cost: CallCost) -> None:
         metadata[METADATA_KEY] = cost.as_metadata()
 
 
-def _decision_events(call: _Call, admitted: Admitted | None) -> list[tuple[str, dict[str, Any]]]:
-    """Custom events that explain the guard's decision: each degrade, and a final refusal."""
+def _store_error(operation: str, error: Exception, policy: BudgetPolicy) -> dict[str, Any]:
+    return {"operation": operation, "outcome": policy.on_store_error, "error": type(error).__name__,
+            "message": str(error)[:300]}
+
+
+def _decision_events(call: _Call, admitted: Admitted | None, policy: BudgetPolicy
+                     ) -> list[tuple[str, dict[str, Any]]]:
+    """Custom events that explain the guard's decision: each store error, each degrade, a final refusal."""
     events: list[tuple[str, dict[str, Any]]] = []
+    for operation, error in call.store_errors:
+        # fail_closed refused the call; fail_open served it, unless the allowance ran out.
+        outcome = policy.on_store_error if admitted is not None or policy.on_store_error == "fail_closed" \
+            else "allowance_exhausted"
+        events.append((EVENT_STORE_ERROR, {**_store_error(operation, error, policy), "outcome": outcome}))
     ladder_refusals = call.refusals if admitted is not None else call.refusals[:-1]
     for i, refusal in enumerate(ladder_refusals):
         to = call.refusals[i + 1].model if i + 1 < len(call.refusals) else admitted.candidate.label
