@@ -19,8 +19,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from langchain_budgetguard import BudgetExceededError, BudgetGuard, Limit
+from langchain_budgetguard import BudgetExceededError, BudgetGuard, BudgetStoreUnavailableError, Limit
 from langchain_budgetguard.metrics import BudgetMetrics
+from langchain_budgetguard.stores.memory import MemoryStore
 
 from .fakes import UsageChat
 from .redis_support import free_port
@@ -89,6 +90,14 @@ def exported_run() -> tuple[BudgetMetrics, BudgetGuard]:
         for _ in range(50):
             guard.invoke("hi", config={"configurable": {"user_id": "alice"}, "callbacks": [handler]})
     guard.invoke("hi", config={"configurable": {"user_id": "bob"}, "callbacks": [handler]})
+    # A store outage under fail_open: served from the allowance, and counted as a store error.
+    class Down(MemoryStore):
+        def reserve(self, counters, hold):
+            raise BudgetStoreUnavailableError("store down (scripted)")
+
+    outage = BudgetGuard(UsageChat(model_name="gpt-4o-mini"), name="support", limit=1, store=Down(),
+                         on_store_error="fail_open", fail_open_allowance=1)
+    outage.invoke("hi", config={"callbacks": [metrics.callback(outage)]})
     return metrics, guard
 
 
@@ -101,7 +110,9 @@ def exported(exported_run) -> dict[str, set[str]]:
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             names[sample.name] |= set(sample.labels)
-    # The run did what the dashboard shows: spend, a degrade, a refusal, per-id rows.
+    # The run did what the dashboard shows: spend, a degrade, a refusal, per-id rows, a store error.
+    assert metrics.registry.get_sample_value("budgetguard_store_errors_total", {
+        "budget": "support", "operation": "reserve", "outcome": "fail_open"}) == 1
     assert metrics.registry.get_sample_value("budgetguard_refusals_total", {
         "budget": "support", "scope": "user", "window": "day", "model": "gpt-4o"}) == 1
     assert metrics.registry.get_sample_value("budgetguard_calls_total", {

@@ -40,6 +40,7 @@ __all__ = ["BudgetMetrics", "BudgetMetricsHandler"]
 EVENT_DEGRADE = "budgetguard_degrade"
 EVENT_REFUSAL = "budgetguard_refusal"
 EVENT_COST = "budgetguard_cost"
+EVENT_STORE_ERROR = "budgetguard_store_error"
 
 
 def _prometheus() -> Any:
@@ -109,6 +110,10 @@ class BudgetMetrics:
                                 "the end (calls served by a cheaper model: calls{degraded=\"true\"})",
                                 ["budget", "scope", "window", "from_model", "to_model"],
                                 namespace=namespace, registry=self.registry)
+        self.store_errors = counter("store_errors", "Store operations that failed during calls; outcome: what "
+                                    "on_store_error did (fail_closed refused, fail_open served, allowance_exhausted "
+                                    "refused once the fail-open allowance was spent)",
+                                    ["budget", "operation", "outcome"], namespace=namespace, registry=self.registry)
         self.registry.register(_StoreCollector(self))
 
     # -- what this process's calls did -------------------------------------------------------
@@ -128,6 +133,8 @@ class BudgetMetrics:
             refusal = data.get("refusal") or {}
             self.degrades.labels(budget, str(refusal.get("scope", "")), _window_kind(refusal.get("window")),
                                  str(data.get("from_model", "")), str(data.get("to_model", ""))).inc()
+        elif name == EVENT_STORE_ERROR:
+            self.store_errors.labels(budget, str(data.get("operation", "")), str(data.get("outcome", ""))).inc()
         elif name == EVENT_REFUSAL:
             refusals = list(data.get("refusals") or ())
             if refusals:
@@ -241,5 +248,5 @@ class BudgetMetricsHandler(BaseCallbackHandler):
 
     def on_custom_event(self, name: str, data: Any, *, run_id: UUID, tags: list[str] | None = None,
                         metadata: dict[str, Any] | None = None, **kwargs: Any) -> None:
-        if name in (EVENT_COST, EVENT_DEGRADE, EVENT_REFUSAL) and isinstance(data, Mapping):
+        if name in (EVENT_COST, EVENT_DEGRADE, EVENT_REFUSAL, EVENT_STORE_ERROR) and isinstance(data, Mapping):
             self.metrics.record(self.budget, name, data)
