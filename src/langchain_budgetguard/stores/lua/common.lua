@@ -147,3 +147,18 @@ local function keep_until(c, l, expires, now)
   local ttl = redis.call('PTTL', c)
   if ttl > 0 then redis.call('PEXPIRE', l, ttl + 1000) end
 end
+
+-- The spend index of counter c: sorted set x, member the counter's (escaped) id, score its spent;
+-- it lives as long as its longest-lived counter. member '' means c is not indexed (x unused).
+local function index_spent(c, x, member)
+  if member == '' then return end
+  local fresh = redis.call('EXISTS', x) == 0
+  redis.call('ZADD', x, redis.call('HGET', c, 's') or '0', member)
+  local ttl = redis.call('PTTL', c)
+  if ttl == -1 then
+    redis.call('PERSIST', x)
+  elseif ttl > 0 then
+    local have = redis.call('PTTL', x)
+    if fresh or (have >= 0 and have < ttl) then redis.call('PEXPIRE', x, ttl) end
+  end
+end
