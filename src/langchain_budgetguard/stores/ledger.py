@@ -40,6 +40,7 @@ __all__ = [
     "rows_from_csv",
     "row_matches",
     "check_ledger_options",
+    "call_row",
 ]
 
 LEDGER_KINDS = ("call", "refusal", "degrade")
@@ -224,6 +225,36 @@ def scopes_of_keys(keys: Iterable[str]) -> dict[str, str]:
             _, per, sid, _ = found[1]
             out.setdefault(per, "-" if sid == "-" else _unescape(sid))
     return out
+
+
+_USAGE_KINDS = (  # TokenUsage field -> ledger token kind
+    ("input_tokens", "input"), ("cache_read_tokens", "cached"), ("cache_write_tokens", "cache_write"),
+    ("output_tokens", "output"), ("reasoning_tokens", "reasoning"), ("web_searches", "web_searches"),
+    ("input_audio_tokens", "input_audio"), ("output_audio_tokens", "output_audio"),
+    ("input_image_tokens", "input_image"), ("output_image_tokens", "output_image"),
+    ("input_video_tokens", "input_video"),
+)
+
+
+def _clip(value: Any, limit: int = MAX_TEXT) -> str | None:
+    return None if value is None else str(value)[:limit]
+
+
+def call_row(budget: str, call_id: str, keys: Sequence[str], *, model: str | None = None, host: str | None = None,
+             usage: Any = None, reserved_nano: int | None = None, estimated: bool = False, degraded: bool = False,
+             clamped: bool = False, detail: str | None = None) -> LedgerRow:
+    """The ledger row of one settled call, from what the guard knows at settle: its counter keys
+    (scopes are read off them), the model that served it, its ``TokenUsage`` (None: no usage
+    report; the row is then flagged ``estimated``). Text is clipped to the row's bounds, so a
+    row never stops a settle."""
+    tokens = {kind: int(getattr(usage, name, 0) or 0) for name, kind in _USAGE_KINDS} if usage is not None else {}
+    return LedgerRow(
+        budget=_clip(budget) or "-", call_id=call_id, kind="call", scopes=scopes_of_keys(keys),
+        keys=tuple(dict.fromkeys(keys))[:MAX_ENTRIES], model=_clip(model), host=_clip(host), tokens=tokens,
+        reserved_nano=None if reserved_nano is None else min(max(int(reserved_nano), 0), MAX_NANO),
+        estimated=bool(estimated or usage is None or getattr(usage, "estimated", False)),
+        degraded=bool(degraded), clamped=bool(clamped), detail=_clip(detail, MAX_DETAIL) or "",
+    )
 
 
 def row_matches(row: LedgerRow, *, scope: str | None = None, scope_id: str | None = None,

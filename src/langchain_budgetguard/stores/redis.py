@@ -574,10 +574,14 @@ class RedisStore:
         return out
 
     def _register_plan(self, groups: Sequence[_Group]) -> Plan[None]:
-        """Put tags this process has not registered yet in the tag registry (once per process)."""
+        """Put tags this process has not registered yet in the tag registry (once per process,
+        before the tags' first write: a reader that finds no tag finds no index or ledger there)."""
         new = [g.slot for g in groups if g.slot not in self._known_slots]
         if new:
-            yield _Call("tags", (self.tags_key,), tuple(new))
+            try:  # tried once; if it fails, the next operation on these tags tries again
+                yield _Call("tags", (self.tags_key,), tuple(new), once=True)
+            except BudgetStoreUnavailableError:
+                return
             self._known_slots.update(new)
 
     # -- plans: the logic of each operation, shared by the sync and async shells ----------------

@@ -154,11 +154,11 @@ local function index_spent(c, x, member)
   if member == '' then return end
   local fresh = redis.call('EXISTS', x) == 0
   redis.call('ZADD', x, redis.call('HGET', c, 's') or '0', member)
-  local ttl = redis.call('PTTL', c)
-  if ttl == -1 then
+  local ends = redis.call('PEXPIRETIME', c)
+  if ends == -1 then
     redis.call('PERSIST', x)
-  elseif ttl > 0 then
-    local have = redis.call('PTTL', x)
-    if fresh or (have >= 0 and have < ttl) then redis.call('PEXPIRE', x, ttl) end
+  elseif ends > 0 then
+    local have = redis.call('PEXPIRETIME', x)
+    if fresh or (have >= 0 and have < ends) then redis.call('PEXPIREAT', x, ends) end
   end
 end
