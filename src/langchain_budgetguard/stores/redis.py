@@ -118,6 +118,7 @@ __all__ = ["RedisStore", "RetryPolicy", "PendingSettle", "DEFAULT_RETENTION_SECO
 log = logging.getLogger(__name__)
 
 DEFAULT_RETENTION_SECONDS = 7 * 24 * 3600
+TAGS_REFRESH_SECONDS = 300.0  # registered tags are registered again after this (and after an outage)
 
 T = TypeVar("T")
 
@@ -419,6 +420,7 @@ class RedisStore:
             DEFAULT_LEDGER_RETENTION_SECONDS if ledger_retention_seconds is None else ledger_retention_seconds)
         self._ledger_args = (str(self.ledger_max_rows), str(self.ledger_retention_seconds * 1000))
         self._known_slots: set[str] = set()  # tags this process has put in the tag registry
+        self._slots_since = time.monotonic()
         self._journal_rows: dict[int, LedgerRow] = {}  # journaled settles' rows, by journal seq
         if retry_window_seconds is None:
             retry_window_seconds = record_ttl_seconds  # the former name of the same setting
@@ -576,6 +578,9 @@ class RedisStore:
     def _register_plan(self, groups: Sequence[_Group]) -> Plan[None]:
         """Put tags this process has not registered yet in the tag registry (once per process,
         before the tags' first write: a reader that finds no tag finds no index or ledger there)."""
+        now = time.monotonic()
+        if now - self._slots_since > TAGS_REFRESH_SECONDS:  # a Redis that lost its data forgot them
+            self._known_slots, self._slots_since = set(), now
         new = [g.slot for g in groups if g.slot not in self._known_slots]
         if new:
             try:  # tried once; if it fails, the next operation on these tags tries again
@@ -746,6 +751,7 @@ class RedisStore:
     # -- errors ---------------------------------------------------------------------------------
 
     def _unavailable(self, call: _Call, exc: Exception, attempts: int, started: float) -> BudgetStoreUnavailableError:
+        self._known_slots = set()  # Redis may come back empty (a restart without persistence): register again
         if isinstance(exc, BudgetStoreUnavailableError):
             return exc
         text = str(exc)
