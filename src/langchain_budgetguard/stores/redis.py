@@ -585,6 +585,8 @@ class RedisStore:
         if new:
             try:  # tried once; if it fails, the next operation on these tags tries again
                 yield _Call("tags", (self.tags_key,), tuple(new), once=True)
+            except _NotSent:
+                raise  # an evicting policy: refused before anything is sent, as every operation is
             except BudgetStoreUnavailableError:
                 return
             self._known_slots.update(new)
