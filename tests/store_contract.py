@@ -68,6 +68,21 @@ class Api:
     async def reset(self, key: str) -> CounterState:
         return await self._do("reset_counter", key)
 
+    async def settle_row(self, call_id: str, keys: Sequence[str], amount: int, row: Any) -> SettleResult:
+        if self.use_async:
+            return await self.store.asettle(call_id, keys, amount, row=row)
+        return self.store.settle(call_id, keys, amount, row=row)
+
+    async def read_ledger(self, name: str, **filters: Any) -> list[Any]:
+        if self.use_async:
+            return await self.store.aread_ledger(name, **filters)
+        return self.store.read_ledger(name, **filters)
+
+    async def read_index(self, index: str, count: int | None = None) -> list[tuple[str, int]]:
+        if self.use_async:
+            return await self.store.aread_index(index, count)
+        return self.store.read_index(index, count)
+
 
 def call_id() -> str:
     return uuid.uuid4().hex
@@ -457,3 +472,38 @@ class StoreContract:
         assert sum(charged) <= limit
         assert await store.aread(keys) == [CounterState(sum(charged), 0)] * 2
         assert sum(charged) > limit - 30  # it did fill up: the limit, not an error, stopped it
+
+    # -- the ledger and the spend index (stores.ledger) -------------------------------------------
+
+    async def test_ledger_has_one_row_per_applied_settle_with_the_amount_charged(self, env: StoreEnv, api: Api) -> None:
+        from langchain_budgetguard.stores.ledger import LedgerRow
+
+        name = "lg" + call_id()[:8]
+        keys = [f"{{{env.tags[0]}}}:{name}:user:alice:day:2026-12-01", f"{{{env.tags[1]}}}:{name}:global:-:day:2026-12-01"]
+        cid = call_id()
+        assert (await api.reserve([Counter(k, 10**6) for k in keys], Hold(cid, 500, 30))).ok
+        row = LedgerRow(budget=name, call_id=cid, keys=tuple(keys), scopes={"user": "alice", "global": "-"},
+                        model="m", tokens={"input": 3}, reserved_nano=500, cost_nano=123456)  # the store sets the cost
+        assert (await api.settle_row(cid, keys, 321, row)).applied
+        assert not (await api.settle_row(cid, keys, 999, row)).applied  # a retry: no row, no charge
+        (written,) = await api.read_ledger(name)
+        assert written.cost_nano == 321 and written.at is not None and written.tokens == {"input": 3}
+        assert [s.spent for s in await api.read(keys)] == [321, 321]
+        assert await api.read_ledger(name, scope="user", scope_id="bob") == []
+        assert await api.read_ledger("another-budget") == []
+
+    async def test_spend_index_ranks_the_ids_of_a_scope_and_window_across_tags(self, env: StoreEnv, api: Api) -> None:
+        name = "ix" + call_id()[:8]
+        spent = {"a": 30, "b": 10, "c": 20}
+        for i, (who, nano) in enumerate(spent.items()):
+            key = f"{{{env.tags[i % 3]}}}:{name}:user:{who}:day:2026-12-01"
+            cid = call_id()
+            assert (await api.reserve([Counter(key, 10**6)], Hold(cid, nano, 30))).ok
+            await api.settle(cid, [key], nano)
+        other = f"{{{env.tags[0]}}}:{name}:user:z:day:2026-12-02"  # another window: another index
+        assert (await api.reserve([Counter(other, 10**6)], Hold(call_id(), 5, 30))).ok
+        ranked = await api.read_index(f"{name}:user:day:2026-12-01")
+        assert [(k.split(":")[3], n) for k, n in ranked] == [("a", 30), ("c", 20), ("b", 10)]
+        assert [k.split(":")[3] for k, _ in await api.read_index(f"{name}:user:day:2026-12-01", 1)] == ["a"]
+        assert [k for k, _ in await api.read_index(f"{name}:user:day:2026-12-02")] == [other]
+        assert await api.read_index(f"{name}:user:day:2026-11-30") == []

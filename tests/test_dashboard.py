@@ -109,7 +109,7 @@ def served(guard) -> Iterator[Served]:
 
 def test_scope_json_is_the_guards_own_status_exactly(served, guard):
     page = served.json("/api/scope/user")
-    assert (page["total"], page["all_ids"], page["source"], page["window"]) == (3, 3, "scan", "day")
+    assert (page["total"], page["all_ids"], page["source"], page["window"]) == (3, 3, "index", "day")  # BudgetAdmin reads the spend index
     for row in page["rows"]:
         (mine,) = [s for s in guard.status({"configurable": {"user_id": row["id"]}}) if s.scope == "user"]
         assert (row["limit"], row["spent"], row["held"], row["remaining"]) == (
@@ -130,19 +130,41 @@ def test_held_money_of_calls_in_flight_is_shown_and_taken_from_remaining(served,
     assert code == 200 and "$0.001234567" in html and "$0.008315433" in html
 
 
-def test_one_id_lists_every_limit_that_applies_and_no_made_up_history(served, guard):
+def test_one_id_lists_every_limit_and_its_real_ledger_history(served, guard):
+    """The dashboard reads the stores' real ledger (issue 14) through BudgetAdmin.read_ledger."""
     page = served.json("/api/id/user?id=alice")
     assert [(s["scope"], s["id"], s["spent"]) for s in page["statuses"]] == [
         ("user", "alice", "0.00135"), ("global", None, str(9 * CALL_USD))]
-    assert page["ledger"] is False and page["note"] == LEDGER_MISSING
-    assert page["calls"] == [] and page["spend_curve"]["points"] == []
+    assert page["ledger"] is True and page["note"] is None
+    assert len(page["calls"]) == 3 and {c["cost"] for c in page["calls"]} == {str(CALL_USD)}
+    assert all(c["scopes"] == {"user": "alice", "global": "-"} and c["model"] == "gpt-4o-mini" for c in page["calls"])
+    assert [p["spent"] for p in page["spend_curve"]["points"]] == ["0.00045", "0.0009", "0.00135"]  # = the counter
     code, _, html = served.get("/id/user?id=alice")
-    assert code == 200 and "needs the per-call ledger (issue 14)" in html and "<svg" not in html
-    code, _, html = served.get("/events")
-    assert code == 200 and "Not available" in html
-    assert served.json("/api/events") == {"budget": "dash-test", "ledger": False, "note": LEDGER_MISSING,
-                                          "events": []}
+    assert code == 200 and "needs the per-call ledger" not in html and "<svg" in html
+    assert served.json("/api/events")["ledger"] is True
     assert served.json("/api/id/user?id=nobody")["statuses"][0]["spent"] == "0"  # an id without spend
+    assert served.json("/api/id/user?id=nobody")["calls"] == []
+
+
+def test_a_store_without_a_ledger_makes_no_history_up(guard):
+    class Plain:  # a store that keeps counters only (no read_ledger)
+        def __init__(self, inner: MemoryStore) -> None:
+            self._inner = inner
+
+        def __getattr__(self, name: str) -> Any:
+            if name in ("read_ledger", "read_index"):
+                raise AttributeError(name)
+            return getattr(self._inner, name)
+
+    plain = make_guard(Plain(guard.policy.store))
+    served = Served(DashboardData(BudgetAdmin(plain.policy), cache_seconds=0))
+    try:
+        page = served.json("/api/id/user?id=alice")
+        assert page["statuses"][0]["spent"] == "0.00135"
+        assert page["ledger"] is False and page["note"] == LEDGER_MISSING and page["calls"] == []
+        assert served.json("/api/events")["events"] == []
+    finally:
+        served.close()
 
 
 def test_limits_page_shows_config_and_live_overrides_and_where_each_comes_from(served, guard):

@@ -136,18 +136,25 @@ def test_key_layout_and_ttls(fake_store) -> None:
     expires = int(time.time()) + 3_600
     cid = "call-1"
     store.reserve([Counter(key, 1_000, expires)], Hold(cid, 100, 60, charge_on_expiry=7, token="t1"))
+    index = b"bg:x:{acme}:default:user:day:2026-11-22"  # the spend index of (user, day) on tag acme
     assert set(admin.keys("*")) == {
         b"bg:" + key.encode(),
         b"bg:l:" + key.encode(),
         b"bg:c:{acme}:call-1",
+        index,
+        b"bg:tags",
     }
+    assert admin.smembers("bg:tags") == {b"{acme}"}
+    assert admin.zrange(index, 0, -1, withscores=True) == [(b"alice", 0.0)]
+    assert admin.expiretime(index) == expires  # the index lives as long as its counters
     assert admin.hgetall(f"bg:{key}") == {b"h": b"100", b"@call-1": b"100:7"}
     assert admin.get("bg:c:{acme}:call-1") == b"h:t1"
     assert admin.expiretime(f"bg:{key}") == expires
     assert expires <= admin.expiretime(f"bg:l:{key}") <= expires + 1  # outlives its counter
     assert 300 + 50 < admin.ttl("bg:c:{acme}:call-1") <= 300 + 60  # lease + the 5-minute retry window
     store.settle(cid, [key], 42)
-    assert set(admin.keys("*")) == {b"bg:" + key.encode(), b"bg:c:{acme}:call-1"}  # empty lease set is gone
+    assert set(admin.keys("*")) == {b"bg:" + key.encode(), b"bg:c:{acme}:call-1", index, b"bg:tags"}  # no lease set
+    assert admin.zscore(index, "alice") == 42
     assert admin.hgetall(f"bg:{key}") == {b"s": b"42", b"h": b"0"}
     assert admin.get("bg:c:{acme}:call-1") == b"s"
     assert 290 < admin.ttl("bg:c:{acme}:call-1") <= 300  # a settled record: the retry window only
@@ -367,12 +374,14 @@ async def test_sentinel_url_finds_the_master(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "script, args",
     [
-        ("reserve", ["c", str(2**64 - 1), "0", "1000", "300000", "tok", "1000", ""]),
-        ("reserve", ["c", "10", "0", "1e20", "300000", "tok", "1000", ""]),
-        ("reserve", ["c", "10", "0", "1000", "300000", "tok", str(10**19), ""]),
-        ("reserve", ["c", "10", "0", "1000", "300000", "a:b", "1000", ""]),
-        ("settle", ["c", str(2**63), "300000", "", ""]),
-        ("settle", ["c", "-5", "300000", "", ""]),
+        ("reserve", ["c", str(2**64 - 1), "0", "1000", "300000", "tok", "1000", "", ""]),
+        ("reserve", ["c", "10", "0", "1e20", "300000", "tok", "1000", "", ""]),
+        ("reserve", ["c", "10", "0", "1000", "300000", "tok", str(10**19), "", ""]),
+        ("reserve", ["c", "10", "0", "1000", "300000", "a:b", "1000", "", ""]),
+        ("settle", ["c", str(2**63), "300000", "", "", "100", "1000", ""]),
+        ("settle", ["c", "-5", "300000", "", "", "100", "1000", ""]),
+        ("settle", ["c", "5", "300000", "", "", "1e9", "1000", ""]),  # ledger max rows
+        ("settle", ["c", "5", "300000", "", "", "100", "1000", "", "k"]),  # a row field without a value
         ("renew", ["c", "inf", "300000"]),
         ("read", ["0"]),
     ],
@@ -388,9 +397,12 @@ def test_a_script_with_bad_arguments_fails_before_writing(redis_url: str, script
         before = (admin.hgetall(counter), admin.zrange(leases, 0, -1))
         record = f"{store.prefix}c:{{argv}}:c"
         mark = f"{store.prefix}j:{{argv}}:x"
-        keys = {"read": [counter, leases], "settle": [record, mark, counter, leases]}.get(script, [record, counter, leases])
+        stream = f"{store.prefix}ledger:{{argv}}"
+        keys = {"read": [counter, leases], "settle": [record, mark, stream, counter, leases, counter],
+                "reserve": [record, counter, leases, counter]}.get(script, [record, counter, leases])
         with pytest.raises(redis.exceptions.ResponseError, match="budgetguard"):
             store._sync_backend().scripts[script](keys=keys, args=args)  # test-only reach: bypass the Python checks
         assert (admin.hgetall(counter), admin.zrange(leases, 0, -1)) == before
         assert not admin.exists(record)
+        assert not admin.exists(stream)
     store.close()

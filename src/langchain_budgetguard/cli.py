@@ -44,6 +44,8 @@ examples:
   budgetguard status user --json                     every user with spend this window, for scripts
   budgetguard top tenant -n 5                        the five tenants that spent most this month
   budgetguard top user --window day --at 2026-11-22  ... on a past day
+  budgetguard ledger user --id alice --since 1d      alice's calls of the last day, newest first
+  budgetguard ledger --since 2026-11-01 --csv       every call since Nov 1 as CSV (exact USD), for the invoice
   budgetguard limit set tenant 1000 --id acme        acme gets $1000 a month, live (no restart)
   budgetguard limit set user 0 --id ci-bot           ci-bot gets nothing
   budgetguard limit set user 3 --window day          every user: $3 a day
@@ -254,6 +256,70 @@ def _cmd_status(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(f"budget {config.name}: no counters for that in this window\n")
     return EXIT_REFUSED if exhausted else EXIT_OK
+
+
+_SINCE_UNITS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def _since(text: str | None) -> Any:
+    """``--since``: an ISO date or time (UTC unless it says), or an age: ``30m``, ``12h``, ``7d``, ``2w``."""
+    from datetime import datetime, timedelta, timezone
+
+    if text is None:
+        return None
+    unit = _SINCE_UNITS.get(text[-1:])
+    if unit is not None and text[:-1].isdigit():
+        return datetime.now(timezone.utc) - timedelta(seconds=int(text[:-1]) * unit)
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise UsageError(f"--since: expected an ISO date/time (2026-11-01, 2026-11-01T09:00+01:00) or an age "
+                         f"(30m, 12h, 7d, 2w), got {text!r}") from None
+    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+
+
+def _ledger_json(r: Any) -> dict[str, Any]:
+    return {"at": r.at.isoformat() if r.at else None, "budget": r.budget, "kind": r.kind, "call_id": r.call_id,
+            "scopes": dict(r.scopes), "keys": list(r.keys), "model": r.model, "host": r.host, "tokens": dict(r.tokens),
+            "cost": _dec(r.cost), "reserved": _dec(r.reserved) if r.reserved is not None else None,
+            "estimated": r.estimated, "degraded": r.degraded, "clamped": r.clamped, "refused": r.refused,
+            "detail": r.detail}
+
+
+def _cmd_ledger(args: argparse.Namespace) -> int:
+    from .stores.ledger import LEDGER_KINDS, rows_to_csv
+
+    config = _load(args)
+    if args.scope is not None:
+        _scope_of(config, args.scope)
+    if args.count < 1:
+        raise UsageError("-n/--count: expected 1 or more")
+    if args.kind is not None and args.kind not in LEDGER_KINDS:
+        raise UsageError(f"--kind: expected one of {', '.join(LEDGER_KINDS)}")
+    if args.csv and getattr(args, "json", False):
+        raise UsageError("--json or --csv, not both")
+    admin = _admin(config)
+    reader = getattr(admin, "read_ledger", None)
+    if reader is None:
+        raise UsageError(f"the store ({config.describe_store()}) keeps no ledger")
+    rows = _checked(reader, scope=args.scope, scope_id=args.id, since=_since(args.since),
+                    kinds=None if args.kind is None else (args.kind,), model=args.model, limit=args.count)
+    if args.csv:
+        sys.stdout.write(rows_to_csv(rows))
+    elif getattr(args, "json", False):
+        _print_json({"budget": config.name, "rows": [_ledger_json(r) for r in rows]})
+    elif rows:
+        flags = lambda r: "".join(c for c, on in zip("EDCR", (r.estimated, r.degraded, r.clamped, r.refused)) if on)  # noqa: E731
+        sys.stdout.write(_table(
+            ["at", "kind", "call", "model", "charged to", "in", "out", "cost", "reserved", "flags"],
+            [[r.at.isoformat(timespec="milliseconds") if r.at else "-", r.kind, r.call_id, r.model or "-",
+              " ".join(f"{k}={v}" for k, v in sorted(r.scopes.items())), str(r.tokens.get("input", 0)),
+              str(r.tokens.get("output", 0)), _usd(r.cost), _usd(r.reserved) if r.reserved is not None else "-",
+              flags(r)] for r in rows],
+            right="5678") + "\n(flags: E estimated, D degraded, C clamped, R refused)\n")
+    else:
+        sys.stdout.write(f"budget {config.name}: no ledger rows for that\n")
+    return EXIT_OK
 
 
 def _cmd_top(args: argparse.Namespace) -> int:
@@ -592,6 +658,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--at", metavar="LABEL", help="a past window: 2026-11, 2026-11-22, 2026-W47, 2026-11-22T09")
     p.add_argument("-n", "--count", type=int, default=10, help="how many (default 10)")
 
+    p = command("ledger", "settled calls, newest first: when, who, model, tokens, exact cost (--csv for finance)")
+    p.add_argument("scope", nargs="?", help="only calls charged to this scope (user, tenant, ...)")
+    p.add_argument("--id", help="only calls charged to this id (of SCOPE, or of any scope)")
+    p.add_argument("--since", metavar="T", help="only rows at or after T: 2026-11-01, 2026-11-01T09:00Z, 12h, 7d")
+    p.add_argument("--model", help="only calls served by this model")
+    p.add_argument("--kind", help="call, refusal or degrade (a degraded call counts as degrade too)")
+    p.add_argument("-n", "--count", type=int, default=100, help="at most this many rows (default 100)")
+    p.add_argument("--csv", action="store_true", help="CSV with a header row, exact decimal USD")
+
     p = command("limit", "get, set or clear live limit overrides (in force everywhere without a restart)")
     actions = p.add_subparsers(dest="action", metavar="ACTION")
     get = actions.add_parser("get", help="the limits and overrides in force", parents=[common])
@@ -647,6 +722,7 @@ _COMMANDS = {
     "check-config": _cmd_check_config,
     "status": _cmd_status,
     "top": _cmd_top,
+    "ledger": _cmd_ledger,
     "limit": _cmd_limit,
     "reset": _cmd_reset,
     "prices": _cmd_prices,

@@ -79,6 +79,7 @@ from .pricing import ModelRef, RateCard, call_price_context, candidate_refs, ite
 from .runs import ANoRun, NoRun, aopen_run, has_handlers, open_run, tap, tapped
 from .serialization import options_from_json, options_to_json, plain_data
 from .stores.base import ReserveResult, SettleResult
+from .stores.ledger import call_row
 from .streaming import StreamTracker
 from .usage import TokenUsage, UsageError, usage_from_message
 
@@ -745,15 +746,28 @@ class BudgetGuard(BaseChatModel):
         if has_handlers(child):
             await adispatch_custom_event(EVENT_COST, cost.as_metadata(), config=child)
 
-    def _settle_sync(self, admitted: Admitted, amount: int) -> SettleResult:
+    def _ledger_row(self, admitted: Admitted, cost: CallCost | None) -> dict[str, Any]:
+        """``row=`` for a store that keeps the per-call ledger (``stores.ledger``); {} for one that does not."""
+        if not callable(getattr(self.policy.store, "read_ledger", None)):
+            return {}
+        ref = admitted.candidate.ref
+        return {"row": call_row(
+            self.policy.name, admitted.call_id, admitted.keys, model=cost.model if cost else ref.name,
+            host=ref.host or ref.provider, usage=cost.usage if cost else None, reserved_nano=admitted.estimate.reserve,
+            estimated=cost.estimated if cost else True, degraded=admitted.index > 0,
+            clamped=cost.clamped if cost else admitted.estimate.clamped,
+            detail=(cost.problem or "") if cost else "no usage report: charged from what was seen")}
+
+    def _settle_sync(self, admitted: Admitted, amount: int, cost: CallCost | None = None) -> SettleResult:
         if admitted.local_store is not None:
             admitted.local_store.settle(admitted.call_id, (FAIL_OPEN_KEY,), amount)
-        return self.policy.store.settle(admitted.call_id, admitted.keys, amount)
+        return self.policy.store.settle(admitted.call_id, admitted.keys, amount, **self._ledger_row(admitted, cost))
 
-    async def _settle_async(self, admitted: Admitted, amount: int) -> SettleResult:
+    async def _settle_async(self, admitted: Admitted, amount: int, cost: CallCost | None = None) -> SettleResult:
         if admitted.local_store is not None:
             await admitted.local_store.asettle(admitted.call_id, (FAIL_OPEN_KEY,), amount)
-        return await self.policy.store.asettle(admitted.call_id, admitted.keys, amount)
+        return await self.policy.store.asettle(admitted.call_id, admitted.keys, amount,
+                                               **self._ledger_row(admitted, cost))
 
     # -- calls: every entry point admits, calls the model that fitted, settles ---------------
 

@@ -43,6 +43,7 @@ from urllib.parse import unquote
 from .limits import GLOBAL, Limit, WindowInstance, counter_key, escape_id
 from .money import nano_to_usd, to_decimal, usd_to_nano
 from .stores.base import CounterState, OverridesSnapshot
+from .stores.ledger import LedgerRow
 
 if TYPE_CHECKING:
     from .policy import BudgetPolicy, LimitStatus
@@ -65,6 +66,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_REFRESH_SECONDS = 5.0
 ALL_IDS = "*"
+READ_BATCH = 1000  # counters read per store call when listing a scope from its index
+TOP_MARGIN = 10  # candidates read beyond 2n for ``top(n)``
 
 
 @dataclass(frozen=True)
@@ -437,9 +440,21 @@ class BudgetAdmin:
             if tag is not None:
                 key = counter_key(policy.name, tag, limit, scope_id, label)
                 return [(key, policy.store.read([key])[0])]
+        store = policy.store
+        if scope_id is None and callable(getattr(store, "read_index", None)):
+            return self._indexed(f"{escape_id(policy.name)}:{limit.per}:{limit.slug}:{label}", None)
         sid = ALL_IDS if scope_id is None else escape_id(scope_id)
         pattern = f"{{*}}:{escape_id(policy.name)}:{limit.per}:{sid}:{limit.slug}:{label}"
         return self._need("list counters").scan_counters(pattern)
+
+    def _indexed(self, index: str, count: int | None) -> list[tuple[str, CounterState]]:
+        """The counters of a spend index (the store's ``read_index``), read exactly, by key."""
+        keys = sorted(k for k, _ in self.policy.store.read_index(index, count))
+        out: list[tuple[str, CounterState]] = []
+        for start in range(0, len(keys), READ_BATCH):
+            batch = keys[start:start + READ_BATCH]
+            out.extend(zip(batch, self.policy.store.read(batch)))
+        return out
 
     def statuses(self, per: str | None = None, scope_id: str | None = None, window: str | None = None,
                  at: str | None = None, tenant: str | None = None) -> list[LimitStatus]:
@@ -454,13 +469,17 @@ class BudgetAdmin:
 
     def limit_statuses(self, limit: Limit, scope_id: str | None = None, at: str | None = None,
                        tenant: str | None = None) -> list[LimitStatus]:
-        """``limit``'s status for ``scope_id``, or for every id with a counter in window ``at``."""
-        from .policy import LimitStatus
-
+        """``limit``'s status for ``scope_id``, or for every id with a counter in window ``at``
+        (every id: read from the store's spend index, or a SCAN for a store without one)."""
         if limit.per == GLOBAL:
             scope_id = None
         win = window_for_label(limit, at)
-        found = self._counters(limit, scope_id, win.label, tenant)
+        return self._statuses_of(limit, win.label, self._counters(limit, scope_id, win.label, tenant))
+
+    def _statuses_of(self, limit: Limit, label: str, found: list[tuple[str, CounterState]]) -> list[LimitStatus]:
+        from .policy import LimitStatus
+
+        win = window_for_label(limit, label)
         live, config = self._live(), self.policy.config_overrides
         out = []
         for key, state in found:
@@ -480,9 +499,43 @@ class BudgetAdmin:
         """The ids of scope ``per`` that spent most in a window (``at``, default the current one),
         heaviest first (ties: more held first, then by id)."""
         limit = self.limit(per, window, tz)
-        rows = self.limit_statuses(limit, None, at, None)
+        if n is not None and limit.per != GLOBAL and callable(getattr(self.policy.store, "read_index", None)):
+            # The index ranks ids by spent as of their counter's last reserve/settle; the candidates'
+            # counters are then read exactly (a margin covers ties and expiry charges since).
+            label = window_for_label(limit, at).label
+            index = f"{escape_id(self.policy.name)}:{limit.per}:{limit.slug}:{label}"
+            rows = self._statuses_of(limit, label, self._indexed(index, 2 * n + TOP_MARGIN))
+        else:
+            rows = self.limit_statuses(limit, None, at, None)
         rows.sort(key=lambda s: (-s.spent, -s.held, s.scope_id or ""))
         return rows if n is None else rows[:n]
+
+    def read_scope_index(self, limit: Limit, window_label: str) -> list[LimitStatus]:
+        """Every id of ``limit``'s scope with a counter in window ``window_label``, limits in force
+        applied, from the store's spend index (``stores.ledger``; a SCAN for a store without one)."""
+        return self.limit_statuses(limit, None, window_label, None)
+
+    @property
+    def read_ledger(self) -> Any:
+        """``read_ledger(*, scope, scope_id, since, kinds, model, call_id, limit)`` (see
+        ``_read_ledger``); absent (AttributeError) when the store keeps no ledger, so that
+        ``getattr(admin, "read_ledger", None)`` tells whether there is one."""
+        if not callable(getattr(self.policy.store, "read_ledger", None)):
+            raise AttributeError(f"{type(self.policy.store).__name__} keeps no ledger (see stores.base.LedgerStore); "
+                                 "MemoryStore and RedisStore do.")
+        return self._read_ledger
+
+    def _read_ledger(self, *, scope: str | None = None, scope_id: str | None = None, since: datetime | None = None,
+                    kinds: Sequence[str] | None = None, model: str | None = None, call_id: str | None = None,
+                    limit: int = 100) -> list[LedgerRow]:
+        """This budget's ledger rows (``stores.ledger.LedgerRow``), newest first, merged across tags:
+        only those charged to ``scope`` (``scope_id`` of it), at or after ``since`` (aware), of
+        ``kinds`` (a degraded call matches ``"degrade"`` too), served by ``model``, of ``call_id``."""
+        if since is not None and (not isinstance(since, datetime) or since.tzinfo is None):
+            raise ValueError(f"since: expected an aware datetime, got {since!r}")
+        more = {k: v for k, v in (("model", model), ("call_id", call_id)) if v is not None}  # a store's own filters
+        return self.policy.store.read_ledger(self.policy.name, scope=scope, scope_id=scope_id, since=since,
+                                             kinds=None if kinds is None else tuple(kinds), limit=limit, **more)
 
     def reset(self, per: str, scope_id: str | None = None, window: str | None = None, at: str | None = None,
               tz: str | None = None, tenant: str | None = None) -> list[CounterReset]:

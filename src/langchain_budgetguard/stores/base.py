@@ -27,7 +27,10 @@ import re
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Protocol, runtime_checkable
+
+from .ledger import LedgerRow
 
 __all__ = [
     "Counter",
@@ -38,6 +41,8 @@ __all__ = [
     "OverridesSnapshot",
     "Store",
     "AdminStore",
+    "LedgerStore",
+    "LedgerRow",
     "tag_of",
     "glob_regex",
 ]
@@ -134,6 +139,11 @@ class Store(Protocol):
     reservation whose call does not go ahead (nothing charged; the call id is then spent), and
     are context managers; ``close()`` flushes what a store keeps for later (Redis: journaled
     settles, pending releases) before it closes its clients.
+
+    ``settle`` / ``asettle`` of both bundled stores take an optional ``row=`` (a ``LedgerRow``):
+    when the settle applies, the row is written to the ledger in the same atomic step (see
+    ``stores.ledger``); a settle that changes nothing writes no row. Stores without a ledger
+    keep the three-argument form.
     """
 
     def reserve(self, counters: Sequence[Counter], hold: Hold) -> ReserveResult: ...
@@ -181,6 +191,24 @@ class AdminStore(Protocol):
     async def aset_override(self, name: str, field: str, nano: int | None) -> str: ...
     async def ascan_counters(self, pattern: str) -> list[tuple[str, CounterState]]: ...
     async def areset_counter(self, key: str) -> CounterState: ...
+
+
+@runtime_checkable
+class LedgerStore(Protocol):
+    """A store that keeps the per-call ledger and the spend indexes (``stores.ledger``).
+
+    ``read_ledger(name, ...)``: budget ``name``'s rows, newest first, at most ``limit``, filtered
+    as ``stores.ledger.row_matches``. ``append_ledger(row)``: a row that charges nothing (a
+    refusal, a degrade). ``read_index(index, count)``: the counter keys of a spend index (tag-less,
+    ``stores.ledger.index_name_of``) with their spent nano-USD, merged across tags, highest first
+    (``count`` None: all of them).
+    """
+
+    def read_ledger(self, name: str, *, scope: str | None = None, scope_id: str | None = None,
+                    since: datetime | None = None, kinds: Sequence[str] | None = None, model: str | None = None,
+                    call_id: str | None = None, limit: int = 100) -> list[LedgerRow]: ...
+    def append_ledger(self, row: LedgerRow) -> None: ...
+    def read_index(self, index: str, count: int | None = None) -> list[tuple[str, int]]: ...
 
 
 def glob_regex(pattern: str) -> str:

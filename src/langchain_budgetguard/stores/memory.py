@@ -4,13 +4,24 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections import deque
+from datetime import datetime, timedelta, timezone
 import re
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 from dataclasses import dataclass, field
 
 from .base import Counter, CounterState, Hold, OverridesSnapshot, ReserveResult, SettleResult, glob_regex
+from .ledger import (
+    DEFAULT_LEDGER_MAX_ROWS,
+    DEFAULT_LEDGER_RETENTION_SECONDS,
+    LedgerRow,
+    check_ledger_options,
+    index_name_of,
+    row_matches,
+)
 from .bounds import (
     DEFAULT_RETRY_WINDOW_SECONDS,
     MAX_NANO,
@@ -60,6 +71,10 @@ class MemoryStore:
 
     ``retry_window_seconds``: how long a call's record outlives its lease (a settled call's, its
     settle), so that retries inside it are recognised; after it, the record is forgotten.
+
+    The ledger (``stores.ledger``) is a bounded in-memory log: at most ``ledger_max_rows`` rows
+    (0: no ledger), none older than ``ledger_retention_seconds``. The spend index is a dict of
+    (scope, window instance) -> its counters, kept as counters come and go.
     """
 
     def __init__(
@@ -67,7 +82,13 @@ class MemoryStore:
         *,
         clock: Callable[[], float] = time.time,
         retry_window_seconds: float = DEFAULT_RETRY_WINDOW_SECONDS,
+        ledger_max_rows: int = DEFAULT_LEDGER_MAX_ROWS,
+        ledger_retention_seconds: int = DEFAULT_LEDGER_RETENTION_SECONDS,
     ) -> None:
+        self.ledger_max_rows, self.ledger_retention_seconds = check_ledger_options(
+            ledger_max_rows, ledger_retention_seconds)
+        self._ledger: deque[LedgerRow] = deque(maxlen=self.ledger_max_rows or 1)
+        self._index: dict[str, dict[str, None]] = {}  # index name -> its counter keys
         self._clock = clock
         self.retry_window_seconds = check_seconds(
             retry_window_seconds, "retry_window_seconds", MAX_RETRY_WINDOW_SECONDS
@@ -148,7 +169,35 @@ class MemoryStore:
                 heapq.heappush(counters, (int(counter.next_deadline) + 1, key))
                 counter.expires_at = int(counter.next_deadline) + 1
             else:
-                del self._counters[key]
+                self._drop_counter(key)
+
+    def _new_counter(self, key: str) -> _Counter:
+        counter = self._counters[key] = _Counter()
+        found = index_name_of(key)
+        if found is not None:
+            self._index.setdefault(found[0], {})[key] = None
+        return counter
+
+    def _drop_counter(self, key: str) -> None:
+        del self._counters[key]
+        found = index_name_of(key)
+        if found is not None:
+            members = self._index.get(found[0])
+            if members is not None:
+                members.pop(key, None)
+                if not members:
+                    del self._index[found[0]]
+
+    def _append(self, row: LedgerRow, now: float) -> None:
+        if not self.ledger_max_rows:
+            return
+        self._ledger.append(row.written(datetime.fromtimestamp(now, timezone.utc), row.cost_nano))
+        self._trim(now)
+
+    def _trim(self, now: float) -> None:
+        oldest = datetime.fromtimestamp(now, timezone.utc) - timedelta(seconds=self.ledger_retention_seconds)
+        while self._ledger and self._ledger[0].at is not None and self._ledger[0].at < oldest:
+            self._ledger.popleft()
 
     def _get(self, key: str, now: float) -> _Counter | None:
         counter = self._counters.get(key)
@@ -190,7 +239,7 @@ class MemoryStore:
             for spec in counters:
                 counter = found[spec.key]
                 if counter is None:
-                    counter = found[spec.key] = self._counters[spec.key] = _Counter()
+                    counter = found[spec.key] = self._new_counter(spec.key)
                 if spec.expires_at is not None and spec.expires_at > (counter.expires_at or 0):
                     counter.expires_at = spec.expires_at
                     heapq.heappush(self._counter_expiry, (spec.expires_at, spec.key))
@@ -206,8 +255,12 @@ class MemoryStore:
                 self._remember(call_id, _Record("held", token, now + lease + self.retry_window_seconds))
             return ReserveResult(ok=True, states=tuple([_state(found[c.key]) for c in counters]))
 
-    def settle(self, call_id: str, keys: Sequence[str], amount: int) -> SettleResult:
+    def settle(self, call_id: str, keys: Sequence[str], amount: int, *, row: LedgerRow | None = None) -> SettleResult:
+        """Replace the call's holds with ``amount``; when it applies, ``row`` goes to the ledger
+        (at the store's time, with the cost charged) under the same lock."""
         check_call_id(call_id)
+        if row is not None and not isinstance(row, LedgerRow):
+            raise TypeError(f"row: expected a LedgerRow, got {type(row).__name__}")
         if isinstance(amount, int) and not isinstance(amount, bool) and amount > MAX_NANO:
             amount, capped = MAX_NANO, True
         else:
@@ -222,7 +275,7 @@ class MemoryStore:
             for key in keys:
                 counter = self._get(key, now)
                 if counter is None:
-                    counter = self._counters[key] = _Counter()
+                    counter = self._new_counter(key)
                 held = counter.holds.pop(call_id, None)
                 if held is not None:
                     counter.held -= held[0]
@@ -231,6 +284,8 @@ class MemoryStore:
                 _add_spent(counter, amount)
             token = record.token if record is not None else ""
             self._remember(call_id, _Record("settled", token, now + self.retry_window_seconds))
+            if row is not None:
+                self._append(row.written(row.at or datetime.fromtimestamp(now, timezone.utc), amount), now)
             return SettleResult(applied=True, charged=amount, capped=capped)
 
     def release(self, call_id: str, keys: Sequence[str], hold: Hold) -> None:
@@ -307,6 +362,51 @@ class MemoryStore:
             keys = sorted(k for k in self._counters if match(k))
             return [(k, _state(self._get(k, now))) for k in keys]
 
+    # -- the ledger and the spend index (stores.ledger) ------------------------------------
+
+    def append_ledger(self, row: LedgerRow) -> None:
+        """Append a row that charges nothing (a refusal, a degrade) to the ledger."""
+        if not isinstance(row, LedgerRow):
+            raise TypeError(f"row: expected a LedgerRow, got {type(row).__name__}")
+        with self._lock:
+            self._append(row.written(row.at or datetime.now(timezone.utc), 0), self._clock())
+
+    def read_ledger(self, name: str, *, scope: str | None = None, scope_id: str | None = None,
+                    since: datetime | None = None, kinds: Sequence[str] | None = None, model: str | None = None,
+                    call_id: str | None = None, limit: int = 100) -> list[LedgerRow]:
+        """Budget ``name``'s ledger rows, newest first, at most ``limit`` (see ``stores.ledger.row_matches``)."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"limit: expected a whole number of rows >= 1, got {limit!r}")
+        with self._lock:
+            self._trim(self._clock())
+            rows = list(self._ledger)
+        out = []
+        for row in reversed(rows):
+            if row.budget == name and row_matches(row, scope=scope, scope_id=scope_id, since=since, kinds=kinds,
+                                                  model=model, call_id=call_id):
+                out.append(row)
+                if len(out) >= limit:
+                    break
+        return out
+
+    def read_index(self, index: str, count: int | None = None) -> list[tuple[str, int]]:
+        """The counters of spend index ``index`` with their spent, highest first (ties: by key)."""
+        with self._lock:
+            now = self._clock()
+            keys = list(self._index.get(index, ()))
+            found = [(k, self._get(k, now)) for k in keys]
+        ranked = sorted(((k, c.spent) for k, c in found if c is not None), key=lambda x: (-x[1], x[0]))
+        return ranked if count is None else ranked[:count]
+
+    async def aread_ledger(self, name: str, **filters: Any) -> list[LedgerRow]:
+        return self.read_ledger(name, **filters)
+
+    async def aappend_ledger(self, row: LedgerRow) -> None:
+        self.append_ledger(row)
+
+    async def aread_index(self, index: str, count: int | None = None) -> list[tuple[str, int]]:
+        return self.read_index(index, count)
+
     def reset_counter(self, key: str) -> CounterState:
         """Zero the counter's spent (live holds stay); returns its state before."""
         with self._lock:
@@ -323,8 +423,9 @@ class MemoryStore:
     async def areserve(self, counters: Sequence[Counter], hold: Hold) -> ReserveResult:
         return self.reserve(counters, hold)
 
-    async def asettle(self, call_id: str, keys: Sequence[str], amount: int) -> SettleResult:
-        return self.settle(call_id, keys, amount)
+    async def asettle(self, call_id: str, keys: Sequence[str], amount: int, *,
+                      row: LedgerRow | None = None) -> SettleResult:
+        return self.settle(call_id, keys, amount, row=row)
 
     async def arenew(self, call_id: str, keys: Sequence[str], lease_seconds: float) -> bool:
         return self.renew(call_id, keys, lease_seconds)

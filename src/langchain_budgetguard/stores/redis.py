@@ -21,6 +21,14 @@ start with their ``{tag}``, the Redis Cluster hash tag)::
     bg:c:{acme}:<call_id>                          the call's record on this tag: "h:<token>" while
                                                    held, "s" once settled, "r" once released
     bg:j:{acme}:<journal id>                       highest journal entry replayed on this tag
+    bg:x:{acme}:default:user:day:2026-11-22        spend index of (user, day 2026-11-22) on this tag:
+                                                   sorted set escaped id -> spent nano-USD, kept by
+                                                   the reserve/settle/reset scripts, same TTL as
+                                                   its counters
+    bg:ledger:{acme}                               ledger stream of this tag: one entry per settled
+                                                   call (stores.ledger), trimmed by MAXLEN ~ and
+                                                   MINID ~ (retention) in the settle script
+    bg:tags                                        set of the tags above, for readers to merge
     bg:o:{default}                                 live limit overrides of budget "default": hash of
                                                    "<per>:<window>:<id or *>" -> nano-USD, and #v,
                                                    a version bumped on every change (never expires)
@@ -90,6 +98,15 @@ from .bounds import (
     check_seconds,
     check_token,
 )
+from .ledger import (
+    DEFAULT_LEDGER_MAX_ROWS,
+    DEFAULT_LEDGER_RETENTION_SECONDS,
+    LedgerRow,
+    check_ledger_options,
+    index_name_of,
+    row_matches,
+    scopes_of_keys,
+)
 from .journal import MEMORY_MARK_TTL_SECONDS, MemoryJournal, PendingSettle, SettleJournal, SqliteJournal
 from .redis_client import RedisTarget, describe_client, describe_url, is_async_client, is_sync_client, make_client, parse_url
 
@@ -101,6 +118,7 @@ __all__ = ["RedisStore", "RetryPolicy", "PendingSettle", "DEFAULT_RETENTION_SECO
 log = logging.getLogger(__name__)
 
 DEFAULT_RETENTION_SECONDS = 7 * 24 * 3600
+TAGS_REFRESH_SECONDS = 300.0  # registered tags are registered again after this (and after an outage)
 
 T = TypeVar("T")
 
@@ -185,7 +203,7 @@ def _load_lua(name: str) -> str:
 
 @functools.cache
 def _lua_sources() -> dict[str, str]:
-    names = ("reserve", "settle", "release", "renew", "read", "overrides", "override", "reset")
+    names = ("reserve", "settle", "release", "renew", "read", "overrides", "override", "reset", "ledger_append", "tags")
     return {name: _load_lua(name) for name in names}
 
 
@@ -257,6 +275,31 @@ def _ms(seconds: float) -> int:
 
 def _check_amount(value: Any, what: str) -> str:
     return str(check_nano(value, what))
+
+
+def _row_from_keys(call_id: str, keys: Sequence[str]) -> LedgerRow | None:
+    """A ledger row for a settle known only by its call id and keys (None: keys not the guard's)."""
+    key = next((k for k in keys if index_name_of(k) is not None), None)
+    if key is None:
+        return None
+    from urllib.parse import unquote
+
+    name = key.split("}:", 1)[1].split(":", 1)[0]
+    return LedgerRow(budget=name if name.startswith("~") else unquote(name), call_id=call_id,
+                     scopes=scopes_of_keys(keys), keys=tuple(dict.fromkeys(keys)),
+                     detail="replayed from a settle journal; the call's token counts were not journaled")
+
+
+def _decode_entries(reply: Any) -> list[tuple[str, dict[str, str]]]:
+    """An XREVRANGE reply as (entry id, fields)."""
+    out = []
+    for entry_id, values in reply or ():
+        out.append((_text(entry_id), {_text(k): _text(v) for k, v in dict(values).items()}))
+    return out
+
+
+def _id_ms(entry_id: str) -> int:
+    return int(entry_id.split("-", 1)[0])
 
 
 # -- the store --------------------------------------------------------------------------------------
@@ -357,6 +400,8 @@ class RedisStore:
         journal_path: str | None = None,
         journal: SettleJournal | None = None,
         async_client: Any = None,
+        ledger_max_rows: int | None = None,
+        ledger_retention_seconds: int | None = None,
         **client_options: Any,
     ) -> None:
         if not isinstance(prefix, str) or "{" in prefix or "}" in prefix:
@@ -368,6 +413,15 @@ class RedisStore:
             retry_window_seconds = query.get("retry_window_seconds", retry_window_seconds)
             evicting_policy = evicting_policy or query.get("evicting_policy")
             journal_path = journal_path or query.get("journal_path")
+            ledger_max_rows = query.get("ledger_max_rows", ledger_max_rows)
+            ledger_retention_seconds = query.get("ledger_retention_seconds", ledger_retention_seconds)
+        self.ledger_max_rows, self.ledger_retention_seconds = check_ledger_options(
+            DEFAULT_LEDGER_MAX_ROWS if ledger_max_rows is None else ledger_max_rows,
+            DEFAULT_LEDGER_RETENTION_SECONDS if ledger_retention_seconds is None else ledger_retention_seconds)
+        self._ledger_args = (str(self.ledger_max_rows), str(self.ledger_retention_seconds * 1000))
+        self._known_slots: set[str] = set()  # tags this process has put in the tag registry
+        self._slots_since = time.monotonic()
+        self._journal_rows: dict[int, LedgerRow] = {}  # journaled settles' rows, by journal seq
         if retry_window_seconds is None:
             retry_window_seconds = record_ttl_seconds  # the former name of the same setting
         if retry_window_seconds is None:
@@ -395,7 +449,7 @@ class RedisStore:
         self._async_given: _Backend | None = None
         self._async_by_loop: weakref.WeakKeyDictionary[Any, _Backend] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
-        self._group_keys: dict[_Group, tuple[str, ...]] = {}  # a group's counter and lease-set names
+        self._group_keys: dict[tuple[_Group, bool], tuple[str, ...]] = {}  # a group's counter and lease-set names
         self._releases: list[_PendingRelease] = []
         self._repair_lock = threading.Lock()  # one replay at a time
         self._repairer: threading.Thread | None = None
@@ -459,6 +513,22 @@ class RedisStore:
         """The Redis name of a call's record on the tag of counter ``key`` (for tools and tests)."""
         return f"{self.prefix}c:{_slot_part(key)}:{call_id}"
 
+    def index_key(self, key: str) -> tuple[str, str] | None:
+        """The Redis name of counter ``key``'s spend index and its member there (None: not indexed)."""
+        found = index_name_of(key)
+        if found is None:
+            return None
+        return f"{self.prefix}x:{_slot_part(key)}:{found[0]}", found[1]
+
+    def ledger_key(self, key: str) -> str:
+        """The Redis name of the ledger stream of counter ``key``'s tag."""
+        return f"{self.prefix}ledger:{_slot_part(key)}"
+
+    @property
+    def tags_key(self) -> str:
+        """The Redis name of the set of tags that hold spend indexes and ledger streams."""
+        return f"{self.prefix}tags"
+
     def _counter_key_of(self, redis_key: str) -> str | None:
         """The counter key a Redis name stores, or None for lease sets, records and overrides."""
         if not redis_key.startswith(self.prefix):
@@ -474,18 +544,52 @@ class RedisStore:
         head = _glob_escape(self.prefix)
         return head + (_glob_escape(pattern, keep_star=True) if pattern.startswith("{") else "*")
 
-    def _call(self, script: str, group: _Group, call_id: str | None, args: Sequence[str], *extra: str) -> _Call:
+    def _call(self, script: str, group: _Group, call_id: str | None, args: Sequence[str], *extra: str,
+              indexed: bool = False) -> _Call:
         """A script call on one group: the call's record on that tag (if any), ``extra`` keys of
-        that tag, then each counter's keys."""
-        keys = self._group_keys.get(group)
+        that tag, then each counter's keys (``indexed``: with its spend index, and the members
+        appended to ``args``)."""
+        cache = (group, indexed)
+        keys = self._group_keys.get(cache)
         if keys is None:
-            keys = tuple(name for key in group.keys for name in self.redis_keys(key))
+            names: list[str] = []
+            for key in group.keys:
+                names += self.redis_keys(key)
+                if indexed:
+                    found = self.index_key(key)
+                    names.append(found[0] if found else self.redis_keys(key)[0])
+            keys = tuple(names)
             if len(self._group_keys) >= 4096:
                 self._group_keys.clear()
-            self._group_keys[group] = keys
+            self._group_keys[cache] = keys
+        if indexed:
+            args = [*args, *self._members(group)]
         if call_id is not None:
             keys = (f"{self.prefix}c:{group.slot}:{call_id}", *extra, *keys)
         return _Call(script, keys, tuple(args))
+
+    def _members(self, group: _Group) -> list[str]:
+        out = []
+        for key in group.keys:
+            found = index_name_of(key)
+            out.append(found[1] if found else "")
+        return out
+
+    def _register_plan(self, groups: Sequence[_Group]) -> Plan[None]:
+        """Put tags this process has not registered yet in the tag registry (once per process,
+        before the tags' first write: a reader that finds no tag finds no index or ledger there)."""
+        now = time.monotonic()
+        if now - self._slots_since > TAGS_REFRESH_SECONDS:  # a Redis that lost its data forgot them
+            self._known_slots, self._slots_since = set(), now
+        new = [g.slot for g in groups if g.slot not in self._known_slots]
+        if new:
+            try:  # tried once; if it fails, the next operation on these tags tries again
+                yield _Call("tags", (self.tags_key,), tuple(new), once=True)
+            except _NotSent:
+                raise  # an evicting policy: refused before anything is sent, as every operation is
+            except BudgetStoreUnavailableError:
+                return
+            self._known_slots.update(new)
 
     # -- plans: the logic of each operation, shared by the sync and async shells ----------------
 
@@ -507,6 +611,7 @@ class RedisStore:
             ends = [e for e in (expiries.get(c.key), expires_at) if e is not None]
             expiries[c.key] = max(ends) if ends else None
         groups = _groups(list(limits))
+        yield from self._register_plan(groups)
         states = [CounterState()] * len(counters)
         placed: list[tuple[_Group, list[CounterState], bool]] = []  # group, states before, was new
         keys = [c.key for c in counters]
@@ -516,7 +621,7 @@ class RedisStore:
                 expires = expiries[key]
                 args += [str(limits[key]), "" if expires is None else str(expires)]
             try:
-                reply = yield self._call("reserve", group, call_id, args)
+                reply = yield self._call("reserve", group, call_id, args, indexed=True)
             except BudgetStoreUnavailableError as exc:
                 # This tag may have run the reserve (a lost reply, a timeout while the server was
                 # stalled): release it and every tag placed, with a tombstone against late runs.
@@ -585,17 +690,28 @@ class RedisStore:
         tombstone_ms = str(_ms(lease) + int(self._retry_ms))
         yield from self._release(_groups(keys), call_id, check_token(hold.token), tombstone_ms, lease)
 
-    def _settle_plan(self, call_id: str, keys: Sequence[str], amount: int, seq: int = 0) -> Plan[SettleResult]:
+    def _settle_plan(self, call_id: str, keys: Sequence[str], amount: int, seq: int = 0,
+                     row: LedgerRow | None = None) -> Plan[SettleResult]:
         check_call_id(call_id)
+        if row is not None and not isinstance(row, LedgerRow):
+            raise TypeError(f"row: expected a LedgerRow, got {type(row).__name__}")
         capped = isinstance(amount, int) and not isinstance(amount, bool) and amount > MAX_NANO
         if capped:
             log.error("settle of call %s: %d nano-USD is above the maximum; charging %d", call_id, amount, MAX_NANO)
             amount = MAX_NANO
-        args = [call_id, _check_amount(amount, "settle amount"), self._retry_ms, str(seq) if seq else "", self._mark_ttl_ms]
+        args = [call_id, _check_amount(amount, "settle amount"), self._retry_ms, str(seq) if seq else "", self._mark_ttl_ms,
+                *self._ledger_args]
+        groups = _groups(keys)
+        yield from self._register_plan(groups)
+        fields = row.fields() if row is not None else []
         applied = False
-        for group in _groups(keys):
+        for number, group in enumerate(groups):
             mark = f"{self.prefix}j:{group.slot}:{self.journal.journal_id}"
-            applied = bool(int((yield self._call("settle", group, call_id, args, mark)))) or applied
+            stream = f"{self.prefix}ledger:{group.slot}"
+            call = self._call("settle", group, call_id, args, mark, stream, indexed=True)
+            if number == 0 and fields:  # the row goes with the call's first tag, once
+                call = _Call(call.script, call.keys, (*call.args, *fields))
+            applied = bool(int((yield call))) or applied
         return SettleResult(applied=applied, charged=amount if applied else 0, capped=capped)
 
     def _renew_plan(self, call_id: str, keys: Sequence[str], lease_seconds: float) -> Plan[bool]:
@@ -627,12 +743,17 @@ class RedisStore:
         return _text((yield _Call("override", (self.overrides_key(name),), (field, value))))
 
     def _reset_plan(self, key: str) -> Plan[CounterState]:
-        reply = yield _Call("reset", self.redis_keys(key), (self._retry_ms,))
+        found = self.index_key(key)
+        if found is None:
+            reply = yield _Call("reset", self.redis_keys(key), (self._retry_ms,))
+        else:
+            reply = yield _Call("reset", (*self.redis_keys(key), found[0]), (self._retry_ms, found[1]))
         return CounterState(int(reply[0]), int(reply[1]))
 
     # -- errors ---------------------------------------------------------------------------------
 
     def _unavailable(self, call: _Call, exc: Exception, attempts: int, started: float) -> BudgetStoreUnavailableError:
+        self._known_slots = set()  # Redis may come back empty (a restart without persistence): register again
         if isinstance(exc, BudgetStoreUnavailableError):
             return exc
         text = str(exc)
@@ -775,9 +896,13 @@ class RedisStore:
 
     # -- repairs: pending releases and journaled settles ------------------------------------------
 
-    def _journal_settle(self, call_id: str, keys: Sequence[str], amount: int, exc: Exception) -> SettleResult:
+    def _journal_settle(self, call_id: str, keys: Sequence[str], amount: int, exc: Exception,
+                        row: LedgerRow | None = None) -> SettleResult:
         capped = amount > MAX_NANO
         entry = self.journal.append(call_id, keys, min(amount, MAX_NANO))
+        if row is not None:
+            with self._lock:
+                self._journal_rows[entry.seq] = row
         log.warning(
             "settle of call %s journaled (%d pending in %r) until Redis answers: %s", call_id, len(self.journal),
             self.journal, exc,
@@ -814,7 +939,7 @@ class RedisStore:
                 with self._lock:
                     self._releases[:0] = releases[index:]
                 break
-        return self._replay_with(lambda entry: self._run(self._settle_plan(entry.call_id, entry.keys, entry.amount, entry.seq), policy))
+        return self._replay_with(lambda entry: self._run(self._replay_plan(entry), policy))
 
     def _replay_with(self, apply: Any) -> int:
         done = 0
@@ -826,8 +951,17 @@ class RedisStore:
                     log.error("replaying settle of call %s failed; kept in the journal", entry.call_id, exc_info=exc)
                 return done
             self.journal.done(entry)
+            self._journal_rows.pop(entry.seq, None)
             done += 1
         return done
+
+    def _replay_plan(self, entry: PendingSettle) -> Plan[SettleResult]:
+        """A journaled settle's replay, with its ledger row (a row rebuilt from the keys when the
+        entry comes from another process's file journal: budget, scopes, cost, no token counts)."""
+        row = self._journal_rows.get(entry.seq)
+        if row is None:
+            row = _row_from_keys(entry.call_id, entry.keys)
+        return self._settle_plan(entry.call_id, entry.keys, entry.amount, entry.seq, row)
 
     def _start_repairer(self) -> None:
         """A daemon thread that retries pending work while there is some (sync clients only)."""
@@ -872,14 +1006,15 @@ class RedisStore:
         """Hold ``hold.amount`` on every counter, or on none (see ``ReserveResult``)."""
         return self._op(self._reserve_plan(counters, hold))
 
-    def settle(self, call_id: str, keys: Sequence[str], amount: int) -> SettleResult:
-        """Replace the call's holds with ``amount``. If Redis cannot be reached, the settle is
+    def settle(self, call_id: str, keys: Sequence[str], amount: int, *, row: LedgerRow | None = None) -> SettleResult:
+        """Replace the call's holds with ``amount``; when it applies, ``row`` is appended to the
+        ledger in the same script. If Redis cannot be reached, the settle (and its row) is
         journaled and ``SettleResult.pending`` is True."""
-        plan = self._settle_plan(call_id, keys, amount)  # bad input raises ValueError, never journaled
+        plan = self._settle_plan(call_id, keys, amount, row=row)  # bad input raises, never journaled
         try:
             return self._op(plan)
         except BudgetStoreUnavailableError as exc:
-            return self._journal_settle(call_id, keys, amount, exc)
+            return self._journal_settle(call_id, keys, amount, exc, row)
 
     def renew(self, call_id: str, keys: Sequence[str], lease_seconds: float) -> bool:
         """Extend the call's lease to ``lease_seconds`` from now; False if no hold of it is live."""
@@ -927,6 +1062,108 @@ class RedisStore:
         wanted = re.compile(glob_regex(pattern)).match
         found = (self._counter_key_of(_text(r)) for r in raw)
         return sorted({k for k in found if k is not None and wanted(k)})
+
+    # -- the ledger and the spend indexes (stores.ledger) -----------------------------------------
+
+    def _direct(self, what: str, fn: Any) -> Any:
+        """Run ``fn(client)`` (plain commands, not a script) under the store's retry policy."""
+        backend = self._sync_backend()
+        started = time.monotonic()
+        retrying = tenacity.Retrying(**self.retry.tenacity_kwargs())
+        try:
+            return retrying(fn, backend.client)
+        except (redis.exceptions.RedisError, ConnectionError, TimeoutError) as exc:
+            attempts = retrying.statistics.get("attempt_number", 1)
+            raise self._unavailable(_Call(what, (), ()), exc, attempts, started) from exc
+
+    def _slots(self) -> list[str]:
+        return sorted(_text(t) for t in self._direct("read tags", lambda c: c.smembers(self.tags_key)))
+
+    def read_index(self, index: str, count: int | None = None) -> list[tuple[str, int]]:
+        """The counter keys of spend index ``index`` (``name:per:window:label``, tag-less) with their
+        spent nano-USD as last indexed, merged across tags, highest first (ties: by key); ``count``
+        (None: all) per tag, then overall. One ZREVRANGE per tag that holds counters."""
+        if not isinstance(index, str) or index.count(":") < 2:
+            raise ValueError(f"index must look like 'name:per:window:label', got {index!r}")
+        if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+            raise ValueError(f"count: expected a whole number >= 1 or None, got {count!r}")
+        slots = [t for t in self._slots() if t.startswith("{")]
+        if not slots:
+            return []
+        stop = -1 if count is None else count - 1
+
+        def ranges(client: Any) -> list[Any]:
+            pipe = client.pipeline(transaction=False)
+            for slot in slots:
+                pipe.zrevrange(f"{self.prefix}x:{slot}:{index}", 0, stop, withscores=True)
+            return pipe.execute()
+
+        name, per, rest = index.split(":", 2)
+        found = []
+        for slot, members in zip(slots, self._direct("read index", ranges)):
+            for member, score in members:
+                found.append((f"{slot}:{name}:{per}:{_text(member)}:{rest}", int(score)))
+        found.sort(key=lambda x: (-x[1], x[0]))
+        return found if count is None else found[:count]
+
+    def read_ledger(self, name: str, *, scope: str | None = None, scope_id: str | None = None,
+                    since: Any = None, kinds: Sequence[str] | None = None, model: str | None = None,
+                    call_id: str | None = None, limit: int = 100) -> list[LedgerRow]:
+        """Budget ``name``'s ledger rows, newest first, at most ``limit``, merged across the tags'
+        streams (see ``stores.ledger.row_matches`` for the filters); ``since`` bounds the read
+        (XREVRANGE from now down to it), the other filters are applied as rows are read."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"limit: expected a whole number of rows >= 1, got {limit!r}")
+        low = "-" if since is None else str(int(since.timestamp() * 1000))
+        page = max(200, min(limit * 2, 5000))
+        matched: list[tuple[str, LedgerRow]] = []
+        for slot in self._slots():
+            stream = f"{self.prefix}ledger:{slot}"
+            high, found = "+", 0
+            while found < limit:
+                entries = _decode_entries(self._direct(
+                    "read ledger", lambda c, h=high: c.xrevrange(stream, max=h, min=low, count=page)))
+                for entry_id, values in entries:
+                    try:
+                        row = LedgerRow.from_fields(_id_ms(entry_id), values)
+                    except (KeyError, ValueError, TypeError):
+                        log.warning("ledger entry %s %s is not a budgetguard row; skipped", stream, entry_id)
+                        continue
+                    if row.budget == name and row_matches(row, scope=scope, scope_id=scope_id, since=since,
+                                                          kinds=kinds, model=model, call_id=call_id):
+                        matched.append((entry_id, row))
+                        found += 1
+                        if found >= limit:
+                            break
+                if len(entries) < page:
+                    break
+                high = "(" + entries[-1][0]
+        matched.sort(key=lambda x: tuple(int(p) for p in x[0].split("-")), reverse=True)
+        return [row for _, row in matched[:limit]]
+
+    def append_ledger(self, row: LedgerRow) -> None:
+        """Append a row that charges nothing (a refusal, a degrade) to its first key's tag's stream."""
+        if not isinstance(row, LedgerRow):
+            raise TypeError(f"row: expected a LedgerRow, got {type(row).__name__}")
+        if not self.ledger_max_rows:
+            return
+        slot = _slot_part(row.keys[0]) if row.keys else "{" + escape_id(row.budget) + "}"
+        group = _Group(slot, ())
+
+        def plan() -> Plan[None]:
+            yield from self._register_plan([group])
+            yield _Call("ledger_append", (f"{self.prefix}ledger:{slot}",), (*self._ledger_args, *row.fields()))
+
+        self._op(plan())
+
+    async def aread_index(self, index: str, count: int | None = None) -> list[tuple[str, int]]:
+        return await asyncio.to_thread(self.read_index, index, count)
+
+    async def aread_ledger(self, name: str, **filters: Any) -> list[LedgerRow]:
+        return await asyncio.to_thread(functools.partial(self.read_ledger, name, **filters))
+
+    async def aappend_ledger(self, row: LedgerRow) -> None:
+        await asyncio.to_thread(self.append_ledger, row)
 
     def close(self) -> None:
         """Flush pending releases and journaled settles (as far as Redis answers), then close the
@@ -1034,12 +1271,13 @@ class RedisStore:
             done = 0
             for entry in self.journal.pending():
                 try:
-                    await self._arun(self._settle_plan(entry.call_id, entry.keys, entry.amount, entry.seq), policy)
+                    await self._arun(self._replay_plan(entry), policy)
                 except Exception as exc:  # noqa: BLE001 - kept in the journal
                     if not isinstance(exc, BudgetStoreUnavailableError):
                         log.error("replaying settle of call %s failed; kept in the journal", entry.call_id, exc_info=exc)
                     return done
                 self.journal.done(entry)
+                self._journal_rows.pop(entry.seq, None)
                 done += 1
             return done
         finally:
@@ -1052,12 +1290,13 @@ class RedisStore:
     async def areserve(self, counters: Sequence[Counter], hold: Hold) -> ReserveResult:
         return await self._aop(self._reserve_plan(counters, hold))
 
-    async def asettle(self, call_id: str, keys: Sequence[str], amount: int) -> SettleResult:
-        plan = self._settle_plan(call_id, keys, amount)
+    async def asettle(self, call_id: str, keys: Sequence[str], amount: int, *,
+                      row: LedgerRow | None = None) -> SettleResult:
+        plan = self._settle_plan(call_id, keys, amount, row=row)
         try:
             return await self._aop(plan)
         except BudgetStoreUnavailableError as exc:
-            return self._journal_settle(call_id, keys, amount, exc)
+            return self._journal_settle(call_id, keys, amount, exc, row)
 
     async def arenew(self, call_id: str, keys: Sequence[str], lease_seconds: float) -> bool:
         return await self._aop(self._renew_plan(call_id, keys, lease_seconds))

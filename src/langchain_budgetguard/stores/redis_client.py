@@ -139,7 +139,8 @@ def parse_url(url: str) -> RedisTarget:
     return RedisTarget(flavour or "server", plain, hosts, service, sentinel_kwargs, store_options)
 
 
-STORE_QUERY_OPTIONS = ("evicting_policy", "journal_path", "retry_window_seconds")
+STORE_QUERY_OPTIONS = ("evicting_policy", "journal_path", "retry_window_seconds", "ledger_max_rows",
+                       "ledger_retention_seconds")
 
 
 # Store defaults for clients it builds; anything in the URL or given to the store wins.

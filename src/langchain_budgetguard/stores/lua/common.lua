@@ -147,3 +147,18 @@ local function keep_until(c, l, expires, now)
   local ttl = redis.call('PTTL', c)
   if ttl > 0 then redis.call('PEXPIRE', l, ttl + 1000) end
 end
+
+-- The spend index of counter c: sorted set x, member the counter's (escaped) id, score its spent;
+-- it lives as long as its longest-lived counter. member '' means c is not indexed (x unused).
+local function index_spent(c, x, member)
+  if member == '' then return end
+  local fresh = redis.call('EXISTS', x) == 0
+  redis.call('ZADD', x, redis.call('HGET', c, 's') or '0', member)
+  local ends = redis.call('PEXPIRETIME', c)
+  if ends == -1 then
+    redis.call('PERSIST', x)
+  elseif ends > 0 then
+    local have = redis.call('PEXPIRETIME', x)
+    if fresh or (have >= 0 and have < ends) then redis.call('PEXPIREAT', x, ends) end
+  end
+end

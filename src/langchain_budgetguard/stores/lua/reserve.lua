@@ -1,14 +1,14 @@
 -- Reserve ARGV amount on every counter of one hash tag, or on none.
--- KEYS: call record, then (counter, lease set) per counter.
+-- KEYS: call record, then (counter, lease set, spend index) per counter.
 -- ARGV: call_id, amount, charge_on_expiry, lease_ms, retry_ms, token, then (limit, expires_at
--- or '') per counter.
+-- or '') per counter, then each counter's member in its spend index ('' for none).
 -- Returns {code, index, spent1, held1, spent2, held2, ...}, states as found before this hold:
 -- code 1 placed, 2 duplicate (this token's record exists: nothing changed), 3 reused (the call
 -- id reserved with another token, settled or was released: refused), 0 refused at index
 -- (1-based).
 -- The call record is 'h:<token>' while held (lease + retry_ms), 's' once settled, 'r' released.
 local record, id, amount, charge = KEYS[1], ARGV[1], ARGV[2], ARGV[3]
-local n = (#KEYS - 1) / 2
+local n = (#KEYS - 1) / 3
 check_nano(amount, 'amount')
 check_nano(charge, 'charge_on_expiry')
 local lease_ms = check_ms(ARGV[4], 'lease_ms')
@@ -27,7 +27,7 @@ end
 local now = now_ms()
 local out = {1, 0}
 for i = 1, n do
-  local c, l = KEYS[2 * i], KEYS[2 * i + 1]
+  local c, l = KEYS[3 * i - 1], KEYS[3 * i]
   reap(c, l, now, keep)
   local state = redis.call('HMGET', c, 's', 'h')
   out[2 * i + 1] = state[1] or '0'
@@ -47,11 +47,12 @@ for i = 1, n do
 end
 local deadline = now + lease_ms
 for i = 1, n do
-  local c, l = KEYS[2 * i], KEYS[2 * i + 1]
+  local c, l = KEYS[3 * i - 1], KEYS[3 * i]
   redis.call('HINCRBY', c, 'h', amount)
   redis.call('HSET', c, '@' .. id, amount .. ':' .. charge)
   redis.call('ZADD', l, deadline, id)
   keep_until(c, l, ARGV[6 + 2 * i], now)
+  index_spent(c, KEYS[3 * i + 1], ARGV[6 + 2 * n + i])
 end
 redis.call('SET', record, 'h:' .. token, 'PX', lease_ms + keep)
 return out

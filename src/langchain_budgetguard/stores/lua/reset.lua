@@ -1,7 +1,8 @@
 -- Zero one counter's spent after reaping expired holds; live holds stay (their calls settle as
 -- usual). What expiry charged before is forgotten with it: a late settle then adds its amount
 -- to the fresh counter and takes nothing off it.
--- KEYS: counter hash, lease set. ARGV: retry_ms. Returns {spent, held} as they were before.
+-- KEYS: counter hash, lease set[, spend index]. ARGV: retry_ms[, member in the index].
+-- Returns {spent, held} as they were before.
 local c, l = KEYS[1], KEYS[2]
 local keep = check_ms(ARGV[1], 'retry_ms')
 reap(c, l, now_ms(), keep)
@@ -15,4 +16,5 @@ if redis.call('EXISTS', c) == 1 then
     end
   end
 end
+if KEYS[3] and redis.call('EXISTS', c) == 1 then index_spent(c, KEYS[3], ARGV[2]) end
 return {state[1] or '0', state[2] or '0'}

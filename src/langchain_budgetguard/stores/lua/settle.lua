@@ -1,7 +1,11 @@
 -- Replace call_id's hold on every counter of one hash tag with the actual cost. Where the hold
 -- already expired, what expiry charged on that counter (since its last reset) is replaced.
--- KEYS: call record, journal mark, then (counter, lease set) per counter.
--- ARGV: call_id, amount, retry_ms, seq, mark_ttl_ms.
+-- KEYS: call record, journal mark, ledger stream, then (counter, lease set, spend index) per
+-- counter.
+-- ARGV: call_id, amount, retry_ms, seq, mark_ttl_ms, ledger max rows ('' or '0': no row),
+-- ledger retention ms, then each counter's member in its spend index ('' for none), then the
+-- ledger row's fields (name, value, ...; none: no row). When the settle applies, the row is
+-- XADDed with the amount charged (field x); its id is the server time.
 -- seq '' for a live settle; for a journal replay, the entry's sequence number: the journal mark
 -- (a string, the highest seq applied on this tag) makes a replay count once however late;
 -- mark_ttl_ms '' keeps the mark forever.
@@ -14,6 +18,15 @@ if seq ~= '' and not (string.match(seq, '^%d+$') and #seq <= 15) then
   error('budgetguard: seq must be a whole number, got ' .. tostring(seq))
 end
 local mark_ttl = ARGV[5] ~= '' and check_ms(ARGV[5], 'mark_ttl_ms')
+local stream, max_rows, keep_rows_ms = KEYS[3], ARGV[6], ARGV[7]
+local n = (#KEYS - 3) / 3
+if max_rows ~= '' and not (string.match(max_rows, '^%d+$') and #max_rows <= 10) then
+  error('budgetguard: ledger max rows must be a whole number, got ' .. tostring(max_rows))
+end
+if keep_rows_ms ~= '' and not (string.match(keep_rows_ms, '^%d+$') and #keep_rows_ms <= 13) then
+  error('budgetguard: ledger retention must be whole ms, got ' .. tostring(keep_rows_ms))
+end
+if (#ARGV - 7 - n) % 2 ~= 0 then error('budgetguard: ledger row fields must come in pairs') end
 if seq ~= '' then
   local seen = redis.call('GET', mark)
   if seen and tonumber(seen) >= tonumber(seq) then return 0 end
@@ -31,12 +44,21 @@ if redis.call('GET', record) == 's' then
   return 0
 end
 local now = now_ms()
-for i = 1, (#KEYS - 2) / 2 do
-  local c, l = KEYS[2 * i + 1], KEYS[2 * i + 2]
+for i = 1, n do
+  local c, l = KEYS[3 * i + 1], KEYS[3 * i + 2]
   reap(c, l, now, keep)
   local v = redis.call('HGET', c, '@' .. id)
   if v then drop(c, l, id, v) else unexpire(c, l, id) end
   add_spent(c, amount)
+  index_spent(c, KEYS[3 * i + 3], ARGV[7 + i])
+end
+if #ARGV > 7 + n and max_rows ~= '' and max_rows ~= '0' then
+  local row = {'XADD', stream, 'MAXLEN', '~', max_rows, '*', 'x', amount}
+  for j = 8 + n, #ARGV do row[#row + 1] = ARGV[j] end
+  redis.call(unpack(row))
+  if keep_rows_ms ~= '' then
+    redis.call('XTRIM', stream, 'MINID', '~', tostring(now - tonumber(keep_rows_ms)))
+  end
 end
 redis.call('SET', record, 's', 'PX', keep)
 note_seq()

@@ -1,0 +1,380 @@
+"""The per-call ledger: one row per settled call, written with the settle, never twice.
+
+A scripted multi-user run (plain calls, degrades, refusals, streams, a stream cut by its reader,
+async calls) runs on the in-process store, a real Redis, a Redis whose replies get lost (settles
+retried and journaled), and a 3-node Redis Cluster. After each: the ledger has exactly one row
+per settled call, and on every counter the costs of the rows charged to it sum to its spent,
+to the nano-USD. ``budgetguard ledger --csv`` parses back to the same rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from redis.cluster import RedisCluster
+
+from langchain_budgetguard import BudgetExceededError, BudgetGuard, Limit
+from langchain_budgetguard.cli import main
+from langchain_budgetguard.config import guard_from_config
+from langchain_budgetguard.overrides import BudgetAdmin
+from langchain_budgetguard.stores.base import Counter, Hold, LedgerRow
+from langchain_budgetguard.stores.ledger import call_row, rows_from_csv, rows_to_csv
+from langchain_budgetguard.stores.memory import MemoryStore
+from langchain_budgetguard.stores.redis import RedisStore, RetryPolicy
+
+from .fakes import ExactEstimator, UsageChat
+from .redis_support import RedisServer, ReplyDroppingProxy, fresh_prefix, redis_url, start_cluster  # noqa: F401
+
+PRICES = {"big": {"input": "40", "output": "50"}, "mini": {"input": "4", "output": "5"}}
+USERS = ("alice", "bob", "carol")
+
+
+def big(**kw: Any) -> UsageChat:
+    return UsageChat(model_name="big", input_tokens=1000, output_tokens=1000, max_tokens=1000, **kw)
+
+
+def mini(**kw: Any) -> UsageChat:
+    return UsageChat(model_name="mini", input_tokens=1000, output_tokens=1000, max_tokens=1000, **kw)
+
+
+def make_guard(store: Any, name: str | None = None, per: str = "user") -> BudgetGuard:
+    return BudgetGuard(big(), limits=[Limit(usd="0.5", per=per, window="day"), Limit(usd=100, per="global")],
+                       degrade_to=[mini()], store=store, name=name or f"ledger-{uuid.uuid4().hex[:8]}",
+                       prices=PRICES, estimator=ExactEstimator(1000))
+
+
+def scripted_run(guard: BudgetGuard, per: str = "user", between: Any = None) -> int:
+    """Calls that settle (plain, degraded, streamed, a stream cut after its first chunk, async),
+    and refusals that do not; returns how many calls were admitted (each settles once)."""
+    admitted = 0
+    field = f"{per}_id"
+    for round_ in range(8):
+        for who in USERS[: 1 + round_ % 3]:
+            config = {"configurable": {field: who}}
+            if between is not None:
+                between(admitted)
+            try:
+                if round_ % 4 == 1:
+                    list(guard.stream("hi", config=config))
+                elif round_ % 4 == 2:
+                    chunks = guard.stream("hi", config=config)
+                    next(chunks)
+                    chunks.close()  # the reader stops: charged what came
+                elif round_ % 4 == 3:
+                    asyncio.run(guard.ainvoke("hi", config=config))
+                else:
+                    guard.invoke("hi", config=config)
+                admitted += 1
+            except BudgetExceededError:
+                pass  # refused before anything was held: no settle, no row
+    return admitted
+
+
+def check_ledger(guard: BudgetGuard, admitted: int, per: str = "user") -> list[LedgerRow]:
+    admin = BudgetAdmin(guard.policy)
+    rows = admin.read_ledger(limit=10_000)
+    assert len(rows) == admitted, "one row per settled call"
+    assert len({r.call_id for r in rows}) == admitted, "no call twice"
+    assert [r.at for r in rows] == sorted((r.at for r in rows), reverse=True), "newest first"
+    statuses = [*admin.statuses(per), *admin.statuses("global")]
+    assert {s.scope_id for s in statuses if s.scope == per} == set(USERS)
+    for status in statuses:  # every counter's spent is the sum of its rows, exactly
+        charged = [r for r in rows if status.key in r.keys]
+        assert sum((r.cost for r in charged), Decimal(0)) == status.spent, status
+        if status.scope == per:
+            assert all(r.scopes[per] == status.scope_id for r in charged)
+            assert admin.read_ledger(scope=per, scope_id=status.scope_id, limit=10_000) == charged
+    assert any(r.degraded and r.model == "mini" for r in rows), "the run degrades"
+    assert any(not r.degraded and r.model == "big" for r in rows)
+    # The cut stream is charged what came (its input and the one chunk read), less than it held.
+    assert any(r.model == "big" and r.estimated and r.cost_nano < r.reserved_nano for r in rows)
+    assert all(r.reserved_nano is not None and r.reserved_nano > 0 for r in rows)
+    assert admin.read_ledger(kinds=("degrade",), limit=10_000) == [r for r in rows if r.degraded]
+    assert admin.read_ledger(model="mini", limit=10_000) == [r for r in rows if r.model == "mini"]
+    assert rows_from_csv(rows_to_csv(rows)) == rows
+    return rows
+
+
+# -- in-process --------------------------------------------------------------------------------
+
+
+def test_memory_store_ledger_after_a_scripted_run() -> None:
+    guard = make_guard(MemoryStore())
+    check_ledger(guard, scripted_run(guard))
+
+
+def test_memory_ledger_is_bounded_by_rows_and_by_time() -> None:
+    now = [1_000_000.0]
+    store = MemoryStore(clock=lambda: now[0], ledger_max_rows=3, ledger_retention_seconds=60)
+    key = "{t}:b:user:u:day:2026-12-01"
+    for i in range(5):
+        store.settle(f"c{i}", [key], 10, row=LedgerRow(budget="b", call_id=f"c{i}", keys=(key,)))
+    assert [r.call_id for r in store.read_ledger("b")] == ["c4", "c3", "c2"]
+    now[0] += 61
+    assert store.read_ledger("b") == []
+    assert store.read([key])[0].spent == 50  # trimming the ledger never touches a counter
+    off = MemoryStore(ledger_max_rows=0)
+    off.settle("c", [key], 10, row=LedgerRow(budget="b", call_id="c", keys=(key,)))
+    assert off.read_ledger("b") == [] and off.read([key])[0].spent == 10
+
+
+def test_a_settle_that_changes_nothing_writes_no_row() -> None:
+    store = MemoryStore()
+    key = "{t}:b:user:u:day:2026-12-01"
+    assert store.reserve([Counter(key, 1000)], Hold("c", 100, 30)).ok
+    row = LedgerRow(budget="b", call_id="c", keys=(key,))
+    assert store.settle("c", [key], 40, row=row).applied
+    for _ in range(3):  # retries of a settle already applied, with a bigger amount: no row, no charge
+        assert not store.settle("c", [key], 99, row=row).applied
+    (only,) = store.read_ledger("b")
+    assert only.cost_nano == 40 == store.read([key])[0].spent
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"kind": "free"}, "kind"), ({"model": "m" * 513}, "model"), ({"tokens": {"input": -1}}, "tokens"),
+    ({"tokens": {"input": 1.5}}, "tokens"), ({"cost_nano": -1}, "cost_nano"), ({"reserved_nano": 2**63}, "reserved"),
+    ({"call_id": ""}, "call_id"), ({"budget": ""}, "budget"), ({"scopes": {"user": 5}}, "scopes"),
+    ({"at": datetime(2026, 1, 1)}, "aware"), ({"estimated": "yes"}, "estimated"),
+])
+def test_a_row_is_validated_before_it_reaches_a_store(bad: dict[str, Any], match: str) -> None:
+    fields = {"budget": "b", "call_id": "c", **bad}
+    with pytest.raises((ValueError, TypeError), match=match):
+        LedgerRow(**fields)
+
+
+def test_call_row_clips_what_is_too_long_so_a_row_never_stops_a_settle() -> None:
+    row = call_row("b" * 600, "c", ["{t}:b:user:%F0%9F%98%80:day:2026-12-01"], model="m" * 10_000, host="h" * 600,
+                   detail="d" * 10_000)
+    assert len(row.model) == 512 and len(row.host) == 512 and len(row.detail) == 2000
+    assert row.scopes == {"user": "\N{GRINNING FACE}"} and row.estimated  # no usage: estimated
+
+
+def test_call_row_records_tokens_by_kind_from_the_calls_usage() -> None:
+    from langchain_budgetguard.usage import TokenUsage
+
+    usage = TokenUsage(input_tokens=1200, output_tokens=300, cache_read_tokens=1000, cache_write_tokens=50,
+                       reasoning_tokens=120, web_searches=2, input_audio_tokens=7)
+    row = call_row("b", "c", ["{t}:b:user:alice:day:2026-12-01", "{t}:b:global:-:month:2026-12"], model="gpt-4o",
+                   host="api.openai.com", usage=usage, reserved_nano=5, clamped=True)
+    assert row.tokens == {"input": 1200, "cached": 1000, "cache_write": 50, "output": 300, "reasoning": 120,
+                          "web_searches": 2, "input_audio": 7}
+    assert row.scopes == {"user": "alice", "global": "-"} and not row.estimated and row.clamped
+
+
+def test_exact_decimal_amounts_in_csv_and_back() -> None:
+    at = datetime(2026, 12, 1, 9, 30, 0, 123000, tzinfo=timezone.utc)
+    rows = [LedgerRow(budget="b,\"q\"", call_id="c1", scopes={"user": "a;b=c", "global": "-"},
+                      keys=("{t}:b:user:a%3Bb%3Dc:day:2026-12-01",), model="gpt-4o", host="api.openai.com",
+                      tokens={"input": 10, "cached": 4, "output": 3, "reasoning": 2, "web_searches": 1,
+                              "input_audio": 7}, cost_nano=1, reserved_nano=2**62, degraded=True,
+                      detail="line one\nline, two", at=at)]
+    text = rows_to_csv(rows)
+    assert text.splitlines()[0].startswith("at,budget,kind,call_id,model,host,scopes,cost_usd,reserved_usd")
+    assert ",0.000000001," in text and ",4611686018.427387904," in text  # exact, never 1E-9
+    assert rows_from_csv(text) == rows
+
+
+# -- Redis ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.redis
+def test_redis_ledger_after_a_scripted_run(redis_url: str) -> None:  # noqa: F811
+    with RedisStore(redis_url, prefix=fresh_prefix()) as store:
+        guard = make_guard(store)
+        check_ledger(guard, scripted_run(guard))
+
+
+@pytest.mark.redis
+def test_redis_ledger_is_trimmed_by_rows_and_by_time(redis_url: str) -> None:  # noqa: F811
+    url = redis_url + ("&" if "?" in redis_url else "?") + "ledger_max_rows=5&ledger_retention_seconds=3600"
+    with RedisStore(url, prefix=fresh_prefix()) as store, redis.Redis.from_url(redis_url) as admin:
+        assert (store.ledger_max_rows, store.ledger_retention_seconds) == (5, 3600)
+        key = "{t}:b:user:u:day:2026-12-01"
+        for i in range(2000):
+            store.settle(f"c{i}", [key], 1, row=LedgerRow(budget="b", call_id=f"c{i}", keys=(key,)))
+        assert store.read([key])[0].spent == 2000
+        assert admin.xlen(store.ledger_key(key)) < 200  # MAXLEN ~ trims whole nodes: near 5, never all 2000
+        assert store.read_ledger("b", limit=3)[0].call_id == "c1999"
+        other = "{t2}:b:user:u:day:2026-12-01"
+        old = int((datetime.now(timezone.utc) - timedelta(hours=2)).timestamp() * 1000)
+        for i in range(300):  # entries from two hours ago, then one settle trims them by time
+            admin.xadd(store.ledger_key(other), {"b": "b", "c": f"old{i}", "k": "call", "x": "1"}, id=f"{old}-{i + 1}")
+        assert admin.xlen(store.ledger_key(other)) == 300
+        store.settle("late", [other], 1, row=LedgerRow(budget="b", call_id="late", keys=(other,)))
+        left = admin.xrange(store.ledger_key(other))
+        assert [e[1][b"c"] for e in left] == [b"late"] or len(left) < 150  # MINID ~ trims whole nodes
+    with pytest.raises(ValueError, match="ledger_max_rows"):
+        RedisStore(redis_url, ledger_max_rows=-1)
+    with pytest.raises(ValueError, match="ledger_retention_seconds"):
+        RedisStore(redis_url + "?ledger_retention_seconds=0")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis-ledger")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def proxy(server: RedisServer) -> Iterator[ReplyDroppingProxy]:
+    proxy = ReplyDroppingProxy(server.port)
+    try:
+        yield proxy
+    finally:
+        proxy.close()
+
+
+FAST = RetryPolicy(attempts=3, deadline_seconds=1.0, first_wait=0.01, max_wait=0.05)
+
+
+def test_lost_settle_replies_and_journal_replays_add_no_row(proxy: ReplyDroppingProxy) -> None:
+    store = RedisStore(proxy.url, prefix=fresh_prefix(), retry=FAST)
+    key = "{t}:b:user:u:day:2026-12-01"
+    store.read([key])  # scripts loaded before replies get lost
+    row = lambda cid: LedgerRow(budget="b", call_id=cid, keys=(key,), model="m")  # noqa: E731
+    assert store.reserve([Counter(key, 10**9)], Hold("lost-once", 100, 30)).ok
+    proxy.drop_script_replies = 1  # Redis applies the settle, its reply is lost, the store retries
+    store.settle("lost-once", [key], 40, row=row("lost-once"))
+    assert proxy.lost == 1
+    assert store.reserve([Counter(key, 10**9)], Hold("journaled", 100, 30)).ok
+    proxy.drop_script_replies = -1  # every reply lost: the settle ran in Redis and is journaled too
+    result = store.settle("journaled", [key], 50, row=row("journaled"))
+    assert result.pending
+    proxy.drop_script_replies = 0
+    assert store.flush_journal() == 1  # the replay finds the call settled: no second row
+    rows = store.read_ledger("b")
+    assert sorted(r.call_id for r in rows) == ["journaled", "lost-once"]
+    assert sum(r.cost_nano for r in rows) == 90 == store.read([key])[0].spent
+    store.close()
+
+
+def test_a_settle_that_never_reached_redis_is_replayed_with_its_row(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path).start()
+    store = RedisStore(server.url, prefix=fresh_prefix(), retry=FAST)
+    key = "{t}:b:user:u:day:2026-12-01"
+    try:
+        assert store.reserve([Counter(key, 10**9)], Hold("c", 100, 30)).ok
+        server.stop()
+        result = store.settle("c", [key], 70, row=LedgerRow(budget="b", call_id="c", keys=(key,), model="gpt"))
+        assert result.pending
+        server.start()
+        assert store.flush_journal() == 1
+        (row,) = store.read_ledger("b")
+        assert (row.call_id, row.cost_nano, row.model) == ("c", 70, "gpt")  # the journaled row, with its details
+        assert store.read([key])[0].spent == 70
+    finally:
+        store.close()
+        server.stop()
+
+
+@pytest.mark.redis
+def test_guard_run_with_lost_replies_has_one_row_per_call(proxy: ReplyDroppingProxy) -> None:
+    store = RedisStore(proxy.url, prefix=fresh_prefix(), retry=FAST)
+    guard = make_guard(store)
+
+    def lose_some(n: int) -> None:
+        if n % 3 == 1:
+            proxy.drop_script_replies = 1  # the next script reply (a reserve's or a settle's) is lost
+
+    admitted = scripted_run(guard, between=lose_some)
+    proxy.drop_script_replies = 0
+    store.flush_journal()
+    assert proxy.lost >= 5
+    check_ledger(guard, admitted)
+    store.close()
+
+
+# -- Redis Cluster -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[RedisServer]]:
+    servers = start_cluster(tmp_path_factory.mktemp("redis-cluster-ledger"))
+    try:
+        yield servers
+    finally:
+        for s in servers:
+            s.stop()
+
+
+def test_cluster_ledger_after_a_scripted_run_over_tenant_tags(cluster: list[RedisServer]) -> None:
+    url = "redis+cluster://" + ",".join(f"127.0.0.1:{s.port}" for s in cluster[:2])
+    with RedisStore(url, prefix=fresh_prefix()) as store:
+        guard = make_guard(store, per="tenant")  # every tenant has its own hash tag: spread over the nodes
+        rows = check_ledger(guard, scripted_run(guard, per="tenant"), per="tenant")
+        client = RedisCluster(host="127.0.0.1", port=cluster[0].port)
+        try:
+            streams = {store.ledger_key(k) for r in rows for k in r.keys[:1]}
+            nodes = {client.get_node_from_key(s).name for s in streams}
+            assert len(streams) == 3 and len(nodes) >= 2  # rows on several nodes, merged by the reader
+            assert sum(client.xlen(s) for s in streams) == len(rows)
+        finally:
+            client.close()
+
+
+# -- the CLI ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def deployment(redis_url: str, tmp_path: Path) -> Iterator[tuple[Path, BudgetGuard]]:  # noqa: F811
+    path = tmp_path / "deploy.toml"
+    path.write_text(f"""
+[budget]
+name = "cli-ledger-{uuid.uuid4().hex[:8]}"
+
+[store]
+url = "{redis_url}"
+prefix = "{fresh_prefix()}"
+
+[[limits]]
+per = "global"
+window = "month"
+usd = 100
+
+[[limits]]
+per = "user"
+window = "day"
+usd = "0.5"
+""")
+    guard = guard_from_config(UsageChat(model_name="gpt-4o-mini", input_tokens=1000, output_tokens=500,
+                                        max_tokens=500), path)
+    yield path, guard
+    guard.policy.store.close()
+
+
+@pytest.mark.redis
+def test_cli_ledger_csv_parses_back_to_the_same_rows(capsys: pytest.CaptureFixture[str], deployment: Any) -> None:
+    path, guard = deployment
+    for who, n in {"alice": 3, "bob": 2}.items():
+        for _ in range(n):
+            guard.invoke("hi", config={"configurable": {"user_id": who}})
+    rows = BudgetAdmin(guard.policy).read_ledger()
+    assert len(rows) == 5
+    assert main(["ledger", "--csv", "--config", str(path)]) == 0
+    assert rows_from_csv(capsys.readouterr().out) == rows
+    assert main(["ledger", "user", "--id", "alice", "--since", "1h", "--csv", "--config", str(path)]) == 0
+    alice = rows_from_csv(capsys.readouterr().out)
+    assert len(alice) == 3 and all(r.scopes["user"] == "alice" for r in alice)
+    assert sum(r.cost for r in alice) == Decimal("0.00135")  # gpt-4o-mini, 1000 in + 500 out, three times
+    assert main(["ledger", "--model", "gpt-4o-mini", "--json", "--config", str(path)]) == 0
+    import json
+
+    assert len(json.loads(capsys.readouterr().out)["rows"]) == 5
+    assert main(["ledger", "--since", "2999-01-01", "--config", str(path)]) == 0
+    assert "no ledger rows" in capsys.readouterr().out
+    assert main(["ledger", "--since", "yesterday", "--config", str(path)]) == 2
+    assert "--since" in capsys.readouterr().err
+    assert main(["ledger", "-n", "2", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "gpt-4o-mini" in out and "$0.00045" in out and len(out.splitlines()) == 4  # header, 2 rows, legend
