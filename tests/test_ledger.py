@@ -378,3 +378,27 @@ def test_cli_ledger_csv_parses_back_to_the_same_rows(capsys: pytest.CaptureFixtu
     assert main(["ledger", "-n", "2", "--config", str(path)]) == 0
     out = capsys.readouterr().out
     assert "gpt-4o-mini" in out and "$0.00045" in out and len(out.splitlines()) == 4  # header, 2 rows, legend
+
+
+@pytest.mark.parametrize("how", ["invoke", "stream", "cut stream"])
+def test_a_guarded_call_writes_its_model_tokens_and_cost_to_the_ledger(how):
+    from langchain_budgetguard.overrides import BudgetAdmin
+
+    from .fakes import UsageChat as Fake
+
+    llm = Fake(fail_after=2) if how == "cut stream" else Fake()
+    guard = BudgetGuard(llm, limit=1)
+    if how == "invoke":
+        guard.invoke("hi", {"configurable": {}})
+    elif how == "stream":
+        list(guard.stream("hi"))
+    else:
+        with pytest.raises(ConnectionError):
+            list(guard.stream("hi"))
+    (row,) = BudgetAdmin(guard.policy).read_ledger()
+    (status,) = guard.status()
+    assert row.model == "gpt-4o-mini" and row.cost == status.spent > 0
+    if how == "cut stream":
+        assert row.estimated and row.tokens["output"] > 0  # charged from what was seen
+    else:
+        assert row.tokens["input"] == 8 and row.tokens["output"] == 9 and not row.estimated

@@ -883,14 +883,14 @@ class BudgetGuard(BaseChatModel):
                     if tracker.over_cap:  # the provider ignores the cap: stop, charge what came
                         break
             cost = tracker.finish()
-            self._settle_sync(admitted, cost.charged_nano)
+            self._settle_sync(admitted, cost.charged_nano, cost)
             settled = True
             if events is not None:
                 self._report_cost(events, cost)
             yield _with_cost(tracker.last, cost)
         except BaseException as exc:
             if not settled:
-                self._settle_sync(admitted, tracker.interrupted_charge())
+                self._settle_sync(admitted, *tracker.interrupted())
             if not isinstance(exc, GeneratorExit):
                 run_manager.on_chain_error(exc)
             raise
@@ -922,14 +922,14 @@ class BudgetGuard(BaseChatModel):
                         if tracker.over_cap:
                             break
             cost = tracker.finish()
-            await self._settle_async(admitted, cost.charged_nano)
+            await self._settle_async(admitted, cost.charged_nano, cost)
             settled = True
             if events is not None:
                 await self._areport_cost(events, cost)
             yield _with_cost(tracker.last, cost)
         except BaseException as exc:
             if not settled:
-                await self._settle_async(admitted, tracker.interrupted_charge())
+                await self._settle_async(admitted, *tracker.interrupted())
             if not isinstance(exc, GeneratorExit):
                 await run_manager.on_chain_error(exc)
             raise
@@ -1134,13 +1134,13 @@ class BudgetGuard(BaseChatModel):
                     if tracker.over_cap:
                         break
             cost = tracker.finish()
-            self._settle_sync(admitted, cost.charged_nano)
+            self._settle_sync(admitted, cost.charged_nano, cost)
             settled = True
             if events is not None:
                 self._report_cost(events, cost)
         finally:
             if not settled:
-                self._settle_sync(admitted, tracker.interrupted_charge())
+                self._settle_sync(admitted, *tracker.interrupted())
 
     async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None, run_manager: Any = None,
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
@@ -1159,13 +1159,13 @@ class BudgetGuard(BaseChatModel):
                         if tracker.over_cap:
                             break
             cost = tracker.finish()
-            await self._settle_async(admitted, cost.charged_nano)
+            await self._settle_async(admitted, cost.charged_nano, cost)
             settled = True
             if events is not None:
                 await self._areport_cost(events, cost)
         finally:
             if not settled:
-                await self._settle_async(admitted, tracker.interrupted_charge())
+                await self._settle_async(admitted, *tracker.interrupted())
 
 
 @dataclass(slots=True)
@@ -1213,7 +1213,7 @@ class Reservation:
         them the call failed before any output and costs nothing."""
         cost = self.guard._settlement(self.admitted, reply, usage, output_text)
         try:
-            self.guard._settle_sync(self.admitted, cost.charged_nano if cost else 0)
+            self.guard._settle_sync(self.admitted, cost.charged_nano if cost else 0, cost)
         except BudgetStoreUnavailableError as error:
             if self.events is not None and has_handlers(self.events):
                 dispatch_custom_event(EVENT_STORE_ERROR, _store_error("settle", error, self.guard.policy),
@@ -1229,7 +1229,7 @@ class Reservation:
                       output_text: str | None = None) -> CallCost | None:
         cost = self.guard._settlement(self.admitted, reply, usage, output_text)
         try:
-            await self.guard._settle_async(self.admitted, cost.charged_nano if cost else 0)
+            await self.guard._settle_async(self.admitted, cost.charged_nano if cost else 0, cost)
         except BudgetStoreUnavailableError as error:
             if self.events is not None and has_handlers(self.events):
                 await adispatch_custom_event(EVENT_STORE_ERROR, _store_error("settle", error, self.guard.policy),

@@ -93,12 +93,14 @@ class StreamTracker:
             return self.guard._charged_by_policy(self.admitted, str(bad))
         return self.guard._cost(self.admitted, None, "".join(self._text), usage, self._named)
 
-    def interrupted_charge(self) -> int:
-        """Input plus output so far: once a stream has begun the provider bills the prompt. Never
-        raises: chunks that cannot even be added up (a junk usage shape) charge the whole hold."""
+    def interrupted(self) -> tuple[int, CallCost | None]:
+        """``(amount, cost)`` of a stream that broke off: input plus output so far (once a stream has
+        begun the provider bills the prompt); nothing before the first chunk. Never raises: chunks
+        that cannot even be added up (a junk usage shape) charge the whole hold."""
         if not self._chunks:
-            return 0
+            return 0, None
         try:
-            return self.finish().charged_nano
+            cost = self.finish()
         except Exception as exc:  # noqa: BLE001 - the settle must happen whatever the chunks hold
-            return self.guard._charged_by_policy(self.admitted, f"unreadable stream: {exc!r}").charged_nano
+            cost = self.guard._charged_by_policy(self.admitted, f"unreadable stream: {exc!r}")
+        return cost.charged_nano, cost
