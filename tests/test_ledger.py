@@ -402,3 +402,19 @@ def test_a_guarded_call_writes_its_model_tokens_and_cost_to_the_ledger(how):
         assert row.estimated and row.tokens["output"] > 0  # charged from what was seen
     else:
         assert row.tokens["input"] == 8 and row.tokens["output"] == 9 and not row.estimated
+
+
+def test_a_refused_call_is_a_refusal_row_that_charges_nothing():
+    from langchain_budgetguard import BudgetExceededError
+    from langchain_budgetguard.overrides import BudgetAdmin
+
+    from .fakes import UsageChat as Fake
+
+    guard = BudgetGuard(Fake(), limit="0.000001", min_output_tokens=None)
+    with pytest.raises(BudgetExceededError):
+        guard.invoke("hi", {"configurable": {}})
+    (row,) = BudgetAdmin(guard.policy).read_ledger(kinds=["refusal"])
+    assert row.kind == "refusal" and row.refused and row.cost == 0 and row.model == "gpt-4o-mini"
+    assert "limit $0.000001" in row.detail
+    (status,) = guard.status()
+    assert status.spent == 0 and status.held == 0

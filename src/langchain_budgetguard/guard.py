@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import dataclasses
 import os
 from collections.abc import (
     AsyncIterator,
@@ -52,7 +53,13 @@ from langchain_core.runnables.utils import get_unique_config_specs
 from pydantic import Field, PrivateAttr
 
 from .admission import FAIL_OPEN_KEY, Admitted, Estimate, Request, admit
-from .errors import BudgetStoreUnavailableError, GuardMisuseError, Refusal, UnknownModelPriceError
+from .errors import (
+    BudgetExceededError,
+    BudgetStoreUnavailableError,
+    GuardMisuseError,
+    Refusal,
+    UnknownModelPriceError,
+)
 from .estimate import (
     StrictEstimator,
     TypicalEstimator,
@@ -79,7 +86,7 @@ from .pricing import ModelRef, RateCard, call_price_context, candidate_refs, ite
 from .runs import ANoRun, NoRun, aopen_run, has_handlers, open_run, tap, tapped
 from .serialization import options_from_json, options_to_json, plain_data
 from .stores.base import ReserveResult, SettleResult
-from .stores.ledger import call_row
+from .stores.ledger import LedgerRow, call_row
 from .streaming import StreamTracker
 from .usage import TokenUsage, UsageError, usage_from_message
 
@@ -692,6 +699,12 @@ class BudgetGuard(BaseChatModel):
         except StopIteration as done:
             admitted = done.value
             return admitted
+        except BudgetExceededError as refused:
+            row = self._refusal_row(call, refused)
+            if row is not None:
+                with contextlib.suppress(Exception):  # a ledger row never hides the refusal
+                    self.policy.store.append_ledger(row)
+            raise
         finally:
             if child is not None and (call.refusals or call.store_errors) and has_handlers(child):
                 for name, data in _decision_events(call, admitted, self.policy):
@@ -710,6 +723,14 @@ class BudgetGuard(BaseChatModel):
         except StopIteration as done:
             admitted = done.value
             return admitted
+        except BudgetExceededError as refused:
+            row = self._refusal_row(call, refused)
+            if row is not None:
+                try:
+                    await self.policy.store.aappend_ledger(row)
+                except Exception:  # noqa: BLE001 - a ledger row never hides the refusal
+                    pass
+            raise
         finally:
             if child is not None and (call.refusals or call.store_errors) and has_handlers(child):
                 for name, data in _decision_events(call, admitted, self.policy):
@@ -745,6 +766,14 @@ class BudgetGuard(BaseChatModel):
     async def _areport_cost(self, child: RunnableConfig, cost: CallCost) -> None:
         if has_handlers(child):
             await adispatch_custom_event(EVENT_COST, cost.as_metadata(), config=child)
+
+    def _refusal_row(self, call: _Call, refused: BudgetExceededError) -> LedgerRow | None:
+        """The ledger row of a refused call (charges nothing), for a store that keeps a ledger."""
+        if not callable(getattr(self.policy.store, "append_ledger", None)):
+            return None
+        row = call_row(self.policy.name, call.call_id, call.plan.keys, model=refused.refusal.model,
+                       detail=refused.refusal.describe())
+        return dataclasses.replace(row, kind="refusal", refused=True, estimated=False)
 
     def _ledger_row(self, admitted: Admitted, cost: CallCost | None) -> dict[str, Any]:
         """``row=`` for a store that keeps the per-call ledger (``stores.ledger``); {} for one that does not."""
