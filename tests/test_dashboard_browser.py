@@ -266,6 +266,10 @@ def test_events_page_reads_the_real_ledger(page, dashboard):
     page.goto(f"{dashboard}/events")
     _shot(page, "events")
     assert page.locator("#no-ledger").count() == 0
+    # erin's refusal (the guard writes a refusal row) is among the recent events, at $0
+    events = _table(page, "#events")
+    refusals = [e for e in events if e.get("kind") == "refusal"]
+    assert refusals and any("erin" in " ".join(e.values()) for e in refusals), events
 
 
 def test_limits_page_matches_limit_get(page, dashboard, run, capsys):
