@@ -113,7 +113,7 @@ outptu = 1
         "store.on_eror: unknown key", "did you mean 'on_error'?",
         "store.url: expected \"memory\" or a Redis URL",
         'limits[0].per: expected "global", "user", "project", "tenant" or another lowercase scope name',
-        'limits[0].window: expected one of "hour", "day", "week", "month", "total", got "monthly"',
+        'limits[0].window: expected one of "minute", "hour", "day", "week", "month", "total", got "monthly"',
         "limits[0].usd: expected a number of dollars (0 or more), got -1",
         'limits[0].tz: expected an IANA time zone such as "Europe/Paris" or "UTC", got "Mars/Olympus"',
         "limits[1].usd: expected a number of dollars, got true",

@@ -39,7 +39,7 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from .errors import IdentityError
-from .money import show_value, to_decimal, usd_to_nano
+from .money import nano_to_usd, show_value, to_decimal, usd_to_nano
 
 __all__ = [
     "Limit",
@@ -53,6 +53,9 @@ __all__ = [
     "check_call_id",
     "text_problem",
     "WINDOWS",
+    "UNITS",
+    "GLOBAL",
+    "MODEL",
     "MIN_LEASE_SECONDS",
     "MAX_LEASE_SECONDS",
     "MAX_RETENTION_SECONDS",
@@ -61,8 +64,14 @@ __all__ = [
     "MAX_CALL_ID_LENGTH",
 ]
 
-WINDOWS = ("hour", "day", "week", "month", "total")
+WINDOWS = ("minute", "hour", "day", "week", "month", "total")
 GLOBAL = "global"
+MODEL = "model"
+"""The scope whose id is the model that serves the call (``Limit(per="model")``): one counter per model."""
+UNITS = ("usd", "tokens", "requests")
+MAX_COUNT = 2**62
+"""The largest ``tokens`` or ``requests`` limit (the stores' bound)."""
+MAX_ALERTS = 16
 _SCOPE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 
 MIN_LEASE_SECONDS = 0.01
@@ -156,41 +165,66 @@ class WindowInstance:
 
 
 _HOUR_LABEL = re.compile(r"^(\d{4}-\d{2}-\d{2}T\d{2})(?:([+-])(\d{2})(\d{2})(\d{2})?)?$")
+_MINUTE_LABEL = re.compile(r"^(\d{4}-\d{2}-\d{2}T\d{2}:\d{2})(?:([+-])(\d{2})(\d{2})(\d{2})?)?$")
 _WEEK_LABEL = re.compile(r"^(\d{4})-W(\d{2})$")
-_LABEL_FORMATS = {"hour": "%Y-%m-%dT%H", "day": "%Y-%m-%d", "month": "%Y-%m"}
-_LABEL_EXAMPLES = {"hour": "2026-11-22T09", "day": "2026-11-22", "week": "2026-W47", "month": "2026-11"}
+_LABEL_FORMATS = {"minute": "%Y-%m-%dT%H:%M", "hour": "%Y-%m-%dT%H", "day": "%Y-%m-%d", "month": "%Y-%m"}
+_LABEL_EXAMPLES = {"minute": "2026-11-22T09:05", "hour": "2026-11-22T09", "day": "2026-11-22", "week": "2026-W47", "month": "2026-11"}
 
 
 @dataclass(frozen=True)
 class Limit:
-    """A spending limit: ``usd`` dollars per ``per`` scope per ``window``.
+    """A limit of one kind per ``per`` scope per ``window``: ``usd`` dollars, ``tokens`` (input plus
+    output tokens) or ``requests`` (model calls). Give exactly one of the three.
 
     ``per`` is ``"global"`` (one budget for every call), ``"user"``, ``"project"``,
-    ``"tenant"`` or any other lowercase name; the id of a scope ``x`` comes from
-    ``x_id`` in the run's ``configurable``, then its ``metadata``.
-    ``window`` is ``"hour"``, ``"day"``, ``"week"`` (ISO, Monday first), ``"month"``
-    or ``"total"``; ``tz`` is the IANA time zone the window boundaries follow. An hour is
-    3600 s of real time even across a DST shift; a day, week or month follows the local
-    calendar (a DST day has 23 or 25 hours). ``usd`` is at most ``money.MAX_USD``.
+    ``"tenant"``, ``"model"`` (one counter per model that serves the call, degrades included) or
+    any other lowercase name; the id of a scope ``x`` comes from ``x_id`` in the run's
+    ``configurable``, then its ``metadata``.
+    ``window`` is ``"minute"``, ``"hour"``, ``"day"``, ``"week"`` (ISO, Monday first), ``"month"``
+    or ``"total"``; ``tz`` is the IANA time zone the window boundaries follow. A minute and an hour
+    are real time even across a DST shift; a day, week or month follows the local calendar (a DST
+    day has 23 or 25 hours). ``usd`` is at most ``money.MAX_USD``.
+
+    ``alerts`` are fractions of the limit (``[0.5, 0.8, 1.0]``): when a counter's spend first
+    reaches one in its window, one alert fires across every process (see ``alerts``).
     """
 
-    usd: Decimal
+    usd: Decimal | None = None
     per: str = GLOBAL
     window: str = "total"
     tz: str = "UTC"
+    tokens: int | None = None
+    requests: int | None = None
+    alerts: tuple[Decimal, ...] = ()
     _zone: Any = field(init=False, repr=False, compare=False)
-    nano: int = field(init=False, repr=False, compare=False)
+    amount: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "usd", to_decimal(self.usd, what="Limit.usd"))
-        object.__setattr__(self, "nano", usd_to_nano(self.usd))
+        given = [unit for unit in UNITS if getattr(self, unit) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "Limit: give exactly one of usd= (dollars), tokens= (input + output tokens) or requests= "
+                f"(model calls), got {' and '.join(given) if given else 'none'}; e.g. Limit(usd=5, per='user')"
+            )
+        if self.usd is not None:
+            object.__setattr__(self, "usd", to_decimal(self.usd, what="Limit.usd"))
+            object.__setattr__(self, "amount", usd_to_nano(self.usd))
+        else:
+            unit = given[0]
+            value = getattr(self, unit)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNT:
+                raise ValueError(
+                    f"Limit.{unit}: expected a whole number of {unit} from 0 to 2**62, got {show_value(value)}"
+                )
+            object.__setattr__(self, "amount", value)
         if not isinstance(self.per, str) or not _SCOPE_NAME.match(self.per):
             raise ValueError(
-                f"Limit.per: expected 'global', 'user', 'project', 'tenant' or another lowercase "
+                f"Limit.per: expected 'global', 'user', 'project', 'tenant', 'model' or another lowercase "
                 f"name (letters, digits, '_'), got {show_value(self.per)}"
             )
         if not isinstance(self.window, str) or self.window not in WINDOWS:
             raise ValueError(f"Limit.window: expected one of {', '.join(WINDOWS)}, got {show_value(self.window)}")
+        object.__setattr__(self, "alerts", _check_alerts(self.alerts))
         if self.tz in ("UTC", "utc", "Z"):
             zone: Any = timezone.utc
         else:
@@ -206,15 +240,44 @@ class Limit:
         object.__setattr__(self, "_zone", zone)
 
     @property
+    def unit(self) -> str:
+        """``"usd"``, ``"tokens"`` or ``"requests"``: what the limit counts."""
+        return "usd" if self.usd is not None else "tokens" if self.tokens is not None else "requests"
+
+    @property
+    def nano(self) -> int:
+        """The limit in the stores' integer unit: nano-USD for a dollar limit, else tokens or requests."""
+        return self.amount
+
+    @property
+    def value(self) -> Decimal:
+        """The limit in its unit (Decimal dollars, tokens or requests)."""
+        return self.usd if self.usd is not None else Decimal(self.amount)
+
+    def show(self, amount: int) -> Decimal:
+        """A store amount of this limit's unit in that unit (nano-USD -> Decimal USD; tokens as is)."""
+        return nano_to_usd(amount) if self.usd is not None else Decimal(amount)
+
+    def thresholds(self, cap: int) -> tuple[int, ...]:
+        """The store amounts at which ``alerts`` fire for a counter whose limit in force is ``cap``."""
+        out = []
+        for fraction in self.alerts:
+            num, den = fraction.as_integer_ratio()
+            out.append(max(1, -(-cap * num // den)))  # spent >= fraction * cap, in whole units
+        return tuple(sorted(set(out)))
+
+    @property
     def id_field(self) -> str | None:
         """The config key that names this scope's id (``user_id``), or None for global."""
         return None if self.per == GLOBAL else f"{self.per}_id"
 
     @property
     def slug(self) -> str:
-        """The limit's part of a counter key (its usd is not part of it: see ``counter_key``)."""
+        """The limit's part of a counter key (its amount is not part of it: see ``counter_key``).
+        A tokens or requests limit's counters are apart from the dollar ones: ``user:day+tokens``."""
         tz = "" if self._zone is timezone.utc else f"@{escape_id(self.tz)}"
-        return f"{self.per}:{self.window}{tz}"
+        unit = "" if self.usd is not None else f"+{self.unit}"
+        return f"{self.per}:{self.window}{tz}{unit}"
 
     def window_at(self, now: datetime) -> WindowInstance:
         """The window instance that contains ``now`` (an aware datetime)."""
@@ -223,6 +286,8 @@ class Limit:
         zone = self._zone
         if self.window == "hour":
             return _hour_window(zone, now.timestamp())
+        if self.window == "minute":
+            return _minute_window(zone, now.timestamp())
         day = now.astimezone(zone).date()
         if self.window == "day":
             first, after = day, day + timedelta(days=1)
@@ -250,18 +315,19 @@ class Limit:
             return WindowInstance("all", None, None)
         probes: list[float] = []
         try:
-            if self.window == "hour":
-                match = _HOUR_LABEL.match(label)
+            if self.window in ("hour", "minute"):
+                match = (_HOUR_LABEL if self.window == "hour" else _MINUTE_LABEL).match(label)
                 if match is None:
                     raise ValueError(label)
-                wall = datetime.strptime(match[1], _LABEL_FORMATS["hour"])
+                wall = datetime.strptime(match[1], _LABEL_FORMATS[self.window])
                 if match[2] is None:  # a plain label: the first reading of that wall hour
                     base = wall.replace(tzinfo=self._zone).timestamp()
                 else:
                     sign = -1 if match[2] == "-" else 1
                     offset = sign * (int(match[3]) * 3600 + int(match[4]) * 60 + int(match[5] or 0))
                     base = wall.replace(tzinfo=timezone.utc).timestamp() - offset
-                probes = [base + 1800, base, base + 3599]
+                span = 3600 if self.window == "hour" else 60
+                probes = [base + span // 2, base, base + span - 1]
             elif self.window == "week":
                 match = _WEEK_LABEL.match(label)
                 if match is None:
@@ -334,6 +400,39 @@ def _offset_label(offset: int) -> str:
     return f"{sign}{hours:02d}{minutes:02d}" + (f"{seconds:02d}" if seconds else "")
 
 
+def _minute_window(zone: Any, now: float) -> WindowInstance:
+    """The minute window containing ``now``: the 60 s that begin at a local full minute, labelled
+    ``2026-12-01T09:05`` (the repeated minutes of a fall-back hour carry their UTC offset, as hours do)."""
+    t = math.floor(now)
+    offset = 0 if zone is timezone.utc else _offset_at(zone, t)
+    start = t - (t + offset) % 60
+    wall = datetime.fromtimestamp(start + offset, timezone.utc).replace(tzinfo=None)
+    label = wall.strftime("%Y-%m-%dT%H:%M")
+    if zone is not timezone.utc:
+        first_reading = wall.replace(tzinfo=zone).utcoffset()  # fold=0
+        if first_reading is None or int(first_reading.total_seconds()) != offset:
+            label += _offset_label(offset)
+    tz = _fixed(offset)
+    return WindowInstance(label, datetime.fromtimestamp(start, tz), _instant(start + 60, zone))
+
+
+def _check_alerts(alerts: Any) -> tuple[Decimal, ...]:
+    """``Limit.alerts`` as sorted Decimal fractions in (0, 1]; ValueError says what was wrong."""
+    if isinstance(alerts, (str, bytes)) or not isinstance(alerts, (list, tuple)):
+        raise ValueError(f"Limit.alerts: expected a list of fractions of the limit such as [0.5, 0.8, 1.0], "
+                         f"got {show_value(alerts)}")
+    if len(alerts) > MAX_ALERTS:
+        raise ValueError(f"Limit.alerts: at most {MAX_ALERTS} thresholds, got {len(alerts)}")
+    out = set()
+    for item in alerts:
+        fraction = to_decimal(item, what="Limit.alerts")
+        if not Decimal(0) < fraction <= Decimal(1):
+            raise ValueError(f"Limit.alerts: each threshold is a fraction of the limit in (0, 1] such as 0.8, "
+                             f"got {show_value(item)}")
+        out.add(fraction)
+    return tuple(sorted(out))
+
+
 def _hour_window(zone: Any, now: float) -> WindowInstance:
     """The hour window (a range of instants) containing ``now``: see the module docstring."""
     t = math.floor(now)
@@ -362,7 +461,10 @@ class Identity:
 
     ids: Mapping[str, str]
 
-    def id_for(self, limit: Limit) -> str | None:
+    def id_for(self, limit: Limit, model: str | None = None) -> str | None:
+        """The id of ``limit``'s scope for this call; a ``per="model"`` limit's is ``model``."""
+        if limit.per == MODEL:
+            return model if model is not None else self.ids[MODEL]
         return None if limit.per == GLOBAL else self.ids[limit.per]
 
 
@@ -379,6 +481,11 @@ def resolve_identity(config: Mapping[str, Any] | None, limits: Sequence[Limit], 
     for limit in limits:
         key = limit.id_field
         if key is None or limit.per in ids:
+            continue
+        if limit.per == MODEL:  # the serving model is the id; an explicit model_id names one (status)
+            value = explicit.get(key, configurable.get(key))
+            if value is not None:
+                ids[MODEL] = check_id(value, key)
             continue
         for source in (explicit, configurable, metadata):
             if key in source:

@@ -15,7 +15,7 @@ from pydantic import SecretStr
 
 from .limits import Limit
 
-__all__ = ["options_from_json", "options_to_json", "plain_data"]
+__all__ = ["options_from_json", "options_to_json", "limit_to_json", "plain_data"]
 
 
 def options_from_json(options: dict[str, Any]) -> dict[str, Any]:
@@ -35,16 +35,25 @@ def options_to_json(options: Mapping[str, Any] | None) -> dict[str, Any] | None:
     out: dict[str, Any] = {}
     for key, value in options.items():
         if key == "limits":
-            out[key] = [{"usd": str(x.usd), "per": x.per, "window": x.window, "tz": x.tz} for x in value or ()]
+            out[key] = [limit_to_json(x) for x in value or ()]
         elif isinstance(value, Decimal):
             out[key] = str(value)
         elif isinstance(value, Limit):
-            out[key] = {"usd": str(value.usd), "per": value.per, "window": value.window, "tz": value.tz}
+            out[key] = limit_to_json(value)
         elif value is None or isinstance(value, (str, int, float, bool)) or (
                 isinstance(value, Mapping) and plain_data(value)):
             out[key] = _jsonable(value)
         else:
             return None
+    return out
+
+
+def limit_to_json(limit: Limit) -> dict[str, Any]:
+    """A ``Limit`` as JSON values that ``Limit(**...)`` takes back (Decimals as strings)."""
+    out: dict[str, Any] = {limit.unit: str(limit.usd) if limit.unit == "usd" else limit.amount,
+                           "per": limit.per, "window": limit.window, "tz": limit.tz}
+    if limit.alerts:
+        out["alerts"] = [str(x) for x in limit.alerts]
     return out
 
 
