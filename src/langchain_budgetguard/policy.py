@@ -59,6 +59,9 @@ DEFAULT_MIN_OUTPUT_TOKENS = 256
 """A call whose full output cap does not fit is served with a smaller one, down to this many tokens."""
 ExpiredHold = Literal["release", "charge_input", "charge_reserved"]
 StoreErrorPolicy = Literal["fail_closed", "fail_open"]
+Mode = Literal["enforce", "shadow"]
+DEFAULT_DECISION_ALERT_SECONDS = 60.0
+"""At most one refusal (or degrade) alert per scope id per this many seconds, per process."""
 
 
 @dataclass(frozen=True)
@@ -225,6 +228,10 @@ class BudgetPolicy:
         fail_open_allowance: Any = None,
         overrides: Sequence[Override] | None = None,
         override_refresh_seconds: float | None = DEFAULT_REFRESH_SECONDS,
+        mode: Mode = "enforce",
+        on_alert: Any = None,
+        alert_webhook: Any = None,
+        decision_alert_seconds: float | None = DEFAULT_DECISION_ALERT_SECONDS,
     ) -> None:
         problem = text_problem(name, MAX_NAME_LENGTH)
         if problem is not None:
@@ -279,6 +286,20 @@ class BudgetPolicy:
         if override_refresh_seconds is not None:
             override_refresh_seconds = check_seconds(override_refresh_seconds, "override_refresh_seconds",
                                                      maximum=MAX_REFRESH_SECONDS)
+        if not isinstance(mode, str) or mode not in ("enforce", "shadow"):
+            raise ValueError(
+                f"mode: expected 'enforce' (refuse and degrade) or 'shadow' (reserve and record exactly, never "
+                f"refuse or degrade: for rolling out a budget), got {show_value(mode)}"
+            )
+        self.mode: Mode = mode
+        if on_alert is not None and not callable(on_alert):
+            raise TypeError(f"on_alert: expected a function (sync or async) taking an Alert, got {type(on_alert).__name__}")
+        self.on_alert = on_alert
+        self.alert_webhook = alert_webhook
+        if decision_alert_seconds is not None:
+            decision_alert_seconds = check_seconds(decision_alert_seconds, "decision_alert_seconds",
+                                                   maximum=MAX_REFRESH_SECONDS)
+        self.decision_alert_seconds = decision_alert_seconds
         self._outage: MemoryStore | None = None  # the fail-open allowance of the current outage
         # Cluster hash tag: with a tenant scope, every counter of a tenant shares the tenant's tag.
         self._tenant_scoped = any(x.per == "tenant" for x in self.limits)
