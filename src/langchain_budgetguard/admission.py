@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 from .errors import BudgetExceededError, BudgetStoreUnavailableError, CallIdReusedError, Refusal
 from .money import nano_to_usd
 from .pricing import ModelRef, RateCard
-from .stores.base import Counter, Hold, ReserveResult
+from .stores.base import Counter, CounterState, Hold, ReserveResult
+from .stores.bounds import MAX_NANO
 
 if TYPE_CHECKING:
     from .policy import BudgetPolicy, CounterPlan
@@ -52,7 +53,12 @@ class Estimate:
 
 @dataclass(slots=True)
 class Admitted:
-    """A reservation that went through: which candidate, what is held, under which call id."""
+    """A reservation that went through: which candidate, what is held, under which call id.
+
+    ``plan`` is the counters it holds on (per candidate when a limit is ``per="model"``).
+    In shadow mode ``shadow`` says what enforce mode would have done (``"refusal"``, ``"degrade"``,
+    ``"clamp"``, or None when the call fitted) and ``would_refuse`` holds the refusals behind it.
+    """
 
     candidate: Any
     estimate: Estimate
@@ -61,29 +67,48 @@ class Admitted:
     keys: tuple[str, ...]
     held: bool = True  # the store placed the hold (False: admitted fail-open while it was unreachable)
     local_store: MemoryStore | None = None  # the outage's allowance it was held on
+    plan: CounterPlan | None = None
+    crossed: tuple[Any, ...] = ()  # alert thresholds the reservation's expiry charges crossed (stores.base.Crossing)
+    shadow: str | None = None
+    would_refuse: list[Refusal] | None = None
+    would_serve: str | None = None  # shadow: the model enforce mode would have served (degrade)
 
 
-def admit(policy: BudgetPolicy, plan: CounterPlan, ladder: Sequence[Any], estimate: Callable[[Any], Estimate],
+Plans = Callable[[Any], "CounterPlan"]  # candidate -> the counters a call on it draws on
+
+
+def admit(policy: BudgetPolicy, plans: Plans, ladder: Sequence[Any], estimate: Callable[[Any], Estimate],
           call_id: str, refusals: list[Refusal], *, shrink: bool = True
           ) -> Generator[Request, ReserveResult | Exception, Admitted]:
     """Try each candidate of ``ladder``; yield reservations for the driver to carry out.
 
-    ``estimate(candidate)`` prices the call on a candidate; ``refusals`` collects why each was refused.
+    ``plans(candidate)`` is the counters a call on a candidate draws on; ``estimate(candidate)``
+    prices the call on it; ``refusals`` collects why each was refused. In shadow mode the first
+    candidate is always served and what enforce mode would have done is worked out from the
+    counters as the store saw them (``Admitted.shadow``).
     """
+    if policy.mode == "shadow":
+        return (yield from _shadow(policy, plans, ladder, estimate, call_id, refusals, shrink))
+    return (yield from _enforce(policy, plans, ladder, estimate, call_id, refusals, shrink))
+
+
+def _enforce(policy: BudgetPolicy, plans: Plans, ladder: Sequence[Any], estimate: Callable[[Any], Estimate],
+             call_id: str, refusals: list[Refusal], shrink: bool, shadow: bool = False
+             ) -> Generator[Request, ReserveResult | Exception, Admitted]:
     last = len(ladder) - 1
     refused: list[tuple[int, Any, Estimate, ReserveResult]] = []
     for index, candidate in enumerate(ladder):
         rung_id = call_id if index == 0 else f"{call_id}.{index}"
-        admitted = yield from _try(policy, plan, candidate, estimate(candidate), index, last, rung_id, refusals,
-                                   refused)
+        admitted = yield from _try(policy, plans(candidate), candidate, estimate(candidate), index, last, rung_id,
+                                   refusals, refused)
         if admitted is not None:
             return admitted
     for index, candidate, full, result in refused if shrink else ():
-        counters = plan.counters(policy.degrade_at if index < last else None)
+        plan = plans(candidate)
+        counters = plan.counters(policy.degrade_at if index < last else None, full, policy.expired_hold)
         if len(result.states) != len(counters):
             continue
-        room = min(c.limit - s.spent - s.held for c, s in zip(counters, result.states))
-        clamped = shrink_to_fit(policy, full, room)
+        clamped = shrink_to_fit(policy, full, *_rooms(plan, counters, result.states))
         if clamped is None:
             continue
         admitted = yield from _try(policy, plan, candidate, clamped, index, last, f"{call_id}.c{index}", refusals,
@@ -93,13 +118,32 @@ def admit(policy: BudgetPolicy, plan: CounterPlan, ladder: Sequence[Any], estima
     raise BudgetExceededError(refusals)
 
 
-def shrink_to_fit(policy: BudgetPolicy, estimate: Estimate, room: int) -> Estimate | None:
-    """``estimate`` with the largest output cap whose hold fits in ``room`` nano-USD, if that cap is at
-    least ``min_output_tokens``; None when even that does not fit (or shrinking is off)."""
+def _rooms(plan: CounterPlan, counters: Sequence[Counter], states: Sequence[Any]) -> tuple[int, int | None, bool]:
+    """What is left on the dollar counters (nano-USD), on the token counters (tokens; None: no such
+    limit), and whether a request counter is full (no smaller call fits it)."""
+    room, tokens, full = None, None, False
+    for limit, counter, state in zip(plan.limits, counters, states):
+        left = counter.limit - state.spent - state.held
+        if limit.unit == "usd":
+            room = left if room is None else min(room, left)
+        elif limit.unit == "tokens":
+            tokens = left if tokens is None else min(tokens, left)
+        elif left < 1:
+            full = True
+    return (room if room is not None else MAX_NANO), tokens, full
+
+
+def shrink_to_fit(policy: BudgetPolicy, estimate: Estimate, room: int, token_room: int | None = None,
+                  full: bool = False) -> Estimate | None:
+    """``estimate`` with the largest output cap whose hold fits in ``room`` nano-USD (and in
+    ``token_room`` tokens, when a tokens limit applies), if that cap is at least
+    ``min_output_tokens``; None when even that does not fit (or shrinking is off)."""
     least = policy.min_output_tokens
-    if not least or estimate.output_tokens <= least or estimate.cap_kwarg is None:
+    if full or not least or estimate.output_tokens <= least or estimate.cap_kwarg is None:
         return None  # shrinking is off, or the cap is small already, or it cannot be sent
     low = fitting_output_tokens(policy, estimate, room)
+    if token_room is not None:
+        low = min(low, token_room - estimate.input_tokens)
     if low < least:
         return None
     strict = policy.estimator.mode == "strict"
@@ -125,17 +169,21 @@ def fitting_output_tokens(policy: BudgetPolicy, estimate: Estimate, room: int) -
     return low
 
 
+def _hold(policy: BudgetPolicy, estimate: Estimate, call_id: str) -> Hold:
+    expired_hold = policy.expired_hold
+    on_expiry = (estimate.input_cost if expired_hold == "charge_input"
+                 else estimate.reserve if expired_hold == "charge_reserved" else 0)
+    return Hold(call_id, estimate.reserve, policy.lease_seconds, on_expiry)
+
+
 def _try(policy: BudgetPolicy, plan: CounterPlan, candidate: Any, estimate: Estimate, index: int, last: int,
          call_id: str, refusals: list[Refusal], refused: list[Any] | None
          ) -> Generator[Request, ReserveResult | Exception, Admitted | None]:
     """Reserve ``estimate`` for ``candidate``: the admitted call, or None (the refusal is recorded)."""
     fraction = policy.degrade_at if index < last else None
-    expired_hold = policy.expired_hold
-    on_expiry = (estimate.input_cost if expired_hold == "charge_input"
-                 else estimate.reserve if expired_hold == "charge_reserved" else 0)
-    hold = Hold(call_id, estimate.reserve, policy.lease_seconds, on_expiry)
-    result = yield ("reserve", plan.counters(fraction), hold)
-    admitted = Admitted(candidate, estimate, index, call_id, plan.keys)
+    counters = plan.counters(fraction, estimate, policy.expired_hold)
+    result = yield ("reserve", counters, _hold(policy, estimate, call_id))
+    admitted = Admitted(candidate, estimate, index, call_id, plan.keys, plan=plan)
     if isinstance(result, Exception):
         if policy.on_store_error == "fail_closed":
             raise result
@@ -143,22 +191,87 @@ def _try(policy: BudgetPolicy, plan: CounterPlan, candidate: Any, estimate: Esti
         yield from _fail_open(policy, admitted)
         return admitted
     if result.ok:
+        admitted.crossed = getattr(result, "crossed", ())
         return admitted
     if result.reused:  # never a refusal to degrade from: this call id already named another call
         raise CallIdReusedError(call_id)
-    blocked = result.blocked or 0
-    state = result.states[blocked]
-    room = plan.counters(fraction)[blocked].limit - state.spent - state.held
-    refusals.append(plan.refusal(
-        blocked, state, estimate.reserve, candidate.label,
-        input_estimate=nano_to_usd(estimate.input_cost),
-        output_estimate=nano_to_usd(estimate.reserve - estimate.input_cost),
-        output_tokens=estimate.output_tokens, output_cap_source=estimate.cap_source,
-        fitting_output_tokens=fitting_output_tokens(policy, estimate, room),
-    ))
+    refusals.append(_refusal(policy, plan, counters, result, estimate, candidate))
     if refused is not None:
         refused.append((index, candidate, estimate, result))
     return None
+
+
+def _refusal(policy: BudgetPolicy, plan: CounterPlan, counters: Sequence[Counter], result: ReserveResult,
+             estimate: Estimate, candidate: Any) -> Refusal:
+    """Why ``result`` refused ``estimate`` on ``candidate``, in the blocking limit's unit."""
+    blocked = result.blocked or 0
+    state = result.states[blocked]
+    counter = counters[blocked]
+    room = counter.limit - state.spent - state.held
+    unit = plan.limits[blocked].unit
+    if unit == "usd":
+        fitting = fitting_output_tokens(policy, estimate, room)
+    else:
+        fitting = max(room - estimate.input_tokens, 0) if unit == "tokens" else None
+    amount = getattr(counter, "amount", None)
+    amount = estimate.reserve if amount is None else amount
+    return plan.refusal(
+        blocked, state, amount, candidate.label,
+        input_estimate=nano_to_usd(estimate.input_cost),
+        output_estimate=nano_to_usd(estimate.reserve - estimate.input_cost),
+        output_tokens=estimate.output_tokens, output_cap_source=estimate.cap_source,
+        fitting_output_tokens=fitting,
+    )
+
+
+def _shadow(policy: BudgetPolicy, plans: Plans, ladder: Sequence[Any], estimate: Callable[[Any], Estimate],
+            call_id: str, refusals: list[Refusal], shrink: bool
+            ) -> Generator[Request, ReserveResult | Exception, Admitted]:
+    """Shadow mode: hold the first candidate's estimate whatever the limits (counted exactly, so
+    spend and alerts are as in enforce mode), then replay enforce mode's decisions against the
+    counters as the store saw them, without touching the store."""
+    candidate = ladder[0]
+    plan = plans(candidate)
+    full = estimate(candidate)
+    counters = plan.counters(None, full, policy.expired_hold, shadow=True)
+    result = yield ("reserve", counters, _hold(policy, full, call_id))
+    admitted = Admitted(candidate, full, 0, call_id, plan.keys, plan=plan)
+    if isinstance(result, Exception):  # shadow never refuses: served, unheld (the store error is reported)
+        admitted.held = False
+        return admitted
+    if result.reused:
+        raise CallIdReusedError(call_id)
+    admitted.crossed = getattr(result, "crossed", ())
+    seen = {c.key: s for c, s in zip(counters, result.states)}
+    would = _enforce(policy, plans, ladder, estimate, call_id, refusals, shrink)
+    try:
+        request = next(would)
+        while True:
+            request = would.send(_what_if(request, seen))
+    except StopIteration as done:
+        chosen: Admitted = done.value
+        if chosen.index > 0:
+            admitted.shadow, admitted.would_serve = "degrade", chosen.candidate.label
+        elif chosen.estimate.clamped:
+            admitted.shadow = "clamp"
+    except BudgetExceededError:
+        admitted.shadow = "refusal"
+    admitted.would_refuse = list(refusals)
+    refusals.clear()  # nothing was refused: the guard reports them as what would have been
+    return admitted
+
+
+def _what_if(request: Request, seen: dict[str, Any]) -> ReserveResult:
+    """The store's answer to ``request`` had it come with counters as ``seen`` (counters not seen,
+    of another model's ``per="model"`` limit, are taken as empty)."""
+    _, counters, hold = request
+    states = tuple(seen.get(c.key) or CounterState() for c in counters)
+    for index, (counter, state) in enumerate(zip(counters, states)):
+        amount = getattr(counter, "amount", None)
+        amount = hold.amount if amount is None else amount
+        if state.spent + state.held + amount > counter.limit:
+            return ReserveResult(False, states, index)
+    return ReserveResult(True, states)
 
 
 def _fail_open(policy: BudgetPolicy, admitted: Admitted) -> Generator[Request, ReserveResult | Exception, None]:

@@ -43,6 +43,7 @@ class Refusal:
     output_tokens: int | None = None  # the output cap the estimate reserves for
     output_cap_source: str | None = None  # who set it: call, binding, model, integration_default, none
     fitting_output_tokens: int | None = None  # the largest output cap that would fit (0: not even input)
+    unit: str = "usd"  # what the limit counts: "usd" (limit, spent, held, estimate in USD), "tokens", "requests"
 
     @property
     def dominant(self) -> str | None:
@@ -51,9 +52,21 @@ class Refusal:
             return None
         return "output" if self.output_estimate >= self.input_estimate else "input"
 
+    def amount(self, value: Decimal | None) -> str:
+        """``value`` in this limit's unit, as the messages show it ($0.50, 5,000 tokens, 10 requests)."""
+        if self.unit == "usd":
+            return format_usd(value)
+        return f"{int(value or 0):,} {self.unit if value != 1 else self.unit[:-1]}"
+
     def describe(self) -> str:
         who = f"{self.scope} {self.scope_id!r}" if self.scope_id is not None else self.scope
         resets = f"; resets at {self.resets_at.isoformat()}" if self.resets_at else "; never resets (total)"
+        if self.unit != "usd":
+            return (
+                f"{who}, window {self.window}: limit {self.amount(self.limit)}, used {self.amount(self.spent)}, "
+                f"held by calls in flight {self.amount(self.held)}, this call on {self.model} needs "
+                f"{self.amount(self.estimate)}{resets}"
+            )
         parts = ""
         if self.dominant is not None:
             parts = (f" (input {format_usd(self.input_estimate)}, output {format_usd(self.output_estimate)} for "
@@ -66,6 +79,13 @@ class Refusal:
 
     def fix(self) -> str:
         """What would make this call fit, from what dominated its estimate."""
+        if self.unit == "requests":
+            return "The limit counts calls: wait for the window to reset, or raise the limit."
+        if self.unit == "tokens" and self.fitting_output_tokens:
+            return (f"The limit counts tokens: a max_tokens of at most {self.fitting_output_tokens:,} would fit, "
+                    "or wait for the window to reset, or raise the limit.")
+        if self.unit == "tokens":
+            return "The limit counts tokens: shorten the prompt, wait for the window to reset, or raise the limit."
         if self.dominant == "output" and self.fitting_output_tokens:
             source = {"integration_default": " (the integration's default: its full output limit)",
                       "none": " (the guard's default_max_output_tokens)"}.get(self.output_cap_source or "", "")

@@ -190,6 +190,7 @@ class _Call:
     refusals: list[Refusal] = field(default_factory=list)
     config: RunnableConfig | None = None
     store_errors: list[tuple[str, Exception]] = field(default_factory=list)  # (operation, error) while admitting
+    identity: Identity | None = None
 
 
 
@@ -465,10 +466,13 @@ class BudgetGuard(BaseChatModel):
 
     def close(self) -> None:
         """Close the budget's store: journaled fail-open settles and pending releases are written
-        first (interpreter exit does this too). Guards sharing the policy share the store."""
+        first (interpreter exit does this too), and queued alerts delivered. Guards sharing the
+        policy share the store."""
+        self.policy.close()
         self.policy.store.close()
 
     async def aclose(self) -> None:
+        await asyncio.to_thread(self.policy.close)
         await self.policy.store.aclose()
 
     def __enter__(self) -> BudgetGuard:
@@ -518,13 +522,14 @@ class BudgetGuard(BaseChatModel):
         if model is None:
             self._require_model(value)
         identity: Identity = self.policy.identity(config)
-        plan = self.policy.plan(identity)
+        plan = self.policy.plan(identity)  # a per-model limit's counters are planned per candidate (_admit)
         ladder = None if model is None else [_Candidate(None, model)]  # type: ignore[arg-type]
         messages = value if isinstance(value, str) else to_messages(value)
         if call_id is not None:
             check_call_id(call_id)
         # 128 random bits, as uuid4().hex gave, at a quarter of its cost.
-        return _Call(plan, messages, kwargs, call_id or os.urandom(16).hex(), ladder, config=config)
+        return _Call(plan, messages, kwargs, call_id or os.urandom(16).hex(), ladder, config=config,
+                     identity=identity)
 
     def _estimate(self, call: _Call, candidate: _Candidate) -> Estimate:
         """What this call would hold on ``candidate`` (nano-USD), from its messages and output cap."""
@@ -575,7 +580,14 @@ class BudgetGuard(BaseChatModel):
 
     def _admit(self, call: _Call) -> Generator[Request, ReserveResult | Exception, Admitted]:
         """The admission of ``call`` (see ``admission.admit``) over this guard's ladder."""
-        return admit(self.policy, call.plan, call.ladder or self._ladder(), lambda c: self._estimate(call, c),
+        policy = self.policy
+        if policy.per_model:
+            def plans(candidate: _Candidate) -> CounterPlan:
+                return policy.plan(call.identity, model=candidate.label)  # type: ignore[arg-type]
+        else:
+            def plans(candidate: _Candidate) -> CounterPlan:
+                return call.plan
+        return admit(policy, plans, call.ladder or self._ladder(), lambda c: self._estimate(call, c),
                      call.call_id, call.refusals, shrink=call.ladder is None)
 
     def _cost(self, admitted: Admitted, message: Any, streamed_text: str | None = None,
@@ -698,15 +710,17 @@ class BudgetGuard(BaseChatModel):
                 request = steps.send(result)
         except StopIteration as done:
             admitted = done.value
+            self._decided(call, admitted)
             return admitted
         except BudgetExceededError as refused:
+            self._decided(call, None, refused)
             row = self._refusal_row(call, refused)
             if row is not None:
                 with contextlib.suppress(Exception):  # a ledger row never hides the refusal
                     self.policy.store.append_ledger(row)
             raise
         finally:
-            if child is not None and (call.refusals or call.store_errors) and has_handlers(child):
+            if child is not None and _explained(call, admitted) and has_handlers(child):
                 for name, data in _decision_events(call, admitted, self.policy):
                     dispatch_custom_event(name, data, config=child)
 
@@ -722,8 +736,10 @@ class BudgetGuard(BaseChatModel):
                 request = steps.send(result)
         except StopIteration as done:
             admitted = done.value
+            self._decided(call, admitted)
             return admitted
         except BudgetExceededError as refused:
+            self._decided(call, None, refused)
             row = self._refusal_row(call, refused)
             if row is not None:
                 try:
@@ -732,9 +748,28 @@ class BudgetGuard(BaseChatModel):
                     pass
             raise
         finally:
-            if child is not None and (call.refusals or call.store_errors) and has_handlers(child):
+            if child is not None and _explained(call, admitted) and has_handlers(child):
                 for name, data in _decision_events(call, admitted, self.policy):
                     await adispatch_custom_event(name, data, config=child)
+
+    def _decided(self, call: _Call, admitted: Admitted | None, refused: BudgetExceededError | None = None) -> None:
+        """Alerts of an admission: thresholds its expiry charges crossed, a refusal or a degrade
+        (rate-limited), and in shadow mode what would have been refused or degraded. Never blocks."""
+        policy = self.policy
+        if policy.alerts is None:
+            return
+        if refused is not None:
+            policy.decision_alert("refusal", refused.refusal)
+            return
+        if admitted is None:
+            return
+        if admitted.crossed:
+            policy.threshold_alerts(admitted.plan, admitted.crossed, admitted.candidate.label)
+        if admitted.shadow in ("refusal", "degrade") and admitted.would_refuse:
+            policy.decision_alert(admitted.shadow, admitted.would_refuse[-1 if admitted.shadow == "refusal" else 0],
+                                  shadow=True)
+        elif admitted.index > 0 and call.refusals:
+            policy.decision_alert("degrade", call.refusals[0])
 
     # A call in flight keeps its hold for as long as it runs: the shared keeper renews its lease in the
     # background (a renewal that fails never breaks the call; at worst the lease runs out and the
@@ -780,23 +815,46 @@ class BudgetGuard(BaseChatModel):
         if not callable(getattr(self.policy.store, "read_ledger", None)):
             return {}
         ref = admitted.candidate.ref
-        return {"row": call_row(
+        row = call_row(
             self.policy.name, admitted.call_id, admitted.keys, model=cost.model if cost else ref.name,
             host=ref.host or ref.provider, usage=cost.usage if cost else None, reserved_nano=admitted.estimate.reserve,
             estimated=cost.estimated if cost else True, degraded=admitted.index > 0,
             clamped=cost.clamped if cost else admitted.estimate.clamped,
-            detail=(cost.problem or "") if cost else "no usage report: charged from what was seen")}
+            detail=(cost.problem or "") if cost else "no usage report: charged from what was seen")
+        if admitted.shadow is not None:  # shadow mode: the row says what enforce mode would have done
+            row = dataclasses.replace(row, refused=admitted.shadow == "refusal",
+                                      detail=_shadow_detail(admitted, row.detail))
+        return {"row": row}
+
+    def _settle_options(self, admitted: Admitted, amount: int, cost: CallCost | None) -> dict[str, Any]:
+        """The store settle's keyword arguments: the ledger row, and each counter's own amount when a
+        limit counts tokens or requests (a call answered from LangChain's cache counts no request)."""
+        options = self._ledger_row(admitted, cost)
+        plan = admitted.plan
+        if plan is not None and plan.counted:
+            usage = cost.usage if cost is not None else None
+            tokens = usage.input_tokens + usage.output_tokens if usage is not None else 0
+            cached = cost is not None and not cost.estimated and not cost.charged_nano and not tokens
+            options["amounts"] = plan.amounts(amount, tokens, 0 if cached else 1)
+        return options
 
     def _settle_sync(self, admitted: Admitted, amount: int, cost: CallCost | None = None) -> SettleResult:
         if admitted.local_store is not None:
             admitted.local_store.settle(admitted.call_id, (FAIL_OPEN_KEY,), amount)
-        return self.policy.store.settle(admitted.call_id, admitted.keys, amount, **self._ledger_row(admitted, cost))
+        result = self.policy.store.settle(admitted.call_id, admitted.keys, amount,
+                                          **self._settle_options(admitted, amount, cost))
+        if getattr(result, "crossed", ()):
+            self.policy.threshold_alerts(admitted.plan, result.crossed, admitted.candidate.label)
+        return result
 
     async def _settle_async(self, admitted: Admitted, amount: int, cost: CallCost | None = None) -> SettleResult:
         if admitted.local_store is not None:
             await admitted.local_store.asettle(admitted.call_id, (FAIL_OPEN_KEY,), amount)
-        return await self.policy.store.asettle(admitted.call_id, admitted.keys, amount,
-                                               **self._ledger_row(admitted, cost))
+        result = await self.policy.store.asettle(admitted.call_id, admitted.keys, amount,
+                                                 **self._settle_options(admitted, amount, cost))
+        if getattr(result, "crossed", ()):
+            self.policy.threshold_alerts(admitted.plan, result.crossed, admitted.candidate.label)
+        return result
 
     # -- calls: every entry point admits, calls the model that fitted, settles ---------------
 
@@ -1282,10 +1340,31 @@ def _store_error(operation: str, error: Exception, policy: BudgetPolicy) -> dict
             "message": str(error)[:300]}
 
 
+def _explained(call: _Call, admitted: Admitted | None) -> bool:
+    """Whether the admission has decision events to send (refusals, store errors, a shadow decision)."""
+    return bool(call.refusals or call.store_errors or (admitted is not None and admitted.shadow))
+
+
+def _shadow_detail(admitted: Admitted, detail: str) -> str:
+    """A shadow call's ledger detail: what enforce mode would have done, and why."""
+    why = admitted.would_refuse[-1].describe() if admitted.would_refuse else ""
+    did = {"refusal": "would refuse", "degrade": f"would degrade to {admitted.would_serve}",
+           "clamp": "would shrink the output cap to fit"}[admitted.shadow]  # type: ignore[index]
+    return "; ".join(x for x in (f"shadow: {did}" + (f" ({why})" if why else ""), detail) if x)
+
+
 def _decision_events(call: _Call, admitted: Admitted | None, policy: BudgetPolicy
                      ) -> list[tuple[str, dict[str, Any]]]:
-    """Custom events that explain the guard's decision: each store error, each degrade, a final refusal."""
+    """Custom events that explain the guard's decision: each store error, each degrade, a final refusal;
+    in shadow mode the refusal or degrade enforce mode would have made (``"shadow": True``)."""
     events: list[tuple[str, dict[str, Any]]] = []
+    if admitted is not None and admitted.shadow in ("refusal", "degrade"):
+        would = admitted.would_refuse or []
+        if admitted.shadow == "refusal":
+            events.append((EVENT_REFUSAL, {"refusals": [asdict(r) for r in would], "shadow": True}))
+        elif would:
+            events.append((EVENT_DEGRADE, {"from_model": would[0].model, "to_model": admitted.would_serve,
+                                           "refusal": asdict(would[0]), "shadow": True}))
     for operation, error in call.store_errors:
         # fail_closed refused the call; fail_open served it, unless the allowance ran out.
         outcome = policy.on_store_error if admitted is not None or policy.on_store_error == "fail_closed" \

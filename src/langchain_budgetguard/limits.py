@@ -260,11 +260,15 @@ class Limit:
 
     def thresholds(self, cap: int) -> tuple[int, ...]:
         """The store amounts at which ``alerts`` fire for a counter whose limit in force is ``cap``."""
-        out = []
+        return tuple(sorted({_threshold(cap, fraction) for fraction in self.alerts}))
+
+    def fraction_of(self, threshold: int, cap: int) -> Decimal:
+        """The ``alerts`` fraction whose threshold on a limit of ``cap`` is ``threshold`` (or, when the
+        limit in force changed since the threshold was set, ``threshold / cap``)."""
         for fraction in self.alerts:
-            num, den = fraction.as_integer_ratio()
-            out.append(max(1, -(-cap * num // den)))  # spent >= fraction * cap, in whole units
-        return tuple(sorted(set(out)))
+            if _threshold(cap, fraction) == threshold:
+                return fraction
+        return Decimal(threshold) / Decimal(cap) if cap else Decimal(1)
 
     @property
     def id_field(self) -> str | None:
@@ -414,6 +418,12 @@ def _minute_window(zone: Any, now: float) -> WindowInstance:
             label += _offset_label(offset)
     tz = _fixed(offset)
     return WindowInstance(label, datetime.fromtimestamp(start, tz), _instant(start + 60, zone))
+
+
+def _threshold(cap: int, fraction: Decimal) -> int:
+    """The whole amount at which ``fraction`` of ``cap`` is reached (spent >= fraction * cap)."""
+    num, den = fraction.as_integer_ratio()
+    return max(1, -(-cap * num // den))
 
 
 def _check_alerts(alerts: Any) -> tuple[Decimal, ...]:

@@ -102,15 +102,21 @@ def override_field(limit: Limit, scope_id: str | None) -> str:
     return f"{limit.slug}:{ALL_IDS if scope_id is None else escape_id(scope_id)}"
 
 
-def find_limit(limits: Sequence[Limit], per: str, window: str | None = None, tz: str | None = None) -> Limit:
-    """The one limit of scope ``per`` (and ``window``/``tz`` when given); ValueError says what exists."""
+def find_limit(limits: Sequence[Limit], per: str, window: str | None = None, tz: str | None = None,
+               unit: str | None = "usd") -> Limit:
+    """The one limit of scope ``per`` (and ``window``/``tz`` when given) that counts ``unit`` (None:
+    any); ValueError says what exists. Overrides are in dollars: they only ever name a dollar limit."""
     found = [x for x in limits if x.per == per and (window is None or x.window == window)
-             and (tz is None or x.tz == tz)]
+             and (tz is None or x.tz == tz) and (unit is None or x.unit == unit)]
     if len(found) == 1:
         return found[0]
     known = ", ".join(_describe(x) for x in limits) or "none"
     if not found:
         what = f"per {per}" + (f" per {window}" if window else "") + (f" ({tz})" if tz else "")
+        if unit is not None and any(x.per == per and (window is None or x.window == window) for x in limits):
+            raise ValueError(f"no {'dollar' if unit == 'usd' else unit} limit {what} (overrides and `limit set` "
+                             f"are in dollars; a tokens or requests limit is changed in the config); "
+                             f"the limits are: {known}")
         raise ValueError(f"no limit {what}; the limits are: {known}")
     choices = ", ".join(_describe(x) for x in found)
     raise ValueError(f"scope {per!r} has several limits ({choices}): say which window (and tz)")
@@ -118,7 +124,8 @@ def find_limit(limits: Sequence[Limit], per: str, window: str | None = None, tz:
 
 def _describe(limit: Limit) -> str:
     tz = "" if limit.tz in ("UTC", "utc", "Z") else f" ({limit.tz})"
-    return f"per {limit.per} per {limit.window}{tz}"
+    unit = "" if limit.unit == "usd" else f" ({limit.unit})"
+    return f"per {limit.per} per {limit.window}{tz}{unit}"
 
 
 def resolve_config_overrides(limits: Sequence[Limit], overrides: Sequence[Override] | None) -> dict[str, int]:
@@ -308,6 +315,7 @@ class LimitRow:
     effective: Decimal
     source: str
     field: str
+    unit: str = "usd"  # what the amounts count: "usd" (Decimal USD), "tokens" or "requests"
 
 
 @dataclass(frozen=True)
@@ -385,12 +393,13 @@ class BudgetAdmin:
             window=limit.window,
             tz=limit.tz,
             scope_id=sid,
-            configured=limit.usd,
-            config_override=nano_to_usd(config[own]) if own in config else None,
-            store_override=nano_to_usd(live[own]) if own in live else None,
-            effective=limit.usd if source == "limit" else nano_to_usd(cap),
+            configured=limit.value,
+            config_override=limit.show(config[own]) if own in config else None,
+            store_override=limit.show(live[own]) if own in live else None,
+            effective=limit.value if source == "limit" else limit.show(cap),
             source=source,
             field=own,
+            unit=limit.unit,
         )
 
     def set_limit(self, per: str, usd: Any, scope_id: str | None = None, window: str | None = None,
@@ -485,12 +494,12 @@ class BudgetAdmin:
         for key, state in found:
             sid = _unescape(key.split("}:", 1)[1].split(":")[2])
             cap, source = resolve_cap(limit, sid, live, config)
-            usd = limit.usd if source == "limit" else nano_to_usd(cap)
-            spent, held = nano_to_usd(state.spent), nano_to_usd(state.held)
+            usd = limit.value if source == "limit" else limit.show(cap)
+            spent, held = limit.show(state.spent), limit.show(state.held)
             out.append(LimitStatus(
                 scope=limit.per, scope_id=sid, window=limit.window, window_label=win.label, limit=usd,
                 spent=spent, held=held, remaining=max(usd - spent - held, Decimal(0)),
-                resets_at=win.resets_at, key=key,
+                resets_at=win.resets_at, key=key, unit=limit.unit,
             ))
         return out
 

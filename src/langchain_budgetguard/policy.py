@@ -22,6 +22,7 @@ from .limits import (
     MAX_REFRESH_SECONDS,
     MAX_RETENTION_SECONDS,
     MIN_LEASE_SECONDS,
+    MODEL,
     Identity,
     Limit,
     WindowInstance,
@@ -35,6 +36,7 @@ from .money import nano_to_usd, show_value, to_decimal, usd_to_nano
 from .overrides import DEFAULT_REFRESH_SECONDS, LiveOverrides, Override, resolve_cap, resolve_config_overrides
 from .pricing import Pricer
 from .stores.base import Counter, CounterState, Store
+from .stores.bounds import MAX_NANO
 from .stores.memory import MemoryStore
 
 __all__ = [
@@ -66,7 +68,8 @@ DEFAULT_DECISION_ALERT_SECONDS = 60.0
 
 @dataclass(frozen=True)
 class LimitStatus:
-    """One limit as seen by one identity now (Decimal USD)."""
+    """One limit as seen by one identity now, in the limit's unit (``unit``: Decimal USD for
+    ``"usd"``; whole tokens or requests, as Decimal, for ``"tokens"`` / ``"requests"``)."""
 
     scope: str
     scope_id: str | None
@@ -78,6 +81,7 @@ class LimitStatus:
     remaining: Decimal
     resets_at: datetime | None
     key: str
+    unit: str = "usd"
 
     @property
     def used_fraction(self) -> Decimal:
@@ -88,8 +92,10 @@ class LimitStatus:
 class CounterPlan:
     """The counters one call draws on, each with its limit and window.
 
-    ``caps`` is the limit in force on each counter (nano-USD), live and config overrides applied
-    (see ``overrides``); None means each limit's own amount.
+    ``caps`` is the limit in force on each counter (in the limit's unit: nano-USD, tokens or
+    requests), live and config overrides applied (see ``overrides``); None means each limit's own
+    amount. ``thresholds`` are each counter's alert amounts (``Limit.alerts`` of its cap).
+    ``counted`` is True when a limit counts tokens or requests: its counters hold amounts of their own.
     """
 
     limits: tuple[Limit, ...]
@@ -98,24 +104,43 @@ class CounterPlan:
     keys: tuple[str, ...]
     expires_at: tuple[int | None, ...]
     caps: tuple[int, ...] | None = None
+    thresholds: tuple[tuple[int, ...], ...] = ()
+    counted: bool = False
 
     def cap(self, index: int) -> int:
-        return self.limits[index].nano if self.caps is None else self.caps[index]
+        return self.limits[index].amount if self.caps is None else self.caps[index]
 
     def limit_usd(self, index: int) -> Decimal:
-        """The limit in force on counter ``index``, in USD."""
+        """The limit in force on counter ``index``, in its unit (USD for a dollar limit)."""
         cap = self.cap(index)
         limit = self.limits[index]
-        return limit.usd if cap == limit.nano else nano_to_usd(cap)
+        return limit.value if cap == limit.amount else limit.show(cap)
 
-    def counters(self, fraction: Decimal | None = None) -> list[Counter]:
-        """Counters for a reservation; ``fraction`` (degrade_at) lowers each limit."""
+    def counters(self, fraction: Decimal | None = None, estimate: Any = None, expired_hold: str = "charge_input",
+                 shadow: bool = False) -> list[Counter]:
+        """Counters for a reservation; ``fraction`` (degrade_at) lowers each limit. ``estimate`` (an
+        ``admission.Estimate``) sizes the holds of token and request counters; ``shadow`` lifts every
+        limit to the store's maximum (the call always fits; alerts still fire at the real limit)."""
         out = []
-        caps = self.caps if self.caps is not None else [limit.nano for limit in self.limits]
-        for nano, key, exp in zip(caps, self.keys, self.expires_at):
-            cap = nano if fraction is None else int(nano * fraction)
-            out.append(Counter(key, cap, exp))
+        caps = self.caps if self.caps is not None else [limit.amount for limit in self.limits]
+        thresholds = self.thresholds
+        for index, (nano, key, exp) in enumerate(zip(caps, self.keys, self.expires_at)):
+            cap = MAX_NANO if shadow else nano if fraction is None else int(nano * fraction)
+            extra: dict[str, Any] = {}
+            if thresholds and thresholds[index]:
+                extra["alerts"] = thresholds[index]
+            if self.counted and self.limits[index].unit != "usd":
+                amount, charge = _unit_hold(self.limits[index].unit, estimate, expired_hold)
+                extra["amount"], extra["charge_on_expiry"] = amount, charge
+            out.append(Counter(key, cap, exp, **extra) if extra else Counter(key, cap, exp))
         return out
+
+    def amounts(self, charged: int, tokens: int, requests: int) -> list[int] | None:
+        """What a settle charges each counter: ``charged`` nano-USD on dollar counters, ``tokens`` and
+        ``requests`` on the others; None when every counter is in dollars (one amount for all)."""
+        if not self.counted:
+            return None
+        return [charged if x.unit == "usd" else tokens if x.unit == "tokens" else requests for x in self.limits]
 
     def refusal(self, index: int, state: CounterState, estimate: int, model: str, **explained: Any) -> Refusal:
         """Why counter ``index`` refused; ``explained`` adds what the estimate is made of (Refusal's fields)."""
@@ -125,12 +150,13 @@ class CounterPlan:
             scope_id=self.scope_ids[index],
             window=f"{limit.window} {self.windows[index].label}",
             limit=self.limit_usd(index),
-            spent=nano_to_usd(state.spent),
-            held=nano_to_usd(state.held),
-            estimate=nano_to_usd(estimate),
+            spent=limit.show(state.spent),
+            held=limit.show(state.held),
+            estimate=limit.show(estimate),
             model=model,
             resets_at=self.windows[index].resets_at,
             **explained,
+            **({} if limit.unit == "usd" else {"unit": limit.unit}),
         )
 
     def statuses(self, states: Sequence[CounterState]) -> list[LimitStatus]:
@@ -138,7 +164,7 @@ class CounterPlan:
         for index, (limit, sid, window, key, state) in enumerate(
             zip(self.limits, self.scope_ids, self.windows, self.keys, states)
         ):
-            spent, held = nano_to_usd(state.spent), nano_to_usd(state.held)
+            spent, held = limit.show(state.spent), limit.show(state.held)
             usd = self.limit_usd(index)
             out.append(
                 LimitStatus(
@@ -152,9 +178,26 @@ class CounterPlan:
                     remaining=max(usd - spent - held, Decimal(0)),
                     resets_at=window.resets_at,
                     key=key,
+                    unit=limit.unit,
                 )
             )
         return out
+
+
+def _amount(limit: Limit, value: Decimal) -> str:
+    return f"${value}" if limit.unit == "usd" else f"{int(value):,} {limit.unit}"
+
+
+def _unit_hold(unit: str, estimate: Any, expired_hold: str) -> tuple[int, int]:
+    """The hold of a tokens or requests counter for one call, and what its expiry charges."""
+    if unit == "requests":
+        return 1, 0 if expired_hold == "release" else 1
+    if estimate is None:
+        raise ValueError("a tokens limit needs the call's estimate to size its hold")
+    amount = estimate.input_tokens + estimate.output_tokens
+    charge = (estimate.input_tokens if expired_hold == "charge_input"
+              else amount if expired_hold == "charge_reserved" else 0)
+    return amount, charge
 
 
 def _parse_limits(limit: Any, limits: Sequence[Limit] | None) -> tuple[Limit, ...]:
@@ -300,9 +343,17 @@ class BudgetPolicy:
             decision_alert_seconds = check_seconds(decision_alert_seconds, "decision_alert_seconds",
                                                    maximum=MAX_REFRESH_SECONDS)
         self.decision_alert_seconds = decision_alert_seconds
+        self.alerts: Any = None  # the AlertSink that delivers alerts (None: nobody listens)
+        if on_alert is not None or alert_webhook is not None:
+            from .alerts import AlertSink, webhook_of
+
+            self.alerts = AlertSink(on_alert, None if alert_webhook is None else webhook_of(alert_webhook),
+                                    decision_seconds=decision_alert_seconds)
         self._outage: MemoryStore | None = None  # the fail-open allowance of the current outage
         # Cluster hash tag: with a tenant scope, every counter of a tenant shares the tenant's tag.
         self._tenant_scoped = any(x.per == "tenant" for x in self.limits)
+        self.per_model = any(x.per == MODEL for x in self.limits)  # counters that depend on the serving model
+        self.counted = any(x.unit != "usd" for x in self.limits)  # token or request limits hold their own amounts
         self._name_tag = escape_id(name)
         # Limit overrides: the config's (field -> nano-USD) and the store's live ones, which every
         # process re-reads at most every override_refresh_seconds (None: never read the store's).
@@ -331,20 +382,23 @@ class BudgetPolicy:
     def identity(self, config: Mapping[str, Any] | None, **ids: Any) -> Identity:
         return resolve_identity(config, self.limits, **ids)
 
-    def plan(self, identity: Identity, now: datetime | None = None) -> CounterPlan:
+    def plan(self, identity: Identity, now: datetime | None = None, model: str | None = None) -> CounterPlan:
         """The counters a call by ``identity`` at ``now`` draws on (cached until a window turns or
-        the live overrides change)."""
+        the live overrides change). ``model`` is the serving model, the id of ``per="model"`` limits
+        (without it and without ``model_id`` in the identity, those limits are left out)."""
         live = self.live_overrides
         if live is not None and live.due():
             live.refresh()
         generation = live.generation if live is not None else 0
+        if not self.per_model:
+            model = None
         if now is not None:
-            return self._plan(identity, now)
-        key = tuple(identity.ids.items())
+            return self._plan(identity, now, model)
+        key = (*identity.ids.items(), model)
         cached = self._plans.get(key)
         if cached is not None and cached[2] == generation and time.time() < cached[1]:
             return cached[0]
-        plan = self._plan(identity, datetime.now(timezone.utc))
+        plan = self._plan(identity, datetime.now(timezone.utc), model)
         turns = [w.resets_at.timestamp() for w in plan.windows if w.resets_at is not None]
         if len(self._plans) >= _PLAN_CACHE_SIZE:
             self._plans.clear()
@@ -358,12 +412,14 @@ class BudgetPolicy:
             return limit.nano
         return resolve_cap(limit, scope_id, live, self.config_overrides)[0]
 
-    def _plan(self, identity: Identity, now: datetime) -> CounterPlan:
+    def _plan(self, identity: Identity, now: datetime, model: str | None = None) -> CounterPlan:
         tenant = identity.ids.get("tenant") if self._tenant_scoped else None
         tenant_tag = f"{self._name_tag}.t.{escape_id(tenant)}" if tenant is not None else self._name_tag
-        scope_ids, windows, keys, expires, caps = [], [], [], [], []
+        scope_ids, windows, keys, expires, caps, limits, thresholds = [], [], [], [], [], [], []
         for index, limit in enumerate(self.limits):
-            sid = identity.id_for(limit)
+            if limit.per == MODEL and model is None and MODEL not in identity.ids:
+                continue  # a status without a model: the per-model limits are not among its counters
+            sid = identity.id_for(limit, model)
             window, expires_at = self._window(index, limit, now)
             # A limit above the tenant tree (global, or another scope without a tenant) lives under
             # the budget's own tag; everything a tenant owns shares the tenant's tag.
@@ -372,8 +428,12 @@ class BudgetPolicy:
             windows.append(window)
             keys.append(counter_key(self.name, tag, limit, sid, window.label))
             expires.append(expires_at)
-            caps.append(self.limit_nano(limit, sid))
-        return CounterPlan(self.limits, tuple(scope_ids), tuple(windows), tuple(keys), tuple(expires), tuple(caps))
+            cap = self.limit_nano(limit, sid)
+            caps.append(cap)
+            limits.append(limit)
+            thresholds.append(limit.thresholds(cap) if limit.alerts else ())
+        return CounterPlan(tuple(limits), tuple(scope_ids), tuple(windows), tuple(keys), tuple(expires), tuple(caps),
+                           tuple(thresholds) if any(thresholds) else (), self.counted)
 
     def _window(self, index: int, limit: Limit, now: datetime) -> tuple[WindowInstance, int | None]:
         """``limit.window_at(now)`` and its counter's expiry, reused while ``now`` is in that window."""
@@ -386,6 +446,51 @@ class BudgetPolicy:
         expires = None if window.resets_at is None else int(window.resets_at.timestamp()) + self.retention_seconds
         self._windows[index] = cached = (window, expires)
         return cached
+
+    def threshold_alerts(self, plan: CounterPlan | None, crossed: Sequence[Any], model: str | None = None) -> None:
+        """Send one alert per threshold a store step crossed (``stores.base.Crossing``): the store
+        decided it, atomically, so each fires once across every process."""
+        if self.alerts is None or plan is None:
+            return
+        from .alerts import Alert
+
+        now = datetime.now(timezone.utc)
+        for crossing in crossed:
+            index = crossing.index
+            if not 0 <= index < len(plan.keys) or plan.keys[index] != crossing.key:
+                continue
+            limit, window, cap = plan.limits[index], plan.windows[index], plan.cap(index)
+            fraction = limit.fraction_of(crossing.threshold, cap)
+            who = limit.per if plan.scope_ids[index] is None else f"{limit.per} {plan.scope_ids[index]!r}"
+            spent = limit.show(crossing.spent)
+            self.alerts.emit(Alert(
+                kind="threshold", budget=self.name, scope=limit.per, scope_id=plan.scope_ids[index],
+                window=limit.window, window_label=window.label, unit=limit.unit, limit=plan.limit_usd(index),
+                spent=spent, threshold=fraction, resets_at=window.resets_at, at=now, model=model,
+                shadow=self.mode == "shadow",
+                message=f"budget {self.name!r}: {who} reached {fraction * 100:g}% of its {limit.window} limit "
+                        f"({_amount(limit, spent)} of {_amount(limit, plan.limit_usd(index))}, window {window.label})",
+            ))
+
+    def decision_alert(self, kind: str, refusal: Refusal, *, shadow: bool = False) -> None:
+        """A refusal or degrade alert (at most one per scope id per ``decision_alert_seconds``)."""
+        if self.alerts is None:
+            return
+        from .alerts import Alert
+
+        window, _, label = refusal.window.partition(" ")
+        did = {"refusal": "refused a call", "degrade": "degraded a call"}[kind]
+        self.alerts.decision(Alert(
+            kind=kind, budget=self.name, scope=refusal.scope, scope_id=refusal.scope_id, window=window,
+            window_label=label, unit=refusal.unit, limit=refusal.limit, spent=refusal.spent, threshold=None,
+            resets_at=refusal.resets_at, at=datetime.now(timezone.utc), model=refusal.model, shadow=shadow,
+            message=f"budget {self.name!r}{' (shadow: would have)' if shadow else ''} {did}: {refusal.describe()}",
+        ))
+
+    def close(self) -> None:
+        """Deliver the alerts still queued (bounded wait)."""
+        if self.alerts is not None:
+            self.alerts.flush()
 
     def status(self, config: Mapping[str, Any] | None = None, **ids: Any) -> list[LimitStatus]:
         """Each limit that applies to this identity: limit, spent, held, remaining, resets_at."""
