@@ -242,7 +242,10 @@ def _shadow(policy: BudgetPolicy, plans: Plans, ladder: Sequence[Any], estimate:
     if result.reused:
         raise CallIdReusedError(call_id)
     admitted.crossed = getattr(result, "crossed", ())
-    seen = {c.key: s for c, s in zip(counters, result.states)}
+    seen = {}  # the counters as they were before this call's own hold (a placed result includes it)
+    for counter, state in zip(counters, result.states):
+        own = full.reserve if getattr(counter, "amount", None) is None else counter.amount
+        seen[counter.key] = CounterState(state.spent, max(state.held - own, 0))
     would = _enforce(policy, plans, ladder, estimate, call_id, refusals, shrink)
     try:
         request = next(would)

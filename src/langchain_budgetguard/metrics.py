@@ -114,6 +114,12 @@ class BudgetMetrics:
                                     "on_store_error did (fail_closed refused, fail_open served, allowance_exhausted "
                                     "refused once the fail-open allowance was spent)",
                                     ["budget", "operation", "outcome"], namespace=namespace, registry=self.registry)
+        self.shadow_refusals = counter(
+            "shadow_refusals", "Calls a budget in shadow mode served that enforce mode would have refused",
+            ["budget", "scope", "window", "model"], namespace=namespace, registry=self.registry)
+        self.shadow_degrades = counter(
+            "shadow_degrades", "Calls a budget in shadow mode served that enforce mode would have degraded",
+            ["budget", "scope", "window", "from_model", "to_model"], namespace=namespace, registry=self.registry)
         self.registry.register(_StoreCollector(self))
 
     # -- what this process's calls did -------------------------------------------------------
@@ -131,7 +137,7 @@ class BudgetMetrics:
             self.calls.labels(budget, model, "true" if data.get("degraded") else "false").inc()
         elif name == EVENT_DEGRADE:
             refusal = data.get("refusal") or {}
-            self.degrades.labels(budget, str(refusal.get("scope", "")), _window_kind(refusal.get("window")),
+            (self.shadow_degrades if data.get("shadow") else self.degrades).labels(budget, str(refusal.get("scope", "")), _window_kind(refusal.get("window")),
                                  str(data.get("from_model", "")), str(data.get("to_model", ""))).inc()
         elif name == EVENT_STORE_ERROR:
             self.store_errors.labels(budget, str(data.get("operation", "")), str(data.get("outcome", ""))).inc()
@@ -139,7 +145,7 @@ class BudgetMetrics:
             refusals = list(data.get("refusals") or ())
             if refusals:
                 last = refusals[-1]
-                self.refusals.labels(budget, str(last.get("scope", "")), _window_kind(last.get("window")),
+                (self.shadow_refusals if data.get("shadow") else self.refusals).labels(budget, str(last.get("scope", "")), _window_kind(last.get("window")),
                                      str(refusals[0].get("model", ""))).inc()
 
     # -- the budget's counters, from the store ---------------------------------------------------
@@ -184,17 +190,24 @@ class BudgetMetrics:
         id_held = gauge("id_held_usd", "USD held by one id's calls in flight", ["id"])
         id_remaining = gauge("id_remaining_usd", "USD left for one id in the current window", ["id"])
         id_limit = gauge("id_limit_usd", "The limit in force for one id (overrides applied)", ["id"])
+        count_limit = gauge("limit_count", "A tokens or requests limit of the scope per window", ["unit"])
+        count_used = gauge("used_count", "Tokens or requests counted in the current window, summed over the "
+                           "scope's ids (held ones not included)", ["unit"])
         for policy in policies:
             admin = BudgetAdmin(policy)
             try:
-                rows = {(x.per, x.window, x.tz): (x, admin.limit_statuses(x, None, None, None))
+                rows = {(x.per, x.window, x.tz, x.unit): (x, admin.limit_statuses(x, None, None, None))
                         for x in policy.limits}
             except Exception:  # noqa: BLE001 - a scrape reports the store down instead of failing
                 up.add_metric([policy.name], 0.0)
                 continue
             up.add_metric([policy.name], 1.0)
-            for (per, window, _tz), (lim, statuses) in rows.items():
+            for (per, window, _tz, unit), (lim, statuses) in rows.items():
                 key = [policy.name, per, window]
+                if unit != "usd":  # the dollar gauges speak USD; other kinds have their own, with a unit label
+                    count_limit.add_metric([*key, unit], float(lim.amount))
+                    count_used.add_metric([*key, unit], float(sum((s.spent for s in statuses), Decimal(0))))
+                    continue
                 scope_limit = policy.limit_nano(lim, None) / 1e9
                 limit.add_metric(key, scope_limit)
                 spent.add_metric(key, float(sum((s.spent for s in statuses), Decimal(0))))
@@ -210,7 +223,7 @@ class BudgetMetrics:
                         id_held.add_metric(who, float(s.held))
                         id_remaining.add_metric(who, float(s.remaining))
                         id_limit.add_metric(who, float(s.limit))
-        out = [up, limit, spent, held, remaining, ids, exhausted]
+        out = [up, limit, spent, held, remaining, ids, exhausted, count_limit, count_used]
         if self.id_labels:
             out += [id_limit, id_spent, id_held, id_remaining]
         return out

@@ -91,7 +91,7 @@ class ReserveResult:
     """``ok``: the hold was placed on every counter (or already was, for a retried call_id).
 
     When refused, ``blocked`` is the index of the first counter that could not take the hold;
-    ``states`` is every counter's state as the store saw it.
+    ``states`` is every counter's state as the store saw it (when placed: with this hold).
     ``reused``: refused because this call id already reserved with another token, settled, or
     was released (``blocked`` is None); the caller must use a fresh call id.
     """
