@@ -16,6 +16,8 @@ instead of scanning the keyspace, so their cost grows with the ids asked for.
 
 from __future__ import annotations
 
+import copy
+
 import csv
 import io
 import json
@@ -121,7 +123,8 @@ class LedgerRow:
         if not isinstance(self.tokens, Mapping) or len(self.tokens) > MAX_ENTRIES:
             raise ValueError(f"LedgerRow.tokens: a mapping of at most {MAX_ENTRIES} kind -> count")
         for k, v in self.tokens.items():
-            _text(k, "tokens (a kind)", 64, empty=False)
+            if k not in _KNOWN_KINDS:
+                _text(k, "tokens (a kind)", 64, empty=False)
             if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_NANO:
                 raise ValueError(f"LedgerRow.tokens[{k!r}]: expected a whole count >= 0, got {v!r}")
         object.__setattr__(self, "tokens", {k: v for k, v in self.tokens.items() if v})  # 0: not billed
@@ -148,8 +151,15 @@ class LedgerRow:
         return sum(self.tokens.values())
 
     def written(self, at: datetime, cost_nano: int) -> LedgerRow:
-        """This row as the store wrote it: at its time, with what it charged."""
-        return replace(self, at=at, cost_nano=cost_nano)
+        """This row as the store wrote it: at its time, with what it charged. Only those two are
+        checked again (the rest was checked when the row was made): this runs on every settle."""
+        if not isinstance(at, datetime) or at.tzinfo is None:
+            raise ValueError(f"LedgerRow.at: expected an aware datetime, got {at!r}")
+        check_nano(cost_nano, "LedgerRow.cost_nano")
+        row = copy.copy(self)
+        object.__setattr__(row, "at", at)
+        object.__setattr__(row, "cost_nano", cost_nano)
+        return row
 
     # -- a flat encoding (the Redis stream's fields) --------------------------------------------
 
@@ -234,6 +244,7 @@ _USAGE_KINDS = (  # TokenUsage field -> ledger token kind
     ("input_image_tokens", "input_image"), ("output_image_tokens", "output_image"),
     ("input_video_tokens", "input_video"),
 )
+_KNOWN_KINDS = frozenset(kind for _, kind in _USAGE_KINDS)
 
 
 def _clip(value: Any, limit: int = MAX_TEXT) -> str | None:
@@ -247,7 +258,8 @@ def call_row(budget: str, call_id: str, keys: Sequence[str], *, model: str | Non
     (scopes are read off them), the model that served it, its ``TokenUsage`` (None: no usage
     report; the row is then flagged ``estimated``). Text is clipped to the row's bounds, so a
     row never stops a settle."""
-    tokens = {kind: int(getattr(usage, name, 0) or 0) for name, kind in _USAGE_KINDS} if usage is not None else {}
+    tokens = {kind: count for name, kind in _USAGE_KINDS if (count := int(getattr(usage, name, 0) or 0))} \
+        if usage is not None else {}
     return LedgerRow(
         budget=_clip(budget) or "-", call_id=call_id, kind="call", scopes=scopes_of_keys(keys),
         keys=tuple(dict.fromkeys(keys))[:MAX_ENTRIES], model=_clip(model), host=_clip(host), tokens=tokens,

@@ -189,9 +189,10 @@ class MemoryStore:
                     del self._index[found[0]]
 
     def _append(self, row: LedgerRow, now: float) -> None:
+        """Keep ``row``, ``written`` at the store's clock ``now`` (a row's own ``at`` is never kept)."""
         if not self.ledger_max_rows:
             return
-        self._ledger.append(row.written(datetime.fromtimestamp(now, timezone.utc), row.cost_nano))
+        self._ledger.append(row)
         self._trim(now)
 
     def _trim(self, now: float) -> None:
@@ -285,7 +286,7 @@ class MemoryStore:
             token = record.token if record is not None else ""
             self._remember(call_id, _Record("settled", token, now + self.retry_window_seconds))
             if row is not None:
-                self._append(row.written(row.at or datetime.fromtimestamp(now, timezone.utc), amount), now)
+                self._append(row.written(datetime.fromtimestamp(now, timezone.utc), amount), now)
             return SettleResult(applied=True, charged=amount, capped=capped)
 
     def release(self, call_id: str, keys: Sequence[str], hold: Hold) -> None:
@@ -369,7 +370,8 @@ class MemoryStore:
         if not isinstance(row, LedgerRow):
             raise TypeError(f"row: expected a LedgerRow, got {type(row).__name__}")
         with self._lock:
-            self._append(row.written(row.at or datetime.now(timezone.utc), 0), self._clock())
+            now = self._clock()
+            self._append(row.written(datetime.fromtimestamp(now, timezone.utc), 0), now)
 
     def read_ledger(self, name: str, *, scope: str | None = None, scope_id: str | None = None,
                     since: datetime | None = None, kinds: Sequence[str] | None = None, model: str | None = None,
