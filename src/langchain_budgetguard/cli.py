@@ -89,6 +89,13 @@ def _usd(value: Decimal | None) -> str:
     return "-" if value is None else "$" + (_dec(value) or "0")
 
 
+def _amount(value: Decimal | None, unit: str = "usd") -> str:
+    """An amount in its limit's unit: ``$0.25``, ``5000 tokens``, ``10 requests``."""
+    if unit == "usd" or value is None:
+        return _usd(value)
+    return f"{_dec(value) or '0'} {unit}"
+
+
 def _percent(used: Decimal, limit: Decimal) -> str:
     return f"{(used / limit * 100):.1f}%" if limit else "100%"  # a $0 limit is all used
 
@@ -121,13 +128,15 @@ def _status_json(s: Any) -> dict[str, Any]:
         "used_percent": _dec((s.spent + s.held) / s.limit * 100) if s.limit else None,
         "resets_at": s.resets_at.isoformat() if s.resets_at else None,
         "key": s.key,
+        "unit": s.unit,
     }
 
 
 def _status_rows(statuses: Sequence[Any]) -> str:
     rows = [[
-        s.scope, "-" if s.scope_id is None else s.scope_id, f"{s.window} {s.window_label}", _usd(s.limit),
-        _usd(s.spent), _usd(s.held), _usd(s.remaining), _percent(s.spent + s.held, s.limit),
+        s.scope, "-" if s.scope_id is None else s.scope_id, f"{s.window} {s.window_label}", _amount(s.limit, s.unit),
+        _amount(s.spent, s.unit), _amount(s.held, s.unit), _amount(s.remaining, s.unit),
+        _percent(s.spent + s.held, s.limit),
         s.resets_at.isoformat() if s.resets_at else "never",
     ] for s in statuses]
     headers = ["scope", "id", "window", "limit", "spent", "held", "remaining", "used", "resets at"]
@@ -335,8 +344,8 @@ def _cmd_top(args: argparse.Namespace) -> int:
         sys.stdout.write(f"budget {config.name}: heaviest {scope}s, {rows[0].window} {rows[0].window_label}\n")
         sys.stdout.write(_table(
             ["#", scope, "spent", "held", "limit", "remaining", "used"],
-            [[str(i), s.scope_id or "-", _usd(s.spent), _usd(s.held), _usd(s.limit), _usd(s.remaining),
-              _percent(s.spent + s.held, s.limit)] for i, s in enumerate(rows, 1)],
+            [[str(i), s.scope_id or "-", _amount(s.spent, s.unit), _amount(s.held, s.unit), _amount(s.limit, s.unit),
+              _amount(s.remaining, s.unit), _percent(s.spent + s.held, s.limit)] for i, s in enumerate(rows, 1)],
             right="0234567") + "\n")
     else:
         sys.stdout.write(f"budget {config.name}: no {scope} has spent anything in that window\n")
@@ -347,14 +356,15 @@ def _limit_json(row: Any) -> dict[str, Any]:
     return {"scope": row.per, "id": row.scope_id, "window": row.window, "tz": row.tz,
             "configured": _dec(row.configured), "config_override": _dec(row.config_override),
             "store_override": _dec(row.store_override), "effective": _dec(row.effective), "source": row.source,
-            "field": row.field}
+            "field": row.field, "unit": row.unit}
 
 
 def _limit_table(rows: Sequence[Any]) -> str:
     return _table(
         ["scope", "id", "window", "configured", "config override", "store override", "in force", "from"],
-        [[r.per, "-" if r.per == GLOBAL else (r.scope_id or "* (every id)"), r.window, _usd(r.configured),
-          _usd(r.config_override), _usd(r.store_override), _usd(r.effective), r.source] for r in rows],
+        [[r.per, "-" if r.per == GLOBAL else (r.scope_id or "* (every id)"), r.window, _amount(r.configured, r.unit),
+          _amount(r.config_override, r.unit), _amount(r.store_override, r.unit), _amount(r.effective, r.unit),
+          r.source] for r in rows],
         right="3456")
 
 
