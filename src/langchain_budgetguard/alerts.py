@@ -137,11 +137,11 @@ class Alert:
         }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Webhook:
     """Where alerts are POSTed as JSON: an http(s) ``url``, each try bounded by ``timeout_seconds``,
     ``attempts`` tries in all (exponential backoff from ``backoff_seconds``), ``headers`` sent with
-    each (``{"Authorization": "Bearer ..."}``; never shown in ``repr``)."""
+    each (``{"Authorization": "Bearer ..."}``). ``repr`` shows neither the URL's path nor header values."""
 
     url: str
     timeout_seconds: float = 5.0
@@ -160,7 +160,8 @@ class Webhook:
             self.timeout_seconds, "Webhook.timeout_seconds", minimum=0.01, maximum=MAX_WEBHOOK_TIMEOUT))
         object.__setattr__(self, "backoff_seconds", check_seconds(
             self.backoff_seconds, "Webhook.backoff_seconds", maximum=MAX_WEBHOOK_TIMEOUT))
-        if isinstance(self.attempts, bool) or not isinstance(self.attempts, int) or not 1 <= self.attempts <= MAX_ATTEMPTS:
+        attempts = self.attempts
+        if isinstance(attempts, bool) or not isinstance(attempts, int) or not 1 <= attempts <= MAX_ATTEMPTS:
             raise ValueError(f"Webhook.attempts: expected a whole number from 1 to {MAX_ATTEMPTS}, "
                              f"got {show_value(self.attempts)}")
         if not isinstance(self.headers, Mapping) or not all(
@@ -168,6 +169,10 @@ class Webhook:
             raise TypeError("Webhook.headers: expected a mapping of header names to string values, "
                             "such as {'Authorization': 'Bearer ...'}")
         object.__setattr__(self, "headers", MappingProxyType(dict(self.headers)))
+
+    def __repr__(self) -> str:  # the URL's path and query may hold a secret (Slack's do)
+        return (f"Webhook({self.where + '/...'!r}, timeout_seconds={self.timeout_seconds!r}, "
+                f"attempts={self.attempts!r}, headers=[{', '.join(map(repr, self.headers))}])")
 
     @property
     def where(self) -> str:
@@ -183,7 +188,7 @@ class Webhook:
 
         def once() -> None:
             request = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
-            with urllib.request.urlopen(request, timeout=self.timeout_seconds) as response:  # noqa: S310 (http/https only)
+            with urllib.request.urlopen(request, timeout=self.timeout_seconds) as response:  # noqa: S310 (http(s) only)
                 response.read()
 
         retrying = Retrying(
@@ -232,7 +237,8 @@ class AlertSink:
                  decision_seconds: float | None = 60.0, max_queue: int = MAX_QUEUE,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if on_alert is not None and not callable(on_alert):
-            raise TypeError(f"on_alert: expected a function (sync or async) taking an Alert, got {type(on_alert).__name__}")
+            raise TypeError("on_alert: expected a function (sync or async) taking an Alert, "
+                            f"got {type(on_alert).__name__}")
         self.on_alert = on_alert
         self.webhook = webhook_of(webhook)
         if decision_seconds is not None:
