@@ -328,3 +328,43 @@ def test_decision_alerts_off_and_threshold_alerts_refused() -> None:
     assert sink.flush(1) and got == []
     with pytest.raises(ValueError, match="decision_seconds: expected a number of seconds"):
         AlertSink(got.append, decision_seconds=-1)
+
+
+def test_emits_from_many_threads_are_each_delivered_once() -> None:
+    got: list[str | None] = []
+    sink = AlertSink(lambda a: got.append(a.scope_id))
+    threads = [threading.Thread(target=lambda n=n: [sink.emit(alert(scope_id=f"{n}-{i}")) for i in range(200)])
+               for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sink.flush(10)
+    assert sorted(got) == sorted(f"{n}-{i}" for n in range(8) for i in range(200))
+    assert sink.delivered == 1600 and sink.dropped == 0
+
+
+def test_pending_alerts_are_delivered_at_interpreter_exit(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    out = tmp_path / "got.txt"
+    script = f"""
+import time
+from datetime import datetime, timezone
+from decimal import Decimal
+from langchain_budgetguard.alerts import Alert, AlertSink
+
+def slow(alert):
+    time.sleep(0.2)
+    with open({str(out)!r}, "a") as f:
+        f.write(alert.scope_id + "\\n")
+
+sink = AlertSink(slow)
+for i in range(3):
+    sink.emit(Alert(kind="refusal", budget="b", scope="user", scope_id=f"u{{i}}", window="day",
+                    window_label="2026-11-22", unit="requests", limit=Decimal(1), spent=Decimal(1),
+                    at=datetime.now(timezone.utc)))
+"""  # the script ends at once: only the exit flush can deliver the alerts
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=30)
+    assert out.read_text().split() == ["u0", "u1", "u2"]

@@ -188,10 +188,15 @@ def test_the_webhook_url_from_the_environment_with_headers():
     ('webhook_url = "https://a.example"\nwebhook_url_env = "HOOK"',
      "alerts.webhook_url_env: give alerts.webhook_url or alerts.webhook_url_env, not both"),
     ('webhook_url_env = "not a name"', "alerts.webhook_url_env: expected the name of an environment variable"),
-    ("timeout_seconds = 0", "alerts.timeout_seconds: expected a positive number of seconds, got 0"),
-    ("timeout_seconds = 61", "alerts.timeout_seconds: expected at most 60 seconds (a minute), got 61"),
-    ("attempts = 0", "alerts.attempts: expected a positive whole number of attempts, got 0"),
-    ("attempts = 11", "alerts.attempts: expected at most 10 attempts (ten), got 11"),
+    ('webhook_url_env = "H"\ntimeout_seconds = 0',
+     "alerts.timeout_seconds: expected a positive number of seconds, got 0"),
+    ('webhook_url_env = "H"\ntimeout_seconds = 61',
+     "alerts.timeout_seconds: expected at most 60 seconds (a minute), got 61"),
+    ('webhook_url_env = "H"\nattempts = 0', "alerts.attempts: expected a positive whole number of attempts, got 0"),
+    ('webhook_url_env = "H"\nattempts = 11', "alerts.attempts: expected at most 10 attempts (ten), got 11"),
+    ("attempts = 2", "alerts.attempts: applies to the webhook, and there is none: set alerts.webhook_url or "
+                     "alerts.webhook_url_env (or remove this key)"),
+    ('webhook_headers_env = "H"', "alerts.webhook_headers_env: applies to the webhook, and there is none"),
     ("decision_seconds = false", "alerts.decision_seconds: expected a number of seconds (0 or more), got false"),
     ("decision_seconds = -1", "alerts.decision_seconds: expected a number of seconds (0 or more), got -1"),
     ("webhook = 'https://a.example'", "alerts.webhook: unknown key (expected one of: webhook_url, webhook_url_env, "
@@ -225,10 +230,33 @@ def test_bad_alerts_keys_name_file_key_and_expectation(table, message):
     (MINIMAL + '[alerts]\nwebhook_url = "http://127.0.0.1:8080"\n', True),
     (MINIMAL + '[alerts]\nwebhook_url = "mailto:a@b.c"\n', False),
     (MINIMAL + '[alerts]\nwebhook_url_env = "HOOK"\nwebhook_headers_env = "HOOK_HEADERS"\n', True),
-    (MINIMAL + "[alerts]\nattempts = 11\n", False),
+    (MINIMAL + '[alerts]\nwebhook_url_env = "HOOK"\nattempts = 11\n', False),
     (MINIMAL + "[alerts]\ndecision_seconds = 0\n", True),
+    (MINIMAL + "[alerts]\nattempts = 2\n", False),  # no webhook to try
+    (MINIMAL + '[alerts]\nwebhook_url = "https://h"\nwebhook_url_env = "HOOK"\n', False),
     (MINIMAL + "[alerts]\ndecision_seconds = 86401\n", False),
 ])
 def test_the_schema_and_the_loader_agree_on_the_new_keys(text, valid):
     assert (schema_errors(text) == []) is valid, schema_errors(text)
     assert (loader_problems(text) == []) is valid, loader_problems(text)
+
+
+# -- check-config speaks each limit's unit ---------------------------------------------------------------
+
+
+def test_check_config_prints_each_limit_in_its_unit(capsys, tmp_path):
+    from langchain_budgetguard.cli import main
+
+    path = tmp_path / "c.toml"
+    path.write_text(with_budget('mode = "shadow"') + "alerts = [0.5, 1.0]\n"
+                    "[[limits]]\nper = 'user'\nwindow = 'minute'\nrequests = 60\n"
+                    "[[limits]]\nper = 'model'\nwindow = 'day'\ntokens = 2500000\n"
+                    '[alerts]\nwebhook_url = "https://hooks.example.com/T/secret"\ndecision_seconds = 0\n', "utf-8")
+    assert main(["check-config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "  mode       shadow (counts and alerts, never refuses or degrades)\n" in out
+    assert "  limit      $2 per user per day, alerts at 50%, 100%\n" in out
+    assert "  limit      60 requests per user per minute\n" in out
+    assert "  limit      2,500,000 tokens per model per day\n" in out
+    assert "  alerts     webhook https://hooks.example.com/..., no refusal or degrade alerts\n" in out
+    assert "secret" not in out

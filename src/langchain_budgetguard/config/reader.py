@@ -99,6 +99,11 @@ def relations(raw: Mapping[str, Any]) -> tuple[list[Limit], list[Override], list
     alerts = raw.get("alerts")
     if isinstance(alerts, dict) and "webhook_url" in alerts and "webhook_url_env" in alerts:
         problems.append(("alerts.webhook_url_env", "give alerts.webhook_url or alerts.webhook_url_env, not both"))
+    if isinstance(alerts, dict) and "webhook_url" not in alerts and "webhook_url_env" not in alerts:
+        for key in ("webhook_headers_env", "timeout_seconds", "attempts"):
+            if key in alerts:
+                problems.append((f"alerts.{key}", "applies to the webhook, and there is none: set alerts.webhook_url "
+                                 "or alerts.webhook_url_env (or remove this key)"))
 
     limits: list[Limit] = []
     seen: dict[tuple[str, str, str, str], int] = {}

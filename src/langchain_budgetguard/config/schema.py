@@ -148,8 +148,16 @@ class OverrideTable(Table):
     tz: Zone | None = optional("the time zone of the limit it overrides (when the scope has several)")
 
 
+_HAS_WEBHOOK = {"anyOf": [{"required": ["webhook_url"]}, {"required": ["webhook_url_env"]}]}
+
+
 class AlertsTable(Table):
     """Where alerts go: a webhook that receives each alert as JSON (POST), and how often decisions alert."""
+
+    model_config = ConfigDict(json_schema_extra={
+        "not": {"required": ["webhook_url", "webhook_url_env"]},  # one of them, or neither
+        "dependentSchemas": {key: _HAS_WEBHOOK for key in ("webhook_headers_env", "timeout_seconds", "attempts")},
+    })
 
     webhook_url: WebhookUrl | None = optional("the http(s) URL each alert is POSTed to as JSON")
     webhook_url_env: EnvName | None = optional(
