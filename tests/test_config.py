@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from langchain_budgetguard import BudgetExceededError, BudgetGuard, BudgetGuardError, Limit
+from langchain_budgetguard.alerts import Webhook
 from langchain_budgetguard.config import ConfigError, DeploymentConfig, guard_from_config, load_config, parse_config
 from langchain_budgetguard.stores.memory import MemoryStore
 from langchain_budgetguard.stores.redis import RedisStore
@@ -52,7 +53,11 @@ def test_there_are_at_least_two_examples_and_every_one_loads():
 
 def test_the_saas_example_describes_a_multi_tenant_deployment(monkeypatch):
     config = load_config(ROOT / "config" / "saas.toml")
-    assert [x.per for x in config.limits] == ["global", "tenant", "user"]
+    assert [(x.per, x.window, x.unit, x.value) for x in config.limits] == [
+        ("global", "month", "usd", 20000), ("tenant", "month", "usd", 200), ("user", "day", "usd", 5),
+        ("user", "minute", "requests", 60), ("model", "day", "tokens", 50_000_000)]
+    assert config.limits[1].alerts == (Decimal("0.5"), Decimal("0.8"), Decimal("1.0"))
+    assert config.mode == "enforce" and config.decision_alert_seconds == 60
     assert {(o.per, o.id): o.usd for o in config.overrides} == {
         ("tenant", "acme"): Decimal(1000), ("tenant", "trial-7f3a"): Decimal("2.50"), ("user", "ci-bot"): Decimal(0)}
     assert config.store_url_env == "BUDGETGUARD_REDIS_URL" and config.on_store_error == "fail_open"
@@ -63,7 +68,14 @@ def test_the_saas_example_describes_a_multi_tenant_deployment(monkeypatch):
     monkeypatch.setenv("BUDGETGUARD_REDIS_URL", "redis://127.0.0.1:1/0")
     store = config.make_store()  # built, not connected
     assert isinstance(store, RedisStore) and store.prefix == "bg:"
+    monkeypatch.delenv("BUDGETGUARD_ALERT_WEBHOOK", raising=False)
+    with pytest.raises(ConfigError, match=r"saas.toml: alerts.webhook_url_env: the environment variable "
+                                          "BUDGETGUARD_ALERT_WEBHOOK is not set"):
+        config.policy(store=MemoryStore())
+    monkeypatch.setenv("BUDGETGUARD_ALERT_WEBHOOK", "https://hooks.example.com/T0/B0/secret")
     policy = config.policy(store=MemoryStore())
+    assert policy.alert_webhook == Webhook("https://hooks.example.com/T0/B0/secret", timeout_seconds=5, attempts=3)
+    assert policy.mode == "enforce" and policy.decision_alert_seconds == 60
     assert policy.on_store_error == "fail_open" and policy.fail_open_allowance == 5_000_000_000
     assert policy.lease_seconds == 300 and policy.degrade_at == Decimal("0.9")
     assert policy.live_overrides.refresh_seconds == 5
@@ -112,7 +124,7 @@ outptu = 1
         "budget.estimator: unknown key", "did you mean [estimate] mode?",
         "store.on_eror: unknown key", "did you mean 'on_error'?",
         "store.url: expected \"memory\" or a Redis URL",
-        'limits[0].per: expected "global", "user", "project", "tenant" or another lowercase scope name',
+        'limits[0].per: expected "global", "user", "project", "tenant", "model" or another lowercase scope name',
         'limits[0].window: expected one of "minute", "hour", "day", "week", "month", "total", got "monthly"',
         "limits[0].usd: expected a number of dollars (0 or more), got -1",
         'limits[0].tz: expected an IANA time zone such as "Europe/Paris" or "UTC", got "Mars/Olympus"',
@@ -132,7 +144,8 @@ outptu = 1
 @pytest.mark.parametrize(("text", "message"), [
     ("[budget]\n", "budget.name: required"),
     ('[budget]\nname = "x"\n', "limits: required"),
-    (MINIMAL + "[[limits]]\nper = 'user'\nwindow = 'day'\nusd = 3\n", "limits[1]: limits[0] is per user per day"),
+    (MINIMAL + "[[limits]]\nper = 'user'\nwindow = 'day'\nusd = 3\n",
+     "limits[1]: limits[0] is a usd limit per user per day"),
     (MINIMAL + "[[overrides]]\nper = 'user'\nid = '*'\nusd = 1\n", "overrides[0].id: \"*\" would be every user"),
     (MINIMAL + "[[overrides]]\nper = 'user'\nusd = 1\n", "overrides[0].id: required"),
     (MINIMAL + "[[limits]]\nusd = 3\n[[overrides]]\nper = 'global'\nid = 'a'\nusd = 1\n",

@@ -233,10 +233,19 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
            f"{config.default_max_output_tokens or 4096} tokens",
            f"  overrides  live from the store every {config.override_refresh_seconds:g} s"
            if config.live_overrides else "  overrides  config only (store.live_overrides = false)"]
+    if config.mode == "shadow":
+        out.append("  mode       shadow (counts and alerts, never refuses or degrades)")
     for limit in config.limits:
         tz = "" if limit.tz == "UTC" else f" ({limit.tz})"
         who = "global" if limit.per == GLOBAL else f"per {limit.per}"
-        out.append(f"  limit      {_usd(limit.usd)} {who} per {limit.window}{tz}")
+        amount = _usd(limit.usd) if limit.unit == "usd" else f"{limit.amount:,} {limit.unit}"
+        alerts = ", ".join(f"{format((a * 100).normalize(), 'f')}%" for a in limit.alerts)
+        out.append(f"  limit      {amount} {who} per {limit.window}{tz}"
+                   + (f", alerts at {alerts}" if alerts else ""))
+    webhook = config.describe_webhook()
+    decisions = ("no refusal or degrade alerts" if config.decision_alert_seconds is None
+                 else f"refusals and degrades at most every {config.decision_alert_seconds:g} s per id")
+    out.append(f"  alerts     webhook {webhook}, {decisions}" if webhook else f"  alerts     no webhook, {decisions}")
     for o in config.overrides:
         out.append(f"  override   {o.per} {o.id}: {_usd(o.usd)} per {o.window}")
     for model in config.prices:

@@ -9,6 +9,7 @@ config/budgetguard.schema.json for editors)::
 
     [budget]
     name = "support-bot"            # guards with the same name and store share counters
+    mode = "enforce"                # or "shadow": count and alert exactly, never refuse or degrade
     degrade_at = 0.8                # degrade once 80% of a limit would be used
     lease_seconds = 600             # a crashed call's hold ends after this (at most a day)
     expired_hold = "charge_input"   # what an expired hold costs: "charge_input", "release", "charge_reserved"
@@ -27,13 +28,23 @@ config/budgetguard.schema.json for editors)::
     mode = "strict"                     # "strict" (an upper bound) or "typical"
     default_max_output_tokens = 4096    # output reserved for calls without max_tokens
 
-    [[limits]]                          # one table per limit
-    per = "tenant"                      # "global", "user", "project", "tenant", or any scope name
-    window = "month"                    # "hour", "day", "week", "month", "total"
-    usd = 200
-    tz = "UTC"                          # IANA zone the window boundaries follow
+    [alerts]                            # where alerts go (also: guard(..., on_alert=fn))
+    webhook_url = "https://hooks.example.com/budget"  # each alert is POSTed as JSON; or instead:
+    webhook_url_env = "BUDGETGUARD_ALERT_WEBHOOK"     # the environment variable that holds the URL
+    webhook_headers_env = "BUDGETGUARD_ALERT_HEADERS" # env var with a JSON object of headers to send
+    timeout_seconds = 5                 # each try (at most 60); alerts never slow a call down
+    attempts = 3                        # tries (1-10): connection errors, timeouts, 5xx are retried
+    decision_seconds = 60               # refusal/degrade alerts: at most one per id per this long
+                                        # in each process; 0 turns them off (thresholds always fire)
 
-    [[overrides]]                       # one id's own limit (window/tz: when the scope has several)
+    [[limits]]                          # one table per limit
+    per = "tenant"                      # "global", "user", "project", "tenant", "model", or any scope name
+    window = "month"                    # "minute", "hour", "day", "week", "month", "total"
+    usd = 200                           # or tokens = 1_000_000 (input + output), or requests = 60
+    tz = "UTC"                          # IANA zone the window boundaries follow
+    alerts = [0.5, 0.8, 1.0]            # alert once per window when a counter reaches these fractions
+
+    [[overrides]]                       # one id's own dollar limit (window/tz: when the scope has several)
     per = "tenant"
     id = "acme"
     usd = 1000
@@ -51,6 +62,9 @@ config/budgetguard.schema.json for editors)::
 
 Amounts are exact: numbers are read as written (``0.1`` is ``Decimal("0.1")``), strings such as
 ``"0.10"`` too; limits have at most 9 decimal places (whole nano-dollars) and are at most $1e9.
+A limit counts one unit: ``usd``, ``tokens`` or ``requests`` (whole numbers); two limits share a
+counter only when per, window, tz and unit are all the same, so a dollar and a token limit per user
+per day live side by side. Overrides are in dollars and apply to dollar limits only.
 
 A file that does not fit raises ``ConfigError``, which names the file, the key and what was
 expected (``config/saas.toml: limits[1].usd: expected a number of dollars, got "five"``); every

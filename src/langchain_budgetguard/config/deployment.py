@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
+from ..alerts import Webhook
 from ..limits import Limit
 from ..overrides import DEFAULT_REFRESH_SECONDS, Override
 from ..pricing import ModelPrice
@@ -49,6 +51,13 @@ class DeploymentConfig:
     prices: Mapping[str, ModelPrice] = field(default_factory=dict)
     fallback_price: ModelPrice | None = None
     degrade: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    mode: str = "enforce"
+    alert_webhook_url: str | None = None
+    alert_webhook_url_env: str | None = None
+    alert_webhook_headers_env: str | None = None
+    alert_timeout_seconds: float = 5.0
+    alert_attempts: int = 3
+    decision_alert_seconds: float | None = 60.0
 
     # -- the store -----------------------------------------------------------------------------
 
@@ -96,10 +105,54 @@ class DeploymentConfig:
             key = "store.url_env" if self.store_url_env else "store.url"
             raise ConfigError(self.source, [(key, str(exc))]) from None
 
+    # -- alerts --------------------------------------------------------------------------------
+
+    def webhook(self, environ: Mapping[str, str] | None = None) -> Webhook | None:
+        """The alert webhook: ``alerts.webhook_url`` or the value of ``alerts.webhook_url_env`` now, with
+        the headers of ``alerts.webhook_headers_env``; None when no webhook is configured."""
+        env = os.environ if environ is None else environ
+        url, key = self.alert_webhook_url, "alerts.webhook_url"
+        if self.alert_webhook_url_env is not None:
+            key = "alerts.webhook_url_env"
+            url = env.get(self.alert_webhook_url_env, "").strip()
+            if not url:
+                raise ConfigError(self.source, [(key, (
+                    f"the environment variable {self.alert_webhook_url_env} is not set (it should hold the "
+                    "webhook's URL, e.g. https://hooks.example.com/budget)"))])
+        if url is None:
+            return None
+        headers: Any = {}
+        if self.alert_webhook_headers_env is not None:
+            name = self.alert_webhook_headers_env
+            try:
+                headers = json.loads(env.get(name) or "{}")
+            except ValueError:
+                headers = None
+            if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
+                raise ConfigError(self.source, [("alerts.webhook_headers_env", (
+                    f"the environment variable {name} should hold a JSON object of header names and string "
+                    'values, such as {"Authorization": "Bearer ..."}'))])
+        try:
+            return Webhook(url, timeout_seconds=self.alert_timeout_seconds, attempts=self.alert_attempts,
+                           headers=headers)
+        except ValueError:  # the URL came from the environment (the file's was checked when read)
+            raise ConfigError(self.source, [(key, (
+                f"the environment variable {self.alert_webhook_url_env} does not hold an http:// or https:// "
+                "URL"))]) from None
+
+    def describe_webhook(self) -> str | None:
+        """Where alerts are POSTed, without the URL's path, query or credentials (they may hold a secret)."""
+        if self.alert_webhook_url_env is not None:
+            return f"the URL in ${self.alert_webhook_url_env}"
+        if self.alert_webhook_url is None:
+            return None
+        return Webhook(self.alert_webhook_url).where + "/..."
+
     # -- the policy ----------------------------------------------------------------------------
 
     def policy_options(self) -> dict[str, Any]:
-        """Keyword arguments for ``BudgetPolicy`` (all but the store)."""
+        """Keyword arguments for ``BudgetPolicy`` (all but the store; the alert webhook's URL is read from
+        its environment variable now)."""
         options: dict[str, Any] = {
             "limits": list(self.limits),
             "name": self.name,
@@ -108,7 +161,12 @@ class DeploymentConfig:
             "on_store_error": self.on_store_error,
             "overrides": list(self.overrides),
             "override_refresh_seconds": self.override_refresh_seconds if self.live_overrides else None,
+            "mode": self.mode,
+            "decision_alert_seconds": self.decision_alert_seconds,
         }
+        webhook = self.webhook()
+        if webhook is not None:
+            options["alert_webhook"] = webhook
         if self.prices:
             options["prices"] = dict(self.prices)
         if self.fallback_price is not None:
@@ -192,10 +250,19 @@ class DeploymentConfig:
             "degrade_at": None if self.degrade_at is None else str(self.degrade_at),
             "lease_seconds": self.lease_seconds,
             "expired_hold": self.expired_hold,
-            "limits": [{"per": x.per, "window": x.window, "usd": str(x.usd), "tz": x.tz} for x in self.limits],
+            "mode": self.mode,
+            "limits": [{"per": x.per, "window": x.window, x.unit: str(x.value), "tz": x.tz,
+                        "alerts": [str(a) for a in x.alerts]} for x in self.limits],
             "overrides": [{"per": o.per, "id": o.id, "usd": str(o.usd), "window": o.window, "tz": o.tz}
                           for o in self.overrides],
             "prices": {k: price(v) for k, v in self.prices.items()},
             "fallback_price": None if self.fallback_price is None else price(self.fallback_price),
             "degrade": {k: list(v) for k, v in self.degrade.items()},
+            "alerts": {
+                "webhook": self.describe_webhook(),
+                "webhook_headers_env": self.alert_webhook_headers_env,
+                "timeout_seconds": self.alert_timeout_seconds,
+                "attempts": self.alert_attempts,
+                "decision_seconds": self.decision_alert_seconds,
+            },
         }

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from ..limits import GLOBAL, Limit
+from ..limits import GLOBAL, UNITS, Limit
 from ..overrides import Override, find_limit
 from ..pricing import ModelPrice
 from .deployment import DeploymentConfig
@@ -96,20 +96,33 @@ def relations(raw: Mapping[str, Any]) -> tuple[list[Limit], list[Override], list
     if isinstance(store, dict) and "url" in store and "url_env" in store:
         problems.append(("store.url_env", "give store.url or store.url_env, not both"))
 
+    alerts = raw.get("alerts")
+    if isinstance(alerts, dict) and "webhook_url" in alerts and "webhook_url_env" in alerts:
+        problems.append(("alerts.webhook_url_env", "give alerts.webhook_url or alerts.webhook_url_env, not both"))
+    if isinstance(alerts, dict) and "webhook_url" not in alerts and "webhook_url_env" not in alerts:
+        for key in ("webhook_headers_env", "timeout_seconds", "attempts"):
+            if key in alerts:
+                problems.append((f"alerts.{key}", "applies to the webhook, and there is none: set alerts.webhook_url "
+                                 "or alerts.webhook_url_env (or remove this key)"))
+
     limits: list[Limit] = []
-    seen: dict[tuple[str, str, str], int] = {}
+    seen: dict[tuple[str, str, str, str], int] = {}
     for i, table in enumerate(_items(raw.get("limits"))):
         checked = _valid(LimitTable, table)
         if checked is None:
             continue
-        slug = (checked.per, checked.window, checked.tz)
+        unit = next(u for u in UNITS if getattr(checked, u) is not None)
+        slug = (checked.per, checked.window, checked.tz, unit)
         if slug in seen:
-            problems.append((f"limits[{i}]", f"limits[{seen[slug]}] is per {checked.per} per {checked.window} "
-                             f"({checked.tz}) too; they would share one counter: keep the stricter one"))
+            problems.append((f"limits[{i}]", f"limits[{seen[slug]}] is a {unit} limit per {checked.per} per "
+                             f"{checked.window} ({checked.tz}) too; they would share one counter: "
+                             "keep the stricter one"))
             continue
         seen[slug] = i
-        limits.append(Limit(usd=checked.usd, per=checked.per, window=checked.window, tz=checked.tz))
+        limits.append(Limit(per=checked.per, window=checked.window, tz=checked.tz, alerts=checked.alerts or (),
+                            **{unit: getattr(checked, unit)}))
 
+    usd_limits = [x for x in limits if x.unit == "usd"]  # an override is in dollars: only dollar limits match
     overrides: list[Override] = []
     taken: dict[tuple[str, str], int] = {}
     for i, table in enumerate(_items(raw.get("overrides"))):
@@ -125,8 +138,15 @@ def relations(raw: Mapping[str, Any]) -> tuple[list[Limit], list[Override], list
             problems.append((f"{where}.id", f'"*" would be every {item.per}: change the limit\'s usd instead'))
             continue
         try:
-            limit = find_limit(limits, item.per, item.window, item.tz)
+            limit = find_limit(usd_limits, item.per, item.window, item.tz)
         except ValueError as exc:
+            counted = [x for x in limits if x.unit != "usd" and x.per == item.per
+                       and item.window in (None, x.window) and item.tz in (None, x.tz)]
+            if counted and not any(x.per == item.per for x in usd_limits):
+                units = " and ".join(sorted({x.unit for x in counted}))
+                problems.append((f"{where}.per", f"overrides are in dollars, but the limits per {item.per} count "
+                                 f"{units}; change that limit in [[limits]] or add a usd limit per {item.per}"))
+                continue
             several = item.window is None and "several" in str(exc)
             problems.append((f"{where}.window" if several else f"{where}.per", str(exc)))
             continue
@@ -159,9 +179,16 @@ def _price(table: PriceTable) -> ModelPrice:
 
 
 def _deployment(file: ConfigFile, limits: list[Limit], overrides: list[Override], source: str) -> DeploymentConfig:
-    budget, store, estimate = file.budget, file.store, file.estimate
+    budget, store, estimate, alerts = file.budget, file.store, file.estimate, file.alerts
+    decision = alerts.decision_seconds
     options: dict[str, Any] = {
         "name": budget.name,
+        "mode": budget.mode,
+        "alert_webhook_url": alerts.webhook_url,
+        "alert_webhook_url_env": alerts.webhook_url_env,
+        "alert_webhook_headers_env": alerts.webhook_headers_env,
+        "alert_timeout_seconds": alerts.timeout_seconds,
+        "alert_attempts": alerts.attempts,
         "degrade_at": budget.degrade_at,
         "lease_seconds": budget.lease_seconds,
         "expired_hold": budget.expired_hold,
@@ -177,8 +204,10 @@ def _deployment(file: ConfigFile, limits: list[Limit], overrides: list[Override]
         "default_max_output_tokens": estimate.default_max_output_tokens,
         "fallback_price": None if file.fallback_price is None else _price(file.fallback_price),
     }
+    # 0 turns refusal and degrade alerts off (None in BudgetPolicy); left out, the default applies
+    decisions = {} if decision is None else {"decision_alert_seconds": decision or None}
     return DeploymentConfig(
         source=source, limits=tuple(limits), overrides=tuple(overrides),
         prices={model: _price(p) for model, p in file.prices.items()}, degrade=dict(file.degrade),
-        **{k: v for k, v in options.items() if v is not None},
+        **{k: v for k, v in options.items() if v is not None}, **decisions,
     )

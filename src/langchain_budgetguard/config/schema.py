@@ -12,12 +12,13 @@ import json
 from decimal import Decimal
 from typing import Annotated, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.json_schema import GenerateJsonSchema
 
-from ..limits import WINDOWS
+from ..limits import MAX_COUNT, UNITS, WINDOWS
+from .problems import bad
 from .values import (
-    Bounded, Choice, Flag, Fraction, Ladder, Money, Pattern, StoreUrl, Text, TimeZone,
+    Bounded, Choice, Flag, Fraction, Fractions, Ladder, Money, Pattern, StoreUrl, Text, TimeZone, WebUrl,
 )
 
 # The kinds of value, by what they mean here.
@@ -26,6 +27,14 @@ PricePerMillion = Annotated[Decimal, Money("dollars per million tokens", places=
 DegradeAt = Annotated[Decimal, Fraction()]
 Window = Annotated[str, Choice(*WINDOWS)]
 ExpiredHold = Annotated[str, Choice("charge_input", "release", "charge_reserved")]
+Mode = Annotated[str, Choice("enforce", "shadow")]
+Tokens = Annotated[int, Bounded("tokens", MAX_COUNT, "2**62", integer=True, positive=False)]
+Requests = Annotated[int, Bounded("requests", MAX_COUNT, "2**62", integer=True, positive=False)]
+AlertAt = Annotated[tuple[Decimal, ...], Fractions()]
+WebhookUrl = Annotated[str, WebUrl()]
+WebhookTimeout = Annotated[float, Bounded("seconds", 60, "a minute")]
+Attempts = Annotated[int, Bounded("attempts", 10, "ten", integer=True)]
+DecisionSeconds = Annotated[float, Bounded("seconds", 86_400, "a day", positive=False)]
 OnStoreError = Annotated[str, Choice("fail_closed", "fail_open")]
 EstimateMode = Annotated[str, Choice("strict", "typical")]
 LeaseSeconds = Annotated[float, Bounded("seconds", 86_400, "a day")]
@@ -34,9 +43,9 @@ RefreshSeconds = Annotated[float, Bounded("seconds", 3600, "an hour", positive=F
 OutputTokens = Annotated[int, Bounded("tokens", 10_000_000, "ten million", integer=True)]
 BudgetName = Annotated[str, Text("a non-empty string")]
 ScopeId = Annotated[str, Text("the id of one user, tenant, ...")]
-Scope = Annotated[str, Pattern(r"^[a-z][a-z0-9_]{0,31}$", 'expected "global", "user", "project", "tenant" or '
-                               "another lowercase scope name (letters, digits, _)",
-                               ("global", "user", "project", "tenant"))]
+Scope = Annotated[str, Pattern(r"^[a-z][a-z0-9_]{0,31}$", 'expected "global", "user", "project", "tenant", '
+                               '"model" or another lowercase scope name (letters, digits, _)',
+                               ("global", "user", "project", "tenant", "model"))]
 EnvName = Annotated[str, Pattern(r"^[A-Za-z_][A-Za-z0-9_]*$", "expected the name of an environment variable, "
                                  'such as "BUDGETGUARD_REDIS_URL"', ("BUDGETGUARD_REDIS_URL",))]
 KeyPrefix = Annotated[str, Pattern(r"^[^{}]*$", "expected a string without '{' or '}', such as \"bg:\"", ("bg:",))]
@@ -59,10 +68,13 @@ class Table(BaseModel):
 
 
 class BudgetTable(Table):
-    """The budget: its name, when to degrade, how long a crashed call holds its reservation."""
+    """The budget: its name, enforce or shadow, when to degrade, how long a crashed call holds its reservation."""
 
     name: BudgetName = Field(
         description="the budget's name (guards with the same name and store share counters)")
+    mode: Mode | None = optional(
+        '"enforce" refuses and degrades; "shadow" counts and alerts exactly but never refuses or degrades '
+        "(for rolling a budget out)", "enforce")
     degrade_at: DegradeAt | None = optional(
         "degrade to a cheaper model once this fraction of a limit would be used (0.8: at 80%)", 1)
     lease_seconds: LeaseSeconds | None = optional(
@@ -99,13 +111,31 @@ class EstimateTable(Table):
 
 
 class LimitTable(Table):
-    """One limit: usd dollars per scope id per window."""
+    """One limit per scope id per window: usd dollars, tokens (input + output) or requests (model calls)."""
 
-    per: Scope = Field("global", description='the scope: "global", "user", "project", "tenant" or any '
-                                             "lowercase name (its id comes from <name>_id in the run's config)")
-    window: Window = Field("total", description="the window the limit applies to (calendar, in tz)")
-    usd: Dollars = Field(description="the limit in dollars")
+    model_config = ConfigDict(json_schema_extra={"oneOf": [{"required": [unit]} for unit in UNITS]})
+
+    per: Scope = Field("global", description='the scope: "global", "user", "project", "tenant", "model" (one '
+                                             "counter per serving model) or any lowercase name (its id comes from "
+                                             "<name>_id in the run's config)")
+    window: Window = Field("total", description="the window the limit applies to (minute and hour: real time; "
+                                                "day, week, month: the calendar in tz)")
+    usd: Dollars | None = optional("the limit in dollars (give one of usd, tokens, requests)")
+    tokens: Tokens | None = optional("the limit in tokens, input plus output (give one of usd, tokens, requests)")
+    requests: Requests | None = optional("the limit in model calls (give one of usd, tokens, requests)")
     tz: Zone = Field("UTC", description="the IANA time zone the window boundaries follow")
+    alerts: AlertAt | None = optional(
+        "fractions of the limit that alert once per window when a counter reaches them, such as [0.5, 0.8, 1.0]")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_unit(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            given = [unit for unit in UNITS if unit in value]
+            if len(given) != 1:
+                raise bad("give exactly one of usd (dollars), tokens (input + output tokens) or requests "
+                          f"(model calls), got {' and '.join(given) if given else 'none'}")
+        return value
 
 
 class OverrideTable(Table):
@@ -116,6 +146,30 @@ class OverrideTable(Table):
     usd: Dollars = Field(description="the limit in dollars")
     window: Window | None = optional("the window of the limit it overrides (when the scope has several)")
     tz: Zone | None = optional("the time zone of the limit it overrides (when the scope has several)")
+
+
+_HAS_WEBHOOK = {"anyOf": [{"required": ["webhook_url"]}, {"required": ["webhook_url_env"]}]}
+
+
+class AlertsTable(Table):
+    """Where alerts go: a webhook that receives each alert as JSON (POST), and how often decisions alert."""
+
+    model_config = ConfigDict(json_schema_extra={
+        "not": {"required": ["webhook_url", "webhook_url_env"]},  # one of them, or neither
+        "dependentSchemas": {key: _HAS_WEBHOOK for key in ("webhook_headers_env", "timeout_seconds", "attempts")},
+    })
+
+    webhook_url: WebhookUrl | None = optional("the http(s) URL each alert is POSTed to as JSON")
+    webhook_url_env: EnvName | None = optional(
+        "instead of webhook_url: the environment variable that holds it (keeps a secret URL out of the file)")
+    webhook_headers_env: EnvName | None = optional(
+        'the environment variable holding a JSON object of headers to send, such as {"Authorization": "Bearer ..."}')
+    timeout_seconds: WebhookTimeout | None = optional("each webhook try gives up after this long", 5)
+    attempts: Attempts | None = optional(
+        "tries per alert (connection errors, timeouts and 5xx answers are retried; 4xx are not)", 3)
+    decision_seconds: DecisionSeconds | None = optional(
+        "refusal and degrade alerts: at most one per scope id per this many seconds in each process "
+        "(0: no refusal or degrade alerts; threshold alerts always fire)", 60)
 
 
 class PriceTable(Table):
@@ -135,10 +189,13 @@ class ConfigFile(Table):
 
     model_config = ConfigDict(title="langchain-budgetguard config")
 
-    budget: BudgetTable = Field(description="the budget: name (required), degrade_at, lease_seconds, expired_hold")
+    budget: BudgetTable = Field(
+        description="the budget: name (required), mode, degrade_at, lease_seconds, expired_hold")
     store: StoreTable = Field(default_factory=StoreTable, description="where the counters live")
     estimate: EstimateTable = Field(default_factory=EstimateTable, description="how calls are estimated")
-    limits: list[LimitTable] = Field(min_length=1, description="at least one [[limits]] table (per, window, usd)")
+    alerts: AlertsTable = Field(default_factory=AlertsTable, description="where alerts go (a webhook)")
+    limits: list[LimitTable] = Field(
+        min_length=1, description="at least one [[limits]] table (per, window, and usd, tokens or requests)")
     overrides: list[OverrideTable] = Field(default_factory=list, description="ids with their own limit")
     prices: dict[str, PriceTable] = Field(
         default_factory=dict, description="prices of models genai-prices does not know (model name -> price)")

@@ -21,8 +21,8 @@ from pydantic_core import core_schema
 from ..limits import Limit
 from .problems import bad, show
 
-__all__ = ["MAX_USD", "NANO_PLACES", "ValueCheck", "Money", "Fraction", "Bounded", "Choice", "Text", "Pattern",
-           "TimeZone", "StoreUrl", "Flag", "Ladder"]
+__all__ = ["MAX_USD", "NANO_PLACES", "ValueCheck", "Money", "Fraction", "Fractions", "Bounded", "Choice", "Text",
+           "Pattern", "TimeZone", "StoreUrl", "WebUrl", "Flag", "Ladder"]
 
 MAX_USD = Decimal(1_000_000_000)  # 1e18 nano-USD: far from the end of the stores' 64-bit counters (9.2e18)
 NANO_PLACES = 9  # the stores count whole nano-USD
@@ -110,6 +110,32 @@ class Fraction(ValueCheck):
     def schema(self) -> dict[str, Any]:
         return {"anyOf": [{"type": "number", "exclusiveMinimum": 0, "maximum": 1},
                           {"type": "string", "pattern": r"^\s*(0?\.\d*[1-9]\d*|1(\.0*)?)\s*$"}]}
+
+
+@dataclass(frozen=True)
+class Fractions(ValueCheck):
+    """A list of fractions in (0, 1] (alert thresholds: ``[0.5, 0.8, 1.0]``), none twice, at most ``most``."""
+
+    most: int = 16
+
+    def check(self, value: Any) -> tuple[Decimal, ...]:
+        expected = f"expected a list of fractions of the limit in (0, 1], such as [0.5, 0.8, 1.0], got {show(value)}"
+        if not isinstance(value, list):
+            raise bad(expected)
+        if len(value) > self.most:
+            raise bad(f"expected at most {self.most} fractions of the limit, got {len(value)}")
+        out = []
+        for item in value:
+            try:
+                out.append(Fraction().check(item))
+            except Exception:
+                raise bad(expected) from None
+        if len(set(out)) != len(out):
+            raise bad(f"a fraction is listed twice in {show(value)}")
+        return tuple(sorted(out))
+
+    def schema(self) -> dict[str, Any]:
+        return {"type": "array", "items": Fraction().schema(), "maxItems": self.most, "uniqueItems": True}
 
 
 @dataclass(frozen=True)
@@ -220,6 +246,25 @@ class StoreUrl(ValueCheck):
     def schema(self) -> dict[str, Any]:
         return {"type": "string", "examples": ["memory", "redis://127.0.0.1:6379/0", "rediss://:password@host:6380/0",
                                                "redis+cluster://host:7000", "redis+sentinel://host:26379/mymaster"]}
+
+
+@dataclass(frozen=True)
+class WebUrl(ValueCheck):
+    """An http:// or https:// URL (what ``alerts.Webhook`` accepts)."""
+
+    def check(self, value: Any) -> str:
+        from ..alerts import Webhook
+
+        try:
+            Webhook(value)
+        except (ValueError, TypeError):
+            raise bad(f'expected an http:// or https:// URL such as "https://hooks.example.com/budget", '
+                      f"got {show(value)}") from None
+        return value
+
+    def schema(self) -> dict[str, Any]:
+        return {"type": "string", "pattern": r"^[Hh][Tt][Tt][Pp][Ss]?://[^/?#\s]+", "examples": [
+            "https://hooks.example.com/budget"]}
 
 
 @dataclass(frozen=True)
