@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any, Literal
 
+from .alerts import Alert, AlertSink, webhook_of
 from .errors import Refusal
 from .estimate import DEFAULT_MAX_OUTPUT_TOKENS, Estimator, get_estimator
 from .limits import (
@@ -184,10 +185,6 @@ class CounterPlan:
         return out
 
 
-def _amount(limit: Limit, value: Decimal) -> str:
-    return f"${value}" if limit.unit == "usd" else f"{int(value):,} {limit.unit}"
-
-
 def _unit_hold(unit: str, estimate: Any, expired_hold: str) -> tuple[int, int]:
     """The hold of a tokens or requests counter for one call, and what its expiry charges."""
     if unit == "requests":
@@ -345,8 +342,6 @@ class BudgetPolicy:
         self.decision_alert_seconds = decision_alert_seconds
         self.alerts: Any = None  # the AlertSink that delivers alerts (None: nobody listens)
         if on_alert is not None or alert_webhook is not None:
-            from .alerts import AlertSink, webhook_of
-
             self.alerts = AlertSink(on_alert, None if alert_webhook is None else webhook_of(alert_webhook),
                                     decision_seconds=decision_alert_seconds)
         self._outage: MemoryStore | None = None  # the fail-open allowance of the current outage
@@ -452,8 +447,6 @@ class BudgetPolicy:
         decided it, atomically, so each fires once across every process."""
         if self.alerts is None or plan is None:
             return
-        from .alerts import Alert
-
         now = datetime.now(timezone.utc)
         for crossing in crossed:
             index = crossing.index
@@ -461,30 +454,22 @@ class BudgetPolicy:
                 continue
             limit, window, cap = plan.limits[index], plan.windows[index], plan.cap(index)
             fraction = limit.fraction_of(crossing.threshold, cap)
-            who = limit.per if plan.scope_ids[index] is None else f"{limit.per} {plan.scope_ids[index]!r}"
-            spent = limit.show(crossing.spent)
             self.alerts.emit(Alert(
                 kind="threshold", budget=self.name, scope=limit.per, scope_id=plan.scope_ids[index],
                 window=limit.window, window_label=window.label, unit=limit.unit, limit=plan.limit_usd(index),
-                spent=spent, threshold=fraction, resets_at=window.resets_at, at=now, model=model,
-                shadow=self.mode == "shadow",
-                message=f"budget {self.name!r}: {who} reached {fraction * 100:g}% of its {limit.window} limit "
-                        f"({_amount(limit, spent)} of {_amount(limit, plan.limit_usd(index))}, window {window.label})",
+                spent=limit.show(crossing.spent), threshold=fraction, resets_at=window.resets_at, at=now,
+                model=model, shadow=self.mode == "shadow",
             ))
 
     def decision_alert(self, kind: str, refusal: Refusal, *, shadow: bool = False) -> None:
         """A refusal or degrade alert (at most one per scope id per ``decision_alert_seconds``)."""
         if self.alerts is None:
             return
-        from .alerts import Alert
-
         window, _, label = refusal.window.partition(" ")
-        did = {"refusal": "refused a call", "degrade": "degraded a call"}[kind]
         self.alerts.decision(Alert(
             kind=kind, budget=self.name, scope=refusal.scope, scope_id=refusal.scope_id, window=window,
-            window_label=label, unit=refusal.unit, limit=refusal.limit, spent=refusal.spent, threshold=None,
+            window_label=label, unit=refusal.unit, limit=refusal.limit, spent=refusal.spent,
             resets_at=refusal.resets_at, at=datetime.now(timezone.utc), model=refusal.model, shadow=shadow,
-            message=f"budget {self.name!r}{' (shadow: would have)' if shadow else ''} {did}: {refusal.describe()}",
         ))
 
     def close(self) -> None:
