@@ -374,14 +374,21 @@ async def test_sentinel_url_finds_the_master(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "script, args",
     [
-        ("reserve", ["c", str(2**64 - 1), "0", "1000", "300000", "tok", "1000", "", ""]),
-        ("reserve", ["c", "10", "0", "1e20", "300000", "tok", "1000", "", ""]),
-        ("reserve", ["c", "10", "0", "1000", "300000", "tok", str(10**19), "", ""]),
-        ("reserve", ["c", "10", "0", "1000", "300000", "a:b", "1000", "", ""]),
-        ("settle", ["c", str(2**63), "300000", "", "", "100", "1000", ""]),
-        ("settle", ["c", "-5", "300000", "", "", "100", "1000", ""]),
-        ("settle", ["c", "5", "300000", "", "", "1e9", "1000", ""]),  # ledger max rows
-        ("settle", ["c", "5", "300000", "", "", "100", "1000", "", "k"]),  # a row field without a value
+        # reserve: call_id, lease_ms, retry_ms, token, (limit, expires_at, amount, charge, alerts), member
+        ("reserve", ["c", "1000", "300000", "tok", "1000", "", str(2**64 - 1), "0", "", ""]),
+        ("reserve", ["c", "1e20", "300000", "tok", "1000", "", "10", "0", "", ""]),
+        ("reserve", ["c", "1000", "300000", "tok", str(10**19), "", "10", "0", "", ""]),
+        ("reserve", ["c", "1000", "300000", "a:b", "1000", "", "10", "0", "", ""]),
+        ("reserve", ["c", "1000", "300000", "tok", "1000", "", "10", "-1", "", ""]),  # charge_on_expiry
+        ("reserve", ["c", "1000", "300000", "tok", "1000", "", "10", "0", "0,5", ""]),  # a threshold of 0
+        ("reserve", ["c", "1000", "300000", "tok", "1000", "", "10", "0", "5,,9", ""]),  # an empty threshold
+        ("reserve", ["c", "1000", "300000", "tok", "1000", "", "10", "0", str(2**63), ""]),  # above 2^62
+        # settle: call_id, amount, retry_ms, seq, mark_ttl, max rows, retention, per-counter amount, member
+        ("settle", ["c", str(2**63), "300000", "", "", "100", "1000", "5", ""]),
+        ("settle", ["c", "-5", "300000", "", "", "100", "1000", "5", ""]),
+        ("settle", ["c", "5", "300000", "", "", "1e9", "1000", "5", ""]),  # ledger max rows
+        ("settle", ["c", "5", "300000", "", "", "100", "1000", "5", "", "k"]),  # a row field without a value
+        ("settle", ["c", "5", "300000", "", "", "100", "1000", str(2**63), ""]),  # a counter's amount
         ("renew", ["c", "inf", "300000"]),
         ("read", ["0"]),
     ],

@@ -1,8 +1,9 @@
 """The store protocol: what every budget store (in-process, Redis) does.
 
-Amounts are integer nano-USD. A call reserves ``Hold.amount`` on every
-counter it draws on, all or none; when it ends it settles: the hold is
-replaced by the actual cost. Holds carry a lease: a hold whose lease ran out
+Amounts are integers in each counter's unit (nano-USD for money limits; tokens or requests
+for counters that count those). A call reserves ``Hold.amount`` on every counter it draws on
+(or the counter's own ``Counter.amount``), all or none; when it ends it settles: the hold is
+replaced by the actual cost (``settle(..., amounts=)``: per counter). Holds carry a lease: a hold whose lease ran out
 (its process crashed) is reaped by the store on its next touch, and
 ``Hold.charge_on_expiry`` is added to spent. Both reserve and settle are
 idempotent per ``call_id`` for as long as a retry can arrive (the lease plus the
@@ -18,6 +19,11 @@ leases finite in (0, 30 days]; a store raises ``ValueError`` for anything else
 before it touches a counter. A settle above 2**62 is charged as 2**62
 (``SettleResult.capped``): the counter is full, never free.
 
+Threshold alerts (``Counter.alerts``) are decided in the same atomic step that adds to a
+counter's spent (a settle, or an expiry charge reaped by a reserve or settle): each threshold
+fires once per counter across every process, reported in ``SettleResult.crossed`` /
+``ReserveResult.crossed`` as ``Crossing``s; ``reset_counter`` re-arms them.
+
 Stores use their own clock for leases (Redis: server ``TIME``).
 """
 
@@ -30,10 +36,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol, runtime_checkable
 
+from .bounds import check_alerts, check_amounts, check_expires_at, check_nano
 from .ledger import LedgerRow
 
 __all__ = [
     "Counter",
+    "Crossing",
     "Hold",
     "CounterState",
     "ReserveResult",
@@ -45,20 +53,56 @@ __all__ = [
     "LedgerRow",
     "tag_of",
     "glob_regex",
+    "CounterHold",
+    "counter_holds",
+    "key_amounts",
 ]
 
 
 @dataclass(frozen=True, slots=True)
 class Counter:
-    """One counter a call draws on, and the limit it must stay within (nano-USD).
+    """One counter a call draws on, and the limit it must stay within (in the counter's unit).
 
     ``expires_at`` (epoch seconds) is when the counter may be dropped: its window's end plus
     retention; None keeps it forever (``total`` windows).
+
+    ``amount``: what this counter holds for the call (e.g. tokens beside a dollar counter);
+    None holds ``Hold.amount``. ``charge_on_expiry``: what expiry charges on this counter; None
+    means ``Hold.charge_on_expiry`` when ``amount`` is None too, else 0 (an own amount comes
+    with its own expiry charge, never the dollar one). Both are bounded like every amount.
+    A key listed twice must hold the same amount and charge on both (else ``ValueError``).
+
+    ``alerts``: absolute thresholds in the counter's unit, strictly ascending, each in
+    [1, MAX_NANO]. A reserve that gives some stores them with the counter (a reserve with none
+    leaves stored ones alone), so that any later change of spent can fire them; each fires once
+    per counter (a new window is a new counter) until ``reset_counter`` re-arms it.
     """
 
     key: str
     limit: int
     expires_at: int | None = None
+    amount: int | None = None
+    charge_on_expiry: int | None = None
+    alerts: tuple[int, ...] = ()
+
+    def hold_of(self, hold: Hold) -> tuple[int, int]:
+        """(amount, charge on expiry) this counter holds for ``hold`` (unchecked)."""
+        if self.amount is None:
+            charge = hold.charge_on_expiry if self.charge_on_expiry is None else self.charge_on_expiry
+            return hold.amount, charge
+        return self.amount, 0 if self.charge_on_expiry is None else self.charge_on_expiry
+
+
+@dataclass(frozen=True, slots=True)
+class Crossing:
+    """A threshold alert that fired: counter ``key`` (at ``index`` in the call's keys or counters;
+    the first position when listed twice) reached ``threshold``; ``spent`` is its spent right
+    after the change that crossed it. Reported once per threshold and counter, across processes."""
+
+    index: int
+    key: str
+    threshold: int
+    spent: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +138,8 @@ class ReserveResult:
     ``states`` is every counter's state as the store saw it (when placed: with this hold).
     ``reused``: refused because this call id already reserved with another token, settled, or
     was released (``blocked`` is None); the caller must use a fresh call id.
+    States are each in its counter's own unit. ``crossed``: thresholds that expiry charges reaped
+    by this reserve crossed (whatever the outcome; not this call's own doing).
     """
 
     ok: bool
@@ -101,6 +147,7 @@ class ReserveResult:
     blocked: int | None = None
     duplicate: bool = False
     reused: bool = False
+    crossed: tuple[Crossing, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,13 +157,21 @@ class SettleResult:
     ``pending`` is True when the store could not be reached and keeps the settle to replay it
     later (``applied`` is then False and ``charged`` is what the replay will charge).
     ``capped`` is True when the amount was above ``bounds.MAX_NANO`` and that maximum was
-    charged instead (the counters are full: every later call is refused).
+    charged instead (the counters are full: every later call is refused); also when one of
+    ``amounts`` was, and was capped the same way.
+    ``charged`` is the ``amount`` argument's charge (with per-key ``amounts``, what each key got
+    is in those; the ledger row carries ``amount``).
+    ``crossed``: the thresholds this settle (and the expiry charges it reaped) crossed, each
+    reported once across all processes; a repeated settle reports none. A pending settle reports
+    those of the tags it reached before Redis went away (a replay's go to
+    ``RedisStore.on_replay_crossed``).
     """
 
     applied: bool
     charged: int = 0
     pending: bool = False
     capped: bool = False
+    crossed: tuple[Crossing, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +186,59 @@ class OverridesSnapshot:
     values: Mapping[str, int] | None
 
 
+@dataclass(frozen=True, slots=True)
+class CounterHold:
+    """What a reserve does on one distinct counter key (checked): the tightest limit given for
+    it, its latest expiry, the amount and expiry charge it holds, its alert thresholds."""
+
+    limit: int
+    expires_at: int | None
+    amount: int
+    charge_on_expiry: int
+    alerts: tuple[int, ...]
+
+
+def counter_holds(counters: Sequence[Counter], hold: Hold) -> dict[str, CounterHold]:
+    """Each distinct key of ``counters`` (in order) with what the reserve of ``hold`` does there;
+    raises ``ValueError`` on any bad value, before a store touches anything."""
+    out: dict[str, CounterHold] = {}
+    for spec in counters:
+        limit = check_nano(spec.limit, f"the limit of counter {spec.key!r}")
+        expires_at = check_expires_at(spec.expires_at)
+        amount, charge = spec.hold_of(hold)
+        check_nano(amount, f"the amount of counter {spec.key!r}")
+        check_nano(charge, f"the charge_on_expiry of counter {spec.key!r}")
+        alerts = check_alerts(spec.alerts, f"the alerts of counter {spec.key!r}")
+        seen = out.get(spec.key)
+        if seen is not None:
+            if (seen.amount, seen.charge_on_expiry) != (amount, charge):
+                raise ValueError(
+                    f"counter {spec.key!r} is listed twice with different amounts ({seen.amount}/"
+                    f"{seen.charge_on_expiry} and {amount}/{charge}): one counter holds one amount; "
+                    "give token and dollar limits their own counter keys"
+                )
+            limit = min(limit, seen.limit)
+            ends = [e for e in (seen.expires_at, expires_at) if e is not None]
+            expires_at = max(ends) if ends else None
+            alerts = tuple(sorted(set(alerts) | set(seen.alerts)))
+        out[spec.key] = CounterHold(limit, expires_at, amount, charge, alerts)
+    return out
+
+
+def key_amounts(keys: Sequence[str], amount: int, amounts: Sequence[int] | None) -> tuple[dict[str, int], bool]:
+    """Each distinct key of a settle with what it is charged (``amount`` when ``amounts`` is
+    None; ``amount`` must be checked already), and whether a per-key amount was capped at
+    MAX_NANO. A key listed twice must be given the same amount (else ``ValueError``)."""
+    if amounts is None:
+        return dict.fromkeys(keys, amount), False
+    values, capped = check_amounts(keys, amounts)
+    out: dict[str, int] = {}
+    for key, value in zip(keys, values):
+        if out.setdefault(key, value) != value:
+            raise ValueError(f"key {key!r} is listed twice in a settle with different amounts ({out[key]} and {value})")
+    return out, capped
+
+
 @runtime_checkable
 class Store(Protocol):
     """Sync and async twins of the same five operations.
@@ -140,7 +248,8 @@ class Store(Protocol):
     are context managers; ``close()`` flushes what a store keeps for later (Redis: journaled
     settles, pending releases) before it closes its clients.
 
-    ``settle`` / ``asettle`` of both bundled stores take an optional ``row=`` (a ``LedgerRow``):
+    ``settle`` / ``asettle`` of both bundled stores take ``amounts=`` (one amount per key, in
+    each counter's unit; None: ``amount`` on every key) and an optional ``row=`` (a ``LedgerRow``):
     when the settle applies, the row is written to the ledger in the same atomic step (see
     ``stores.ledger``); a settle that changes nothing writes no row. Stores without a ledger
     keep the three-argument form.

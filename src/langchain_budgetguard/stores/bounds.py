@@ -25,6 +25,8 @@ __all__ = [
     "check_expires_at",
     "check_call_id",
     "check_token",
+    "check_alerts",
+    "check_amounts",
 ]
 
 MAX_NANO = 2**62
@@ -94,3 +96,34 @@ def check_token(value: Any, what: str = "Hold.token") -> str:
     if ":" in token:
         raise ValueError(f"{what} must not contain ':', got {value!r}")
     return token
+
+
+def check_alerts(value: Any, what: str = "Counter.alerts") -> tuple[int, ...]:
+    """Alert thresholds: a tuple of integers in [1, MAX_NANO], strictly ascending."""
+    if not isinstance(value, (tuple, list)):
+        raise ValueError(f"{what} must be a tuple of thresholds (integers), got {value!r}")
+    out = tuple(check_nano(t, f"a threshold of {what}") for t in value)
+    if out and out[0] < 1:
+        raise ValueError(f"{what}: thresholds must be at least 1 (0 would fire before any spend), got {out[0]}")
+    if any(a >= b for a, b in zip(out, out[1:])):
+        raise ValueError(f"{what} must be strictly ascending without repeats, got {out!r}: sort them")
+    return out
+
+
+def check_amounts(keys: Any, amounts: Any) -> tuple[list[int], bool]:
+    """Per-key settle amounts (one per key, each an integer >= 0); one above MAX_NANO is charged
+    as MAX_NANO. Returns the amounts and whether any was capped."""
+    if isinstance(amounts, (str, bytes)) or not hasattr(amounts, "__len__"):
+        raise ValueError(f"amounts must be a sequence of integers, one per key, got {amounts!r}")
+    if len(amounts) != len(keys):
+        raise ValueError(
+            f"amounts must give one amount per key: got {len(amounts)} amounts for {len(keys)} keys"
+        )
+    out, capped = [], False
+    for key, value in zip(keys, amounts):
+        if isinstance(value, int) and not isinstance(value, bool) and value > MAX_NANO:
+            out.append(MAX_NANO)
+            capped = True
+        else:
+            out.append(check_nano(value, f"the settle amount of {key!r}"))
+    return out, capped

@@ -40,12 +40,16 @@ MEMORY_MARK_TTL_SECONDS = 7 * 24 * 3600
 
 @dataclass(frozen=True, slots=True)
 class PendingSettle:
-    """A settle that could not reach the store, waiting in the journal to be replayed."""
+    """A settle that could not reach the store, waiting in the journal to be replayed.
+
+    ``amounts``: what each of ``keys`` is charged (a settle with per-key amounts); None:
+    ``amount`` on every key."""
 
     call_id: str
     keys: tuple[str, ...]
     amount: int
     seq: int = 0
+    amounts: tuple[int, ...] | None = None
 
 
 @runtime_checkable
@@ -55,11 +59,20 @@ class SettleJournal(Protocol):
     journal_id: str
     durable: bool  # True: entries survive the process (their marks in Redis never expire)
 
-    def append(self, call_id: str, keys: Sequence[str], amount: int) -> PendingSettle: ...
+    def append(self, call_id: str, keys: Sequence[str], amount: int, *,
+               amounts: Sequence[int] | None = None) -> PendingSettle: ...
     def pending(self) -> list[PendingSettle]: ...
     def done(self, entry: PendingSettle) -> None: ...
     def __len__(self) -> int: ...
     def close(self) -> None: ...
+
+
+def _amounts(keys: Sequence[str], amounts: Sequence[int] | None) -> tuple[int, ...] | None:
+    if amounts is None:
+        return None
+    if len(amounts) != len(keys):
+        raise ValueError(f"amounts must give one amount per key: got {len(amounts)} for {len(keys)} keys")
+    return tuple(amounts)
 
 
 class MemoryJournal:
@@ -73,9 +86,10 @@ class MemoryJournal:
         self._entries: dict[int, PendingSettle] = {}
         self._next = 1
 
-    def append(self, call_id: str, keys: Sequence[str], amount: int) -> PendingSettle:
+    def append(self, call_id: str, keys: Sequence[str], amount: int, *,
+               amounts: Sequence[int] | None = None) -> PendingSettle:
         with self._lock:
-            entry = PendingSettle(call_id, tuple(keys), amount, self._next)
+            entry = PendingSettle(call_id, tuple(keys), amount, self._next, _amounts(keys, amounts))
             self._entries[entry.seq] = entry
             self._next += 1
             return entry
@@ -118,6 +132,9 @@ class SqliteJournal:
                 "CREATE TABLE IF NOT EXISTS settles (seq INTEGER PRIMARY KEY AUTOINCREMENT, "
                 "call_id TEXT NOT NULL, keys TEXT NOT NULL, amount INTEGER NOT NULL)"
             )
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(settles)")}
+            if "amounts" not in columns:  # a file from before per-key amounts: NULL is `amount` everywhere
+                self._db.execute("ALTER TABLE settles ADD COLUMN amounts TEXT")
             self._db.execute("INSERT OR IGNORE INTO meta VALUES ('journal_id', ?)", (uuid.uuid4().hex,))
             self.journal_id = self._db.execute("SELECT v FROM meta WHERE k = 'journal_id'").fetchone()[0]
             self._db.execute("COMMIT")
@@ -128,19 +145,26 @@ class SqliteJournal:
             ) from exc
         self._count = self._db.execute("SELECT COUNT(*) FROM settles").fetchone()[0]
 
-    def append(self, call_id: str, keys: Sequence[str], amount: int) -> PendingSettle:
+    def append(self, call_id: str, keys: Sequence[str], amount: int, *,
+               amounts: Sequence[int] | None = None) -> PendingSettle:
+        per_key = _amounts(keys, amounts)
         with self._lock:
             cursor = self._db.execute(
-                "INSERT INTO settles (call_id, keys, amount) VALUES (?, ?, ?)", (call_id, json.dumps(list(keys)), amount)
+                "INSERT INTO settles (call_id, keys, amount, amounts) VALUES (?, ?, ?, ?)",
+                (call_id, json.dumps(list(keys)), amount, None if per_key is None else json.dumps(list(per_key))),
             )
             self._count += 1
-            return PendingSettle(call_id, tuple(keys), amount, int(cursor.lastrowid or 0))
+            return PendingSettle(call_id, tuple(keys), amount, int(cursor.lastrowid or 0), per_key)
 
     def pending(self) -> list[PendingSettle]:
         with self._lock:
-            rows = self._db.execute("SELECT seq, call_id, keys, amount FROM settles ORDER BY seq").fetchall()
+            rows = self._db.execute("SELECT seq, call_id, keys, amount, amounts FROM settles ORDER BY seq").fetchall()
             self._count = len(rows)
-        return [PendingSettle(call_id, tuple(json.loads(keys)), int(amount), int(seq)) for seq, call_id, keys, amount in rows]
+        return [
+            PendingSettle(call_id, tuple(json.loads(keys)), int(amount), int(seq),
+                          None if amounts is None else tuple(int(a) for a in json.loads(amounts)))
+            for seq, call_id, keys, amount, amounts in rows
+        ]
 
     def done(self, entry: PendingSettle) -> None:
         with self._lock:

@@ -13,7 +13,18 @@ from collections.abc import Callable, Sequence
 from typing import Any
 from dataclasses import dataclass, field
 
-from .base import Counter, CounterState, Hold, OverridesSnapshot, ReserveResult, SettleResult, glob_regex
+from .base import (
+    Counter,
+    CounterState,
+    Crossing,
+    Hold,
+    OverridesSnapshot,
+    ReserveResult,
+    SettleResult,
+    counter_holds,
+    glob_regex,
+    key_amounts,
+)
 from .ledger import (
     DEFAULT_LEDGER_MAX_ROWS,
     DEFAULT_LEDGER_RETENTION_SECONDS,
@@ -27,7 +38,6 @@ from .bounds import (
     MAX_NANO,
     MAX_RETRY_WINDOW_SECONDS,
     check_call_id,
-    check_expires_at,
     check_nano,
     check_seconds,
     check_token,
@@ -49,6 +59,8 @@ class _Counter:
     next_deadline: float = float("inf")  # earliest lease deadline: reaping is free until then
     # call_id -> what expiry charged here since the last reset, for a late settle to replace
     expired: dict[str, int] = field(default_factory=dict)
+    alerts: tuple[int, ...] = ()  # thresholds, as the latest reserve that gave some stored them
+    fired: set[int] = field(default_factory=set)  # thresholds fired since the counter began or was reset
 
 
 @dataclass(slots=True)
@@ -64,6 +76,14 @@ def _state(counter: _Counter | None) -> CounterState:
 
 def _add_spent(counter: _Counter, amount: int) -> None:
     counter.spent = min(counter.spent + amount, MAX_NANO)  # saturates: a full counter, never overflow
+
+
+def _fire(index: int, key: str, counter: _Counter, out: list[Crossing]) -> None:
+    """Fire the counter's thresholds that its spent reached and that have not fired yet."""
+    for threshold in counter.alerts:
+        if threshold <= counter.spent and threshold not in counter.fired:
+            counter.fired.add(threshold)
+            out.append(Crossing(index, key, threshold, counter.spent))
 
 
 class MemoryStore:
@@ -210,33 +230,33 @@ class MemoryStore:
 
     def reserve(self, counters: Sequence[Counter], hold: Hold) -> ReserveResult:
         call_id = check_call_id(hold.call_id, "Hold.call_id")
-        amount = check_nano(hold.amount, "Hold.amount")
+        check_nano(hold.amount, "Hold.amount")
         check_nano(hold.charge_on_expiry, "Hold.charge_on_expiry")
         lease = check_seconds(hold.lease_seconds, "Hold.lease_seconds")
         token = check_token(hold.token)
-        for spec in counters:
-            check_nano(spec.limit, f"the limit of counter {spec.key!r}")
-            check_expires_at(spec.expires_at)
+        plans = counter_holds(counters, hold)
         with self._lock:
             now = self._clock()
             if now >= self._next_sweep:
                 self._sweep(now)
             # A key listed twice is one counter: checked against each limit, held once.
             found: dict[str, _Counter | None] = {}
-            for spec in counters:
+            crossed: list[Crossing] = []  # by expiry charges reaped just now
+            for index, spec in enumerate(counters):
                 if spec.key not in found:
-                    found[spec.key] = self._get(spec.key, now)
+                    counter = found[spec.key] = self._get(spec.key, now)
+                    if counter is not None and counter.alerts:
+                        _fire(index, spec.key, counter, crossed)
             states = tuple([_state(found[c.key]) for c in counters])
             record = self._records.get(call_id)
             if record is not None:
                 if record.state == "held" and record.token == token:
-                    return ReserveResult(ok=True, states=states, duplicate=True)
-                return ReserveResult(ok=False, states=states, reused=True)
+                    return ReserveResult(ok=True, states=states, duplicate=True, crossed=tuple(crossed))
+                return ReserveResult(ok=False, states=states, reused=True, crossed=tuple(crossed))
             for index, (spec, state) in enumerate(zip(counters, states)):
-                if state.spent + state.held + amount > spec.limit:
-                    return ReserveResult(ok=False, states=states, blocked=index)
+                if state.spent + state.held + plans[spec.key].amount > spec.limit:
+                    return ReserveResult(ok=False, states=states, blocked=index, crossed=tuple(crossed))
             deadline = now + lease
-            entry = (amount, deadline, hold.charge_on_expiry)
             for spec in counters:
                 counter = found[spec.key]
                 if counter is None:
@@ -244,21 +264,26 @@ class MemoryStore:
                 if spec.expires_at is not None and spec.expires_at > (counter.expires_at or 0):
                     counter.expires_at = spec.expires_at
                     heapq.heappush(self._counter_expiry, (spec.expires_at, spec.key))
+                plan = plans[spec.key]
+                if plan.alerts and plan.alerts != counter.alerts:
+                    counter.alerts = plan.alerts
                 if call_id in counter.holds:
                     continue
-                counter.held += amount
-                counter.holds[call_id] = entry
+                counter.held += plan.amount
+                counter.holds[call_id] = (plan.amount, deadline, plan.charge_on_expiry)
                 if deadline < counter.next_deadline:
                     counter.next_deadline = deadline
             if counters:  # forgotten a retry window after its settle, or after its hold is reaped
                 self._records[call_id] = _Record("held", token, math.inf)
             else:
                 self._remember(call_id, _Record("held", token, now + lease + self.retry_window_seconds))
-            return ReserveResult(ok=True, states=tuple([_state(found[c.key]) for c in counters]))
+            return ReserveResult(ok=True, states=tuple([_state(found[c.key]) for c in counters]), crossed=tuple(crossed))
 
-    def settle(self, call_id: str, keys: Sequence[str], amount: int, *, row: LedgerRow | None = None) -> SettleResult:
-        """Replace the call's holds with ``amount``; when it applies, ``row`` goes to the ledger
-        (at the store's time, with the cost charged) under the same lock."""
+    def settle(self, call_id: str, keys: Sequence[str], amount: int, *, amounts: Sequence[int] | None = None,
+               row: LedgerRow | None = None) -> SettleResult:
+        """Replace the call's holds with ``amount`` (or ``amounts[i]`` on ``keys[i]``); when it
+        applies, ``row`` goes to the ledger (at the store's time, with ``amount``) under the
+        same lock. Thresholds crossed are in ``SettleResult.crossed``."""
         check_call_id(call_id)
         if row is not None and not isinstance(row, LedgerRow):
             raise TypeError(f"row: expected a LedgerRow, got {type(row).__name__}")
@@ -266,14 +291,16 @@ class MemoryStore:
             amount, capped = MAX_NANO, True
         else:
             amount, capped = check_nano(amount, "settle amount"), False
-        if len(keys) > 1:
-            keys = list(dict.fromkeys(keys))
+        charges, capped_one = key_amounts(keys, amount, amounts)
+        capped = capped or capped_one
+        positions = {key: index for index, key in reversed(list(enumerate(keys)))}
         with self._lock:
             now = self._clock()
             record = self._records.get(call_id)
             if record is not None and record.state == "settled":
                 return SettleResult(applied=False)
-            for key in keys:
+            crossed: list[Crossing] = []
+            for key, charge in charges.items():
                 counter = self._get(key, now)
                 if counter is None:
                     counter = self._new_counter(key)
@@ -282,12 +309,14 @@ class MemoryStore:
                     counter.held -= held[0]
                 else:  # expiry charged here (since the last reset): the actual cost replaces it
                     counter.spent -= min(counter.expired.pop(call_id, 0), counter.spent)
-                _add_spent(counter, amount)
+                _add_spent(counter, charge)
+                if counter.alerts:
+                    _fire(positions[key], key, counter, crossed)
             token = record.token if record is not None else ""
             self._remember(call_id, _Record("settled", token, now + self.retry_window_seconds))
             if row is not None:
                 self._append(row.written(datetime.fromtimestamp(now, timezone.utc), amount), now)
-            return SettleResult(applied=True, charged=amount, capped=capped)
+            return SettleResult(applied=True, charged=amount, capped=capped, crossed=tuple(crossed))
 
     def release(self, call_id: str, keys: Sequence[str], hold: Hold) -> None:
         """Release a reservation whose call does not go ahead (charge nothing); the call id then
@@ -418,6 +447,7 @@ class MemoryStore:
             before = _state(counter)
             counter.spent = 0
             counter.expired.clear()  # what expiry charged is gone with the reset: never undone again
+            counter.fired.clear()  # the next crossing alerts again
             return before
 
     # -- async twins: the work is a few dict operations under a lock, so they run inline -----
@@ -425,9 +455,9 @@ class MemoryStore:
     async def areserve(self, counters: Sequence[Counter], hold: Hold) -> ReserveResult:
         return self.reserve(counters, hold)
 
-    async def asettle(self, call_id: str, keys: Sequence[str], amount: int, *,
+    async def asettle(self, call_id: str, keys: Sequence[str], amount: int, *, amounts: Sequence[int] | None = None,
                       row: LedgerRow | None = None) -> SettleResult:
-        return self.settle(call_id, keys, amount, row=row)
+        return self.settle(call_id, keys, amount, amounts=amounts, row=row)
 
     async def arenew(self, call_id: str, keys: Sequence[str], lease_seconds: float) -> bool:
         return self.renew(call_id, keys, lease_seconds)

@@ -74,7 +74,7 @@ import re
 import threading
 import time
 import weakref
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, TypeVar
@@ -87,13 +87,24 @@ import tenacity
 
 from ..errors import BudgetStoreUnavailableError
 from ..limits import escape_id
-from .base import Counter, CounterState, Hold, OverridesSnapshot, ReserveResult, SettleResult, glob_regex, tag_of
+from .base import (
+    Counter,
+    CounterState,
+    Crossing,
+    Hold,
+    OverridesSnapshot,
+    ReserveResult,
+    SettleResult,
+    counter_holds,
+    glob_regex,
+    key_amounts,
+    tag_of,
+)
 from .bounds import (
     DEFAULT_RETRY_WINDOW_SECONDS,
     MAX_NANO,
     MAX_RETRY_WINDOW_SECONDS,
     check_call_id,
-    check_expires_at,
     check_nano,
     check_seconds,
     check_token,
@@ -257,6 +268,16 @@ def _fill(states: list[CounterState], keys: Sequence[str], group: _Group, found:
 def _states(flat: Sequence[Any]) -> list[CounterState]:
     """``[spent1, held1, spent2, held2, ...]`` (bytes or str, as the client decodes) -> states."""
     return [CounterState(int(flat[i]), int(flat[i + 1])) for i in range(0, len(flat), 2)]
+
+
+def _crossings(flat: Sequence[Any], keys: Sequence[str], group: _Group) -> list[Crossing]:
+    """``[i, threshold, spent, ...]`` of a script (i: 1-based in the group) -> crossings, each
+    at the first position of its key in the caller's ``keys``."""
+    out = []
+    for j in range(0, len(flat) - 2, 3):
+        key = group.keys[int(flat[j]) - 1]
+        out.append(Crossing(keys.index(key), key, int(flat[j + 1]), int(flat[j + 2])))
+    return out
 
 
 def _text(value: Any) -> str:
@@ -454,6 +475,8 @@ class RedisStore:
         self._repair_lock = threading.Lock()  # one replay at a time
         self._repairer: threading.Thread | None = None
         self._closed = False
+        # Called with (entry, crossings) when a journal replay fires alert thresholds.
+        self.on_replay_crossed: Callable[[PendingSettle, tuple[Crossing, ...]], None] | None = None
         if self._target is not None:
             self.where = describe_url(url_or_client)
         else:
@@ -595,31 +618,26 @@ class RedisStore:
 
     def _reserve_plan(self, counters: Sequence[Counter], hold: Hold) -> Plan[ReserveResult]:
         call_id = check_call_id(hold.call_id, "Hold.call_id")
-        amount = _check_amount(hold.amount, "Hold.amount")
-        charge = _check_amount(hold.charge_on_expiry, "Hold.charge_on_expiry")
+        _check_amount(hold.amount, "Hold.amount")
+        _check_amount(hold.charge_on_expiry, "Hold.charge_on_expiry")
         lease_seconds = check_seconds(hold.lease_seconds, "Hold.lease_seconds")
         token = check_token(hold.token)
         lease_ms = str(_ms(lease_seconds))
         tombstone_ms = str(_ms(lease_seconds) + int(self._retry_ms))
         # A key listed twice (two limits on one counter) is held once, within the tighter limit.
-        limits: dict[str, int] = {}
-        expiries: dict[str, int | None] = {}
-        for c in counters:
-            check_nano(c.limit, f"the limit of counter {c.key!r}")
-            expires_at = check_expires_at(c.expires_at)
-            limits[c.key] = min(limits.get(c.key, c.limit), c.limit)
-            ends = [e for e in (expiries.get(c.key), expires_at) if e is not None]
-            expiries[c.key] = max(ends) if ends else None
-        groups = _groups(list(limits))
+        plans = counter_holds(counters, hold)
+        groups = _groups(list(plans))
         yield from self._register_plan(groups)
         states = [CounterState()] * len(counters)
         placed: list[tuple[_Group, list[CounterState], bool]] = []  # group, states before, was new
         keys = [c.key for c in counters]
+        crossed: list[Crossing] = []
         for number, group in enumerate(groups):
-            args = [call_id, amount, charge, lease_ms, self._retry_ms, token]
+            args = [call_id, lease_ms, self._retry_ms, token]
             for key in group.keys:
-                expires = expiries[key]
-                args += [str(limits[key]), "" if expires is None else str(expires)]
+                p = plans[key]
+                args += [str(p.limit), "" if p.expires_at is None else str(p.expires_at), str(p.amount),
+                         str(p.charge_on_expiry), ",".join(map(str, p.alerts))]
             try:
                 reply = yield self._call("reserve", group, call_id, args, indexed=True)
             except BudgetStoreUnavailableError as exc:
@@ -628,34 +646,38 @@ class RedisStore:
                 reached = [g for g, _, _ in placed] + ([] if isinstance(exc, _NotSent) else [group])
                 yield from self._release(reached, call_id, token, tombstone_ms, lease_seconds)
                 raise
-            code, found = int(reply[0]), _states(reply[2:])
+            width = 2 + 2 * len(group.keys)
+            code, found = int(reply[0]), _states(reply[2:width])
+            crossed += _crossings(reply[width:], keys, group)
             _fill(states, keys, group, found)
             if code == 3:
                 yield from self._release([g for g, _, _ in placed], call_id, token, "", lease_seconds)
-                return ReserveResult(ok=False, states=tuple(states), reused=True)
+                return ReserveResult(ok=False, states=tuple(states), reused=True, crossed=tuple(crossed))
             if code == 0:
                 yield from self._release([g for g, _, _ in placed], call_id, token, "", lease_seconds)
                 # Read the tags not tried yet, so that the refusal shows every counter and names
                 # the first one, in the caller's order, that cannot take the hold.
                 for later in groups[number + 1 :]:
-                    try:
+                    try:  # (a read reaps but fires no alerts: the next reserve or settle does)
                         read = yield self._call("read", later, None, [self._retry_ms])
                         _fill(states, keys, later, _states(read))
                     except BudgetStoreUnavailableError:
                         pass  # the refusal stands; those counters show zeros
                 refused = keys.index(group.keys[int(reply[1]) - 1])
                 too_full = (
-                    i for i, (c, s) in enumerate(zip(counters, states)) if s.spent + s.held + hold.amount > c.limit
+                    i for i, (c, s) in enumerate(zip(counters, states))
+                    if s.spent + s.held + plans[c.key].amount > c.limit
                 )
                 blocked = next(too_full, refused)
-                return ReserveResult(ok=False, states=tuple(states), blocked=min(blocked, refused))
+                return ReserveResult(ok=False, states=tuple(states), blocked=min(blocked, refused), crossed=tuple(crossed))
             # 1: placed now; 2: placed by an earlier try of this very attempt (its reply was lost).
             placed.append((group, found, code == 1))
         for group, found, new in placed:
             if new:
-                _fill(states, keys, group, [CounterState(s.spent, s.held + hold.amount) for s in found])
+                held = [CounterState(s.spent, s.held + plans[k].amount) for k, s in zip(group.keys, found)]
+                _fill(states, keys, group, held)
         duplicate = bool(placed) and not any(new for _, _, new in placed)
-        return ReserveResult(ok=True, states=tuple(states), duplicate=duplicate)
+        return ReserveResult(ok=True, states=tuple(states), duplicate=duplicate, crossed=tuple(crossed))
 
     def _release(
         self, groups: list[_Group], call_id: str, token: str, tombstone_ms: str, lease_seconds: float
@@ -691,7 +713,10 @@ class RedisStore:
         yield from self._release(_groups(keys), call_id, check_token(hold.token), tombstone_ms, lease)
 
     def _settle_plan(self, call_id: str, keys: Sequence[str], amount: int, seq: int = 0,
-                     row: LedgerRow | None = None) -> Plan[SettleResult]:
+                     row: LedgerRow | None = None, amounts: Sequence[int] | None = None,
+                     crossed: list[Crossing] | None = None) -> Plan[SettleResult]:
+        """The settle, tag by tag; ``crossed`` (if given) collects crossings as tags answer, so
+        that a settle journaled half-way still reports those of the tags it reached."""
         check_call_id(call_id)
         if row is not None and not isinstance(row, LedgerRow):
             raise TypeError(f"row: expected a LedgerRow, got {type(row).__name__}")
@@ -699,20 +724,26 @@ class RedisStore:
         if capped:
             log.error("settle of call %s: %d nano-USD is above the maximum; charging %d", call_id, amount, MAX_NANO)
             amount = MAX_NANO
-        args = [call_id, _check_amount(amount, "settle amount"), self._retry_ms, str(seq) if seq else "", self._mark_ttl_ms,
-                *self._ledger_args]
+        fixed = [call_id, _check_amount(amount, "settle amount"), self._retry_ms, str(seq) if seq else "",
+                 self._mark_ttl_ms, *self._ledger_args]
+        charges, capped_one = key_amounts(keys, amount, amounts)
+        capped = capped or capped_one
         groups = _groups(keys)
         yield from self._register_plan(groups)
         fields = row.fields() if row is not None else []
         applied = False
+        found: list[Crossing] = [] if crossed is None else crossed
         for number, group in enumerate(groups):
             mark = f"{self.prefix}j:{group.slot}:{self.journal.journal_id}"
             stream = f"{self.prefix}ledger:{group.slot}"
+            args = [*fixed, *(str(charges[key]) for key in group.keys)]
             call = self._call("settle", group, call_id, args, mark, stream, indexed=True)
             if number == 0 and fields:  # the row goes with the call's first tag, once
                 call = _Call(call.script, call.keys, (*call.args, *fields))
-            applied = bool(int((yield call))) or applied
-        return SettleResult(applied=applied, charged=amount if applied else 0, capped=capped)
+            reply = yield call
+            applied = bool(int(reply[0])) or applied
+            found += _crossings(reply[1:], keys, group)
+        return SettleResult(applied=applied, charged=amount if applied else 0, capped=capped, crossed=tuple(found))
 
     def _renew_plan(self, call_id: str, keys: Sequence[str], lease_seconds: float) -> Plan[bool]:
         check_call_id(call_id)
@@ -897,9 +928,15 @@ class RedisStore:
     # -- repairs: pending releases and journaled settles ------------------------------------------
 
     def _journal_settle(self, call_id: str, keys: Sequence[str], amount: int, exc: Exception,
-                        row: LedgerRow | None = None) -> SettleResult:
+                        row: LedgerRow | None = None, amounts: Sequence[int] | None = None,
+                        crossed: Sequence[Crossing] = ()) -> SettleResult:
         capped = amount > MAX_NANO
-        entry = self.journal.append(call_id, keys, min(amount, MAX_NANO))
+        if amounts is None:
+            entry = self.journal.append(call_id, keys, min(amount, MAX_NANO))
+        else:
+            capped = capped or any(a > MAX_NANO for a in amounts)
+            entry = self.journal.append(call_id, keys, min(amount, MAX_NANO),
+                                        amounts=[min(a, MAX_NANO) for a in amounts])
         if row is not None:
             with self._lock:
                 self._journal_rows[entry.seq] = row
@@ -908,7 +945,7 @@ class RedisStore:
             self.journal, exc,
         )
         self._start_repairer()
-        return SettleResult(applied=False, charged=entry.amount, pending=True, capped=capped)
+        return SettleResult(applied=False, charged=entry.amount, pending=True, capped=capped, crossed=tuple(crossed))
 
     def _take_releases(self) -> list[_PendingRelease]:
         now = time.monotonic()
@@ -945,15 +982,29 @@ class RedisStore:
         done = 0
         for entry in self.journal.pending():
             try:
-                apply(entry)
+                result = apply(entry)
             except Exception as exc:  # noqa: BLE001 - kept in the journal
                 if not isinstance(exc, BudgetStoreUnavailableError):
                     log.error("replaying settle of call %s failed; kept in the journal", entry.call_id, exc_info=exc)
                 return done
             self.journal.done(entry)
+            self._replayed(entry, result)
             self._journal_rows.pop(entry.seq, None)
             done += 1
         return done
+
+    def _replayed(self, entry: PendingSettle, result: Any) -> None:
+        """Hand the alerts a replayed settle fired to ``on_replay_crossed`` (nobody else sees them)."""
+        crossed = getattr(result, "crossed", ())
+        if not crossed:
+            return
+        log.warning("replayed settle of call %s crossed alert thresholds: %s", entry.call_id, crossed)
+        hook = self.on_replay_crossed
+        if hook is not None:
+            try:
+                hook(entry, crossed)
+            except Exception:  # noqa: BLE001 - a failing hook must not stop the replay
+                log.exception("on_replay_crossed failed for call %s", entry.call_id)
 
     def _replay_plan(self, entry: PendingSettle) -> Plan[SettleResult]:
         """A journaled settle's replay, with its ledger row (a row rebuilt from the keys when the
@@ -961,7 +1012,7 @@ class RedisStore:
         row = self._journal_rows.get(entry.seq)
         if row is None:
             row = _row_from_keys(entry.call_id, entry.keys)
-        return self._settle_plan(entry.call_id, entry.keys, entry.amount, entry.seq, row)
+        return self._settle_plan(entry.call_id, entry.keys, entry.amount, entry.seq, row, amounts=entry.amounts)
 
     def _start_repairer(self) -> None:
         """A daemon thread that retries pending work while there is some (sync clients only)."""
@@ -1006,15 +1057,18 @@ class RedisStore:
         """Hold ``hold.amount`` on every counter, or on none (see ``ReserveResult``)."""
         return self._op(self._reserve_plan(counters, hold))
 
-    def settle(self, call_id: str, keys: Sequence[str], amount: int, *, row: LedgerRow | None = None) -> SettleResult:
-        """Replace the call's holds with ``amount``; when it applies, ``row`` is appended to the
-        ledger in the same script. If Redis cannot be reached, the settle (and its row) is
-        journaled and ``SettleResult.pending`` is True."""
-        plan = self._settle_plan(call_id, keys, amount, row=row)  # bad input raises, never journaled
-        try:
+    def settle(self, call_id: str, keys: Sequence[str], amount: int, *, amounts: Sequence[int] | None = None,
+               row: LedgerRow | None = None) -> SettleResult:
+        """Replace the call's holds with ``amount`` (``amounts[i]`` on ``keys[i]`` when given);
+        when it applies, ``row`` is appended to the ledger in the same script. If Redis cannot
+        be reached, the settle (its amounts and row) is journaled and ``SettleResult.pending``
+        is True."""
+        crossed: list[Crossing] = []
+        plan = self._settle_plan(call_id, keys, amount, row=row, amounts=amounts, crossed=crossed)
+        try:  # bad input raises ValueError inside the plan: never journaled
             return self._op(plan)
         except BudgetStoreUnavailableError as exc:
-            return self._journal_settle(call_id, keys, amount, exc, row)
+            return self._journal_settle(call_id, keys, amount, exc, row, amounts, crossed)
 
     def renew(self, call_id: str, keys: Sequence[str], lease_seconds: float) -> bool:
         """Extend the call's lease to ``lease_seconds`` from now; False if no hold of it is live."""
@@ -1271,12 +1325,13 @@ class RedisStore:
             done = 0
             for entry in self.journal.pending():
                 try:
-                    await self._arun(self._replay_plan(entry), policy)
+                    result = await self._arun(self._replay_plan(entry), policy)
                 except Exception as exc:  # noqa: BLE001 - kept in the journal
                     if not isinstance(exc, BudgetStoreUnavailableError):
                         log.error("replaying settle of call %s failed; kept in the journal", entry.call_id, exc_info=exc)
                     return done
                 self.journal.done(entry)
+                self._replayed(entry, result)
                 self._journal_rows.pop(entry.seq, None)
                 done += 1
             return done
@@ -1290,13 +1345,14 @@ class RedisStore:
     async def areserve(self, counters: Sequence[Counter], hold: Hold) -> ReserveResult:
         return await self._aop(self._reserve_plan(counters, hold))
 
-    async def asettle(self, call_id: str, keys: Sequence[str], amount: int, *,
+    async def asettle(self, call_id: str, keys: Sequence[str], amount: int, *, amounts: Sequence[int] | None = None,
                       row: LedgerRow | None = None) -> SettleResult:
-        plan = self._settle_plan(call_id, keys, amount, row=row)
+        crossed: list[Crossing] = []
+        plan = self._settle_plan(call_id, keys, amount, row=row, amounts=amounts, crossed=crossed)
         try:
             return await self._aop(plan)
         except BudgetStoreUnavailableError as exc:
-            return self._journal_settle(call_id, keys, amount, exc, row)
+            return self._journal_settle(call_id, keys, amount, exc, row, amounts, crossed)
 
     async def arenew(self, call_id: str, keys: Sequence[str], lease_seconds: float) -> bool:
         return await self._aop(self._renew_plan(call_id, keys, lease_seconds))

@@ -3,8 +3,10 @@
 -- Layout of one counter (see stores/redis.py): a hash with fields s (spent), h (held),
 -- '@' .. call_id = 'amount:charge_on_expiry' for each live hold and '!' .. call_id = charge for
 -- each hold that expiry charged here since the last reset (so that a late settle replaces that
--- charge on this counter only); and a sorted set of deadlines in ms of server TIME: member
--- call_id for a live hold's lease, member TAB .. call_id for when that expiry charge is forgotten.
+-- charge on this counter only), a = its alert thresholds ('t1,t2,...', ascending; absent: none)
+-- and 'A' .. t for each threshold t fired since the counter began or was reset; and a sorted set
+-- of deadlines in ms of server TIME: member call_id for a live hold's lease, member
+-- TAB .. call_id for when that expiry charge is forgotten.
 -- KEYS of a counter script come in pairs after the call record: counter hash, lease set.
 --
 -- Money stays in decimal strings handed to HINCRBY: Lua numbers are doubles (exact only below
@@ -88,6 +90,40 @@ local function sub_spent(c, amount)
     redis.call('HINCRBY', c, 's', neg(amount))
   else
     redis.call('HSET', c, 's', '0')
+  end
+end
+
+-- Alert thresholds as ARGV gives them: '' (none given) or 't1,t2,...', each in [1, MAX].
+local function check_alerts(s)
+  if s == '' then return s end
+  if type(s) ~= 'string' or not string.match(s, '^[%d,]+$') or #s > 4000 then
+    error('budgetguard: alerts must be comma-separated thresholds, got ' .. tostring(s))
+  end
+  local count = 0
+  for t in string.gmatch(s .. ',', '([^,]*),') do
+    if not string.match(t, '^[1-9]%d*$') then
+      error('budgetguard: an alert threshold must be an integer in [1, 2^62], got ' .. tostring(s))
+    end
+    check_nano(t, 'alert threshold')
+    count = count + 1
+  end
+  if count > 200 then error('budgetguard: at most 200 alert thresholds per counter') end
+  return s
+end
+
+-- Fire counter c's stored thresholds that its spent has reached and that have not fired yet:
+-- each is marked 'A' .. t (HSETNX: once per counter until a reset) and appended to out as
+-- (i, threshold, spent). Called after every change a script makes to spent (and after reaps).
+local function fire_alerts(c, i, out)
+  local a = redis.call('HGET', c, 'a')
+  if not a then return end
+  local s = redis.call('HGET', c, 's') or '0'
+  for t in string.gmatch(a, '%d+') do
+    if fits(t, '0', '0', s) and redis.call('HSETNX', c, 'A' .. t, '1') == 1 then
+      out[#out + 1] = i
+      out[#out + 1] = t
+      out[#out + 1] = s
+    end
   end
 end
 

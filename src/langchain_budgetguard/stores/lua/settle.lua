@@ -3,13 +3,14 @@
 -- KEYS: call record, journal mark, ledger stream, then (counter, lease set, spend index) per
 -- counter.
 -- ARGV: call_id, amount, retry_ms, seq, mark_ttl_ms, ledger max rows ('' or '0': no row),
--- ledger retention ms, then each counter's member in its spend index ('' for none), then the
--- ledger row's fields (name, value, ...; none: no row). When the settle applies, the row is
--- XADDed with the amount charged (field x); its id is the server time.
+-- ledger retention ms, then what each counter is charged, then each counter's member in its
+-- spend index ('' for none), then the ledger row's fields (name, value, ...; none: no row).
+-- When the settle applies, the row is XADDed with amount (field x); its id is the server time.
 -- seq '' for a live settle; for a journal replay, the entry's sequence number: the journal mark
 -- (a string, the highest seq applied on this tag) makes a replay count once however late;
 -- mark_ttl_ms '' keeps the mark forever.
--- Returns 1 when applied, 0 when this call was settled before (nothing changed).
+-- Returns {1, then (i, threshold, spent) per alert fired} when applied, {0} when this call was
+-- settled before (nothing changed).
 local record, mark, id, amount = KEYS[1], KEYS[2], ARGV[1], ARGV[2]
 check_nano(amount, 'amount')
 local keep = check_ms(ARGV[3], 'retry_ms')
@@ -20,16 +21,17 @@ end
 local mark_ttl = ARGV[5] ~= '' and check_ms(ARGV[5], 'mark_ttl_ms')
 local stream, max_rows, keep_rows_ms = KEYS[3], ARGV[6], ARGV[7]
 local n = (#KEYS - 3) / 3
+for i = 1, n do check_nano(ARGV[7 + i], 'counter amount') end
 if max_rows ~= '' and not (string.match(max_rows, '^%d+$') and #max_rows <= 10) then
   error('budgetguard: ledger max rows must be a whole number, got ' .. tostring(max_rows))
 end
 if keep_rows_ms ~= '' and not (string.match(keep_rows_ms, '^%d+$') and #keep_rows_ms <= 13) then
   error('budgetguard: ledger retention must be whole ms, got ' .. tostring(keep_rows_ms))
 end
-if (#ARGV - 7 - n) % 2 ~= 0 then error('budgetguard: ledger row fields must come in pairs') end
+if (#ARGV - 7 - 2 * n) % 2 ~= 0 then error('budgetguard: ledger row fields must come in pairs') end
 if seq ~= '' then
   local seen = redis.call('GET', mark)
-  if seen and tonumber(seen) >= tonumber(seq) then return 0 end
+  if seen and tonumber(seen) >= tonumber(seq) then return {0} end
 end
 local function note_seq()
   if seq == '' then return end
@@ -41,20 +43,22 @@ local function note_seq()
 end
 if redis.call('GET', record) == 's' then
   note_seq()
-  return 0
+  return {0}
 end
 local now = now_ms()
+local out = {1}
 for i = 1, n do
   local c, l = KEYS[3 * i + 1], KEYS[3 * i + 2]
   reap(c, l, now, keep)
   local v = redis.call('HGET', c, '@' .. id)
   if v then drop(c, l, id, v) else unexpire(c, l, id) end
-  add_spent(c, amount)
-  index_spent(c, KEYS[3 * i + 3], ARGV[7 + i])
+  add_spent(c, ARGV[7 + i])
+  fire_alerts(c, i, out)
+  index_spent(c, KEYS[3 * i + 3], ARGV[7 + n + i])
 end
-if #ARGV > 7 + n and max_rows ~= '' and max_rows ~= '0' then
+if #ARGV > 7 + 2 * n and max_rows ~= '' and max_rows ~= '0' then
   local row = {'XADD', stream, 'MAXLEN', '~', max_rows, '*', 'x', amount}
-  for j = 8 + n, #ARGV do row[#row + 1] = ARGV[j] end
+  for j = 8 + 2 * n, #ARGV do row[#row + 1] = ARGV[j] end
   redis.call(unpack(row))
   if keep_rows_ms ~= '' then
     redis.call('XTRIM', stream, 'MINID', '~', tostring(now - tonumber(keep_rows_ms)))
@@ -62,4 +66,4 @@ if #ARGV > 7 + n and max_rows ~= '' and max_rows ~= '0' then
 end
 redis.call('SET', record, 's', 'PX', keep)
 note_seq()
-return 1
+return out
