@@ -191,7 +191,7 @@ def _try(policy: BudgetPolicy, plan: CounterPlan, candidate: Any, estimate: Esti
         yield from _fail_open(policy, admitted)
         return admitted
     if result.ok:
-        admitted.crossed = getattr(result, "crossed", ())
+        admitted.crossed = result.crossed
         return admitted
     if result.reused:  # never a refusal to degrade from: this call id already named another call
         raise CallIdReusedError(call_id)
@@ -213,8 +213,7 @@ def _refusal(policy: BudgetPolicy, plan: CounterPlan, counters: Sequence[Counter
         fitting = fitting_output_tokens(policy, estimate, room)
     else:
         fitting = max(room - estimate.input_tokens, 0) if unit == "tokens" else None
-    amount = getattr(counter, "amount", None)
-    amount = estimate.reserve if amount is None else amount
+    amount = estimate.reserve if counter.amount is None else counter.amount
     return plan.refusal(
         blocked, state, amount, candidate.label,
         input_estimate=nano_to_usd(estimate.input_cost),
@@ -241,10 +240,10 @@ def _shadow(policy: BudgetPolicy, plans: Plans, ladder: Sequence[Any], estimate:
         return admitted
     if result.reused:
         raise CallIdReusedError(call_id)
-    admitted.crossed = getattr(result, "crossed", ())
+    admitted.crossed = result.crossed
     seen = {}  # the counters as they were before this call's own hold (a placed result includes it)
     for counter, state in zip(counters, result.states):
-        own = full.reserve if getattr(counter, "amount", None) is None else counter.amount
+        own = full.reserve if counter.amount is None else counter.amount
         seen[counter.key] = CounterState(state.spent, max(state.held - own, 0))
     would = _enforce(policy, plans, ladder, estimate, call_id, refusals, shrink)
     try:
@@ -270,8 +269,7 @@ def _what_if(request: Request, seen: dict[str, Any]) -> ReserveResult:
     _, counters, hold = request
     states = tuple(seen.get(c.key) or CounterState() for c in counters)
     for index, (counter, state) in enumerate(zip(counters, states)):
-        amount = getattr(counter, "amount", None)
-        amount = hold.amount if amount is None else amount
+        amount = hold.amount if counter.amount is None else counter.amount
         if state.spent + state.held + amount > counter.limit:
             return ReserveResult(False, states, index)
     return ReserveResult(True, states)

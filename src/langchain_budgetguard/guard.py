@@ -843,7 +843,7 @@ class BudgetGuard(BaseChatModel):
             admitted.local_store.settle(admitted.call_id, (FAIL_OPEN_KEY,), amount)
         result = self.policy.store.settle(admitted.call_id, admitted.keys, amount,
                                           **self._settle_options(admitted, amount, cost))
-        if getattr(result, "crossed", ()):
+        if result.crossed:
             self.policy.threshold_alerts(admitted.plan, result.crossed, admitted.candidate.label)
         return result
 
@@ -852,7 +852,7 @@ class BudgetGuard(BaseChatModel):
             await admitted.local_store.asettle(admitted.call_id, (FAIL_OPEN_KEY,), amount)
         result = await self.policy.store.asettle(admitted.call_id, admitted.keys, amount,
                                                  **self._settle_options(admitted, amount, cost))
-        if getattr(result, "crossed", ()):
+        if result.crossed:
             self.policy.threshold_alerts(admitted.plan, result.crossed, admitted.candidate.label)
         return result
 
