@@ -235,8 +235,11 @@ def _shadow(policy: BudgetPolicy, plans: Plans, ladder: Sequence[Any], estimate:
     counters = plan.counters(None, full, policy.expired_hold, shadow=True)
     result = yield ("reserve", counters, _hold(policy, full, call_id))
     admitted = Admitted(candidate, full, 0, call_id, plan.keys, plan=plan)
-    if isinstance(result, Exception):  # shadow never refuses: served, unheld (the store error is reported)
+    if isinstance(result, Exception):  # an unreachable store is handled as in enforce mode (on_store_error)
+        if policy.on_store_error == "fail_closed":
+            raise result
         admitted.held = False
+        yield from _fail_open(policy, admitted)
         return admitted
     if result.reused:
         raise CallIdReusedError(call_id)

@@ -78,6 +78,7 @@ def status_json(s: LimitStatus) -> dict[str, Any]:
         "used_percent": exact(used_percent(s)),
         "resets_at": s.resets_at.isoformat() if s.resets_at else None,
         "key": s.key,
+        "unit": s.unit,
     }
 
 
@@ -86,7 +87,7 @@ def limit_json(row: LimitRow) -> dict[str, Any]:
     return {"scope": row.per, "id": row.scope_id, "window": row.window, "tz": row.tz,
             "configured": exact(row.configured), "config_override": exact(row.config_override),
             "store_override": exact(row.store_override), "effective": exact(row.effective), "source": row.source,
-            "field": row.field}
+            "field": row.field, "unit": row.unit}
 
 
 # -- the ledger, as the dashboard expects it --------------------------------------------------
