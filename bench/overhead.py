@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from langchain_core.callbacks import BaseCallbackHandler, UsageMetadataCallbackHandler
+
 from langchain_budgetguard import BudgetGuard
 
 from .common import Results, Row, ainterleave, delete_prefix, fmt_us, fmt_x, interleave, median, per_round, \
@@ -84,6 +86,7 @@ def run(results: Results, client: Any | None, quick: bool) -> None:
 
     t = interleave({"bare": loop(model.invoke), "guarded": loop(guard.invoke)}, rounds, calls)
     _in_process_row(results, "invoke, in-process store (guarded/bare)", t, "invoke")
+    _tracking_rows(results, model, guard, rounds, calls)
     t = interleave({"bare": loop(lambda p: _drain(model.stream(p))),
                     "guarded": loop(lambda p: _drain(guard.stream(p)))}, rounds, calls)
     _in_process_row(results, "stream, in-process store (guarded/bare)", t, "stream")
@@ -106,6 +109,55 @@ def run(results: Results, client: Any | None, quick: bool) -> None:
     if client is None:
         return
     _redis_rows(results, client, model, quick)
+
+
+class _Listener(BaseCallbackHandler):
+    """A handler that reads nothing the guard emits (no custom events, no chain runs)."""
+
+    def on_llm_end(self, response: Any, **kwargs: Any) -> None:
+        pass
+
+
+def _tracking_rows(results: Results, model: UsageChat, guard: BudgetGuard, rounds: int, calls: int) -> None:
+    """Guarding against merely tracking (LangChain's UsageMetadataCallbackHandler on the bare model),
+    and what a handler that consumes none of the guard's events makes the guard add."""
+    tracker = UsageMetadataCallbackHandler()
+    tracked = {"callbacks": [tracker]}
+    listened = {"callbacks": [_Listener()]}
+    for _ in range(100):
+        model.invoke(PROMPT, tracked)
+        guard.invoke(PROMPT, listened)
+        model.invoke(PROMPT, listened)
+
+    def loop(fn: Any, config: Any = None) -> Any:
+        def run_n(n: int) -> None:
+            for _ in range(n):
+                fn(PROMPT, config)
+        return run_n
+
+    t = interleave({"bare": loop(model.invoke), "guarded": loop(guard.invoke), "tracked": loop(model.invoke, tracked),
+                    "bare+handler": loop(model.invoke, listened), "guarded+handler": loop(guard.invoke, listened)},
+                   rounds, calls)
+    bare, guarded, tracked_t = t["bare"], t["guarded"], t["tracked"]
+    guard_ratio = median(per_round(lambda g, b: g / b, guarded, bare))
+    track_ratio = median(per_round(lambda k, b: k / b, tracked_t, bare))
+    results.add(Row(
+        "1", "invoke, guarded/bare vs tracked/bare", f"{guard_ratio / track_ratio:.2f}",
+        detail=(f"guarded/bare {fmt_x(guard_ratio)}, bare+UsageMetadataCallbackHandler/bare {fmt_x(track_ratio)} "
+                f"(guard adds {fmt_us(median(per_round(lambda g, b: g - b, guarded, bare)))}, tracking adds "
+                f"{fmt_us(median(per_round(lambda k, b: k - b, tracked_t, bare)))})"),
+        goal="<= 1.0 (guarding costs no more than tracking)", ok=guard_ratio <= track_ratio,
+        data={"guarded_over_bare": guard_ratio, "tracked_over_bare": track_ratio, "rounds": len(bare)},
+    ))
+    with_handler = median(per_round(lambda g, b: g - b, t["guarded+handler"], t["bare+handler"]))
+    without = median(per_round(lambda g, b: g - b, guarded, bare))
+    results.add(Row(
+        "1", "invoke, added with a handler / added without", f"{with_handler / without:.2f}",
+        detail=(f"a handler that reads none of the guard's events: guard adds {fmt_us(with_handler)} "
+                f"over bare+handler, {fmt_us(without)} over bare"),
+        goal="<= 1.2", ok=with_handler <= 1.2 * without,
+        data={"added_with_handler_us": with_handler, "added_without_us": without, "rounds": len(bare)},
+    ))
 
 
 def _redis_rows(results: Results, client: Any, model: UsageChat, quick: bool) -> None:

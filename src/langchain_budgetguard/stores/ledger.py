@@ -258,15 +258,23 @@ def call_row(budget: str, call_id: str, keys: Sequence[str], *, model: str | Non
     (scopes are read off them), the model that served it, its ``TokenUsage`` (None: no usage
     report; the row is then flagged ``estimated``). Text is clipped to the row's bounds, so a
     row never stops a settle."""
-    tokens = {kind: count for name, kind in _USAGE_KINDS if (count := int(getattr(usage, name, 0) or 0))} \
-        if usage is not None else {}
-    return LedgerRow(
-        budget=_clip(budget) or "-", call_id=call_id, kind="call", scopes=scopes_of_keys(keys),
-        keys=tuple(dict.fromkeys(keys))[:MAX_ENTRIES], model=_clip(model), host=_clip(host), tokens=tokens,
+    tokens = {kind: min(max(count, 0), MAX_NANO) for name, kind in _USAGE_KINDS
+              if (count := int(getattr(usage, name, 0) or 0))} if usage is not None else {}
+    check_call_id(call_id, "LedgerRow.call_id")
+    keys = tuple(dict.fromkeys(keys))[:MAX_ENTRIES]
+    for key in keys:
+        _text(key, "keys", 1024, empty=False)
+    # Every field is clipped, coerced or checked above: the row is built without checking it again
+    # (this runs on every settle; LedgerRow(...) checks rows from anywhere else).
+    row = object.__new__(LedgerRow)
+    row.__dict__.update(
+        budget=_clip(budget) or "-", call_id=call_id, kind="call", scopes=scopes_of_keys(keys), keys=keys,
+        model=_clip(model), host=_clip(host), tokens=tokens, cost_nano=0,
         reserved_nano=None if reserved_nano is None else min(max(int(reserved_nano), 0), MAX_NANO),
         estimated=bool(estimated or usage is None or getattr(usage, "estimated", False)),
-        degraded=bool(degraded), clamped=bool(clamped), detail=_clip(detail, MAX_DETAIL) or "",
+        degraded=bool(degraded), clamped=bool(clamped), refused=False, detail=_clip(detail, MAX_DETAIL) or "", at=None,
     )
+    return row
 
 
 def row_matches(row: LedgerRow, *, scope: str | None = None, scope_id: str | None = None,
