@@ -429,3 +429,35 @@ def test_a_reserve_stores_alerts_in_one_field_of_the_counter(redis_url: str) -> 
         store.reset_counter(key)
         assert b"A10" not in admin_client.hgetall(store.redis_keys(key)[0])
     store.close()
+
+
+@pytest.mark.parametrize("journaled", [False, True])
+def test_a_settle_whose_reply_was_lost_still_reports_its_crossings(redis_url: str, journaled: bool) -> None:  # noqa: F811
+    store = RedisStore(redis_url, prefix=fresh_prefix())
+    key, call = "{lost}:k", cid()
+    assert store.reserve([Counter(key, 10_000, alerts=(100,))], Hold(call, 1, 30)).ok
+    scripts = store._sync_backend().scripts  # test-only reach: lose the settle's first reply
+    real, runs = scripts["settle"], []
+
+    def lose_first(keys: Any = None, args: Any = None, client: Any = None) -> Any:
+        runs.append(args)
+        reply = real(keys=keys, args=args)
+        if len(runs) == 1:
+            raise redis.exceptions.ConnectionError("reply lost")
+        return reply
+
+    scripts["settle"] = lose_first
+    if journaled:  # the replay's reply is lost: its retry hands the crossing to the hook
+        seen: list[tuple[Crossing, ...]] = []
+        store.on_replay_crossed = lambda entry, crossed: seen.append(crossed)
+        store.journal.append(call, (key,), 150)
+        assert store.flush_journal() == 1
+        assert seen == [(Crossing(0, key, 100, 150),)]
+    else:
+        done = store.settle(call, [key], 150)
+        assert done.crossed == (Crossing(0, key, 100, 150),)
+    assert len(runs) == 2 and runs[0] == runs[1]
+    scripts["settle"] = real
+    assert store.settle(call, [key], 150).crossed == ()  # another settle of the call: nothing
+    assert store.read([key]) == [CounterState(150, 0)]
+    store.close()
