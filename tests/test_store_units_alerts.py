@@ -461,3 +461,31 @@ def test_a_settle_whose_reply_was_lost_still_reports_its_crossings(redis_url: st
     assert store.settle(call, [key], 150).crossed == ()  # another settle of the call: nothing
     assert store.read([key]) == [CounterState(150, 0)]
     store.close()
+
+
+def test_a_settle_journaled_half_way_reports_the_crossings_of_the_tags_it_reached(redis_url: str) -> None:  # noqa: F811
+    store = RedisStore(redis_url, prefix=fresh_prefix(), retry=FAST_FAIL)
+    usd, tokens, call = "{half1}:usd", "{half2}:tokens", cid()
+    counters = [Counter(usd, 10_000, alerts=(100,)), Counter(tokens, 10_000, amount=80, alerts=(50,))]
+    assert store.reserve(counters, Hold(call, 200, 30)).ok
+    scripts = store._sync_backend().scripts  # test-only reach: the second tag's node is away
+    real = scripts["settle"]
+    tokens_hash = store.redis_keys(tokens)[0]
+
+    def second_tag_down(keys: Any = None, args: Any = None, client: Any = None) -> Any:
+        if tokens_hash in keys:
+            raise redis.exceptions.ConnectionError("node down")
+        return real(keys=keys, args=args)
+
+    scripts["settle"] = second_tag_down
+    store._start_repairer = lambda: None  # type: ignore[method-assign]  # replay by hand below
+    pending = store.settle(call, [usd, tokens], 150, amounts=[150, 60])
+    assert pending.pending and pending.crossed == (Crossing(0, usd, 100, 150),)
+    assert store.read([usd, tokens]) == [CounterState(150, 0), CounterState(0, 80)]
+    scripts["settle"] = real
+    replayed: list[tuple[Crossing, ...]] = []
+    store.on_replay_crossed = lambda entry, crossed: replayed.append(crossed)
+    assert store.flush_journal() == 1
+    assert replayed == [(Crossing(1, tokens, 50, 60),)]  # the first tag's crossing is not reported twice
+    assert store.read([usd, tokens]) == [CounterState(150, 0), CounterState(60, 0)]
+    store.close()
