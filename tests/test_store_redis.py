@@ -383,12 +383,14 @@ async def test_sentinel_url_finds_the_master(tmp_path: Path) -> None:
         ("reserve", ["c", "1000", "300000", "tok", "1000", "", "10", "0", "0,5", ""]),  # a threshold of 0
         ("reserve", ["c", "1000", "300000", "tok", "1000", "", "10", "0", "5,,9", ""]),  # an empty threshold
         ("reserve", ["c", "1000", "300000", "tok", "1000", "", "10", "0", str(2**63), ""]),  # above 2^62
-        # settle: call_id, amount, retry_ms, seq, mark_ttl, max rows, retention, per-counter amount, member
-        ("settle", ["c", str(2**63), "300000", "", "", "100", "1000", "5", ""]),
-        ("settle", ["c", "-5", "300000", "", "", "100", "1000", "5", ""]),
-        ("settle", ["c", "5", "300000", "", "", "1e9", "1000", "5", ""]),  # ledger max rows
-        ("settle", ["c", "5", "300000", "", "", "100", "1000", "5", "", "k"]),  # a row field without a value
-        ("settle", ["c", "5", "300000", "", "", "100", "1000", str(2**63), ""]),  # a counter's amount
+        # settle: call_id, amount, retry_ms, seq, mark_ttl, max rows, retention, attempt, per-counter
+        # amount, member[, row fields]
+        ("settle", ["c", str(2**63), "300000", "", "", "100", "1000", "w", "5", ""]),
+        ("settle", ["c", "-5", "300000", "", "", "100", "1000", "w", "5", ""]),
+        ("settle", ["c", "5", "300000", "", "", "1e9", "1000", "w", "5", ""]),  # ledger max rows
+        ("settle", ["c", "5", "300000", "", "", "100", "1000", "w", "5", "", "k"]),  # a row field without a value
+        ("settle", ["c", "5", "300000", "", "", "100", "1000", "w", str(2**63), ""]),  # a counter's amount
+        ("settle", ["c", "5", "300000", "", "", "100", "1000", "a:b", "5", ""]),  # attempt
         ("renew", ["c", "inf", "300000"]),
         ("read", ["0"]),
     ],

@@ -2,10 +2,12 @@
 
 from typing import Any
 
-from .base import Counter, CounterState, Hold, ReserveResult, SettleResult, Store
+from .base import Counter, CounterState, Crossing, Hold, ReserveResult, SettleResult, Store
 from .memory import MemoryStore
 
-__all__ = ["Counter", "CounterState", "Hold", "ReserveResult", "SettleResult", "Store", "MemoryStore", "RedisStore"]
+__all__ = [
+    "Counter", "CounterState", "Crossing", "Hold", "ReserveResult", "SettleResult", "Store", "MemoryStore", "RedisStore",
+]
 
 
 def __getattr__(name: str) -> Any:

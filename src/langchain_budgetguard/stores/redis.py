@@ -15,11 +15,15 @@ start with their ``{tag}``, the Redis Cluster hash tag)::
     bg:{acme}:default:user:alice:day:2026-11-22    counter: hash of s (spent), h (held) and, per
                                                    live hold, @<call_id> = "amount:charge_on_expiry";
                                                    per hold reaped with a charge, !<call_id> = charge
-                                                   (kept for the retry window, dropped by a reset)
+                                                   (kept for the retry window, dropped by a reset);
+                                                   a = alert thresholds "t1,t2,..." (Counter.alerts)
+                                                   and A<t> = 1 per threshold fired (reset clears)
     bg:l:{acme}:default:user:alice:day:2026-11-22  its deadlines: sorted set call_id -> ms of server
                                                    TIME (and TAB<call_id>: when !<call_id> goes)
     bg:c:{acme}:<call_id>                          the call's record on this tag: "h:<token>" while
-                                                   held, "s" once settled, "r" once released
+                                                   held, "s" once settled ("s:<attempt>:<alerts>"
+                                                   when the settle fired alerts, for a retry whose
+                                                   reply was lost), "r" once released
     bg:j:{acme}:<journal id>                       highest journal entry replayed on this tag
     bg:x:{acme}:default:user:day:2026-11-22        spend index of (user, day 2026-11-22) on this tag:
                                                    sorted set escaped id -> spent nano-USD, kept by
@@ -57,6 +61,12 @@ failover or restart reloads the script. On first use the store reads ``maxmemory
 evicting policy (``allkeys-*``, ``volatile-*``: counters have TTLs) would silently reset budgets,
 so the store refuses (``evicting_policy="refuse"``, the default) or logs a warning (``"warn"``).
 
+Alerts (``Counter.alerts``) are fired by the reserve and settle scripts themselves, right after
+they change a counter's spent (HSETNX of ``A<t>``), so each fires once however many processes
+race; a read or renew that reaps an expiry charge leaves the firing to the next reserve or
+settle of that counter. A retried settle whose reply was lost gets its alerts again from the
+record; a reserve's (expiry reaps only) are lost with a lost reply or an outage mid-reserve.
+
 A settle that cannot reach Redis is kept in the settle journal (``stores.journal``: in memory, or
 a SQLite file with ``journal_path``) and replayed exactly once when Redis answers (see there).
 Call ``close()`` (or use ``with RedisStore(...) as store:``) to flush it and close the clients;
@@ -71,6 +81,7 @@ import functools
 import logging
 import math
 import re
+import secrets
 import threading
 import time
 import weakref
@@ -724,8 +735,10 @@ class RedisStore:
         if capped:
             log.error("settle of call %s: %d nano-USD is above the maximum; charging %d", call_id, amount, MAX_NANO)
             amount = MAX_NANO
+        # attempt: the same on the store's retries of this settle, so that a retry whose first
+        # reply was lost gets the alerts that run fired (the record keeps them), a new settle none.
         fixed = [call_id, _check_amount(amount, "settle amount"), self._retry_ms, str(seq) if seq else "",
-                 self._mark_ttl_ms, *self._ledger_args]
+                 self._mark_ttl_ms, *self._ledger_args, secrets.token_hex(8)]
         charges, capped_one = key_amounts(keys, amount, amounts)
         capped = capped or capped_one
         groups = _groups(keys)
