@@ -180,3 +180,34 @@ def test_shadow_mode_alerts_say_they_are_shadow() -> None:
     assert kinds == [("refusal", True), ("threshold", True)], kinds
     (threshold,) = [a for a in seen if a.kind == "threshold"]
     assert threshold.spent == Decimal("0.18") and threshold.threshold == 1
+
+
+@pytest.mark.redis
+def test_a_settle_journaled_in_an_outage_alerts_when_it_is_replayed(tmp_path: Path) -> None:
+    from langchain_budgetguard.stores.redis import RedisStore, RetryPolicy
+
+    from .redis_support import RedisServer
+
+    server = RedisServer(tmp_path / "redis", None, "--appendonly", "yes").start()  # the counters survive the restart
+    seen: list[Any] = []
+    try:
+        store = RedisStore(server.url, prefix=fresh_prefix(),
+                           retry=RetryPolicy(attempts=2, deadline_seconds=0.3, first_wait=0.01, max_wait=0.05))
+        guard = BudgetGuard(UsageChat(model_name="big", input_tokens=1000, output_tokens=1000, max_tokens=1000),
+                            limits=[Limit(usd="0.18", per="user", alerts=[1])], store=store, prices=PRICES,
+                            estimator=ExactEstimator(1000), on_alert=seen.append, on_store_error="fail_open")
+        config = {"configurable": {"user_id": "alice"}}
+        guard.invoke("hi", config=config)  # $0.09 of $0.18
+        reservation = guard.reserve("hi", config)  # held on Redis: its settle is the one that reaches 100%
+        server.stop()
+        reservation.settle(usage=None, output_text="x" * 4000)  # Redis is down: journaled
+        assert len(store.pending_journal) == 1 and seen == []
+        server.start()
+        assert store.flush_journal() == 1
+        assert guard.status(config)[0].spent == Decimal("0.18")
+        guard.close()
+        (alert,) = seen
+        assert (alert.kind, alert.scope, alert.scope_id, alert.threshold) == ("threshold", "user", "alice", 1)
+        assert alert.spent == Decimal("0.18") and alert.limit == Decimal("0.18")
+    finally:
+        server.stop()

@@ -310,10 +310,16 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[RedisServ
 
 def test_cluster_ledger_after_a_scripted_run_over_tenant_tags(cluster: list[RedisServer]) -> None:
     url = "redis+cluster://" + ",".join(f"127.0.0.1:{s.port}" for s in cluster[:2])
+    from langchain_budgetguard.limits import Identity
+
+    client = RedisCluster(host="127.0.0.1", port=cluster[0].port)
     with RedisStore(url, prefix=fresh_prefix()) as store:
-        guard = make_guard(store, per="tenant")  # every tenant has its own hash tag: spread over the nodes
+        for attempt in range(100):  # every tenant has its own hash tag: pick a budget name that spreads them
+            guard = make_guard(store, name=f"ledger-cluster-{attempt}", per="tenant")
+            first_keys = [guard.policy.plan(Identity({"tenant": who})).keys[0] for who in USERS]
+            if len({client.get_node_from_key(store.ledger_key(k)).name for k in first_keys}) >= 2:
+                break
         rows = check_ledger(guard, scripted_run(guard, per="tenant"), per="tenant")
-        client = RedisCluster(host="127.0.0.1", port=cluster[0].port)
         try:
             streams = {store.ledger_key(k) for r in rows for k in r.keys[:1]}
             nodes = {client.get_node_from_key(s).name for s in streams}

@@ -7,6 +7,7 @@ as ``LimitStatus`` snapshots. It does no model calls itself.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -38,6 +39,7 @@ from .overrides import DEFAULT_REFRESH_SECONDS, LiveOverrides, Override, resolve
 from .pricing import Pricer
 from .stores.base import Counter, CounterState, Store
 from .stores.bounds import MAX_NANO
+from .stores.ledger import key_parts
 from .stores.memory import MemoryStore
 
 __all__ = [
@@ -344,6 +346,8 @@ class BudgetPolicy:
         if on_alert is not None or alert_webhook is not None:
             self.alerts = AlertSink(on_alert, None if alert_webhook is None else webhook_of(alert_webhook),
                                     decision_seconds=decision_alert_seconds)
+            if hasattr(self.store, "on_replay_crossed") and self.store.on_replay_crossed is None:
+                self.store.on_replay_crossed = self._replayed  # a journaled settle replayed later fires too
         self._outage: MemoryStore | None = None  # the fail-open allowance of the current outage
         # Cluster hash tag: with a tenant scope, every counter of a tenant shares the tenant's tag.
         self._tenant_scoped = any(x.per == "tenant" for x in self.limits)
@@ -460,6 +464,21 @@ class BudgetPolicy:
                 spent=limit.show(crossing.spent), threshold=fraction, resets_at=window.resets_at, at=now,
                 model=model, shadow=self.mode == "shadow",
             ))
+
+    def _replayed(self, pending: Any, crossed: Sequence[Any]) -> None:
+        """Alerts a journaled settle fired when it was replayed (after an outage): its counters are
+        read off their keys, as the call's plan is long gone."""
+        by_slug = {limit.slug: limit for limit in self.limits}
+        for crossing in crossed:
+            found = key_parts(crossing.key)
+            limit = by_slug.get(found[2]) if found is not None else None
+            if limit is None:
+                continue
+            scope_id, label = found[1], found[3]  # type: ignore[index]
+            cap = self.limit_nano(limit, scope_id)
+            plan = CounterPlan((limit,), (scope_id,), (limit.window_named(label),), (crossing.key,), (None,), (cap,),
+                               (limit.thresholds(cap),))
+            self.threshold_alerts(plan, [dataclasses.replace(crossing, index=0)])
 
     def decision_alert(self, kind: str, refusal: Refusal, *, shadow: bool = False) -> None:
         """A refusal or degrade alert (at most one per scope id per ``decision_alert_seconds``)."""

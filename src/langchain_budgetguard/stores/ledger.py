@@ -216,6 +216,20 @@ def _split(key: str) -> tuple[str, list[str]] | None:
     return (key[: end + 1], parts) if len(parts) == 4 and all(parts) else None
 
 
+def key_parts(key: str) -> tuple[str, str | None, str, str] | None:
+    """A counter key's (escaped budget name, scope id or None for global, limit slug, window label):
+    ``{tag}:name:user:alice:user:day:2026-12-01`` -> ``("name", "alice", "user:day", "2026-12-01")``;
+    None for a key not of the guard's shape."""
+    found = _split(key)
+    if found is None:
+        return None
+    name, per, sid, rest = found[1]
+    parts = rest.split(":", 2)  # the slug (per:window), then the label (a minute's has a colon)
+    if len(parts) != 3 or parts[0] != per:
+        return None
+    return name, None if sid == "-" else _unescape(sid), f"{per}:{parts[1]}", parts[2]
+
+
 def index_name_of(key: str) -> tuple[str, str] | None:
     """A counter key's spend index, tag-less (``name:per:window:label``), and its member (the
     escaped id); None for a key not of the guard's shape (not indexed)."""
