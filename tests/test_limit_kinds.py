@@ -178,3 +178,18 @@ def test_a_call_answered_from_the_cache_counts_no_request() -> None:
     with pytest.raises(BudgetExceededError):
         guard.invoke("hi", config=config)
     assert first.content
+
+
+def test_a_per_call_model_override_draws_on_that_models_counter() -> None:
+    guard = BudgetGuard(model("mini"), limits=[Limit(usd="0.10", per="model", window="day")], store=MemoryStore(),
+                        prices=PRICES, estimator=ExactEstimator(1000))
+    reservation = guard.reserve("hi", kwargs={"model": "big"})  # held as big, on big's counter
+    assert reservation.admitted.estimate.reserve == 90_000_000
+    (big,) = guard.status(model_id="big")
+    (mini,) = guard.status(model_id="mini")
+    assert (big.held, mini.held) == (Decimal("0.09"), 0)
+    with pytest.raises(BudgetExceededError) as refused:
+        guard.reserve("hi", kwargs={"model": "big"})
+    assert refused.value.refusal.scope_id == "big"
+    guard.invoke("hi")  # mini's own counter is untouched by big's calls
+    reservation.settle(usage=None)

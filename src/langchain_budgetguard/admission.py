@@ -74,7 +74,7 @@ class Admitted:
     would_serve: str | None = None  # shadow: the model enforce mode would have served (degrade)
 
 
-Plans = Callable[[Any], "CounterPlan"]  # candidate -> the counters a call on it draws on
+Plans = Callable[[Any, Estimate], "CounterPlan"]  # (candidate, its estimate) -> the counters a call draws on
 
 
 def admit(policy: BudgetPolicy, plans: Plans, ladder: Sequence[Any], estimate: Callable[[Any], Estimate],
@@ -82,7 +82,8 @@ def admit(policy: BudgetPolicy, plans: Plans, ladder: Sequence[Any], estimate: C
           ) -> Generator[Request, ReserveResult | Exception, Admitted]:
     """Try each candidate of ``ladder``; yield reservations for the driver to carry out.
 
-    ``plans(candidate)`` is the counters a call on a candidate draws on; ``estimate(candidate)``
+    ``plans(candidate, estimate)`` is the counters a call on a candidate draws on (a ``per="model"``
+    limit's id is the model the estimate is for); ``estimate(candidate)``
     prices the call on it; ``refusals`` collects why each was refused. In shadow mode the first
     candidate is always served and what enforce mode would have done is worked out from the
     counters as the store saw them (``Admitted.shadow``).
@@ -99,12 +100,13 @@ def _enforce(policy: BudgetPolicy, plans: Plans, ladder: Sequence[Any], estimate
     refused: list[tuple[int, Any, Estimate, ReserveResult]] = []
     for index, candidate in enumerate(ladder):
         rung_id = call_id if index == 0 else f"{call_id}.{index}"
-        admitted = yield from _try(policy, plans(candidate), candidate, estimate(candidate), index, last, rung_id,
+        full = estimate(candidate)
+        admitted = yield from _try(policy, plans(candidate, full), candidate, full, index, last, rung_id,
                                    refusals, refused)
         if admitted is not None:
             return admitted
     for index, candidate, full, result in refused if shrink else ():
-        plan = plans(candidate)
+        plan = plans(candidate, full)
         counters = plan.counters(policy.degrade_at if index < last else None, full, policy.expired_hold)
         if len(result.states) != len(counters):
             continue
@@ -230,8 +232,8 @@ def _shadow(policy: BudgetPolicy, plans: Plans, ladder: Sequence[Any], estimate:
     spend and alerts are as in enforce mode), then replay enforce mode's decisions against the
     counters as the store saw them, without touching the store."""
     candidate = ladder[0]
-    plan = plans(candidate)
     full = estimate(candidate)
+    plan = plans(candidate, full)
     counters = plan.counters(None, full, policy.expired_hold, shadow=True)
     result = yield ("reserve", counters, _hold(policy, full, call_id))
     admitted = Admitted(candidate, full, 0, call_id, plan.keys, plan=plan)

@@ -582,10 +582,12 @@ class BudgetGuard(BaseChatModel):
         """The admission of ``call`` (see ``admission.admit``) over this guard's ladder."""
         policy = self.policy
         if policy.per_model:
-            def plans(candidate: _Candidate) -> CounterPlan:
-                return policy.plan(call.identity, model=candidate.label)  # type: ignore[arg-type]
+            def plans(candidate: _Candidate, estimate: Estimate) -> CounterPlan:
+                # The model the call is priced for (a per-call model= kwarg or configurable choice included).
+                model = (estimate.refs[0].name if estimate.refs else None) or candidate.label
+                return policy.plan(call.identity, model=model)  # type: ignore[arg-type]
         else:
-            def plans(candidate: _Candidate) -> CounterPlan:
+            def plans(candidate: _Candidate, estimate: Estimate) -> CounterPlan:
                 return call.plan
         return admit(policy, plans, call.ladder or self._ladder(), lambda c: self._estimate(call, c),
                      call.call_id, call.refusals, shrink=call.ladder is None)
