@@ -187,10 +187,7 @@ def _try(policy: BudgetPolicy, plan: CounterPlan, candidate: Any, estimate: Esti
     result = yield ("reserve", counters, _hold(policy, estimate, call_id))
     admitted = Admitted(candidate, estimate, index, call_id, plan.keys, plan=plan)
     if isinstance(result, Exception):
-        if policy.on_store_error == "fail_closed":
-            raise result
-        admitted.held = False
-        yield from _fail_open(policy, admitted)
+        yield from _store_down(policy, admitted, result)
         return admitted
     if result.ok:
         admitted.crossed = result.crossed
@@ -238,10 +235,7 @@ def _shadow(policy: BudgetPolicy, plans: Plans, ladder: Sequence[Any], estimate:
     result = yield ("reserve", counters, _hold(policy, full, call_id))
     admitted = Admitted(candidate, full, 0, call_id, plan.keys, plan=plan)
     if isinstance(result, Exception):  # an unreachable store is handled as in enforce mode (on_store_error)
-        if policy.on_store_error == "fail_closed":
-            raise result
-        admitted.held = False
-        yield from _fail_open(policy, admitted)
+        yield from _store_down(policy, admitted, result)
         return admitted
     if result.reused:
         raise CallIdReusedError(call_id)
@@ -280,8 +274,13 @@ def _what_if(request: Request, seen: dict[str, Any]) -> ReserveResult:
     return ReserveResult(True, states)
 
 
-def _fail_open(policy: BudgetPolicy, admitted: Admitted) -> Generator[Request, ReserveResult | Exception, None]:
-    """The store is down and the policy is fail_open: serve, bounded by a per-process allowance."""
+def _store_down(policy: BudgetPolicy, admitted: Admitted, error: Exception
+               ) -> Generator[Request, ReserveResult | Exception, None]:
+    """The store is down: fail_closed raises ``error``; fail_open serves, unheld, bounded by a
+    per-process allowance."""
+    if policy.on_store_error == "fail_closed":
+        raise error
+    admitted.held = False
     if policy.fail_open_allowance is None:
         return
     local = [Counter(FAIL_OPEN_KEY, policy.fail_open_allowance)]
