@@ -293,7 +293,6 @@ class MemoryStore:
             amount, capped = check_nano(amount, "settle amount"), False
         charges, capped_one = key_amounts(keys, amount, amounts)
         capped = capped or capped_one
-        positions = {key: index for index, key in reversed(list(enumerate(keys)))}
         with self._lock:
             now = self._clock()
             record = self._records.get(call_id)
@@ -311,7 +310,7 @@ class MemoryStore:
                     counter.spent -= min(counter.expired.pop(call_id, 0), counter.spent)
                 _add_spent(counter, charge)
                 if counter.alerts:
-                    _fire(positions[key], key, counter, crossed)
+                    _fire(list(keys).index(key), key, counter, crossed)  # the key's first position
             token = record.token if record is not None else ""
             self._remember(call_id, _Record("settled", token, now + self.retry_window_seconds))
             if row is not None:
