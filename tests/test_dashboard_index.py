@@ -1,6 +1,6 @@
 """The scope page's default order (by % used or spend) read from the head of the spend index:
 the same pages, figures, totals and order as reading every counter, with only the page's
-share of counters read, on the in-process store and on Redis (one tag, and a tag per tenant)."""
+share of counters read, on the in-process store, on Redis and on a Redis Cluster (one tag, and a tag per tenant)."""
 
 from __future__ import annotations
 
@@ -22,18 +22,32 @@ from langchain_budgetguard.stores.memory import MemoryStore
 from langchain_budgetguard.stores.redis import RedisStore
 
 from .fakes import UsageChat
-from .redis_support import fresh_prefix, redis_url  # noqa: F401 - fixture
+from .redis_support import RedisServer, fresh_prefix, redis_url, start_cluster  # noqa: F401 - fixture
 
 IDS = 700  # > 2 pages of 100 + the margin: the first pages are read from the index's head
 ODD = ["zoë", "a b", "x" * 120]  # escaped ids (%-escapes, hashed): their tie order is by id too
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[RedisServer]]:
+    servers = start_cluster(tmp_path_factory.mktemp("redis-cluster-dash"))
+    try:
+        yield servers
+    finally:
+        for s in servers:
+            s.stop()
+
+
+@pytest.fixture(params=["memory", "redis", "cluster"])
 def store(request: pytest.FixtureRequest) -> Iterator[Any]:
     if request.param == "memory":
         yield MemoryStore()
         return
-    url = request.getfixturevalue("redis_url")
+    if request.param == "cluster":
+        nodes = request.getfixturevalue("cluster")
+        url = "redis+cluster://" + ",".join(f"127.0.0.1:{s.port}" for s in nodes[:2])
+    else:
+        url = request.getfixturevalue("redis_url")
     with RedisStore(url, prefix=fresh_prefix()) as s:
         yield s
 
