@@ -5,9 +5,10 @@ twin and ``budgetguard status --json`` agree to the last digit.
 
 Two parts of the data come from things the stores do not have yet, and plug in when they do:
 
-- ``scope_rows``: every id of a scope with a counter in a window. Today it asks ``BudgetAdmin``,
-  which SCANs the keyspace (cost grows with the keyspace). A store (or admin) that offers
-  ``read_scope_index`` (see ``ScopeIndexReader``) is read instead: an index kept by the scripts.
+- ``scope_rows``: every id of a scope with a counter in a window, from ``BudgetAdmin``'s
+  ``read_scope_index`` (the spend index the scripts keep; a SCAN for a store without one). The
+  first pages of a scope by % used or by spend (the default order) read only the head of the
+  index instead (``IndexPageReader``): their cost grows with the page number, not with the ids.
 - the per-call ledger (spend over time, last calls, refusals, degrades, alerts): read through a
   ``read_ledger`` method (see ``LedgerReader``) on the admin or the store. Without one, the pages
   say that per-call history needs the ledger; they never make data up.
@@ -23,9 +24,12 @@ from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any, Protocol, runtime_checkable
 
-from ..limits import GLOBAL, Limit
-from ..overrides import BudgetAdmin, LimitRow, find_limit, window_for_label
+from ..limits import GLOBAL, Limit, WindowInstance, escape_id
+from ..money import nano_to_usd
+from ..overrides import BudgetAdmin, LimitRow, find_limit, override_field, resolve_cap, window_for_label
 from ..policy import LimitStatus
+from ..stores.base import CounterState, IndexPageReader
+from ..stores.ledger import scopes_of_keys
 
 __all__ = [
     "DashboardData",
@@ -47,6 +51,9 @@ __all__ = [
 
 PAGE_SIZES = (50, 100)
 SORTS = ("used", "spent", "held", "remaining", "limit", "id", "resets")
+RANKED_SORTS = ("used", "spent")  # the orders the spend index gives without reading every counter
+RANKED_MARGIN = 200  # counters read beyond a ranked page's end (see ``DashboardData.scope_page``)
+READ_BATCH = 1000  # counters per store read
 EVENT_KINDS = ("refusal", "degrade", "alert")
 LEDGER_MISSING = ("Per-call history (spend over time, last calls, refusals, degrades and alerts) needs the "
                   "per-call ledger (issue 14), which this store does not keep yet. The counters above are exact.")
@@ -367,15 +374,25 @@ class DashboardData:
     def scope_page(self, scope: str, *, window: str | None = None, at: str | None = None, search: str = "",
                    sort: str = "used", descending: bool = True, page: int = 1, per_page: int = 50) -> ScopePage:
         """One page of ``scope``'s ids, sorted by ``sort`` (see ``SORTS``; ties: by id), filtered
-        to ids containing ``search`` (case-insensitive)."""
+        to ids containing ``search`` (case-insensitive).
+
+        Sorted by ``used`` or ``spent`` without a search, on a store with a spend index, only the
+        head of the index is read (``ranked_page``); otherwise every id's counter is (``scope_rows``,
+        kept ``cache_seconds``). Every figure shown is read from the counter either way.
+        """
         if sort not in SORTS:
             raise ValueError(f"sort: expected one of {', '.join(SORTS)}, got {sort!r}")
         if per_page not in PAGE_SIZES:
             raise ValueError(f"per_page: expected {' or '.join(map(str, PAGE_SIZES))}, got {per_page!r}")
         if page < 1:
             raise ValueError(f"page: expected 1 or more, got {page!r}")
-        limit, label, rows, how = self.scope_rows(scope, window, at)
         needle = search.strip().casefold()
+        if not needle and sort in RANKED_SORTS:
+            ranked = self.ranked_page(scope, window=window, at=at, sort=sort, descending=descending, page=page,
+                                      per_page=per_page)
+            if ranked is not None:
+                return ranked
+        limit, label, rows, how = self.scope_rows(scope, window, at)
         found = [s for s in rows if needle in (s.scope_id or "").casefold()] if needle else list(rows)
         found.sort(key=lambda s: s.scope_id or "")  # ties: by id, ascending
         found.sort(key=_sort_key(sort), reverse=descending)
@@ -385,6 +402,75 @@ class DashboardData:
         return ScopePage(scope=scope, window=limit.window, window_label=label, limits=self.scope_limits(scope),
                          rows=tuple(found[start:start + per_page]), total=len(found), all_ids=len(rows), page=page,
                          pages=pages, per_page=per_page, sort=sort, descending=descending, search=search, source=how)
+
+    def ranked_page(self, scope: str, *, window: str | None = None, at: str | None = None, sort: str = "used",
+                    descending: bool = True, page: int = 1, per_page: int = 50) -> ScopePage | None:
+        """Page ``page`` of ``scope`` by ``used`` or ``spent`` read from the head of the spend index;
+        None when the store has no such index, or when the page reaches into the last
+        ``RANKED_MARGIN`` ids (then reading them all costs about the same and is exact).
+
+        Reads the first ``page * per_page + RANKED_MARGIN`` counters of the index (ranked by spent
+        as of each counter's last reserve or settle), plus every id with its own limit override
+        (their % used is not in the index's order), then sorts those by their counters' exact
+        figures. Exact unless an id beyond that head gained more than the margin's worth of rank
+        since it was indexed: money held by calls in flight, or a hold's expiry charge, which the
+        index learns at the id's next reserve or settle.
+        """
+        store = self.policy.store
+        if sort not in RANKED_SORTS or not (isinstance(store, IndexPageReader)
+                                            and callable(getattr(store, "read_index", None))):
+            return None
+        self.scope_limits(scope)
+        limit = find_limit(self.policy.limits, scope, window, None)
+        win = window_for_label(limit, at)
+        live, config = self._overrides()
+        if sort == "used" and resolve_cap(limit, None, live, config)[0] == 0:
+            return None  # a $0 limit: every id is 100% used, the order is by id
+        prefix = limit.slug + ":"
+        own = sorted({f[len(prefix):] for f in (*live, *config) if f.startswith(prefix)}
+                     - {override_field(limit, None)[len(prefix):]})
+        start = (page - 1) * per_page
+        want = start + per_page + RANKED_MARGIN + len(own)
+        index = f"{escape_id(self.name)}:{limit.per}:{limit.slug}:{win.label}"
+        head = store.read_index_page(index, want, descending=descending, members=own)
+        if head.total <= want:
+            return None
+        keys = list(dict.fromkeys([k for k, _ in head.rows] + [k for k, _ in head.named]))
+        states: list[CounterState] = []
+        for at_key in range(0, len(keys), READ_BATCH):
+            states.extend(store.read(keys[at_key:at_key + READ_BATCH]))
+        rows = self._statuses(limit, win, keys, states, live, config)
+        rows.sort(key=lambda s: s.scope_id or "")  # ties: by id, ascending
+        rows.sort(key=_sort_key(sort), reverse=descending)
+        pages = -(-head.total // per_page)  # > page: head.total > want
+        return ScopePage(scope=scope, window=limit.window, window_label=win.label, limits=self.scope_limits(scope),
+                         rows=tuple(rows[start:start + per_page]), total=head.total, all_ids=head.total, page=page,
+                         pages=pages, per_page=per_page, sort=sort, descending=descending, search="",
+                         source="index")
+
+    def _overrides(self) -> tuple[Mapping[str, int], Mapping[str, int]]:
+        """The budget's live overrides (refreshed as guards refresh them) and its config's."""
+        live = self.policy.live_overrides
+        values: Mapping[str, int] = {}
+        if live is not None:
+            live.refresh()
+            values = live.values
+        return values, self.policy.config_overrides
+
+    @staticmethod
+    def _statuses(limit: Limit, win: WindowInstance, keys: Sequence[str], states: Sequence[CounterState],
+                  live: Mapping[str, int], config: Mapping[str, int]) -> list[LimitStatus]:
+        """``limit``'s status of each counter, the limit in force applied (as ``BudgetAdmin`` does)."""
+        out = []
+        for key, state in zip(keys, states):
+            sid = scopes_of_keys([key]).get(limit.per)
+            cap, source = resolve_cap(limit, sid, live, config)
+            usd = limit.usd if source == "limit" else nano_to_usd(cap)
+            spent, held = nano_to_usd(state.spent), nano_to_usd(state.held)
+            out.append(LimitStatus(scope=limit.per, scope_id=sid, window=limit.window, window_label=win.label,
+                                   limit=usd, spent=spent, held=held, remaining=max(usd - spent - held, Decimal(0)),
+                                   resets_at=win.resets_at, key=key))
+        return out
 
     # -- one id -------------------------------------------------------------------------------
 

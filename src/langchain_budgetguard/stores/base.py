@@ -50,6 +50,9 @@ __all__ = [
     "Store",
     "AdminStore",
     "LedgerStore",
+    "IndexPage",
+    "IndexPageReader",
+    "check_index_page",
     "LedgerRow",
     "tag_of",
     "glob_regex",
@@ -318,6 +321,44 @@ class LedgerStore(Protocol):
                     call_id: str | None = None, limit: int = 100) -> list[LedgerRow]: ...
     def append_ledger(self, row: LedgerRow) -> None: ...
     def read_index(self, index: str, count: int | None = None) -> list[tuple[str, int]]: ...
+
+
+@dataclass(frozen=True)
+class IndexPage:
+    """The head of a spend index (``IndexPageReader.read_index_page``): how many counters it holds
+    (``total``), its first ones in order (``rows``: counter key, spent nano-USD as last indexed) and
+    the counters of the members asked for by name (``named``, in no order)."""
+
+    total: int
+    rows: list[tuple[str, int]]
+    named: list[tuple[str, int]]
+
+
+@runtime_checkable
+class IndexPageReader(Protocol):
+    """A store that reads the head of a spend index without reading all of it (the dashboard's
+    first page of a scope).
+
+    ``read_index_page(index, count, descending=True, members=())``: the first ``count`` counters
+    of ``index`` by spent (highest first, or lowest with ``descending=False``), ties by member
+    (the escaped id) then by key, merged across tags; the number of counters in the index; and
+    the counters of ``members`` (escaped ids) wherever they are in it.
+    """
+
+    def read_index_page(self, index: str, count: int, *, descending: bool = True,
+                        members: Sequence[str] = ()) -> IndexPage: ...
+
+
+def check_index_page(index: str, count: int, descending: bool, members: Sequence[str]) -> None:
+    """Raise ValueError/TypeError for arguments ``read_index_page`` does not take."""
+    if not isinstance(index, str) or index.count(":") < 2:
+        raise ValueError(f"index must look like 'name:per:window:label', got {index!r}")
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"count: expected a whole number >= 1, got {count!r}")
+    if not isinstance(descending, bool):
+        raise TypeError(f"descending: expected True or False, got {descending!r}")
+    if isinstance(members, str) or not all(isinstance(m, str) and m for m in members):
+        raise TypeError(f"members: expected a sequence of escaped ids (non-empty strings), got {members!r}")
 
 
 def glob_regex(pattern: str) -> str:

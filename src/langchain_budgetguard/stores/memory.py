@@ -18,9 +18,11 @@ from .base import (
     CounterState,
     Crossing,
     Hold,
+    IndexPage,
     OverridesSnapshot,
     ReserveResult,
     SettleResult,
+    check_index_page,
     counter_holds,
     glob_regex,
     key_amounts,
@@ -436,6 +438,20 @@ class MemoryStore:
 
     async def aread_index(self, index: str, count: int | None = None) -> list[tuple[str, int]]:
         return self.read_index(index, count)
+
+    def read_index_page(self, index: str, count: int, *, descending: bool = True,
+                        members: Sequence[str] = ()) -> IndexPage:
+        """The first ``count`` counters of ``index`` by spent (ties: by member, then key), its size
+        and the counters of ``members`` (see ``stores.base.IndexPageReader``)."""
+        check_index_page(index, count, descending, members)
+        wanted = set(members)
+        with self._lock:
+            now = self._clock()
+            found = [(k, self._get(k, now)) for k in list(self._index.get(index, ()))]
+        live = [(k, c.spent, (index_name_of(k) or ("", ""))[1]) for k, c in found if c is not None]
+        live.sort(key=lambda x: (-x[1] if descending else x[1], x[2], x[0]))
+        return IndexPage(len(live), [(k, sc) for k, sc, _ in live[:count]],
+                         [(k, sc) for k, sc, m in live if m in wanted])
 
     def reset_counter(self, key: str) -> CounterState:
         """Zero the counter's spent (live holds stay); returns its state before."""

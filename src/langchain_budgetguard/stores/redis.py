@@ -103,9 +103,11 @@ from .base import (
     CounterState,
     Crossing,
     Hold,
+    IndexPage,
     OverridesSnapshot,
     ReserveResult,
     SettleResult,
+    check_index_page,
     counter_holds,
     glob_regex,
     key_amounts,
@@ -1225,6 +1227,67 @@ class RedisStore:
 
     async def aread_index(self, index: str, count: int | None = None) -> list[tuple[str, int]]:
         return await asyncio.to_thread(self.read_index, index, count)
+
+    def read_index_page(self, index: str, count: int, *, descending: bool = True,
+                        members: Sequence[str] = ()) -> IndexPage:
+        """The first ``count`` counters of spend index ``index`` by spent (ties: by member, then key),
+        its size and the counters of ``members`` (see ``stores.base.IndexPageReader``). Per tag one
+        pipelined ZCARD + ZRANGE (+ ZMSCORE), and, highest first, one ZRANGEBYSCORE for the tie at
+        the cut: its cost grows with ``count``, not with the index."""
+        check_index_page(index, count, descending, members)
+        slots = [t for t in self._slots() if t.startswith("{")]
+        if not slots:
+            return IndexPage(0, [], [])
+        names = [f"{self.prefix}x:{slot}:{index}" for slot in slots]
+        wanted = list(dict.fromkeys(members))
+
+        def heads(client: Any) -> list[Any]:
+            pipe = client.pipeline(transaction=False)
+            for x in names:
+                pipe.zcard(x)
+                if descending:
+                    pipe.zrevrange(x, 0, count - 1, withscores=True)
+                else:  # ZRANGE orders ties by member already
+                    pipe.zrange(x, 0, count - 1, withscores=True)
+                if wanted:
+                    pipe.zmscore(x, wanted)
+            return pipe.execute()
+
+        step = 3 if wanted else 2
+        replies = self._direct("read index", heads)
+        per_tag = [[(_text(m), float(sc)) for m, sc in replies[i * step + 1]] for i in range(len(slots))]
+        cut: dict[int, tuple[float, int]] = {}  # tag -> (score at the cut, how many tied ones to take)
+        if descending:
+            for i, got in enumerate(per_tag):
+                if len(got) == count and replies[i * step] > count:
+                    edge = got[-1][1]
+                    above = [x for x in got if x[1] > edge]
+                    per_tag[i] = above
+                    cut[i] = (edge, count - len(above))
+        if cut:  # ZREVRANGE orders ties by member descending: take the cut's lowest members instead
+            def ties(client: Any) -> list[Any]:
+                pipe = client.pipeline(transaction=False)
+                for i, (edge, need) in cut.items():
+                    pipe.zrangebyscore(names[i], edge, edge, start=0, num=need, withscores=True)
+                return pipe.execute()
+
+            for i, got in zip(cut, self._direct("read index", ties)):
+                per_tag[i].extend((_text(m), float(sc)) for m, sc in got)
+        name, per, rest = index.split(":", 2)
+
+        def key(slot: str, member: str) -> str:
+            return f"{slot}:{name}:{per}:{member}:{rest}"
+
+        rows = [(key(slots[i], m), int(sc), m) for i, got in enumerate(per_tag) for m, sc in got]
+        rows.sort(key=lambda x: (-x[1] if descending else x[1], x[2], x[0]))
+        named = []
+        if wanted:
+            for i, slot in enumerate(slots):
+                for member, sc in zip(wanted, replies[i * step + 2]):
+                    if sc is not None:
+                        named.append((key(slot, member), int(sc)))
+        return IndexPage(sum(int(replies[i * step]) for i in range(len(slots))),
+                         [(k, sc) for k, sc, _ in rows[:count]], named)
 
     async def aread_ledger(self, name: str, **filters: Any) -> list[LedgerRow]:
         return await asyncio.to_thread(functools.partial(self.read_ledger, name, **filters))
