@@ -131,6 +131,15 @@ from .ledger import (
     row_matches,
     scopes_of_keys,
 )
+from .carry import (
+    DEFAULT_CARRY_WINDOW_SECONDS,
+    MAX_CARRIED,
+    CarriedSettle,
+    SettleQueue,
+    carry_arguments,
+    carry_script,
+    check_window,
+)
 from .journal import MEMORY_MARK_TTL_SECONDS, MemoryJournal, PendingSettle, SettleJournal, SqliteJournal
 from .redis_client import RedisTarget, describe_client, describe_url, is_async_client, is_sync_client, make_client, parse_url
 
@@ -228,7 +237,11 @@ def _load_lua(name: str) -> str:
 @functools.cache
 def _lua_sources() -> dict[str, str]:
     names = ("reserve", "settle", "release", "renew", "read", "overrides", "override", "reset", "ledger_append", "tags")
-    return {name: _load_lua(name) for name in names}
+    sources = {name: _load_lua(name) for name in names}
+    folder = resources.files(__package__).joinpath("lua")
+    own = {name: folder.joinpath(f"{name}.lua").read_text("utf-8") for name in ("common", "settle", "reserve", "carry")}
+    sources["carry"] = carry_script(own["common"], own["settle"], own["reserve"], own["carry"])
+    return sources
 
 
 def _slot_part(key: str) -> str:
@@ -291,6 +304,16 @@ def _crossings(flat: Sequence[Any], keys: Sequence[str], group: _Group) -> list[
         key = group.keys[int(flat[j]) - 1]
         out.append(Crossing(keys.index(key), key, int(flat[j + 1]), int(flat[j + 2])))
     return out
+
+
+def _flag(value: Any, what: str) -> bool:
+    """A yes/no store option as a URL gives it."""
+    text = str(value).lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"{what} in the URL must be 1/true/yes/on or 0/false/no/off, got {value!r}")
 
 
 def _text(value: Any) -> str:
@@ -436,6 +459,8 @@ class RedisStore:
         async_client: Any = None,
         ledger_max_rows: int | None = None,
         ledger_retention_seconds: int | None = None,
+        carry_settles: bool | None = None,
+        carry_window_seconds: float | None = None,
         **client_options: Any,
     ) -> None:
         if not isinstance(prefix, str) or "{" in prefix or "}" in prefix:
@@ -449,6 +474,9 @@ class RedisStore:
             journal_path = journal_path or query.get("journal_path")
             ledger_max_rows = query.get("ledger_max_rows", ledger_max_rows)
             ledger_retention_seconds = query.get("ledger_retention_seconds", ledger_retention_seconds)
+            if carry_settles is None and "carry_settles" in query:
+                carry_settles = _flag(query["carry_settles"], "carry_settles")
+            carry_window_seconds = query.get("carry_window_seconds", carry_window_seconds)
         self.ledger_max_rows, self.ledger_retention_seconds = check_ledger_options(
             DEFAULT_LEDGER_MAX_ROWS if ledger_max_rows is None else ledger_max_rows,
             DEFAULT_LEDGER_RETENTION_SECONDS if ledger_retention_seconds is None else ledger_retention_seconds)
@@ -490,6 +518,17 @@ class RedisStore:
         self._closed = False
         # Called with (entry, crossings) when a journal replay fires alert thresholds.
         self.on_replay_crossed: Callable[[PendingSettle, tuple[Crossing, ...]], None] | None = None
+        # Called with (call_id, crossings) when a carried settle, sent later, fires alert thresholds.
+        self.on_carried_crossed: Callable[[str, tuple[Crossing, ...]], None] | None = None
+        if carry_settles is not None and not isinstance(carry_settles, bool):
+            raise ValueError(f"carry_settles must be True or False, got {carry_settles!r}")
+        self.carry_settles = bool(carry_settles)
+        self.carry_window_seconds = check_window(
+            DEFAULT_CARRY_WINDOW_SECONDS if carry_window_seconds is None else carry_window_seconds)
+        self._carry: SettleQueue | None = (
+            SettleQueue(self.carry_window_seconds, self._flush_carried_due) if self.carry_settles else None)
+        self._carry_tasks: set[Any] = set()  # asyncio flushes in flight (kept from the GC)
+        self._carry_timers: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
         if self._target is not None:
             self.where = describe_url(url_or_client)
         else:
@@ -651,14 +690,19 @@ class RedisStore:
                 p = plans[key]
                 args += [str(p.limit), "" if p.expires_at is None else str(p.expires_at), str(p.amount),
                          str(p.charge_on_expiry), ",".join(map(str, p.alerts))]
+            call, carried = self._carried_call(self._call("reserve", group, call_id, args, indexed=True), group.slot)
             try:
-                reply = yield self._call("reserve", group, call_id, args, indexed=True)
+                reply = yield call
             except BudgetStoreUnavailableError as exc:
+                if carried:
+                    self._carry_failed(carried, exc)
                 # This tag may have run the reserve (a lost reply, a timeout while the server was
                 # stalled): release it and every tag placed, with a tombstone against late runs.
                 reached = [g for g, _, _ in placed] + ([] if isinstance(exc, _NotSent) else [group])
                 yield from self._release(reached, call_id, token, tombstone_ms, lease_seconds)
                 raise
+            if carried:
+                reply = self._carry_done(carried, reply)
             width = 2 + 2 * len(group.keys)
             code, found = int(reply[0]), _states(reply[2:width])
             crossed += _crossings(reply[width:], keys, group)
@@ -730,6 +774,21 @@ class RedisStore:
                      crossed: list[Crossing] | None = None) -> Plan[SettleResult]:
         """The settle, tag by tag; ``crossed`` (if given) collects crossings as tags answer, so
         that a settle journaled half-way still reports those of the tags it reached."""
+        groups, calls, amount, capped = self._settle_calls(call_id, keys, amount, seq, row, amounts)
+        yield from self._register_plan(groups)
+        applied = False
+        found: list[Crossing] = [] if crossed is None else crossed
+        for group, call in zip(groups, calls):
+            reply = yield call
+            applied = bool(int(reply[0])) or applied
+            found += _crossings(reply[1:], keys, group)
+        return SettleResult(applied=applied, charged=amount if applied else 0, capped=capped, crossed=tuple(found))
+
+    def _settle_calls(self, call_id: str, keys: Sequence[str], amount: int, seq: int = 0,
+                      row: LedgerRow | None = None, amounts: Sequence[int] | None = None,
+                      ) -> tuple[list[_Group], list[_Call], int, bool]:
+        """A settle's checked script calls, one per tag (the ledger row with the first), the
+        amount it charges (capped at MAX_NANO) and whether it was capped."""
         check_call_id(call_id)
         if row is not None and not isinstance(row, LedgerRow):
             raise TypeError(f"row: expected a LedgerRow, got {type(row).__name__}")
@@ -742,12 +801,9 @@ class RedisStore:
         fixed = [call_id, _check_amount(amount, "settle amount"), self._retry_ms, str(seq) if seq else "",
                  self._mark_ttl_ms, *self._ledger_args, secrets.token_hex(8)]
         charges, capped_one = key_amounts(keys, amount, amounts)
-        capped = capped or capped_one
         groups = _groups(keys)
-        yield from self._register_plan(groups)
         fields = row.fields() if row is not None else []
-        applied = False
-        found: list[Crossing] = [] if crossed is None else crossed
+        calls = []
         for number, group in enumerate(groups):
             mark = f"{self.prefix}j:{group.slot}:{self.journal.journal_id}"
             stream = f"{self.prefix}ledger:{group.slot}"
@@ -755,10 +811,117 @@ class RedisStore:
             call = self._call("settle", group, call_id, args, mark, stream, indexed=True)
             if number == 0 and fields:  # the row goes with the call's first tag, once
                 call = _Call(call.script, call.keys, (*call.args, *fields))
-            reply = yield call
-            applied = bool(int(reply[0])) or applied
-            found += _crossings(reply[1:], keys, group)
-        return SettleResult(applied=applied, charged=amount if applied else 0, capped=capped, crossed=tuple(found))
+            calls.append(call)
+        return groups, calls, amount, capped or capped_one
+
+    # -- carried settles (stores.carry) ---------------------------------------------------------
+
+    def _carry_settle(self, call_id: str, keys: Sequence[str], amount: int, amounts: Sequence[int] | None,
+                      row: LedgerRow | None, loop: Any) -> SettleResult | None:
+        """Queue a settle for the next reserve on its tag; None when it must go now (several
+        tags, or a tag this process has not registered yet)."""
+        groups, calls, charged, capped = self._settle_calls(call_id, keys, amount, 0, row, amounts)
+        if len(groups) != 1 or groups[0].slot not in self._known_slots or self._carry is None or self._closed:
+            return None
+        call = calls[0]
+        entry = CarriedSettle(groups[0].slot, call.keys, call.args, call_id, tuple(keys), charged,
+                              None if amounts is None else tuple(amounts), row, loop)
+        self._carry.put(entry)
+        if loop is not None:
+            self._arm_loop_timer(loop)
+        return SettleResult(applied=False, charged=charged, pending=True, capped=capped)
+
+    def _carried_call(self, call: _Call, slot: str) -> tuple[_Call, list[CarriedSettle]]:
+        """``call`` (a reserve on tag ``slot``) with the settles queued for that tag, if any."""
+        carried = self._carry.take(slot) if self._carry is not None else []
+        if not carried:
+            return call, carried
+        keys, args = carry_arguments(carried, call.keys, call.args)
+        return _Call("carry", keys, args), carried
+
+    def _carry_done(self, carried: Sequence[CarriedSettle], reply: Any) -> Any:
+        """Hand the crossings of carried settles to ``on_carried_crossed``; returns the reserve's reply."""
+        for entry, answer in zip(carried, reply[1:]):
+            if not int(answer[0]):
+                continue  # settled before (a retried script call whose reply was lost)
+            crossed = tuple(_crossings(answer[1:], entry.counter_keys, _groups(entry.counter_keys)[0]))
+            if not crossed:
+                continue
+            hook = self.on_carried_crossed
+            if hook is None:
+                log.warning("carried settle of call %s crossed alert thresholds (no on_carried_crossed): %s",
+                            entry.call_id, crossed)
+                continue
+            try:
+                hook(entry.call_id, crossed)
+            except Exception:  # noqa: BLE001 - a failing hook must not fail the reserve
+                log.exception("on_carried_crossed failed for call %s", entry.call_id)
+        return reply[0]
+
+    def _carry_failed(self, carried: Sequence[CarriedSettle], exc: Exception) -> None:
+        """Carried settles whose script call failed: journaled, replayed exactly once later
+        (the settle script is idempotent: one that did apply changes nothing the second time)."""
+        for entry in carried:
+            self._journal_settle(entry.call_id, entry.counter_keys, entry.amount, exc, entry.row, entry.amounts)
+
+    def _flush_plan(self, entries: Sequence[CarriedSettle]) -> Plan[None]:
+        """Send queued settles on their own, one script call per tag (at most MAX_CARRIED each)."""
+        by_slot: dict[str, list[CarriedSettle]] = {}
+        for entry in entries:
+            by_slot.setdefault(entry.slot, []).append(entry)
+        for batch in by_slot.values():
+            for start in range(0, len(batch), MAX_CARRIED):
+                chunk = batch[start : start + MAX_CARRIED]
+                keys, args = carry_arguments(chunk)
+                try:
+                    reply = yield _Call("carry", keys, args)
+                except BudgetStoreUnavailableError as exc:
+                    self._carry_failed(chunk, exc)
+                    continue
+                self._carry_done(chunk, reply)
+
+    def _flush_carried_due(self, entries: list[CarriedSettle]) -> None:
+        """The timer thread's flush (sync client)."""
+        try:
+            self._run(self._flush_plan(entries))
+        except Exception:  # noqa: BLE001 - a bug here must not lose them silently: journal them
+            log.exception("flushing carried settles of %s failed; journaled", self.where)
+            self._carry_failed(entries, BudgetStoreUnavailableError("carried settle flush failed"))
+
+    def flush_carried(self) -> int:
+        """Send every queued carried settle now (sync client); returns how many were queued."""
+        if self._carry is None or not len(self._carry):
+            return 0
+        if self._target is None and self._sync is None:
+            return 0  # an asyncio-only store: aflush_carried / aclose send them
+        entries = self._carry.take_all()
+        self._flush_carried_due(entries)
+        return len(entries)
+
+    async def aflush_carried(self, loop: Any = ...) -> int:
+        """Async twin of ``flush_carried`` (``loop``: only the settles queued by that loop)."""
+        if self._carry is None or not len(self._carry):
+            return 0
+        entries = self._carry.take_all(loop=loop)
+        try:
+            await self._arun(self._flush_plan(entries))
+        except Exception:  # noqa: BLE001 - as in _flush_carried_due
+            log.exception("flushing carried settles of %s failed; journaled", self.where)
+            self._carry_failed(entries, BudgetStoreUnavailableError("carried settle flush failed"))
+        return len(entries)
+
+    def _arm_loop_timer(self, loop: Any) -> None:
+        """One ``call_later`` per event loop while it has settles queued."""
+        if self._carry_timers.get(loop) is not None:
+            return
+
+        def fire() -> None:
+            self._carry_timers.pop(loop, None)
+            task = loop.create_task(self.aflush_carried(loop))
+            self._carry_tasks.add(task)
+            task.add_done_callback(self._carry_tasks.discard)
+
+        self._carry_timers[loop] = loop.call_later(self.carry_window_seconds, fire)
 
     def _renew_plan(self, call_id: str, keys: Sequence[str], lease_seconds: float) -> Plan[bool]:
         check_call_id(call_id)
@@ -769,6 +932,8 @@ class RedisStore:
         return renewed
 
     def _read_plan(self, keys: Sequence[str]) -> Plan[list[CounterState]]:
+        if self._carry is not None and len(self._carry):  # a read sees every settle of this process
+            yield from self._flush_plan(self._carry.take_all())
         states = [CounterState()] * len(keys)
         for group in _groups(keys):
             _fill(states, keys, group, _states((yield self._call("read", group, None, [self._retry_ms]))))
@@ -1056,7 +1221,9 @@ class RedisStore:
         return self._repair(self.retry)
 
     def flush(self, final: bool = False) -> int:
-        """``flush_journal``; with ``final`` (close, exit), log what could not be flushed."""
+        """``flush_carried`` then ``flush_journal``; with ``final`` (close, exit), log what could
+        not be flushed."""
+        self.flush_carried()
         done = self._repair(self.retry) if (self._releases or len(self.journal)) else 0
         if final and len(self.journal):
             entries = self.journal.pending()
@@ -1078,6 +1245,10 @@ class RedisStore:
         when it applies, ``row`` is appended to the ledger in the same script. If Redis cannot
         be reached, the settle (its amounts and row) is journaled and ``SettleResult.pending``
         is True."""
+        if self._carry is not None:
+            queued = self._carry_settle(call_id, keys, amount, amounts, row, None)
+            if queued is not None:
+                return queued
         crossed: list[Crossing] = []
         plan = self._settle_plan(call_id, keys, amount, row=row, amounts=amounts, crossed=crossed)
         try:  # bad input raises ValueError inside the plan: never journaled
@@ -1306,6 +1477,8 @@ class RedisStore:
 
     def _close_sync(self) -> None:
         self._closed = True
+        if self._carry is not None:
+            self._carry.close()
         if self._target is None:
             return
         with self._lock:
@@ -1423,6 +1596,11 @@ class RedisStore:
 
     async def asettle(self, call_id: str, keys: Sequence[str], amount: int, *, amounts: Sequence[int] | None = None,
                       row: LedgerRow | None = None) -> SettleResult:
+        if self._carry is not None:
+            loop = asyncio.get_running_loop() if self._async_backend() is not None else None
+            queued = self._carry_settle(call_id, keys, amount, amounts, row, loop)
+            if queued is not None:
+                return queued
         crossed: list[Crossing] = []
         plan = self._settle_plan(call_id, keys, amount, row=row, amounts=amounts, crossed=crossed)
         try:
@@ -1468,6 +1646,7 @@ class RedisStore:
     async def aclose(self) -> None:
         """Flush what is pending, close the asyncio client the store built for the running loop
         (and the sync one)."""
+        await self.aflush_carried()
         await self._arepair(self.retry)
         if len(self.journal) and self._target is not None:
             await asyncio.to_thread(self.flush, True)

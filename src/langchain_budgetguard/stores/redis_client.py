@@ -140,7 +140,7 @@ def parse_url(url: str) -> RedisTarget:
 
 
 STORE_QUERY_OPTIONS = ("evicting_policy", "journal_path", "retry_window_seconds", "ledger_max_rows",
-                       "ledger_retention_seconds")
+                       "ledger_retention_seconds", "carry_settles", "carry_window_seconds")
 
 
 # Store defaults for clients it builds; anything in the URL or given to the store wins.

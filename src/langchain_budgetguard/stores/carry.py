@@ -1,0 +1,178 @@
+"""Settles carried by the next reservation: the queue a ``RedisStore(carry_settles=True)`` keeps.
+
+A settle on one hash tag is not sent at once: it waits here (its hold stays in Redis, so money
+is only held a little longer, never spent twice or overspent) until the next reserve of this
+process on the same tag sends it and the reservation in one script call (``lua/carry.lua``).
+A settle that no reserve picks up within ``window`` seconds is flushed by one timer thread per
+store (a daemon that sleeps while the queue is empty; asyncio settles use ``loop.call_later``),
+by ``read()``, ``close()`` and at interpreter exit.
+
+If the process dies with settles queued, their holds expire at the end of their lease and are
+charged their ``charge_on_expiry`` (the guard's ``expired_hold`` policy): what may be lost is
+at most the settles of the last ``window`` seconds (plus one round trip), and each is charged
+what its reservation said expiry charges instead of its actual cost.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .ledger import LedgerRow
+
+__all__ = ["CarriedSettle", "SettleQueue", "carry_script", "carry_arguments", "DEFAULT_CARRY_WINDOW_SECONDS",
+           "MAX_CARRY_WINDOW_SECONDS", "MAX_CARRIED", "check_window"]
+
+DEFAULT_CARRY_WINDOW_SECONDS = 0.003
+MAX_CARRY_WINDOW_SECONDS = 1.0
+MAX_CARRIED = 32  # settles per script call: bounds the script's size and run time
+
+
+def check_window(value: Any) -> float:
+    """A carry window in seconds, in (0, 1]."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ValueError(f"carry_window_seconds must be a number of seconds, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value <= MAX_CARRY_WINDOW_SECONDS):
+        raise ValueError(
+            f"carry_window_seconds must be seconds in (0, {MAX_CARRY_WINDOW_SECONDS}] (a few ms: a queued settle "
+            f"keeps its money held that long), got {value!r}"
+        )
+    return float(value)
+
+
+@dataclass(slots=True)
+class CarriedSettle:
+    """One settle waiting for a script call on its hash tag ``slot``: the settle script's
+    ``keys`` and ``args`` as built for that tag, and what the caller asked for."""
+
+    slot: str
+    keys: tuple[str, ...]
+    args: tuple[str, ...]
+    call_id: str
+    counter_keys: tuple[str, ...]
+    amount: int
+    amounts: tuple[int, ...] | None
+    row: LedgerRow | None
+    loop: Any = None  # the event loop whose timer flushes it (None: the store's timer thread)
+    queued_at: float = field(default_factory=time.monotonic)
+
+
+def carry_script(common: str, settle: str, reserve: str, driver: str) -> str:
+    """The combined script: the settle and reserve scripts as functions of (KEYS, ARGV)."""
+    return (f"{common}\nlocal function settle_one(KEYS, ARGV)\n{settle}\nend\n"
+            f"local function reserve_one(KEYS, ARGV)\n{reserve}\nend\n{driver}")
+
+
+def carry_arguments(settles: Sequence[CarriedSettle], keys: Sequence[str] = (),
+                    args: Sequence[str] | None = None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """KEYS and ARGV of ``lua/carry.lua``: ``settles``, then a reserve's ``keys``/``args``
+    (``args`` None: no reserve)."""
+    head = [str(len(settles)), "0" if args is None else "1"]
+    all_keys: list[str] = []
+    all_args: list[str] = []
+    for entry in settles:
+        head += [str(len(entry.keys)), str(len(entry.args))]
+        all_keys += entry.keys
+        all_args += entry.args
+    if args is not None:
+        all_keys += keys
+        all_args += args
+    return tuple(all_keys), (*head, *all_args)
+
+
+class SettleQueue:
+    """The settles of one store waiting to be carried, and the timer thread that flushes them.
+
+    ``flush`` is called from the timer thread with the entries whose window is over (only those
+    with no event loop); it must send them or journal them.
+    """
+
+    def __init__(self, window: float, flush: Callable[[list[CarriedSettle]], None]) -> None:
+        self.window = window
+        self._flush = weakref.WeakMethod(flush) if hasattr(flush, "__self__") else (lambda: flush)
+        self._cond = threading.Condition()
+        self._entries: list[CarriedSettle] = []
+        self._idle = False  # the timer thread waits for work (notify it on the next put)
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def put(self, entry: CarriedSettle) -> None:
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the settle queue is closed")
+            self._entries.append(entry)
+            if entry.loop is None:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._run, daemon=True, name="budgetguard-carry")
+                    self._thread.start()
+                elif self._idle:
+                    self._cond.notify()
+
+    def take(self, slot: str, limit: int = MAX_CARRIED) -> list[CarriedSettle]:
+        """Up to ``limit`` queued settles of tag ``slot``, oldest first (removed from the queue)."""
+        if not self._entries:  # unlocked peek: a settle queued right now waits for the timer
+            return []
+        with self._cond:
+            taken = [e for e in self._entries if e.slot == slot][:limit]
+            if taken:
+                ids = set(map(id, taken))
+                self._entries = [e for e in self._entries if id(e) not in ids]
+            return taken
+
+    def take_all(self, loop: Any = ..., due_before: float | None = None) -> list[CarriedSettle]:
+        """Every queued settle (of event loop ``loop`` when given; queued before ``due_before``
+        when given), removed from the queue."""
+        with self._cond:
+            keep, taken = [], []
+            for e in self._entries:
+                mine = (loop is ... or e.loop is loop) and (due_before is None or e.queued_at <= due_before)
+                (taken if mine else keep).append(e)
+            self._entries = keep
+            return taken
+
+    def put_back(self, entries: Sequence[CarriedSettle]) -> None:
+        with self._cond:
+            self._entries[:0] = entries
+
+    def close(self) -> None:
+        """Stop the timer thread (queued settles stay: take them first)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed:
+                    waiting = [e.queued_at for e in self._entries if e.loop is None]
+                    if waiting:
+                        delay = min(waiting) + self.window - time.monotonic()
+                        if delay <= 0:
+                            break
+                        self._idle = False
+                        self._cond.wait(delay)
+                    else:
+                        self._idle = True
+                        self._cond.wait(5.0)
+                        if self._flush() is None:  # the store is gone
+                            return
+                self._idle = False
+                if self._closed:
+                    return
+            flush = self._flush()
+            if flush is None:
+                return
+            due = self.take_all(loop=None, due_before=time.monotonic() - self.window)
+            if due:
+                flush(due)
+            del flush
