@@ -129,6 +129,17 @@ class SettleQueue:
                 self._entries = [e for e in self._entries if id(e) not in ids]
             return taken
 
+    def has_call(self, call_id: str) -> bool:
+        return any(e.call_id == call_id for e in self._entries)
+
+    def take_call(self, call_id: str) -> list[CarriedSettle]:
+        """The queued settles of ``call_id`` (removed from the queue)."""
+        with self._cond:
+            taken = [e for e in self._entries if e.call_id == call_id]
+            if taken:
+                self._entries = [e for e in self._entries if e.call_id != call_id]
+            return taken
+
     def take_all(self, loop: Any = ..., due_before: float | None = None) -> list[CarriedSettle]:
         """Every queued settle (of event loop ``loop`` when given; queued before ``due_before``
         when given), removed from the queue."""

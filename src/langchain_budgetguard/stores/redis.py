@@ -767,6 +767,8 @@ class RedisStore:
         check_call_id(call_id)
         lease = check_seconds(hold.lease_seconds, "Hold.lease_seconds")
         tombstone_ms = str(_ms(lease) + int(self._retry_ms))
+        if self._carry is not None and len(self._carry):  # a settled call stays settled: send its settle first
+            yield from self._flush_plan(self._carry.take_call(call_id))
         yield from self._release(_groups(keys), call_id, check_token(hold.token), tombstone_ms, lease)
 
     def _settle_plan(self, call_id: str, keys: Sequence[str], amount: int, seq: int = 0,
@@ -926,6 +928,8 @@ class RedisStore:
     def _renew_plan(self, call_id: str, keys: Sequence[str], lease_seconds: float) -> Plan[bool]:
         check_call_id(call_id)
         args = [call_id, str(_ms(check_seconds(lease_seconds, "lease_seconds"))), self._retry_ms]
+        if self._carry is not None and self._carry.has_call(call_id):
+            return False  # settled (the settle is on its way): nothing to renew
         renewed = False
         for group in _groups(keys):
             renewed = bool(int((yield self._call("renew", group, call_id, args)))) or renewed
@@ -954,6 +958,8 @@ class RedisStore:
         return _text((yield _Call("override", (self.overrides_key(name),), (field, value))))
 
     def _reset_plan(self, key: str) -> Plan[CounterState]:
+        if self._carry is not None and len(self._carry):  # settles made before the reset count before it
+            yield from self._flush_plan(self._carry.take_all())
         found = self.index_key(key)
         if found is None:
             reply = yield _Call("reset", self.redis_keys(key), (self._retry_ms,))
@@ -1327,6 +1333,7 @@ class RedisStore:
             raise ValueError(f"index must look like 'name:per:window:label', got {index!r}")
         if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
             raise ValueError(f"count: expected a whole number >= 1 or None, got {count!r}")
+        self.flush_carried()
         slots = [t for t in self._slots() if t.startswith("{")]
         if not slots:
             return []
@@ -1354,6 +1361,7 @@ class RedisStore:
         (XREVRANGE from now down to it), the other filters are applied as rows are read."""
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise ValueError(f"limit: expected a whole number of rows >= 1, got {limit!r}")
+        self.flush_carried()
         low = "-" if since is None else str(int(since.timestamp() * 1000))
         page = max(200, min(limit * 2, 5000))
         matched: list[tuple[str, LedgerRow]] = []
