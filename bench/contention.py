@@ -1,10 +1,11 @@
 """Section 2: N processes on one budget in one Redis, until the budget is spent.
 
-For N in 1, 2, 4, 8, 16: N forked processes share one per-user budget worth ``CALLS_PER_PROCESS * N``
+For N in 1, 2, 4, 8, 16, 32: N forked processes share one per-user budget worth ``CALLS_PER_PROCESS * N``
 calls at their actual cost. Each process calls the guarded fake model (a small sleep stands in for
 the provider) until it is refused. Measured: admitted calls per second, admission latency (guard
 entry -> the model starts; p50/p99), overspend (spent - limit: must be 0) and how much of the
-budget was used. Beside it, the naive check-then-record baseline (naive.py) on the same workload,
+budget was used (after the run, and when the first process was refused). The guard runs twice:
+settles sent alone (today's path) and carried by the next reserve (``carry_settles=True``). Beside it, the naive check-then-record baseline (naive.py) on the same workload,
 and the ceiling: N processes sending the store's reserve and settle scripts as bare EVALSHA pairs.
 """
 
@@ -18,7 +19,7 @@ from typing import Any
 from .common import Results, Row, delete_prefix, median, percentile, redis_url, unique_prefix
 
 PROMPT = "hello"
-PROCESSES = (1, 2, 4, 8, 16)
+PROCESSES = (1, 2, 4, 8, 16, 32)
 CALLS_PER_PROCESS = 400  # budget = this many calls' worth per process, at the actual cost
 MODEL_DELAY = 0.002  # seconds the fake provider takes: wide enough for check-then-act races
 MAX_SECONDS = 15.0  # a row stops here even if its budget is not spent
@@ -55,13 +56,13 @@ def _worker(kind: str, url: str, prefix: str, limit_nano: int, package: str, bar
         from .fakes import LAST_START
 
         model = _model()
-        if kind == "guard":
+        if kind in ("guard", "carry"):
             pkg = importlib.import_module(package)
             BudgetExceededError, BudgetGuard, Limit = pkg.BudgetExceededError, pkg.BudgetGuard, pkg.Limit
             nano_to_usd = importlib.import_module(f"{package}.money").nano_to_usd
             RedisStore = importlib.import_module(f"{package}.stores.redis").RedisStore
 
-            store = RedisStore(url, prefix=prefix)
+            store = RedisStore(url, prefix=prefix, **({"carry_settles": True} if kind == "carry" else {}))
             guard = BudgetGuard(model, limits=[Limit(usd=nano_to_usd(limit_nano), per="user")], store=store,
                                 name="contention")
             for _ in range(3):
@@ -72,6 +73,9 @@ def _worker(kind: str, url: str, prefix: str, limit_nano: int, package: str, bar
             def call() -> int:
                 reply = guard.invoke(PROMPT, config=config)
                 return int(reply.response_metadata["budgetguard"]["cost_usd"] * 1_000_000_000)
+
+            def spent_now() -> int:
+                return int(guard.status(config)[0].spent * 1_000_000_000)
         else:
             import redis
 
@@ -87,8 +91,12 @@ def _worker(kind: str, url: str, prefix: str, limit_nano: int, package: str, bar
             def call() -> int:
                 return naive.invoke(PROMPT).response_metadata["naive_cost_nano"]
 
+            def spent_now() -> int:
+                return int(client.get(f"{prefix}naive") or 0)
+
         latencies: list[float] = []
         charged = admitted = 0
+        refused_at, spent_at_refusal = float("inf"), None
         barrier.wait()
         start = time.monotonic()
         while time.monotonic() - start < MAX_SECONDS:
@@ -96,12 +104,14 @@ def _worker(kind: str, url: str, prefix: str, limit_nano: int, package: str, bar
             try:
                 cost = call()
             except refused:
+                refused_at, spent_at_refusal = time.monotonic(), spent_now()
                 break
             latencies.append((LAST_START[0] - t0) * 1e6)
             charged += cost
             admitted += 1
         queue.put({"admitted": admitted, "charged": charged, "latencies": latencies, "start": start,
-                   "end": time.monotonic(), "timed_out": time.monotonic() - start >= MAX_SECONDS})
+                   "end": time.monotonic(), "timed_out": time.monotonic() - start >= MAX_SECONDS,
+                   "refused_at": refused_at, "spent_at_refusal": spent_at_refusal})
     except BaseException as exc:  # report, so that the parent does not wait forever
         queue.put({"error": f"{type(exc).__name__}: {exc}"})
         raise
@@ -158,7 +168,9 @@ def _summarise(out: list[dict[str, Any]]) -> dict[str, Any]:
     admitted = sum(o["admitted"] for o in out)
     wall = max(o["end"] for o in out) - min(o["start"] for o in out)
     latencies = [x for o in out for x in o["latencies"]]
+    first = min(out, key=lambda o: o.get("refused_at", float("inf")))
     return {
+        "spent_at_first_refusal": first.get("spent_at_refusal"),
         "admitted": admitted,
         "charged_nano": sum(o["charged"] for o in out),
         "calls_per_s": admitted / wall if wall > 0 else float("nan"),
@@ -172,11 +184,13 @@ def _summarise(out: list[dict[str, Any]]) -> dict[str, Any]:
 PACKAGE = "langchain_budgetguard"
 
 
-def guard_row(n: int, limit: int, prefix: str, package: str = PACKAGE) -> tuple[dict[str, Any], int, int]:
-    """N processes on one guarded budget of ``limit`` nano-USD: (summary, spent, held) after the run."""
+def guard_row(n: int, limit: int, prefix: str, package: str = PACKAGE, kind: str = "guard",
+              ) -> tuple[dict[str, Any], int, int]:
+    """N processes on one guarded budget of ``limit`` nano-USD: (summary, spent, held) after the run
+    (``kind`` "carry": settles carried by the next reserve)."""
     import importlib
 
-    guard = _summarise(_run_row(_worker, ("guard", redis_url(), prefix, limit, package), n))
+    guard = _summarise(_run_row(_worker, (kind, redis_url(), prefix, limit, package), n))
     pkg = importlib.import_module(package)
     store = importlib.import_module(f"{package}.stores.redis").RedisStore(redis_url(), prefix=prefix)
     nano_to_usd = importlib.import_module(f"{package}.money").nano_to_usd
@@ -186,15 +200,15 @@ def guard_row(n: int, limit: int, prefix: str, package: str = PACKAGE) -> tuple[
     return guard, int(state.spent * 1_000_000_000), int(state.held * 1_000_000_000)
 
 
-REPEATS = 3  # each row's three runs (guard, naive, ceiling) repeat, in rotating order; medians reported
+REPEATS = 3  # each row's four runs (guard, carry, naive, ceiling) repeat, in rotating order; medians reported
 
 
 def _one(kind: str, n: int, limit: int, cost: int, client: Any) -> dict[str, Any]:
     """One run of one kind on a fresh budget (its own key prefix, deleted after)."""
     prefix = unique_prefix(f"contention{n}")
     try:
-        if kind == "guard":
-            summary, spent, held = guard_row(n, limit, prefix)
+        if kind in ("guard", "carry"):
+            summary, spent, held = guard_row(n, limit, prefix, kind=kind)
             return {**summary, "spent_nano": spent, "held_nano": held, "overspend_nano": max(0, spent + held - limit)}
         if kind == "naive":
             summary = _summarise(_run_row(_worker, ("naive", redis_url(), prefix, limit, PACKAGE), n))
@@ -223,15 +237,15 @@ def run(results: Results, client: Any | None, quick: bool) -> None:
     for n in processes:
         calls = CALLS_PER_PROCESS * n // (4 if quick else 1)
         limit = calls * cost
-        runs: dict[str, list[dict[str, Any]]] = {"guard": [], "naive": [], "ceiling": []}
+        runs: dict[str, list[dict[str, Any]]] = {"guard": [], "carry": [], "naive": [], "ceiling": []}
         kinds = list(runs)
         for r in range(repeats):
-            for kind in kinds[r % 3:] + kinds[: r % 3]:
+            for kind in kinds[r % 4:] + kinds[: r % 4]:
                 runs[kind].append(_one(kind, n, limit, cost, client))
-        guard, naive, ceiling = runs["guard"], runs["naive"], runs["ceiling"]
-        over = max(g["overspend_nano"] for g in guard)
+        guard, carry, naive, ceiling = runs["guard"], runs["carry"], runs["naive"], runs["ceiling"]
+        over = max(g["overspend_nano"] for g in guard + carry)
         overspends.append(over)
-        for g in guard:
+        for g in guard + carry:
             if g["charged_nano"] != g["spent_nano"] or g["held_nano"]:
                 inexact.append(f"N={n}: charged {g['charged_nano']} vs spent {g['spent_nano']}, held {g['held_nano']}")
 
@@ -239,6 +253,11 @@ def run(results: Results, client: Any | None, quick: bool) -> None:
             return median([x[key] for x in items])
 
         naive_over = [x["overspend_nano"] for x in naive]
+
+        def first(items: list[dict[str, Any]]) -> str:
+            seen = [x["spent_at_first_refusal"] for x in items if x.get("spent_at_first_refusal") is not None]
+            return f"{100 * min(seen) / limit:.1f}%" if seen else "-"
+
         row = {
             "N": n,
             "budget (calls)": calls,
@@ -247,6 +266,14 @@ def run(results: Results, client: Any | None, quick: bool) -> None:
             "guard p99 adm": f"{med(guard, 'p99_us'):,.0f} µs",
             "guard overspend": f"{over} n$",
             "guard used": f"{100 * min(g['spent_nano'] for g in guard) / limit:.1f}%",
+            "guard 1st refusal": first(guard),
+            "carry calls/s": f"{med(carry, 'calls_per_s'):,.0f}",
+            "carry p50 adm": f"{med(carry, 'p50_us'):,.0f} µs",
+            "carry p99 adm": f"{med(carry, 'p99_us'):,.0f} µs",
+            "carry overspend": f"{max(g['overspend_nano'] for g in carry)} n$",
+            "carry used": f"{100 * min(g['spent_nano'] for g in carry) / limit:.1f}%",
+            "carry 1st refusal": first(carry),
+            "carry/guard calls/s": f"{median([c['calls_per_s'] / g['calls_per_s'] for c, g in zip(carry, guard)]):.2f}x",
             "naive calls/s": f"{med(naive, 'calls_per_s'):,.0f}",
             "naive p50 adm": f"{med(naive, 'p50_us'):,.0f} µs",
             "naive p99 adm": f"{med(naive, 'p99_us'):,.0f} µs",
@@ -254,7 +281,7 @@ def run(results: Results, client: Any | None, quick: bool) -> None:
                                f"{nano_to_usd(max(naive_over))} $)",
             "raw EVALSHA/s (pairs)": f"{med(ceiling, 'evalsha_per_s'):,.0f} ({med(ceiling, 'pairs_per_s'):,.0f})",
         }
-        if any(x["timed_out"] for x in guard + naive):
+        if any(x["timed_out"] for x in guard + carry + naive):
             row["N"] = f"{n} (cut at {MAX_SECONDS:.0f} s)"
         table.append(row)
         results.tables.setdefault("2. Contention (medians of %d runs; admission latency: guard entry -> model start)"
@@ -262,10 +289,10 @@ def run(results: Results, client: Any | None, quick: bool) -> None:
         print("  " + "  ".join(f"{k}={v}" for k, v in row.items()), flush=True)
         results.raw.setdefault("contention", []).append({
             "processes": n, "budget_calls": calls, "limit_nano": limit, "call_cost_nano": cost,
-            "guard": guard, "naive": naive, "ceiling": ceiling,
+            "guard": guard, "carry": carry, "naive": naive, "ceiling": ceiling,
         })
     results.add(Row(
-        "2", "guard overspend, every N and run", f"{max(overspends)} n$",
+        "2", "guard overspend, every N and run (settles alone and carried)", f"{max(overspends)} n$",
         detail=(f"N={','.join(map(str, processes))}, {repeats} runs each, budget spent in every run; charged = spent, "
                 f"nothing held after: {'yes' if not inexact else 'NO: ' + '; '.join(inexact)}; naive: table below"),
         goal="= 0", ok=max(overspends) == 0 and not inexact,

@@ -27,6 +27,15 @@ _PLACEHOLDER = "BENCHCALLID0"
 TRIVIAL_SCRIPT = "return 1"
 
 
+def _first(plan: Any, script: str) -> Any:
+    """The first call of ``script`` that a store plan makes (past its tag registration)."""
+    call = next(plan)
+    while call.script != script:
+        call = plan.send(1)  # the registration's reply (a count): the plan goes on
+    plan.close()
+    return call
+
+
 class RawScripts:
     """Replays one reserve + settle of ``counters`` through ``client.evalsha`` with new call ids."""
 
@@ -37,12 +46,8 @@ class RawScripts:
         self.sources = {"reserve": sources["reserve"], "settle": sources["settle"], "trivial": TRIVIAL_SCRIPT}
         self.load(client)
         hold = Hold(_PLACEHOLDER, amount, lease_seconds, charge)
-        plan = store._reserve_plan(list(counters), hold)
-        reserve = next(plan)
-        plan.close()
-        plan = store._settle_plan(_PLACEHOLDER, [c.key for c in counters], settle_amount)
-        settle = next(plan)
-        plan.close()
+        reserve = _first(store._reserve_plan(list(counters), hold), "reserve")
+        settle = _first(store._settle_plan(_PLACEHOLDER, [c.key for c in counters], settle_amount), "settle")
         self.reserve_keys, self.reserve_args = reserve.keys, reserve.args
         self.settle_keys, self.settle_args = settle.keys, settle.args
         self._sync_for_reload = client
