@@ -173,6 +173,19 @@ def test_read_and_close_flush_the_queue(redis_url: str, admin: redis.Redis) -> N
     assert not after.pending
 
 
+def test_a_store_dropped_with_settles_queued_still_sends_them(redis_url: str, admin: redis.Redis) -> None:
+    import gc
+
+    key = key_of()
+    dropped = RedisStore(redis_url, prefix=fresh_prefix(), carry_settles=True, carry_window_seconds=0.005)
+    name = dropped.redis_keys(key)[0]
+    assert dropped.reserve([Counter(key, 1000)], Hold("a", 100, 30)).ok
+    dropped.settle("a", [key], 30)
+    del dropped
+    gc.collect()
+    wait_until(lambda: admin.hmget(name, "s", "h") == [b"30", b"0"], timeout=5, what="the dropped store's flush")
+
+
 def test_crossings_of_a_carried_settle_go_to_on_carried_crossed(store: RedisStore) -> None:
     key = key_of()
     seen: list[tuple[str, tuple]] = []
@@ -183,6 +196,48 @@ def test_crossings_of_a_carried_settle_go_to_on_carried_crossed(store: RedisStor
     store.read([key])
     ((call_id, (crossing,)),) = seen
     assert (call_id, crossing.key, crossing.threshold, crossing.spent) == ("a", key, 500, 550)
+
+
+def test_release_sends_the_queued_settle_first_and_renew_says_settled(store: RedisStore, admin: redis.Redis) -> None:
+    key = key_of()
+    hold = Hold("a", 100, 30)
+    assert store.reserve([Counter(key, 1000)], hold).ok
+    store.settle("a", [key], 30)
+    assert store.renew("a", [key], 30) is False  # settled, though its hold is still in Redis
+    assert stored(admin, store, key) == CounterState(0, 100)
+    store.release("a", [key], hold)  # a settled call stays settled
+    assert stored(admin, store, key) == CounterState(30, 0)
+
+
+def test_a_reset_counts_the_settles_made_before_it(store: RedisStore) -> None:
+    key = key_of()
+    assert store.reserve([Counter(key, 1000)], Hold("a", 100, 30)).ok
+    store.settle("a", [key], 30)
+    assert store.reset_counter(key) == CounterState(30, 0)  # the queued settle landed before the reset
+    assert store.read([key]) == [CounterState(0, 0)]
+
+
+def test_a_forked_child_neither_sends_its_parents_queue_nor_loses_its_own(store: RedisStore,
+                                                                          admin: redis.Redis) -> None:
+    key, own = key_of(), key_of()
+    assert store.reserve([Counter(key, 1000)], Hold("parent", 100, 30)).ok
+    assert store.reserve([Counter(own, 1000)], Hold("child", 100, 30)).ok
+    store.settle("parent", [key], 30)
+    pid = os.fork()
+    if pid == 0:  # the child: its own settle goes out by the timer (a thread of its own)
+        try:
+            store.carry_window_seconds = store._carry.window = 0.005  # noqa: SLF001
+            store.settle("child", [own], 20)
+            deadline = time.monotonic() + 5
+            while stored(admin, store, own) != CounterState(20, 0) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            os._exit(0 if stored(admin, store, own) == CounterState(20, 0) and len(store._carry) == 0 else 1)
+        except BaseException:
+            os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert stored(admin, store, key) == CounterState(0, 100)  # the parent's settle is still the parent's
+    assert store.read([key]) == [CounterState(30, 0)]
 
 
 # -- processes: exit and SIGKILL ----------------------------------------------------------------------
@@ -225,6 +280,24 @@ def test_the_queue_is_flushed_at_a_normal_exit(redis_url: str, admin: redis.Redi
     assert worker.wait(timeout=30) == 0
     spent, held = admin.hmget(prefix + key, "s", "h")
     assert (int(spent), int(held)) == (sum(10 + n for n in range(5)), 0)
+
+
+def _settle_and_leave(url: str, prefix: str, key: str) -> None:
+    store = RedisStore(url, prefix=prefix, carry_settles=True, carry_window_seconds=1.0)
+    assert store.reserve([Counter(key, 1000)], Hold("mp", 100, 30)).ok
+    assert store.settle("mp", [key], 45).pending  # still queued when the child leaves by os._exit
+
+
+def test_a_multiprocessing_child_flushes_when_it_ends(redis_url: str, admin: redis.Redis) -> None:
+    import multiprocessing
+
+    prefix, key = fresh_prefix(), key_of()
+    child = multiprocessing.get_context("fork").Process(target=_settle_and_leave, args=(redis_url, prefix, key))
+    child.start()
+    child.join(timeout=30)
+    assert child.exitcode == 0
+    spent, held = admin.hmget(prefix + key, "s", "h")
+    assert (int(spent), int(held)) == (45, 0)
 
 
 def test_sigkill_with_queued_settles_leaves_expiry_charges_and_no_hold(redis_url: str, admin: redis.Redis) -> None:

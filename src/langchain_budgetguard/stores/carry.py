@@ -15,6 +15,7 @@ what its reservation said expiry charges instead of its actual cost.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import weakref
@@ -91,17 +92,29 @@ class SettleQueue:
     """The settles of one store waiting to be carried, and the timer thread that flushes them.
 
     ``flush`` is called from the timer thread with the entries whose window is over (only those
-    with no event loop); it must send them or journal them.
+    with no event loop); it must send them or journal them. ``hold`` is called when the queue
+    stops being empty and ``let_go`` when the timer thread finds it empty again (both under the
+    queue's lock): the owner keeps itself alive in between, so that settles are never dropped
+    with a store nobody refers to any more.
     """
 
-    def __init__(self, window: float, flush: Callable[[list[CarriedSettle]], None]) -> None:
+    def __init__(self, window: float, flush: Callable[[list[CarriedSettle]], None],
+                 hold: Callable[[], None] | None = None, let_go: Callable[[], None] | None = None) -> None:
         self.window = window
+        self._hold, self._let_go = hold, let_go
         self._flush = weakref.WeakMethod(flush) if hasattr(flush, "__self__") else (lambda: flush)
         self._cond = threading.Condition()
         self._entries: list[CarriedSettle] = []
         self._idle = False  # the timer thread waits for work (notify it on the next put)
         self._thread: threading.Thread | None = None
         self._closed = False
+        ref = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: (q := ref()) is not None and q._forked())
+
+    def _forked(self) -> None:
+        """In a forked child: no timer thread yet, and the parent's settles are the parent's to send."""
+        self._cond = threading.Condition()
+        self._entries, self._thread, self._idle = [], None, False
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -110,6 +123,8 @@ class SettleQueue:
         with self._cond:
             if self._closed:
                 raise RuntimeError("the settle queue is closed")
+            if not self._entries and self._hold is not None:
+                self._hold()
             self._entries.append(entry)
             if entry.loop is None:
                 if self._thread is None:
@@ -173,6 +188,8 @@ class SettleQueue:
                         self._idle = False
                         self._cond.wait(delay)
                     else:
+                        if not self._entries and self._let_go is not None:
+                            self._let_go()
                         self._idle = True
                         self._cond.wait(5.0)
                         if self._flush() is None:  # the store is gone

@@ -4,7 +4,7 @@
 ``unix://``, ``redis+cluster://`` and ``redis+sentinel://`` URLs (``stores.redis_client``
 documents each form). Store options may be given in the query too:
 ``evicting_policy=refuse|warn``, ``journal_path=/path/journal.sqlite``,
-``retry_window_seconds=300``; other query parameters are redis-py connection options
+``retry_window_seconds=300``, ``carry_settles=1``, ``carry_window_seconds=0.003``; other query parameters are redis-py connection options
 (``?socket_timeout=2``). Unless the URL says otherwise, connecting times out after 1 s and a reply
 after 2 s, and redis-py's own retries are off: the store retries by its ``RetryPolicy``, then
 raises ``BudgetStoreUnavailableError``.
@@ -71,6 +71,23 @@ A settle that cannot reach Redis is kept in the settle journal (``stores.journal
 a SQLite file with ``journal_path``) and replayed exactly once when Redis answers (see there).
 Call ``close()`` (or use ``with RedisStore(...) as store:``) to flush it and close the clients;
 interpreter exit flushes too.
+
+Carried settles (``carry_settles=True``, off by default; ``stores.carry``). A settle whose keys
+are all on one hash tag (that this process has used already) makes no round trip: it is queued
+and sent with the next reserve of this process on that tag, in one script call
+(``lua/carry.lua``: each queued settle, then the reservation, each exactly as alone). It returns
+``SettleResult(applied=False, pending=True, charged=amount)``; thresholds it crosses are handed
+to ``on_carried_crossed(call_id, crossings)`` when it lands (logged if nobody set it). A settle
+that no reserve picks up within ``carry_window_seconds`` (3 ms; at most 1 s) is sent on its own
+by the store's timer thread (asyncio settles: ``loop.call_later`` on their loop), and
+``read()``, ``reset_counter``, ``read_index``, ``read_ledger``, ``release`` (of that call),
+``flush()``, ``close()`` and interpreter exit send the queue first; ``renew`` of a call whose
+settle is queued answers False. A settle spanning several tags is sent at once, as without
+carrying. Its hold stays in Redis until it lands, so money is held a little longer and never
+spent twice: spent + held <= limit at every instant. A script call that fails journals the
+settles it carried (replayed exactly once, as above). If the process dies with settles queued
+(at most those of the last window), their holds expire with their lease and are charged their
+``charge_on_expiry`` (the guard's ``expired_hold`` policy) instead of the actual cost.
 """
 
 from __future__ import annotations
@@ -80,8 +97,10 @@ import atexit
 import functools
 import logging
 import math
+import os
 import re
 import secrets
+import sys
 import threading
 import time
 import weakref
@@ -413,6 +432,9 @@ def _policies(reply: Any) -> list[str]:
 
 # Stores with work left (journaled settles, releases): flushed at interpreter exit.
 _LIVE_STORES: weakref.WeakSet[RedisStore] = weakref.WeakSet()
+# Stores with carried settles queued: kept alive until they are sent (a store dropped by its
+# owner still sends them, by its timer or at exit).
+_CARRYING: set[RedisStore] = set()
 
 
 @atexit.register
@@ -422,6 +444,20 @@ def _flush_at_exit() -> None:
             store.flush(final=True)
         except Exception:  # noqa: BLE001 - exit must go on; flush logged what it could not save
             log.exception("budget store %s: flush at exit failed", store.where)
+
+
+_MP_HOOKED = [0]  # the pid whose multiprocessing finalizers flush the stores at exit
+
+
+def _hook_multiprocessing(*_: Any) -> None:
+    """A multiprocessing child leaves by ``os._exit`` (atexit never runs) after running
+    multiprocessing's own finalizers: flush there too, so that carried settles do not wait for
+    their leases to end."""
+    mp_util = sys.modules.get("multiprocessing.util")
+    if mp_util is None or _MP_HOOKED[0] == os.getpid():
+        return
+    _MP_HOOKED[0] = os.getpid()
+    mp_util.Finalize(None, _flush_at_exit, exitpriority=10)
 
 
 class RedisStore:
@@ -438,7 +474,9 @@ class RedisStore:
     ``retry_window_seconds`` is how long a call's record outlives its lease or settle (retries
     inside it are exact). ``evicting_policy``: ``"refuse"`` (default) or ``"warn"`` when Redis may
     evict keys. ``journal_path``: keep journaled settles in that SQLite file (see
-    ``stores.journal``), or pass ``journal=`` any ``SettleJournal``.
+    ``stores.journal``), or pass ``journal=`` any ``SettleJournal``. ``carry_settles``: send
+    single-tag settles with the next reserve instead of on their own (default False; see the
+    module docstring), flushed after ``carry_window_seconds`` (default 0.003) at the latest.
 
     Use it as a context manager, or call ``close()`` / ``aclose()`` when done: journaled settles
     and pending releases are flushed, then the clients the store built are closed.
@@ -525,10 +563,16 @@ class RedisStore:
         self.carry_settles = bool(carry_settles)
         self.carry_window_seconds = check_window(
             DEFAULT_CARRY_WINDOW_SECONDS if carry_window_seconds is None else carry_window_seconds)
-        self._carry: SettleQueue | None = (
-            SettleQueue(self.carry_window_seconds, self._flush_carried_due) if self.carry_settles else None)
+        self._carry: SettleQueue | None = None
+        if self.carry_settles:
+            me = weakref.ref(self)
+            self._carry = SettleQueue(self.carry_window_seconds, self._flush_carried_due,
+                                      hold=lambda: _CARRYING.add(me()), let_go=lambda: _CARRYING.discard(me()))
         self._carry_tasks: set[Any] = set()  # asyncio flushes in flight (kept from the GC)
         self._carry_timers: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+        if self._carry is not None and "multiprocessing.util" in sys.modules:
+            _hook_multiprocessing()
+            sys.modules["multiprocessing.util"].register_after_fork(self, _hook_multiprocessing)
         if self._target is not None:
             self.where = describe_url(url_or_client)
         else:
@@ -1487,6 +1531,7 @@ class RedisStore:
         self._closed = True
         if self._carry is not None:
             self._carry.close()
+            _CARRYING.discard(self)
         if self._target is None:
             return
         with self._lock:
