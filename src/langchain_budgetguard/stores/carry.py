@@ -3,8 +3,9 @@
 A settle on one hash tag is not sent at once: it waits here (its hold stays in Redis, so money
 is only held a little longer, never spent twice or overspent) until the next reserve of this
 process on the same tag sends it and the reservation in one script call (``lua/carry.lua``).
-A settle that no reserve picks up within ``window`` seconds is flushed by one timer thread per
-store (a daemon that sleeps while the queue is empty; asyncio settles use ``loop.call_later``),
+A settle that no reserve picks up within ``window`` seconds is flushed (within two windows) by
+one timer thread per store (a daemon that ticks every window while settles come and sleeps once
+the queue has been empty for ``LINGER``; asyncio settles use ``loop.call_later``),
 by ``read()``, ``close()`` and at interpreter exit.
 
 If the process dies with settles queued, their holds expire at the end of their lease and are
@@ -31,6 +32,7 @@ __all__ = ["CarriedSettle", "SettleQueue", "carry_script", "carry_arguments", "D
 DEFAULT_CARRY_WINDOW_SECONDS = 0.003
 MAX_CARRY_WINDOW_SECONDS = 1.0
 MAX_CARRIED = 32  # settles per script call: bounds the script's size and run time
+LINGER = 0.1  # seconds the timer thread keeps ticking after the queue went empty
 
 
 def check_window(value: Any) -> float:
@@ -177,23 +179,31 @@ class SettleQueue:
             self._cond.notify_all()
 
     def _run(self) -> None:
+        # While settles come, the thread ticks every window (a settle then needs no wake-up: on
+        # 2 cores, waking a thread per call costs more than the round trip it saves); after
+        # LINGER seconds with nothing queued it sleeps until the next settle wakes it.
+        last_busy = time.monotonic()
         while True:
             with self._cond:
                 while not self._closed:
+                    now = time.monotonic()
                     waiting = [e.queued_at for e in self._entries if e.loop is None]
                     if waiting:
-                        delay = min(waiting) + self.window - time.monotonic()
-                        if delay <= 0:
+                        last_busy = now
+                        if min(waiting) + self.window <= now:
                             break
+                    if waiting or now - last_busy < LINGER:
                         self._idle = False
-                        self._cond.wait(delay)
-                    else:
-                        if not self._entries and self._let_go is not None:
-                            self._let_go()
-                        self._idle = True
-                        self._cond.wait(5.0)
-                        if self._flush() is None:  # the store is gone
-                            return
+                        self._cond.wait(self.window)
+                        continue
+                    if not self._entries and self._let_go is not None:
+                        self._let_go()
+                    self._idle = True
+                    self._cond.wait(5.0)
+                    if self._entries:
+                        last_busy = time.monotonic()
+                    if self._flush() is None:  # the store is gone
+                        return
                 self._idle = False
                 if self._closed:
                     return
