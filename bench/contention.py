@@ -5,7 +5,8 @@ calls at their actual cost. Each process calls the guarded fake model (a small s
 the provider) until it is refused. Measured: admitted calls per second, admission latency (guard
 entry -> the model starts; p50/p99), overspend (spent - limit: must be 0) and how much of the
 budget was used (after the run, and when the first process was refused). The guard runs twice:
-settles sent alone (today's path) and carried by the next reserve (``carry_settles=True``). Beside it, the naive check-then-record baseline (naive.py) on the same workload,
+settles sent alone (today's path) and carried by the next reserve (``carry_settles=True``, a
+window of ``CARRY_WINDOW``). Beside it, the naive check-then-record baseline (naive.py) on the same workload,
 and the ceiling: N processes sending the store's reserve and settle scripts as bare EVALSHA pairs.
 """
 
@@ -24,6 +25,7 @@ CALLS_PER_PROCESS = 400  # budget = this many calls' worth per process, at the a
 MODEL_DELAY = 0.002  # seconds the fake provider takes: wide enough for check-then-act races
 MAX_SECONDS = 15.0  # a row stops here even if its budget is not spent
 CEILING_SECONDS = 1.0
+CARRY_WINDOW = 0.02  # the carry runs' window: here a process's next call comes 5-40 ms later (2 cores)
 MAX_TOKENS = 16  # the reply's cap: the guard holds ~2x the actual cost of a call
 
 # One call's actual cost: gpt-4o-mini, 8 input and 9 output tokens (the fake's usage).
@@ -62,7 +64,7 @@ def _worker(kind: str, url: str, prefix: str, limit_nano: int, package: str, bar
             nano_to_usd = importlib.import_module(f"{package}.money").nano_to_usd
             RedisStore = importlib.import_module(f"{package}.stores.redis").RedisStore
 
-            store = RedisStore(url, prefix=prefix, **({"carry_settles": True} if kind == "carry" else {}))
+            store = RedisStore(url, prefix=prefix, **({"carry_settles": True, "carry_window_seconds": CARRY_WINDOW} if kind == "carry" else {}))
             guard = BudgetGuard(model, limits=[Limit(usd=nano_to_usd(limit_nano), per="user")], store=store,
                                 name="contention")
             for _ in range(3):

@@ -76,10 +76,12 @@ Carried settles (``carry_settles=True``, off by default; ``stores.carry``). A se
 are all on one hash tag (that this process has used already) makes no round trip: it is queued
 and sent with the next reserve of this process on that tag, in one script call
 (``lua/carry.lua``: each queued settle, then the reservation, each exactly as alone). It returns
-``SettleResult(applied=False, pending=True, charged=amount)``; thresholds it crosses are handed
-to ``on_carried_crossed(call_id, crossings)`` when it lands (logged if nobody set it). A settle
-that no reserve picks up within ``carry_window_seconds`` (3 ms; at most 1 s) is sent on its own
-by the store's timer thread (asyncio settles: ``loop.call_later`` on their loop), and
+``SettleResult(applied=False, pending=True, charged=amount)`` (what it charges when it lands,
+unless the call was settled before); thresholds it crosses are handed to
+``on_carried_crossed(call_id, crossings)`` when it lands (logged if nobody set it). A settle
+that no reserve picks up within ``carry_window_seconds`` (3 ms; at most 1 s) is sent on its own,
+within two windows, by the store's timer thread (asyncio settles: ``loop.call_later`` on their
+loop; a store given only an asyncio client sends what is left in ``aclose()``), and
 ``read()``, ``reset_counter``, ``read_index``, ``read_ledger``, ``release`` (of that call),
 ``flush()``, ``close()`` and interpreter exit send the queue first; ``renew`` of a call whose
 settle is queued answers False. A settle spanning several tags is sent at once, as without
