@@ -82,7 +82,7 @@ unless the call was settled before); thresholds it crosses are handed to
 that no reserve picks up within ``carry_window_seconds`` (3 ms; at most 1 s) is sent on its own,
 within two windows, by the store's timer thread (asyncio settles: ``loop.call_later`` on their
 loop; a store given only an asyncio client sends what is left in ``aclose()``), and
-``read()``, ``reset_counter``, ``read_index``, ``read_ledger``, ``release`` (of that call),
+``read()``, ``reset_counter``, ``read_index``, ``read_index_page``, ``read_ledger``, ``release`` (of that call),
 ``flush()``, ``close()`` and interpreter exit send the queue first; ``renew`` of a call whose
 settle is queued answers False. A settle spanning several tags is sent at once, as without
 carrying. Its hold stays in Redis until it lands, so money is held a little longer and never
@@ -1460,6 +1460,7 @@ class RedisStore:
         pipelined ZCARD + ZRANGE (+ ZMSCORE), and, highest first, one ZRANGEBYSCORE for the tie at
         the cut: its cost grows with ``count``, not with the index."""
         check_index_page(index, count, descending, members)
+        self.flush_carried()
         slots = [t for t in self._slots() if t.startswith("{")]
         if not slots:
             return IndexPage(0, [], [])
