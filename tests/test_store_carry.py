@@ -209,6 +209,21 @@ def test_release_sends_the_queued_settle_first_and_renew_says_settled(store: Red
     assert stored(admin, store, key) == CounterState(30, 0)
 
 
+def test_a_hold_this_store_did_not_place_or_whose_lease_may_end_first_is_settled_at_once(
+        store: RedisStore, redis_url: str, admin: redis.Redis) -> None:
+    key = key_of()
+    with RedisStore(redis_url, prefix=store.prefix) as other:
+        assert other.reserve([Counter(key, 1000)], Hold("elsewhere", 100, 30)).ok
+    assert store.reserve([Counter(key, 1000)], Hold("short", 100, 1.5)).ok  # < 1 s margin + 2 windows
+    assert store.reserve([Counter(key, 1000)], Hold("long", 100, 30)).ok
+    for call_id in ("elsewhere", "short"):
+        result = store.settle(call_id, [key], 10)
+        assert (result.applied, result.pending) == (True, False)
+    assert store.renew("long", [key], 1.5)  # renewed to a lease too short to wait in the queue
+    assert store.settle("long", [key], 10).applied
+    assert stored(admin, store, key) == CounterState(30, 0)
+
+
 def test_a_reset_counts_the_settles_made_before_it(store: RedisStore) -> None:
     key = key_of()
     assert store.reserve([Counter(key, 1000)], Hold("a", 100, 30)).ok
@@ -249,9 +264,9 @@ WORKER = textwrap.dedent(
     from langchain_budgetguard.stores.redis import RedisStore
 
     url, prefix, key, calls = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-    store = RedisStore(url, prefix=prefix, carry_settles=True, carry_window_seconds=1.0)
+    store = RedisStore(url, prefix=prefix, carry_settles=True, carry_window_seconds=0.5)
     for n in range(calls):
-        assert store.reserve([Counter(key, 10**6)], Hold(f"c{n}", 100, 1.0, charge_on_expiry=100)).ok
+        assert store.reserve([Counter(key, 10**6)], Hold(f"c{n}", 100, 2.5, charge_on_expiry=100)).ok
         assert store.settle(f"c{n}", [key], 10 + n).pending
     print("queued", len(store._carry), flush=True)
     sys.stdin.readline()
@@ -309,7 +324,7 @@ def test_sigkill_with_queued_settles_leaves_expiry_charges_and_no_hold(redis_url
     landed = sum(10 + n for n in range(4))
     spent, held = (int(v or 0) for v in admin.hmget(prefix + key, "s", "h"))
     assert (spent, held) == (landed, 100)  # the queued settle's money stayed held
-    time.sleep(1.1)  # its lease (1 s) ends: the next touch reaps it at its charge_on_expiry
+    time.sleep(2.6)  # its lease (2.5 s) ends: the next touch reaps it at its charge_on_expiry
     with RedisStore(redis_url, prefix=prefix) as other:
         (state,) = other.read([key])  # a read reaps expired holds
     assert state == CounterState(landed + 100, 0)  # charged its full reservation, no hold left

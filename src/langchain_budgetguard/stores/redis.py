@@ -85,7 +85,9 @@ loop; a store given only an asyncio client sends what is left in ``aclose()``), 
 ``read()``, ``reset_counter``, ``read_index``, ``read_index_page``, ``read_ledger``, ``release`` (of that call),
 ``flush()``, ``close()`` and interpreter exit send the queue first; ``renew`` of a call whose
 settle is queued answers False. A settle spanning several tags is sent at once, as without
-carrying. Its hold stays in Redis until it lands, so money is held a little longer and never
+carrying; so is one whose hold this store did not place (or renew), or whose lease may end
+within ``CARRY_LEASE_MARGIN`` (1 s) plus two windows: a queued settle's hold is never reaped
+while its process lives. Its hold stays in Redis until it lands, so money is held a little longer and never
 spent twice: spent + held <= limit at every instant. A script call that fails journals the
 settles it carried (replayed exactly once, as above). If the process dies with settles queued
 (at most those of the last window), their holds expire with their lease and are charged their
@@ -172,6 +174,8 @@ __all__ = ["RedisStore", "RetryPolicy", "PendingSettle", "DEFAULT_RETENTION_SECO
 log = logging.getLogger(__name__)
 
 DEFAULT_RETENTION_SECONDS = 7 * 24 * 3600
+# A settle is carried only if its hold's lease outlives the queue (two windows) by this much.
+CARRY_LEASE_MARGIN = 1.0
 TAGS_REFRESH_SECONDS = 300.0  # registered tags are registered again after this (and after an outage)
 
 T = TypeVar("T")
@@ -571,6 +575,7 @@ class RedisStore:
             self._carry = SettleQueue(self.carry_window_seconds, self._flush_carried_due,
                                       hold=lambda: _CARRYING.add(me()), let_go=lambda: _CARRYING.discard(me()))
         self._carry_tasks: set[Any] = set()  # asyncio flushes in flight (kept from the GC)
+        self._lease_ends: dict[str, float] = {}  # call id -> when its lease ends at the latest (carrying)
         self._carry_timers: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
         if self._carry is not None and "multiprocessing.util" in sys.modules:
             _hook_multiprocessing()
@@ -813,6 +818,7 @@ class RedisStore:
         check_call_id(call_id)
         lease = check_seconds(hold.lease_seconds, "Hold.lease_seconds")
         tombstone_ms = str(_ms(lease) + int(self._retry_ms))
+        self._lease_ends.pop(call_id, None)
         if self._carry is not None and len(self._carry):  # a settled call stays settled: send its settle first
             yield from self._flush_plan(self._carry.take_call(call_id))
         yield from self._release(_groups(keys), call_id, check_token(hold.token), tombstone_ms, lease)
@@ -864,11 +870,24 @@ class RedisStore:
 
     # -- carried settles (stores.carry) ---------------------------------------------------------
 
+    def _note_lease(self, call_id: str, ends: float) -> None:
+        """When (monotonic, at the latest) the lease of a hold this store placed or renewed ends."""
+        leases = self._lease_ends
+        leases[call_id] = ends
+        if len(leases) > 10_000:  # calls that never settled here (released, or settled elsewhere)
+            now = time.monotonic()
+            for old in [c for c, e in leases.items() if e < now]:
+                leases.pop(old, None)
+
     def _carry_settle(self, call_id: str, keys: Sequence[str], amount: int, amounts: Sequence[int] | None,
                       row: LedgerRow | None, loop: Any) -> SettleResult | None:
         """Queue a settle for the next reserve on its tag; None when it must go now (several
-        tags, or a tag this process has not registered yet)."""
+        tags, a tag this process has not registered yet, or a hold whose lease this store did
+        not place or that may end before the queue is sent: it must never be reaped first)."""
         groups, calls, charged, capped = self._settle_calls(call_id, keys, amount, 0, row, amounts)
+        ends = self._lease_ends.pop(call_id, None)
+        if ends is None or ends - time.monotonic() < CARRY_LEASE_MARGIN + 2 * self.carry_window_seconds:
+            return None
         if len(groups) != 1 or groups[0].slot not in self._known_slots or self._carry is None or self._closed:
             return None
         call = calls[0]
@@ -1289,7 +1308,13 @@ class RedisStore:
 
     def reserve(self, counters: Sequence[Counter], hold: Hold) -> ReserveResult:
         """Hold ``hold.amount`` on every counter, or on none (see ``ReserveResult``)."""
-        return self._op(self._reserve_plan(counters, hold))
+        if self._carry is None:
+            return self._op(self._reserve_plan(counters, hold))
+        started = time.monotonic()
+        result = self._op(self._reserve_plan(counters, hold))
+        if result.ok:
+            self._note_lease(hold.call_id, started + hold.lease_seconds)
+        return result
 
     def settle(self, call_id: str, keys: Sequence[str], amount: int, *, amounts: Sequence[int] | None = None,
                row: LedgerRow | None = None) -> SettleResult:
@@ -1310,7 +1335,11 @@ class RedisStore:
 
     def renew(self, call_id: str, keys: Sequence[str], lease_seconds: float) -> bool:
         """Extend the call's lease to ``lease_seconds`` from now; False if no hold of it is live."""
-        return self._op(self._renew_plan(call_id, keys, lease_seconds))
+        started = time.monotonic()
+        renewed = self._op(self._renew_plan(call_id, keys, lease_seconds))
+        if renewed and self._carry is not None:
+            self._note_lease(call_id, started + lease_seconds)
+        return renewed
 
     def read(self, keys: Sequence[str]) -> list[CounterState]:
         """Each counter's spent and held (zeros for a counter never used)."""
@@ -1648,7 +1677,13 @@ class RedisStore:
         return await self._arepair(self.retry)
 
     async def areserve(self, counters: Sequence[Counter], hold: Hold) -> ReserveResult:
-        return await self._aop(self._reserve_plan(counters, hold))
+        if self._carry is None:
+            return await self._aop(self._reserve_plan(counters, hold))
+        started = time.monotonic()
+        result = await self._aop(self._reserve_plan(counters, hold))
+        if result.ok:
+            self._note_lease(hold.call_id, started + hold.lease_seconds)
+        return result
 
     async def asettle(self, call_id: str, keys: Sequence[str], amount: int, *, amounts: Sequence[int] | None = None,
                       row: LedgerRow | None = None) -> SettleResult:
@@ -1665,7 +1700,11 @@ class RedisStore:
             return self._journal_settle(call_id, keys, amount, exc, row, amounts, crossed)
 
     async def arenew(self, call_id: str, keys: Sequence[str], lease_seconds: float) -> bool:
-        return await self._aop(self._renew_plan(call_id, keys, lease_seconds))
+        started = time.monotonic()
+        renewed = await self._aop(self._renew_plan(call_id, keys, lease_seconds))
+        if renewed and self._carry is not None:
+            self._note_lease(call_id, started + lease_seconds)
+        return renewed
 
     async def aread(self, keys: Sequence[str]) -> list[CounterState]:
         return await self._aop(self._read_plan(keys))
