@@ -82,7 +82,16 @@ from .models import (
 )
 from .money import nano_to_usd
 from .policy import BudgetPolicy, CounterPlan, LimitStatus
-from .pricing import ModelRef, RateCard, call_price_context, candidate_refs, item_bound, model_ref, served_ref
+from .pricing import (
+    ModelRef,
+    RateCard,
+    call_price_context,
+    candidate_refs,
+    depends_on_config,
+    item_bound,
+    model_ref,
+    served_ref,
+)
 from .runs import ANoRun, NoRun, aopen_run, has_handlers, open_run, tap, tapped
 from .serialization import options_from_json, options_to_json, plain_data
 from .stores.base import ReserveResult, SettleResult
@@ -148,13 +157,14 @@ class _Candidate:
     refs: tuple[ModelRef, ...] = ()  # every model that may serve a plain call (an inner with_fallbacks)
     context: dict[str, str] = field(default_factory=dict)  # its price variant (service tier, speed)
     searches: int = 0  # the server-tool requests its bound tools may bill
+    configurable: bool = True  # the run's configurable may choose its model (else resolved once)
 
     @classmethod
     def of(cls, runnable: Runnable) -> _Candidate:
         runnable = _asking_for_stream_usage(runnable)
         refs = tuple(candidate_refs(runnable)) or (model_ref(runnable),)
         return cls(runnable, refs[0], output_cap(runnable), tools_of(runnable), refs,
-                   call_price_context(runnable), item_bound(runnable).web_searches)
+                   call_price_context(runnable), item_bound(runnable).web_searches, depends_on_config(runnable))
 
     def cap_and_tools(self, call_kwargs: dict[str, Any]) -> tuple[OutputCap, list[Any]]:
         if not call_kwargs:
@@ -165,7 +175,7 @@ class _Candidate:
                 ) -> tuple[tuple[ModelRef, ...], dict[str, str], int]:
         """The models that may serve this call (call kwargs and ``configurable`` choose), their price
         variant and the billed server-tool requests: resolved once unless the call changes them."""
-        if self.runnable is None or (not call_kwargs and not (config or {}).get("configurable")):
+        if self.runnable is None or (not call_kwargs and not (self.configurable and (config or {}).get("configurable"))):
             return self.refs or (self.ref,), self.context, self.searches
         refs = tuple(candidate_refs(self.runnable, call_kwargs, config)) or (self.ref,)
         return (refs, call_price_context(self.runnable, call_kwargs, config),

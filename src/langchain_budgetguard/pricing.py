@@ -360,6 +360,37 @@ def _resolve(runnable: Any, kwargs: Mapping[str, Any] | None, config: Any) -> li
     return [(obj, kw)]
 
 
+def depends_on_config(runnable: Any) -> bool:
+    """Whether the model a call on ``runnable`` reaches can depend on the run's ``configurable``
+    (configurable fields or alternatives, ``init_chat_model``'s configurable model), anywhere down
+    its bindings and fallbacks. When it cannot, what ``_resolve`` finds is the same for every config."""
+    from langchain_core.runnables import RunnableBinding
+    from langchain_core.runnables.configurable import DynamicRunnable
+    from langchain_core.runnables.fallbacks import RunnableWithFallbacks
+
+    obj = runnable
+    for _ in range(32):
+        if isinstance(obj, DynamicRunnable) or type(obj).__name__ == "_ConfigurableModel":
+            return True
+        if isinstance(obj, RunnableBinding):
+            obj = obj.bound
+            continue
+        if isinstance(obj, RunnableWithFallbacks):
+            return any(depends_on_config(member) for member in obj.runnables)
+        if getattr(type(obj), "_get_ls_params", None) is not None:
+            return False
+        inner = None
+        for attr in ("bound", "llm", "model", "runnable"):
+            value = inspect.getattr_static(obj, attr, None)
+            if value is not None and not isinstance(value, str) and hasattr(value, "invoke"):
+                inner = value
+                break
+        if inner is None:
+            return False
+        obj = inner
+    return True  # too deep to tell: resolve per call
+
+
 def _ref_of(obj: Any, kwargs: Mapping[str, Any]) -> ModelRef:
     params: Mapping[str, Any] = {}
     if getattr(type(obj), "_get_ls_params", None) is not None:
