@@ -211,3 +211,20 @@ def test_a_settle_journaled_in_an_outage_alerts_when_it_is_replayed(tmp_path: Pa
         assert alert.spent == Decimal("0.18") and alert.limit == Decimal("0.18")
     finally:
         server.stop()
+
+
+@pytest.mark.redis
+def test_a_carried_settle_alerts_when_it_lands(redis_url: str) -> None:  # noqa: F811
+    from langchain_budgetguard.stores.redis import RedisStore
+
+    seen: list[Any] = []
+    with RedisStore(redis_url, prefix=fresh_prefix(), carry_settles=True) as store:
+        guard = BudgetGuard(UsageChat(model_name="big", input_tokens=1000, output_tokens=1000, max_tokens=1000),
+                            limits=[Limit(usd="0.18", per="user", alerts=[0.5, 1])], store=store, prices=PRICES,
+                            estimator=ExactEstimator(1000), on_alert=seen.append)
+        config = {"configurable": {"user_id": "alice"}}
+        guard.invoke("hi", config=config)
+        guard.invoke("hi", config=config)  # carries the first settle; its own settle waits for the timer
+        store.flush_carried()
+        guard.close()
+    assert sorted(a.threshold for a in seen) == [Decimal("0.5"), Decimal("1")]

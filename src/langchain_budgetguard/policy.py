@@ -346,8 +346,12 @@ class BudgetPolicy:
         if on_alert is not None or alert_webhook is not None:
             self.alerts = AlertSink(on_alert, None if alert_webhook is None else webhook_of(alert_webhook),
                                     decision_seconds=decision_alert_seconds)
-            if hasattr(self.store, "on_replay_crossed") and self.store.on_replay_crossed is None:
-                self.store.on_replay_crossed = self._replayed  # a journaled settle replayed later fires too
+            # Settles the store sends later (a journal replayed after an outage, settles carried by the
+            # next reserve) report their crossings to hooks: their alerts go out too.
+            if getattr(self.store, "on_replay_crossed", False) is None:
+                self.store.on_replay_crossed = self._replayed
+            if getattr(self.store, "on_carried_crossed", False) is None:
+                self.store.on_carried_crossed = self._carried
         self._outage: MemoryStore | None = None  # the fail-open allowance of the current outage
         # Cluster hash tag: with a tenant scope, every counter of a tenant shares the tenant's tag.
         self._tenant_scoped = any(x.per == "tenant" for x in self.limits)
@@ -465,9 +469,12 @@ class BudgetPolicy:
                 model=model, shadow=self.mode == "shadow",
             ))
 
+    def _carried(self, call_id: str, crossed: Sequence[Any]) -> None:
+        self._replayed(None, crossed)
+
     def _replayed(self, pending: Any, crossed: Sequence[Any]) -> None:
-        """Alerts a journaled settle fired when it was replayed (after an outage): its counters are
-        read off their keys, as the call's plan is long gone."""
+        """Alerts of a settle the store sent later (a journal replay, a carried settle): its counters
+        are read off their keys, as the call's plan is gone."""
         by_slug = {limit.slug: limit for limit in self.limits}
         for crossing in crossed:
             found = key_parts(crossing.key)
