@@ -478,12 +478,12 @@ class BudgetGuard(BaseChatModel):
         """Close the budget's store: journaled fail-open settles and pending releases are written
         first (interpreter exit does this too), and queued alerts delivered. Guards sharing the
         policy share the store."""
+        self.policy.store.close()  # first: settles it sends now (journal, carried) may fire alerts
         self.policy.close()
-        self.policy.store.close()
 
     async def aclose(self) -> None:
-        await asyncio.to_thread(self.policy.close)
         await self.policy.store.aclose()
+        await asyncio.to_thread(self.policy.close)
 
     def __enter__(self) -> BudgetGuard:
         return self
