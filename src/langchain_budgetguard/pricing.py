@@ -347,17 +347,21 @@ def _resolve(runnable: Any, kwargs: Mapping[str, Any] | None, config: Any) -> li
             continue
         if getattr(type(obj), "_get_ls_params", None) is not None:
             break
-        # getattr_static: never run a property or __getattr__ of an object we don't know.
-        inner = None
-        for attr in ("bound", "llm", "model", "runnable"):
-            value = inspect.getattr_static(obj, attr, None)
-            if value is not None and not isinstance(value, str) and hasattr(value, "invoke"):
-                inner = value
-                break
+        inner = _wrapped(obj)
         if inner is None:
             break
         obj = inner
     return [(obj, kw)]
+
+
+def _wrapped(obj: Any) -> Any:
+    """The runnable a wrapper of unknown type holds (``bound``, ``llm``, ``model``, ``runnable``), or
+    None. getattr_static: never run a property or ``__getattr__`` of an object we don't know."""
+    for attr in ("bound", "llm", "model", "runnable"):
+        value = inspect.getattr_static(obj, attr, None)
+        if value is not None and not isinstance(value, str) and hasattr(value, "invoke"):
+            return value
+    return None
 
 
 def depends_on_config(runnable: Any) -> bool:
@@ -379,12 +383,7 @@ def depends_on_config(runnable: Any) -> bool:
             return any(depends_on_config(member) for member in obj.runnables)
         if getattr(type(obj), "_get_ls_params", None) is not None:
             return False
-        inner = None
-        for attr in ("bound", "llm", "model", "runnable"):
-            value = inspect.getattr_static(obj, attr, None)
-            if value is not None and not isinstance(value, str) and hasattr(value, "invoke"):
-                inner = value
-                break
+        inner = _wrapped(obj)
         if inner is None:
             return False
         obj = inner
