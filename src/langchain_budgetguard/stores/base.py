@@ -129,8 +129,13 @@ class Hold:
 
 @dataclass(frozen=True, slots=True)
 class CounterState:
+    """A counter's ``spent`` and ``held`` (what calls in flight hold, and budget slices leased
+    to processes: neither is spendable by anyone else); ``sliced`` is the slices' part of
+    ``held`` (``RedisStore(lease_slices=True)``; 0 elsewhere)."""
+
     spent: int = 0
     held: int = 0
+    sliced: int = field(default=0, compare=False)  # a breakdown of held, not a third amount
 
 
 @dataclass(frozen=True, slots=True)

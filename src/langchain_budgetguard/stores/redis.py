@@ -123,6 +123,7 @@ from ..errors import BudgetStoreUnavailableError
 from ..limits import escape_id
 from .base import (
     Counter,
+    CounterHold,
     CounterState,
     Crossing,
     Hold,
@@ -163,6 +164,7 @@ from .carry import (
     carry_script,
     check_window,
 )
+from .slices import SETTLED_BEFORE, SLICE_LEASE_SECONDS, Report, SliceBook
 from .journal import MEMORY_MARK_TTL_SECONDS, MemoryJournal, PendingSettle, SettleJournal, SqliteJournal
 from .redis_client import RedisTarget, describe_client, describe_url, is_async_client, is_sync_client, make_client, parse_url
 
@@ -261,7 +263,8 @@ def _load_lua(name: str) -> str:
 
 @functools.cache
 def _lua_sources() -> dict[str, str]:
-    names = ("reserve", "settle", "release", "renew", "read", "overrides", "override", "reset", "ledger_append", "tags")
+    names = ("reserve", "settle", "release", "renew", "read", "overrides", "override", "reset", "ledger_append", "tags",
+             "slice")
     sources = {name: _load_lua(name) for name in names}
     folder = resources.files(__package__).joinpath("lua")
     own = {name: folder.joinpath(f"{name}.lua").read_text("utf-8") for name in ("common", "settle", "reserve", "carry")}
@@ -319,6 +322,11 @@ def _fill(states: list[CounterState], keys: Sequence[str], group: _Group, found:
 def _states(flat: Sequence[Any]) -> list[CounterState]:
     """``[spent1, held1, spent2, held2, ...]`` (bytes or str, as the client decodes) -> states."""
     return [CounterState(int(flat[i]), int(flat[i + 1])) for i in range(0, len(flat), 2)]
+
+
+def _read_states(flat: Sequence[Any]) -> list[CounterState]:
+    """The read script's ``[spent1, held1, sliced1, spent2, ...]`` -> states."""
+    return [CounterState(int(flat[i]), int(flat[i + 1]), int(flat[i + 2])) for i in range(0, len(flat), 3)]
 
 
 def _crossings(flat: Sequence[Any], keys: Sequence[str], group: _Group) -> list[Crossing]:
@@ -505,6 +513,8 @@ class RedisStore:
         ledger_retention_seconds: int | None = None,
         carry_settles: bool | None = None,
         carry_window_seconds: float | None = None,
+        lease_slices: bool | None = None,
+        slice_lease_seconds: float | None = None,
         **client_options: Any,
     ) -> None:
         if not isinstance(prefix, str) or "{" in prefix or "}" in prefix:
@@ -521,6 +531,9 @@ class RedisStore:
             if carry_settles is None and "carry_settles" in query:
                 carry_settles = _flag(query["carry_settles"], "carry_settles")
             carry_window_seconds = query.get("carry_window_seconds", carry_window_seconds)
+            if lease_slices is None and "lease_slices" in query:
+                lease_slices = _flag(query["lease_slices"], "lease_slices")
+            slice_lease_seconds = query.get("slice_lease_seconds", slice_lease_seconds)
         self.ledger_max_rows, self.ledger_retention_seconds = check_ledger_options(
             DEFAULT_LEDGER_MAX_ROWS if ledger_max_rows is None else ledger_max_rows,
             DEFAULT_LEDGER_RETENTION_SECONDS if ledger_retention_seconds is None else ledger_retention_seconds)
@@ -577,6 +590,22 @@ class RedisStore:
         self._carry_tasks: set[Any] = set()  # asyncio flushes in flight (kept from the GC)
         self._lease_ends: dict[str, float] = {}  # call id -> when its lease ends at the latest (carrying)
         self._carry_timers: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+        if lease_slices is not None and not isinstance(lease_slices, bool):
+            raise ValueError(f"lease_slices must be True or False, got {lease_slices!r}")
+        self.lease_slices = bool(lease_slices)
+        self._book: SliceBook | None = None
+        self._slice_timer: threading.Thread | None = None
+        if self.lease_slices:
+            if self._target is None and not (is_sync_client(url_or_client) or is_sync_client(async_client)):
+                raise ValueError("lease_slices needs a URL or a sync client (its timer reports slices with it); "
+                                 "pass RedisStore(sync_client, async_client=async_client, lease_slices=True)")
+            lease = SLICE_LEASE_SECONDS if slice_lease_seconds is None else slice_lease_seconds
+            self._book = SliceBook(self.retry_window_seconds,
+                                   lease_seconds=check_seconds(lease, "slice_lease_seconds", 3600.0))
+            if "multiprocessing.util" in sys.modules:
+                _hook_multiprocessing()
+            me = weakref.ref(self)
+            os.register_at_fork(after_in_child=lambda: (store := me()) is not None and store._forked_slices())
         if self._carry is not None and "multiprocessing.util" in sys.modules:
             _hook_multiprocessing()
             sys.modules["multiprocessing.util"].register_after_fork(self, _hook_multiprocessing)
@@ -725,10 +754,60 @@ class RedisStore:
         _check_amount(hold.charge_on_expiry, "Hold.charge_on_expiry")
         lease_seconds = check_seconds(hold.lease_seconds, "Hold.lease_seconds")
         token = check_token(hold.token)
-        lease_ms = str(_ms(lease_seconds))
-        tombstone_ms = str(_ms(lease_seconds) + int(self._retry_ms))
         # A key listed twice (two limits on one counter) is held once, within the tighter limit.
         plans = counter_holds(counters, hold)
+        if self._book is not None:
+            return (yield from self._sliced_reserve_plan(counters, plans, hold, call_id, token))
+        return (yield from self._redis_reserve_plan(counters, plans, call_id, token, lease_seconds))
+
+    def _sliced_reserve_plan(self, counters: Sequence[Counter], plans: dict[str, CounterHold], hold: Hold,
+                             call_id: str, token: str) -> Plan[ReserveResult]:
+        """Hot counters from this process's slices (refilled first where short), the rest in Redis."""
+        book = self._book
+        assert book is not None
+        keys = [c.key for c in counters]
+        taking = book.take(call_id, token, plans, time.monotonic())
+        if taking.refills and (self._slice_timer is None or not self._slice_timer.is_alive()):
+            self._start_slice_timer()
+        if taking.duplicate or taking.reused:
+            return ReserveResult(ok=taking.duplicate, states=tuple(CounterState() for _ in counters),
+                                 duplicate=taking.duplicate, reused=taking.reused)
+        crossed: list[Crossing] = []
+        try:
+            for report in taking.refills:
+                yield from self._report_plan(report, keys, crossed)
+                book.take_refilled(report, plans[report.slice.key], time.monotonic(), taking)
+            if taking.cold:
+                cold = {k: plans[k] for k in taking.cold}
+                result = yield from self._redis_reserve_plan(counters, cold, call_id, token, hold.lease_seconds)
+                if not result.ok and result.blocked is not None:
+                    # Refused in Redis, maybe only for the free part of this process's own slice.
+                    back = book.give_back(counters[result.blocked].key, time.monotonic())
+                    if back is not None and (yield from self._report_plan(back, keys, crossed)):
+                        result = yield from self._redis_reserve_plan(counters, cold, call_id, token,
+                                                                     hold.lease_seconds)
+            else:
+                result = ReserveResult(ok=True, states=tuple(CounterState() for _ in counters))
+        except BaseException:
+            book.undo(taking.taken)
+            raise
+        if not result.ok:
+            book.undo(taking.taken)
+            return ReserveResult(ok=False, states=result.states, blocked=result.blocked, reused=result.reused,
+                                 crossed=(*crossed, *result.crossed))
+        book.commit(call_id, token, taking, time.monotonic() + hold.lease_seconds)
+        states = list(result.states)
+        for found, amount, _ in taking.taken:
+            for index, key in enumerate(keys):
+                if key == found.key:
+                    states[index] = found.state
+        return ReserveResult(ok=True, states=tuple(states), duplicate=result.duplicate, crossed=(*crossed, *result.crossed))
+
+    def _redis_reserve_plan(self, counters: Sequence[Counter], plans: dict[str, CounterHold], call_id: str,
+                            token: str, lease_seconds: float) -> Plan[ReserveResult]:
+        """The reserve in Redis of ``plans`` (every counter, or those not admitted from slices)."""
+        lease_ms = str(_ms(lease_seconds))
+        tombstone_ms = str(_ms(lease_seconds) + int(self._retry_ms))
         groups = _groups(list(plans))
         yield from self._register_plan(groups)
         states = [CounterState()] * len(counters)
@@ -768,13 +847,13 @@ class RedisStore:
                 for later in groups[number + 1 :]:
                     try:  # (a read reaps but fires no alerts: the next reserve or settle does)
                         read = yield self._call("read", later, None, [self._retry_ms])
-                        _fill(states, keys, later, _states(read))
+                        _fill(states, keys, later, _read_states(read))
                     except BudgetStoreUnavailableError:
                         pass  # the refusal stands; those counters show zeros
                 refused = keys.index(group.keys[int(reply[1]) - 1])
                 too_full = (
                     i for i, (c, s) in enumerate(zip(counters, states))
-                    if s.spent + s.held + plans[c.key].amount > c.limit
+                    if c.key in plans and s.spent + s.held + plans[c.key].amount > c.limit
                 )
                 blocked = next(too_full, refused)
                 return ReserveResult(ok=False, states=tuple(states), blocked=min(blocked, refused), crossed=tuple(crossed))
@@ -819,6 +898,12 @@ class RedisStore:
         lease = check_seconds(hold.lease_seconds, "Hold.lease_seconds")
         tombstone_ms = str(_ms(lease) + int(self._retry_ms))
         self._lease_ends.pop(call_id, None)
+        if self._book is not None and self._book.calls:
+            local = self._book.release(call_id, check_token(hold.token), time.monotonic())
+            if local is not None:
+                if not local.cold:  # (SETTLED_BEFORE has none: nothing to release)
+                    return
+                keys = local.cold
         if self._carry is not None and len(self._carry):  # a settled call stays settled: send its settle first
             yield from self._flush_plan(self._carry.take_call(call_id))
         yield from self._release(_groups(keys), call_id, check_token(hold.token), tombstone_ms, lease)
@@ -867,6 +952,131 @@ class RedisStore:
                 call = _Call(call.script, call.keys, (*call.args, *fields))
             calls.append(call)
         return groups, calls, amount, capped or capped_one
+
+    # -- leased slices (stores.slices) ------------------------------------------------------------
+
+    def _report_plan(self, report: Report, keys: Sequence[str] = (), crossed: list[Crossing] | None = None) -> Plan[bool]:
+        """Send one slice report (``lua/slice.lua``); False when Redis could not be reached (the
+        report is kept and sent again as it is). Crossings go to ``crossed`` (at the slice key's
+        position in ``keys``), or to ``on_carried_crossed`` when nobody waits for them."""
+        book = self._book
+        assert book is not None
+        found = report.slice
+        group = _groups_of((found.key,))[0]
+        counter, leases = self.redis_keys(found.key)
+        indexed = self.index_key(found.key)
+        names = [counter, leases, indexed[0] if indexed else counter, f"{self.prefix}ledger:{group.slot}",
+                 f"{self.prefix}sl:{group.slot}:{found.sid}"]
+        names += [f"{self.prefix}c:{group.slot}:{r.call_id}" for r in report.batch]
+        args = [found.sid, str(report.seq), str(report.limit), "" if report.expires_at is None else str(report.expires_at),
+                ",".join(map(str, report.alerts)), indexed[1] if indexed else "", str(report.kept), str(report.want),
+                str(report.need), str(book.div), str(report.kept_charge), str(report.k),
+                str(_ms(book.lease_seconds)), self._retry_ms, *self._ledger_args, str(len(report.batch))]
+        args += [str(r.amount) if r.amount >= 0 else "-" + str(-r.amount) for r in report.batch]
+        for r in report.batch:
+            args += [str(len(r.row_fields)), str(r.row_amount), *r.row_fields]
+        try:
+            yield from self._register_plan([group])
+            reply = yield _Call("slice", tuple(names), tuple(args))
+        except BudgetStoreUnavailableError:
+            book.failed(report, time.monotonic())
+            return False
+        except BaseException:  # cancelled, or a bug: the outcome is unknown, so the report is kept
+            book.failed(report, time.monotonic())
+            raise
+        book.reported(report, int(reply[1]), CounterState(int(reply[2]), int(reply[3])), time.monotonic())
+        fired = reply[4:]
+        if fired:
+            index = keys.index(found.key) if found.key in keys else 0
+            found_crossings = [Crossing(index, found.key, int(fired[j + 1]), int(fired[j + 2]))
+                               for j in range(0, len(fired) - 2, 3)]
+            if crossed is not None:
+                crossed += found_crossings
+            else:
+                self._hand_crossings(report.batch[-1].call_id if report.batch else "", tuple(found_crossings))
+        return True
+
+    def _reports_plan(self, reports: Sequence[Report]) -> Plan[int]:
+        sent = 0
+        for report in reports:
+            sent += bool((yield from self._report_plan(report)))
+        return sent
+
+    def _local_settle(self, call_id: str, keys: Sequence[str], amount: int, amounts: Sequence[int] | None,
+                      row: LedgerRow | None) -> SettleResult | tuple[tuple[str, ...], list[int] | None] | None:
+        """The settle of a call admitted from slices: its slices' part waits for their reports.
+        Returns the result, or the call's counters in Redis (and their amounts) left to settle
+        as usual, or None for a call this process did not admit from slices."""
+        assert self._book is not None
+        check_call_id(call_id)
+        capped = isinstance(amount, int) and not isinstance(amount, bool) and amount > MAX_NANO
+        if capped:
+            log.error("settle of call %s: %d nano-USD is above the maximum; charging %d", call_id, amount, MAX_NANO)
+            amount = MAX_NANO
+        _check_amount(amount, "settle amount")
+        charges, capped_one = key_amounts(keys, amount, amounts)
+        fields = tuple(row.fields()) if row is not None else ()
+        now = time.monotonic()
+        call = self._book.settle(call_id, charges, amount, fields, now)
+        if call is None:
+            self._book.burn(call_id, now)
+            return None
+        if call is SETTLED_BEFORE:
+            return SettleResult(applied=False)
+        sliced = {found.key for found, _, _ in call.taken}
+        rest = tuple(k for k in dict.fromkeys(keys) if k not in sliced)  # in Redis (or never held there)
+        if rest:
+            return rest, None if amounts is None else [charges[k] for k in rest]
+        return SettleResult(applied=True, charged=amount, capped=capped or capped_one)
+
+    def _hand_crossings(self, call_id: str, crossed: tuple[Crossing, ...]) -> None:
+        hook = self.on_carried_crossed
+        if hook is None:
+            log.warning("settle of call %s crossed alert thresholds (no on_carried_crossed): %s", call_id, crossed)
+            return
+        try:
+            hook(call_id, crossed)
+        except Exception:  # noqa: BLE001 - a failing hook must not fail the operation that sent it
+            log.exception("on_carried_crossed failed for call %s", call_id)
+
+    def flush_slices(self, final: bool = False) -> int:
+        """Send the reports that are due (``final``: return every slice); returns how many
+        reached Redis. The store's timer calls this; ``close()`` and exit with ``final``."""
+        if self._book is None or not len(self._book) or self._sync is None and self._target is None:
+            return 0
+        return self._run(self._reports_plan(self._book.due(time.monotonic(), final=final)))
+
+    async def aflush_slices(self, final: bool = False) -> int:
+        """Async twin of ``flush_slices``."""
+        if self._book is None or not len(self._book):
+            return 0
+        return await self._arun(self._reports_plan(self._book.due(time.monotonic(), final=final)))
+
+    def slice_holdings(self) -> dict[str, tuple[int, int, int]]:
+        """This process's slices: counter key -> (leased, held by its calls in flight, settled
+        here and not reported yet)."""
+        return self._book.holdings() if self._book is not None else {}
+
+    def _report_waiting(self) -> None:
+        """Before a ledger or index read: report every settle made from this process's slices."""
+        if self._book is not None and len(self._book) and (self._sync is not None or self._target is not None):
+            self._run(self._reports_plan(self._book.waiting(None, time.monotonic())))
+
+    def _forked_slices(self) -> None:
+        """In a forked child: the parent's slices are the parent's to report and return."""
+        if self._book is not None:
+            self._book.forked()
+        self._slice_timer = None
+
+    def _start_slice_timer(self) -> None:
+        if self._closed or self._slice_timer is not None and self._slice_timer.is_alive():
+            return
+        with self._lock:
+            if self._slice_timer is not None and self._slice_timer.is_alive():
+                return
+            self._slice_timer = threading.Thread(target=_slice_loop, args=(weakref.ref(self),), daemon=True,
+                                                 name="budgetguard-slices")
+            self._slice_timer.start()
 
     # -- carried settles (stores.carry) ---------------------------------------------------------
 
@@ -993,6 +1203,12 @@ class RedisStore:
     def _renew_plan(self, call_id: str, keys: Sequence[str], lease_seconds: float) -> Plan[bool]:
         check_call_id(call_id)
         args = [call_id, str(_ms(check_seconds(lease_seconds, "lease_seconds"))), self._retry_ms]
+        if self._book is not None and self._book.calls:
+            local = self._book.renew(call_id, time.monotonic() + lease_seconds)
+            if local is not None:  # its slices' leases are renewed by the store's timer
+                if not local.cold:
+                    return True
+                keys = local.cold
         if self._carry is not None and self._carry.has_call(call_id):
             return False  # settled (the settle is on its way): nothing to renew
         renewed = False
@@ -1003,9 +1219,11 @@ class RedisStore:
     def _read_plan(self, keys: Sequence[str]) -> Plan[list[CounterState]]:
         if self._carry is not None and len(self._carry):  # a read sees every settle of this process
             yield from self._flush_plan(self._carry.take_all())
+        if self._book is not None and len(self._book):
+            yield from self._reports_plan(self._book.waiting(keys, time.monotonic(), give_back=True))
         states = [CounterState()] * len(keys)
         for group in _groups(keys):
-            _fill(states, keys, group, _states((yield self._call("read", group, None, [self._retry_ms]))))
+            _fill(states, keys, group, _read_states((yield self._call("read", group, None, [self._retry_ms]))))
         return states
 
     def _read_overrides_plan(self, name: str, known_version: str | None) -> Plan[OverridesSnapshot]:
@@ -1025,6 +1243,8 @@ class RedisStore:
     def _reset_plan(self, key: str) -> Plan[CounterState]:
         if self._carry is not None and len(self._carry):  # settles made before the reset count before it
             yield from self._flush_plan(self._carry.take_all())
+        if self._book is not None and len(self._book):
+            yield from self._reports_plan(self._book.waiting([key], time.monotonic(), give_back=True))
         found = self.index_key(key)
         if found is None:
             reply = yield _Call("reset", self.redis_keys(key), (self._retry_ms,))
@@ -1292,8 +1512,12 @@ class RedisStore:
         return self._repair(self.retry)
 
     def flush(self, final: bool = False) -> int:
-        """``flush_carried`` then ``flush_journal``; with ``final`` (close, exit), log what could
-        not be flushed."""
+        """``flush_slices`` (``final``: return them), ``flush_carried`` then ``flush_journal``;
+        with ``final`` (close, exit), log what could not be flushed."""
+        try:
+            self.flush_slices(final=final)
+        except BudgetStoreUnavailableError as exc:
+            log.error("budget store %s: could not report slices (%s); they end with their lease", self.where, exc)
         self.flush_carried()
         done = self._repair(self.retry) if (self._releases or len(self.journal)) else 0
         if final and len(self.journal):
@@ -1322,6 +1546,12 @@ class RedisStore:
         when it applies, ``row`` is appended to the ledger in the same script. If Redis cannot
         be reached, the settle (its amounts and row) is journaled and ``SettleResult.pending``
         is True."""
+        if self._book is not None:
+            local = self._local_settle(call_id, keys, amount, amounts, row)
+            if isinstance(local, SettleResult):
+                return local
+            if local is not None:  # the call's counters in Redis settle as usual
+                keys, amounts = local
         if self._carry is not None:
             queued = self._carry_settle(call_id, keys, amount, amounts, row, None)
             if queued is not None:
@@ -1409,6 +1639,7 @@ class RedisStore:
         if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
             raise ValueError(f"count: expected a whole number >= 1 or None, got {count!r}")
         self.flush_carried()
+        self._report_waiting()
         slots = [t for t in self._slots() if t.startswith("{")]
         if not slots:
             return []
@@ -1437,6 +1668,7 @@ class RedisStore:
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise ValueError(f"limit: expected a whole number of rows >= 1, got {limit!r}")
         self.flush_carried()
+        self._report_waiting()
         low = "-" if since is None else str(int(since.timestamp() * 1000))
         page = max(200, min(limit * 2, 5000))
         matched: list[tuple[str, LedgerRow]] = []
@@ -1490,6 +1722,7 @@ class RedisStore:
         the cut: its cost grows with ``count``, not with the index."""
         check_index_page(index, count, descending, members)
         self.flush_carried()
+        self._report_waiting()
         slots = [t for t in self._slots() if t.startswith("{")]
         if not slots:
             return IndexPage(0, [], [])
@@ -1687,6 +1920,12 @@ class RedisStore:
 
     async def asettle(self, call_id: str, keys: Sequence[str], amount: int, *, amounts: Sequence[int] | None = None,
                       row: LedgerRow | None = None) -> SettleResult:
+        if self._book is not None:
+            local = self._local_settle(call_id, keys, amount, amounts, row)
+            if isinstance(local, SettleResult):
+                return local
+            if local is not None:
+                keys, amounts = local
         if self._carry is not None:
             loop = asyncio.get_running_loop() if self._async_backend() is not None else None
             queued = self._carry_settle(call_id, keys, amount, amounts, row, loop)
@@ -1741,6 +1980,10 @@ class RedisStore:
     async def aclose(self) -> None:
         """Flush what is pending, close the asyncio client the store built for the running loop
         (and the sync one)."""
+        try:
+            await self.aflush_slices(final=True)
+        except BudgetStoreUnavailableError as exc:
+            log.error("budget store %s: could not report slices (%s); they end with their lease", self.where, exc)
         await self.aflush_carried()
         await self._arepair(self.retry)
         if len(self.journal) and self._target is not None:
@@ -1750,6 +1993,29 @@ class RedisStore:
             for closer in backend.closers:
                 await closer.aclose()
         self._close_sync()
+
+
+SLICE_TICK_SECONDS = 0.1
+
+
+def _slice_loop(ref: weakref.ReferenceType[RedisStore]) -> None:
+    """Send a store's due slice reports (stale settles, idle slices, leases to renew) until it
+    has no slice left, is closed or gone."""
+    while True:
+        time.sleep(SLICE_TICK_SECONDS)
+        store = ref()
+        if store is None or store._closed or store._book is None:
+            return
+        try:
+            with store._lock:
+                if not len(store._book):
+                    store._slice_timer = None
+                    return
+            store.flush_slices()
+        except Exception:  # noqa: BLE001 - kept and sent again on the next tick
+            log.debug("slice reports of %s failed", store.where, exc_info=True)
+        finally:
+            del store
 
 
 def _repair_loop(ref: weakref.ReferenceType[RedisStore]) -> None:

@@ -7,6 +7,11 @@
 -- and 'A' .. t for each threshold t fired since the counter began or was reset; and a sorted set
 -- of deadlines in ms of server TIME: member call_id for a live hold's lease, member
 -- TAB .. call_id for when that expiry charge is forgotten.
+-- Leased slices (stores.slices): '%' .. slice_id = 'grant:charge_on_expiry' for each process's
+-- live slice, g = the sum of their grants, lease-set member SLICE .. slice_id its deadline; a
+-- slice whose lease ended is charged its charge_on_expiry, remembered as '!' .. SLICE .. slice_id
+-- for a late report to replace. Holds and slices both count against the limit:
+-- spent + h + g <= limit.
 -- KEYS of a counter script come in pairs after the call record: counter hash, lease set.
 --
 -- Money stays in decimal strings handed to HINCRBY: Lua numbers are doubles (exact only below
@@ -18,6 +23,7 @@ local B = 1000000000
 local MAX = '4611686018427387904'
 local MAX_MS = 2592000000 -- 30 days
 local TAB = '\t'
+local SLICE = '\n' -- no call id holds a newline: lease-set members SLICE .. id are slices
 
 -- Server time in ms; every script reads it once, so a call never depends on a client clock.
 local function now_ms()
@@ -47,6 +53,45 @@ local function fits(spent, held, amount, limit)
   local hi = h1 + h2 + h3 + math.floor(lo / B)
   lo = lo - math.floor(lo / B) * B
   return hi < h4 or (hi == h4 and lo <= l4)
+end
+
+-- Exact sums and differences of amounts (decimal strings), through (high, low) pairs.
+local function join(hi, lo)
+  if hi == 0 then return string.format('%d', lo) end
+  return string.format('%d%09d', hi, lo)
+end
+
+local function plus(a, b)
+  local h1, l1 = split(a)
+  local h2, l2 = split(b)
+  local lo = l1 + l2
+  local carry = math.floor(lo / B)
+  return join(h1 + h2 + carry, lo - carry * B)
+end
+
+-- a < b
+local function below(a, b)
+  local h1, l1 = split(a)
+  local h2, l2 = split(b)
+  return h1 < h2 or (h1 == h2 and l1 < l2)
+end
+
+-- max(0, a - b)
+local function minus(a, b)
+  if not below(b, a) then return '0' end
+  local h1, l1 = split(a)
+  local h2, l2 = split(b)
+  local lo, hi = l1 - l2, h1 - h2
+  if lo < 0 then lo, hi = lo + B, hi - 1 end
+  return join(hi, lo)
+end
+
+-- floor(a / d) for a whole d in [1, 1e6]
+local function divided(a, d)
+  local h, l = split(a)
+  local qh = math.floor(h / d)
+  local x = (h - qh * d) * B + l
+  return join(qh, math.floor(x / d))
 end
 
 -- Argument checks: raise before anything is written.
@@ -145,15 +190,45 @@ local function unexpire(c, l, id)
   end
 end
 
+-- Money held by holds and slices together.
+local function held_of(h, g)
+  if not g then return h or '0' end
+  return plus(h or '0', g)
+end
+
+-- Remove slice sid (its field value v) from counter c and its lease set l; charge nothing.
+local function drop_slice(c, l, sid, v)
+  local grant = string.match(v, '^(%d+):')
+  if redis.call('HINCRBY', c, 'g', neg(grant)) == 0 then redis.call('HDEL', c, 'g') end
+  redis.call('HDEL', c, '%' .. sid)
+  redis.call('ZREM', l, SLICE .. sid)
+end
+
 -- Reap holds whose lease ended by now: release each and charge its charge_on_expiry, which is
 -- remembered for keep_ms (the retry window) for a late settle to replace. Forget such charges
--- once their time is up. The lease set disappears once empty (Redis deletes empty sorted sets).
+-- once their time is up. Slices whose lease ended likewise (a late report replaces the charge).
+-- The lease set disappears once empty (Redis deletes empty sorted sets).
 local function reap(c, l, now, keep_ms)
   local ids = redis.call('ZRANGEBYSCORE', l, '-inf', now)
   for _, id in ipairs(ids) do
-    if string.sub(id, 1, 1) == TAB then
+    local head = string.sub(id, 1, 1)
+    if head == TAB then
       redis.call('HDEL', c, '!' .. string.sub(id, 2))
       redis.call('ZREM', l, id)
+    elseif head == SLICE then
+      local sid = string.sub(id, 2)
+      local v = redis.call('HGET', c, '%' .. sid)
+      if v then
+        local charge = string.match(v, ':(%d+)$')
+        drop_slice(c, l, sid, v)
+        if charge ~= '0' then
+          add_spent(c, charge)
+          redis.call('HSET', c, '!' .. id, charge)
+          redis.call('ZADD', l, now + keep_ms, TAB .. id)
+        end
+      else
+        redis.call('ZREM', l, id)
+      end
     else
       local v = redis.call('HGET', c, '@' .. id)
       if v then

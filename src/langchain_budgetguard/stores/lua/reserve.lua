@@ -3,7 +3,7 @@
 -- ARGV: call_id, lease_ms, retry_ms, token, then (limit, expires_at or '', amount,
 -- charge_on_expiry, alerts) per counter (alerts: 'a1,a2,...' stored on the counter, '' keeps
 -- what is stored), then each counter's member in its spend index ('' for none).
--- Returns {code, index, spent1, held1, spent2, held2, ..., then (i, threshold, spent) per alert
+-- Returns {code, index, spent1, held1, spent2, held2, ... (held: holds and slices), then (i, threshold, spent) per alert
 -- that expiry charges reaped here fired}, states as found before this hold:
 -- code 1 placed, 2 duplicate (this token's record exists: nothing changed), 3 reused (the call
 -- id reserved with another token, settled or was released: refused), 0 refused at index
@@ -36,9 +36,9 @@ for i = 1, n do
   local c, l = KEYS[3 * i - 1], KEYS[3 * i]
   reap(c, l, now, keep)
   fire_alerts(c, i, fired)
-  local state = redis.call('HMGET', c, 's', 'h')
+  local state = redis.call('HMGET', c, 's', 'h', 'g')
   out[2 * i + 1] = state[1] or '0'
-  out[2 * i + 2] = state[2] or '0'
+  out[2 * i + 2] = held_of(state[2], state[3])
 end
 local function reply()
   for _, v in ipairs(fired) do out[#out + 1] = v end

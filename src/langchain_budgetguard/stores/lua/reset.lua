@@ -1,5 +1,5 @@
--- Zero one counter's spent after reaping expired holds; live holds stay (their calls settle as
--- usual). What expiry charged before is forgotten with it: a late settle then adds its amount
+-- Zero one counter's spent after reaping expired holds; live holds and slices stay (their calls
+-- settle as usual). What expiry charged before is forgotten with it: a late settle then adds its amount
 -- to the fresh counter and takes nothing off it. Fired alerts ('A' .. t) are cleared: the next
 -- crossing alerts again.
 -- KEYS: counter hash, lease set[, spend index]. ARGV: retry_ms[, member in the index].
@@ -7,7 +7,7 @@
 local c, l = KEYS[1], KEYS[2]
 local keep = check_ms(ARGV[1], 'retry_ms')
 reap(c, l, now_ms(), keep)
-local state = redis.call('HMGET', c, 's', 'h')
+local state = redis.call('HMGET', c, 's', 'h', 'g')
 if redis.call('EXISTS', c) == 1 then
   redis.call('HSET', c, 's', '0')
   for _, f in ipairs(redis.call('HKEYS', c)) do
@@ -21,4 +21,4 @@ if redis.call('EXISTS', c) == 1 then
   end
 end
 if KEYS[3] and redis.call('EXISTS', c) == 1 then index_spent(c, KEYS[3], ARGV[2]) end
-return {state[1] or '0', state[2] or '0'}
+return {state[1] or '0', held_of(state[2], state[3])}

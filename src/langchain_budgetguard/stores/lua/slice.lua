@@ -1,0 +1,155 @@
+-- Report on one process's budget slice of one counter and size it again (stores.slices): the
+-- calls it settled since its last report are charged, then the slice is granted what its calls
+-- in flight still hold plus an extra of at most 1/div of the room left, or returned.
+-- KEYS: counter, lease set, spend index (the counter again when not indexed), ledger stream,
+-- the slice's record (highest report applied), then each reported call's record.
+-- ARGV: 1 slice id, 2 seq (this report's number; reports of a slice apply in order, once),
+-- 3 limit, 4 expires_at or '', 5 alerts ('' keeps stored ones), 6 index member ('' for none),
+-- 7 kept (what its calls in flight hold: always granted), 8 want (extra asked for), 9 need (the
+-- least extra worth granting: less is none), 10 div, 11 what expiry charges for the kept part,
+-- 12 k: expiry charges the extra k/64 of it (rounded up; the process admits calls from it
+-- after this report, unknown here), 13 lease_ms, 14 retry_ms, 15 ledger max rows, 16 ledger
+-- retention ms, 17 n (calls reported),
+-- then each call's amount on this counter, then per call: field count, row amount, fields
+-- (count 0: no ledger row).
+-- Returns {code, grant, spent, held (holds and slices, with this grant), then (1, threshold,
+-- spent) per alert fired}: code 1 applied, 2 this seq was applied before (nothing changed; grant
+-- is the slice's grant now).
+local c, l, x, stream, srec = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local sid = ARGV[1]
+if type(sid) ~= 'string' or not string.match(sid, '^%w+$') or #sid > 64 then
+  error('budgetguard: slice id must be a short word, got ' .. tostring(sid))
+end
+local seq = ARGV[2]
+if not (string.match(seq, '^%d+$') and #seq <= 15) then
+  error('budgetguard: seq must be a whole number, got ' .. tostring(seq))
+end
+local limit = check_nano(ARGV[3], 'limit')
+local expires = ARGV[4]
+if expires ~= '' and not (string.match(expires, '^%d+$') and #expires <= 12) then
+  error('budgetguard: expires_at must be epoch seconds or empty, got ' .. tostring(expires))
+end
+local alerts = check_alerts(ARGV[5])
+local member = ARGV[6]
+local kept = check_nano(ARGV[7], 'kept')
+local want = check_nano(ARGV[8], 'want')
+local need = check_nano(ARGV[9], 'need')
+local div = tonumber(ARGV[10])
+if not div or div < 1 or div > 1000000 or div ~= math.floor(div) then
+  error('budgetguard: div must be a whole number in [1, 1e6], got ' .. tostring(ARGV[10]))
+end
+local charge = check_nano(ARGV[11], 'charge_on_expiry')
+local k = tonumber(ARGV[12])
+if not k or k < 0 or k > 64 or k ~= math.floor(k) then
+  error('budgetguard: k must be a whole number in [0, 64], got ' .. tostring(ARGV[12]))
+end
+local lease_ms = check_ms(ARGV[13], 'lease_ms')
+local keep = check_ms(ARGV[14], 'retry_ms')
+local max_rows, keep_rows_ms = ARGV[15], ARGV[16]
+if max_rows ~= '' and not (string.match(max_rows, '^%d+$') and #max_rows <= 10) then
+  error('budgetguard: ledger max rows must be a whole number, got ' .. tostring(max_rows))
+end
+if keep_rows_ms ~= '' and not (string.match(keep_rows_ms, '^%d+$') and #keep_rows_ms <= 13) then
+  error('budgetguard: ledger retention must be whole ms, got ' .. tostring(keep_rows_ms))
+end
+local n = tonumber(ARGV[17])
+if not n or n < 0 or n ~= math.floor(n) or #KEYS ~= 5 + n then
+  error('budgetguard: one record key per reported call')
+end
+-- A reported amount below zero ('-' .. digits) is a late settle below what expiry charged.
+local function magnitude(a)
+  if string.sub(a, 1, 1) == '-' then return string.sub(a, 2), true end
+  return a, false
+end
+for j = 1, n do check_nano((magnitude(ARGV[17 + j])), 'reported amount') end
+local rows, at = {}, 18 + n
+for j = 1, n do
+  local count = tonumber(ARGV[at])
+  if not count or count < 0 or count % 2 ~= 0 or at + 1 + count > #ARGV then
+    error('budgetguard: ledger row fields must come in pairs')
+  end
+  if count > 0 then
+    local row = {'XADD', stream, 'MAXLEN', '~', max_rows, '*', 'x', check_nano(ARGV[at + 1], 'row amount')}
+    for f = at + 2, at + 1 + count do row[#row + 1] = ARGV[f] end
+    rows[#rows + 1] = row
+  end
+  at = at + 2 + count
+end
+
+local now = now_ms()
+local out, fired = {1, '0', '0', '0'}, {}
+local function reply()
+  local state = redis.call('HMGET', c, 's', 'h', 'g')
+  local v = redis.call('HGET', c, '%' .. sid)
+  out[2] = v and string.match(v, '^(%d+):') or '0'
+  out[3] = state[1] or '0'
+  out[4] = held_of(state[2], state[3])
+  for _, f in ipairs(fired) do out[#out + 1] = f end
+  return out
+end
+reap(c, l, now, keep)
+fire_alerts(c, 1, fired)
+local seen = redis.call('GET', srec)
+if seen and tonumber(seen) >= tonumber(seq) then
+  out[1] = 2
+  return reply()
+end
+
+-- A slice its lease already reaped has no grant left, and what expiry charged for it is
+-- replaced by what this report says.
+local v = redis.call('HGET', c, '%' .. sid)
+local old = v and string.match(v, '^(%d+):') or '0'
+if not v then
+  local charged = redis.call('HGET', c, '!' .. SLICE .. sid)
+  if charged then
+    sub_spent(c, charged)
+    redis.call('HDEL', c, '!' .. SLICE .. sid)
+    redis.call('ZREM', l, TAB .. SLICE .. sid)
+  end
+end
+for j = 1, n do
+  local amount, refund = magnitude(ARGV[17 + j])
+  if refund then sub_spent(c, amount) else add_spent(c, amount) end
+  redis.call('SET', KEYS[5 + j], 's', 'PX', keep, 'NX')
+end
+if max_rows ~= '' and max_rows ~= '0' and #rows > 0 then
+  for _, row in ipairs(rows) do redis.call(unpack(row)) end
+  if keep_rows_ms ~= '' then
+    redis.call('XTRIM', stream, 'MINID', '~', tostring(now - tonumber(keep_rows_ms)))
+  end
+end
+fire_alerts(c, 1, fired)
+
+-- Size the slice in the room the others leave: limit - spent - holds - (slices - this one).
+local state = redis.call('HMGET', c, 's', 'h', 'g')
+local others = minus(state[3] or '0', old)
+local room = minus(limit, plus(plus(state[1] or '0', state[2] or '0'), others))
+local extra = divided(minus(room, kept), div)
+if below(want, extra) then extra = want end
+if below(extra, need) then extra = '0' end
+local grant = plus(kept, extra)
+if k > 0 and extra ~= '0' then
+  local part = divided(extra, 64) -- k/64 of extra <= k * part + k (the remainder is below 64)
+  for _ = 1, k do charge = plus(charge, part) end
+  charge = plus(charge, string.format('%d', k))
+end
+if below(grant, charge) then charge = grant end
+if below(old, grant) then
+  redis.call('HINCRBY', c, 'g', minus(grant, old))
+elseif below(grant, old) and redis.call('HINCRBY', c, 'g', neg(minus(old, grant))) == 0 then
+  redis.call('HDEL', c, 'g')
+end
+if grant ~= '0' then
+  redis.call('HSET', c, '%' .. sid, grant .. ':' .. charge)
+  redis.call('ZADD', l, now + lease_ms, SLICE .. sid)
+elseif v then
+  redis.call('HDEL', c, '%' .. sid)
+  redis.call('ZREM', l, SLICE .. sid)
+end
+if alerts ~= '' and redis.call('HGET', c, 'a') ~= alerts then redis.call('HSET', c, 'a', alerts) end
+redis.call('SET', srec, seq, 'PX', lease_ms + keep)
+if redis.call('EXISTS', c) == 1 then
+  keep_until(c, l, expires, now)
+  index_spent(c, x, member)
+end
+return reply()

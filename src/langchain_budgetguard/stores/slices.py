@@ -1,0 +1,449 @@
+"""Leased budget slices: a process admits calls on a hot counter against a slice of its budget.
+
+``RedisStore(lease_slices=True)``. A counter that this process reserves on often (``HOT_HITS``
+reserves within ``HOT_SECONDS``: a tenant, a project, the global limit) gets a slice: one script
+call (``lua/slice.lua``) leases part of what is left of it, sized by Redis (at most 1/``div`` of
+the room left, so slices shrink as the budget runs out, down to none near the limit: then calls
+are admitted one by one in Redis, exactly as without slices). Calls that fit in the slice are
+admitted here, exactly, with no round trip; their settles are reported with the slice's next
+report (a refill, at most ``REPORT_SECONDS`` later by the next reserve or the store's timer, or
+after ``MAX_REPORTED`` settles), which charges them, writes their ledger rows and sizes the slice
+again. A slice unused for ``IDLE_SECONDS`` is returned, as every slice is on ``close()`` and at
+exit. Counters reserved rarely (a user seen once an hour) stay admitted per call in Redis.
+
+Never overspend: in Redis, spent + holds + slices <= limit (a slice counts whole against the
+limit); here, what the slice's calls hold plus what they settled and was not reported yet stays
+within the slice (a settle above its hold, as elsewhere, is charged in full).
+
+A slice has a lease (``SLICE_LEASE_SECONDS``, renewed by the timer while it holds calls in
+flight). If the process dies, Redis drops the slice when its lease ends and charges what the
+last report recorded: the ``charge_on_expiry`` of the calls then in flight, plus, for the rest
+of the slice, which calls admitted after that report may have used, the largest
+charge_on_expiry / amount ratio of the slice's calls (``expired_hold="charge_reserved"``: the
+whole slice; ``"release"``: nothing). Settles made here and not reported yet are lost with the
+process; that charge stands in for them. A late report from a process that was only paused
+replaces that charge with what it reports.
+
+Call ids: a call admitted here is known here for its lease and the store's retry window after
+it ends, as a Redis record would be: a reserve of that id in this process is refused
+(``reused``), a repeated settle changes nothing, a settle after the call's lease ended here
+(the store's timer charged its ``charge_on_expiry``) replaces that charge. A reserve of the same
+id in another process is not refused (each call is charged). The report marks each call
+settled in Redis, so that a journaled settle of it replays as a no-op.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .base import CounterHold, CounterState
+
+__all__ = [
+    "HOT_HITS",
+    "HOT_SECONDS",
+    "REPORT_SECONDS",
+    "IDLE_SECONDS",
+    "SLICE_LEASE_SECONDS",
+    "MAX_REPORTED",
+    "SLICE_CALLS",
+    "DEFAULT_SLICE_DIV",
+    "Reported",
+    "Report",
+    "Slice",
+    "LocalCall",
+    "SETTLED_BEFORE",
+    "SliceBook",
+]
+
+HOT_HITS = 3  # reserves on one counter within HOT_SECONDS that make it hot here
+HOT_SECONDS = 1.0
+REPORT_SECONDS = 0.5  # settles made from a slice reach Redis within about this long
+IDLE_SECONDS = 1.0  # a slice unused this long is returned
+SLICE_LEASE_SECONDS = 30.0
+MAX_REPORTED = 64  # settles one report carries at most
+SLICE_CALLS = 64  # a refill asks for room for this many calls like the one that asked
+DEFAULT_SLICE_DIV = 20  # a slice is at most 1/20 of the room left when it is sized
+DRY_SECONDS = 0.2  # after a refill that granted nothing, calls go to Redis directly this long
+BROKEN_SECONDS = 1.0  # after a report that failed, calls go to Redis directly this long
+
+
+@dataclass(slots=True)
+class Reported:
+    """A settle made from a slice, waiting for the slice's next report."""
+
+    call_id: str
+    amount: int  # on this counter; below 0 for a late settle below what expiry charged
+    row_amount: int = 0
+    row_fields: tuple[str, ...] = ()  # the call's ledger row (with one counter of the call only)
+
+
+@dataclass(slots=True)
+class Report:
+    """One report of a slice: its arguments are fixed when it is built, so that a retry (its
+    reply was lost, or Redis was away) sends the very same report, which applies once."""
+
+    slice: Slice
+    seq: int
+    batch: list[Reported]
+    kept: int
+    want: int
+    need: int
+    kept_charge: int
+    k: int  # expiry charge of the extra, in 64ths of it
+    limit: int
+    expires_at: int | None
+    alerts: tuple[int, ...]
+
+
+class Slice:
+    """This process's slice of one counter (all amounts in the counter's unit)."""
+
+    __slots__ = ("key", "sid", "limit", "expires_at", "alerts", "grant", "used", "charge_in",
+                 "ratio", "unreported", "unreported_sum", "seq", "pending", "busy", "reported_at",
+                 "last_used", "dry_until", "broken_until", "state")
+
+    def __init__(self, key: str, plan: CounterHold, now: float) -> None:
+        self.key = key
+        self.sid = secrets.token_hex(8)
+        self.limit, self.expires_at, self.alerts = plan.limit, plan.expires_at, plan.alerts
+        self.grant = 0  # what Redis leased to this slice
+        self.used = 0  # held by its calls in flight
+        self.charge_in = 0  # their charge_on_expiry
+        self.ratio = 0  # the largest charge/amount of its calls, in 64ths (rounded up)
+        self.unreported: list[Reported] = []
+        self.unreported_sum = 0
+        self.seq = 0  # the last report applied
+        self.pending: Report | None = None  # a report whose outcome is unknown (Redis away)
+        self.busy = False  # a report is in flight: nothing is admitted from the slice meanwhile
+        self.reported_at = now
+        self.last_used = now
+        self.dry_until = 0.0
+        self.broken_until = 0.0
+        self.state = CounterState()  # the counter as the last report saw it
+
+    @property
+    def free(self) -> int:
+        return self.grant - self.used - self.unreported_sum
+
+
+def _ratio(amount: int, charge: int) -> int:
+    """charge / amount in 64ths, rounded up (0..64)."""
+    if charge <= 0 or amount <= 0:
+        return 0 if charge <= 0 else 64
+    return min(64, -(-charge * 64 // amount))
+
+
+@dataclass(slots=True)
+class LocalCall:
+    """A call admitted (at least in part) from slices: what it took from each, and which of its
+    counters were reserved in Redis the usual way."""
+
+    token: str
+    taken: tuple[tuple[Slice, int, int], ...]  # (slice, amount, charge_on_expiry)
+    cold: tuple[str, ...]
+    lease_ends: float
+
+
+SETTLED_BEFORE = LocalCall("", (), (), 0.0)  # what settle returns for a call that ended here before
+
+
+@dataclass(slots=True)
+class Taking:
+    """What ``SliceBook.take`` decided for one reserve."""
+
+    taken: list[tuple[Slice, int, int]] = field(default_factory=list)
+    refills: list[Report] = field(default_factory=list)  # slices to refill (one round trip each) first
+    cold: list[str] = field(default_factory=list)  # keys reserved in Redis per call
+    duplicate: bool = False
+    reused: bool = False
+
+
+class SliceBook:
+    """The slices and slice-admitted calls of one store (thread-safe; no I/O: the store sends
+    the reports this hands out and gives back their replies)."""
+
+    def __init__(self, retry_window_seconds: float, div: int = DEFAULT_SLICE_DIV,
+                 lease_seconds: float = SLICE_LEASE_SECONDS) -> None:
+        self.lock = threading.Lock()
+        self.div = div
+        self.lease_seconds = lease_seconds
+        self.retry_window_seconds = retry_window_seconds
+        self.hot_hits = HOT_HITS
+        self.slices: dict[str, Slice] = {}
+        self.calls: dict[str, LocalCall] = {}
+        # Calls admitted here that ended (settled, released, expired), for the retry window: their
+        # ids admit nothing more here; an expired one's late settle replaces what expiry charged.
+        self.ended: dict[str, tuple[float, LocalCall | None]] = {}
+        self._hits: dict[str, tuple[float, int]] = {}
+
+    def __len__(self) -> int:
+        return len(self.slices)
+
+    # -- admission -------------------------------------------------------------------------------
+
+    def _hot(self, key: str, now: float) -> bool:
+        start, count = self._hits.get(key, (now, 0))
+        if now - start > HOT_SECONDS:
+            start, count = now, 0
+        count += 1
+        if len(self._hits) >= 100_000:
+            self._hits.clear()
+        self._hits[key] = (start, count)
+        return count >= self.hot_hits
+
+    def take(self, call_id: str, token: str, plans: Mapping[str, CounterHold], now: float) -> Taking:
+        """Admit what fits in slices now; hand out refills for hot counters whose slice is short
+        (the store sends them, then calls ``take_refilled``); the rest is reserved in Redis."""
+        out = Taking()
+        with self.lock:
+            known = self.calls.get(call_id)
+            if known is not None:
+                out.duplicate, out.reused = known.token == token, known.token != token
+                return out
+            if call_id in self.ended:
+                self._forget(now)
+                if call_id in self.ended:
+                    out.reused = True
+                    return out
+            for key, plan in plans.items():
+                found = self.slices.get(key)
+                if found is None:
+                    if not self._hot(key, now) or plan.amount <= 0:
+                        out.cold.append(key)
+                        continue
+                    found = self.slices[key] = Slice(key, plan, now)
+                if found.busy or found.pending is not None and now < found.broken_until:
+                    out.cold.append(key)
+                elif self._fits(found, plan):
+                    self._take(found, plan, now, out)
+                elif now < found.dry_until:  # near the limit: admitted in Redis, one by one
+                    out.cold.append(key)
+                else:
+                    out.refills.append(self._report(found, now, want=plan.amount * SLICE_CALLS, need=plan.amount,
+                                                    plan=plan))
+        return out
+
+    def _fits(self, found: Slice, plan: CounterHold) -> bool:
+        return (found.free >= plan.amount and found.limit == plan.limit and found.expires_at == plan.expires_at
+                and found.alerts == plan.alerts and _ratio(plan.amount, plan.charge_on_expiry) <= found.ratio
+                and found.pending is None and len(found.unreported) < MAX_REPORTED)
+
+    def _take(self, found: Slice, plan: CounterHold, now: float, out: Taking) -> None:
+        found.used += plan.amount
+        found.charge_in += plan.charge_on_expiry
+        found.last_used = now
+        out.taken.append((found, plan.amount, plan.charge_on_expiry))
+
+    def take_refilled(self, report: Report, plan: CounterHold, now: float, out: Taking) -> None:
+        """After a refill's reply: admit the call from the slice if it fits now, else in Redis."""
+        with self.lock:
+            found = report.slice
+            if not found.busy and self._fits(found, plan):
+                self._take(found, plan, now, out)
+            else:
+                out.cold.append(found.key)
+
+    def commit(self, call_id: str, token: str, out: Taking, lease_ends: float) -> None:
+        with self.lock:
+            self.calls[call_id] = LocalCall(token, tuple(out.taken), tuple(out.cold), lease_ends)
+
+    def undo(self, taken: list[tuple[Slice, int, int]]) -> None:
+        """Give back what a reserve took (its Redis part was refused or failed)."""
+        with self.lock:
+            for found, amount, charge in taken:
+                found.used -= amount
+                found.charge_in -= charge
+
+    # -- settle, release, renew --------------------------------------------------------------------
+
+    def _forget(self, now: float) -> None:
+        ended = self.ended
+        while ended:
+            call_id, (until, _) = next(iter(ended.items()))
+            if until > now:
+                return
+            del ended[call_id]
+
+    def _end(self, call_id: str, call: LocalCall | None, now: float) -> None:
+        self.ended[call_id] = (now + self.retry_window_seconds, call)
+        if len(self.ended) % 1024 == 0:
+            self._forget(now)
+
+    def settle(self, call_id: str, charges: Mapping[str, int], row_amount: int,
+               row_fields: tuple[str, ...], now: float) -> LocalCall | None:
+        """The settle of a call admitted here: its slices' parts wait for their reports (the
+        ledger row goes with the first, unless the call has counters in Redis, whose settle
+        carries it). A call whose lease ended here is charged what it cost instead of what
+        expiry charged. A repeated settle changes nothing. None: not a call of this book."""
+        with self.lock:
+            call = self.calls.pop(call_id, None)
+            expired = False
+            if call is None:
+                ended = self.ended.get(call_id)
+                if ended is None:
+                    return None
+                if ended[1] is None:  # settled or released before: nothing changes
+                    return SETTLED_BEFORE
+                call, expired = ended[1], True
+            fields = () if call.cold else row_fields
+            for found, amount, charge in call.taken:
+                charged = charges.get(found.key, amount)
+                if expired:
+                    charged -= charge  # expiry reported its charge already
+                else:
+                    found.used -= amount
+                    found.charge_in -= charge
+                found.unreported.append(Reported(call_id, charged, row_amount, fields))
+                found.unreported_sum += charged
+                fields = ()
+            self._end(call_id, None, now)
+            return call
+
+    def burn(self, call_id: str, now: float) -> None:
+        """A call id settled in Redis without a slice: it admits nothing here either."""
+        with self.lock:
+            if call_id not in self.calls:
+                self._end(call_id, None, now)
+
+    def release(self, call_id: str, token: str, now: float) -> LocalCall | None:
+        """Release a call admitted here (only by the attempt that reserved it); SETTLED_BEFORE
+        for a call that ended here or belongs to another attempt (nothing changes)."""
+        with self.lock:
+            call = self.calls.get(call_id)
+            if call is None:
+                return SETTLED_BEFORE if call_id in self.ended else None
+            if call.token != token:
+                return SETTLED_BEFORE
+            del self.calls[call_id]
+            for found, amount, charge in call.taken:
+                found.used -= amount
+                found.charge_in -= charge
+            self._end(call_id, None, now)
+            return call
+
+    def expire(self, now: float) -> None:
+        """Calls here whose lease ended (never settled nor renewed) are charged their
+        charge_on_expiry, as a store charges a hold whose lease ran out."""
+        with self.lock:
+            for call_id in [c for c, call in self.calls.items() if call.lease_ends <= now]:
+                call = self.calls.pop(call_id)
+                for found, amount, charge in call.taken:
+                    found.used -= amount
+                    found.charge_in -= charge
+                    found.unreported.append(Reported(call_id, charge))
+                    found.unreported_sum += charge
+                self._end(call_id, call, now)
+
+    def renew(self, call_id: str, lease_ends: float) -> LocalCall | None:
+        with self.lock:
+            call = self.calls.get(call_id)
+            if call is not None:
+                call.lease_ends = max(call.lease_ends, lease_ends)
+            return call
+
+    # -- reports -----------------------------------------------------------------------------------
+
+    def _report(self, found: Slice, now: float, want: int, need: int, plan: CounterHold | None = None) -> Report:
+        """A report of ``found`` (marks it busy); a pending one is sent again as it was."""
+        found.busy = True
+        if found.pending is not None:
+            return found.pending
+        if plan is not None:
+            found.limit, found.expires_at, found.alerts = plan.limit, plan.expires_at, plan.alerts
+            found.ratio = max(found.ratio, _ratio(plan.amount, plan.charge_on_expiry))
+        if not found.used:
+            found.ratio = 0 if plan is None else _ratio(plan.amount, plan.charge_on_expiry)
+        batch = found.unreported[:MAX_REPORTED]
+        unsent = sum(r.amount for r in found.unreported[MAX_REPORTED:])
+        return Report(found, found.seq + 1, batch, found.used + unsent, want, need, found.charge_in, found.ratio,
+                      found.limit, found.expires_at, found.alerts)
+
+    def reported(self, report: Report, grant: int, state: CounterState, now: float) -> None:
+        """A report applied (or had applied before: a lost reply)."""
+        with self.lock:
+            found = report.slice
+            found.pending = None
+            found.busy = False
+            found.seq = report.seq
+            del found.unreported[: len(report.batch)]
+            found.unreported_sum -= sum(r.amount for r in report.batch)
+            found.grant = grant
+            found.reported_at = now
+            found.state = state
+            if report.need and grant - report.kept < report.need:
+                found.dry_until = now + DRY_SECONDS
+            if not grant and not found.used and not found.unreported and self.slices.get(found.key) is found:
+                del self.slices[found.key]  # returned: a new slice starts afresh when it is hot again
+
+    def failed(self, report: Report, now: float) -> None:
+        """A report whose outcome is unknown: kept, and sent again as it was before any other."""
+        with self.lock:
+            report.slice.pending = report
+            report.slice.busy = False
+            report.slice.broken_until = now + BROKEN_SECONDS
+
+    def due(self, now: float, final: bool = False) -> list[Report]:
+        """Reports the timer sends now: settles waiting longer than REPORT_SECONDS, slices idle
+        for IDLE_SECONDS (returned), leases to renew, reports to retry; ``final``: every slice
+        returned (close, exit)."""
+        if self.calls:
+            self.expire(now)
+        out = []
+        with self.lock:
+            for found in list(self.slices.values()):
+                if found.busy:
+                    continue
+                idle = now - found.last_used >= IDLE_SECONDS
+                if final or found.pending is not None or (idle and found.free > 0):
+                    out.append(self._report(found, now, want=0, need=0))
+                elif found.unreported and now - found.reported_at >= REPORT_SECONDS:
+                    out.append(self._report(found, now, want=max(0, found.free), need=0))
+                elif (found.used or found.grant) and now - found.reported_at >= self.lease_seconds / 3:
+                    out.append(self._report(found, now, want=max(0, found.free), need=0))
+        return out
+
+    def waiting(self, keys: Any, now: float, give_back: bool = False) -> list[Report]:
+        """Reports of the slices of ``keys`` (None: all) that have settles not reported yet, so
+        that a read sees every settle of this process; ``give_back``: of every slice of
+        ``keys``, returning what its calls in flight do not hold (a read of a counter then
+        shows this process's holds as they are)."""
+        out = []
+        with self.lock:
+            chosen = self.slices.values() if keys is None else [self.slices.get(k) for k in dict.fromkeys(keys)]
+            for found in list(chosen):
+                if found is None or found.busy:
+                    continue
+                if give_back:
+                    if found.grant or found.unreported or found.pending is not None:
+                        out.append(self._report(found, now, want=0, need=0))
+                elif found.unreported or found.pending is not None:
+                    out.append(self._report(found, now, want=max(0, found.free), need=0))
+        return out
+
+    def give_back(self, key: str, now: float) -> Report | None:
+        """A report returning the free part of the slice of ``key`` (a call refused in Redis may
+        fit once it is back), or None when there is none to return."""
+        with self.lock:
+            found = self.slices.get(key)
+            if found is None or found.busy or found.free <= 0:
+                return None
+            return self._report(found, now, want=0, need=0)
+
+    def holdings(self) -> dict[str, tuple[int, int, int]]:
+        """key -> (grant, held by calls in flight, settled and not reported yet), for tools."""
+        with self.lock:
+            return {k: (s.grant, s.used, s.unreported_sum) for k, s in self.slices.items()}
+
+    def forked(self) -> None:
+        """In a forked child: the parent's slices and calls are the parent's."""
+        self.lock = threading.Lock()
+        self.slices, self.calls, self.ended, self._hits = {}, {}, {}, {}
+
+
+def slice_states(taken: Any) -> dict[str, CounterState]:
+    """The counters of slices a call drew on, as their last reports saw them."""
+    return {found.key: found.state for found, _, _ in taken}
