@@ -393,6 +393,15 @@ async def test_sentinel_url_finds_the_master(tmp_path: Path) -> None:
         ("settle", ["c", "5", "300000", "", "", "100", "1000", "a:b", "5", ""]),  # attempt
         ("renew", ["c", "inf", "300000"]),
         ("read", ["0"]),
+        # slice: sid, seq, limit, expires_at, alerts, member, kept, want, need, div, charge, k,
+        # lease_ms, retry_ms, max rows, retention, n[, amounts, rows]
+        ("slice", ['s1', '1', '9223372036854775808', '', '', '', '0', '10', '1', '20', '0', '0', '30000', '300000', '100', '1000', '0']),
+        ("slice", ['s1', '1', '1000', '', '', '', '0', '10', '1', '0', '0', '0', '30000', '300000', '100', '1000', '0']),
+        ("slice", ['s1', '1', '1000', '', '', '', '0', '10', '1', '20', '0', '65', '30000', '300000', '100', '1000', '0']),
+        ("slice", ['s1', '1', '1000', '', '', '', '0', '10', '1', '20', '0', '0', '30000', '300000', '100', '1000', '1', '5', '0', '0']),
+        ("slice", ['a:b', '1', '1000', '', '', '', '0', '10', '1', '20', '0', '0', '30000', '300000', '100', '1000', '0']),
+        ("slice", ['s1', '1', '1000', '', '', '', '-1', '10', '1', '20', '0', '0', '30000', '300000', '100', '1000', '0']),
+        ("slice", ['s1', '1', '1000', '', '', '', '0', '10', '1', '20', '0', '0', '0', '300000', '100', '1000', '0']),
     ],
 )
 @pytest.mark.redis
@@ -408,7 +417,9 @@ def test_a_script_with_bad_arguments_fails_before_writing(redis_url: str, script
         mark = f"{store.prefix}j:{{argv}}:x"
         stream = f"{store.prefix}ledger:{{argv}}"
         keys = {"read": [counter, leases], "settle": [record, mark, stream, counter, leases, counter],
-                "reserve": [record, counter, leases, counter]}.get(script, [record, counter, leases])
+                "reserve": [record, counter, leases, counter],
+                "slice": [counter, leases, counter, stream, f"{store.prefix}sl:{{argv}}:s1"]}.get(
+                    script, [record, counter, leases])
         with pytest.raises(redis.exceptions.ResponseError, match="budgetguard"):
             store._sync_backend().scripts[script](keys=keys, args=args)  # test-only reach: bypass the Python checks
         assert (admin.hgetall(counter), admin.zrange(leases, 0, -1)) == before
