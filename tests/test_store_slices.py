@@ -13,10 +13,12 @@ import pytest
 import pytest_asyncio
 import redis
 
+from langchain_budgetguard.errors import BudgetStoreUnavailableError
 from langchain_budgetguard.stores.base import Counter, CounterState, Hold
-from langchain_budgetguard.stores.redis import RedisStore
+from langchain_budgetguard.stores.ledger import LedgerRow
+from langchain_budgetguard.stores.redis import RedisStore, RetryPolicy
 
-from .redis_support import fresh_prefix, redis_url, script_calls  # noqa: F401 - fixtures
+from .redis_support import ReplyDroppingProxy, fresh_prefix, redis_url, script_calls  # noqa: F401 - fixtures
 from .store_contract import StoreContract, StoreEnv
 from .test_store_redis import expiry_reader
 
@@ -99,6 +101,15 @@ def admin(redis_url: str) -> Iterator[redis.Redis]:  # noqa: F811
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     yield client
     client.close()
+
+
+@pytest.fixture
+def proxy(redis_url: str) -> Iterator[ReplyDroppingProxy]:  # noqa: F811
+    from urllib.parse import urlparse
+
+    p = ReplyDroppingProxy(urlparse(redis_url).port or 6379)
+    yield p
+    p.close()
 
 
 def _sliced(redis_url: str, **options) -> RedisStore:  # noqa: F811
@@ -209,3 +220,183 @@ def test_a_killed_process_slice_and_deferred_settles_end_with_their_lease(
     # queued and the call in flight at their charge_on_expiry, as holds whose lease ended.
     assert [u.spent for u in users] == [charge, *said["charged"][:-1], charge]
     watcher.close()
+
+
+@pytest.mark.redis
+def test_a_late_report_replaces_what_the_slice_lease_charged(redis_url: str, admin: redis.Redis) -> None:  # noqa: F811
+    paused = _sliced(redis_url, slice_lease_seconds=0.3)
+    key = "{late}:b:global"
+    assert paused.reserve([Counter(key, 10**6)], Hold("a", 1000, 30, charge_on_expiry=1000)).ok
+    paused.flush_slices = lambda final=False: 0  # a process that stops (GC pause, SIGSTOP): no timer
+    paused.settle("a", [key], 400)
+    _, grant, charge = _slice_field(admin, paused, key)
+    assert charge == grant  # charge_on_expiry == amount: the whole slice
+    time.sleep(0.5)
+    other = RedisStore(redis_url, prefix=paused.prefix)
+    assert other.read([key]) == [CounterState(charge, 0)]  # the lease ended: charged by the record
+    del paused.flush_slices  # the process goes on: its report replaces that charge
+    assert paused.flush_slices(final=True) == 1
+    assert other.read([key]) == [CounterState(400, 0)]
+    counter, leases = paused.redis_keys(key)
+    assert not [f for f in admin.hkeys(counter) if f[0] in "%!g"] and not admin.zrange(leases, 0, -1)
+    other.close()
+    paused.close()
+
+
+@pytest.mark.redis
+def test_a_report_whose_reply_was_lost_applies_once(redis_url: str, proxy) -> None:  # noqa: F811
+    store = RedisStore(proxy.url, prefix=fresh_prefix(), lease_slices=True)
+    store._book.hot_hits = 1
+    key = "{lost}:b:global"
+    proxy.drop_script_replies = 1  # the refill ran in Redis; its reply is lost, the retry is a duplicate
+    assert store.reserve([Counter(key, 10**6)], Hold("a", 1000, 30)).ok
+    assert proxy.lost == 1
+    store.settle("a", [key], 300)
+    assert store.reserve([Counter(key, 10**6)], Hold("b", 1000, 30)).ok
+    store.settle("b", [key], 200)
+    proxy.drop_script_replies = 1  # the report carrying both settles: lost reply, retried
+    assert store.flush_slices(final=True) == 1
+    assert proxy.lost == 2
+    assert store.read([key]) == [CounterState(500, 0)]
+    store.close()
+
+
+@pytest.mark.redis
+def test_a_report_that_cannot_reach_redis_is_sent_again_as_it_was(redis_url: str, proxy) -> None:  # noqa: F811
+    store = RedisStore(proxy.url, prefix=fresh_prefix(), lease_slices=True,
+                       retry=RetryPolicy(attempts=2, deadline_seconds=0.3, first_wait=0.01, max_wait=0.05))
+    store._book.hot_hits = 1
+    key = "{down}:b:global"
+    assert store.reserve([Counter(key, 10**6)], Hold("a", 1000, 30)).ok
+    store.settle("a", [key], 300)
+    proxy.drop_script_replies = -1  # Redis runs every script, no reply comes back
+    assert store.flush_slices(final=True) == 0
+    with pytest.raises(BudgetStoreUnavailableError):  # the slice is broken: calls go to Redis, which is away
+        store.reserve([Counter(key, 10**6)], Hold("b", 1000, 30))
+    proxy.drop_script_replies = 0
+    assert store.flush_slices(final=True) == 1  # the same report again: it had applied, once
+    assert store.read([key]) == [CounterState(300, 0)]
+    assert store.reserve([Counter(key, 10**6)], Hold("c", 1000, 30)).ok
+    store.settle("c", [key], 100)
+    assert store.read([key]) == [CounterState(400, 0)]
+    store.close()
+
+
+@pytest.mark.redis
+def test_sliced_settles_write_their_ledger_rows_and_fire_alerts_once(redis_url: str) -> None:  # noqa: F811
+    store = _sliced(redis_url)
+    crossed = []
+    store.on_carried_crossed = lambda call_id, found: crossed.extend(found)
+    key = "{led}:acme:global:-:total"
+    counter = Counter(key, 10**6, alerts=(1_000, 5_000))
+    for i in range(12):
+        hold = Hold(f"call-{i}", 1000, 30)
+        result = store.reserve([counter], hold)
+        assert result.ok
+        crossed += result.crossed
+        row = LedgerRow(budget="acme", call_id=hold.call_id, scopes={"global": "-"}, keys=(key,), model="m")
+        store.settle(hold.call_id, [key], 500, row=row)
+    rows = store.read_ledger("acme", limit=100)  # a ledger read reports this process's settles first
+    assert sorted(r.call_id for r in rows) == sorted(f"call-{i}" for i in range(12))
+    assert {r.cost_nano for r in rows} == {500}
+    store.flush_slices(final=True)
+    assert store.read([key]) == [CounterState(6_000, 0)]
+    assert sorted(c.threshold for c in crossed) == [1_000, 5_000]
+    assert all(c.key == key for c in crossed)
+    store.close()
+
+
+@pytest.mark.redis
+def test_a_call_on_hot_and_cold_counters_is_split_and_settled_exactly(redis_url: str, script_calls) -> None:  # noqa: F811
+    store = _sliced(redis_url)
+    hot = "{mix}:acme:global:-:total"
+    store.reserve([Counter(hot, 10**6)], Hold("warm", 1000, 30))  # a slice for 64 such calls
+    store.settle("warm", [hot], 10)
+    before = len(script_calls)
+    user = "{mix}:acme:user:alice:total"
+    store._book.hot_hits = 1000  # alice is seen rarely: she stays in Redis
+    assert store.reserve([Counter(user, 5_000), Counter(hot, 10**6)], Hold("c", 1000, 30)).ok
+    assert len(script_calls) == before + 1  # one reserve, of alice's counter only
+    assert store.read([user]) == [CounterState(0, 1000)]
+    row = LedgerRow(budget="acme", call_id="c", scopes={"user": "alice", "global": "-"}, keys=(user, hot))
+    store.settle("c", [user, hot], 700, amounts=[700, 600], row=row)
+    assert store.read([user, hot]) == [CounterState(700, 0), CounterState(610, 0)]
+    assert [r.call_id for r in store.read_ledger("acme", limit=10)].count("c") == 1
+    # alice's limit refuses in Redis; nothing stays taken from the slice
+    assert not store.reserve([Counter(user, 5_000), Counter(hot, 10**6)], Hold("d", 4_500, 30)).ok
+    assert store.slice_holdings().get(hot, (0, 0, 0))[1] == 0
+    store.close()
+
+
+@pytest.mark.redis
+def test_a_lower_limit_shrinks_the_slice_at_once(redis_url: str) -> None:  # noqa: F811
+    store = _sliced(redis_url)
+    key = "{low}:b:global"
+    assert store.reserve([Counter(key, 10**6)], Hold("a", 100, 30)).ok
+    store.settle("a", [key], 100)
+    assert store.slice_holdings()[key][0] >= 5_000  # a slice of the $ limit's room
+    admitted = 0
+    for i in range(50):  # the limit is lowered (a live override): the next reserve re-sizes
+        if store.reserve([Counter(key, 1_000)], Hold(f"b{i}", 100, 30)).ok:
+            store.settle(f"b{i}", [key], 100)
+            admitted += 1
+    assert admitted == 9  # 100 + 9 * 100 = 1_000
+    assert store.read([key]) == [CounterState(1_000, 0)]
+    store.close()
+
+
+@pytest.mark.redis
+async def test_async_gather_on_slices_never_overspends(redis_url: str) -> None:  # noqa: F811
+    store = _sliced(redis_url)
+    key, limit = "{agg}:b:global", 50_000
+
+    async def one(i: int) -> int:
+        total = 0
+        for j in range(40):
+            hold = Hold(f"{i}-{j}", 100, 30, charge_on_expiry=100)
+            if (await store.areserve([Counter(key, limit)], hold)).ok:
+                await asyncio.sleep(0)
+                await store.asettle(hold.call_id, [key], 90)
+                total += 90
+        return total
+
+    charged = sum(await asyncio.gather(*(one(i) for i in range(20))))
+    assert await store.aread([key]) == [CounterState(charged, 0)]
+    assert limit - 100 < charged + 10 * 50 and charged <= limit  # the limit stopped it, not an error
+    await store.aclose()
+
+
+@pytest.mark.redis
+def test_an_asyncio_only_store_cannot_lease_slices() -> None:
+    client = redis.asyncio.Redis()
+    with pytest.raises(ValueError, match="lease_slices needs a URL or a sync client"):
+        RedisStore(client, lease_slices=True)
+
+
+@pytest.mark.redis
+def test_status_shows_slices_apart_from_holds(redis_url: str, admin: redis.Redis) -> None:  # noqa: F811
+    owner = _sliced(redis_url)
+    key = "{st}:b:global"
+    assert owner.reserve([Counter(key, 10**6)], Hold("a", 100, 30)).ok
+    other = RedisStore(redis_url, prefix=owner.prefix)  # another process's view: the slice is held
+    (state,) = other.read([key])
+    _, grant, _ = _slice_field(admin, owner, key)
+    assert (state.held, state.sliced) == (grant, grant) and grant > 100
+    owner.settle("a", [key], 100)
+    owner.close()  # returns the slice
+    assert other.read([key]) == [CounterState(100, 0)] and other.read([key])[0].sliced == 0
+    other.close()
+
+
+@pytest.mark.redis
+def test_a_call_in_flight_past_its_lease_is_charged_and_corrected_by_its_late_settle(redis_url: str) -> None:  # noqa: F811
+    store = _sliced(redis_url)
+    key = "{exp}:b:global"
+    assert store.reserve([Counter(key, 10**6)], Hold("a", 1000, 0.3, charge_on_expiry=400)).ok
+    time.sleep(0.6)  # the store's timer ends the call's lease: charged charge_on_expiry
+    assert store.read([key]) == [CounterState(400, 0)]
+    assert store.reserve([Counter(key, 10**6)], Hold("a", 10, 30)).reused
+    store.settle("a", [key], 250)  # the late settle replaces it
+    assert store.read([key]) == [CounterState(250, 0)]
+    assert not store.settle("a", [key], 250).applied
+    store.close()

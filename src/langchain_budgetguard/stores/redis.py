@@ -1062,6 +1062,21 @@ class RedisStore:
         if self._book is not None and len(self._book) and (self._sync is not None or self._target is not None):
             self._run(self._reports_plan(self._book.waiting(None, time.monotonic())))
 
+    def _wait_for_reports(self, keys: Sequence[str], timeout: float = 2.0) -> None:
+        """Let a report of these counters' slices that is in flight (the timer's) land first."""
+        if self._book is None or not len(self._book):
+            return
+        until = time.monotonic() + timeout
+        while self._book.reporting(keys) and time.monotonic() < until:
+            time.sleep(0.001)
+
+    async def _await_reports(self, keys: Sequence[str], timeout: float = 2.0) -> None:
+        if self._book is None or not len(self._book):
+            return
+        until = time.monotonic() + timeout
+        while self._book.reporting(keys) and time.monotonic() < until:
+            await asyncio.sleep(0.001)
+
     def _forked_slices(self) -> None:
         """In a forked child: the parent's slices are the parent's to report and return."""
         if self._book is not None:
@@ -1572,7 +1587,10 @@ class RedisStore:
         return renewed
 
     def read(self, keys: Sequence[str]) -> list[CounterState]:
-        """Each counter's spent and held (zeros for a counter never used)."""
+        """Each counter's spent and held (zeros for a counter never used). This process's slices
+        of them are reported and returned first, so that it reads its own settles and holds as
+        they are (``CounterState.sliced``: what other processes' slices hold)."""
+        self._wait_for_reports(keys)
         return self._op(self._read_plan(keys))
 
     # -- operators (stores.base.AdminStore) ------------------------------------------------------
@@ -1587,6 +1605,7 @@ class RedisStore:
 
     def reset_counter(self, key: str) -> CounterState:
         """Zero a counter's spent (live holds stay); returns its state before."""
+        self._wait_for_reports([key])
         return self._op(self._reset_plan(key))
 
     def scan_counters(self, pattern: str) -> list[tuple[str, CounterState]]:
@@ -1946,6 +1965,7 @@ class RedisStore:
         return renewed
 
     async def aread(self, keys: Sequence[str]) -> list[CounterState]:
+        await self._await_reports(keys)
         return await self._aop(self._read_plan(keys))
 
     async def aread_overrides(self, name: str, known_version: str | None = None) -> OverridesSnapshot:
@@ -1955,6 +1975,7 @@ class RedisStore:
         return await self._aop(self._set_override_plan(name, field, nano))
 
     async def areset_counter(self, key: str) -> CounterState:
+        await self._await_reports([key])
         return await self._aop(self._reset_plan(key))
 
     async def ascan_counters(self, pattern: str) -> list[tuple[str, CounterState]]:

@@ -294,6 +294,7 @@ class SliceBook:
                 charged = charges.get(found.key, amount)
                 if expired:
                     charged -= charge  # expiry reported its charge already
+                    found = self.slices.setdefault(found.key, found)  # (its slice may be returned since)
                 else:
                     found.used -= amount
                     found.charge_in -= charge
@@ -423,6 +424,11 @@ class SliceBook:
                 elif found.unreported or found.pending is not None:
                     out.append(self._report(found, now, want=max(0, found.free), need=0))
         return out
+
+    def reporting(self, keys: Any) -> bool:
+        """Is a report of a slice of ``keys`` in flight?"""
+        with self.lock:
+            return any((found := self.slices.get(k)) is not None and found.busy for k in keys)
 
     def give_back(self, key: str, now: float) -> Report | None:
         """A report returning the free part of the slice of ``key`` (a call refused in Redis may
