@@ -400,3 +400,29 @@ def test_a_call_in_flight_past_its_lease_is_charged_and_corrected_by_its_late_se
     assert store.read([key]) == [CounterState(250, 0)]
     assert not store.settle("a", [key], 250).applied
     store.close()
+
+
+@pytest.mark.redis
+def test_a_guard_on_a_sliced_store_charges_every_call_exactly(redis_url: str, script_calls) -> None:  # noqa: F811
+    from decimal import Decimal
+
+    from langchain_budgetguard import BudgetExceededError, BudgetGuard
+
+    from .guard_worker import CALL_COST, PRICES, big
+    from .fakes import ExactEstimator
+
+    store = RedisStore(redis_url, prefix=fresh_prefix(), lease_slices=True)
+    guard = BudgetGuard(big(), limit="20", store=store, name="sliced", prices=PRICES, estimator=ExactEstimator(1000))
+    served = 0
+    with pytest.raises(BudgetExceededError):
+        for _ in range(300):
+            reply = guard.invoke("hi")
+            assert reply.response_metadata["budgetguard"]["cost_usd"] == CALL_COST
+            served += 1
+    assert served == 222  # $19.98; one more would make $20.07
+    assert len(script_calls) < served, "the calls were not admitted from a slice"  # per call: 2 each
+    (status,) = guard.status()
+    assert (status.spent, status.held) == (served * CALL_COST, Decimal(0))
+    rows = store.read_ledger("sliced", limit=1000)
+    assert len([r for r in rows if r.kind == "call"]) == served
+    guard.close()
