@@ -426,3 +426,29 @@ def test_a_guard_on_a_sliced_store_charges_every_call_exactly(redis_url: str, sc
     rows = store.read_ledger("sliced", limit=1000)
     assert len([r for r in rows if r.kind == "call"]) == served
     guard.close()
+
+
+@pytest.mark.redis
+def test_status_of_another_process_shows_the_slices_apart(redis_url: str) -> None:  # noqa: F811
+    from langchain_budgetguard import BudgetGuard
+    from langchain_budgetguard.cli import _status_json, _status_rows
+
+    from .fakes import ExactEstimator
+    from .guard_worker import PRICES, big
+
+    options = {"limit": "100", "name": "apart", "prices": PRICES, "estimator": ExactEstimator(1000)}
+    owner = RedisStore(redis_url, prefix=fresh_prefix(), lease_slices=True)
+    guard = BudgetGuard(big(), store=owner, **options)
+    for _ in range(5):
+        guard.invoke("hi")
+    watcher = BudgetGuard(None, store=RedisStore(redis_url, prefix=owner.prefix), **options)
+    (status,) = watcher.status()
+    grant = sum(g for g, _, _ in owner.slice_holdings().values())
+    assert status.sliced * 10**9 == grant and status.held == status.sliced > 0
+    assert status.remaining == 100 - status.spent - status.held
+    assert _status_json(status)["sliced"] == str(status.sliced)
+    assert "in slices)" in _status_rows([status])
+    guard.close()  # the slice goes back
+    (status,) = watcher.status()
+    assert (status.held, status.sliced) == (0, 0) and "in slices" not in _status_rows([status])
+    watcher.close()

@@ -124,6 +124,7 @@ def _status_json(s: Any) -> dict[str, Any]:
         "limit": _dec(s.limit),
         "spent": _dec(s.spent),
         "held": _dec(s.held),
+        "sliced": _dec(s.sliced),
         "remaining": _dec(s.remaining),
         "used_percent": _dec((s.spent + s.held) / s.limit * 100) if s.limit else None,
         "resets_at": s.resets_at.isoformat() if s.resets_at else None,
@@ -132,10 +133,17 @@ def _status_json(s: Any) -> dict[str, Any]:
     }
 
 
+def _held(s: Any) -> str:
+    """Held, and the part of it that processes' leased slices hold (the rest: calls in flight)."""
+    if not s.sliced:
+        return _amount(s.held, s.unit)
+    return f"{_amount(s.held, s.unit)} ({_amount(s.sliced, s.unit)} in slices)"
+
+
 def _status_rows(statuses: Sequence[Any]) -> str:
     rows = [[
         s.scope, "-" if s.scope_id is None else s.scope_id, f"{s.window} {s.window_label}", _amount(s.limit, s.unit),
-        _amount(s.spent, s.unit), _amount(s.held, s.unit), _amount(s.remaining, s.unit),
+        _amount(s.spent, s.unit), _held(s), _amount(s.remaining, s.unit),
         _percent(s.spent + s.held, s.limit),
         s.resets_at.isoformat() if s.resets_at else "never",
     ] for s in statuses]

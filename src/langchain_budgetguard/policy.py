@@ -85,6 +85,7 @@ class LimitStatus:
     resets_at: datetime | None
     key: str
     unit: str = "usd"
+    sliced: Decimal = Decimal(0)  # of held: budget slices leased to processes (RedisStore(lease_slices=True))
 
     @property
     def used_fraction(self) -> Decimal:
@@ -182,6 +183,7 @@ class CounterPlan:
                     resets_at=window.resets_at,
                     key=key,
                     unit=limit.unit,
+                    sliced=limit.show(state.sliced),
                 )
             )
         return out
