@@ -18,8 +18,13 @@ start with their ``{tag}``, the Redis Cluster hash tag)::
                                                    (kept for the retry window, dropped by a reset);
                                                    a = alert thresholds "t1,t2,..." (Counter.alerts)
                                                    and A<t> = 1 per threshold fired (reset clears)
+                                                   with slices (stores.slices): g = what leased
+                                                   slices hold, %<slice id> = "grant:charge" each,
+                                                   !\n<slice id> = a reaped slice's charge
     bg:l:{acme}:default:user:alice:day:2026-11-22  its deadlines: sorted set call_id -> ms of server
-                                                   TIME (and TAB<call_id>: when !<call_id> goes)
+                                                   TIME (and TAB<call_id>: when !<call_id> goes;
+                                                   \n<slice id>: a slice's lease)
+    bg:sl:{acme}:<slice id>                        the slice's last report applied (its seq)
     bg:c:{acme}:<call_id>                          the call's record on this tag: "h:<token>" while
                                                    held, "s" once settled ("s:<attempt>:<alerts>"
                                                    when the settle fired alerts, for a retry whose
@@ -92,6 +97,17 @@ spent twice: spent + held <= limit at every instant. A script call that fails jo
 settles it carried (replayed exactly once, as above). If the process dies with settles queued
 (at most those of the last window), their holds expire with their lease and are charged their
 ``charge_on_expiry`` (the guard's ``expired_hold`` policy) instead of the actual cost.
+
+Leased slices (``lease_slices=True``, off by default; ``stores.slices``, ``lua/slice.lua``). A
+counter this process reserves on often is admitted against a slice of its budget leased from
+Redis: no round trip per call; settles are reported with the slice's next refill or by the
+store's timer thread (every 0.1 s: reports older than 0.5 s, idle slices returned, leases
+renewed), and ``read()`` / ``reset_counter`` of the counter, ledger and index reads,
+``flush()``, ``close()`` and exit report (and, for read, reset and close, return) them first.
+Needs a URL or a sync client (the timer's). ``slice_lease_seconds`` (30) is how long a dead
+process's slice outlives it. The counter's ``held`` (every read) counts slices;
+``CounterState.sliced`` is their part. Reserve and release of a call admitted from slices
+touch only its counters that are not sliced (none: no round trip).
 """
 
 from __future__ import annotations
