@@ -96,6 +96,11 @@ def keys_of(counters: Sequence[Counter]) -> list[str]:
 class StoreContract:
     """Tests every store must pass. Subclasses provide the ``env`` fixture."""
 
+    # How far below the limit many concurrent calls of at most 30 may stop: a call refused while
+    # another's hold (or a slice being refilled) briefly occupied the room. Leased slices may add
+    # a second such moment (the refill of a slice in flight while a call goes to Redis).
+    fill_margin = 40
+
     @pytest.fixture
     def env(self) -> StoreEnv:
         raise NotImplementedError("a StoreContract subclass provides the env fixture")
@@ -454,7 +459,7 @@ class StoreContract:
         assert not errors
         spent = sum(admitted)
         assert store.read(keys) == [CounterState(spent, 0)] * 2
-        assert limit - 40 < spent <= limit  # filled up to the limit, never past it
+        assert limit - self.fill_margin < spent <= limit  # filled up to the limit, never past it
 
     async def test_gather_never_overspends(self, env: StoreEnv) -> None:
         store, limit = env.store, 1_000
@@ -471,7 +476,7 @@ class StoreContract:
         charged = await asyncio.gather(*(one(random.randint(1, 30)) for _ in range(150)))
         assert sum(charged) <= limit
         assert await store.aread(keys) == [CounterState(sum(charged), 0)] * 2
-        assert sum(charged) > limit - 30  # it did fill up: the limit, not an error, stopped it
+        assert sum(charged) > limit - self.fill_margin  # it did fill up: the limit, not an error, stopped it
 
     # -- the ledger and the spend index (stores.ledger) -------------------------------------------
 

@@ -78,6 +78,8 @@ class TestClusterContract(StoreContract):
 class TestSlicedClusterContract(TestClusterContract):
     """The contract again with leased slices: each slice report runs on its counter's node."""
 
+    fill_margin = 80
+
     sliced = True
 
 

@@ -27,6 +27,8 @@ from .test_store_redis import expiry_reader
 class TestSlicedRedisContract(StoreContract):
     """The whole store contract with every counter admitted from slices from its first reserve."""
 
+    fill_margin = 80
+
     @pytest_asyncio.fixture
     async def env(self, redis_url: str) -> AsyncIterator[StoreEnv]:  # noqa: F811
         store = RedisStore(redis_url, prefix=fresh_prefix(), lease_slices=True)
@@ -452,3 +454,23 @@ def test_status_of_another_process_shows_the_slices_apart(redis_url: str) -> Non
     (status,) = watcher.status()
     assert (status.held, status.sliced) == (0, 0) and "in slices" not in _status_rows([status])
     watcher.close()
+
+
+@pytest.mark.redis
+def test_a_slice_whose_lease_was_not_renewed_admits_nothing_more(redis_url: str, script_calls) -> None:  # noqa: F811
+    store = _sliced(redis_url, slice_lease_seconds=0.6)
+    store.flush_slices = lambda final=False: 0  # its timer cannot renew (Redis away from here only)
+    key = "{renew}:b:global"
+    assert store.reserve([Counter(key, 10**6)], Hold("a", 100, 30)).ok
+    calls = len(script_calls)
+    assert store.reserve([Counter(key, 10**6)], Hold("b", 100, 30)).ok
+    assert len(script_calls) == calls  # from the slice
+    time.sleep(0.45)  # past two thirds of the lease: Redis may soon reap the slice and hand out its room
+    assert store.reserve([Counter(key, 10**6)], Hold("c", 100, 30)).ok
+    assert len(script_calls) == calls + 1  # a refill first (it renews the lease)
+    for cid in "abc":
+        store.settle(cid, [key], 100)
+    del store.flush_slices
+    store.close()
+    with RedisStore(redis_url, prefix=store.prefix) as other:
+        assert other.read([key]) == [CounterState(300, 0)]

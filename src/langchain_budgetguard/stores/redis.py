@@ -306,6 +306,11 @@ class _Call:
     once: bool = False  # tried once, not by the store's RetryPolicy (what fails is queued instead)
 
 
+# Not a script call: a plan yields it to wait a moment (for another thread's or task's report).
+_WAIT = _Call("", (), ())
+_WAIT_SECONDS = 0.001
+
+
 @dataclass(frozen=True, slots=True)
 class _Group:
     """The distinct keys of one call that share a hash tag: one script call's worth."""
@@ -797,9 +802,15 @@ class RedisStore:
                 cold = {k: plans[k] for k in taking.cold}
                 result = yield from self._redis_reserve_plan(counters, cold, call_id, token, hold.lease_seconds)
                 if not result.ok and result.blocked is not None:
-                    # Refused in Redis, maybe only for the free part of this process's own slice.
-                    back = book.give_back(counters[result.blocked].key, time.monotonic())
-                    if back is not None and (yield from self._report_plan(back, keys, crossed)):
+                    # Refused in Redis, maybe only for what this process's own slice holds: let a
+                    # report of it in flight land, return what it does not need, and try again.
+                    key = counters[result.blocked].key
+                    waited = 0
+                    while book.reporting([key]) and waited < 1000:
+                        yield _WAIT
+                        waited += 1
+                    back = book.give_back(key, time.monotonic())
+                    if back is not None and (yield from self._report_plan(back, keys, crossed)) or waited:
                         result = yield from self._redis_reserve_plan(counters, cold, call_id, token,
                                                                      hold.lease_seconds)
             else:
@@ -1412,6 +1423,10 @@ class RedisStore:
         try:
             call = next(plan)
             while True:
+                if call is _WAIT:
+                    time.sleep(_WAIT_SECONDS)
+                    call = plan.send(None)
+                    continue
                 try:
                     reply = self._execute(call, _ONCE if call.once else policy)
                 except BudgetStoreUnavailableError as exc:
@@ -1894,6 +1909,10 @@ class RedisStore:
         try:
             call = next(plan)
             while True:
+                if call is _WAIT:
+                    await asyncio.sleep(_WAIT_SECONDS)
+                    call = plan.send(None)
+                    continue
                 try:
                     reply = await self._aexecute(call, _ONCE if call.once else policy)
                 except BudgetStoreUnavailableError as exc:

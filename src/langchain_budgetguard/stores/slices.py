@@ -87,6 +87,7 @@ class Report:
     reply was lost, or Redis was away) sends the very same report, which applies once."""
 
     slice: Slice
+    sent_at: float  # (monotonic) no later than Redis starts the slice's lease
     seq: int
     batch: list[Reported]
     kept: int
@@ -104,7 +105,7 @@ class Slice:
 
     __slots__ = ("key", "sid", "limit", "expires_at", "alerts", "grant", "used", "charge_in",
                  "ratio", "unreported", "unreported_sum", "seq", "pending", "busy", "reported_at",
-                 "last_used", "dry_until", "broken_until", "state")
+                 "last_used", "dry_until", "broken_until", "lease_until", "state")
 
     def __init__(self, key: str, plan: CounterHold, now: float) -> None:
         self.key = key
@@ -123,6 +124,7 @@ class Slice:
         self.last_used = now
         self.dry_until = 0.0
         self.broken_until = 0.0
+        self.lease_until = 0.0  # admits nothing from here on (before its lease in Redis can end)
         self.state = CounterState()  # the counter as the last report saw it
 
     @property
@@ -218,7 +220,7 @@ class SliceBook:
                     found = self.slices[key] = Slice(key, plan, now)
                 if found.busy or found.pending is not None and now < found.broken_until:
                     out.cold.append(key)
-                elif self._fits(found, plan):
+                elif self._fits(found, plan, now):
                     self._take(found, plan, now, out)
                 elif now < found.dry_until:  # near the limit: admitted in Redis, one by one
                     out.cold.append(key)
@@ -227,8 +229,8 @@ class SliceBook:
                                                     plan=plan))
         return out
 
-    def _fits(self, found: Slice, plan: CounterHold) -> bool:
-        return (found.free >= plan.amount and found.limit == plan.limit and found.expires_at == plan.expires_at
+    def _fits(self, found: Slice, plan: CounterHold, now: float) -> bool:
+        return (found.free >= plan.amount and now < found.lease_until and found.limit == plan.limit and found.expires_at == plan.expires_at
                 and found.alerts == plan.alerts and _ratio(plan.amount, plan.charge_on_expiry) <= found.ratio
                 and found.pending is None and len(found.unreported) < MAX_REPORTED)
 
@@ -242,7 +244,7 @@ class SliceBook:
         """After a refill's reply: admit the call from the slice if it fits now, else in Redis."""
         with self.lock:
             found = report.slice
-            if not found.busy and self._fits(found, plan):
+            if not found.busy and self._fits(found, plan, now):
                 self._take(found, plan, now, out)
             else:
                 out.cold.append(found.key)
@@ -360,7 +362,7 @@ class SliceBook:
             found.ratio = 0 if plan is None else _ratio(plan.amount, plan.charge_on_expiry)
         batch = found.unreported[:MAX_REPORTED]
         unsent = sum(r.amount for r in found.unreported[MAX_REPORTED:])
-        return Report(found, found.seq + 1, batch, found.used + unsent, want, need, found.charge_in, found.ratio,
+        return Report(found, now, found.seq + 1, batch, found.used + unsent, want, need, found.charge_in, found.ratio,
                       found.limit, found.expires_at, found.alerts)
 
     def reported(self, report: Report, grant: int, state: CounterState, now: float) -> None:
@@ -374,6 +376,9 @@ class SliceBook:
             found.unreported_sum -= sum(r.amount for r in report.batch)
             found.grant = grant
             found.reported_at = now
+            # A third of the lease short of it: the timer renews after a third; if it cannot,
+            # admission from the slice stops well before Redis may hand its room to others.
+            found.lease_until = report.sent_at + self.lease_seconds * 2 / 3
             found.state = state
             if report.need and grant - report.kept < report.need:
                 found.dry_until = now + DRY_SECONDS
