@@ -296,11 +296,14 @@ def test_sliced_settles_write_their_ledger_rows_and_fire_alerts_once(redis_url: 
         result = store.reserve([counter], hold)
         assert result.ok
         crossed += result.crossed
-        row = LedgerRow(budget="acme", call_id=hold.call_id, scopes={"global": "-"}, keys=(key,), model="m")
+        row = LedgerRow(budget="acme", call_id=hold.call_id, scopes={"global": "-"}, keys=(key,), model="mödel-💸",
+                        tokens={"input": i + 1}, detail='a "quoted", \\ naïve\tdetail')
         store.settle(hold.call_id, [key], 500, row=row)
     rows = store.read_ledger("acme", limit=100)  # a ledger read reports this process's settles first
     assert sorted(r.call_id for r in rows) == sorted(f"call-{i}" for i in range(12))
     assert {r.cost_nano for r in rows} == {500}
+    assert {(r.model, r.detail) for r in rows} == {("mödel-💸", 'a "quoted", \\ naïve\tdetail')}
+    assert sorted(r.tokens["input"] for r in rows) == list(range(1, 13))
     store.flush_slices(final=True)
     assert store.read([key]) == [CounterState(6_000, 0)]
     assert sorted(c.threshold for c in crossed) == [1_000, 5_000]

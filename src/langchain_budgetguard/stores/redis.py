@@ -115,6 +115,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import functools
+import json
 import logging
 import math
 import os
@@ -998,10 +999,10 @@ class RedisStore:
         args = [found.sid, str(report.seq), str(report.limit), "" if report.expires_at is None else str(report.expires_at),
                 ",".join(map(str, report.alerts)), indexed[1] if indexed else "", str(report.kept), str(report.want),
                 str(report.need), str(book.div), str(report.kept_charge), str(report.k),
-                str(_ms(book.lease_seconds)), self._retry_ms, *self._ledger_args, str(len(report.batch))]
-        args += [str(r.amount) if r.amount >= 0 else "-" + str(-r.amount) for r in report.batch]
-        for r in report.batch:
-            args += [str(len(r.row_fields)), str(r.row_amount), *r.row_fields]
+                str(_ms(book.lease_seconds)), self._retry_ms, *self._ledger_args, str(len(report.batch)),
+                ",".join(map(str, (r.amount for r in report.batch))),
+                json.dumps([[str(r.row_amount), *r.row.fields()] for r in report.batch if r.row is not None])
+                if any(r.row is not None for r in report.batch) else ""]
         try:
             yield from self._register_plan([group])
             reply = yield _Call("slice", tuple(names), tuple(args))
@@ -1041,10 +1042,11 @@ class RedisStore:
             log.error("settle of call %s: %d nano-USD is above the maximum; charging %d", call_id, amount, MAX_NANO)
             amount = MAX_NANO
         _check_amount(amount, "settle amount")
+        if row is not None and not isinstance(row, LedgerRow):
+            raise TypeError(f"row: expected a LedgerRow, got {type(row).__name__}")
         charges, capped_one = key_amounts(keys, amount, amounts)
-        fields = tuple(row.fields()) if row is not None else ()
         now = time.monotonic()
-        call = self._book.settle(call_id, charges, amount, fields, now)
+        call = self._book.settle(call_id, charges, amount, row, now)
         if call is None:
             self._book.burn(call_id, now)
             return None

@@ -78,7 +78,7 @@ class Reported:
     call_id: str
     amount: int  # on this counter; below 0 for a late settle below what expiry charged
     row_amount: int = 0
-    row_fields: tuple[str, ...] = ()  # the call's ledger row (with one counter of the call only)
+    row: Any = None  # the call's LedgerRow (with one counter of the call only), encoded when reported
 
 
 @dataclass(slots=True)
@@ -275,8 +275,8 @@ class SliceBook:
         if len(self.ended) % 1024 == 0:
             self._forget(now)
 
-    def settle(self, call_id: str, charges: Mapping[str, int], row_amount: int,
-               row_fields: tuple[str, ...], now: float) -> LocalCall | None:
+    def settle(self, call_id: str, charges: Mapping[str, int], row_amount: int, row: Any,
+               now: float) -> LocalCall | None:
         """The settle of a call admitted here: its slices' parts wait for their reports (the
         ledger row goes with the first, unless the call has counters in Redis, whose settle
         carries it). A call whose lease ended here is charged what it cost instead of what
@@ -291,7 +291,7 @@ class SliceBook:
                 if ended[1] is None:  # settled or released before: nothing changes
                     return SETTLED_BEFORE
                 call, expired = ended[1], True
-            fields = () if call.cold else row_fields
+            fields = None if call.cold else row
             for found, amount, charge in call.taken:
                 charged = charges.get(found.key, amount)
                 if expired:
@@ -302,7 +302,7 @@ class SliceBook:
                     found.charge_in -= charge
                 found.unreported.append(Reported(call_id, charged, row_amount, fields))
                 found.unreported_sum += charged
-                fields = ()
+                fields = None
             self._end(call_id, None, now)
             return call
 

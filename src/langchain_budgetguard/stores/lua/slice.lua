@@ -9,9 +9,10 @@
 -- least extra worth granting: less is none), 10 div, 11 what expiry charges for the kept part,
 -- 12 k: expiry charges the extra k/64 of it (rounded up; the process admits calls from it
 -- after this report, unknown here), 13 lease_ms, 14 retry_ms, 15 ledger max rows, 16 ledger
--- retention ms, 17 n (calls reported),
--- then each call's amount on this counter, then per call: field count, row amount, fields
--- (count 0: no ledger row).
+-- retention ms, 17 n (calls reported), 18 their amounts on this counter ('a1,a2,...'), 19 their
+-- ledger rows: '' or a JSON array of [row amount, field, value, field, value, ...] (one per
+-- call that has a row: one argument, as encoding thousands of arguments costs the client more
+-- than the whole report costs Redis).
 -- Returns {code, grant, spent, held (holds and slices, with this grant), then (1, threshold,
 -- spent) per alert fired}: code 1 applied, 2 this seq was applied before (nothing changed; grant
 -- is the slice's grant now).
@@ -61,19 +62,32 @@ local function magnitude(a)
   if string.sub(a, 1, 1) == '-' then return string.sub(a, 2), true end
   return a, false
 end
-for j = 1, n do check_nano((magnitude(ARGV[17 + j])), 'reported amount') end
-local rows, at = {}, 18 + n
-for j = 1, n do
-  local count = tonumber(ARGV[at])
-  if not count or count < 0 or count % 2 ~= 0 or at + 1 + count > #ARGV then
-    error('budgetguard: ledger row fields must come in pairs')
+local amounts = {}
+for a in string.gmatch(ARGV[18] .. ',', '([^,]*),') do
+  if #amounts == n then break end
+  check_nano((magnitude(a)), 'reported amount')
+  amounts[#amounts + 1] = a
+end
+if #amounts ~= n or (n == 0 and ARGV[18] ~= '') then
+  error('budgetguard: one reported amount per call, got ' .. tostring(ARGV[18]))
+end
+local rows = {}
+if ARGV[19] ~= '' then
+  local ok, list = pcall(cjson.decode, ARGV[19])
+  if not ok or type(list) ~= 'table' or #list > n then
+    error('budgetguard: ledger rows must be a JSON array, one row per call at most')
   end
-  if count > 0 then
-    local row = {'XADD', stream, 'MAXLEN', '~', max_rows, '*', 'x', check_nano(ARGV[at + 1], 'row amount')}
-    for f = at + 2, at + 1 + count do row[#row + 1] = ARGV[f] end
+  for _, item in ipairs(list) do
+    if type(item) ~= 'table' or #item < 1 or #item % 2 ~= 1 then
+      error('budgetguard: a ledger row is [amount, field, value, ...]')
+    end
+    local row = {'XADD', stream, 'MAXLEN', '~', max_rows, '*', 'x', check_nano(item[1], 'row amount')}
+    for f = 2, #item do
+      if type(item[f]) ~= 'string' then error('budgetguard: ledger row fields must be strings') end
+      row[#row + 1] = item[f]
+    end
     rows[#rows + 1] = row
   end
-  at = at + 2 + count
 end
 
 local now = now_ms()
@@ -108,7 +122,7 @@ if not v then
   end
 end
 for j = 1, n do
-  local amount, refund = magnitude(ARGV[17 + j])
+  local amount, refund = magnitude(amounts[j])
   if refund then sub_spent(c, amount) else add_spent(c, amount) end
   redis.call('SET', KEYS[5 + j], 's', 'PX', keep, 'NX')
 end
