@@ -81,6 +81,7 @@ def status_json(s: LimitStatus) -> dict[str, Any]:
         "limit": exact(s.limit),
         "spent": exact(s.spent),
         "held": exact(s.held),
+        "sliced": exact(s.sliced),
         "remaining": exact(s.remaining),
         "used_percent": exact(used_percent(s)),
         "resets_at": s.resets_at.isoformat() if s.resets_at else None,
