@@ -789,6 +789,10 @@ class RedisStore:
         assert book is not None
         keys = [c.key for c in counters]
         taking = book.take(call_id, token, plans, time.monotonic())
+        if not taking.refills and not taking.cold and taking.taken:  # all from slices: no round trip
+            book.commit(call_id, token, taking, time.monotonic() + hold.lease_seconds)
+            by_key = {found.key: found.state for found, _, _ in taking.taken}
+            return ReserveResult(ok=True, states=tuple(by_key[k] for k in keys))
         if taking.refills and (self._slice_timer is None or not self._slice_timer.is_alive()):
             self._start_slice_timer()
         if taking.duplicate or taking.reused:

@@ -230,8 +230,10 @@ class SliceBook:
         return out
 
     def _fits(self, found: Slice, plan: CounterHold, now: float) -> bool:
-        return (found.free >= plan.amount and now < found.lease_until and found.limit == plan.limit and found.expires_at == plan.expires_at
-                and found.alerts == plan.alerts and _ratio(plan.amount, plan.charge_on_expiry) <= found.ratio
+        amount = plan.amount
+        return (found.grant - found.used - found.unreported_sum >= amount and now < found.lease_until
+                and found.limit == plan.limit and found.expires_at == plan.expires_at and found.alerts == plan.alerts
+                and min(plan.charge_on_expiry, amount) * 64 <= found.ratio * amount  # (_ratio, undivided)
                 and found.pending is None and len(found.unreported) < MAX_REPORTED)
 
     def _take(self, found: Slice, plan: CounterHold, now: float, out: Taking) -> None:
