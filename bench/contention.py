@@ -10,7 +10,8 @@ runs three ways: settles sent alone (today's path), carried by the next reserve
 (``lease_slices=True``: the shared counter is hot, so each process admits calls against a slice
 leased from Redis). Every process closes its guard before it reports (slices returned, carried
 settles sent), so the counter read after the run must hold nothing. Beside it, the naive
-check-then-record baseline (naive.py) on the same workload, and the ceiling: N processes sending the store's reserve and settle scripts as bare EVALSHA pairs.
+check-then-record baseline (naive.py) on the same workload, and the ceiling: N processes sending
+the store's reserve and settle scripts as bare EVALSHA pairs.
 """
 
 from __future__ import annotations
@@ -363,10 +364,11 @@ def run(results: Results, client: Any | None, quick: bool) -> None:
         return
     g = slices_goal
     refusal = g["first_refusal_pct"]
+    at = "-" if refusal is None else f"{refusal:.1f}"
     results.add(Row(
         "2", f"{SLICES_GOAL_N} processes: slices / guard calls/s", f"{g['ratio']:.2f}x",
         detail=(f"slices {g['slices_calls_per_s']:,.0f} vs guard {g['guard_calls_per_s']:,.0f} calls/s (medians), "
-                f"slices overspend {g['overspend_nano']} n$ (max), first refusal at {'-' if refusal is None else f'{refusal:.1f}'}% "
+                f"slices overspend {g['overspend_nano']} n$ (max), first refusal at {at}% "
                 f"of the budget (lowest run)"),
         goal=f">= {SLICES_GOAL_RATIO}x, 0 overspend, 1st refusal >= {SLICES_GOAL_REFUSAL}%",
         ok=(g["ratio"] >= SLICES_GOAL_RATIO and g["overspend_nano"] == 0 and refusal is not None

@@ -166,7 +166,8 @@ def _cold_rows(results: Results, client: Any, prefix: str, quick: bool) -> None:
                 f"settle alone: {fmt_us(added['alone'])} ({ratios['alone']:.2f}x); carried with lease_slices on: "
                 f"{fmt_us(added['carried+slices'])} ({ratios['carried+slices']:.2f}x, slices held: {len(sliced)})"),
         goal=f"<= {COLD_GOAL}x", ok=ratios["carried"] <= COLD_GOAL,
-        data={"ratios": ratios, "added_us": added, "round_trip_us": median(rtt), "round_trip_after_model_us": after_model,
+        data={"ratios": ratios, "added_us": added, "round_trip_us": median(rtt),
+              "round_trip_after_model_us": after_model,
               "ratio_to_round_trip_after_model": around, "bare_us": median(bare), "rounds": len(bare),
               "slices_on_cold_counters": len(sliced)},
     ))
