@@ -99,7 +99,7 @@ def _hot_rows(results: Results, client: Any, prefix: str, quick: bool) -> None:
                         name="bench-slices").status()[0]
     if left or state.held:
         results.notes.append(f"section 11: after close() the hot store still holds slices {left}, "
-                             f"Redis shows held {state.held} $ (sliced {state.sliced})")
+                             f"Redis shows held {state.held} $")
 
 
 def _hot_row(results: Results, kind: str, t: dict[str, list[float]], store: Any) -> None:
