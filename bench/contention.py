@@ -283,6 +283,8 @@ def run(results: Results, client: Any | None, quick: bool) -> None:
 
     cost = _call_cost_nano()
     processes = (1, 2, 4) if quick else PROCESSES
+    if os.environ.get("BENCH_PROCESSES"):  # e.g. BENCH_PROCESSES=16,32: only these rows
+        processes = tuple(int(x) for x in os.environ["BENCH_PROCESSES"].split(",") if x.strip())
     repeats = 1 if quick else REPEATS
     table: list[dict[str, Any]] = []
     slices_goal: dict[str, Any] | None = None
