@@ -6,9 +6,10 @@ per call (usec of the commands the variant sends, delta over the block) is measu
 same rounds as the time. Variants:
 
 - guarded ``invoke`` of the bare fake model through a ``RedisStore``, settles sent alone
-  (today's path, two script calls per call) and carried (``carry_settles=True``: one), and the
-  bare model itself;
-- store level, no model: ``reserve`` + ``settle`` (alone / carried), the ``limits`` library's
+  (today's path, two script calls per call), carried (``carry_settles=True``: one) and with
+  leased budget slices (``lease_slices=True``: the counter every call hits is hot, so calls are
+  admitted against a slice, one script call per refill of ~64 calls), and the bare model itself;
+- store level, no model: ``reserve`` + ``settle`` (alone / carried / slices), the ``limits`` library's
   moving-window ``hit`` (``RedisStorage`` + ``MovingWindowRateLimiter``; the ``bench`` extra),
   the naive check-then-record's ``GET`` + ``INCRBY`` (bench/naive.py's two round trips), and
   one ``EVALSHA`` of ``return 1`` (a bare round trip).
@@ -16,6 +17,8 @@ same rounds as the time. Variants:
 Redis CPU counts ``evalsha``/``evalsha_ro``/``eval``/``fcall`` for script variants and
 ``get``/``incrby`` for the naive one (commands inside scripts are inside their script's usec).
 ``INFO commandstats`` is server-wide: other clients of a shared Redis add noise (hence medians).
+A slice's report can be sent by its store's timer during another variant's block (settles wait
+at most ~0.5 s); most go with the refills inside its own block.
 """
 
 from __future__ import annotations
@@ -103,8 +106,9 @@ def run(results: Results, client: Any | None, quick: bool) -> None:
     from .redis_raw import RawScripts
 
     prefix = unique_prefix("peers")
-    stores = {mode: RedisStore(redis_url(), prefix=f"{prefix}{mode}:", carry_settles=(mode == "carried"))
-              for mode in ("alone", "carried")}
+    stores = {mode: RedisStore(redis_url(), prefix=f"{prefix}{mode}:", carry_settles=(mode == "carried"),
+                               lease_slices=(mode == "slices"))
+              for mode in ("alone", "carried", "slices")}
     model = UsageChat()
     guards = {mode: BudgetGuard(model, limits=[Limit(usd=10**6, per="user")], store=store, name="peers")
               for mode, store in stores.items()}
@@ -157,8 +161,10 @@ def run(results: Results, client: Any | None, quick: bool) -> None:
         "bare model": (bare, ()),
         "guard, settle alone": (guarded("alone"), SCRIPT_COMMANDS),
         "guard, settle carried": (guarded("carried"), SCRIPT_COMMANDS),
+        "guard, slices (hot counter)": (guarded("slices"), SCRIPT_COMMANDS),
         "store reserve+settle alone": (store_pair("alone"), SCRIPT_COMMANDS),
         "store reserve+settle carried": (store_pair("carried"), SCRIPT_COMMANDS),
+        "store reserve+settle slices": (store_pair("slices"), SCRIPT_COMMANDS),
         "naive GET+INCRBY": (naive, NAIVE_COMMANDS),
         "raw EVALSHA return 1": (trivial, SCRIPT_COMMANDS),
     }
@@ -197,6 +203,17 @@ def run(results: Results, client: Any | None, quick: bool) -> None:
         goal=f"<= {ROUND_TRIP_GOAL}x", ok=per_rtt <= ROUND_TRIP_GOAL,
         data={"ratio": per_rtt, "round_trip_us": rtt},
     ))
+    add_slices = median(per_round(lambda g, x: g - x, t["guard, slices (hot counter)"], b))
+    slices_change = median(per_round(lambda c, a, x: (c - x) / (a - x) - 1, t["guard, slices (hot counter)"],
+                                     t["guard, settle alone"], b))
+    slices_rtt = median(per_round(lambda c, x, r: (c - x) / r, t["guard, slices (hot counter)"], b,
+                                  t["raw EVALSHA return 1"]))
+    results.add(Row(
+        "10", "guard adds per call, slices / alone", f"{100 * slices_change:+.0f}%",
+        detail=(f"slices {fmt_us(add_slices)} over the bare model = {slices_rtt:.2f}x one raw EVALSHA round trip; "
+                f"alone {fmt_us(add_alone)}"),
+        data={"added_slices_us": add_slices, "change": slices_change, "per_round_trip": slices_rtt},
+    ))
     results.add(Row(
         "10", "Redis CPU per guarded call, carried / alone", f"{100 * (cpu_carried / cpu_alone - 1):+.0f}%",
         detail=f"alone {cpu_alone:.1f} µs, carried {cpu_carried:.1f} µs of script time per call (INFO commandstats)",
@@ -208,12 +225,20 @@ def run(results: Results, client: Any | None, quick: bool) -> None:
         detail=f"alone {proc_alone:.1f} µs, carried {proc_carried:.1f} µs (INFO cpu: user + sys, network included)",
         data={"process_alone_us": proc_alone, "process_carried_us": proc_carried},
     ))
+    cpu_slices, proc_slices = median(cpu["guard, slices (hot counter)"]), median(process["guard, slices (hot counter)"])
+    results.add(Row(
+        "10", "Redis CPU per guarded call, slices / alone", f"{100 * (cpu_slices / cpu_alone - 1):+.0f}%",
+        detail=(f"slices {cpu_slices:.2f} µs of script time per call vs alone {cpu_alone:.1f} µs (INFO commandstats); "
+                f"process CPU {proc_slices:.1f} vs {proc_alone:.1f} µs ({100 * (proc_slices / proc_alone - 1):+.0f}%, "
+                f"INFO cpu)"),
+        data={"cpu_slices_us": cpu_slices, "process_slices_us": proc_slices},
+    ))
     table = []
     for name in variants:
         if name == "bare model":
             continue
         table.append({"per call": name, "client time": fmt_us(median(t[name])),
-                      "Redis cmd CPU": f"{median(cpu[name]):.1f} µs",
+                      "Redis cmd CPU": f"{median(cpu[name]):.2f} µs",
                       "Redis process CPU": f"{median(process[name]):.1f} µs",
                       "vs guard alone": f"{median(per_round(lambda x, g: x / g, t[name], t['guard, settle alone'])):.2f}x"})
     results.tables["10. Per call on one Redis, same run (medians of %d rounds of %d calls)" % (rounds, calls)] = table

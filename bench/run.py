@@ -28,6 +28,7 @@ SECTIONS = {
     "8": ("Refuse only what cannot fit: gpt-4o, budget 90% used", "bench.refusals"),
     "9": ("Indexes, not SCAN: top and status at 100k ids", "bench.indexes"),
     "10": ("Carried settles, Redis CPU per call, peers on the same Redis", "bench.peers"),
+    "11": ("Leased slices vs the in-process guard; a cold counter vs one round trip", "bench.slices"),
 }
 
 
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     parser.add_argument("--quick", action="store_true", help="fewer rounds and smaller sizes (a smoke run)")
-    parser.add_argument("--only", default="", help="comma-separated sections to run (1-10); default all")
+    parser.add_argument("--only", default="", help="comma-separated sections to run (1-11); default all")
     args = parser.parse_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()] or list(SECTIONS)
     unknown = [s for s in only if s not in SECTIONS]
