@@ -997,19 +997,18 @@ class RedisStore:
         group = _groups_of((found.key,))[0]
         counter, leases = self.redis_keys(found.key)
         indexed = self.index_key(found.key)
-        names = [counter, leases, indexed[0] if indexed else counter, f"{self.prefix}ledger:{group.slot}",
-                 f"{self.prefix}sl:{group.slot}:{found.sid}"]
-        names += [f"{self.prefix}c:{group.slot}:{r.call_id}" for r in report.batch]
+        names = (counter, leases, indexed[0] if indexed else counter, f"{self.prefix}ledger:{group.slot}",
+                 f"{self.prefix}sl:{group.slot}:{found.sid}")
         args = [found.sid, str(report.seq), str(report.limit), "" if report.expires_at is None else str(report.expires_at),
                 ",".join(map(str, report.alerts)), indexed[1] if indexed else "", str(report.kept), str(report.want),
                 str(report.need), str(book.div), str(report.kept_charge), str(report.k),
                 str(_ms(book.lease_seconds)), self._retry_ms, *self._ledger_args, str(len(report.batch)),
-                ",".join(map(str, (r.amount for r in report.batch))),
+                str(report.total) if report.total >= 0 else "-" + str(-report.total),
                 json.dumps([[str(r.row_amount), *r.row.fields()] for r in report.batch if r.row is not None])
                 if any(r.row is not None for r in report.batch) else ""]
         try:
             yield from self._register_plan([group])
-            reply = yield _Call("slice", tuple(names), tuple(args))
+            reply = yield _Call("slice", names, tuple(args))
         except BudgetStoreUnavailableError:
             book.failed(report, time.monotonic())
             return False

@@ -29,7 +29,8 @@ it ends, as a Redis record would be: a reserve of that id in this process is ref
 (``reused``), a repeated settle changes nothing, a settle after the call's lease ended here
 (the store's timer charged its ``charge_on_expiry``) replaces that charge. A reserve of the same
 id in another process is not refused (each call is charged). The report marks each call
-settled in Redis, so that a journaled settle of it replays as a no-op.
+settled in Redis only by its ledger row (a slice's part of a call is never journaled: a report
+that cannot reach Redis is kept and sent again as it was).
 """
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ class Report:
     sent_at: float  # (monotonic) no later than Redis starts the slice's lease
     seq: int
     batch: list[Reported]
+    total: int  # what the batch costs on this counter together
     kept: int
     want: int
     need: int
@@ -363,8 +365,9 @@ class SliceBook:
         if not found.used:
             found.ratio = 0 if plan is None else _ratio(plan.amount, plan.charge_on_expiry)
         batch = found.unreported[:MAX_REPORTED]
-        unsent = sum(r.amount for r in found.unreported[MAX_REPORTED:])
-        return Report(found, now, found.seq + 1, batch, found.used + unsent, want, need, found.charge_in, found.ratio,
+        total = sum(r.amount for r in batch)
+        unsent = found.unreported_sum - total
+        return Report(found, now, found.seq + 1, batch, total, found.used + unsent, want, need, found.charge_in, found.ratio,
                       found.limit, found.expires_at, found.alerts)
 
     def reported(self, report: Report, grant: int, state: CounterState, now: float) -> None:
@@ -375,7 +378,7 @@ class SliceBook:
             found.busy = False
             found.seq = report.seq
             del found.unreported[: len(report.batch)]
-            found.unreported_sum -= sum(r.amount for r in report.batch)
+            found.unreported_sum -= report.total
             found.grant = grant
             found.reported_at = now
             # A third of the lease short of it: the timer renews after a third; if it cannot,

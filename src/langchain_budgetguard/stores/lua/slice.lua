@@ -2,14 +2,15 @@
 -- calls it settled since its last report are charged, then the slice is granted what its calls
 -- in flight still hold plus an extra of at most 1/div of the room left, or returned.
 -- KEYS: counter, lease set, spend index (the counter again when not indexed), ledger stream,
--- the slice's record (highest report applied), then each reported call's record.
+-- the slice's record (highest report applied).
 -- ARGV: 1 slice id, 2 seq (this report's number; reports of a slice apply in order, once),
 -- 3 limit, 4 expires_at or '', 5 alerts ('' keeps stored ones), 6 index member ('' for none),
 -- 7 kept (what its calls in flight hold: always granted), 8 want (extra asked for), 9 need (the
 -- least extra worth granting: less is none), 10 div, 11 what expiry charges for the kept part,
 -- 12 k: expiry charges the extra k/64 of it (rounded up; the process admits calls from it
 -- after this report, unknown here), 13 lease_ms, 14 retry_ms, 15 ledger max rows, 16 ledger
--- retention ms, 17 n (calls reported), 18 their amounts on this counter ('a1,a2,...'), 19 their
+-- retention ms, 17 n (calls reported), 18 what they cost on this counter together (below zero,
+-- '-' .. digits, when late settles cost less than what expiry charged for them), 19 their
 -- ledger rows: '' or a JSON array of [row amount, field, value, field, value, ...] (one per
 -- call that has a row: one argument, as encoding thousands of arguments costs the client more
 -- than the whole report costs Redis).
@@ -54,23 +55,16 @@ if keep_rows_ms ~= '' and not (string.match(keep_rows_ms, '^%d+$') and #keep_row
   error('budgetguard: ledger retention must be whole ms, got ' .. tostring(keep_rows_ms))
 end
 local n = tonumber(ARGV[17])
-if not n or n < 0 or n ~= math.floor(n) or #KEYS ~= 5 + n then
-  error('budgetguard: one record key per reported call')
+if not n or n < 0 or n ~= math.floor(n) or #KEYS ~= 5 then
+  error('budgetguard: n must be a whole number (calls reported), and KEYS five')
 end
 -- A reported amount below zero ('-' .. digits) is a late settle below what expiry charged.
 local function magnitude(a)
   if string.sub(a, 1, 1) == '-' then return string.sub(a, 2), true end
   return a, false
 end
-local amounts = {}
-for a in string.gmatch(ARGV[18] .. ',', '([^,]*),') do
-  if #amounts == n then break end
-  check_nano((magnitude(a)), 'reported amount')
-  amounts[#amounts + 1] = a
-end
-if #amounts ~= n or (n == 0 and ARGV[18] ~= '') then
-  error('budgetguard: one reported amount per call, got ' .. tostring(ARGV[18]))
-end
+local total, refund = magnitude(ARGV[18])
+check_nano(total, 'reported amount')
 local rows = {}
 if ARGV[19] ~= '' then
   local ok, list = pcall(cjson.decode, ARGV[19])
@@ -121,11 +115,7 @@ if not v then
     redis.call('ZREM', l, TAB .. SLICE .. sid)
   end
 end
-for j = 1, n do
-  local amount, refund = magnitude(amounts[j])
-  if refund then sub_spent(c, amount) else add_spent(c, amount) end
-  redis.call('SET', KEYS[5 + j], 's', 'PX', keep, 'NX')
-end
+if refund then sub_spent(c, total) else add_spent(c, total) end
 if max_rows ~= '' and max_rows ~= '0' and #rows > 0 then
   for _, row in ipairs(rows) do redis.call(unpack(row)) end
   if keep_rows_ms ~= '' then
