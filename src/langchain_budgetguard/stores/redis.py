@@ -2060,10 +2060,17 @@ SLICE_TICK_SECONDS = 0.1
 
 
 def _slice_loop(ref: weakref.ReferenceType[RedisStore]) -> None:
-    """Send a store's due slice reports (stale settles, idle slices, leases to renew) until it
-    has no slice left, is closed or gone."""
+    """Send a store's due slice reports (slices running low, stale settles, idle slices, leases to
+    renew) every tick, or at once when a slice runs low, until it has no slice left, is closed or
+    gone."""
     while True:
-        time.sleep(SLICE_TICK_SECONDS)
+        store = ref()
+        wake = store._book.wake if store is not None and store._book is not None else None
+        del store
+        if wake is None:
+            return
+        if wake.wait(SLICE_TICK_SECONDS):
+            wake.clear()
         store = ref()
         if store is None or store._closed or store._book is None:
             return

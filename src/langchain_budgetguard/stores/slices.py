@@ -100,6 +100,7 @@ class Report:
     limit: int
     expires_at: int | None
     alerts: tuple[int, ...]
+    keep_free: bool = False  # keeps the slice's free part (calls are admitted from it meanwhile)
 
 
 class Slice:
@@ -107,7 +108,7 @@ class Slice:
 
     __slots__ = ("key", "sid", "limit", "expires_at", "alerts", "grant", "used", "charge_in",
                  "ratio", "unreported", "unreported_sum", "seq", "pending", "busy", "reported_at",
-                 "last_used", "dry_until", "broken_until", "lease_until", "state")
+                 "last_used", "dry_until", "broken_until", "lease_until", "state", "open", "last_amount")
 
     def __init__(self, key: str, plan: CounterHold, now: float) -> None:
         self.key = key
@@ -127,6 +128,8 @@ class Slice:
         self.dry_until = 0.0
         self.broken_until = 0.0
         self.lease_until = 0.0  # admits nothing from here on (before its lease in Redis can end)
+        self.open = False  # the report in flight keeps the free part: calls are admitted from it meanwhile
+        self.last_amount = plan.amount
         self.state = CounterState()  # the counter as the last report saw it
 
     @property
@@ -183,6 +186,7 @@ class SliceBook:
         # ids admit nothing more here; an expired one's late settle replaces what expiry charged.
         self.ended: dict[str, tuple[float, LocalCall | None]] = {}
         self._hits: dict[str, tuple[float, int]] = {}
+        self.wake = threading.Event()  # set when a slice runs low: the store's timer reports at once
 
     def __len__(self) -> int:
         return len(self.slices)
@@ -220,16 +224,21 @@ class SliceBook:
                         out.cold.append(key)
                         continue
                     found = self.slices[key] = Slice(key, plan, now)
-                if found.busy or found.pending is not None and now < found.broken_until:
+                if found.busy and not found.open or found.pending is not None and now < found.broken_until:
                     out.cold.append(key)
                 elif self._fits(found, plan, now):
                     self._take(found, plan, now, out)
-                elif now < found.dry_until:  # near the limit: admitted in Redis, one by one
+                elif found.busy or now < found.dry_until:  # a report in flight; near the limit: in Redis
                     out.cold.append(key)
                 else:
                     out.refills.append(self._report(found, now, want=plan.amount * SLICE_CALLS, need=plan.amount,
                                                     plan=plan))
         return out
+
+    def _low(self, found: Slice, now: float) -> bool:
+        """Worth refilling ahead of calls: little free left, or many settles waiting."""
+        return (len(found.unreported) >= MAX_REPORTED // 2
+                or bool(found.last_amount) and now >= found.dry_until and found.free < found.grant // 4)
 
     def _fits(self, found: Slice, plan: CounterHold, now: float) -> bool:
         amount = plan.amount
@@ -242,13 +251,16 @@ class SliceBook:
         found.used += plan.amount
         found.charge_in += plan.charge_on_expiry
         found.last_used = now
+        found.last_amount = plan.amount
+        if not found.busy and found.free < found.grant // 4 and now >= found.dry_until:
+            self.wake.set()
         out.taken.append((found, plan.amount, plan.charge_on_expiry))
 
     def take_refilled(self, report: Report, plan: CounterHold, now: float, out: Taking) -> None:
         """After a refill's reply: admit the call from the slice if it fits now, else in Redis."""
         with self.lock:
             found = report.slice
-            if not found.busy and self._fits(found, plan, now):
+            if (not found.busy or found.open) and self._fits(found, plan, now):
                 self._take(found, plan, now, out)
             else:
                 out.cold.append(found.key)
@@ -307,6 +319,8 @@ class SliceBook:
                 found.unreported.append(Reported(call_id, charged, row_amount, fields))
                 found.unreported_sum += charged
                 fields = None
+                if len(found.unreported) == MAX_REPORTED // 2 and not found.busy:
+                    self.wake.set()
             self._end(call_id, None, now)
             return call
 
@@ -354,28 +368,38 @@ class SliceBook:
 
     # -- reports -----------------------------------------------------------------------------------
 
-    def _report(self, found: Slice, now: float, want: int, need: int, plan: CounterHold | None = None) -> Report:
-        """A report of ``found`` (marks it busy); a pending one is sent again as it was."""
+    def _report(self, found: Slice, now: float, want: int, need: int, plan: CounterHold | None = None,
+                keep_free: bool = False) -> Report:
+        """A report of ``found`` (marks it busy); a pending one is sent again as it was.
+        ``keep_free``: the slice keeps its free part (Redis grants it again whatever the room:
+        it is this slice's own), and calls go on being admitted from it while the report is in
+        flight; else the free part goes back and nothing is admitted from the slice meanwhile."""
         found.busy = True
         if found.pending is not None:
+            found.open = found.pending.keep_free
             return found.pending
         if plan is not None:
             found.limit, found.expires_at, found.alerts = plan.limit, plan.expires_at, plan.alerts
             found.ratio = max(found.ratio, _ratio(plan.amount, plan.charge_on_expiry))
-        if not found.used:
+        if not found.used and not keep_free:
             found.ratio = 0 if plan is None else _ratio(plan.amount, plan.charge_on_expiry)
         batch = found.unreported[:MAX_REPORTED]
         total = sum(r.amount for r in batch)
-        unsent = found.unreported_sum - total
-        return Report(found, now, found.seq + 1, batch, total, found.used + unsent, want, need, found.charge_in, found.ratio,
-                      found.limit, found.expires_at, found.alerts)
+        kept, kept_charge = found.used + found.unreported_sum - total, found.charge_in
+        if keep_free:
+            free = max(0, found.free)
+            kept += free
+            kept_charge += -(-free * found.ratio // 64)  # what its calls may take, by the ratio
+        found.open = keep_free
+        return Report(found, now, found.seq + 1, batch, total, kept, want, need, kept_charge, found.ratio,
+                      found.limit, found.expires_at, found.alerts, keep_free)
 
     def reported(self, report: Report, grant: int, state: CounterState, now: float) -> None:
         """A report applied (or had applied before: a lost reply)."""
         with self.lock:
             found = report.slice
             found.pending = None
-            found.busy = False
+            found.busy = found.open = False
             found.seq = report.seq
             del found.unreported[: len(report.batch)]
             found.unreported_sum -= report.total
@@ -394,7 +418,7 @@ class SliceBook:
         """A report whose outcome is unknown: kept, and sent again as it was before any other."""
         with self.lock:
             report.slice.pending = report
-            report.slice.busy = False
+            report.slice.busy = report.slice.open = False
             report.slice.broken_until = now + BROKEN_SECONDS
 
     def due(self, now: float, final: bool = False) -> list[Report]:
@@ -411,10 +435,16 @@ class SliceBook:
                 idle = now - found.last_used >= IDLE_SECONDS
                 if final or found.pending is not None or (idle and found.free > 0):
                     out.append(self._report(found, now, want=0, need=0))
+                    continue
+                # Keeping the free part is safe only while the lease surely holds in Redis.
+                alive = now < found.lease_until
+                if alive and self._low(found, now):  # running low: refill before a call has to wait
+                    out.append(self._report(found, now, want=found.last_amount * SLICE_CALLS,
+                                            need=found.last_amount, keep_free=True))
                 elif found.unreported and now - found.reported_at >= REPORT_SECONDS:
-                    out.append(self._report(found, now, want=max(0, found.free), need=0))
+                    out.append(self._report(found, now, want=0, need=0, keep_free=alive))
                 elif (found.used or found.grant) and now - found.reported_at >= self.lease_seconds / 3:
-                    out.append(self._report(found, now, want=max(0, found.free), need=0))
+                    out.append(self._report(found, now, want=0, need=0, keep_free=alive))
         return out
 
     def waiting(self, keys: Any, now: float, give_back: bool = False) -> list[Report]:
@@ -457,6 +487,7 @@ class SliceBook:
     def forked(self) -> None:
         """In a forked child: the parent's slices and calls are the parent's."""
         self.lock = threading.Lock()
+        self.wake = threading.Event()
         self.slices, self.calls, self.ended, self._hits = {}, {}, {}, {}
 
 
