@@ -276,14 +276,17 @@ class MemoryStore:
                     counter = found[spec.key] = self._get(spec.key, now)
                     if counter is not None and counter.alerts:
                         _fire(index, spec.key, counter, crossed)
-            states = tuple([_state(found[c.key]) for c in counters])
             record = self._records.get(call_id)
             if record is not None:
+                states = tuple([_state(found[c.key]) for c in counters])
                 if record.state == "held" and record.token == token:
                     return ReserveResult(ok=True, states=states, duplicate=True, crossed=tuple(crossed))
                 return ReserveResult(ok=False, states=states, reused=True, crossed=tuple(crossed))
-            for index, (spec, state) in enumerate(zip(counters, states)):
-                if state.spent + state.held + plans[spec.key][0] > spec.limit:
+            for index, spec in enumerate(counters):
+                counter = found[spec.key]
+                used = counter.spent + counter.held if counter is not None else 0
+                if used + plans[spec.key][0] > spec.limit:
+                    states = tuple([_state(found[c.key]) for c in counters])
                     return ReserveResult(ok=False, states=states, blocked=index, crossed=tuple(crossed))
             deadline = now + lease
             for spec in counters:
