@@ -145,3 +145,16 @@ def test_billed_extras_of_a_plain_reply_are_none_and_a_tier_is_still_read() -> N
     assert billed_extras(tiered) == {"service_tier": "priority"}
     searched = AIMessage([{"type": "web_search_call", "id": "ws"}], response_metadata={"model_name": "gpt-4o"})
     assert billed_extras(searched) == {"web_searches": 1}
+
+
+def test_a_store_that_keeps_no_ledger_is_sent_no_row() -> None:
+    rows: list = []
+
+    class Counting(MemoryStore):
+        def settle(self, *args, row=None, **kwargs):  # type: ignore[no-untyped-def, override]
+            rows.append(row)
+            return super().settle(*args, row=row, **kwargs)
+
+    BudgetGuard(UsageChat(), limit=5, store=Counting(ledger_max_rows=0)).invoke("hi")
+    BudgetGuard(UsageChat(), limit=5, store=Counting()).invoke("hi")
+    assert rows[0] is None and rows[1] is not None and rows[1].call_id
