@@ -126,6 +126,10 @@ class MemoryStore:
         # entry whose record or counter was given more time since is skipped; a newer entry
         # stands for it.
         self._record_expiry: list[tuple[float, str]] = []
+        # Settled calls' records are forgotten one retry window after their settle: in the order they
+        # settled, so a FIFO serves them (O(1), where the heap is O(log n) in the records kept).
+        # Were the clock to step back, a record behind a later one is forgotten late, never early.
+        self._settled_expiry: deque[tuple[float, str]] = deque()
         self._expired_expiry: list[tuple[float, str, str]] = []  # (forget at, counter key, call_id)
         self._counter_expiry: list[tuple[int, str]] = []
         self._next_sweep = 0.0
@@ -177,6 +181,12 @@ class MemoryStore:
         records, counters, expired = self._record_expiry, self._counter_expiry, self._expired_expiry
         while records and records[0][0] <= now:
             _, cid = heapq.heappop(records)
+            record = self._records.get(cid)
+            if record is not None and record.forget_at <= now:
+                del self._records[cid]
+        settled = self._settled_expiry
+        while settled and settled[0][0] <= now:
+            _, cid = settled.popleft()
             record = self._records.get(cid)
             if record is not None and record.forget_at <= now:
                 del self._records[cid]
@@ -344,7 +354,9 @@ class MemoryStore:
                 if counter.alerts:
                     _fire(list(keys).index(key), key, counter, crossed)  # the key's first position
             token = record.token if record is not None else ""
-            self._remember(call_id, _Record("settled", token, now + self.retry_window_seconds))
+            forget_at = now + self.retry_window_seconds
+            self._records[call_id] = _Record("settled", token, forget_at)
+            self._settled_expiry.append((forget_at, call_id))
             if row is not None:
                 self._append(row, now, amount)
             return SettleResult(applied=True, charged=amount, capped=capped, crossed=tuple(crossed))
