@@ -326,7 +326,8 @@ class MemoryStore:
         """Replace the call's holds with ``amount`` (or ``amounts[i]`` on ``keys[i]``); when it
         applies, ``row`` goes to the ledger (at the store's time, with ``amount``) under the
         same lock. Thresholds crossed are in ``SettleResult.crossed``."""
-        check_call_id(call_id)
+        if type(call_id) is not str or call_id not in self._records:  # a recorded id was checked when kept
+            check_call_id(call_id)
         if row is not None and not isinstance(row, LedgerRow):
             raise TypeError(f"row: expected a LedgerRow, got {type(row).__name__}")
         if isinstance(amount, int) and not isinstance(amount, bool) and amount > MAX_NANO:
