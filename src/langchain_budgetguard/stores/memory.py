@@ -257,12 +257,13 @@ class MemoryStore:
             alerts = self._checked.get(specs)
         except TypeError:  # a counter with an unhashable field (alerts as a list): checked every time
             return {k: (h.amount, h.charge_on_expiry, h.alerts) for k, h in counter_holds(counters, hold).items()}
+        amount, on_expiry = hold.amount, hold.charge_on_expiry
         if alerts is None:
-            checked = counter_holds(specs, Hold(hold.call_id, 0, hold.lease_seconds, 0, "x"))
+            checked = counter_holds(specs, hold)
             if len(self._checked) >= _CHECKED_SIZE:
                 self._checked.clear()
-            alerts = self._checked[specs] = {k: h.alerts for k, h in checked.items()}
-        amount, on_expiry = hold.amount, hold.charge_on_expiry
+            self._checked[specs] = {k: h.alerts for k, h in checked.items()}
+            return {k: (h.amount, h.charge_on_expiry, h.alerts) for k, h in checked.items()}
         return {k: (amount, on_expiry, a) for k, a in alerts.items()}
 
     # -- sync API --------------------------------------------------------------------------
