@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 from decimal import Decimal
+from types import SimpleNamespace
 
 import pytest
 from langchain_core.messages import AIMessage
@@ -101,6 +102,8 @@ def test_a_bad_key_is_refused_by_every_row() -> None:
 def test_row_tokens_are_the_usage_counts_that_are_not_zero() -> None:
     row = call_row("b", "c1", [KEY], usage=TokenUsage(input_tokens=8, output_tokens=9, reasoning_tokens=2))
     assert row.tokens == {"input": 8, "output": 9, "reasoning": 2}
+    partial = call_row("b", "c2", [KEY], usage=SimpleNamespace(input_tokens=3, output_tokens=2.0))
+    assert partial.tokens == {"input": 3, "output": 2}  # a usage-like object: missing counts are 0
 
 
 # -- CounterPlan.counters: made once per (fraction, shadow) for dollar limits ------------------

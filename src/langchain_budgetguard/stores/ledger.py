@@ -21,6 +21,7 @@ import copy
 import csv
 import io
 import json
+import operator
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -259,6 +260,17 @@ _USAGE_KINDS = (  # TokenUsage field -> ledger token kind
     ("input_video_tokens", "input_video"),
 )
 _KNOWN_KINDS = frozenset(kind for _, kind in _USAGE_KINDS)
+_USAGE_COUNTS = operator.attrgetter(*(name for name, _ in _USAGE_KINDS))  # all counts in one call
+
+
+def _row_tokens(usage: Any) -> dict[str, int]:
+    """The row's ``tokens``: each usage count that is not zero, clipped to [0, MAX_NANO]."""
+    try:
+        counts = _USAGE_COUNTS(usage)
+    except AttributeError:  # a usage-like object without every field: the missing ones are 0
+        counts = tuple(getattr(usage, name, 0) for name, _ in _USAGE_KINDS)
+    return {kind: min(max(n, 0), MAX_NANO) for (_, kind), count in zip(_USAGE_KINDS, counts)
+            if count and (n := int(count))}
 
 
 def _clip(value: Any, limit: int = MAX_TEXT) -> str | None:
@@ -296,8 +308,7 @@ def call_row(budget: str, call_id: str, keys: Sequence[str], *, model: str | Non
     (scopes are read off them), the model that served it, its ``TokenUsage`` (None: no usage
     report; the row is then flagged ``estimated``). Text is clipped to the row's bounds, so a
     row never stops a settle."""
-    tokens = {kind: min(max(count, 0), MAX_NANO) for name, kind in _USAGE_KINDS
-              if (count := getattr(usage, name, 0)) and (count := int(count))} if usage is not None else {}
+    tokens = _row_tokens(usage) if usage is not None else {}
     check_call_id(call_id, "LedgerRow.call_id")
     keys, scopes = _keys_and_scopes(keys)
     # Every field is clipped, coerced or checked above: the row is built without checking it again
