@@ -93,8 +93,29 @@ def test_records_live_for_the_retry_window_not_a_day():
     clock.now = t0 + 142
     store.reserve([keep], Hold("tick3", 1, 30))
     assert "renewed-call" not in store._records
-    heap_sizes = len(store._record_expiry) + len(store._expired_expiry)
+    heap_sizes = len(store._record_expiry) + len(store._expired_expiry) + len(store._settled_expiry)
     assert heap_sizes <= 6  # only the ticks' entries are left
+
+
+def test_a_settled_record_is_never_forgotten_early_even_when_the_clock_steps_back():
+    from langchain_budgetguard.stores import Counter, Hold
+
+    clock = ManualClock()
+    store = MemoryStore(clock=clock, retry_window_seconds=60)
+    t0 = clock.now
+    keep = Counter("keep", 10_000)
+    store.reserve([keep], Hold("first", 10, 30))
+    store.settle("first", ["keep"], 7)  # forgotten at t0 + 60
+    clock.now = t0 - 50  # the clock steps back
+    store.reserve([keep], Hold("second", 10, 30))
+    store.settle("second", ["keep"], 7)  # forgotten at t0 + 10, queued behind "first"
+    clock.now = t0 + 20
+    store.reserve([keep], Hold("tick", 1, 30))
+    assert not store.settle("second", ["keep"], 7).applied  # its window is over: kept longer, never less
+    clock.now = t0 + 61
+    store.reserve([keep], Hold("tick2", 1, 30))
+    assert "first" not in store._records and "second" not in store._records
+    assert store.read(["keep"])[0].spent == 14
 
 
 def test_a_sustained_stream_keeps_one_window_of_records():
@@ -108,5 +129,5 @@ def test_a_sustained_stream_keeps_one_window_of_records():
         store.settle(f"c{n}", ["a", "b"], 4)
         clock.now += 0.01
     assert len(store._records) <= 100 * 11
-    assert len(store._record_expiry) <= 100 * 11
+    assert len(store._record_expiry) + len(store._settled_expiry) <= 100 * 11
     assert store.read(["a", "b"]) == [store.read(["a"])[0]] * 2 and store.read(["a"])[0].spent == 16_000

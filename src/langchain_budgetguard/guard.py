@@ -644,7 +644,7 @@ class BudgetGuard(BaseChatModel):
             model = served.name or model
             try:
                 # The card reserved with (its service tier applied) unless another model answered.
-                if not (len(refs) == 1 and served == refs[0]):
+                if not (len(refs) == 1 and (served is refs[0] or served == refs[0])):
                     card = self.policy.pricer.settle_card(served, refs, usage)
                 charged = card.cost_nano(usage)
             except UnknownModelPriceError as unknown:  # an item billed that nothing prices: charge the hold
@@ -816,7 +816,7 @@ class BudgetGuard(BaseChatModel):
 
     def _refusal_row(self, call: _Call, refused: BudgetExceededError) -> LedgerRow | None:
         """The ledger row of a refused call (charges nothing), for a store that keeps a ledger."""
-        if not callable(getattr(self.policy.store, "append_ledger", None)):
+        if not _keeps_ledger(self.policy.store, "append_ledger"):
             return None
         row = call_row(self.policy.name, call.call_id, call.plan.keys, model=refused.refusal.model,
                        detail=refused.refusal.describe())
@@ -824,7 +824,7 @@ class BudgetGuard(BaseChatModel):
 
     def _ledger_row(self, admitted: Admitted, cost: CallCost | None) -> dict[str, Any]:
         """``row=`` for a store that keeps the per-call ledger (``stores.ledger``); {} for one that does not."""
-        if not callable(getattr(self.policy.store, "read_ledger", None)):
+        if not _keeps_ledger(self.policy.store, "read_ledger"):
             return {}
         ref = admitted.candidate.ref
         row = call_row(
@@ -1341,6 +1341,12 @@ class Reservation:
         return cost
 
 
+def _keeps_ledger(store: Any, method: str) -> bool:
+    """Whether ``store`` keeps a ledger: it has ``method``, and it was not built with
+    ``ledger_max_rows=0`` (then no row is made: it would be dropped)."""
+    return callable(getattr(store, method, None)) and getattr(store, "ledger_max_rows", None) != 0
+
+
 def _annotate(output: Any, cost: CallCost) -> None:
     metadata = getattr(output, "response_metadata", None)
     if isinstance(metadata, dict):
@@ -1424,7 +1430,7 @@ def _closing(chunks: Any) -> Any:
 def _from_cache(reply: Any) -> bool:
     """LangChain marks a reply its cache served with ``usage_metadata["total_cost"] = 0``."""
     usage = getattr(reply, "usage_metadata", None)
-    return isinstance(usage, Mapping) and usage.get("total_cost") == 0
+    return (type(usage) is dict or isinstance(usage, Mapping)) and usage.get("total_cost") == 0
 
 
 def _with_cost(last: Any, cost: CallCost) -> AIMessageChunk:

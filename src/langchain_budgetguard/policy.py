@@ -11,7 +11,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any, Literal
@@ -110,6 +110,8 @@ class CounterPlan:
     caps: tuple[int, ...] | None = None
     thresholds: tuple[tuple[int, ...], ...] = ()
     counted: bool = False
+    # (fraction, shadow) -> counters, for a plan whose counters hold no amount of their own
+    _counters: dict[Any, tuple[Counter, ...]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def cap(self, index: int) -> int:
         return self.limits[index].amount if self.caps is None else self.caps[index]
@@ -121,10 +123,20 @@ class CounterPlan:
         return limit.value if cap == limit.amount else limit.show(cap)
 
     def counters(self, fraction: Decimal | None = None, estimate: Any = None, expired_hold: str = "charge_input",
-                 shadow: bool = False) -> list[Counter]:
+                 shadow: bool = False) -> tuple[Counter, ...]:
         """Counters for a reservation; ``fraction`` (degrade_at) lowers each limit. ``estimate`` (an
         ``admission.Estimate``) sizes the holds of token and request counters; ``shadow`` lifts every
-        limit to the store's maximum (the call always fits; alerts still fire at the real limit)."""
+        limit to the store's maximum (the call always fits; alerts still fire at the real limit).
+        Made once per (fraction, shadow) when every limit is in dollars (nothing depends on the call)."""
+        if self.counted:
+            return self._make_counters(fraction, estimate, expired_hold, shadow)
+        made = self._counters.get((fraction, shadow))
+        if made is None:
+            made = self._counters[(fraction, shadow)] = self._make_counters(fraction, None, expired_hold, shadow)
+        return made
+
+    def _make_counters(self, fraction: Decimal | None, estimate: Any, expired_hold: str, shadow: bool
+                       ) -> tuple[Counter, ...]:
         out = []
         caps = self.caps if self.caps is not None else [limit.amount for limit in self.limits]
         thresholds = self.thresholds
@@ -137,7 +149,7 @@ class CounterPlan:
                 amount, charge = _unit_hold(self.limits[index].unit, estimate, expired_hold)
                 extra["amount"], extra["charge_on_expiry"] = amount, charge
             out.append(Counter(key, cap, exp, **extra) if extra else Counter(key, cap, exp))
-        return out
+        return tuple(out)
 
     def amounts(self, charged: int, tokens: int, requests: int) -> list[int] | None:
         """What a settle charges each counter: ``charged`` nano-USD on dollar counters, ``tokens`` and

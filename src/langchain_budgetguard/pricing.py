@@ -450,7 +450,12 @@ def served_ref(ref: ModelRef, message: Any, candidates: Iterable[ModelRef] = ())
     model served, never move the call to a host it was not sent to. ``ref`` itself when the
     reply names no model or the same one.
     """
-    reported = model_ref_from_response(message)
+    meta = message if isinstance(message, Mapping) else getattr(message, "response_metadata", None)
+    if type(meta) is dict and ref.name:  # the usual reply: it names the model it was sent to
+        named = meta.get("model_name")
+        if type(named) is str and named.strip().lower() == ref.name.lower():
+            return ref
+    reported = model_ref_from_response(meta)
     if reported is None or not reported.name:
         return ref
     name = reported.name.lower()

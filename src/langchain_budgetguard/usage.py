@@ -437,6 +437,12 @@ def _tier(value: Any) -> str | None:
     return None if value in _STANDARD else value
 
 
+# response_metadata keys that bill nothing (most replies carry only these): nothing more to read.
+_PLAIN_META = frozenset({"model_name", "model", "model_id", "model_provider", "finish_reason", "stop_reason",
+                         "system_fingerprint", "id", "logprobs", "created_at", "stop_sequence", "done",
+                         "done_reason"})
+
+
 def billed_extras(message: Any) -> dict[str, Any]:
     """What a reply says was billed besides tokens: ``{"web_searches", "service_tier", "speed"}`` (only those seen).
 
@@ -448,7 +454,7 @@ def billed_extras(message: Any) -> dict[str, Any]:
     """
     meta = message if isinstance(message, Mapping) else getattr(message, "response_metadata", None)
     extras: dict[str, Any] = {}
-    if isinstance(meta, Mapping) and meta:
+    if isinstance(meta, Mapping) and meta and not _PLAIN_META.issuperset(meta):
         usage = meta.get("usage")
         usage = usage if isinstance(usage, Mapping) else _NO_DETAILS
         tier = _tier(meta.get("service_tier")) or _tier(usage.get("service_tier"))
@@ -469,9 +475,10 @@ def billed_extras(message: Any) -> dict[str, Any]:
             if n or grounding.get("grounding_chunks") or grounding.get("search_entry_point"):
                 extras["web_searches"] = extras.get("web_searches", 0) + max(n, 1)
     if not isinstance(message, Mapping):
-        calls = _web_search_calls(getattr(message, "content", None))
+        content = getattr(message, "content", None)
+        calls = _web_search_calls(content) if type(content) is not str else 0
         kwargs = getattr(message, "additional_kwargs", None)
-        if isinstance(kwargs, Mapping):
+        if kwargs and isinstance(kwargs, Mapping):
             calls = max(calls, _web_search_calls(kwargs.get("tool_outputs")))
         if calls:
             extras["web_searches"] = max(extras.get("web_searches", 0), calls)

@@ -21,6 +21,7 @@ import copy
 import csv
 import io
 import json
+import operator
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
@@ -259,10 +260,45 @@ _USAGE_KINDS = (  # TokenUsage field -> ledger token kind
     ("input_video_tokens", "input_video"),
 )
 _KNOWN_KINDS = frozenset(kind for _, kind in _USAGE_KINDS)
+_USAGE_COUNTS = operator.attrgetter(*(name for name, _ in _USAGE_KINDS))  # all counts in one call
+
+
+def _row_tokens(usage: Any) -> dict[str, int]:
+    """The row's ``tokens``: each usage count that is not zero, clipped to [0, MAX_NANO]."""
+    try:
+        counts = _USAGE_COUNTS(usage)
+    except AttributeError:  # a usage-like object without every field: the missing ones are 0
+        counts = tuple(getattr(usage, name, 0) for name, _ in _USAGE_KINDS)
+    return {kind: min(max(n, 0), MAX_NANO) for (_, kind), count in zip(_USAGE_KINDS, counts)
+            if count and (n := int(count))}
 
 
 def _clip(value: Any, limit: int = MAX_TEXT) -> str | None:
     return None if value is None else str(value)[:limit]
+
+
+_KEYS_CACHE: dict[tuple[str, ...], tuple[tuple[str, ...], dict[str, str]]] = {}
+_KEYS_CACHE_SIZE = 1024
+
+
+def _keys_and_scopes(keys: Sequence[str]) -> tuple[tuple[str, ...], dict[str, str]]:
+    """A row's keys (distinct, bounded, checked) and the scopes they charge, worked out once per
+    distinct key list (a guard settles the same counters call after call). Do not change the dict."""
+    given = tuple(keys)
+    try:
+        found, cacheable = _KEYS_CACHE.get(given), True
+    except TypeError:  # an unhashable key: the check below says what is wrong with it
+        found, cacheable = None, False
+    if found is None:
+        distinct = tuple(dict.fromkeys(given))[:MAX_ENTRIES]
+        for key in distinct:
+            _text(key, "keys", 1024, empty=False)
+        found = (distinct, scopes_of_keys(distinct))
+        if cacheable:
+            if len(_KEYS_CACHE) >= _KEYS_CACHE_SIZE:
+                _KEYS_CACHE.clear()
+            _KEYS_CACHE[given] = found
+    return found
 
 
 def call_row(budget: str, call_id: str, keys: Sequence[str], *, model: str | None = None, host: str | None = None,
@@ -272,17 +308,14 @@ def call_row(budget: str, call_id: str, keys: Sequence[str], *, model: str | Non
     (scopes are read off them), the model that served it, its ``TokenUsage`` (None: no usage
     report; the row is then flagged ``estimated``). Text is clipped to the row's bounds, so a
     row never stops a settle."""
-    tokens = {kind: min(max(count, 0), MAX_NANO) for name, kind in _USAGE_KINDS
-              if (count := int(getattr(usage, name, 0) or 0))} if usage is not None else {}
+    tokens = _row_tokens(usage) if usage is not None else {}
     check_call_id(call_id, "LedgerRow.call_id")
-    keys = tuple(dict.fromkeys(keys))[:MAX_ENTRIES]
-    for key in keys:
-        _text(key, "keys", 1024, empty=False)
+    keys, scopes = _keys_and_scopes(keys)
     # Every field is clipped, coerced or checked above: the row is built without checking it again
     # (this runs on every settle; LedgerRow(...) checks rows from anywhere else).
     row = object.__new__(LedgerRow)
     row.__dict__.update(
-        budget=_clip(budget) or "-", call_id=call_id, kind="call", scopes=scopes_of_keys(keys), keys=keys,
+        budget=_clip(budget) or "-", call_id=call_id, kind="call", scopes=dict(scopes), keys=keys,
         model=_clip(model), host=_clip(host), tokens=tokens, cost_nano=0,
         reserved_nano=None if reserved_nano is None else min(max(int(reserved_nano), 0), MAX_NANO),
         estimated=bool(estimated or usage is None or getattr(usage, "estimated", False)),

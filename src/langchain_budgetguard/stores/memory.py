@@ -5,7 +5,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections import deque
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 import re
 import threading
 import time
@@ -50,6 +50,7 @@ __all__ = ["MemoryStore"]
 # Kept for callers of the old names: how long a record outlives its lease (now the retry window).
 RECORD_TTL_SECONDS = DEFAULT_RETRY_WINDOW_SECONDS
 SETTLED_RECORD_SECONDS = DEFAULT_RETRY_WINDOW_SECONDS
+_CHECKED_SIZE = 1024  # distinct counter lists whose checks are remembered (see MemoryStore._holds)
 
 
 @dataclass(slots=True)
@@ -109,7 +110,9 @@ class MemoryStore:
     ) -> None:
         self.ledger_max_rows, self.ledger_retention_seconds = check_ledger_options(
             ledger_max_rows, ledger_retention_seconds)
-        self._ledger: deque[LedgerRow] = deque(maxlen=self.ledger_max_rows or 1)
+        # (store time, amount charged, row): a row is made ``written`` only when it is read, as the
+        # settle that keeps it is on every call's path and a read is rare.
+        self._ledger: deque[tuple[float, int, LedgerRow]] = deque(maxlen=self.ledger_max_rows or 1)
         self._index: dict[str, dict[str, None]] = {}  # index name -> its counter keys
         self._clock = clock
         self.retry_window_seconds = check_seconds(
@@ -123,11 +126,16 @@ class MemoryStore:
         # entry whose record or counter was given more time since is skipped; a newer entry
         # stands for it.
         self._record_expiry: list[tuple[float, str]] = []
+        # Settled calls' records are forgotten one retry window after their settle: in the order they
+        # settled, so a FIFO serves them (O(1), where the heap is O(log n) in the records kept).
+        # Were the clock to step back, a record behind a later one is forgotten late, never early.
+        self._settled_expiry: deque[tuple[float, str]] = deque()
         self._expired_expiry: list[tuple[float, str, str]] = []  # (forget at, counter key, call_id)
         self._counter_expiry: list[tuple[int, str]] = []
         self._next_sweep = 0.0
         self._overrides: dict[str, dict[str, int]] = {}  # budget name -> field -> nano-USD
         self._override_versions: dict[str, int] = {}
+        self._checked: dict[tuple[Counter, ...], dict[str, tuple[int, ...]]] = {}  # see _holds
 
     def __repr__(self) -> str:
         return f"MemoryStore({len(self._counters)} counters)"
@@ -176,6 +184,12 @@ class MemoryStore:
             record = self._records.get(cid)
             if record is not None and record.forget_at <= now:
                 del self._records[cid]
+        settled = self._settled_expiry
+        while settled and settled[0][0] <= now:
+            _, cid = settled.popleft()
+            record = self._records.get(cid)
+            if record is not None and record.forget_at <= now:
+                del self._records[cid]
         while expired and expired[0][0] <= now:
             _, key, cid = heapq.heappop(expired)
             counter = self._counters.get(key)
@@ -210,16 +224,19 @@ class MemoryStore:
                 if not members:
                     del self._index[found[0]]
 
-    def _append(self, row: LedgerRow, now: float) -> None:
-        """Keep ``row``, ``written`` at the store's clock ``now`` (a row's own ``at`` is never kept)."""
+    def _append(self, row: LedgerRow, now: float, charged: int) -> None:
+        """Keep ``row`` as written at the store's clock ``now`` with ``charged`` (a row's own ``at`` is never kept)."""
         if not self.ledger_max_rows:
             return
-        self._ledger.append(row)
-        self._trim(now)
+        ledger = self._ledger
+        ledger.append((now, charged, row))
+        oldest = now - self.ledger_retention_seconds
+        if ledger[0][0] < oldest:
+            self._trim(now)
 
     def _trim(self, now: float) -> None:
-        oldest = datetime.fromtimestamp(now, timezone.utc) - timedelta(seconds=self.ledger_retention_seconds)
-        while self._ledger and self._ledger[0].at is not None and self._ledger[0].at < oldest:
+        oldest = now - self.ledger_retention_seconds
+        while self._ledger and self._ledger[0][0] < oldest:
             self._ledger.popleft()
 
     def _get(self, key: str, now: float) -> _Counter | None:
@@ -227,6 +244,27 @@ class MemoryStore:
         if counter is not None:
             self._reap(key, counter, now)
         return counter
+
+    def _holds(self, counters: Sequence[Counter], hold: Hold) -> dict[str, tuple[int, int, tuple[int, ...]]]:
+        """Each distinct key's (amount, charge on expiry, alerts) for ``hold`` (``counter_holds``,
+        checked). Counters that all hold the hold's own amount are checked once per distinct list
+        (the hold's amounts are checked by the caller): a guard reserves the same counters call
+        after call."""
+        if not all(c.amount is None and c.charge_on_expiry is None for c in counters):
+            return {k: (h.amount, h.charge_on_expiry, h.alerts) for k, h in counter_holds(counters, hold).items()}
+        specs = tuple(counters)
+        try:
+            alerts = self._checked.get(specs)
+        except TypeError:  # a counter with an unhashable field (alerts as a list): checked every time
+            return {k: (h.amount, h.charge_on_expiry, h.alerts) for k, h in counter_holds(counters, hold).items()}
+        amount, on_expiry = hold.amount, hold.charge_on_expiry
+        if alerts is None:
+            checked = counter_holds(specs, hold)
+            if len(self._checked) >= _CHECKED_SIZE:
+                self._checked.clear()
+            self._checked[specs] = {k: h.alerts for k, h in checked.items()}
+            return {k: (h.amount, h.charge_on_expiry, h.alerts) for k, h in checked.items()}
+        return {k: (amount, on_expiry, a) for k, a in alerts.items()}
 
     # -- sync API --------------------------------------------------------------------------
 
@@ -236,7 +274,7 @@ class MemoryStore:
         check_nano(hold.charge_on_expiry, "Hold.charge_on_expiry")
         lease = check_seconds(hold.lease_seconds, "Hold.lease_seconds")
         token = check_token(hold.token)
-        plans = counter_holds(counters, hold)
+        plans = self._holds(counters, hold)
         with self._lock:
             now = self._clock()
             if now >= self._next_sweep:
@@ -249,14 +287,17 @@ class MemoryStore:
                     counter = found[spec.key] = self._get(spec.key, now)
                     if counter is not None and counter.alerts:
                         _fire(index, spec.key, counter, crossed)
-            states = tuple([_state(found[c.key]) for c in counters])
             record = self._records.get(call_id)
             if record is not None:
+                states = tuple([_state(found[c.key]) for c in counters])
                 if record.state == "held" and record.token == token:
                     return ReserveResult(ok=True, states=states, duplicate=True, crossed=tuple(crossed))
                 return ReserveResult(ok=False, states=states, reused=True, crossed=tuple(crossed))
-            for index, (spec, state) in enumerate(zip(counters, states)):
-                if state.spent + state.held + plans[spec.key].amount > spec.limit:
+            for index, spec in enumerate(counters):
+                counter = found[spec.key]
+                used = counter.spent + counter.held if counter is not None else 0
+                if used + plans[spec.key][0] > spec.limit:
+                    states = tuple([_state(found[c.key]) for c in counters])
                     return ReserveResult(ok=False, states=states, blocked=index, crossed=tuple(crossed))
             deadline = now + lease
             for spec in counters:
@@ -266,13 +307,13 @@ class MemoryStore:
                 if spec.expires_at is not None and spec.expires_at > (counter.expires_at or 0):
                     counter.expires_at = spec.expires_at
                     heapq.heappush(self._counter_expiry, (spec.expires_at, spec.key))
-                plan = plans[spec.key]
-                if plan.alerts and plan.alerts != counter.alerts:
-                    counter.alerts = plan.alerts
+                amount, on_expiry, alerts = plans[spec.key]
+                if alerts and alerts != counter.alerts:
+                    counter.alerts = alerts
                 if call_id in counter.holds:
                     continue
-                counter.held += plan.amount
-                counter.holds[call_id] = (plan.amount, deadline, plan.charge_on_expiry)
+                counter.held += amount
+                counter.holds[call_id] = (amount, deadline, on_expiry)
                 if deadline < counter.next_deadline:
                     counter.next_deadline = deadline
             if counters:  # forgotten a retry window after its settle, or after its hold is reaped
@@ -286,7 +327,8 @@ class MemoryStore:
         """Replace the call's holds with ``amount`` (or ``amounts[i]`` on ``keys[i]``); when it
         applies, ``row`` goes to the ledger (at the store's time, with ``amount``) under the
         same lock. Thresholds crossed are in ``SettleResult.crossed``."""
-        check_call_id(call_id)
+        if type(call_id) is not str or call_id not in self._records:  # a recorded id was checked when kept
+            check_call_id(call_id)
         if row is not None and not isinstance(row, LedgerRow):
             raise TypeError(f"row: expected a LedgerRow, got {type(row).__name__}")
         if isinstance(amount, int) and not isinstance(amount, bool) and amount > MAX_NANO:
@@ -314,9 +356,11 @@ class MemoryStore:
                 if counter.alerts:
                     _fire(list(keys).index(key), key, counter, crossed)  # the key's first position
             token = record.token if record is not None else ""
-            self._remember(call_id, _Record("settled", token, now + self.retry_window_seconds))
+            forget_at = now + self.retry_window_seconds
+            self._records[call_id] = _Record("settled", token, forget_at)
+            self._settled_expiry.append((forget_at, call_id))
             if row is not None:
-                self._append(row.written(datetime.fromtimestamp(now, timezone.utc), amount), now)
+                self._append(row, now, amount)
             return SettleResult(applied=True, charged=amount, capped=capped, crossed=tuple(crossed))
 
     def release(self, call_id: str, keys: Sequence[str], hold: Hold) -> None:
@@ -401,7 +445,7 @@ class MemoryStore:
             raise TypeError(f"row: expected a LedgerRow, got {type(row).__name__}")
         with self._lock:
             now = self._clock()
-            self._append(row.written(datetime.fromtimestamp(now, timezone.utc), 0), now)
+            self._append(row, now, 0)
 
     def read_ledger(self, name: str, *, scope: str | None = None, scope_id: str | None = None,
                     since: datetime | None = None, kinds: Sequence[str] | None = None, model: str | None = None,
@@ -411,11 +455,14 @@ class MemoryStore:
             raise ValueError(f"limit: expected a whole number of rows >= 1, got {limit!r}")
         with self._lock:
             self._trim(self._clock())
-            rows = list(self._ledger)
+            kept = list(self._ledger)
         out = []
-        for row in reversed(rows):
-            if row.budget == name and row_matches(row, scope=scope, scope_id=scope_id, since=since, kinds=kinds,
-                                                  model=model, call_id=call_id):
+        for at, charged, row in reversed(kept):
+            if row.budget != name:
+                continue
+            row = row.written(datetime.fromtimestamp(at, timezone.utc), charged)
+            if row_matches(row, scope=scope, scope_id=scope_id, since=since, kinds=kinds, model=model,
+                           call_id=call_id):
                 out.append(row)
                 if len(out) >= limit:
                     break
