@@ -184,6 +184,46 @@ class LedgerRow:
             out += ["d", self.detail]
         return out
 
+    def packed(self, charged: int) -> dict[str, Any]:
+        """The row as one JSON object, ``charged`` its amount (``x``): a leased slice's report
+        writes its rows so, many to one stream entry (field ``J``: ``rows_of_entry`` reads them)."""
+        flags = "".join(c for c, on in zip("edcr", (self.estimated, self.degraded, self.clamped, self.refused)) if on)
+        out: dict[str, Any] = {"k": self.kind, "b": self.budget, "c": self.call_id, "f": flags, "x": charged}
+        if self.scopes:
+            out["s"] = self.scopes
+        if self.keys:
+            out["K"] = self.keys
+        if self.model is not None:
+            out["m"] = self.model
+        if self.host is not None:
+            out["h"] = self.host
+        if self.tokens:
+            out["t"] = self.tokens
+        if self.reserved_nano is not None:
+            out["r"] = self.reserved_nano
+        if self.detail:
+            out["d"] = self.detail
+        return out
+
+    @classmethod
+    def rows_of_entry(cls, at_ms: int, values: Mapping[str, str]) -> list[LedgerRow]:
+        """The rows of one stream entry, oldest first: one as ``fields`` wrote it, or a batch
+        (field ``J``) of ``packed`` rows."""
+        if "J" not in values:
+            return [cls.from_fields(at_ms, values)]
+        at = datetime.fromtimestamp(at_ms / 1000, timezone.utc)
+        out = []
+        for packed in json.loads(values["J"]):
+            flags = packed.get("f", "")
+            out.append(cls(
+                budget=packed["b"], call_id=packed["c"], kind=packed.get("k", "call"),
+                scopes=packed.get("s", {}), keys=tuple(packed.get("K", ())), model=packed.get("m"),
+                host=packed.get("h"), tokens=packed.get("t", {}), cost_nano=int(packed.get("x", 0)),
+                reserved_nano=packed.get("r"), estimated="e" in flags, degraded="d" in flags,
+                clamped="c" in flags, refused="r" in flags, detail=packed.get("d", ""), at=at,
+            ))
+        return out
+
     @classmethod
     def from_fields(cls, at_ms: int, values: Mapping[str, str]) -> LedgerRow:
         """A row read back from its stream entry (``at_ms``: the entry id's time)."""

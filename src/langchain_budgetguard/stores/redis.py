@@ -181,7 +181,7 @@ from .carry import (
     carry_script,
     check_window,
 )
-from .slices import SETTLED_BEFORE, SLICE_LEASE_SECONDS, Report, SliceBook
+from .slices import SETTLED_BEFORE, SLICE_LEASE_SECONDS, Report, SliceBook, Taking
 from .journal import MEMORY_MARK_TTL_SECONDS, MemoryJournal, PendingSettle, SettleJournal, SqliteJournal
 from .redis_client import RedisTarget, describe_client, describe_url, is_async_client, is_sync_client, make_client, parse_url
 
@@ -616,6 +616,7 @@ class RedisStore:
             raise ValueError(f"lease_slices must be True or False, got {lease_slices!r}")
         self.lease_slices = bool(lease_slices)
         self._book: SliceBook | None = None
+        self._checked_specs: dict[tuple[Counter, ...], dict[str, tuple[int, int | None, tuple[int, ...]]]] = {}
         self._slice_timer: threading.Thread | None = None
         if self.lease_slices:
             if self._target is None and not (is_sync_client(url_or_client) or is_sync_client(async_client)):
@@ -770,25 +771,59 @@ class RedisStore:
 
     # -- plans: the logic of each operation, shared by the sync and async shells ----------------
 
-    def _reserve_plan(self, counters: Sequence[Counter], hold: Hold) -> Plan[ReserveResult]:
+    def _checked(self, counters: Sequence[Counter], hold: Hold) -> tuple[str, str, float, dict[str, CounterHold]]:
+        """A reserve's checked call id, token, lease and what it holds on each distinct key (a key
+        listed twice, two limits on one counter, is held once, within the tighter limit)."""
         call_id = check_call_id(hold.call_id, "Hold.call_id")
         _check_amount(hold.amount, "Hold.amount")
         _check_amount(hold.charge_on_expiry, "Hold.charge_on_expiry")
         lease_seconds = check_seconds(hold.lease_seconds, "Hold.lease_seconds")
         token = check_token(hold.token)
-        # A key listed twice (two limits on one counter) is held once, within the tighter limit.
-        plans = counter_holds(counters, hold)
+        if self._book is None or not all(c.amount is None and c.charge_on_expiry is None for c in counters):
+            return call_id, token, lease_seconds, counter_holds(counters, hold)
+        # Counters that hold the hold's own amounts are checked once per distinct list: a guard
+        # reserves the same counters call after call.
+        specs = tuple(counters)
+        try:
+            known = self._checked_specs.get(specs)
+        except TypeError:  # an unhashable field (alerts as a list): checked every time
+            return call_id, token, lease_seconds, counter_holds(counters, hold)
+        if known is None:
+            plans = counter_holds(specs, hold)
+            if len(self._checked_specs) >= 4096:
+                self._checked_specs.clear()
+            self._checked_specs[specs] = {k: (p.limit, p.expires_at, p.alerts) for k, p in plans.items()}
+            return call_id, token, lease_seconds, plans
+        amount, charge = hold.amount, hold.charge_on_expiry
+        return call_id, token, lease_seconds, {
+            k: CounterHold(limit, expires, amount, charge, alerts) for k, (limit, expires, alerts) in known.items()}
+
+    def _reserve_plan(self, counters: Sequence[Counter], hold: Hold) -> Plan[ReserveResult]:
+        call_id, token, lease_seconds, plans = self._checked(counters, hold)
         if self._book is not None:
             return (yield from self._sliced_reserve_plan(counters, plans, hold, call_id, token))
         return (yield from self._redis_reserve_plan(counters, plans, call_id, token, lease_seconds))
 
+    def _from_slices(self, counters: Sequence[Counter], hold: Hold) -> ReserveResult | Plan[ReserveResult]:
+        """A reserve admitted wholly from slices (no round trip, no plan), or the plan of the rest."""
+        book = self._book
+        assert book is not None
+        call_id, token, _, plans = self._checked(counters, hold)
+        taking = book.take(call_id, token, plans, time.monotonic())
+        if not taking.refills and not taking.cold and taking.taken:
+            book.commit(call_id, token, taking, time.monotonic() + hold.lease_seconds)
+            by_key = {found.key: found.state for found, _, _ in taking.taken}
+            return ReserveResult(ok=True, states=tuple(by_key[c.key] for c in counters))
+        return self._sliced_reserve_plan(counters, plans, hold, call_id, token, taking)
+
     def _sliced_reserve_plan(self, counters: Sequence[Counter], plans: dict[str, CounterHold], hold: Hold,
-                             call_id: str, token: str) -> Plan[ReserveResult]:
+                             call_id: str, token: str, taking: Taking | None = None) -> Plan[ReserveResult]:
         """Hot counters from this process's slices (refilled first where short), the rest in Redis."""
         book = self._book
         assert book is not None
         keys = [c.key for c in counters]
-        taking = book.take(call_id, token, plans, time.monotonic())
+        if taking is None:
+            taking = book.take(call_id, token, plans, time.monotonic())
         if not taking.refills and not taking.cold and taking.taken:  # all from slices: no round trip
             book.commit(call_id, token, taking, time.monotonic() + hold.lease_seconds)
             by_key = {found.key: found.state for found, _, _ in taking.taken}
@@ -1003,9 +1038,9 @@ class RedisStore:
                 ",".join(map(str, report.alerts)), indexed[1] if indexed else "", str(report.kept), str(report.want),
                 str(report.need), str(book.div), str(report.kept_charge), str(report.k),
                 str(_ms(book.lease_seconds)), self._retry_ms, *self._ledger_args, str(len(report.batch)),
-                str(report.total) if report.total >= 0 else "-" + str(-report.total),
-                json.dumps([[str(r.row_amount), *r.row.fields()] for r in report.batch if r.row is not None])
-                if any(r.row is not None for r in report.batch) else ""]
+                str(report.total) if report.total >= 0 else "-" + str(-report.total)]
+        rows = [r.row.packed(r.row_amount) for r in report.batch if r.row is not None]
+        args += [str(len(rows)), json.dumps(rows, separators=(",", ":")) if rows else ""]
         try:
             yield from self._register_plan([group])
             reply = yield _Call("slice", names, tuple(args))
@@ -1583,6 +1618,13 @@ class RedisStore:
 
     def reserve(self, counters: Sequence[Counter], hold: Hold) -> ReserveResult:
         """Hold ``hold.amount`` on every counter, or on none (see ``ReserveResult``)."""
+        if self._book is not None:
+            started = time.monotonic()
+            got = self._from_slices(counters, hold)
+            result = got if isinstance(got, ReserveResult) else self._op(got)
+            if result.ok and self._carry is not None:
+                self._note_lease(hold.call_id, started + hold.lease_seconds)
+            return result
         if self._carry is None:
             return self._op(self._reserve_plan(counters, hold))
         started = time.monotonic()
@@ -1726,7 +1768,7 @@ class RedisStore:
         self._report_waiting()
         low = "-" if since is None else str(int(since.timestamp() * 1000))
         page = max(200, min(limit * 2, 5000))
-        matched: list[tuple[str, LedgerRow]] = []
+        matched: list[tuple[tuple[int, ...], LedgerRow]] = []
         for slot in self._slots():
             stream = f"{self.prefix}ledger:{slot}"
             high, found = "+", 0
@@ -1735,20 +1777,25 @@ class RedisStore:
                     "read ledger", lambda c, h=high: c.xrevrange(stream, max=h, min=low, count=page)))
                 for entry_id, values in entries:
                     try:
-                        row = LedgerRow.from_fields(_id_ms(entry_id), values)
+                        rows = LedgerRow.rows_of_entry(_id_ms(entry_id), values)
                     except (KeyError, ValueError, TypeError):
                         log.warning("ledger entry %s %s is not a budgetguard row; skipped", stream, entry_id)
                         continue
-                    if row.budget == name and row_matches(row, scope=scope, scope_id=scope_id, since=since,
-                                                          kinds=kinds, model=model, call_id=call_id):
-                        matched.append((entry_id, row))
-                        found += 1
-                        if found >= limit:
-                            break
+                    order = tuple(int(p) for p in entry_id.split("-"))
+                    for sub in range(len(rows) - 1, -1, -1):  # newest first (a batch is oldest first)
+                        row = rows[sub]
+                        if row.budget == name and row_matches(row, scope=scope, scope_id=scope_id, since=since,
+                                                              kinds=kinds, model=model, call_id=call_id):
+                            matched.append(((*order, sub), row))
+                            found += 1
+                            if found >= limit:
+                                break
+                    if found >= limit:
+                        break
                 if len(entries) < page:
                     break
                 high = "(" + entries[-1][0]
-        matched.sort(key=lambda x: tuple(int(p) for p in x[0].split("-")), reverse=True)
+        matched.sort(key=lambda x: x[0], reverse=True)
         return [row for _, row in matched[:limit]]
 
     def append_ledger(self, row: LedgerRow) -> None:
@@ -1969,6 +2016,13 @@ class RedisStore:
         return await self._arepair(self.retry)
 
     async def areserve(self, counters: Sequence[Counter], hold: Hold) -> ReserveResult:
+        if self._book is not None:
+            started = time.monotonic()
+            got = self._from_slices(counters, hold)
+            result = got if isinstance(got, ReserveResult) else await self._aop(got)
+            if result.ok and self._carry is not None:
+                self._note_lease(hold.call_id, started + hold.lease_seconds)
+            return result
         if self._carry is None:
             return await self._aop(self._reserve_plan(counters, hold))
         started = time.monotonic()
@@ -2060,17 +2114,11 @@ SLICE_TICK_SECONDS = 0.1
 
 
 def _slice_loop(ref: weakref.ReferenceType[RedisStore]) -> None:
-    """Send a store's due slice reports (slices running low, stale settles, idle slices, leases to
-    renew) every tick, or at once when a slice runs low, until it has no slice left, is closed or
-    gone."""
+    """Send a store's due slice reports (stale settles, idle slices, leases to renew) until it
+    has no slice left, is closed or gone. (Refilling slices from here before calls run short
+    was measured slower: the thread's turns on the GIL cost the callers more than their waits.)"""
     while True:
-        store = ref()
-        wake = store._book.wake if store is not None and store._book is not None else None
-        del store
-        if wake is None:
-            return
-        if wake.wait(SLICE_TICK_SECONDS):
-            wake.clear()
+        time.sleep(SLICE_TICK_SECONDS)
         store = ref()
         if store is None or store._closed or store._book is None:
             return

@@ -57,6 +57,7 @@ __all__ = [
     "Slice",
     "LocalCall",
     "SETTLED_BEFORE",
+    "Taking",
     "SliceBook",
 ]
 
@@ -65,8 +66,8 @@ HOT_SECONDS = 1.0
 REPORT_SECONDS = 0.5  # settles made from a slice reach Redis within about this long
 IDLE_SECONDS = 1.0  # a slice unused this long is returned
 SLICE_LEASE_SECONDS = 30.0
-MAX_REPORTED = 64  # settles one report carries at most
-SLICE_CALLS = 64  # a refill asks for room for this many calls like the one that asked
+MAX_REPORTED = 256  # settles one report carries at most
+SLICE_CALLS = 256  # a refill asks for room for this many calls like the one that asked
 DEFAULT_SLICE_DIV = 20  # a slice is at most 1/20 of the room left when it is sized
 DRY_SECONDS = 0.2  # after a refill that granted nothing, calls go to Redis directly this long
 BROKEN_SECONDS = 1.0  # after a report that failed, calls go to Redis directly this long
@@ -108,7 +109,7 @@ class Slice:
 
     __slots__ = ("key", "sid", "limit", "expires_at", "alerts", "grant", "used", "charge_in",
                  "ratio", "unreported", "unreported_sum", "seq", "pending", "busy", "reported_at",
-                 "last_used", "dry_until", "broken_until", "lease_until", "state", "open", "last_amount")
+                 "last_used", "dry_until", "broken_until", "lease_until", "state", "open")
 
     def __init__(self, key: str, plan: CounterHold, now: float) -> None:
         self.key = key
@@ -129,7 +130,6 @@ class Slice:
         self.broken_until = 0.0
         self.lease_until = 0.0  # admits nothing from here on (before its lease in Redis can end)
         self.open = False  # the report in flight keeps the free part: calls are admitted from it meanwhile
-        self.last_amount = plan.amount
         self.state = CounterState()  # the counter as the last report saw it
 
     @property
@@ -186,7 +186,6 @@ class SliceBook:
         # ids admit nothing more here; an expired one's late settle replaces what expiry charged.
         self.ended: dict[str, tuple[float, LocalCall | None]] = {}
         self._hits: dict[str, tuple[float, int]] = {}
-        self.wake = threading.Event()  # set when a slice runs low: the store's timer reports at once
 
     def __len__(self) -> int:
         return len(self.slices)
@@ -235,11 +234,6 @@ class SliceBook:
                                                     plan=plan))
         return out
 
-    def _low(self, found: Slice, now: float) -> bool:
-        """Worth refilling ahead of calls: little free left, or many settles waiting."""
-        return (len(found.unreported) >= MAX_REPORTED // 2
-                or bool(found.last_amount) and now >= found.dry_until and found.free < found.grant // 4)
-
     def _fits(self, found: Slice, plan: CounterHold, now: float) -> bool:
         amount = plan.amount
         return (found.grant - found.used - found.unreported_sum >= amount and now < found.lease_until
@@ -251,9 +245,6 @@ class SliceBook:
         found.used += plan.amount
         found.charge_in += plan.charge_on_expiry
         found.last_used = now
-        found.last_amount = plan.amount
-        if not found.busy and found.free < found.grant // 4 and now >= found.dry_until:
-            self.wake.set()
         out.taken.append((found, plan.amount, plan.charge_on_expiry))
 
     def take_refilled(self, report: Report, plan: CounterHold, now: float, out: Taking) -> None:
@@ -319,8 +310,6 @@ class SliceBook:
                 found.unreported.append(Reported(call_id, charged, row_amount, fields))
                 found.unreported_sum += charged
                 fields = None
-                if len(found.unreported) == MAX_REPORTED // 2 and not found.busy:
-                    self.wake.set()
             self._end(call_id, None, now)
             return call
 
@@ -438,10 +427,7 @@ class SliceBook:
                     continue
                 # Keeping the free part is safe only while the lease surely holds in Redis.
                 alive = now < found.lease_until
-                if alive and self._low(found, now):  # running low: refill before a call has to wait
-                    out.append(self._report(found, now, want=found.last_amount * SLICE_CALLS,
-                                            need=found.last_amount, keep_free=True))
-                elif found.unreported and now - found.reported_at >= REPORT_SECONDS:
+                if found.unreported and now - found.reported_at >= REPORT_SECONDS:
                     out.append(self._report(found, now, want=0, need=0, keep_free=alive))
                 elif (found.used or found.grant) and now - found.reported_at >= self.lease_seconds / 3:
                     out.append(self._report(found, now, want=0, need=0, keep_free=alive))
@@ -487,7 +473,6 @@ class SliceBook:
     def forked(self) -> None:
         """In a forked child: the parent's slices and calls are the parent's."""
         self.lock = threading.Lock()
-        self.wake = threading.Event()
         self.slices, self.calls, self.ended, self._hits = {}, {}, {}, {}
 
 

@@ -94,6 +94,14 @@ local function divided(a, d)
   return join(qh, math.floor(x / d))
 end
 
+-- a * k for a whole k in [0, 64]
+local function times(a, k)
+  local h, l = split(a)
+  local lo = l * k
+  local carry = math.floor(lo / B)
+  return join(h * k + carry, lo - carry * B)
+end
+
 -- Argument checks: raise before anything is written.
 local function check_nano(s, what)
   if type(s) ~= 'string' or not string.match(s, '^%d+$') or #s > 19 or not fits(s, '0', '0', MAX) then

@@ -11,9 +11,9 @@
 -- after this report, unknown here), 13 lease_ms, 14 retry_ms, 15 ledger max rows, 16 ledger
 -- retention ms, 17 n (calls reported), 18 what they cost on this counter together (below zero,
 -- '-' .. digits, when late settles cost less than what expiry charged for them), 19 their
--- ledger rows: '' or a JSON array of [row amount, field, value, field, value, ...] (one per
--- call that has a row: one argument, as encoding thousands of arguments costs the client more
--- than the whole report costs Redis).
+-- ledger rows: 19 how many, 20 those rows as one JSON array (LedgerRow.packed objects, each
+-- with its amount x), written as one stream entry (field J): a row per entry cost Redis ~7 µs
+-- a row, and the stream's MAXLEN counts entries, so a batch entry trims at max rows / count.
 -- Returns {code, grant, spent, held (holds and slices, with this grant), then (1, threshold,
 -- spent) per alert fired}: code 1 applied, 2 this seq was applied before (nothing changed; grant
 -- is the slice's grant now).
@@ -65,23 +65,10 @@ local function magnitude(a)
 end
 local total, refund = magnitude(ARGV[18])
 check_nano(total, 'reported amount')
-local rows = {}
-if ARGV[19] ~= '' then
-  local ok, list = pcall(cjson.decode, ARGV[19])
-  if not ok or type(list) ~= 'table' or #list > n then
-    error('budgetguard: ledger rows must be a JSON array, one row per call at most')
-  end
-  for _, item in ipairs(list) do
-    if type(item) ~= 'table' or #item < 1 or #item % 2 ~= 1 then
-      error('budgetguard: a ledger row is [amount, field, value, ...]')
-    end
-    local row = {'XADD', stream, 'MAXLEN', '~', max_rows, '*', 'x', check_nano(item[1], 'row amount')}
-    for f = 2, #item do
-      if type(item[f]) ~= 'string' then error('budgetguard: ledger row fields must be strings') end
-      row[#row + 1] = item[f]
-    end
-    rows[#rows + 1] = row
-  end
+local rows = tonumber(ARGV[19])
+if not rows or rows < 0 or rows ~= math.floor(rows) or rows > n or #ARGV ~= 20
+    or (rows > 0) ~= (string.sub(ARGV[20], 1, 1) == '[') or #ARGV[20] > 16777216 then
+  error('budgetguard: ledger rows come as a count (at most n) and one JSON array, got ' .. tostring(ARGV[19]))
 end
 
 local now = now_ms()
@@ -116,8 +103,9 @@ if not v then
   end
 end
 if refund then sub_spent(c, total) else add_spent(c, total) end
-if max_rows ~= '' and max_rows ~= '0' and #rows > 0 then
-  for _, row in ipairs(rows) do redis.call(unpack(row)) end
+if max_rows ~= '' and max_rows ~= '0' and rows > 0 then
+  local entries = math.max(1, math.floor(tonumber(max_rows) / rows))
+  redis.call('XADD', stream, 'MAXLEN', '~', string.format('%d', entries), '*', 'n', ARGV[19], 'J', ARGV[20])
   if keep_rows_ms ~= '' then
     redis.call('XTRIM', stream, 'MINID', '~', tostring(now - tonumber(keep_rows_ms)))
   end
@@ -133,9 +121,8 @@ if below(want, extra) then extra = want end
 if below(extra, need) then extra = '0' end
 local grant = plus(kept, extra)
 if k > 0 and extra ~= '0' then
-  local part = divided(extra, 64) -- k/64 of extra <= k * part + k (the remainder is below 64)
-  for _ = 1, k do charge = plus(charge, part) end
-  charge = plus(charge, string.format('%d', k))
+  -- k/64 of extra <= k * floor(extra / 64) + k (the remainder is below 64)
+  charge = plus(plus(charge, times(divided(extra, 64), k)), string.format('%d', k))
 end
 if below(grant, charge) then charge = grant end
 if below(old, grant) then
