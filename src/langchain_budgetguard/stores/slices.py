@@ -16,13 +16,12 @@ limit); here, what the slice's calls hold plus what they settled and was not rep
 within the slice (a settle above its hold, as elsewhere, is charged in full).
 
 A slice has a lease (``SLICE_LEASE_SECONDS``, renewed by the timer while it holds calls in
-flight). If the process dies, Redis drops the slice when its lease ends and charges what the
-last report recorded: the ``charge_on_expiry`` of the calls then in flight, plus, for the rest
-of the slice, which calls admitted after that report may have used, the largest
-charge_on_expiry / amount ratio of the slice's calls (``expired_hold="charge_reserved"``: the
-whole slice; ``"release"``: nothing). Settles made here and not reported yet are lost with the
-process; that charge stands in for them. A late report from a process that was only paused
-replaces that charge with what it reports.
+flight; the slice admits nothing once two thirds of it passed without a renewal). If the process
+dies, Redis drops the slice when its lease ends and charges all of it: the calls it admitted
+may have been served and their settles never reported, so each is charged its full reservation,
+never an input estimate (``expired_hold`` applies to holds in Redis, not to slices); at most a
+slice's worth (1/20 of the room left when it was sized, plus what its calls in flight held). A
+late report from a process that was only paused replaces that charge with what it reports.
 
 Call ids: a call admitted here is known here for its lease and the store's retry window after
 it ends, as a Redis record would be: a reserve of that id in this process is refused
@@ -97,7 +96,7 @@ class Report:
     want: int
     need: int
     kept_charge: int
-    k: int  # expiry charge of the extra, in 64ths of it
+    k: int  # expiry charges k/64 of the extra: 64, all of it (what calls admitted later may cost)
     limit: int
     expires_at: int | None
     alerts: tuple[int, ...]
@@ -107,8 +106,8 @@ class Report:
 class Slice:
     """This process's slice of one counter (all amounts in the counter's unit)."""
 
-    __slots__ = ("key", "sid", "limit", "expires_at", "alerts", "grant", "used", "charge_in",
-                 "ratio", "unreported", "unreported_sum", "seq", "pending", "busy", "reported_at",
+    __slots__ = ("key", "sid", "limit", "expires_at", "alerts", "grant", "used",
+                 "unreported", "unreported_sum", "seq", "pending", "busy", "reported_at",
                  "last_used", "dry_until", "broken_until", "lease_until", "state", "open")
 
     def __init__(self, key: str, plan: CounterHold, now: float) -> None:
@@ -117,8 +116,6 @@ class Slice:
         self.limit, self.expires_at, self.alerts = plan.limit, plan.expires_at, plan.alerts
         self.grant = 0  # what Redis leased to this slice
         self.used = 0  # held by its calls in flight
-        self.charge_in = 0  # their charge_on_expiry
-        self.ratio = 0  # the largest charge/amount of its calls, in 64ths (rounded up)
         self.unreported: list[Reported] = []
         self.unreported_sum = 0
         self.seq = 0  # the last report applied
@@ -135,13 +132,6 @@ class Slice:
     @property
     def free(self) -> int:
         return self.grant - self.used - self.unreported_sum
-
-
-def _ratio(amount: int, charge: int) -> int:
-    """charge / amount in 64ths, rounded up (0..64)."""
-    if charge <= 0 or amount <= 0:
-        return 0 if charge <= 0 else 64
-    return min(64, -(-charge * 64 // amount))
 
 
 @dataclass(slots=True)
@@ -238,12 +228,10 @@ class SliceBook:
         amount = plan.amount
         return (found.grant - found.used - found.unreported_sum >= amount and now < found.lease_until
                 and found.limit == plan.limit and found.expires_at == plan.expires_at and found.alerts == plan.alerts
-                and min(plan.charge_on_expiry, amount) * 64 <= found.ratio * amount  # (_ratio, undivided)
                 and found.pending is None and len(found.unreported) < MAX_REPORTED)
 
     def _take(self, found: Slice, plan: CounterHold, now: float, out: Taking) -> None:
         found.used += plan.amount
-        found.charge_in += plan.charge_on_expiry
         found.last_used = now
         out.taken.append((found, plan.amount, plan.charge_on_expiry))
 
@@ -263,9 +251,8 @@ class SliceBook:
     def undo(self, taken: list[tuple[Slice, int, int]]) -> None:
         """Give back what a reserve took (its Redis part was refused or failed)."""
         with self.lock:
-            for found, amount, charge in taken:
+            for found, amount, _ in taken:
                 found.used -= amount
-                found.charge_in -= charge
 
     # -- settle, release, renew --------------------------------------------------------------------
 
@@ -306,7 +293,6 @@ class SliceBook:
                     found = self.slices.setdefault(found.key, found)  # (its slice may be returned since)
                 else:
                     found.used -= amount
-                    found.charge_in -= charge
                 found.unreported.append(Reported(call_id, charged, row_amount, fields))
                 found.unreported_sum += charged
                 fields = None
@@ -329,9 +315,8 @@ class SliceBook:
             if call.token != token:
                 return SETTLED_BEFORE
             del self.calls[call_id]
-            for found, amount, charge in call.taken:
+            for found, amount, _ in call.taken:
                 found.used -= amount
-                found.charge_in -= charge
             self._end(call_id, None, now)
             return call
 
@@ -343,7 +328,6 @@ class SliceBook:
                 call = self.calls.pop(call_id)
                 for found, amount, charge in call.taken:
                     found.used -= amount
-                    found.charge_in -= charge
                     found.unreported.append(Reported(call_id, charge))
                     found.unreported_sum += charge
                 self._end(call_id, call, now)
@@ -369,18 +353,16 @@ class SliceBook:
             return found.pending
         if plan is not None:
             found.limit, found.expires_at, found.alerts = plan.limit, plan.expires_at, plan.alerts
-            found.ratio = max(found.ratio, _ratio(plan.amount, plan.charge_on_expiry))
-        if not found.used and not keep_free:
-            found.ratio = 0 if plan is None else _ratio(plan.amount, plan.charge_on_expiry)
         batch = found.unreported[:MAX_REPORTED]
         total = sum(r.amount for r in batch)
-        kept, kept_charge = found.used + found.unreported_sum - total, found.charge_in
+        kept = found.used + found.unreported_sum - total
         if keep_free:
-            free = max(0, found.free)
-            kept += free
-            kept_charge += -(-free * found.ratio // 64)  # what its calls may take, by the ratio
+            kept += max(0, found.free)
+        # If the process dies, the whole slice is charged: its calls may have been served and
+        # their settles never reported (their full reservations, never an input estimate).
+        kept_charge = kept
         found.open = keep_free
-        return Report(found, now, found.seq + 1, batch, total, kept, want, need, kept_charge, found.ratio,
+        return Report(found, now, found.seq + 1, batch, total, kept, want, need, kept_charge, 64,
                       found.limit, found.expires_at, found.alerts, keep_free)
 
     def reported(self, report: Report, grant: int, state: CounterState, now: float) -> None:
