@@ -476,3 +476,22 @@ def test_a_slice_whose_lease_was_not_renewed_admits_nothing_more(redis_url: str,
     store.close()
     with RedisStore(redis_url, prefix=store.prefix) as other:
         assert other.read([key]) == [CounterState(300, 0)]
+
+
+@pytest.mark.redis
+def test_ledger_rows_of_a_report_read_back_newest_first_among_single_rows(redis_url: str, admin: redis.Redis) -> None:  # noqa: F811
+    store = _sliced(redis_url)
+    key = "{ord}:acme:global:-:total"
+    for i in range(5):  # sliced: their rows go as one stream entry, with the report
+        assert store.reserve([Counter(key, 10**6)], Hold(f"s{i}", 100, 30)).ok
+        store.settle(f"s{i}", [key], 10 + i, row=LedgerRow(budget="acme", call_id=f"s{i}", keys=(key,)))
+    store.flush_slices(final=True)
+    time.sleep(0.002)
+    store.append_ledger(LedgerRow(budget="acme", call_id="later", kind="refusal", keys=(key,)))
+    entries = admin.xrange(store.ledger_key(key))
+    assert len(entries) == 2 and sorted(entries[0][1]) == ["J", "n"]  # five rows in one entry, then one
+    rows = store.read_ledger("acme", limit=10)
+    assert [r.call_id for r in rows] == ["later", "s4", "s3", "s2", "s1", "s0"]
+    assert [r.cost_nano for r in rows[1:]] == [14, 13, 12, 11, 10]
+    assert [r.call_id for r in store.read_ledger("acme", limit=3)] == ["later", "s4", "s3"]
+    store.close()
