@@ -175,6 +175,7 @@ def test_slices_never_overspend_across_processes_and_fill_the_budget(redis_url: 
         (state,) = store.read([key])
     assert state == CounterState(charged, 0), "Redis must show exactly what the processes charged, nothing held"
     assert state.sliced == 0 and not admin.hget(store.redis_keys(key)[0], "g")
+    assert not admin.hget(store.redis_keys(key)[0], "n")  # no slice counted
     assert charged <= limit
     assert charged >= limit * 0.97, f"refused with {100 * (1 - charged / limit):.1f}% of the budget left"
     assert all(r["admitted"] > 0 for r in reports), reports
@@ -239,7 +240,7 @@ def test_a_late_report_replaces_what_the_slice_lease_charged(redis_url: str, adm
     assert paused.flush_slices(final=True) == 1
     assert other.read([key]) == [CounterState(400, 0)]
     counter, leases = paused.redis_keys(key)
-    assert not [f for f in admin.hkeys(counter) if f[0] in "%!g"] and not admin.zrange(leases, 0, -1)
+    assert not [f for f in admin.hkeys(counter) if f[0] in "%!gn"] and not admin.zrange(leases, 0, -1)
     other.close()
     paused.close()
 
@@ -495,3 +496,21 @@ def test_ledger_rows_of_a_report_read_back_newest_first_among_single_rows(redis_
     assert [r.cost_nano for r in rows[1:]] == [14, 13, 12, 11, 10]
     assert [r.call_id for r in store.read_ledger("acme", limit=3)] == ["later", "s4", "s3"]
     store.close()
+
+
+@pytest.mark.redis
+def test_slices_shrink_with_the_number_of_processes_holding_one(redis_url: str, admin: redis.Redis) -> None:  # noqa: F811
+    first, key, limit = _sliced(redis_url), "{many}:b:global", 10**7
+    second = RedisStore(redis_url, prefix=first.prefix, lease_slices=True)
+    second._book.hot_hits = 1
+    assert first.reserve([Counter(key, limit)], Hold("a", 10_000, 30)).ok
+    (one,) = first.slice_holdings().values()
+    assert one[0] == (limit - 0) // 20  # alone: 1/20 of the room (it asked for 256 calls' worth)
+    assert second.reserve([Counter(key, limit)], Hold("b", 10_000, 30)).ok
+    (two,) = second.slice_holdings().values()
+    assert two[0] == (limit - one[0]) // (20 + 4)  # one other slice: 1/24 of the room it leaves
+    assert admin.hget(first.redis_keys(key)[0], "n") == "2"
+    for store, cid in ((first, "a"), (second, "b")):
+        store.settle(cid, [key], 10_000)
+        store.close()
+    assert not admin.hget(first.redis_keys(key)[0], "n")

@@ -19,7 +19,8 @@ start with their ``{tag}``, the Redis Cluster hash tag)::
                                                    a = alert thresholds "t1,t2,..." (Counter.alerts)
                                                    and A<t> = 1 per threshold fired (reset clears)
                                                    with slices (stores.slices): g = what leased
-                                                   slices hold, %<slice id> = "grant:charge" each,
+                                                   slices hold, n = how many, %<slice id> =
+                                                   "grant:charge" each,
                                                    !\n<slice id> = a reaped slice's charge
     bg:l:{acme}:default:user:alice:day:2026-11-22  its deadlines: sorted set call_id -> ms of server
                                                    TIME (and TAB<call_id>: when !<call_id> goes;
@@ -779,7 +780,7 @@ class RedisStore:
         _check_amount(hold.charge_on_expiry, "Hold.charge_on_expiry")
         lease_seconds = check_seconds(hold.lease_seconds, "Hold.lease_seconds")
         token = check_token(hold.token)
-        if self._book is None or not all(c.amount is None and c.charge_on_expiry is None for c in counters):
+        if self._book is None:
             return call_id, token, lease_seconds, counter_holds(counters, hold)
         # Counters that hold the hold's own amounts are checked once per distinct list: a guard
         # reserves the same counters call after call.
@@ -789,6 +790,8 @@ class RedisStore:
         except TypeError:  # an unhashable field (alerts as a list): checked every time
             return call_id, token, lease_seconds, counter_holds(counters, hold)
         if known is None:
+            if not all(c.amount is None and c.charge_on_expiry is None for c in specs):
+                return call_id, token, lease_seconds, counter_holds(counters, hold)
             plans = counter_holds(specs, hold)
             if len(self._checked_specs) >= 4096:
                 self._checked_specs.clear()

@@ -2,8 +2,8 @@
 
 ``RedisStore(lease_slices=True)``. A counter that this process reserves on often (``HOT_HITS``
 reserves within ``HOT_SECONDS``: a tenant, a project, the global limit) gets a slice: one script
-call (``lua/slice.lua``) leases part of what is left of it, sized by Redis (at most 1/``div`` of
-the room left, so slices shrink as the budget runs out, down to none near the limit: then calls
+call (``lua/slice.lua``) leases part of what is left of it, sized by Redis (at most
+1/(``div`` + 4 per other process's slice of it) of the room left, so slices shrink as the budget runs out, down to none near the limit: then calls
 are admitted one by one in Redis, exactly as without slices). Calls that fit in the slice are
 admitted here, exactly, with no round trip; their settles are reported with the slice's next
 report (a refill, at most ``REPORT_SECONDS`` later by the next reserve or the store's timer, or
@@ -37,7 +37,7 @@ from __future__ import annotations
 import secrets
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .base import CounterHold, CounterState
@@ -67,7 +67,7 @@ IDLE_SECONDS = 1.0  # a slice unused this long is returned
 SLICE_LEASE_SECONDS = 30.0
 MAX_REPORTED = 256  # settles one report carries at most
 SLICE_CALLS = 256  # a refill asks for room for this many calls like the one that asked
-DEFAULT_SLICE_DIV = 20  # a slice is at most 1/20 of the room left when it is sized
+DEFAULT_SLICE_DIV = 20  # a slice is at most 1/(20 + 4 per other slice) of the room left when sized
 DRY_SECONDS = 0.2  # after a refill that granted nothing, calls go to Redis directly this long
 BROKEN_SECONDS = 1.0  # after a report that failed, calls go to Redis directly this long
 
@@ -148,15 +148,18 @@ class LocalCall:
 SETTLED_BEFORE = LocalCall("", (), (), 0.0)  # what settle returns for a call that ended here before
 
 
-@dataclass(slots=True)
 class Taking:
-    """What ``SliceBook.take`` decided for one reserve."""
+    """What ``SliceBook.take`` decided for one reserve: what it ``taken`` from slices, the
+    ``refills`` to send first (one round trip each), the ``cold`` keys reserved in Redis per
+    call; ``duplicate`` / ``reused`` for a call id this book knows."""
 
-    taken: list[tuple[Slice, int, int]] = field(default_factory=list)
-    refills: list[Report] = field(default_factory=list)  # slices to refill (one round trip each) first
-    cold: list[str] = field(default_factory=list)  # keys reserved in Redis per call
-    duplicate: bool = False
-    reused: bool = False
+    __slots__ = ("taken", "refills", "cold", "duplicate", "reused")
+
+    def __init__(self) -> None:
+        self.taken: list[tuple[Slice, int, int]] = []
+        self.refills: list[Report] = []
+        self.cold: list[str] = []
+        self.duplicate = self.reused = False
 
 
 class SliceBook:

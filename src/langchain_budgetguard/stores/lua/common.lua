@@ -9,7 +9,7 @@
 -- TAB .. call_id for when that expiry charge is forgotten.
 -- Leased slices (stores.slices): '%' .. slice_id = 'grant:charge_on_expiry' for each process's
 -- live slice, g = the sum of their grants, lease-set member SLICE .. slice_id its deadline; a
--- slice whose lease ended is charged its charge_on_expiry, remembered as '!' .. SLICE .. slice_id
+-- n = how many; a slice whose lease ended is charged its charge_on_expiry, remembered as '!' .. SLICE .. slice_id
 -- for a late report to replace. Holds and slices both count against the limit:
 -- spent + h + g <= limit.
 -- KEYS of a counter script come in pairs after the call record: counter hash, lease set.
@@ -208,6 +208,7 @@ end
 local function drop_slice(c, l, sid, v)
   local grant = string.match(v, '^(%d+):')
   if redis.call('HINCRBY', c, 'g', neg(grant)) == 0 then redis.call('HDEL', c, 'g') end
+  if redis.call('HINCRBY', c, 'n', -1) <= 0 then redis.call('HDEL', c, 'n') end
   redis.call('HDEL', c, '%' .. sid)
   redis.call('ZREM', l, SLICE .. sid)
 end

@@ -112,11 +112,14 @@ if max_rows ~= '' and max_rows ~= '0' and rows > 0 then
 end
 fire_alerts(c, 1, fired)
 
--- Size the slice in the room the others leave: limit - spent - holds - (slices - this one).
-local state = redis.call('HMGET', c, 's', 'h', 'g')
+-- Size the slice in the room the others leave: limit - spent - holds - (slices - this one), at
+-- most 1/(div + 4 per other slice) of it: many processes' slices together stay a small part of
+-- what is left, so that none is refused while others hold free room.
+local state = redis.call('HMGET', c, 's', 'h', 'g', 'n')
 local others = minus(state[3] or '0', old)
 local room = minus(limit, plus(plus(state[1] or '0', state[2] or '0'), others))
-local extra = divided(minus(room, kept), div)
+local peers = tonumber(state[4] or '0') - (v and 1 or 0)
+local extra = divided(minus(room, kept), math.min(1000000, div + 4 * math.max(0, peers)))
 if below(want, extra) then extra = want end
 if below(extra, need) then extra = '0' end
 local grant = plus(kept, extra)
@@ -131,9 +134,11 @@ elseif below(grant, old) and redis.call('HINCRBY', c, 'g', neg(minus(old, grant)
   redis.call('HDEL', c, 'g')
 end
 if grant ~= '0' then
+  if not v then redis.call('HINCRBY', c, 'n', 1) end
   redis.call('HSET', c, '%' .. sid, grant .. ':' .. charge)
   redis.call('ZADD', l, now + lease_ms, SLICE .. sid)
 elseif v then
+  if redis.call('HINCRBY', c, 'n', -1) <= 0 then redis.call('HDEL', c, 'n') end
   redis.call('HDEL', c, '%' .. sid)
   redis.call('ZREM', l, SLICE .. sid)
 end
