@@ -92,11 +92,9 @@ class Report:
     seq: int
     batch: list[Reported]
     total: int  # what the batch costs on this counter together
-    kept: int
+    kept: int  # granted whatever the room (its calls in flight, its unreported settles, maybe its free part)
     want: int
     need: int
-    kept_charge: int
-    k: int  # expiry charges k/64 of the extra: 64, all of it (what calls admitted later may cost)
     limit: int
     expires_at: int | None
     alerts: tuple[int, ...]
@@ -361,12 +359,9 @@ class SliceBook:
         kept = found.used + found.unreported_sum - total
         if keep_free:
             kept += max(0, found.free)
-        # If the process dies, the whole slice is charged: its calls may have been served and
-        # their settles never reported (their full reservations, never an input estimate).
-        kept_charge = kept
         found.open = keep_free
-        return Report(found, now, found.seq + 1, batch, total, kept, want, need, kept_charge, 64,
-                      found.limit, found.expires_at, found.alerts, keep_free)
+        return Report(found, now, found.seq + 1, batch, total, kept, want, need, found.limit, found.expires_at,
+                      found.alerts, keep_free)
 
     def reported(self, report: Report, grant: int, state: CounterState, now: float) -> None:
         """A report applied (or had applied before: a lost reply)."""
