@@ -7,10 +7,9 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import pytest
-import pytest_asyncio
 import redis
 
 from langchain_budgetguard.errors import BudgetStoreUnavailableError
@@ -19,26 +18,14 @@ from langchain_budgetguard.stores.ledger import LedgerRow
 from langchain_budgetguard.stores.redis import RedisStore, RetryPolicy
 
 from .redis_support import ReplyDroppingProxy, fresh_prefix, redis_url, script_calls  # noqa: F401 - fixtures
-from .store_contract import StoreContract, StoreEnv
-from .test_store_redis import expiry_reader
+from . import test_store_redis as redis_tests  # (its contract class, not re-collected here)
 
 
-@pytest.mark.redis
-class TestSlicedRedisContract(StoreContract):
+class TestSlicedRedisContract(redis_tests.TestRealRedisContract):
     """The whole store contract with every counter admitted from slices from its first reserve."""
 
+    sliced = True
     fill_margin = 80
-
-    @pytest_asyncio.fixture
-    async def env(self, redis_url: str) -> AsyncIterator[StoreEnv]:  # noqa: F811
-        store = RedisStore(redis_url, prefix=fresh_prefix(), lease_slices=True)
-        store._book.hot_hits = 1
-        admin = redis.Redis.from_url(redis_url)
-        try:
-            yield StoreEnv(store=store, sleep=asyncio.sleep, expiry_of=expiry_reader(admin, store))
-        finally:
-            await store.aclose()
-            admin.close()
 
 
 # -- behaviour of slices themselves ----------------------------------------------------------------

@@ -1039,9 +1039,7 @@ class RedisStore:
                  f"{self.prefix}sl:{group.slot}:{found.sid}")
         args = [found.sid, str(report.seq), str(report.limit), "" if report.expires_at is None else str(report.expires_at),
                 ",".join(map(str, report.alerts)), indexed[1] if indexed else "", str(report.kept), str(report.want),
-                # If the process dies, the whole slice is charged: its calls may have been served
-                # and their settles never reported (full reservations, never an input estimate).
-                str(report.need), str(book.div), str(report.kept), "64",
+                str(report.need), str(book.div),
                 str(_ms(book.lease_seconds)), self._retry_ms, *self._ledger_args, str(len(report.batch)),
                 str(report.total) if report.total >= 0 else "-" + str(-report.total)]
         rows = [r.row.packed(r.row_amount) for r in report.batch if r.row is not None]

@@ -94,14 +94,6 @@ local function divided(a, d)
   return join(qh, math.floor(x / d))
 end
 
--- a * k for a whole k in [0, 64]
-local function times(a, k)
-  local h, l = split(a)
-  local lo = l * k
-  local carry = math.floor(lo / B)
-  return join(h * k + carry, lo - carry * B)
-end
-
 -- Argument checks: raise before anything is written.
 local function check_nano(s, what)
   if type(s) ~= 'string' or not string.match(s, '^%d+$') or #s > 19 or not fits(s, '0', '0', MAX) then
@@ -143,6 +135,16 @@ local function sub_spent(c, amount)
     redis.call('HINCRBY', c, 's', neg(amount))
   else
     redis.call('HSET', c, 's', '0')
+  end
+end
+
+-- A settle's or report's ledger options: max rows and retention ms ('' for none of either).
+local function check_ledger_options(max_rows, keep_rows_ms)
+  if max_rows ~= '' and not (string.match(max_rows, '^%d+$') and #max_rows <= 10) then
+    error('budgetguard: ledger max rows must be a whole number, got ' .. tostring(max_rows))
+  end
+  if keep_rows_ms ~= '' and not (string.match(keep_rows_ms, '^%d+$') and #keep_rows_ms <= 13) then
+    error('budgetguard: ledger retention must be whole ms, got ' .. tostring(keep_rows_ms))
   end
 end
 
@@ -213,6 +215,17 @@ local function drop_slice(c, l, sid, v)
   redis.call('ZREM', l, SLICE .. sid)
 end
 
+-- Charge what a hold or slice whose lease ended (lease-set member id, field value v
+-- 'amount:charge') charges on expiry, remembered for keep_ms for a late settle or report to replace.
+local function charge_expired(c, l, id, v, now, keep_ms)
+  local charge = string.match(v, ':(%d+)$')
+  if charge ~= '0' then
+    add_spent(c, charge)
+    redis.call('HSET', c, '!' .. id, charge)
+    redis.call('ZADD', l, now + keep_ms, TAB .. id)
+  end
+end
+
 -- Reap holds whose lease ended by now: release each and charge its charge_on_expiry, which is
 -- remembered for keep_ms (the retry window) for a late settle to replace. Forget such charges
 -- once their time is up. Slices whose lease ended likewise (a late report replaces the charge).
@@ -228,26 +241,16 @@ local function reap(c, l, now, keep_ms)
       local sid = string.sub(id, 2)
       local v = redis.call('HGET', c, '%' .. sid)
       if v then
-        local charge = string.match(v, ':(%d+)$')
         drop_slice(c, l, sid, v)
-        if charge ~= '0' then
-          add_spent(c, charge)
-          redis.call('HSET', c, '!' .. id, charge)
-          redis.call('ZADD', l, now + keep_ms, TAB .. id)
-        end
+        charge_expired(c, l, id, v, now, keep_ms)
       else
         redis.call('ZREM', l, id)
       end
     else
       local v = redis.call('HGET', c, '@' .. id)
       if v then
-        local charge = string.match(v, ':(%d+)$')
         drop(c, l, id, v)
-        if charge ~= '0' then
-          add_spent(c, charge)
-          redis.call('HSET', c, '!' .. id, charge)
-          redis.call('ZADD', l, now + keep_ms, TAB .. id)
-        end
+        charge_expired(c, l, id, v, now, keep_ms)
       else
         redis.call('ZREM', l, id)
       end

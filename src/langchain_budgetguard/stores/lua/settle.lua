@@ -29,12 +29,7 @@ if type(attempt) ~= 'string' or not string.match(attempt, '^%w*$') or #attempt >
 end
 local n = (#KEYS - 3) / 3
 for i = 1, n do check_nano(ARGV[8 + i], 'counter amount') end
-if max_rows ~= '' and not (string.match(max_rows, '^%d+$') and #max_rows <= 10) then
-  error('budgetguard: ledger max rows must be a whole number, got ' .. tostring(max_rows))
-end
-if keep_rows_ms ~= '' and not (string.match(keep_rows_ms, '^%d+$') and #keep_rows_ms <= 13) then
-  error('budgetguard: ledger retention must be whole ms, got ' .. tostring(keep_rows_ms))
-end
+check_ledger_options(max_rows, keep_rows_ms)
 if (#ARGV - 8 - 2 * n) % 2 ~= 0 then error('budgetguard: ledger row fields must come in pairs') end
 -- Nothing to do: {0}, with the alerts this very attempt fired when it applied (a lost reply).
 local function again(rec)

@@ -6,14 +6,14 @@
 -- ARGV: 1 slice id, 2 seq (this report's number; reports of a slice apply in order, once),
 -- 3 limit, 4 expires_at or '', 5 alerts ('' keeps stored ones), 6 index member ('' for none),
 -- 7 kept (what its calls in flight hold: always granted), 8 want (extra asked for), 9 need (the
--- least extra worth granting: less is none), 10 div, 11 what expiry charges for the kept part,
--- 12 k: expiry charges the extra k/64 of it (rounded up; the process admits calls from it
--- after this report, unknown here), 13 lease_ms, 14 retry_ms, 15 ledger max rows, 16 ledger
--- retention ms, 17 n (calls reported), 18 what they cost on this counter together (below zero,
--- '-' .. digits, when late settles cost less than what expiry charged for them), 19 their
--- ledger rows: 19 how many, 20 those rows as one JSON array (LedgerRow.packed objects, each
--- with its amount x), written as one stream entry (field J): a row per entry cost Redis ~7 µs
--- a row, and the stream's MAXLEN counts entries, so a batch entry trims at max rows / count.
+-- least extra worth granting: less is none), 10 div, 11 lease_ms, 12 retry_ms, 13 ledger max
+-- rows, 14 ledger retention ms, 15 n (calls reported), 16 what they cost on this counter
+-- together (below zero, '-' .. digits, when late settles cost less than what expiry charged
+-- for them), 17 how many ledger rows, 18 those rows as one JSON array (LedgerRow.packed
+-- objects, each with its amount x), written as one stream entry (field J): a row per entry cost
+-- Redis ~7 µs a row, and the stream's MAXLEN counts entries, so a batch entry trims at max rows /
+-- count. If the slice's lease ends, expiry charges all of it (its process may have served calls
+-- it never reported).
 -- Returns {code, grant, spent, held (holds and slices, with this grant), then (1, threshold,
 -- spent) per alert fired}: code 1 applied, 2 this seq was applied before (nothing changed; grant
 -- is the slice's grant now).
@@ -40,21 +40,11 @@ local div = tonumber(ARGV[10])
 if not div or div < 1 or div > 1000000 or div ~= math.floor(div) then
   error('budgetguard: div must be a whole number in [1, 1e6], got ' .. tostring(ARGV[10]))
 end
-local charge = check_nano(ARGV[11], 'charge_on_expiry')
-local k = tonumber(ARGV[12])
-if not k or k < 0 or k > 64 or k ~= math.floor(k) then
-  error('budgetguard: k must be a whole number in [0, 64], got ' .. tostring(ARGV[12]))
-end
-local lease_ms = check_ms(ARGV[13], 'lease_ms')
-local keep = check_ms(ARGV[14], 'retry_ms')
-local max_rows, keep_rows_ms = ARGV[15], ARGV[16]
-if max_rows ~= '' and not (string.match(max_rows, '^%d+$') and #max_rows <= 10) then
-  error('budgetguard: ledger max rows must be a whole number, got ' .. tostring(max_rows))
-end
-if keep_rows_ms ~= '' and not (string.match(keep_rows_ms, '^%d+$') and #keep_rows_ms <= 13) then
-  error('budgetguard: ledger retention must be whole ms, got ' .. tostring(keep_rows_ms))
-end
-local n = tonumber(ARGV[17])
+local lease_ms = check_ms(ARGV[11], 'lease_ms')
+local keep = check_ms(ARGV[12], 'retry_ms')
+local max_rows, keep_rows_ms = ARGV[13], ARGV[14]
+check_ledger_options(max_rows, keep_rows_ms)
+local n = tonumber(ARGV[15])
 if not n or n < 0 or n ~= math.floor(n) or #KEYS ~= 5 then
   error('budgetguard: n must be a whole number (calls reported), and KEYS five')
 end
@@ -63,12 +53,12 @@ local function magnitude(a)
   if string.sub(a, 1, 1) == '-' then return string.sub(a, 2), true end
   return a, false
 end
-local total, refund = magnitude(ARGV[18])
+local total, refund = magnitude(ARGV[16])
 check_nano(total, 'reported amount')
-local rows = tonumber(ARGV[19])
-if not rows or rows < 0 or rows ~= math.floor(rows) or rows > n or #ARGV ~= 20
-    or (rows > 0) ~= (string.sub(ARGV[20], 1, 1) == '[') or #ARGV[20] > 16777216 then
-  error('budgetguard: ledger rows come as a count (at most n) and one JSON array, got ' .. tostring(ARGV[19]))
+local rows = tonumber(ARGV[17])
+if not rows or rows < 0 or rows ~= math.floor(rows) or rows > n or #ARGV ~= 18
+    or (rows > 0) ~= (string.sub(ARGV[18], 1, 1) == '[') or #ARGV[18] > 16777216 then
+  error('budgetguard: ledger rows come as a count (at most n) and one JSON array, got ' .. tostring(ARGV[17]))
 end
 
 local now = now_ms()
@@ -105,7 +95,7 @@ end
 if refund then sub_spent(c, total) else add_spent(c, total) end
 if max_rows ~= '' and max_rows ~= '0' and rows > 0 then
   local entries = math.max(1, math.floor(tonumber(max_rows) / rows))
-  redis.call('XADD', stream, 'MAXLEN', '~', string.format('%d', entries), '*', 'n', ARGV[19], 'J', ARGV[20])
+  redis.call('XADD', stream, 'MAXLEN', '~', string.format('%d', entries), '*', 'n', ARGV[17], 'J', ARGV[18])
   if keep_rows_ms ~= '' then
     redis.call('XTRIM', stream, 'MINID', '~', tostring(now - tonumber(keep_rows_ms)))
   end
@@ -123,11 +113,6 @@ local extra = divided(minus(room, kept), math.min(1000000, div + 4 * math.max(0,
 if below(want, extra) then extra = want end
 if below(extra, need) then extra = '0' end
 local grant = plus(kept, extra)
-if k > 0 and extra ~= '0' then
-  -- k/64 of extra <= k * floor(extra / 64) + k (the remainder is below 64)
-  charge = plus(plus(charge, times(divided(extra, 64), k)), string.format('%d', k))
-end
-if below(grant, charge) then charge = grant end
 if below(old, grant) then
   redis.call('HINCRBY', c, 'g', minus(grant, old))
 elseif below(grant, old) and redis.call('HINCRBY', c, 'g', neg(minus(old, grant))) == 0 then
@@ -135,7 +120,7 @@ elseif below(grant, old) and redis.call('HINCRBY', c, 'g', neg(minus(old, grant)
 end
 if grant ~= '0' then
   if not v then redis.call('HINCRBY', c, 'n', 1) end
-  redis.call('HSET', c, '%' .. sid, grant .. ':' .. charge)
+  redis.call('HSET', c, '%' .. sid, grant .. ':' .. grant) -- expiry charges the whole slice
   redis.call('ZADD', l, now + lease_ms, SLICE .. sid)
 elseif v then
   if redis.call('HINCRBY', c, 'n', -1) <= 0 then redis.call('HDEL', c, 'n') end
