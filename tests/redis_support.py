@@ -24,6 +24,8 @@ import pytest
 import redis
 from redis.commands.core import AsyncScript, Script
 
+from langchain_budgetguard.stores.redis_wire import AsyncDirectScript, DirectScript
+
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 IN_CI = os.environ.get("CI", "").lower() == "true"
 SESSION_PREFIX = f"bgtest:{uuid.uuid4().hex[:8]}:"
@@ -220,8 +222,20 @@ def script_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, ...]]:
         calls.append(tuple(keys or ()))
         return await async_call(self, keys, args, client)
 
+    direct_call, adirect_call = DirectScript.__call__, AsyncDirectScript.__call__
+
+    def direct_spy(self: DirectScript, keys: Any = (), args: Any = ()) -> Any:
+        calls.append(tuple(keys or ()))
+        return direct_call(self, keys, args)
+
+    async def adirect_spy(self: AsyncDirectScript, keys: Any = (), args: Any = ()) -> Any:
+        calls.append(tuple(keys or ()))
+        return await adirect_call(self, keys, args)
+
     monkeypatch.setattr(Script, "__call__", spy)
     monkeypatch.setattr(AsyncScript, "__call__", aspy)
+    monkeypatch.setattr(DirectScript, "__call__", direct_spy)
+    monkeypatch.setattr(AsyncDirectScript, "__call__", adirect_spy)
     return calls
 
 

@@ -185,6 +185,7 @@ from .carry import (
 from .slices import SETTLED_BEFORE, SLICE_LEASE_SECONDS, Report, SliceBook, Taking
 from .journal import MEMORY_MARK_TTL_SECONDS, MemoryJournal, PendingSettle, SettleJournal, SqliteJournal
 from .redis_client import RedisTarget, describe_client, describe_url, is_async_client, is_sync_client, make_client, parse_url
+from .redis_wire import direct_scripts
 
 # The former private names, for callers that still use them (config.py).
 _parse_url, _describe_url = parse_url, describe_url
@@ -428,7 +429,8 @@ class _Backend:
     def __init__(self, client: Any, closers: list[Any]) -> None:
         self.client = client
         self.closers = closers  # what the store built and must close; empty for a client you gave
-        self.scripts = {name: client.register_script(src) for name, src in _lua_sources().items()}
+        # redis-py Scripts; on one server, callers that pack and send them in one pass (redis_wire)
+        self.scripts = direct_scripts(client, {name: client.register_script(src) for name, src in _lua_sources().items()})
         self._ready = not isinstance(client, redis.asyncio.cluster.RedisCluster)
         self._init_lock: asyncio.Lock | None = None
         self.policy_checked = False  # maxmemory-policy read and found safe (or unreadable)

@@ -1,0 +1,157 @@
+"""Script calls packed and sent straight on a pooled connection (stores.redis_wire)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+import pytest
+import redis
+import redis.asyncio
+from redis.connection import Connection
+
+from langchain_budgetguard.stores.base import Counter, Hold
+from langchain_budgetguard.stores.redis import RedisStore
+from langchain_budgetguard.stores.redis_wire import AsyncDirectScript, DirectScript, direct_scripts, wire_command
+
+from .redis_support import delete_prefix, fresh_prefix, redis_url  # noqa: F401 - fixture
+
+SLOW = "local t = redis.call('TIME'); local stop = t[1] * 1000000 + t[2] + tonumber(ARGV[1]); " \
+       "repeat t = redis.call('TIME') until t[1] * 1000000 + t[2] >= stop; return ARGV[2]"
+ECHO = "return {KEYS[1], ARGV[1], #ARGV}"
+
+
+@pytest.mark.parametrize("parts", [
+    ("EVALSHA", "abc", 2, "k1", "k2", "v"),
+    ("SET", "", "é€😀", b"\x00\r\n\xff", 0, -17, 10**30, 1.5),
+])
+def test_wire_command_is_what_redis_py_sends(parts: tuple[Any, ...]) -> None:
+    assert wire_command(*parts) == b"".join(Connection().pack_command(*parts))
+
+
+@pytest.mark.parametrize("bad", [True, None, ["a"], {"a": 1}])
+def test_wire_command_refuses_what_redis_py_refuses(bad: Any) -> None:
+    with pytest.raises(redis.DataError, match="Invalid input of type"):
+        wire_command("SET", "k", bad)
+
+
+def test_only_a_plain_client_with_a_pool_gets_direct_scripts() -> None:
+    def wrapped(client: Any) -> Any:
+        return direct_scripts(client, {"echo": client.register_script(ECHO)})["echo"]
+
+    assert type(wrapped(redis.Redis())) is DirectScript
+    assert type(wrapped(redis.asyncio.Redis())) is AsyncDirectScript
+
+    class Mine(redis.Redis):
+        pass
+
+    others = [Mine(), redis.Redis(single_connection_client=False, encoding="latin-1"),
+              redis.Redis(encoding_errors="replace")]
+    for client in others:
+        assert not isinstance(wrapped(client), DirectScript)
+    single = redis.Redis(host="127.0.0.1", port=1, single_connection_client=False)
+    single.connection = object()  # what single_connection_client=True sets (it would connect now)
+    assert not isinstance(wrapped(single), DirectScript)
+
+
+def test_a_store_built_from_a_url_sends_its_scripts_directly(redis_url: str) -> None:  # noqa: F811
+    prefix = fresh_prefix()
+    with RedisStore(redis_url, prefix=prefix) as store:
+        assert store.reserve([Counter("{t}:a", 100)], Hold("c1", 40, 30)).ok
+        assert all(type(s) is DirectScript for s in store._sync_backend().scripts.values())
+        assert store.settle("c1", ["{t}:a"], 30).applied
+        assert store.read(["{t}:a"])[0].spent == 30
+        delete_prefix(redis.Redis.from_url(redis_url), prefix)
+
+
+def test_replies_come_back_as_redis_py_returns_them(redis_url: str) -> None:  # noqa: F811
+    for protocol in (2, 3):
+        for decode in (False, True):
+            client = redis.Redis.from_url(redis_url, protocol=protocol, decode_responses=decode)
+            script = client.register_script(ECHO)
+            direct = DirectScript(client, script)
+            assert direct(keys=["k"], args=["é", "2"]) == script(keys=["k"], args=["é", "2"])
+            client.close()
+
+
+def test_a_server_that_lost_its_scripts_gets_them_again(redis_url: str) -> None:  # noqa: F811
+    client = redis.Redis.from_url(redis_url)
+    direct = DirectScript(client, client.register_script(ECHO + " -- wire reload"))
+    assert direct(keys=["k"], args=["a"]) == [b"k", b"a", 1]
+    client.script_flush()
+    assert direct(keys=["k"], args=["b"]) == [b"k", b"b", 1]
+    client.close()
+
+
+def test_a_timed_out_reply_never_answers_the_next_call(redis_url: str) -> None:  # noqa: F811
+    client = redis.Redis.from_url(redis_url, socket_timeout=0.05)
+    slow = DirectScript(client, client.register_script(SLOW))
+    slow(args=["0", "warm"])
+    with pytest.raises(redis.TimeoutError):
+        slow(args=["300000", "late"])  # 0.3 s of server time: the reply comes after the timeout
+    time.sleep(0.35)  # the server is free again
+    assert slow(args=["0", "mine"]) == b"mine"  # not "late": that connection was dropped
+    client.close()
+
+
+def test_a_killed_connection_is_replaced(redis_url: str) -> None:  # noqa: F811
+    client = redis.Redis.from_url(redis_url)
+    echo = DirectScript(client, client.register_script(ECHO))
+    assert echo(keys=["k"], args=["a"]) == [b"k", b"a", 1]
+    admin = redis.Redis.from_url(redis_url)
+    name = f"wire-{threading.get_ident()}"
+    connection = client.connection_pool.get_connection()
+    connection.send_command("CLIENT", "SETNAME", name)
+    assert connection.read_response() in (b"OK", "OK", True)
+    client.connection_pool.release(connection)
+    admin.client_kill_filter(_id=next(c["id"] for c in admin.client_list() if c["name"] == name))
+    # The pool finds the dead connection when it hands it out and connects again (or the call
+    # fails with ConnectionError, for the store to retry): either way no reply is lost or mixed up.
+    try:
+        first = echo(keys=["k"], args=["b"])
+    except redis.ConnectionError:
+        first = [b"k", b"b", 1]
+    assert first == [b"k", b"b", 1]
+    assert echo(keys=["k"], args=["c"]) == [b"k", b"c", 1]
+    admin.close()
+    client.close()
+
+
+def test_a_cancelled_async_call_never_answers_the_next_one(redis_url: str) -> None:  # noqa: F811
+    async def main() -> None:
+        client = redis.asyncio.Redis.from_url(redis_url, max_connections=1)
+        slow = AsyncDirectScript(client, client.register_script(SLOW))
+        assert await slow(args=["0", "warm"]) == b"warm"
+        task = asyncio.create_task(slow(args=["200000", "late"]))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert await slow(args=["0", "mine"]) == b"mine"  # the only connection: a fresh one, no stale reply
+        await client.script_flush()
+        assert await slow(args=["0", "reloaded"]) == b"reloaded"
+        await client.aclose()
+
+    asyncio.run(main())
+
+
+def test_many_threads_share_the_pool_and_get_their_own_replies(redis_url: str) -> None:  # noqa: F811
+    client = redis.Redis(connection_pool=redis.BlockingConnectionPool.from_url(redis_url, max_connections=4))
+    echo = DirectScript(client, client.register_script(ECHO))
+    wrong: list[Any] = []
+
+    def work(n: int) -> None:
+        for i in range(200):
+            reply = echo(keys=[f"k{n}"], args=[f"{n}:{i}"])
+            if reply != [f"k{n}".encode(), f"{n}:{i}".encode(), 1]:
+                wrong.append(reply)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert wrong == []
+    client.close()
