@@ -25,7 +25,7 @@ ECHO = "return {KEYS[1], ARGV[1], #ARGV}"
 
 @pytest.mark.parametrize("parts", [
     ("EVALSHA", "abc", 2, "k1", "k2", "v"),
-    ("SET", "", "é€😀", b"\x00\r\n\xff", 0, -17, 10**30, 1.5),
+    ("SET", "", "é€😀", b"\x00\r\n\xff", 0, -17, 10**30, 1.5, "x" * 511, "y" * 512, "é" * 300),
 ])
 def test_wire_command_is_what_redis_py_sends(parts: tuple[Any, ...]) -> None:
     assert wire_command(*parts) == b"".join(Connection().pack_command(*parts))

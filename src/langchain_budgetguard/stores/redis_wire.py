@@ -44,8 +44,15 @@ def wire_command(*parts: Any) -> bytes:
             data = bytes(part)
         else:  # what redis-py's encoder refuses too (bool, None, containers)
             raise DataError(f"Invalid input of type: {kind.__name__!r}. Convert to a bytes, string, int or float first.")
-        append(b"$%d\r\n%s\r\n" % (len(data), data))
+        size = len(data)
+        append(_HEADS[size] if size < _HEADS_KEPT else b"$%d\r\n" % size)
+        append(data)
+        append(b"\r\n")
     return b"".join(out)
+
+
+_HEADS_KEPT = 512
+_HEADS = [b"$%d\r\n" % size for size in range(_HEADS_KEPT)]  # bulk string headers, made once
 
 
 def _direct(client: Any, module: Any) -> bool:
