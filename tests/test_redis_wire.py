@@ -137,9 +137,12 @@ def test_a_cancelled_async_call_never_answers_the_next_one(redis_url: str) -> No
     asyncio.run(main())
 
 
-def test_many_threads_share_the_pool_and_get_their_own_replies(redis_url: str) -> None:  # noqa: F811
-    client = redis.Redis(connection_pool=redis.BlockingConnectionPool.from_url(redis_url, max_connections=4))
-    echo = DirectScript(client, client.register_script(ECHO))
+@pytest.mark.parametrize("keep", [False, True])
+def test_many_threads_share_the_pool_and_get_their_own_replies(redis_url: str, keep: bool) -> None:  # noqa: F811
+    # A pool's wait for a free connection that never comes (one kept aside) would fail in 0.5 s.
+    pool = redis.BlockingConnectionPool.from_url(redis_url, max_connections=4, timeout=0.5)
+    client = redis.Redis(connection_pool=pool)
+    echo = direct_scripts(client, {"echo": client.register_script(ECHO)}, keep_connections=keep)["echo"]
     wrong: list[Any] = []
 
     def work(n: int) -> None:
@@ -148,10 +151,86 @@ def test_many_threads_share_the_pool_and_get_their_own_replies(redis_url: str) -
             if reply != [f"k{n}".encode(), f"{n}:{i}".encode(), 1]:
                 wrong.append(reply)
 
-    threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]  # 8 threads, 4 connections
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     assert wrong == []
     client.close()
+
+
+def _kept_echo(redis_url: str) -> tuple[Any, DirectScript]:  # noqa: F811
+    client = redis.Redis(connection_pool=redis.BlockingConnectionPool.from_url(redis_url, max_connections=4))
+    scripts = direct_scripts(client, {"echo": client.register_script(ECHO)}, keep_connections=True)
+    assert scripts["echo"].kept.idle == []
+    return client, scripts["echo"]
+
+
+def test_kept_connections_are_reused_and_replaced_when_the_server_closed_them(redis_url: str) -> None:  # noqa: F811
+    client, echo = _kept_echo(redis_url)
+    for i in range(20):
+        assert echo(keys=["k"], args=[str(i)]) == [b"k", str(i).encode(), 1]
+    assert len(echo.kept.idle) == 1 and len(client.connection_pool._connections) == 1  # one, kept
+    kept = echo.kept.idle[0]
+    admin = redis.Redis.from_url(redis_url)
+    kept.send_command("CLIENT", "ID")
+    admin.client_kill_filter(_id=kept.read_response())
+    time.sleep(0.05)
+    assert echo(keys=["k"], args=["after"]) == [b"k", b"after", 1]  # seen closed before the write: reconnected
+    assert echo.kept.idle == [kept]
+    admin.close()
+    client.close()
+
+
+def test_a_kept_connection_stays_with_the_process_that_made_it(redis_url: str) -> None:  # noqa: F811
+    import multiprocessing
+
+    client, echo = _kept_echo(redis_url)
+    assert echo(keys=["k"], args=["parent"]) == [b"k", b"parent", 1]
+    parent_connection = echo.kept.idle[0]
+
+    def child(out: Any) -> None:
+        replies = [echo(keys=["k"], args=[f"child{i}"]) for i in range(50)]
+        out.put((replies == [[b"k", f"child{i}".encode(), 1] for i in range(50)], parent_connection in echo.kept.idle))
+
+    context = multiprocessing.get_context("fork")
+    out = context.Queue()
+    process = context.Process(target=child, args=(out,))
+    process.start()
+    for i in range(50):  # the parent keeps using its connection meanwhile
+        assert echo(keys=["k"], args=[f"p{i}"]) == [b"k", f"p{i}".encode(), 1]
+    right, reused_parents = out.get(timeout=10)
+    process.join(10)
+    assert right and not reused_parents
+    assert echo(keys=["k"], args=["end"]) == [b"k", b"end", 1] and echo.kept.idle == [parent_connection]
+    client.close()
+
+
+def test_many_async_tasks_share_kept_connections(redis_url: str) -> None:  # noqa: F811
+    async def main() -> None:
+        pool = redis.asyncio.BlockingConnectionPool.from_url(redis_url, max_connections=3, timeout=0.5)
+        client = redis.asyncio.Redis(connection_pool=pool)
+        scripts = direct_scripts(client, {"echo": client.register_script(ECHO), "slow": client.register_script(SLOW)},
+                                 keep_connections=True)
+        echo, slow = scripts["echo"], scripts["slow"]
+        assert type(echo) is AsyncDirectScript and echo.kept.idle == [] and slow.kept is echo.kept
+
+        async def work(n: int) -> list[Any]:
+            return [await echo(keys=[f"k{n}"], args=[f"{n}:{i}"]) for i in range(30)]
+
+        got = await asyncio.gather(*(work(n) for n in range(6)))  # 6 tasks on 3 connections: none waits long
+        assert got == [[[f"k{n}".encode(), f"{n}:{i}".encode(), 1] for i in range(30)] for n in range(6)]
+        assert 1 <= len(echo.kept.idle) <= 3
+        task = asyncio.create_task(slow(args=["200000", "late"]))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.2)  # the server is free again
+        # Every kept connection answers its own call (the cancelled one was dropped, not kept with a reply due).
+        got = await asyncio.gather(*(echo(keys=["k"], args=[str(i)]) for i in range(5)))
+        assert got == [[b"k", str(i).encode(), 1] for i in range(5)]
+        await client.aclose()
+
+    asyncio.run(main())

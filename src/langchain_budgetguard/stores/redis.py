@@ -430,7 +430,8 @@ class _Backend:
         self.client = client
         self.closers = closers  # what the store built and must close; empty for a client you gave
         # redis-py Scripts; on one server, callers that pack and send them in one pass (redis_wire)
-        self.scripts = direct_scripts(client, {name: client.register_script(src) for name, src in _lua_sources().items()})
+        self.scripts = direct_scripts(client, {name: client.register_script(src) for name, src in _lua_sources().items()},
+                                      keep_connections=bool(closers))
         self._ready = not isinstance(client, redis.asyncio.cluster.RedisCluster)
         self._init_lock: asyncio.Lock | None = None
         self.policy_checked = False  # maxmemory-policy read and found safe (or unreadable)
