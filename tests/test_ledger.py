@@ -10,6 +10,8 @@ to the nano-USD. ``budgetguard ledger --csv`` parses back to the same rows.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import uuid
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
@@ -424,3 +426,33 @@ def test_a_refused_call_is_a_refusal_row_that_charges_nothing():
     assert "limit $0.000001" in row.detail
     (status,) = guard.status()
     assert status.spent == 0 and status.held == 0
+
+
+def test_a_batch_entry_keeps_every_row_as_it_was() -> None:
+    """A slice report's rows share one entry: what the first row has is written once (C), each
+    row only what differs (J), with an explicit null where it has none of a shared field."""
+    at = datetime(2026, 12, 2, 6, 30, tzinfo=timezone.utc)
+    first = LedgerRow(budget="acme", call_id="a1", scopes={"user": "é"}, keys=("{acme}:u",), model="gpt-4o-mini",
+                      host="openai", tokens={"input": 8, "output": 9}, reserved_nano=2460150)
+    rows = [
+        first,
+        dataclasses.replace(first, call_id="a2", tokens={"input": 1}, reserved_nano=None),
+        dataclasses.replace(first, call_id="a3", model=None, host=None, scopes={}, keys=(), detail="no usage",
+                            estimated=True, degraded=True),
+        LedgerRow(budget="other", call_id="b1", kind="refusal", refused=True, clamped=True),
+        dataclasses.replace(first, call_id="a4"),
+    ]
+    common, packed = LedgerRow.packed_batch([(row, 10 + i) for i, row in enumerate(rows)])
+    assert json.loads(common)["b"] == "acme" and "b" not in json.loads(packed)[1]
+    read = LedgerRow.rows_of_entry(int(at.timestamp() * 1000), {"n": "5", "J": packed, "C": common})
+    assert read == [dataclasses.replace(row, at=at, cost_nano=10 + i) for i, row in enumerate(rows)]
+    assert len(packed) < len(json.dumps([row.packed(10) for row in rows])) * 0.7  # the shared part is written once
+    assert LedgerRow.packed_batch([]) == ("", "")
+
+
+def test_a_batch_entry_without_shared_fields_reads_as_before() -> None:
+    at = datetime(2026, 12, 2, 6, 30, tzinfo=timezone.utc)
+    row = LedgerRow(budget="acme", call_id="a1", model="m", tokens={"input": 3})
+    old = json.dumps([row.packed(7)])  # what reports wrote before the shared field C
+    assert LedgerRow.rows_of_entry(int(at.timestamp() * 1000), {"n": "1", "J": old}) == [
+        dataclasses.replace(row, at=at, cost_nano=7)]

@@ -477,7 +477,7 @@ def test_ledger_rows_of_a_report_read_back_newest_first_among_single_rows(redis_
     time.sleep(0.002)
     store.append_ledger(LedgerRow(budget="acme", call_id="later", kind="refusal", keys=(key,)))
     entries = admin.xrange(store.ledger_key(key))
-    assert len(entries) == 2 and sorted(entries[0][1]) == ["J", "n"]  # five rows in one entry, then one
+    assert len(entries) == 2 and sorted(entries[0][1]) == ["C", "J", "n"]  # five rows in one entry, then one
     rows = store.read_ledger("acme", limit=10)
     assert [r.call_id for r in rows] == ["later", "s4", "s3", "s2", "s1", "s0"]
     assert [r.cost_nano for r in rows[1:]] == [14, 13, 12, 11, 10]

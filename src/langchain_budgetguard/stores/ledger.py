@@ -184,43 +184,57 @@ class LedgerRow:
             out += ["d", self.detail]
         return out
 
-    def packed(self, charged: int) -> dict[str, Any]:
-        """The row as one JSON object, ``charged`` its amount (``x``): a leased slice's report
-        writes its rows so, many to one stream entry (field ``J``: ``rows_of_entry`` reads them)."""
+    def _shared(self) -> dict[str, Any]:
+        """The fields a slice report's rows mostly share (one budget, scopes, keys, model), None when unset."""
         flags = "".join(c for c, on in zip("edcr", (self.estimated, self.degraded, self.clamped, self.refused)) if on)
-        out: dict[str, Any] = {"k": self.kind, "b": self.budget, "c": self.call_id, "f": flags, "x": charged}
-        if self.scopes:
-            out["s"] = self.scopes
-        if self.keys:
-            out["K"] = self.keys
-        if self.model is not None:
-            out["m"] = self.model
-        if self.host is not None:
-            out["h"] = self.host
+        return {"k": self.kind, "b": self.budget, "f": flags or None, "s": self.scopes or None,
+                "K": self.keys or None, "m": self.model, "h": self.host, "d": self.detail or None}
+
+    def packed(self, charged: int, common: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The row as one JSON object, ``charged`` its amount (``x``), without what it shares with
+        ``common`` (an explicit null where ``common`` has a value the row has not)."""
+        out: dict[str, Any] = {"c": self.call_id, "x": charged}
         if self.tokens:
             out["t"] = self.tokens
         if self.reserved_nano is not None:
             out["r"] = self.reserved_nano
-        if self.detail:
-            out["d"] = self.detail
+        for key, value in self._shared().items():
+            if common is None:
+                if value is not None:
+                    out[key] = value
+            elif common.get(key) != value:
+                out[key] = value
         return out
+
+    @staticmethod
+    def packed_batch(rows: Sequence[tuple[LedgerRow, int]]) -> tuple[str, str]:
+        """Rows with their amounts as one stream entry's fields ``C`` (what they share, the first
+        row's) and ``J`` (each row's own fields): a leased slice's report writes its rows so,
+        many to one stream entry (``rows_of_entry`` reads them)."""
+        if not rows:
+            return "", ""
+        common = {k: v for k, v in rows[0][0]._shared().items() if v is not None}
+        packed = [row.packed(charged, common) for row, charged in rows]
+        return json.dumps(common, separators=(",", ":")), json.dumps(packed, separators=(",", ":"))
 
     @classmethod
     def rows_of_entry(cls, at_ms: int, values: Mapping[str, str]) -> list[LedgerRow]:
         """The rows of one stream entry, oldest first: one as ``fields`` wrote it, or a batch
-        (field ``J``) of ``packed`` rows."""
+        (field ``J``) of ``packed`` rows and what they share (field ``C``, if any)."""
         if "J" not in values:
             return [cls.from_fields(at_ms, values)]
         at = datetime.fromtimestamp(at_ms / 1000, timezone.utc)
+        common = json.loads(values["C"]) if values.get("C") else {}
         out = []
-        for packed in json.loads(values["J"]):
-            flags = packed.get("f", "")
+        for own in json.loads(values["J"]):
+            packed = {**common, **own} if common else own  # a row's own value (null: none) wins
+            flags = packed.get("f") or ""
             out.append(cls(
-                budget=packed["b"], call_id=packed["c"], kind=packed.get("k", "call"),
-                scopes=packed.get("s", {}), keys=tuple(packed.get("K", ())), model=packed.get("m"),
-                host=packed.get("h"), tokens=packed.get("t", {}), cost_nano=int(packed.get("x", 0)),
+                budget=packed["b"], call_id=packed["c"], kind=packed.get("k") or "call",
+                scopes=packed.get("s") or {}, keys=tuple(packed.get("K") or ()), model=packed.get("m"),
+                host=packed.get("h"), tokens=packed.get("t") or {}, cost_nano=int(packed.get("x", 0)),
                 reserved_nano=packed.get("r"), estimated="e" in flags, degraded="d" in flags,
-                clamped="c" in flags, refused="r" in flags, detail=packed.get("d", ""), at=at,
+                clamped="c" in flags, refused="r" in flags, detail=packed.get("d") or "", at=at,
             ))
         return out
 

@@ -1045,8 +1045,8 @@ class RedisStore:
                 str(report.need), str(book.div),
                 str(_ms(book.lease_seconds)), self._retry_ms, *self._ledger_args, str(len(report.batch)),
                 str(report.total) if report.total >= 0 else "-" + str(-report.total)]
-        rows = [r.row.packed(r.row_amount) for r in report.batch if r.row is not None]
-        args += [str(len(rows)), json.dumps(rows, separators=(",", ":")) if rows else ""]
+        rows = [(r.row, r.row_amount) for r in report.batch if r.row is not None]
+        args += [str(len(rows)), *reversed(LedgerRow.packed_batch(rows))]
         try:
             yield from self._register_plan([group])
             reply = yield _Call("slice", names, tuple(args))

@@ -10,9 +10,9 @@
 -- rows, 14 ledger retention ms, 15 n (calls reported), 16 what they cost on this counter
 -- together (below zero, '-' .. digits, when late settles cost less than what expiry charged
 -- for them), 17 how many ledger rows, 18 those rows as one JSON array (LedgerRow.packed
--- objects, each with its amount x), written as one stream entry (field J): a row per entry cost
--- Redis ~7 µs a row, and the stream's MAXLEN counts entries, so a batch entry trims at max rows /
--- count. If the slice's lease ends, expiry charges all of it (its process may have served calls
+-- objects, each with its amount x), 19 what they share as one JSON object, written as one
+-- stream entry (fields J and C): a row per entry cost Redis ~7 µs a row, and the stream's MAXLEN
+-- counts entries, so a batch entry trims at max rows / count. If the slice's lease ends, expiry charges all of it (its process may have served calls
 -- it never reported).
 -- Returns {code, grant, spent, held (holds and slices, with this grant), then (1, threshold,
 -- spent) per alert fired}: code 1 applied, 2 this seq was applied before (nothing changed; grant
@@ -56,9 +56,11 @@ end
 local total, refund = magnitude(ARGV[16])
 check_nano(total, 'reported amount')
 local rows = tonumber(ARGV[17])
-if not rows or rows < 0 or rows ~= math.floor(rows) or rows > n or #ARGV ~= 18
-    or (rows > 0) ~= (string.sub(ARGV[18], 1, 1) == '[') or #ARGV[18] > 16777216 then
-  error('budgetguard: ledger rows come as a count (at most n) and one JSON array, got ' .. tostring(ARGV[17]))
+if not rows or rows < 0 or rows ~= math.floor(rows) or rows > n or #ARGV ~= 19
+    or (rows > 0) ~= (string.sub(ARGV[18], 1, 1) == '[') or #ARGV[18] > 16777216
+    or (rows > 0) ~= (string.sub(ARGV[19], 1, 1) == '{') or #ARGV[19] > 65536 then
+  error('budgetguard: ledger rows come as a count (at most n), one JSON array and one JSON object, got '
+        .. tostring(ARGV[17]))
 end
 
 local now = now_ms()
@@ -95,7 +97,8 @@ end
 if refund then sub_spent(c, total) else add_spent(c, total) end
 if max_rows ~= '' and max_rows ~= '0' and rows > 0 then
   local entries = math.max(1, math.floor(tonumber(max_rows) / rows))
-  redis.call('XADD', stream, 'MAXLEN', '~', string.format('%d', entries), '*', 'n', ARGV[17], 'J', ARGV[18])
+  redis.call('XADD', stream, 'MAXLEN', '~', string.format('%d', entries), '*', 'n', ARGV[17], 'J', ARGV[18],
+             'C', ARGV[19])
   if keep_rows_ms ~= '' then
     redis.call('XTRIM', stream, 'MINID', '~', tostring(now - tonumber(keep_rows_ms)))
   end
