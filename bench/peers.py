@@ -35,7 +35,7 @@ NAIVE_COMMANDS = ("get", "incrby")
 ROUND_TRIP_GOAL = 1.5  # issue 13: a cold counter's call adds <= 1.5x one raw EVALSHA round trip
 
 
-def _commandstats(client: Any) -> dict[str, tuple[int, int]]:
+def commandstats(client: Any) -> dict[str, tuple[int, int]]:
     """command -> (calls, usec), as INFO commandstats reports them."""
     out = {}
     for name, stats in client.info("commandstats").items():
@@ -44,7 +44,7 @@ def _commandstats(client: Any) -> dict[str, tuple[int, int]]:
     return out
 
 
-def _usec(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]], commands: tuple[str, ...]) -> int:
+def usec_between(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]], commands: tuple[str, ...]) -> int:
     return sum(after.get(c, (0, 0))[1] - before.get(c, (0, 0))[1] for c in commands)
 
 
@@ -68,12 +68,12 @@ def measure(client: Any, variants: dict[str, tuple[Callable[[int], Any], tuple[s
     for r in range(rounds):
         for name in names[r % len(names):] + names[: r % len(names)]:
             run, commands = variants[name]
-            before, used = _commandstats(client), _server_cpu(client)
+            before, used = commandstats(client), _server_cpu(client)
             start = time.perf_counter()
             run(calls)
             times[name].append((time.perf_counter() - start) / calls * 1e6)
             process[name].append((_server_cpu(client) - used) / calls * 1e6)
-            cpu[name].append(_usec(before, _commandstats(client), commands) / calls)
+            cpu[name].append(usec_between(before, commandstats(client), commands) / calls)
     return times, cpu, process
 
 
