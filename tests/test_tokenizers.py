@@ -103,7 +103,8 @@ def test_long_texts_are_tokenized_once(monkeypatch):
         first = family.count(history)
         assert family.count(history) == first and family.count(history[:-1] + "!") >= 1
         assert calls == [len(history), len(history)]  # the identical text was not tokenized again
-        assert family.count("short") == family.count("short") and calls[-2:] == [5, 5]  # short: no cache
+        probe = "a short text only this test sends"
+        assert family.count(probe) == family.count(probe) and calls[-1:] == [len(probe)]  # short: by itself
     finally:
         object.__setattr__(family, "_encode_len", real)
 
@@ -265,3 +266,24 @@ def test_claude_images_of_known_size_are_bounded_by_their_formula():
     n_small = strict.input_tokens(small, model="claude-sonnet-4-5")
     assert 200 * 200 / 750 <= n_small - strict.input_tokens([HumanMessage([])], model="claude-sonnet-4-5")
     assert n_small < strict.input_tokens(url, model="claude-sonnet-4-5")
+
+
+def test_counts_of_texts_seen_before_are_kept_within_a_bound() -> None:
+    calls: list[str] = []
+
+    def encode_len(text: str) -> int:
+        calls.append(text)
+        return len(text.split())
+
+    cache = tokenizers._CountCache()
+    cache.short_chars = 100
+    family = tokenizers.ExactFamily("test", "openai", tokenizers.OPENAI_FORMAT, encode_len, cache)
+    system = "You are a careful assistant."  # sent again on every call
+    assert [family.count(system) for _ in range(5)] == [5] * 5 and calls == [system]
+    for i in range(40):  # 40 other texts of ~10 chars: more than 100 chars in all
+        assert family.count(f"text {i:5d}") == 2
+    assert cache._short_size <= 100 and system not in cache._short  # the oldest went first
+    assert family.count(system) == 5 and calls.count(system) == 2  # counted again, exactly
+    long = "word " * 1000  # kept by digest, not by itself
+    assert family.count(long) == family.count(long) == 1000 and calls.count(long) == 1
+    assert long not in cache._short

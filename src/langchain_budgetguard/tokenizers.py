@@ -123,18 +123,28 @@ MISTRAL_FORMAT = ChatFormat(
 
 
 class _CountCache:
-    """Counts of long texts by (length, BLAKE2b digest): O(1) memory per entry, thread-safe."""
+    """Counts of texts seen before (a system prompt, a conversation's earlier turns are sent
+    again on every call): short texts by the text itself, up to ``short_chars`` characters in
+    all, oldest dropped first; long ones by (length, BLAKE2b digest): O(1) memory per entry.
+    Thread-safe: lookups take no lock (a dict read is atomic), writes do."""
 
-    min_chars = 2048
+    min_chars = 2048  # from this length on, texts are kept by digest
+    short_chars = 1_000_000  # the short texts kept, in characters (a few MB at most)
 
     def __init__(self, maxsize: int = 4096) -> None:
         self._entries: OrderedDict[tuple[int, bytes], int] = OrderedDict()
+        self._short: dict[str, int] = {}
+        self._short_size = 0
         self._lock = threading.Lock()
         self._maxsize = maxsize
 
     def count(self, text: str, counter: Callable[[str], int]) -> int:
         if len(text) < self.min_chars:
-            return counter(text)
+            hit = self._short.get(text)
+            if hit is None:
+                hit = counter(text)
+                self._keep_short(text, hit)
+            return hit
         key = (len(text), hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest())
         with self._lock:
             hit = self._entries.get(key)
@@ -147,6 +157,18 @@ class _CountCache:
             if len(self._entries) > self._maxsize:
                 self._entries.popitem(last=False)
         return n
+
+    def _keep_short(self, text: str, n: int) -> None:
+        with self._lock:
+            short = self._short
+            if text in short:
+                return
+            self._short_size += len(text)
+            while self._short_size > self.short_chars and short:
+                oldest = next(iter(short))
+                self._short_size -= len(oldest)
+                del short[oldest]
+            short[text] = n
 
 
 @dataclass(frozen=True, eq=False)
