@@ -263,10 +263,10 @@ WORKER = textwrap.dedent(
     from langchain_budgetguard.stores.base import Counter, Hold
     from langchain_budgetguard.stores.redis import RedisStore
 
-    url, prefix, key, calls = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    url, prefix, key, calls, charge = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
     store = RedisStore(url, prefix=prefix, carry_settles=True, carry_window_seconds=0.5)
     for n in range(calls):
-        assert store.reserve([Counter(key, 10**6)], Hold(f"c{n}", 100, 2.5, charge_on_expiry=100)).ok
+        assert store.reserve([Counter(key, 10**6)], Hold(f"c{n}", 100, 2.5, charge_on_expiry=charge)).ok
         assert store.settle(f"c{n}", [key], 10 + n).pending
     print("queued", len(store._carry), flush=True)
     sys.stdin.readline()
@@ -274,10 +274,10 @@ WORKER = textwrap.dedent(
 )
 
 
-def start_worker(url: str, prefix: str, key: str, calls: int) -> subprocess.Popen[str]:
+def start_worker(url: str, prefix: str, key: str, calls: int, charge: int = 100) -> subprocess.Popen[str]:
     src = str(Path(__file__).resolve().parents[1] / "src")
     env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    process = subprocess.Popen([sys.executable, "-c", WORKER, url, prefix, key, str(calls)], stdin=subprocess.PIPE,
+    process = subprocess.Popen([sys.executable, "-c", WORKER, url, prefix, key, str(calls), str(charge)], stdin=subprocess.PIPE,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     assert process.stdout is not None
     line = process.stdout.readline().split()
@@ -328,6 +328,20 @@ def test_sigkill_with_queued_settles_leaves_expiry_charges_and_no_hold(redis_url
     with RedisStore(redis_url, prefix=prefix) as other:
         (state,) = other.read([key])  # a read reaps expired holds
     assert state == CounterState(landed + 100, 0)  # charged its full reservation, no hold left
+
+
+def test_a_queued_settle_of_a_dead_process_charges_its_full_reservation(redis_url: str, admin: redis.Redis) -> None:
+    """Whatever the hold's own expiry charge (the guard's charge_input: its input estimate), a
+    call whose settle was still queued when its process died was served: it costs all it reserved."""
+    prefix, key = fresh_prefix(), key_of()
+    worker = start_worker(redis_url, prefix, key, 5, charge=10)
+    worker.send_signal(signal.SIGKILL)
+    worker.wait(timeout=10)
+    landed = sum(10 + n for n in range(4))
+    time.sleep(2.6)
+    with RedisStore(redis_url, prefix=prefix) as other:
+        (state,) = other.read([key])
+    assert state == CounterState(landed + 100, 0)  # not landed + 10
 
 
 # -- faults ------------------------------------------------------------------------------------------

@@ -9,9 +9,11 @@ the queue has been empty for ``LINGER``; asyncio settles use ``loop.call_later``
 by ``read()``, ``close()`` and at interpreter exit.
 
 If the process dies with settles queued, their holds expire at the end of their lease and are
-charged their ``charge_on_expiry`` (the guard's ``expired_hold`` policy): what may be lost is
-at most the settles of the last ``window`` seconds (plus one round trip), and each is charged
-what its reservation said expiry charges instead of its actual cost.
+charged all they reserved: such a call was served, and its actual cost is at most that. (A
+carrying store places every hold so: it cannot tell Redis which settles wait without the round
+trip it saves, so a call in flight when its process died is charged its reservation too,
+whatever the guard's ``expired_hold`` says.) What may be late is at most the settles of the last
+``window`` seconds (plus one round trip); none is undercharged.
 """
 
 from __future__ import annotations

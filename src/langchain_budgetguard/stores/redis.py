@@ -96,8 +96,10 @@ within ``CARRY_LEASE_MARGIN`` (1 s) plus two windows: a queued settle's hold is 
 while its process lives. Its hold stays in Redis until it lands, so money is held a little longer and never
 spent twice: spent + held <= limit at every instant. A script call that fails journals the
 settles it carried (replayed exactly once, as above). If the process dies with settles queued
-(at most those of the last window), their holds expire with their lease and are charged their
-``charge_on_expiry`` (the guard's ``expired_hold`` policy) instead of the actual cost.
+(at most those of the last window), their holds expire with their lease and are charged all they
+reserved (the calls were served): a carrying store places every hold with an expiry charge of
+its full amount, whatever ``charge_on_expiry`` the hold asked for, since it cannot tell Redis
+which settles wait without the round trip it saves.
 
 Leased slices (``lease_slices=True``, off by default; ``stores.slices``, ``lua/slice.lua``). A
 counter this process reserves on often is admitted against a slice of its budget leased from
@@ -887,12 +889,16 @@ class RedisStore:
         placed: list[tuple[_Group, list[CounterState], bool]] = []  # group, states before, was new
         keys = [c.key for c in counters]
         crossed: list[Crossing] = []
+        # A settle this store carries waits in the process while its hold stays in Redis: if the
+        # process dies then, the call was served, so its hold charges all it reserved on expiry.
+        whole = self._carry is not None
         for number, group in enumerate(groups):
             args = [call_id, lease_ms, self._retry_ms, token]
             for key in group.keys:
                 p = plans[key]
                 args += [str(p.limit), "" if p.expires_at is None else str(p.expires_at), str(p.amount),
-                         str(p.charge_on_expiry), ",".join(map(str, p.alerts))]
+                         str(max(p.amount, p.charge_on_expiry) if whole else p.charge_on_expiry),
+                         ",".join(map(str, p.alerts))]
             call, carried = self._carried_call(self._call("reserve", group, call_id, args, indexed=True), group.slot)
             try:
                 reply = yield call
