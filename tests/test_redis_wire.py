@@ -14,7 +14,7 @@ from redis.connection import Connection
 
 from langchain_budgetguard.stores.base import Counter, Hold
 from langchain_budgetguard.stores.redis import RedisStore
-from langchain_budgetguard.stores.redis_wire import AsyncDirectScript, DirectScript, direct_scripts, wire_command
+from langchain_budgetguard.stores.redis_wire import AsyncDirectScript, DirectScript, Kept, direct_scripts, wire_command
 
 from .redis_support import delete_prefix, fresh_prefix, redis_url  # noqa: F401 - fixture
 
@@ -140,7 +140,7 @@ def test_a_cancelled_async_call_never_answers_the_next_one(redis_url: str) -> No
 @pytest.mark.parametrize("keep", [False, True])
 def test_many_threads_share_the_pool_and_get_their_own_replies(redis_url: str, keep: bool) -> None:  # noqa: F811
     # A pool's wait for a free connection that never comes (one kept aside) would fail in 0.5 s.
-    pool = redis.BlockingConnectionPool.from_url(redis_url, max_connections=4, timeout=0.5)
+    pool = redis.BlockingConnectionPool.from_url(redis_url, max_connections=8, timeout=0.5)
     client = redis.Redis(connection_pool=pool)
     echo = direct_scripts(client, {"echo": client.register_script(ECHO)}, keep_connections=keep)["echo"]
     wrong: list[Any] = []
@@ -151,7 +151,7 @@ def test_many_threads_share_the_pool_and_get_their_own_replies(redis_url: str, k
             if reply != [f"k{n}".encode(), f"{n}:{i}".encode(), 1]:
                 wrong.append(reply)
 
-    threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]  # 8 threads, 4 connections
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(16)]  # 16 threads, 8 connections
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -161,7 +161,7 @@ def test_many_threads_share_the_pool_and_get_their_own_replies(redis_url: str, k
 
 
 def _kept_echo(redis_url: str) -> tuple[Any, DirectScript]:  # noqa: F811
-    client = redis.Redis(connection_pool=redis.BlockingConnectionPool.from_url(redis_url, max_connections=4))
+    client = redis.Redis(connection_pool=redis.BlockingConnectionPool.from_url(redis_url, max_connections=8))
     scripts = direct_scripts(client, {"echo": client.register_script(ECHO)}, keep_connections=True)
     assert scripts["echo"].kept.idle == []
     return client, scripts["echo"]
@@ -209,7 +209,7 @@ def test_a_kept_connection_stays_with_the_process_that_made_it(redis_url: str) -
 
 def test_many_async_tasks_share_kept_connections(redis_url: str) -> None:  # noqa: F811
     async def main() -> None:
-        pool = redis.asyncio.BlockingConnectionPool.from_url(redis_url, max_connections=3, timeout=0.5)
+        pool = redis.asyncio.BlockingConnectionPool.from_url(redis_url, max_connections=8, timeout=0.5)
         client = redis.asyncio.Redis(connection_pool=pool)
         scripts = direct_scripts(client, {"echo": client.register_script(ECHO), "slow": client.register_script(SLOW)},
                                  keep_connections=True)
@@ -219,9 +219,9 @@ def test_many_async_tasks_share_kept_connections(redis_url: str) -> None:  # noq
         async def work(n: int) -> list[Any]:
             return [await echo(keys=[f"k{n}"], args=[f"{n}:{i}"]) for i in range(30)]
 
-        got = await asyncio.gather(*(work(n) for n in range(6)))  # 6 tasks on 3 connections: none waits long
-        assert got == [[[f"k{n}".encode(), f"{n}:{i}".encode(), 1] for i in range(30)] for n in range(6)]
-        assert 1 <= len(echo.kept.idle) <= 3
+        got = await asyncio.gather(*(work(n) for n in range(20)))  # 20 tasks on 8 connections: none waits long
+        assert got == [[[f"k{n}".encode(), f"{n}:{i}".encode(), 1] for i in range(30)] for n in range(20)]
+        assert 1 <= len(echo.kept.idle) <= Kept.most
         task = asyncio.create_task(slow(args=["200000", "late"]))
         await asyncio.sleep(0.05)
         task.cancel()
@@ -231,6 +231,35 @@ def test_many_async_tasks_share_kept_connections(redis_url: str) -> None:  # noq
         # Every kept connection answers its own call (the cancelled one was dropped, not kept with a reply due).
         got = await asyncio.gather(*(echo(keys=["k"], args=[str(i)]) for i in range(5)))
         assert got == [[b"k", str(i).encode(), 1] for i in range(5)]
+        await client.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_small_pool_keeps_nothing_aside() -> None:
+    pool = redis.BlockingConnectionPool(max_connections=4 * Kept.most - 1)
+    client = redis.Redis(connection_pool=pool)
+    assert direct_scripts(client, {"echo": client.register_script(ECHO)}, keep_connections=True)["echo"].kept is None
+
+
+def test_what_is_kept_leaves_the_pool_to_the_clients_other_commands(redis_url: str) -> None:  # noqa: F811
+    """After many script calls at once, at most ``Kept.most`` connections stay aside: the client's
+    own commands (a store reads overrides, checks the eviction policy, ... through the same pool)
+    still get every other connection of the pool."""
+    async def main() -> None:
+        pool = redis.asyncio.BlockingConnectionPool.from_url(redis_url, max_connections=8, timeout=0.5)
+        client = redis.asyncio.Redis(connection_pool=pool)
+        echo = direct_scripts(client, {"echo": client.register_script(ECHO)}, keep_connections=True)["echo"]
+
+        async def scripts(n: int) -> None:
+            for i in range(20):
+                assert await echo(keys=["k"], args=[f"{n}:{i}"]) == [b"k", f"{n}:{i}".encode(), 1]
+
+        await asyncio.gather(*(scripts(n) for n in range(20)))  # all 8 connections made and used
+        assert len(echo.kept.idle) == Kept.most
+        others = [await pool.get_connection() for _ in range(8 - Kept.most)]  # none waits 0.5 s
+        for connection in others:
+            await pool.release(connection)
         await client.aclose()
 
     asyncio.run(main())

@@ -8,9 +8,9 @@ a plain ``redis.Redis`` / ``redis.asyncio.Redis`` client (one server or Sentinel
 cluster, not a single-connection client, the default utf-8 encoding) ``direct_scripts`` wraps
 each registered script in a ``DirectScript``: the ``EVALSHA`` is packed here and written and
 read on a connection borrowed from the client's own pool and given back after (for a pool the
-store built and alone uses, ``keep_connections``: kept in the store's own list between calls
-instead, which saves the pool's ~13 µs lock and bookkeeping per call; a connection that was
-closed meanwhile, or that came from before a fork, is replaced). redis-py's
+store built, ``keep_connections``: a few kept with the scripts between calls instead, ``Kept``,
+which saves the pool's ~13 µs lock and bookkeeping per call; one that was closed meanwhile, or
+that came from before a fork, is replaced). redis-py's
 connection disconnects itself on any error while writing or reading (a timeout, a reset, a
 cancelled task), so the pool never hands out a connection with a reply still pending. A server
 that lost its scripts (``NOSCRIPT``) gets the script loaded and the call sent once more, as
@@ -79,7 +79,8 @@ def direct_scripts(client: Any, scripts: dict[str, Any], keep_connections: bool 
         if _direct(client, module):
             pool = client.connection_pool
             keep = (keep_connections and type(pool) is module.BlockingConnectionPool
-                    and str(pool.connection_kwargs.get("protocol") or 2) == "2")  # RESP3 may push data
+                    and str(pool.connection_kwargs.get("protocol") or 2) == "2"  # RESP3 may push data
+                    and (pool.max_connections or 0) >= 4 * Kept.most)  # the client's other commands need the rest
             kept = Kept() if keep else None
             return {name: kind(client, script, kept) for name, script in scripts.items()}
     return scripts
@@ -142,14 +143,18 @@ class AsyncDirectScript(DirectScript):
 
 
 class Kept:
-    """Connections of a pool kept between script calls, and the calls waiting on the pool.
+    """A few connections of a pool kept between script calls, and the calls waiting on the pool.
 
+    At most ``most`` are kept (the client's other commands, and script calls beyond that many
+    at once, go through the pool as usual: the pool never runs dry because of what is kept).
     ``list.append`` / ``list.pop`` are atomic, so threads share it without a lock. A call that
     finds none kept takes one from the pool (a new one, or it waits while all are out); so that
     it never waits while one sits here, a connection given back while a call waits goes to the
     pool instead (checked after it is put here, and the waiting call looks here once more after
     saying it waits: one of the two always sees the other).
     """
+
+    most = 2  # a sync caller, or a few threads or tasks, reuse their connection; more use the pool
 
     __slots__ = ("idle", "waiting")
 
@@ -190,6 +195,9 @@ class Kept:
         return connection
 
     def give_back(self, connection: Any, pool: Any) -> None:
+        if len(self.idle) >= self.most:
+            pool.release(connection)
+            return
         self.idle.append(connection)
         if self.waiting:
             connection = self._pop(os.getpid())
@@ -216,6 +224,9 @@ class Kept:
         return connection
 
     async def agive_back(self, connection: Any, pool: Any) -> None:
+        if len(self.idle) >= self.most:
+            await pool.release(connection)
+            return
         self.idle.append(connection)
         if self.waiting:
             connection = self._pop(None)
