@@ -86,12 +86,12 @@ def test_a_server_that_lost_its_scripts_gets_them_again(redis_url: str) -> None:
 
 
 def test_a_timed_out_reply_never_answers_the_next_call(redis_url: str) -> None:  # noqa: F811
-    client = redis.Redis.from_url(redis_url, socket_timeout=0.05)
+    client = redis.Redis.from_url(redis_url, socket_timeout=0.25)
     slow = DirectScript(client, client.register_script(SLOW))
     slow(args=["0", "warm"])
     with pytest.raises(redis.TimeoutError):
-        slow(args=["300000", "late"])  # 0.3 s of server time: the reply comes after the timeout
-    time.sleep(0.35)  # the server is free again
+        slow(args=["1000000", "late"])  # 1 s of server time: the reply comes after the timeout
+    time.sleep(1.0)  # the server is free again
     assert slow(args=["0", "mine"]) == b"mine"  # not "late": that connection was dropped
     client.close()
 
@@ -139,8 +139,8 @@ def test_a_cancelled_async_call_never_answers_the_next_one(redis_url: str) -> No
 
 @pytest.mark.parametrize("keep", [False, True])
 def test_many_threads_share_the_pool_and_get_their_own_replies(redis_url: str, keep: bool) -> None:  # noqa: F811
-    # A pool's wait for a free connection that never comes (one kept aside) would fail in 0.5 s.
-    pool = redis.BlockingConnectionPool.from_url(redis_url, max_connections=8, timeout=0.5)
+    # A pool's wait for a free connection that never comes (one kept aside) would fail in 2 s.
+    pool = redis.BlockingConnectionPool.from_url(redis_url, max_connections=8, timeout=2)
     client = redis.Redis(connection_pool=pool)
     echo = direct_scripts(client, {"echo": client.register_script(ECHO)}, keep_connections=keep)["echo"]
     wrong: list[Any] = []
@@ -209,7 +209,7 @@ def test_a_kept_connection_stays_with_the_process_that_made_it(redis_url: str) -
 
 def test_many_async_tasks_share_kept_connections(redis_url: str) -> None:  # noqa: F811
     async def main() -> None:
-        pool = redis.asyncio.BlockingConnectionPool.from_url(redis_url, max_connections=8, timeout=0.5)
+        pool = redis.asyncio.BlockingConnectionPool.from_url(redis_url, max_connections=8, timeout=2)
         client = redis.asyncio.Redis(connection_pool=pool)
         scripts = direct_scripts(client, {"echo": client.register_script(ECHO), "slow": client.register_script(SLOW)},
                                  keep_connections=True)

@@ -10,19 +10,18 @@ each registered script in a ``DirectScript``: the ``EVALSHA`` is packed here and
 read on a connection borrowed from the client's own pool and given back after (for a pool the
 store built, ``keep_connections``: a few kept with the scripts between calls instead, ``Kept``,
 which saves the pool's ~13 µs lock and bookkeeping per call; one that was closed meanwhile, or
-that came from before a fork, is replaced). redis-py's
-connection disconnects itself on any error while writing or reading (a timeout, a reset, a
-cancelled task), so the pool never hands out a connection with a reply still pending. A server
+that came from before a fork, is replaced). redis-py's connection disconnects itself on any
+error while writing or reading (a timeout, a reset, a cancelled task), so the pool never hands
+out a connection with a reply still pending. A server
 that lost its scripts (``NOSCRIPT``) gets the script loaded and the call sent once more, as
 redis-py's ``Script`` does.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
-
-import os
 
 import redis
 import redis.asyncio
@@ -73,8 +72,8 @@ def _direct(client: Any, module: Any) -> bool:
 
 def direct_scripts(client: Any, scripts: dict[str, Any], keep_connections: bool = False) -> dict[str, Any]:
     """``scripts`` (name -> redis-py ``Script``), each wrapped in a direct caller when ``client``
-    allows; ``keep_connections``: the store built the client's blocking pool and nothing else
-    uses it, so connections may stay with the scripts between calls."""
+    allows; ``keep_connections``: the store built the client's blocking pool, so a few of its
+    connections may stay with the scripts between calls."""
     for module, kind in ((redis, DirectScript), (redis.asyncio, AsyncDirectScript)):
         if _direct(client, module):
             pool = client.connection_pool
@@ -195,11 +194,9 @@ class Kept:
         return connection
 
     def give_back(self, connection: Any, pool: Any) -> None:
-        if len(self.idle) >= self.most:
-            pool.release(connection)
-            return
-        self.idle.append(connection)
-        if self.waiting:
+        idle = self.idle
+        idle.append(connection)
+        if self.waiting or len(idle) > self.most:  # (checked after the append: see the class docstring)
             connection = self._pop(os.getpid())
             if connection is not None:
                 pool.release(connection)
@@ -224,11 +221,9 @@ class Kept:
         return connection
 
     async def agive_back(self, connection: Any, pool: Any) -> None:
-        if len(self.idle) >= self.most:
-            await pool.release(connection)
-            return
-        self.idle.append(connection)
-        if self.waiting:
+        idle = self.idle
+        idle.append(connection)
+        if self.waiting or len(idle) > self.most:
             connection = self._pop(None)
             if connection is not None:
                 await pool.release(connection)

@@ -12,8 +12,8 @@
 -- for them), 17 how many ledger rows, 18 those rows as one JSON array (LedgerRow.packed
 -- objects, each with its amount x), 19 what they share as one JSON object, written as one
 -- stream entry (fields J and C): a row per entry cost Redis ~7 µs a row, and the stream's MAXLEN
--- counts entries, so a batch entry trims at max rows / count. If the slice's lease ends, expiry charges all of it (its process may have served calls
--- it never reported).
+-- counts entries, so a batch entry trims at max rows / count. If the slice's lease ends, expiry
+-- charges all of it (its process may have served calls it never reported).
 -- Returns {code, grant, spent, held (holds and slices, with this grant), then (1, threshold,
 -- spent) per alert fired}: code 1 applied, 2 this seq was applied before (nothing changed; grant
 -- is the slice's grant now).
