@@ -263,3 +263,24 @@ def test_what_is_kept_leaves_the_pool_to_the_clients_other_commands(redis_url: s
         await client.aclose()
 
     asyncio.run(main())
+
+
+def test_a_kept_connection_to_a_server_gone_connects_once_per_call(tmp_path: Any) -> None:
+    """A server that went away costs each call one connect attempt (one connect timeout), not two."""
+    from .redis_support import RedisServer
+
+    server = RedisServer(tmp_path).start()
+    client = redis.Redis(connection_pool=redis.BlockingConnectionPool.from_url(server.url, max_connections=8,
+                                                                               socket_connect_timeout=0.5))
+    echo = direct_scripts(client, {"echo": client.register_script(ECHO)}, keep_connections=True)["echo"]
+    assert echo(keys=["k"], args=["up"]) == [b"k", b"up", 1]
+    kept = echo.kept.idle[0]
+    server.stop()
+    connects = []
+    real_connect = kept._connect  # redis-py's socket connect, under connect() and the send's own
+    kept._connect = lambda: (connects.append(1), real_connect())[1]  # type: ignore[method-assign]
+    for _ in range(3):
+        with pytest.raises(redis.ConnectionError):
+            echo(keys=["k"], args=["down"])
+    assert len(connects) == 3 and echo.kept.idle == [kept]
+    client.close()

@@ -185,12 +185,13 @@ class Kept:
                     return pool.get_connection()
             finally:
                 self.waiting.pop()
-        try:
-            stale = connection.can_read()  # the server closed it (EOF) or something is unread
-        except (redis.ConnectionError, redis.TimeoutError, OSError):
-            stale = True
-        if stale:
-            connection.disconnect()  # start clean: it connects again as it sends
+        if connection.is_connected:  # (one an error disconnected connects again as it sends)
+            try:
+                stale = connection.can_read()  # the server closed it (EOF) or something is unread
+            except (redis.ConnectionError, redis.TimeoutError, OSError):
+                stale = True
+            if stale:
+                connection.disconnect()  # start clean: it connects again as it sends
         return connection
 
     def give_back(self, connection: Any, pool: Any) -> None:
