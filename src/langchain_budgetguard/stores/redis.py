@@ -596,7 +596,8 @@ class RedisStore:
         self._async_given: _Backend | None = None
         self._async_by_loop: weakref.WeakKeyDictionary[Any, _Backend] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
-        self._group_keys: dict[tuple[_Group, bool], tuple[str, ...]] = {}  # a group's counter and lease-set names
+        # a group's counter and lease-set (and index) names, and its index members
+        self._group_keys: dict[tuple[_Group, bool], tuple[tuple[str, ...], tuple[str, ...]]] = {}
         self._releases: list[_PendingRelease] = []
         self._repair_lock = threading.Lock()  # one replay at a time
         self._repairer: threading.Thread | None = None
@@ -734,20 +735,21 @@ class RedisStore:
         that tag, then each counter's keys (``indexed``: with its spend index, and the members
         appended to ``args``)."""
         cache = (group, indexed)
-        keys = self._group_keys.get(cache)
-        if keys is None:
+        known = self._group_keys.get(cache)
+        if known is None:
             names: list[str] = []
             for key in group.keys:
                 names += self.redis_keys(key)
                 if indexed:
                     found = self.index_key(key)
                     names.append(found[0] if found else self.redis_keys(key)[0])
-            keys = tuple(names)
+            known = (tuple(names), tuple(self._members(group)) if indexed else ())
             if len(self._group_keys) >= 4096:
                 self._group_keys.clear()
-            self._group_keys[cache] = keys
+            self._group_keys[cache] = known
+        keys, members = known
         if indexed:
-            args = [*args, *self._members(group)]
+            args = [*args, *members]
         if call_id is not None:
             keys = (f"{self.prefix}c:{group.slot}:{call_id}", *extra, *keys)
         return _Call(script, keys, tuple(args))
