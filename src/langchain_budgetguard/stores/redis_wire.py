@@ -3,7 +3,8 @@
 redis-py's ``Script`` call encodes every argument through its generic encoder and runs the command
 through ``Redis.execute_command`` (its retries, observability hooks, response callbacks): for a
 reserve's ~50 arguments that is ~40 µs of Python on a small machine, a third of a loopback round
-trip. The store retries by its own ``RetryPolicy`` and reads script replies as they come, so for
+trip. The store retries by its own ``RetryPolicy`` (a client's own ``retry=`` is not applied to
+its scripts) and reads script replies as they come, so for
 a plain ``redis.Redis`` / ``redis.asyncio.Redis`` client (one server or Sentinel's master; not a
 cluster, not a single-connection client, the default utf-8 encoding) ``direct_scripts`` wraps
 each registered script in a ``DirectScript``: the ``EVALSHA`` is packed here and written and
