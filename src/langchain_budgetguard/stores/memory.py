@@ -175,21 +175,21 @@ class MemoryStore:
         self._records[call_id] = record
         heapq.heappush(self._record_expiry, (record.forget_at, call_id))
 
+    def _forget_if_due(self, call_id: str, now: float) -> None:
+        """Forget the record of ``call_id`` if its time is up (one given more time since stays)."""
+        record = self._records.get(call_id)
+        if record is not None and record.forget_at <= now:
+            del self._records[call_id]
+
     def _sweep(self, now: float) -> None:
         """Drop what outlived its use: records, expiry charges, counters past retention (at most once a second)."""
         self._next_sweep = now + 1
         records, counters, expired = self._record_expiry, self._counter_expiry, self._expired_expiry
         while records and records[0][0] <= now:
-            _, cid = heapq.heappop(records)
-            record = self._records.get(cid)
-            if record is not None and record.forget_at <= now:
-                del self._records[cid]
+            self._forget_if_due(heapq.heappop(records)[1], now)
         settled = self._settled_expiry
         while settled and settled[0][0] <= now:
-            _, cid = settled.popleft()
-            record = self._records.get(cid)
-            if record is not None and record.forget_at <= now:
-                del self._records[cid]
+            self._forget_if_due(settled.popleft()[1], now)
         while expired and expired[0][0] <= now:
             _, key, cid = heapq.heappop(expired)
             counter = self._counters.get(key)

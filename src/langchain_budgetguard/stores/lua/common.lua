@@ -8,10 +8,10 @@
 -- of deadlines in ms of server TIME: member call_id for a live hold's lease, member
 -- TAB .. call_id for when that expiry charge is forgotten.
 -- Leased slices (stores.slices): '%' .. slice_id = 'grant:charge_on_expiry' for each process's
--- live slice, g = the sum of their grants, lease-set member SLICE .. slice_id its deadline; a
--- n = how many; a slice whose lease ended is charged its charge_on_expiry, remembered as '!' .. SLICE .. slice_id
--- for a late report to replace. Holds and slices both count against the limit:
--- spent + h + g <= limit.
+-- live slice, g = the sum of their grants, n = how many, lease-set member SLICE .. slice_id its
+-- deadline; a slice whose lease ended is charged its charge_on_expiry, remembered as
+-- '!' .. SLICE .. slice_id for a late report to replace. Holds and slices both count against the
+-- limit: spent + h + g <= limit.
 -- KEYS of a counter script come in pairs after the call record: counter hash, lease set.
 --
 -- Money stays in decimal strings handed to HINCRBY: Lua numbers are doubles (exact only below
@@ -237,19 +237,11 @@ local function reap(c, l, now, keep_ms)
     if head == TAB then
       redis.call('HDEL', c, '!' .. string.sub(id, 2))
       redis.call('ZREM', l, id)
-    elseif head == SLICE then
-      local sid = string.sub(id, 2)
-      local v = redis.call('HGET', c, '%' .. sid)
+    else  -- a hold (member call_id, field '@' .. id) or a slice (SLICE .. sid, field '%' .. sid)
+      local sid = head == SLICE and string.sub(id, 2) or nil
+      local v = redis.call('HGET', c, sid and '%' .. sid or '@' .. id)
       if v then
-        drop_slice(c, l, sid, v)
-        charge_expired(c, l, id, v, now, keep_ms)
-      else
-        redis.call('ZREM', l, id)
-      end
-    else
-      local v = redis.call('HGET', c, '@' .. id)
-      if v then
-        drop(c, l, id, v)
+        if sid then drop_slice(c, l, sid, v) else drop(c, l, id, v) end
         charge_expired(c, l, id, v, now, keep_ms)
       else
         redis.call('ZREM', l, id)
