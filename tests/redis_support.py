@@ -67,6 +67,14 @@ def redis_url() -> Iterator[str]:
         client.close()
 
 
+@pytest.fixture
+def admin(redis_url: str) -> Iterator[redis.Redis]:
+    """A plain client of the session's Redis that decodes replies (for reading keys in tests)."""
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    client.close()
+
+
 # -- throwaway servers -------------------------------------------------------------------------
 
 

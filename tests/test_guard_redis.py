@@ -39,7 +39,7 @@ from langchain_budgetguard.stores.redis import RedisStore, RetryPolicy
 
 from .fakes import ExactEstimator
 from .guard_worker import CALL_COST, INPUT_COST, PRICES, big, guard_for
-from .redis_support import RedisServer, delete_prefix, fresh_prefix, redis_url  # noqa: F401 - fixture
+from .redis_support import RedisServer, admin, delete_prefix, fresh_prefix, redis_url  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.redis
 
@@ -54,12 +54,6 @@ def unique(label: str) -> str:
 def totals(statuses: list[Any]) -> tuple[Decimal, Decimal]:
     return sum((s.spent for s in statuses), Decimal(0)), sum((s.held for s in statuses), Decimal(0))
 
-
-@pytest.fixture
-def admin(redis_url: str) -> Iterator[redis.Redis]:  # noqa: F811
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
-    yield client
-    client.close()
 
 
 @pytest.fixture

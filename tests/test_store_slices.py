@@ -17,7 +17,7 @@ from langchain_budgetguard.stores.base import Counter, CounterState, Hold
 from langchain_budgetguard.stores.ledger import LedgerRow
 from langchain_budgetguard.stores.redis import RedisStore, RetryPolicy
 
-from .redis_support import ReplyDroppingProxy, fresh_prefix, redis_url, script_calls  # noqa: F401 - fixtures
+from .redis_support import ReplyDroppingProxy, admin, fresh_prefix, redis_url, script_calls  # noqa: F401 - fixtures
 from . import test_store_redis as redis_tests  # (its contract class, not re-collected here)
 
 
@@ -84,12 +84,6 @@ def _spawn(spec: dict) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", WORKER, json.dumps(spec)], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
-
-@pytest.fixture
-def admin(redis_url: str) -> Iterator[redis.Redis]:  # noqa: F811
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
-    yield client
-    client.close()
 
 
 @pytest.fixture
