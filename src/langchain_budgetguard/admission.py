@@ -49,6 +49,12 @@ class Estimate:
     refs: tuple[ModelRef, ...] = ()  # every model that may serve the call (priced at settle)
     cap_kwarg: str | None = None  # the call kwarg that caps output (sent with ``send_cap``)
     cap_source: str = "none"  # who set the cap: call, binding, model, integration_default, none
+    completions: int = 1  # the call asks for this many completions (``n``), each up to ``output_tokens``
+
+    @property
+    def held_output_tokens(self) -> int:
+        """The output the reservation covers: every completion at the cap."""
+        return self.output_tokens * self.completions
 
 
 @dataclass(slots=True)
@@ -145,22 +151,25 @@ def shrink_to_fit(policy: BudgetPolicy, estimate: Estimate, room: int, token_roo
         return None  # shrinking is off, or the cap is small already, or it cannot be sent
     low = fitting_output_tokens(policy, estimate, room)
     if token_room is not None:
-        low = min(low, token_room - estimate.input_tokens)
+        low = min(low, (token_room - estimate.input_tokens) // estimate.completions)
     if low < least:
         return None
     strict = policy.estimator.mode == "strict"
-    reserve, input_cost = estimate.card.hold_nano(estimate.input_tokens, low, dearer_cache_write=strict)
+    reserve, input_cost = estimate.card.hold_nano(estimate.input_tokens, low * estimate.completions,
+                                                  dearer_cache_write=strict)
     return Estimate(estimate.card, estimate.input_tokens, reserve + estimate.extra, input_cost, low, True, True,
-                    estimate.extra, estimate.refs, estimate.cap_kwarg, estimate.cap_source)
+                    estimate.extra, estimate.refs, estimate.cap_kwarg, estimate.cap_source, estimate.completions)
 
 
 def fitting_output_tokens(policy: BudgetPolicy, estimate: Estimate, room: int) -> int:
-    """The largest output cap below ``estimate``'s whose hold fits in ``room`` nano-USD (0: none does)."""
+    """The largest output cap below ``estimate``'s whose hold fits in ``room`` nano-USD (0: none does),
+    for each of the call's completions."""
     strict = policy.estimator.mode == "strict"
     room -= estimate.extra
+    completions = estimate.completions
 
     def fits(cap: int) -> bool:
-        return estimate.card.hold_nano(estimate.input_tokens, cap, dearer_cache_write=strict)[0] <= room
+        return estimate.card.hold_nano(estimate.input_tokens, cap * completions, dearer_cache_write=strict)[0] <= room
 
     if not fits(1):
         return 0
@@ -211,14 +220,14 @@ def _refusal(policy: BudgetPolicy, plan: CounterPlan, counters: Sequence[Counter
     if unit == "usd":
         fitting = fitting_output_tokens(policy, estimate, room)
     else:
-        fitting = max(room - estimate.input_tokens, 0) if unit == "tokens" else None
+        fitting = max(room - estimate.input_tokens, 0) // estimate.completions if unit == "tokens" else None
     amount = estimate.reserve if counter.amount is None else counter.amount
     return plan.refusal(
         blocked, state, amount, candidate.label,
         input_estimate=nano_to_usd(estimate.input_cost),
         output_estimate=nano_to_usd(estimate.reserve - estimate.input_cost),
         output_tokens=estimate.output_tokens, output_cap_source=estimate.cap_source,
-        fitting_output_tokens=fitting,
+        fitting_output_tokens=fitting, completions=estimate.completions,
     )
 
 

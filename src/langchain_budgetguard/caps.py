@@ -11,6 +11,10 @@ A model field equal to the model's full output limit (``profile["max_output_toke
 ``ChatAnthropic``'s fallback of 4,096 on a model without a profile, is read as the integration's
 default: LangChain does not record whether the user typed it. To make the guard honour a full
 output limit, bind it (``llm.bind(max_tokens=64000)``) or pass it with the call.
+
+A request's ``extra_body`` (merged by the OpenAI and Anthropic SDKs over the named parameters) is
+read first: a cap or ``n`` there is what the provider runs with. ``n`` / ``candidate_count`` ask
+for several completions, each up to the cap and each billed.
 """
 
 from __future__ import annotations
@@ -22,9 +26,11 @@ from typing import Any, Literal
 
 __all__ = [
     "CAP_KWARGS",
+    "COMPLETION_KWARGS",
     "OutputCap",
     "OutputCapSource",
     "binding_layers",
+    "extra_body_of",
     "innermost_model",
     "max_output_tokens",
     "model_output_limit",
@@ -37,6 +43,11 @@ CAP_KWARGS = ("max_tokens", "max_completion_tokens", "max_output_tokens", "num_p
 """Call / binding kwargs that set an output cap, in the order they are looked for."""
 
 _CAP_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens", "num_predict", "max_new_tokens")
+
+COMPLETION_KWARGS = ("n", "candidate_count")
+"""Call / binding kwargs and model fields that ask for several completions of one prompt (OpenAI and
+compatible APIs: ``n``; Google: ``candidate_count``, also inside a call's ``generation_config``).
+Each completion may run to the output cap and every one is billed: the prompt once, the outputs all."""
 
 # Integrations that fill in a cap of their own when none is given: class name -> fallback used
 # when the model has no profile (the profile's max_output_tokens otherwise).
@@ -55,12 +66,14 @@ class OutputCap:
     (the integration's own default, equal to the model's full output limit), or ``"none"``.
     ``kwarg``: the keyword that sets this call's cap (the one found, else the model's field).
     ``model_limit``: the model's own output limit from its LangChain profile, if known.
+    ``completions``: how many completions the call asks for (``n``), each capped at ``tokens``.
     """
 
     tokens: int | None
     source: OutputCapSource
     kwarg: str | None
     model_limit: int | None
+    completions: int = 1
 
     @property
     def user_set(self) -> bool:
@@ -152,7 +165,8 @@ def _is_integration_default(inner: Any, cap: int, limit: int | None) -> bool:
 
 
 def output_cap(model: Any, call_kwargs: Mapping[str, Any] | None = None) -> OutputCap:
-    """The output cap a call on ``model`` runs with, who set it, and the model's output limit.
+    """The output cap a call on ``model`` runs with, who set it, the model's output limit, and how
+    many completions the call asks for.
 
     Looks at the call's kwargs, then ``RunnableBinding`` kwargs (outer over inner), then the
     model's fields and ``model_kwargs``, then its ``ls_max_tokens``. Non-positive and
@@ -160,21 +174,55 @@ def output_cap(model: Any, call_kwargs: Mapping[str, Any] | None = None) -> Outp
     """
     layers, inner = binding_layers(model)
     limit = model_output_limit(inner)
+    completions = _completions(layers, inner, call_kwargs)
+    extra, index = extra_body_of(inner, call_kwargs, *layers)
+    where: OutputCapSource = "call" if index == 0 else "binding" if index <= len(layers) else "model"
+    if extra is not None:
+        # The SDK merges extra_body over the named parameters: its cap is the one the request runs
+        # with, and a cap the guard would send beside it is overridden (so none is sent).
+        completions = _completions_in(extra) or completions
+        found = _cap_in(extra)
+        if found is not None:
+            return OutputCap(found[0], where, None, limit, completions)
+        if any(key in extra for key in CAP_KWARGS):  # null (or a value the provider refuses): uncapped
+            return OutputCap(limit, where if limit is not None else "none", None, limit, completions)
+    tokens, source, kwarg = _cap_of(layers, inner, limit, call_kwargs)
+    return OutputCap(tokens, source, kwarg, limit, completions)
+
+
+def extra_body_of(model: Any, *kwargs: Mapping[str, Any] | None) -> tuple[Mapping[str, Any] | None, int]:
+    """The ``extra_body`` a request on chat model ``model`` is sent with (the OpenAI and Anthropic SDKs
+    merge it over the named parameters), and where it came from: the first of ``kwargs`` (the call's,
+    then bindings', outer first) that has one, by its index, else the model's own (a field or in
+    ``model_kwargs``), index ``len(kwargs)``. Each replaces those after it whole, as the request does."""
+    for index, layer in enumerate(kwargs):
+        if isinstance(layer, Mapping) and "extra_body" in layer:
+            body = layer["extra_body"]
+            return (body if isinstance(body, Mapping) else None), index
+    body = getattr(model, "extra_body", None)
+    if not isinstance(body, Mapping):
+        model_kwargs = getattr(model, "model_kwargs", None)
+        body = model_kwargs.get("extra_body") if isinstance(model_kwargs, Mapping) else None
+    return (body if isinstance(body, Mapping) else None), len(kwargs)
+
+
+def _cap_of(layers: list[Mapping[str, Any]], inner: Any, limit: int | None, call_kwargs: Mapping[str, Any] | None
+            ) -> tuple[int | None, OutputCapSource, str | None]:
     found = _cap_in(call_kwargs)
     if found is not None:
-        return OutputCap(found[0], "call", found[1], limit)
+        return found[0], "call", found[1]
     for kwargs in layers:
         found = _cap_in(kwargs)
         if found is not None:
-            return OutputCap(found[0], "binding", found[1], limit)
+            return found[0], "binding", found[1]
     field = _field_cap(inner)
     if field is not None:
         source: OutputCapSource = "integration_default" if _is_integration_default(inner, field[0], limit) \
             else "model"
-        return OutputCap(field[0], source, output_cap_kwarg(inner) or field[1], limit)
+        return field[0], source, output_cap_kwarg(inner) or field[1]
     found = _cap_in(getattr(inner, "model_kwargs", None))
     if found is not None:
-        return OutputCap(found[0], "model", output_cap_kwarg(inner) or found[1], limit)
+        return found[0], "model", output_cap_kwarg(inner) or found[1]
     kwarg = output_cap_kwarg(inner)
     get_ls_params = getattr(inner, "_get_ls_params", None)
     if callable(get_ls_params):
@@ -185,9 +233,34 @@ def output_cap(model: Any, call_kwargs: Mapping[str, Any] | None = None) -> Outp
         if isinstance(params, Mapping):
             cap = _positive_int(params.get("ls_max_tokens"))
             if cap is not None:
-                source = "integration_default" if limit is not None and cap == limit else "model"
-                return OutputCap(cap, source, kwarg, limit)
-    return OutputCap(None, "none", kwarg, limit)
+                return cap, "integration_default" if limit is not None and cap == limit else "model", kwarg
+    return None, "none", kwarg
+
+
+def _completions_in(kwargs: Any) -> int | None:
+    if not isinstance(kwargs, Mapping):
+        return None
+    for key in COMPLETION_KWARGS:
+        found = _positive_int(kwargs.get(key))
+        if found is not None:
+            return found
+    nested = kwargs.get("generation_config")  # Google's per-call generation settings
+    return _completions_in(nested) if isinstance(nested, Mapping) else None
+
+
+def _completions(layers: list[Mapping[str, Any]], inner: Any, call_kwargs: Mapping[str, Any] | None) -> int:
+    """How many completions a call asks for: the call's kwargs, then bindings (outer first), then the
+    model's fields and ``model_kwargs``; 1 when none says. A value that is not a positive number says
+    nothing here (the provider refuses it), so the next place is looked at: never fewer than asked."""
+    for kwargs in (call_kwargs, *layers):
+        found = _completions_in(kwargs)
+        if found is not None:
+            return found
+    for name in COMPLETION_KWARGS:
+        found = _positive_int(getattr(inner, name, None))
+        if found is not None:
+            return found
+    return _completions_in(getattr(inner, "model_kwargs", None)) or 1
 
 
 def max_output_tokens(model: Any, call_kwargs: Mapping[str, Any] | None = None) -> int | None:

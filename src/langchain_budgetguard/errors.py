@@ -44,6 +44,13 @@ class Refusal:
     output_cap_source: str | None = None  # who set it: call, binding, model, integration_default, none
     fitting_output_tokens: int | None = None  # the largest output cap that would fit (0: not even input)
     unit: str = "usd"  # what the limit counts: "usd" (limit, spent, held, estimate in USD), "tokens", "requests"
+    completions: int = 1  # the call asks for this many completions (n), each reserved up to output_tokens
+
+    @property
+    def _output(self) -> str:
+        if self.completions > 1:
+            return f"{self.completions} completions of up to {self.output_tokens:,} tokens each"
+        return f"{self.output_tokens:,} tokens"
 
     @property
     def dominant(self) -> str | None:
@@ -70,7 +77,7 @@ class Refusal:
         parts = ""
         if self.dominant is not None:
             parts = (f" (input {format_usd(self.input_estimate)}, output {format_usd(self.output_estimate)} for "
-                     f"{self.output_tokens:,} tokens)")
+                     f"{self._output})")
         return (
             f"{who}, window {self.window}: limit {format_usd(self.limit)}, spent {format_usd(self.spent)}, "
             f"held by calls in flight {format_usd(self.held)}, this call's estimate on {self.model} "
@@ -81,19 +88,20 @@ class Refusal:
         """What would make this call fit, from what dominated its estimate."""
         if self.unit == "requests":
             return "The limit counts calls: wait for the window to reset, or raise the limit."
+        fewer = f" (or ask for fewer than {self.completions} completions)" if self.completions > 1 else ""
         if self.unit == "tokens" and self.fitting_output_tokens:
-            return (f"The limit counts tokens: a max_tokens of at most {self.fitting_output_tokens:,} would fit, "
-                    "or wait for the window to reset, or raise the limit.")
+            return (f"The limit counts tokens: a max_tokens of at most {self.fitting_output_tokens:,} would "
+                    f"fit{fewer}, or wait for the window to reset, or raise the limit.")
         if self.unit == "tokens":
             return "The limit counts tokens: shorten the prompt, wait for the window to reset, or raise the limit."
         if self.dominant == "output" and self.fitting_output_tokens:
             source = {"integration_default": " (the integration's default: its full output limit)",
                       "none": " (the guard's default_max_output_tokens)"}.get(self.output_cap_source or "", "")
-            return (f"The output cap dominates: {self.output_tokens:,} tokens{source}. A max_tokens of at most "
-                    f"{self.fitting_output_tokens:,} would fit (or lower min_output_tokens so the guard shrinks "
-                    "the cap to fit), or degrade to a cheaper model.")
+            return (f"The output cap dominates: {self._output}{source}. A max_tokens of at most "
+                    f"{self.fitting_output_tokens:,} would fit{fewer} (or lower min_output_tokens so the guard "
+                    "shrinks the cap to fit), or degrade to a cheaper model.")
         if self.dominant == "output":
-            return (f"The output cap dominates ({self.output_tokens:,} tokens), but what is left does not hold "
+            return (f"The output cap dominates ({self._output}), but what is left does not hold "
                     "even the prompt: raise the limit, wait for the reset, or add a cheaper model to degrade_to.")
         if self.dominant == "input":
             return ("The prompt dominates: shorten it (trim the history, fewer or smaller documents), or add a "

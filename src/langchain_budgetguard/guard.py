@@ -559,12 +559,12 @@ class BudgetGuard(BaseChatModel):
             if context:
                 card = card.variant(**context)
             extra = card.item_hold_nano(web_searches=searches) if searches else 0
-            reserve, input_cost = card.hold_nano(input_tokens, cap, dearer_cache_write=strict)
+            reserve, input_cost = card.hold_nano(input_tokens, cap * found.completions, dearer_cache_write=strict)
             if best is None or reserve + extra > best[0]:
                 best = (reserve + extra, input_cost, extra, card)
         reserve, input_cost, extra, card = best  # type: ignore[misc]
         return Estimate(card, input_tokens, reserve, input_cost, cap, send, False, extra, refs, cap_kwarg=found.kwarg,
-                        cap_source=found.source)
+                        cap_source=found.source, completions=found.completions)
 
     def _output_reservation(self, cap: OutputCap) -> tuple[int, bool]:
         """The output tokens to reserve for a call whose cap is ``cap``, and whether to send them.
@@ -628,7 +628,8 @@ class BudgetGuard(BaseChatModel):
     def _charged_by_policy(self, admitted: Admitted, why: str) -> CallCost:
         """What a call whose cost cannot be known costs: everything it reserved (never $0)."""
         estimate = admitted.estimate
-        usage = TokenUsage(input_tokens=estimate.input_tokens, output_tokens=estimate.output_tokens, estimated=True)
+        usage = TokenUsage(input_tokens=estimate.input_tokens, output_tokens=estimate.held_output_tokens,
+                           estimated=True)
         return self._priced(admitted, usage, estimate.reserve, admitted.candidate.label, None, why)
 
     def _price(self, admitted: Admitted, usage: TokenUsage, reply: Any = None) -> CallCost:

@@ -207,7 +207,7 @@ def _unit_hold(unit: str, estimate: Any, expired_hold: str) -> tuple[int, int]:
         return 1, 0 if expired_hold == "release" else 1
     if estimate is None:
         raise ValueError("a tokens limit needs the call's estimate to size its hold")
-    amount = estimate.input_tokens + estimate.output_tokens
+    amount = estimate.input_tokens + estimate.held_output_tokens
     charge = (estimate.input_tokens if expired_hold == "charge_input"
               else amount if expired_hold == "charge_reserved" else 0)
     return amount, charge

@@ -21,6 +21,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any
 
+from .caps import extra_body_of
 from .errors import UnknownModelPriceError
 from .money import to_decimal
 from .usage import TokenUsage
@@ -399,7 +400,9 @@ def _ref_of(obj: Any, kwargs: Mapping[str, Any]) -> ModelRef:
                 break
             except Exception:  # a third-party model that chokes on bound kwargs
                 continue
-    name = _str(kwargs.get("model")) or _str(kwargs.get("model_name")) or _str(params.get("ls_model_name"))
+    extra, _ = extra_body_of(obj, kwargs)  # sent over the named parameters: its model is the one called
+    name = (_str(extra.get("model")) if extra is not None else None) or _str(kwargs.get("model")) \
+        or _str(kwargs.get("model_name")) or _str(params.get("ls_model_name"))
     if name is None:
         for attr in _MODEL_ATTRS:
             if name := _str(inspect.getattr_static(obj, attr, None)) or _str(_safe_getattr(obj, attr)):
@@ -491,16 +494,17 @@ def _context_value(value: Any) -> str | None:
 def call_price_context(runnable: Any, kwargs: Mapping[str, Any] | None = None, config: Any = None) -> dict[str, str]:
     """The priced variant a call asks for: ``{"service_tier": ..., "speed": ...}`` (only those set).
 
-    Read from the call kwargs, the binding, ``model_kwargs`` and the model's own fields
-    (ChatOpenAI ``service_tier="priority"``, ChatAnthropic ``speed="fast"``). A standard tier
-    (``default``, ``auto``, ``standard``) is left out. Reserve with ``card.variant(**context)``.
+    Read from the request's ``extra_body``, the call kwargs, the binding, ``model_kwargs`` and the
+    model's own fields (ChatOpenAI ``service_tier="priority"``, ChatAnthropic ``speed="fast"``). A
+    standard tier (``default``, ``auto``, ``standard``) is left out. Reserve with ``card.variant(**context)``.
     """
     obj, kw = _resolve(runnable, kwargs, config)[0]
     model_kwargs = inspect.getattr_static(obj, "model_kwargs", None)
     model_kwargs = model_kwargs if isinstance(model_kwargs, Mapping) else {}
+    extra = extra_body_of(obj, kw)[0] or {}  # sent over the named parameters
     out: dict[str, str] = {}
     for key in ("service_tier", "speed"):
-        for source in (kw, model_kwargs):
+        for source in (extra, kw, model_kwargs):
             if key in source:
                 value = _context_value(source[key])
                 break

@@ -52,7 +52,7 @@ class StreamTracker:
         if text:
             self._text.append(text)
             self._pieces += 1
-            if self._pieces > self.admitted.estimate.output_tokens:
+            if self._pieces > self.admitted.estimate.held_output_tokens:
                 self.over_cap = True
         metadata = getattr(chunk, "response_metadata", None)
         if metadata and ("model_name" in metadata or "model" in metadata):

@@ -37,6 +37,12 @@ _ERRORS: dict[int, tuple[str, str | None, str]] = {
 _REASONING_MODELS = ("o1", "o3", "o4", "gpt-5")
 
 
+def _completions(body: Any) -> int:
+    """``n``: how many completions the request asks for (each billed; the prompt once)."""
+    n = body.get("n") if isinstance(body, Mapping) else None
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else 1
+
+
 def _text(content: Any) -> str:
     if isinstance(content, str):
         return content
@@ -133,6 +139,15 @@ class OpenAIServer(ScriptedServer):
         type_, code, message = _ERRORS.get(reply.error or 500, ("server_error", None, "Error."))
         return {"error": {"message": reply.error_message or message, "type": type_, "param": None, "code": code}}
 
+    def _usage(self, reply: Reply, body: Any) -> dict[str, int]:
+        usage = super()._usage(reply, body)
+        n = _completions(body)
+        if n > 1:  # the scripted output is one completion's: each of the n is billed
+            output = usage["output_tokens"] * n
+            usage = {**usage, "output_tokens": output, "reasoning": usage["reasoning"] * n,
+                     "total_tokens": usage["input_tokens"] + output}
+        return usage
+
     @staticmethod
     def _wire_usage(usage: dict[str, int]) -> dict[str, Any]:
         prompt_details: dict[str, int] = {"cached_tokens": usage["cache_read"], "audio_tokens": 0}
@@ -182,7 +197,8 @@ class OpenAIServer(ScriptedServer):
             "created": int(time.time()),
             "model": model,
             "choices": [
-                {"index": 0, "message": message, "logprobs": None, "finish_reason": self._finish_reason(reply)}
+                {"index": i, "message": message, "logprobs": None, "finish_reason": self._finish_reason(reply)}
+                for i in range(_completions(body))
             ],
             "service_tier": "default",
             "system_fingerprint": "fp_test",
