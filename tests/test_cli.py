@@ -186,6 +186,21 @@ def test_estimate_matches_the_guards_own_reservation(capsys, tmp_path, monkeypat
     assert run(capsys, "estimate", "--model", "no-such-model-xyz", str(tmp_path / "prompt.txt"))[0] == 1
 
 
+def test_estimate_holds_an_audio_models_output_as_the_guard_does(capsys, tmp_path):
+    (tmp_path / "prompt.txt").write_text("Say hello.")
+    code, out, _ = run(capsys, "estimate", "--model", "gpt-audio", str(tmp_path / "prompt.txt"), "--max-tokens",
+                       "1000", "--json")
+    report = json.loads(out)
+    from langchain_budgetguard import BudgetGuard
+
+    for mode in ("strict", "typical"):
+        guard = BudgetGuard(model(model_name="gpt-audio", max_tokens=1000), limit=5, estimator=mode)
+        reply = guard.invoke("Say hello.")
+        assert Decimal(report[mode]["reservation_usd"]) == reply.response_metadata["budgetguard"]["reserved_usd"]
+    # strict holds the output as audio ($64 per million), typical as text ($10)
+    assert Decimal(report["strict"]["reservation_usd"]) > Decimal("0.064") > Decimal(report["typical"]["reservation_usd"])
+
+
 # -- against Redis ---------------------------------------------------------------------------
 
 

@@ -156,7 +156,7 @@ def shrink_to_fit(policy: BudgetPolicy, estimate: Estimate, room: int, token_roo
         return None
     strict = policy.estimator.mode == "strict"
     reserve, input_cost = estimate.card.hold_nano(estimate.input_tokens, low * estimate.completions,
-                                                  dearer_cache_write=strict)
+                                                  dearer_cache_write=strict, dearest_output=strict)
     return Estimate(estimate.card, estimate.input_tokens, reserve + estimate.extra, input_cost, low, True, True,
                     estimate.extra, estimate.refs, estimate.cap_kwarg, estimate.cap_source, estimate.completions)
 
@@ -169,7 +169,9 @@ def fitting_output_tokens(policy: BudgetPolicy, estimate: Estimate, room: int) -
     completions = estimate.completions
 
     def fits(cap: int) -> bool:
-        return estimate.card.hold_nano(estimate.input_tokens, cap * completions, dearer_cache_write=strict)[0] <= room
+        hold = estimate.card.hold_nano(estimate.input_tokens, cap * completions, dearer_cache_write=strict,
+                                       dearest_output=strict)
+        return hold[0] <= room
 
     if not fits(1):
         return 0

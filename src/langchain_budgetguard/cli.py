@@ -549,7 +549,6 @@ def _read_prompt(source: str | None) -> list[Any]:
 def _cmd_estimate(args: argparse.Namespace) -> int:
     from .estimate import DEFAULT_MAX_OUTPUT_TOKENS, estimate_input_tokens, get_estimator
     from .money import nano_to_usd
-    from .usage import TokenUsage
 
     config = _load(args, required=False)
     if args.max_tokens is not None and args.max_tokens < 1:
@@ -561,14 +560,10 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     for mode in ("strict", "typical"):
         tokens = estimate_input_tokens(get_estimator(mode), messages, [], args.model)
         # As the guard reserves (guard._estimate): input + the output cap; in strict mode a prompt
-        # that may be written to a provider's cache is held at the dearer cache-write rate.
-        reserve = card.cost_nano(TokenUsage(input_tokens=tokens, output_tokens=cap))
-        input_cost = card.cost_nano(TokenUsage(input_tokens=tokens))
-        if mode == "strict":
-            as_write = TokenUsage(input_tokens=tokens, cache_write_1h_tokens=tokens, cache_write_tokens=tokens)
-            extra = card.cost_nano(as_write) - input_cost
-            if extra > 0:
-                reserve, input_cost = reserve + extra, input_cost + extra
+        # that may be written to a provider's cache is held at the dearer cache-write rate, and the
+        # output at the dearest kind the model bills (audio, images).
+        strict = mode == "strict"
+        reserve, input_cost = card.hold_nano(tokens, cap, dearer_cache_write=strict, dearest_output=strict)
         result[mode] = {"input_tokens": tokens, "reservation_usd": nano_to_usd(reserve),
                         "input_usd": nano_to_usd(input_cost)}
     used = config.estimator if config is not None else "strict"

@@ -551,7 +551,8 @@ class BudgetGuard(BaseChatModel):
             messages = call.messages = [HumanMessage(messages)]  # the built-ins count a string as it is
         input_tokens = estimate_input_tokens(policy.estimator, messages, tools, candidate.runnable)
         cap, send = self._output_reservation(found)
-        # Strict: cache writes can cost more than plain input (Anthropic: 1.25x-2x): hold the dearer.
+        # Strict: cache writes can cost more than plain input (Anthropic: 1.25x-2x), and audio or image
+        # output more than text (gpt-audio 6.4x): hold the dearer.
         strict = policy.estimator.mode == "strict"
         best: tuple[int, int, int, RateCard] | None = None
         for ref in refs:  # the dearest model that may serve the call (an inner fallback) is held for
@@ -559,7 +560,8 @@ class BudgetGuard(BaseChatModel):
             if context:
                 card = card.variant(**context)
             extra = card.item_hold_nano(web_searches=searches) if searches else 0
-            reserve, input_cost = card.hold_nano(input_tokens, cap * found.completions, dearer_cache_write=strict)
+            reserve, input_cost = card.hold_nano(input_tokens, cap * found.completions, dearer_cache_write=strict,
+                                                 dearest_output=strict)
             if best is None or reserve + extra > best[0]:
                 best = (reserve + extra, input_cost, extra, card)
         reserve, input_cost, extra, card = best  # type: ignore[misc]

@@ -717,6 +717,8 @@ _ITEM_FIELDS = ("web_searches",)
 _ITEM_PRICE_KEYS = {"web_searches": "web_searches_kcount"}
 _FIELD_NAMES = tuple(f for f, _, _ in _FIELDS)
 _DETAIL_FIELDS = _FIELD_NAMES[2:]
+# Output a model may bill above its text rate (audio, images; reasoning where priced apart).
+_OUTPUT_DETAILS = ("reasoning_tokens", "output_audio_tokens", "output_image_tokens")
 _MTOK = Decimal(1_000_000)
 
 PriceFn = Callable[[Mapping[str, int]], Decimal]
@@ -872,6 +874,12 @@ class RateCard:
         self._cache_write_input = tuple(
             seg.input + seg.cache_write + dict(seg.details).get("cache_write_1h_tokens", 0) for seg in self._segments
         )
+        # Per segment, what an output token costs above the text rate at the dearest kind the model
+        # bills (gpt-audio's audio 6.4x, gemini-2.5-flash-image's images 12x): nothing before the
+        # reply says which kind it will be.
+        self._dearest_output_extra = tuple(
+            max([0, *(m for f, m in seg.details if f in _OUTPUT_DETAILS)]) for seg in self._segments
+        )
 
     @classmethod
     def from_price(
@@ -931,19 +939,23 @@ class RateCard:
         shift = self._nano_shift
         return scaled * 10**shift if shift >= 0 else -(-scaled // 10**-shift)
 
-    def hold_nano(self, input_tokens: int, output_tokens: int, *, dearer_cache_write: bool = False) -> tuple[int, int]:
+    def hold_nano(self, input_tokens: int, output_tokens: int, *, dearer_cache_write: bool = False,
+                  dearest_output: bool = False) -> tuple[int, int]:
         """What a pre-call estimate holds, in whole nano-USD rounded up: ``(reserve, input_cost)``.
 
         ``reserve`` is ``cost_nano(TokenUsage(input_tokens=..., output_tokens=...))`` and ``input_cost``
         is ``cost_nano(TokenUsage(input_tokens=...))``. With ``dearer_cache_write``, both grow by what
-        billing the whole prompt as 1-hour cache writes would add, when that is dearer. The same
-        integers as those ``cost_nano`` calls, without building the usages (this runs on every call).
+        billing the whole prompt as 1-hour cache writes would add, when that is dearer. With
+        ``dearest_output``, every output token is held at the dearest output rate the model bills
+        (audio or image output, for a model that produces them). The same integers as those
+        ``cost_nano`` calls, without building the usages (this runs on every call).
         """
         index = bisect_left(self.tiers, input_tokens) if len(self._segments) > 1 else 0
         seg = self._segments[index]
         base = seg.const + seg.input * input_tokens
         input_cost = self._nano(base)
-        reserve = self._nano(base + seg.output * output_tokens)
+        rate = seg.output + self._dearest_output_extra[index] if dearest_output else seg.output
+        reserve = self._nano(base + rate * output_tokens)
         if dearer_cache_write:
             extra = self._nano(seg.const + self._cache_write_input[index] * input_tokens) - input_cost
             if extra > 0:
