@@ -17,6 +17,7 @@ from langchain_budgetguard import BudgetExceededError, BudgetGuard, Limit
 from langchain_budgetguard.caps import output_cap
 
 from .providers import Reply
+from .test_real_clients import spent  # the scope's spend, once nothing is held
 
 
 def _model(**kwargs):
@@ -76,8 +77,7 @@ def test_a_call_with_n_holds_every_completion_and_is_charged_for_all(openai_serv
     assert _reserved(four) == _reserved(one) + 3 * per_thousand
     assert [_request_n(r) for r in openai_server.calls] == [1, 1, 4]
     assert four.usage_metadata["output_tokens"] == 4000  # the provider reports every completion
-    (status,) = guard.status()
-    assert status.spent == billed(openai_server) and status.held == 0
+    assert spent(guard) == billed(openai_server)
     assert four.response_metadata["budgetguard"]["cost_usd"] == billed(openai_server) - sum(
         (m.response_metadata["budgetguard"]["cost_usd"] for m in (one, two)), Decimal(0))
 
@@ -98,8 +98,7 @@ def test_n_cannot_spend_past_the_limit(openai_server, billed):
     assert "fewer than 8 completions" in str(refused.value)
     # One completion at the same cap fits and is served.
     guard.invoke("hi", max_tokens=1000)
-    (status,) = guard.status()
-    assert status.spent == billed(openai_server) <= limit
+    assert spent(guard) == billed(openai_server) <= limit
 
 
 def test_shrink_to_fit_caps_each_completion_so_that_all_fit(openai_server, billed):
@@ -117,8 +116,7 @@ def test_shrink_to_fit_caps_each_completion_so_that_all_fit(openai_server, bille
     # The default cap (4,096) held four times is $0.0098: each completion was capped to fit instead.
     assert caps and all(cap < 4096 for cap in caps)
     assert all(r.usage["output_tokens"] == 4 * cap for r, cap in zip(openai_server.calls, caps))
-    (status,) = guard.status()
-    assert limit * Decimal("0.9") < status.spent == billed(openai_server) <= limit
+    assert limit * Decimal("0.9") < spent(guard) == billed(openai_server) <= limit
 
 
 def test_a_tokens_limit_holds_every_completion(openai_server):
@@ -129,8 +127,7 @@ def test_a_tokens_limit_holds_every_completion(openai_server):
         guard.invoke("hi", max_tokens=200, n=5)  # 20 + 5 x 200 no longer fits what is left
     assert refused.value.refusal.completions == 5
     assert len(openai_server.calls) == 1
-    (status,) = guard.status()
-    assert status.held == 0 and status.spent == openai_server.calls[0].usage["total_tokens"]
+    assert spent(guard) == openai_server.calls[0].usage["total_tokens"]
 
 
 def test_enforce_budget_holds_every_completion_of_a_call_it_did_not_make(openai_server, billed):
@@ -147,8 +144,7 @@ def test_enforce_budget_holds_every_completion_of_a_call_it_did_not_make(openai_
     assert openai_server.calls == []
     with enforce_budget(policy):
         openai_server.chat_model(max_tokens=1000).invoke("hi")
-    (status,) = BudgetGuard(policy=policy).status()
-    assert status.spent == billed(openai_server) <= limit and status.held == 0
+    assert spent(BudgetGuard(policy=policy)) == billed(openai_server) <= limit
 
 
 # ---------------------------------------------------------------- extra_body
@@ -173,8 +169,7 @@ def test_a_cap_in_extra_body_is_the_one_reserved(openai_server, billed):
     reply = guard.invoke("hi", extra_body={"max_completion_tokens": 3000, "n": 2})
     assert _sent(openai_server.calls[-1]) == (3000, 2)
     assert reply.response_metadata["budgetguard"]["output_cap"] is None  # the guard sent no cap of its own
-    (status,) = guard.status()
-    assert status.spent == billed(openai_server) <= limit and status.held == 0
+    assert spent(guard) == billed(openai_server) <= limit
 
 
 def test_a_null_cap_in_extra_body_holds_the_models_whole_output_limit(openai_server):
@@ -211,8 +206,7 @@ def test_a_model_in_extra_body_is_the_one_priced(openai_server, billed):
     reply = guard.invoke("hi", max_tokens=500, extra_body={"model": "gpt-4"})
     assert openai_server.calls[-1].body["model"] == "gpt-4"
     assert reply.response_metadata["budgetguard"]["model"] == "gpt-4"
-    (status,) = guard.status()
-    assert status.spent == billed(openai_server) <= limit and status.held == 0
+    assert spent(guard) == billed(openai_server) <= limit
 
 
 def test_a_service_tier_in_extra_body_is_held_at_its_price(openai_server):

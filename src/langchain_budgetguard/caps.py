@@ -176,10 +176,10 @@ def output_cap(model: Any, call_kwargs: Mapping[str, Any] | None = None) -> Outp
     limit = model_output_limit(inner)
     completions = _completions(layers, inner, call_kwargs)
     extra, index = extra_body_of(inner, call_kwargs, *layers)
-    where: OutputCapSource = "call" if index == 0 else "binding" if index <= len(layers) else "model"
     if extra is not None:
         # The SDK merges extra_body over the named parameters: its cap is the one the request runs
         # with, and a cap the guard would send beside it is overridden (so none is sent).
+        where: OutputCapSource = "call" if index == 0 else "binding" if index <= len(layers) else "model"
         completions = _completions_in(extra) or completions
         found = _cap_in(extra)
         if found is not None:
@@ -251,7 +251,8 @@ def _completions_in(kwargs: Any) -> int | None:
 def _completions(layers: list[Mapping[str, Any]], inner: Any, call_kwargs: Mapping[str, Any] | None) -> int:
     """How many completions a call asks for: the call's kwargs, then bindings (outer first), then the
     model's fields and ``model_kwargs``; 1 when none says. A value that is not a positive number says
-    nothing here (the provider refuses it), so the next place is looked at: never fewer than asked."""
+    nothing here (None leaves it unset, others the provider refuses), so the next place is looked at:
+    never fewer than could be asked for."""
     for kwargs in (call_kwargs, *layers):
         found = _completions_in(kwargs)
         if found is not None:
