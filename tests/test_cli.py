@@ -201,6 +201,24 @@ def test_estimate_holds_an_audio_models_output_as_the_guard_does(capsys, tmp_pat
     assert Decimal(report["strict"]["reservation_usd"]) > Decimal("0.064") > Decimal(report["typical"]["reservation_usd"])
 
 
+def test_estimate_holds_a_file_id_at_the_models_window_as_the_guard_does(capsys, tmp_path):
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Summarise."},
+                                             {"type": "file", "file": {"file_id": "file-9x"}}]}]
+    (tmp_path / "m.json").write_text(json.dumps(messages))
+    code, out, _ = run(capsys, "estimate", "--model", "gpt-4o-mini", str(tmp_path / "m.json"), "--max-tokens",
+                       "100", "--json")
+    report = json.loads(out)
+    assert code == 0 and report["strict"]["input_tokens"] == 128_000  # genai-prices' context window
+    from langchain_core.messages import convert_to_messages
+
+    from langchain_budgetguard import BudgetGuard
+
+    for mode in ("strict", "typical"):
+        guard = BudgetGuard(model(max_tokens=100), limit=5, estimator=mode)
+        reply = guard.invoke(convert_to_messages(messages))
+        assert Decimal(report[mode]["reservation_usd"]) == reply.response_metadata["budgetguard"]["reserved_usd"]
+
+
 # -- against Redis ---------------------------------------------------------------------------
 
 

@@ -15,7 +15,7 @@ if that is at least ``min_output_tokens``. A whole reply from a cheaper model be
 from __future__ import annotations
 
 from collections.abc import Callable, Generator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from .errors import BudgetExceededError, BudgetStoreUnavailableError, CallIdReusedError, Refusal
@@ -50,6 +50,7 @@ class Estimate:
     cap_kwarg: str | None = None  # the call kwarg that caps output (sent with ``send_cap``)
     cap_source: str = "none"  # who set the cap: call, binding, model, integration_default, none
     completions: int = 1  # the call asks for this many completions (``n``), each up to ``output_tokens``
+    unsized_inputs: int = 0  # documents by URL / file id: ``input_tokens`` is then the model's input limit
 
     @property
     def held_output_tokens(self) -> int:
@@ -157,8 +158,8 @@ def shrink_to_fit(policy: BudgetPolicy, estimate: Estimate, room: int, token_roo
     strict = policy.estimator.mode == "strict"
     reserve, input_cost = estimate.card.hold_nano(estimate.input_tokens, low * estimate.completions,
                                                   dearer_cache_write=strict, dearest_output=strict)
-    return Estimate(estimate.card, estimate.input_tokens, reserve + estimate.extra, input_cost, low, True, True,
-                    estimate.extra, estimate.refs, estimate.cap_kwarg, estimate.cap_source, estimate.completions)
+    return replace(estimate, reserve=reserve + estimate.extra, input_cost=input_cost, output_tokens=low,
+                   send_cap=True, clamped=True)
 
 
 def fitting_output_tokens(policy: BudgetPolicy, estimate: Estimate, room: int) -> int:
@@ -230,6 +231,7 @@ def _refusal(policy: BudgetPolicy, plan: CounterPlan, counters: Sequence[Counter
         output_estimate=nano_to_usd(estimate.reserve - estimate.input_cost),
         output_tokens=estimate.output_tokens, output_cap_source=estimate.cap_source,
         fitting_output_tokens=fitting, completions=estimate.completions,
+        input_tokens=estimate.input_tokens, unsized_inputs=estimate.unsized_inputs,
     )
 
 

@@ -33,6 +33,7 @@ __all__ = [
     "extra_body_of",
     "innermost_model",
     "max_output_tokens",
+    "model_input_limit",
     "model_output_limit",
     "output_cap",
     "output_cap_kwarg",
@@ -143,10 +144,27 @@ def innermost_model(model: Any) -> Any:
 
 def model_output_limit(model: Any) -> int | None:
     """The model's own output limit (``profile["max_output_tokens"]``), or None when unknown."""
+    return _profile_limit(model, "max_output_tokens")
+
+
+_LONG_CONTEXT_BETA = "context-1m"  # Anthropic's 1M-token context window beta (context-1m-2025-08-07)
+
+
+def model_input_limit(model: Any) -> int | None:
+    """The most prompt tokens the model takes (``profile["max_input_tokens"]``; 1,000,000 with
+    Anthropic's ``context-1m`` beta on the model or a binding), or None when unknown."""
+    layers, inner = binding_layers(model)
+    limit = _profile_limit(inner, "max_input_tokens")
+    for betas in (*(layer.get("betas") for layer in layers), getattr(inner, "betas", None)):
+        if isinstance(betas, (list, tuple)) and any(
+                isinstance(beta, str) and beta.startswith(_LONG_CONTEXT_BETA) for beta in betas):
+            return max(limit or 0, 1_000_000)
+    return limit
+
+
+def _profile_limit(model: Any, key: str) -> int | None:
     profile = getattr(innermost_model(model), "profile", None)
-    if isinstance(profile, Mapping):
-        return _positive_int(profile.get("max_output_tokens"))
-    return None
+    return _positive_int(profile.get(key)) if isinstance(profile, Mapping) else None
 
 
 def _field_cap(inner: Any) -> tuple[int, str] | None:

@@ -547,7 +547,13 @@ def _read_prompt(source: str | None) -> list[Any]:
 
 
 def _cmd_estimate(args: argparse.Namespace) -> int:
-    from .estimate import DEFAULT_MAX_OUTPUT_TOKENS, estimate_input_tokens, get_estimator
+    from .estimate import (
+        DEFAULT_MAX_OUTPUT_TOKENS,
+        bounded_input_tokens,
+        estimate_input_tokens,
+        get_estimator,
+        unsized_references,
+    )
     from .money import nano_to_usd
 
     config = _load(args, required=False)
@@ -558,10 +564,13 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     cap = args.max_tokens or (config.default_max_output_tokens if config else None) or DEFAULT_MAX_OUTPUT_TOKENS
     result: dict[str, dict[str, Any]] = {}
     for mode in ("strict", "typical"):
-        tokens = estimate_input_tokens(get_estimator(mode), messages, [], args.model)
-        # As the guard reserves (guard._estimate): input + the output cap; in strict mode a prompt
-        # that may be written to a provider's cache is held at the dearer cache-write rate, and the
-        # output at the dearest kind the model bills (audio, images).
+        estimator = get_estimator(mode)
+        tokens = estimate_input_tokens(estimator, messages, [], args.model)
+        # As the guard reserves (guard._estimate): input (a document by URL or file id at the model's
+        # whole input limit) + the output cap; in strict mode a prompt that may be written to a
+        # provider's cache is held at the dearer cache-write rate, and the output at the dearest kind
+        # the model bills (audio, images).
+        tokens = bounded_input_tokens(tokens, unsized_references(estimator, messages), card.context_window)
         strict = mode == "strict"
         reserve, input_cost = card.hold_nano(tokens, cap, dearer_cache_write=strict, dearest_output=strict)
         result[mode] = {"input_tokens": tokens, "reservation_usd": nano_to_usd(reserve),

@@ -45,6 +45,8 @@ class Refusal:
     fitting_output_tokens: int | None = None  # the largest output cap that would fit (0: not even input)
     unit: str = "usd"  # what the limit counts: "usd" (limit, spent, held, estimate in USD), "tokens", "requests"
     completions: int = 1  # the call asks for this many completions (n), each reserved up to output_tokens
+    input_tokens: int | None = None  # the prompt tokens the estimate holds
+    unsized_inputs: int = 0  # documents of unreadable size (by URL / file id), held at the model's input limit
 
     @property
     def _output(self) -> str:
@@ -103,6 +105,14 @@ class Refusal:
         if self.dominant == "output":
             return (f"The output cap dominates ({self._output}), but what is left does not hold "
                     "even the prompt: raise the limit, wait for the reset, or add a cheaper model to degrade_to.")
+        if self.dominant == "input" and self.unsized_inputs:
+            what = "document" if self.unsized_inputs == 1 else f"{self.unsized_inputs} documents"
+            held = f" ({self.input_tokens:,} tokens)" if self.input_tokens else ""
+            return (f"The prompt dominates: it sends {what} whose size cannot be read before the call (by URL "
+                    f"or file id, or a PDF with compressed pages), so it is held at the model's whole input "
+                    f"limit{held}. Send files inline (base64, uncompressed PDF pages) so the guard counts them, or "
+                    "vouch for their size with StrictEstimator(url_media_tokens=...); or add a cheaper model to "
+                    "degrade_to, or raise the limit.")
         if self.dominant == "input":
             return ("The prompt dominates: shorten it (trim the history, fewer or smaller documents), or add a "
                     "cheaper model to degrade_to; or raise the limit, or wait for the window to reset.")

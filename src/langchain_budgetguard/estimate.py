@@ -24,9 +24,11 @@ Two estimators share one walk over the messages and differ in how they count:
 that cap came from (``caps``), for the reservation and for a refusal's message.
 
 What no offline estimate can bound (documented, not hidden): documents and
-media given by URL or file id, PDFs whose page objects are compressed, results
-that provider-side tools (web search...) add to the prompt, and the output
-cap of a call that sets none (see ``DEFAULT_MAX_OUTPUT_TOKENS``).
+media given by URL or file id, and PDFs that keep their pages in compressed
+object streams (``StrictEstimator.unsized_references`` finds both; the guard
+holds such a call at the model's whole input limit instead), results that
+provider-side tools (web search...) add to the prompt, and the output cap of a
+call that sets none (see ``DEFAULT_MAX_OUTPUT_TOKENS``).
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ __all__ = [
     "StrictEstimator",
     "TokenCount",
     "TypicalEstimator",
+    "bounded_input_tokens",
     "calibration_key",
     "dominant_part",
     "estimate_call",
@@ -69,6 +72,7 @@ __all__ = [
     "output_cap",
     "reserved_output",
     "tools_of",
+    "unsized_references",
 ]
 
 DEFAULT_MAX_OUTPUT_TOKENS = 4096
@@ -432,8 +436,12 @@ class _Counter:
             return self._text(block["text"])
         payload = _longest_string(block)
         if payload is None or _is_reference(payload):
-            return self.url_media_tokens
+            return self._unsized_media()
         return self._media_payload(payload, family)
+
+    def _unsized_media(self) -> int:
+        """A document or recording given by URL or file id: no size to read."""
+        return self.url_media_tokens
 
     def _media_payload(self, payload: str, family: str) -> int:
         raise NotImplementedError
@@ -472,6 +480,12 @@ class StrictEstimator(_Counter):
     (Anthropic's hidden tool-use system prompt is up to ~530 tokens). Images
     count the worst case of the model's family (see ``input_tokens``);
     ``image_tokens`` / ``low_detail_image_tokens`` override that table.
+
+    A document, recording or video given by URL or file id, or a PDF that keeps its pages in
+    compressed object streams, has no size the guard can read: the guard holds such a call at the
+    model's whole input limit (``unsized_references``), the most the provider can bill, or adds
+    20,000 tokens each where that limit is unknown. ``url_media_tokens=N`` vouches that each one
+    is at most N tokens instead (then it is held at N, and nothing bounds a larger file).
     """
 
     mode = "strict"
@@ -491,12 +505,29 @@ class StrictEstimator(_Counter):
     _text = staticmethod(_strict_text)
 
     def __init__(self, image_tokens: int | None = None, low_detail_image_tokens: int | None = None, *,
-                 exact: bool = True) -> None:
+                 exact: bool = True, url_media_tokens: int | None = None) -> None:
         super().__init__(image_tokens, low_detail_image_tokens)
         if not isinstance(exact, bool):
             raise ValueError(f"exact: expected True or False, got {exact!r}")
+        if url_media_tokens is not None and (isinstance(url_media_tokens, bool) or not isinstance(
+                url_media_tokens, int) or url_media_tokens < 0):
+            raise ValueError(f"url_media_tokens: expected a non-negative int (the most tokens one document or "
+                             f"recording given by URL or file id can be), or None, got {url_media_tokens!r}")
         self.exact = exact
+        self.vouched_url_media_tokens = url_media_tokens
+        if url_media_tokens is not None:
+            self.url_media_tokens = url_media_tokens
         self._exact_counters: dict[str, _Counter] = {}
+
+    def unsized_references(self, messages: Sequence[BaseMessage] | Any) -> int:
+        """How many documents, recordings or videos in ``messages`` have a size the guard cannot read
+        (given by URL or file id, or a PDF with compressed object streams), so that it holds the call
+        at the model's whole input limit; 0 when ``url_media_tokens`` vouches for their size."""
+        if self.vouched_url_media_tokens is not None or isinstance(messages, str):
+            return 0
+        walk = _References()
+        walk.input_tokens(messages)
+        return walk.found
 
     def input_tokens(
         self,
@@ -530,7 +561,7 @@ class StrictEstimator(_Counter):
         counter = self._exact_counters.get(family.name)
         if counter is None:
             counter = self._exact_counters[family.name] = _ExactCounter(
-                family, True, self.image_tokens, self.low_detail_image_tokens)
+                family, True, self.image_tokens, self.low_detail_image_tokens, self.vouched_url_media_tokens)
         return counter
 
     def tokenizer_for(self, model: Any) -> str | None:
@@ -554,10 +585,11 @@ class StrictEstimator(_Counter):
         # token per byte (gpt-4o audio: 10 tokens/s, Gemini video: ~300 tokens/s).
         payload = _strip_data_url(payload)
         n = len(payload)
-        pages = _pdf_pages(payload)
+        pages, hidden = _pdf_pages(payload)
         # A provider may bill each page as an image as well as its text: the family's image bound
         # (gpt-4o-mini's inflated image rates make a page far dearer than on Claude).
-        return n + pages * max(self.pdf_page_tokens, self._image_table(family, False))
+        n += pages * max(self.pdf_page_tokens, self._image_table(family, False))
+        return (n + self._unsized_media()) if hidden else n  # pages it cannot count: like a file by URL
 
 
 class TokenCount(int):
@@ -789,7 +821,7 @@ class TypicalEstimator(_Counter):
 
     def _media_payload(self, payload: str, family: str) -> int:
         payload = _strip_data_url(payload)
-        pages = _pdf_pages(payload)
+        pages, _ = _pdf_pages(payload)
         if pages:
             return pages * self.pdf_page_tokens
         return max(258, len(payload) // 64)  # compressed audio/video: a rough rate, not a bound
@@ -809,7 +841,7 @@ class _ExactCounter(_Counter):
     response_format_overhead = StrictEstimator.response_format_overhead
 
     def __init__(self, family: ExactFamily, strict: bool, image_tokens: int | None = None,
-                 low_detail_image_tokens: int | None = None) -> None:
+                 low_detail_image_tokens: int | None = None, url_media_tokens: int | None = None) -> None:
         super().__init__(image_tokens, low_detail_image_tokens)
         fmt = family.format
         self.family = family
@@ -823,7 +855,7 @@ class _ExactCounter(_Counter):
         self.tool_result_overhead = fmt.tool_result
         self.tools_request_overhead = fmt.tools_request
         source = StrictEstimator if strict else TypicalEstimator
-        self.url_media_tokens = source.url_media_tokens
+        self.url_media_tokens = source.url_media_tokens if url_media_tokens is None else url_media_tokens
         self.pdf_page_tokens = source.pdf_page_tokens
         self._text = family.count  # type: ignore[assignment]
         self._schema_cache: dict[int, tuple[Any, int]] = {}
@@ -881,6 +913,35 @@ class _ExactCounter(_Counter):
 
     def _tools_request_overhead(self, family: str) -> int:
         return self.tools_request_overhead
+
+
+class _References(_Counter):
+    """The walk, finding what it cannot size (``found``: media given by URL or file id); one per walk."""
+
+    mode = "references"
+    message_overhead = request_overhead = block_overhead = tool_overhead = tool_call_overhead = 0
+    tools_request_overhead = server_tool_tokens = response_format_overhead = url_media_tokens = pdf_page_tokens = 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found = 0
+
+    @staticmethod
+    def _text(text: str) -> int:
+        return 0
+
+    def _unsized_media(self) -> int:
+        self.found += 1
+        return 0
+
+    def _image(self, block: Mapping[str, Any], family: str) -> int:
+        return 0  # an image is bounded by its family's largest size, even by URL
+
+    def _media_payload(self, payload: str, family: str) -> int:
+        return self._unsized_media() if _pdf_pages(payload)[1] else 0
+
+    def _ai_extras(self, message: AIMessage) -> int:
+        return 0
 
 
 MISTRAL_SAFE_PROMPT_TOKENS = 64
@@ -959,16 +1020,17 @@ def _strip_data_url(payload: str) -> str:
     return payload.split(",", 1)[-1] if payload.startswith("data:") else payload
 
 
-def _pdf_pages(payload: str) -> int:
-    """Visible page objects of a base64 (or data: URL) PDF; 0 if not a PDF or unreadable."""
+def _pdf_pages(payload: str) -> tuple[int, bool]:
+    """Visible page objects of a base64 (or data: URL) PDF (0 if not a PDF or unreadable), and whether
+    it keeps objects in compressed object streams (PDF 1.5+), where any number of pages may hide."""
     data = _strip_data_url(payload)
     if not data.startswith("JVBER"):  # base64 of "%PDF"
-        return 0
+        return 0, False
     try:
         raw = base64.b64decode(data, validate=False)
     except (binascii.Error, ValueError):
-        return 0
-    return max(1, len(_PDF_PAGE.findall(raw)))
+        return 0, False
+    return max(1, len(_PDF_PAGE.findall(raw))), b"/ObjStm" in raw
 
 
 _tool_cache: dict[int, tuple[Any, Any]] = {}
@@ -1034,6 +1096,21 @@ def estimate_input_tokens(
     if model is not None and getattr(estimator, "accepts_model", False):
         return estimator.input_tokens(messages, tools, model=model)  # type: ignore[call-arg]
     return estimator.input_tokens(messages, tools)
+
+
+def unsized_references(estimator: Estimator, messages: Any) -> int:
+    """How many inputs of ``messages`` ``estimator`` counted without knowing their size (documents
+    and recordings by URL or file id: ``StrictEstimator.unsized_references``); 0 for other estimators."""
+    count = getattr(estimator, "unsized_references", None)
+    return count(messages) if callable(count) else 0
+
+
+def bounded_input_tokens(tokens: int, unsized: int, *limits: int | None) -> int:
+    """The prompt tokens to hold: ``tokens``, or, when ``unsized`` inputs were counted without a size,
+    the largest of the model's known input ``limits`` if that is more (the most the provider bills)."""
+    if not unsized:
+        return tokens
+    return max((tokens, *(limit for limit in limits if limit is not None)))
 
 
 def estimate_output_tokens(estimator: Estimator, text: str, model: Any = None) -> int:

@@ -53,6 +53,7 @@ from langchain_core.runnables.utils import get_unique_config_specs
 from pydantic import Field, PrivateAttr
 
 from .admission import FAIL_OPEN_KEY, Admitted, Estimate, Request, admit
+from .caps import model_input_limit
 from .errors import (
     BudgetExceededError,
     BudgetStoreUnavailableError,
@@ -64,11 +65,13 @@ from .estimate import (
     StrictEstimator,
     TypicalEstimator,
     OutputCap,
+    bounded_input_tokens,
     estimate_input_tokens,
     estimate_output_tokens,
     output_cap,
     reserved_output,
     tools_of,
+    unsized_references,
 )
 from .leases import shared_keeper
 from .limits import Identity, check_call_id
@@ -549,24 +552,29 @@ class BudgetGuard(BaseChatModel):
         messages = call.messages
         if isinstance(messages, str) and not isinstance(policy.estimator, (StrictEstimator, TypicalEstimator)):
             messages = call.messages = [HumanMessage(messages)]  # the built-ins count a string as it is
-        input_tokens = estimate_input_tokens(policy.estimator, messages, tools, candidate.runnable)
+        counted = estimate_input_tokens(policy.estimator, messages, tools, candidate.runnable)
+        # A document by URL or file id has no size to read: held at the model's whole input limit.
+        unsized = 0 if isinstance(messages, str) else unsized_references(policy.estimator, messages)
+        own_limit = model_input_limit(candidate.runnable) if unsized else None
         cap, send = self._output_reservation(found)
         # Strict: cache writes can cost more than plain input (Anthropic: 1.25x-2x), and audio or image
         # output more than text (gpt-audio 6.4x): hold the dearer.
         strict = policy.estimator.mode == "strict"
-        best: tuple[int, int, int, RateCard] | None = None
+        best: tuple[int, int, int, RateCard, int] | None = None
         for ref in refs:  # the dearest model that may serve the call (an inner fallback) is held for
             card = policy.pricer.rate_card(ref)
             if context:
                 card = card.variant(**context)
+            input_tokens = bounded_input_tokens(counted, unsized, card.context_window,
+                                                own_limit if ref == candidate.ref else None)
             extra = card.item_hold_nano(web_searches=searches) if searches else 0
             reserve, input_cost = card.hold_nano(input_tokens, cap * found.completions, dearer_cache_write=strict,
                                                  dearest_output=strict)
             if best is None or reserve + extra > best[0]:
-                best = (reserve + extra, input_cost, extra, card)
-        reserve, input_cost, extra, card = best  # type: ignore[misc]
+                best = (reserve + extra, input_cost, extra, card, input_tokens)
+        reserve, input_cost, extra, card, input_tokens = best  # type: ignore[misc]
         return Estimate(card, input_tokens, reserve, input_cost, cap, send, False, extra, refs, cap_kwarg=found.kwarg,
-                        cap_source=found.source, completions=found.completions)
+                        cap_source=found.source, completions=found.completions, unsized_inputs=unsized)
 
     def _output_reservation(self, cap: OutputCap) -> tuple[int, bool]:
         """The output tokens to reserve for a call whose cap is ``cap``, and whether to send them.

@@ -782,6 +782,7 @@ class RateCard:
     million tokens (first tier, for display); ``tiers`` lists the input sizes above which a
     dearer tier applies; ``valid_until`` is set when the price is scheduled to change (an
     off-peak window, a new price date), after which ``Pricer.rate_card`` resolves it again.
+    ``context_window``: the most tokens the model reads (genai-prices' figure), or None when unknown.
     """
 
     model: str
@@ -800,8 +801,10 @@ class RateCard:
         valid_until: datetime | None = None,
         priced_items: Iterable[str] | None = None,
         variants: Callable[[Mapping[str, str]], RateCard | None] | None = None,
+        context_window: int | None = None,
     ) -> None:
         self.model = model
+        self.context_window = context_window if isinstance(context_window, int) and context_window > 0 else None
         self.provider = provider
         self.source = source
         self.priced_as = priced_as
@@ -1191,6 +1194,7 @@ def _genai_card(model_info: Any, model_price: Any, now: datetime, *, model: str,
         valid_until=_next_price_change(model_info, now),
         priced_items=[f for f in _ITEM_FIELDS if getattr(model_price, _ITEM_PRICE_KEYS[f], None) is not None],
         variants=None if context else variants,
+        context_window=model_info.context_window,
     )
 
 
