@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from langchain_budgetguard import BudgetGuard, BudgetPolicy, IdentityError, Limit
+from langchain_budgetguard import BudgetExceededError, BudgetGuard, BudgetPolicy, IdentityError, Limit
 from langchain_budgetguard.limits import (
     MAX_CALL_ID_LENGTH,
     MAX_ID_LENGTH,
@@ -43,6 +43,7 @@ from langchain_budgetguard.money import (
 from langchain_budgetguard.stores.memory import MemoryStore
 
 from .fakes import UsageChat
+from .redis_support import fresh_prefix, redis_url  # noqa: F401
 
 BUDGET_MS = 10
 
@@ -266,3 +267,41 @@ def test_good_policy_options_are_kept_as_numbers():
     assert policy.lease_seconds == 2.0 and isinstance(policy.lease_seconds, float)
     assert policy.retention_seconds == 3601 and isinstance(policy.retention_seconds, int)
     assert policy.degrade_at == Decimal("0.8") and policy.fail_open_allowance == 500_000_000
+
+
+@pytest.mark.parametrize("cap", [10**16, 10**19, 2**70])
+def test_an_absurd_output_cap_is_a_refusal_not_a_crash(cap):
+    """A hold above what a counter can hold (2**62 nano-USD) used to raise a ValueError from the store;
+    it fits no limit, so it is refused as too dear (or shrunk to fit), with nothing held."""
+    guard = BudgetGuard(UsageChat(model_name="gpt-4o-mini"), limit=5, min_output_tokens=None)
+    with pytest.raises(BudgetExceededError) as refused:
+        guard.invoke("hi", max_tokens=cap)
+    assert f"{cap:,} tokens" in str(refused.value) and "A max_tokens of at most" in str(refused.value)
+    shrunk = BudgetGuard(UsageChat(model_name="gpt-4o-mini"), limit=5).invoke("hi", max_tokens=cap)
+    meta = shrunk.response_metadata["budgetguard"]
+    assert meta["clamped"] and meta["reserved_usd"] <= 5
+    tokens = BudgetGuard(UsageChat(model_name="gpt-4o-mini"), limits=[Limit(tokens=1000)], min_output_tokens=None)
+    with pytest.raises(BudgetExceededError) as refused:
+        tokens.invoke("hi", max_tokens=cap)
+    assert refused.value.estimate > cap  # the call's real need, not the clamped hold
+    (status,) = tokens.status()
+    assert status.held == status.spent == 0
+
+
+@pytest.mark.parametrize("sliced", [False, True])
+def test_an_absurd_output_cap_is_refused_by_redis_too(redis_url, sliced):  # noqa: F811
+    from langchain_budgetguard.stores.redis import RedisStore
+
+    store = RedisStore(redis_url, prefix=fresh_prefix(), lease_slices=sliced)
+    try:
+        guard = BudgetGuard(UsageChat(model_name="gpt-4o-mini"), limit=5, store=store, min_output_tokens=None)
+        guard.invoke("hi", max_tokens=100)
+        with pytest.raises(BudgetExceededError):
+            guard.invoke("hi", max_tokens=10**19)
+        clamped = BudgetGuard(UsageChat(model_name="gpt-4o-mini"), limit=5, store=store).invoke("hi", max_tokens=10**19)
+        assert clamped.response_metadata["budgetguard"]["clamped"]
+        store.close()
+        (status,) = guard.status()
+        assert status.held == 0 and 0 < status.spent < 5
+    finally:
+        store.close()

@@ -187,7 +187,9 @@ def _hold(policy: BudgetPolicy, estimate: Estimate, call_id: str) -> Hold:
     expired_hold = policy.expired_hold
     on_expiry = (estimate.input_cost if expired_hold == "charge_input"
                  else estimate.reserve if expired_hold == "charge_reserved" else 0)
-    return Hold(call_id, estimate.reserve, policy.lease_seconds, on_expiry)
+    # A counter holds at most MAX_NANO: an estimate above it (max_tokens=10**19) fits no limit, and
+    # held as MAX_NANO it is refused (or shrunk to fit) like any call too dear for what is left.
+    return Hold(call_id, min(estimate.reserve, MAX_NANO), policy.lease_seconds, min(on_expiry, MAX_NANO))
 
 
 def _try(policy: BudgetPolicy, plan: CounterPlan, candidate: Any, estimate: Estimate, index: int, last: int,
@@ -224,7 +226,8 @@ def _refusal(policy: BudgetPolicy, plan: CounterPlan, counters: Sequence[Counter
         fitting = fitting_output_tokens(policy, estimate, room)
     else:
         fitting = max(room - estimate.input_tokens, 0) // estimate.completions if unit == "tokens" else None
-    amount = estimate.reserve if counter.amount is None else counter.amount
+    amount = (estimate.reserve if counter.amount is None
+              else estimate.input_tokens + estimate.held_output_tokens if unit == "tokens" else counter.amount)
     return plan.refusal(
         blocked, state, amount, candidate.label,
         input_estimate=nano_to_usd(estimate.input_cost),

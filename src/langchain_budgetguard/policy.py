@@ -207,10 +207,10 @@ def _unit_hold(unit: str, estimate: Any, expired_hold: str) -> tuple[int, int]:
         return 1, 0 if expired_hold == "release" else 1
     if estimate is None:
         raise ValueError("a tokens limit needs the call's estimate to size its hold")
-    amount = estimate.input_tokens + estimate.held_output_tokens
+    amount = min(estimate.input_tokens + estimate.held_output_tokens, MAX_NANO)  # above it: fits no limit
     charge = (estimate.input_tokens if expired_hold == "charge_input"
               else amount if expired_hold == "charge_reserved" else 0)
-    return amount, charge
+    return amount, min(charge, MAX_NANO)
 
 
 def _parse_limits(limit: Any, limits: Sequence[Limit] | None) -> tuple[Limit, ...]:
