@@ -19,9 +19,9 @@ from decimal import Decimal
 import pytest
 from langchain_core.language_models import BaseChatModel
 from langchain_core.load import dumpd, dumps, loads
-from langchain_core.messages import AIMessageChunk, HumanMessage
+from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage
 from langchain_core.prompt_values import ChatPromptValue
-from langchain_core.runnables import ConfigurableField, RunnableBinding
+from langchain_core.runnables import ConfigurableField, RunnableBinding, RunnableLambda
 
 from langchain_budgetguard import BudgetExceededError, BudgetGuard, Limit
 
@@ -129,6 +129,26 @@ def test_every_entry_point_is_refused_before_the_model_when_the_budget_is_out(na
         call(guard)
     assert UsageChat.total_calls == before
     assert spent(guard) == 0 and held(guard) == 0
+
+
+def test_a_fallback_model_draws_on_the_same_budget():
+    """``guard.with_fallbacks([backup])``: a refusal is an exception, so the fallback runs. Unguarded,
+    every call the budget refused went to the backup for free."""
+    primary, backup = UsageChat(model_name="gpt-4o"), UsageChat(model_name="gpt-4o-mini")
+    guard = BudgetGuard(primary, limit=Decimal("0.00005"), min_output_tokens=None)
+    chain = guard.with_fallbacks([backup])
+    served = 0
+    with pytest.raises(BudgetExceededError):
+        for _ in range(100):
+            chain.invoke("hi", max_tokens=20)
+            served += 1
+    assert primary.calls == 0 and served == backup.calls > 0  # gpt-4o never fitted; gpt-4o-mini did, then not
+    assert spent(guard) == backup.calls * CALL <= Decimal("0.00005")
+    # A fallback that is a guard already (any budget) or not a model at all is kept as it is.
+    other = BudgetGuard(UsageChat(), limit=1)
+    canned = RunnableLambda(lambda _: AIMessage("busy"))
+    fallbacks = guard.with_fallbacks([other, canned]).fallbacks
+    assert fallbacks[0] is other and fallbacks[1] is canned
 
 
 def test_attribute_reads_show_the_model_settings_but_never_a_way_to_call_it():

@@ -39,7 +39,7 @@ from langchain_core.callbacks.manager import (
     adispatch_custom_event,
     dispatch_custom_event,
 )
-from langchain_core.language_models import BaseChatModel
+from langchain_core.language_models import BaseChatModel, BaseLanguageModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage
 from langchain_core.outputs import (
     ChatGeneration,
@@ -53,7 +53,7 @@ from langchain_core.runnables.utils import get_unique_config_specs
 from pydantic import Field, PrivateAttr
 
 from .admission import FAIL_OPEN_KEY, Admitted, Estimate, Request, admit
-from .caps import model_input_limit
+from .caps import innermost_model, model_input_limit
 from .errors import (
     BudgetExceededError,
     BudgetStoreUnavailableError,
@@ -324,6 +324,21 @@ class BudgetGuard(BaseChatModel):
 
         self._require_model()
         return guarded_structured_output(self, schema, **kwargs)
+
+    def with_fallbacks(self, fallbacks: Sequence[Runnable], *,
+                       exceptions_to_handle: tuple[type[BaseException], ...] = (Exception,),
+                       exception_key: str | None = None) -> Runnable:
+        """``Runnable.with_fallbacks``, with every fallback that is a model guarded by this budget too: a
+        refusal (or an outage) here must not send the call to a model nobody charges. A fallback that
+        is a guard already, or not a model, is kept as it is. For a cheaper model when the budget runs
+        low, ``degrade_to`` says it directly."""
+        return super().with_fallbacks([self._guarded(f) for f in fallbacks],
+                                      exceptions_to_handle=exceptions_to_handle, exception_key=exception_key)
+
+    def _guarded(self, fallback: Runnable) -> Runnable:
+        if isinstance(fallback, BudgetGuard) or not isinstance(innermost_model(fallback), BaseLanguageModel):
+            return fallback
+        return self.wrap(fallback)
 
     def configurable_fields(self, **kwargs: Any) -> BudgetGuard:
         """``llm.configurable_fields(...)`` under this guard: each call is priced as the model configured."""
