@@ -165,6 +165,94 @@ def test_openai_responses_reply_with_web_search_calls_is_charged_for_them(
 
 
 # --------------------------------------------------------------------------------------
+# OpenAI Responses API: file_search_call output items ($2.50 per 1,000 on OpenAI)
+# --------------------------------------------------------------------------------------
+
+
+def file_search_call(i: int) -> dict[str, Any]:
+    return {"type": "file_search_call", "id": f"fs_{i}", "status": "completed", "queries": [f"q{i}"],
+            "results": None}
+
+
+def file_search_reply(model: str, searches: int) -> dict[str, Any]:
+    body = responses_body(model, [
+        *(file_search_call(i) for i in range(searches)),
+        {"type": "message", "id": "msg_1", "status": "completed", "role": "assistant",
+         "content": [{"type": "output_text", "text": "per the handbook", "annotations": []}]},
+    ], {"input_tokens": 400, "output_tokens": 30, "total_tokens": 430,
+        "input_tokens_details": {"cached_tokens": 0}, "output_tokens_details": {"reasoning_tokens": 0}})
+    body["tools"] = [{"type": "file_search", "vector_store_ids": ["vs_1"]}]
+    return body
+
+
+FILE_SEARCH = {"type": "file_search", "vector_store_ids": ["vs_1"]}
+
+
+@pytest.mark.parametrize("output_version", [None, "responses/v1", "v1"])
+def test_openai_responses_reply_with_file_search_calls_is_charged_for_them(
+    server: CannedServer, output_version: str | None
+) -> None:
+    model = "gpt-4o-mini"
+    server.push(file_search_reply(model, 3))
+    extra = {"output_version": output_version} if output_version else {}
+    llm = chat_openai(server, model, use_responses_api=True, **extra)
+    reply = llm.bind_tools([FILE_SEARCH]).invoke("what is the leave policy?")
+    usage, card = price(llm, reply)
+    assert usage.file_searches == 3 and usage.web_searches == 0
+    expected = genai({"input_tokens": 400, "output_tokens": 30, "storage_searches": 3}, model, "openai")
+    assert card.cost(usage) == expected > Decimal("0.0075")  # three searches: $0.0075, the tokens $0.00008
+    assert card.cost_nano(usage) == ceil_nano(expected)
+
+
+def test_a_guarded_file_search_is_held_and_charged_for_its_searches(server: CannedServer) -> None:
+    """The attack: the tokens of a file-search call cost $0.00008, its searches 30x that. Held and
+    charged as tokens only, a budget of $0.01 paid for none of them."""
+    from langchain_budgetguard import BudgetExceededError, BudgetGuard
+
+    llm = chat_openai(server, "gpt-4o-mini", use_responses_api=True).bind_tools([FILE_SEARCH])
+    pricer = Pricer(hosts={server.url: "openai"})  # the local server bills as OpenAI
+    # Ten searches ($0.025, the tool's use is not capped) do not fit in $0.01.
+    with pytest.raises(BudgetExceededError):
+        BudgetGuard(llm, limit=Decimal("0.01"), pricer=pricer).invoke("what is the leave policy?", max_tokens=100)
+    assert server.requests == []
+    guard = BudgetGuard(llm, limit=Decimal("0.05"), pricer=pricer)
+    server.push(file_search_reply("gpt-4o-mini", 3))
+    reply = guard.invoke("what is the leave policy?", max_tokens=100)
+    meta = reply.response_metadata["budgetguard"]
+    assert meta["reserved_usd"] >= Decimal("0.025")
+    (status,) = guard.status()
+    assert status.held == 0
+    assert status.spent == meta["cost_usd"] == genai(
+        {"input_tokens": 400, "output_tokens": 30, "storage_searches": 3}, "gpt-4o-mini", "openai")
+
+
+def test_file_searches_without_a_price_are_refused_not_free() -> None:
+    fallback = Pricer(fallback={"input": 1, "output": 1}).rate_card(ModelRef("my-model", "acme"))
+    with pytest.raises(UnknownModelPriceError, match="file searches.*\"file_search\": \"10\""):
+        fallback.cost_nano(TokenUsage(10, 10, file_searches=2))
+    with pytest.raises(UnknownModelPriceError, match="file searches"):
+        fallback.item_hold_nano(file_searches=1)
+    priced = Pricer({"my-model": {"input": 1, "output": 1, "file_search": "2.5"}}).rate_card(ModelRef("my-model"))
+    assert priced.cost(TokenUsage(0, 0, file_searches=4)) == Decimal("0.01")
+    assert priced.item_hold_nano(file_searches=4, web_searches=0) == 10_000_000
+    card = Pricer().rate_card(ModelRef("gpt-4o-mini", "openai"))
+    assert card.item_hold_nano(file_searches=10) == 25_000_000  # $2.50 per 1,000
+    assert card.prices["file_search_per_1k"] == Decimal("2.5")
+    with pytest.raises(ValueError, match="file_searches"):
+        card.item_hold_nano(file_searches=-1)
+
+
+def test_item_bound_counts_a_file_search_tool() -> None:
+    from langchain_openai import ChatOpenAI
+
+    gpt = ChatOpenAI(model="gpt-4o-mini", api_key="test", use_responses_api=True)
+    bound = item_bound(gpt.bind_tools([FILE_SEARCH, {"type": "web_search"}]), default_uses=4)
+    assert (bound.file_searches, bound.web_searches) == (4, 4)
+    assert set(bound.unbounded) == {"file_search", "web_search"}
+    assert item_bound(gpt).file_searches == 0
+
+
+# --------------------------------------------------------------------------------------
 # Service tier and speed
 # --------------------------------------------------------------------------------------
 

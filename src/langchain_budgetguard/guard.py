@@ -86,6 +86,7 @@ from .models import (
 from .money import nano_to_usd
 from .policy import BudgetPolicy, CounterPlan, LimitStatus
 from .pricing import (
+    ItemBound,
     ModelRef,
     RateCard,
     call_price_context,
@@ -159,7 +160,7 @@ class _Candidate:
     tools: list[Any] = field(default_factory=list)
     refs: tuple[ModelRef, ...] = ()  # every model that may serve a plain call (an inner with_fallbacks)
     context: dict[str, str] = field(default_factory=dict)  # its price variant (service tier, speed)
-    searches: int = 0  # the server-tool requests its bound tools may bill
+    items: ItemBound = field(default_factory=ItemBound)  # the server-tool requests its bound tools may bill
     configurable: bool = True  # the run's configurable may choose its model (else resolved once)
 
     @classmethod
@@ -167,7 +168,7 @@ class _Candidate:
         runnable = _asking_for_stream_usage(runnable)
         refs = tuple(candidate_refs(runnable)) or (model_ref(runnable),)
         return cls(runnable, refs[0], output_cap(runnable), tools_of(runnable), refs,
-                   call_price_context(runnable), item_bound(runnable).web_searches, depends_on_config(runnable))
+                   call_price_context(runnable), item_bound(runnable), depends_on_config(runnable))
 
     def cap_and_tools(self, call_kwargs: dict[str, Any]) -> tuple[OutputCap, list[Any]]:
         if not call_kwargs:
@@ -175,14 +176,14 @@ class _Candidate:
         return output_cap(self.runnable, call_kwargs), tools_of(self.runnable, call_kwargs)
 
     def pricing(self, call_kwargs: dict[str, Any], config: RunnableConfig | None
-                ) -> tuple[tuple[ModelRef, ...], dict[str, str], int]:
+                ) -> tuple[tuple[ModelRef, ...], dict[str, str], ItemBound]:
         """The models that may serve this call (call kwargs and ``configurable`` choose), their price
         variant and the billed server-tool requests: resolved once unless the call changes them."""
         if self.runnable is None or (not call_kwargs and not (self.configurable and (config or {}).get("configurable"))):
-            return self.refs or (self.ref,), self.context, self.searches
+            return self.refs or (self.ref,), self.context, self.items
         refs = tuple(candidate_refs(self.runnable, call_kwargs, config)) or (self.ref,)
         return (refs, call_price_context(self.runnable, call_kwargs, config),
-                item_bound(self.runnable, call_kwargs, config).web_searches)
+                item_bound(self.runnable, call_kwargs, config))
 
     @property
     def label(self) -> str:
@@ -562,7 +563,7 @@ class BudgetGuard(BaseChatModel):
     def _estimate(self, call: _Call, candidate: _Candidate) -> Estimate:
         """What this call would hold on ``candidate`` (nano-USD), from its messages and output cap."""
         policy = self.policy
-        refs, context, searches = candidate.pricing(call.kwargs, call.config)
+        refs, context, items = candidate.pricing(call.kwargs, call.config)
         found, tools = candidate.cap_and_tools(call.kwargs)
         messages = call.messages
         if isinstance(messages, str) and not isinstance(policy.estimator, (StrictEstimator, TypicalEstimator)):
@@ -582,7 +583,8 @@ class BudgetGuard(BaseChatModel):
                 card = card.variant(**context)
             input_tokens = bounded_input_tokens(counted, unsized, card.context_window,
                                                 own_limit if ref == candidate.ref else None)
-            extra = card.item_hold_nano(web_searches=searches) if searches else 0
+            extra = card.item_hold_nano(web_searches=items.web_searches, file_searches=items.file_searches) \
+                if items.web_searches or items.file_searches else 0
             reserve, input_cost = card.hold_nano(input_tokens, cap * found.completions, dearer_cache_write=strict,
                                                  dearest_output=strict)
             if best is None or reserve + extra > best[0]:

@@ -520,12 +520,14 @@ class ItemBound:
     """What a call may bill besides tokens, bounded before it runs.
 
     ``web_searches``: the most server-side web searches it can make (a tool's ``max_uses``, or
-    ``default_uses`` per search tool without one). ``unbounded`` names the tools whose use the
-    request does not cap (their searches were counted at ``default_uses``).
+    ``default_uses`` per search tool without one); ``file_searches``: the same for OpenAI's
+    ``file_search`` tool (billed per call). ``unbounded`` names the tools whose use the request
+    does not cap (their searches were counted at ``default_uses``).
     """
 
     web_searches: int = 0
     unbounded: tuple[str, ...] = ()
+    file_searches: int = 0
 
 
 _WEB_SEARCH_TYPES = re.compile(r"^(?:web_search(?:_preview)?(?:_\d{4}_\d{2}_\d{2})?|web_search_\d{8})$")
@@ -540,18 +542,23 @@ def item_bound(
     Anthropic ``{"type": "web_search_20250305", "max_uses": 5}`` counts 5; an Anthropic search
     tool without ``max_uses``, OpenAI ``{"type": "web_search"}`` and Gemini ``google_search``
     (which the requests cannot cap) count ``default_uses`` each and are listed in ``unbounded``.
-    Reserve ``card.item_hold_nano(web_searches=bound.web_searches)`` on top of the token hold.
+    OpenAI ``{"type": "file_search"}`` counts ``default_uses`` file searches. Reserve
+    ``card.item_hold_nano(web_searches=bound.web_searches, file_searches=bound.file_searches)`` on
+    top of the token hold.
     """
     if isinstance(default_uses, bool) or not isinstance(default_uses, int) or default_uses < 0:
         raise ValueError(f"item_bound: default_uses must be a whole number >= 0, got {default_uses!r}")
     obj, kw = _resolve(runnable, kwargs, config)[0]
     tools = kw.get("tools")
-    searches, unbounded = 0, []
+    searches, files, unbounded = 0, 0, []
     for tool in tools if isinstance(tools, (list, tuple)) else ():
         if not isinstance(tool, Mapping):
             continue
         kind = tool.get("type")
-        if isinstance(kind, str) and _WEB_SEARCH_TYPES.match(kind):
+        if kind == "file_search":
+            files += default_uses
+            unbounded.append(kind)
+        elif isinstance(kind, str) and _WEB_SEARCH_TYPES.match(kind):
             uses = tool.get("max_uses")
             if type(uses) is int and uses >= 0:
                 searches += uses
@@ -561,7 +568,7 @@ def item_bound(
         elif any(key in tool for key in _GEMINI_SEARCH_KEYS):
             searches += default_uses
             unbounded.append(next(key for key in _GEMINI_SEARCH_KEYS if key in tool))
-    return ItemBound(searches, tuple(unbounded))
+    return ItemBound(searches, tuple(unbounded), files)
 
 
 def _safe_getattr(obj: Any, attr: str) -> Any:
@@ -618,7 +625,7 @@ def model_ref_from_response(message: Any) -> ModelRef | None:
 # Prices you set
 # --------------------------------------------------------------------------------------
 
-_PRICE_KEYS = ("input", "output", "cache_read", "cache_write", "reasoning", "web_search")
+_PRICE_KEYS = ("input", "output", "cache_read", "cache_write", "reasoning", "web_search", "file_search")
 
 
 def _dollars_per_mtok(value: Any, key: str, what: str) -> Decimal:
@@ -661,6 +668,8 @@ class ModelPrice:
     reasoning: Decimal | None = None
     web_search: Decimal | None = None
     """USD per 1,000 server-side web searches; None: web searches are not priced (a reply billing one is refused)."""
+    file_search: Decimal | None = None
+    """USD per 1,000 file-store searches (OpenAI ``file_search``); None: not priced (a reply billing one is refused)."""
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -674,7 +683,8 @@ class ModelPrice:
         if isinstance(value, ModelPrice):
             return value
         if not isinstance(value, bool) and isinstance(value, (int, str, Decimal)) and _is_zero(value):
-            return cls(input=Decimal(0), output=Decimal(0), web_search=Decimal(0))  # explicitly free
+            return cls(input=Decimal(0), output=Decimal(0), web_search=Decimal(0),  # explicitly free
+                       file_search=Decimal(0))
         if not isinstance(value, Mapping):
             raise ValueError(
                 f'{what}: expected a ModelPrice or a mapping like {{"input": "0.50", "output": "1.50"}} '
@@ -710,11 +720,13 @@ _FIELDS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("output_image_tokens", "output_image_tokens", ("output_tokens",)),
     ("input_video_tokens", "input_video_tokens", ("input_tokens",)),
     ("web_searches", "web_searches", ()),
+    ("file_searches", "storage_searches", ()),
 )
 # Billed items that are not tokens: genai-prices prices them apart or not at all (then a reply that
 # bills one cannot be priced), never as some share of the tokens.
-_ITEM_FIELDS = ("web_searches",)
-_ITEM_PRICE_KEYS = {"web_searches": "web_searches_kcount"}
+_ITEM_FIELDS = ("web_searches", "file_searches")
+_ITEM_PRICE_KEYS = {"web_searches": "web_searches_kcount", "file_searches": "storage_searches_kcount"}
+_ITEM_NAMES = {"web_searches": ("web searches", "web_search"), "file_searches": ("file searches", "file_search")}
 _FIELD_NAMES = tuple(f for f, _, _ in _FIELDS)
 _DETAIL_FIELDS = _FIELD_NAMES[2:]
 # Output a model may bill above its text rate (audio, images; reasoning where priced apart).
@@ -832,6 +844,8 @@ class RateCard:
         self.prices: dict[str, Decimal] = {k: _plain(v * _MTOK) for k, v in effective.items()}
         if first["web_searches"]:
             self.prices["web_search_per_1k"] = _plain(first["web_searches"] * 1000)
+        if first["file_searches"]:
+            self.prices["file_search_per_1k"] = _plain(first["file_searches"] * 1000)
         if first[""]:
             self.prices["request"] = _plain(first[""])
 
@@ -869,6 +883,7 @@ class RateCard:
         priced = set(priced_items) if priced_items is not None else nonzero
         self._unpriced = tuple(f for f in _ITEM_FIELDS if f not in priced)
         self._web_unpriced = "web_searches" in self._unpriced
+        self._file_unpriced = "file_searches" in self._unpriced
         self._variants_of = variants
         self._variants: dict[tuple[str | None, str | None], RateCard] = {}
         self._nano_shift = self._exp + 9  # scaled units -> nano-USD: multiply by 10**shift
@@ -898,8 +913,10 @@ class RateCard:
             cache_write_mtok=price.cache_write,
             output_reasoning_mtok=price.reasoning,
             web_searches_kcount=price.web_search,
+            storage_searches_kcount=price.file_search,
         )
-        priced = ["web_searches"] if price.web_search is not None else []
+        priced = [f for f, key in (("web_searches", price.web_search), ("file_searches", price.file_search))
+                  if key is not None]
         return cls(_genai_price_fn(genai_price), model=model, provider=provider, source=source, priced_items=priced)
 
     def _scaled(self, usage: TokenUsage) -> int:
@@ -934,6 +951,8 @@ class RateCard:
             if self._web_unpriced:
                 raise self._unpriced_error("web_searches", searches)
             total += seg.web_search * searches
+        if usage.file_searches and self._file_unpriced:  # priced ones are in seg.details
+            raise self._unpriced_error("file_searches", usage.file_searches)
         return total if total > 0 else 0
 
     def _nano(self, scaled: int) -> int:
@@ -1026,27 +1045,32 @@ class RateCard:
         self._variants[key] = card
         return card
 
-    def item_hold_nano(self, *, web_searches: int = 0) -> int:
-        """What ``web_searches`` server-side web searches can cost, in nano-USD rounded up (for a hold).
+    def item_hold_nano(self, *, web_searches: int = 0, file_searches: int = 0) -> int:
+        """What ``web_searches`` server-side web searches and ``file_searches`` file-store searches can
+        cost, in nano-USD rounded up (for a hold).
 
         Raises ``UnknownModelPriceError`` when searches are asked for but this price has none.
         """
-        if isinstance(web_searches, bool) or not isinstance(web_searches, int) or web_searches < 0:
-            raise ValueError(f"item_hold_nano: web_searches must be a whole number >= 0, got {web_searches!r}")
-        if not web_searches:
-            return 0
-        if "web_searches" in self._unpriced:
-            raise self._unpriced_error("web_searches", web_searches)
-        per = max(seg.web_search for seg in self._segments)
-        return self._nano(per * web_searches)
+        total = 0
+        for field, count in (("web_searches", web_searches), ("file_searches", file_searches)):
+            if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+                raise ValueError(f"item_hold_nano: {field} must be a whole number >= 0, got {count!r}")
+            if not count:
+                continue
+            if field in self._unpriced:
+                raise self._unpriced_error(field, count)
+            per = max(seg.web_search if field == "web_searches" else dict(seg.details).get(field, 0)
+                      for seg in self._segments)
+            total += per * count
+        return self._nano(total)
 
     def _unpriced_error(self, field: str, count: int) -> UnknownModelPriceError:
-        what = {"web_searches": "web searches"}.get(field, field)
+        what, key = _ITEM_NAMES.get(field, (field, field))
         err = UnknownModelPriceError(
-            f"The reply bills {count} {what}, and no price is known for {what} on {self.model!r} "
+            f"The call bills {count} {what}, and no price is known for {what} on {self.model!r} "
             f"({self.provider or 'any provider'}; priced by {self.source}{' as ' + self.priced_as if self.priced_as else ''}): "
             f"the guard will not count them as $0. Add a price for them, e.g. "
-            f'prices={{"{self.model}": {{"input": ..., "output": ..., "web_search": "10"}}}} (USD per 1,000), '
+            f'prices={{"{self.model}": {{"input": ..., "output": ..., "{key}": "10"}}}} (USD per 1,000), '
             "or do not bind the tool for this model."
         )
         err.model, err.provider = self.model, self.provider  # type: ignore[attr-defined]

@@ -53,6 +53,8 @@ class TokenUsage:
     input_video_tokens: int = 0
     web_searches: int = 0
     """Server-side web searches billed per request (Anthropic web search, OpenAI web_search_call, Gemini grounding)."""
+    file_searches: int = 0
+    """Searches of the provider's file stores billed per call (OpenAI Responses ``file_search_call``)."""
     estimated: bool = False
     """True when some count was estimated by the guard rather than reported by the provider."""
     service_tier: str | None = None
@@ -444,10 +446,11 @@ _PLAIN_META = frozenset({"model_name", "model", "model_id", "model_provider", "f
 
 
 def billed_extras(message: Any) -> dict[str, Any]:
-    """What a reply says was billed besides tokens: ``{"web_searches", "service_tier", "speed"}`` (only those seen).
+    """What a reply says was billed besides tokens: ``{"web_searches", "file_searches", "service_tier", "speed"}``
+    (only those seen).
 
-    Reads OpenAI's ``service_tier`` and Responses ``web_search_call`` items (content blocks, or
-    ``additional_kwargs["tool_outputs"]``, or v1 ``server_tool_call`` blocks named ``web_search``),
+    Reads OpenAI's ``service_tier`` and Responses ``web_search_call`` / ``file_search_call`` items
+    (content blocks, or ``additional_kwargs["tool_outputs"]``, or v1 ``server_tool_call`` blocks),
     Anthropic's ``usage.server_tool_use.web_search_requests`` / ``usage.service_tier`` /
     ``usage.speed``, and Gemini's ``grounding_metadata`` (one search per ``web_search_queries``
     entry, at least one for a grounded reply). A standard tier (``default``, ``standard``) is None.
@@ -476,26 +479,36 @@ def billed_extras(message: Any) -> dict[str, Any]:
                 extras["web_searches"] = extras.get("web_searches", 0) + max(n, 1)
     if not isinstance(message, Mapping):
         content = getattr(message, "content", None)
-        calls = _web_search_calls(content) if type(content) is not str else 0
+        calls = _server_tool_calls(content) if type(content) is not str else _NO_CALLS
         kwargs = getattr(message, "additional_kwargs", None)
         if kwargs and isinstance(kwargs, Mapping):
-            calls = max(calls, _web_search_calls(kwargs.get("tool_outputs")))
-        if calls:
-            extras["web_searches"] = max(extras.get("web_searches", 0), calls)
+            outputs = _server_tool_calls(kwargs.get("tool_outputs"))
+            calls = (max(calls[0], outputs[0]), max(calls[1], outputs[1]))
+        if calls[0]:
+            extras["web_searches"] = max(extras.get("web_searches", 0), calls[0])
+        if calls[1]:
+            extras["file_searches"] = calls[1]
     return extras
 
 
-def _web_search_calls(blocks: Any) -> int:
-    """OpenAI Responses ``web_search_call`` items (or LangChain v1 ``server_tool_call`` web searches)."""
+_NO_CALLS = (0, 0)
+_SERVER_CALLS = {"web_search_call": 0, "file_search_call": 1}
+_SERVER_TOOLS = {"web_search": 0, "file_search": 1}
+
+
+def _server_tool_calls(blocks: Any) -> tuple[int, int]:
+    """OpenAI Responses ``web_search_call`` and ``file_search_call`` items (or LangChain v1
+    ``server_tool_call`` blocks of those tools), counted: ``(web searches, file searches)``."""
     if not isinstance(blocks, list):
-        return 0
-    n = 0
+        return _NO_CALLS
+    counts = [0, 0]
     for block in blocks:
         if isinstance(block, Mapping):
             kind = block.get("type")
-            if kind == "web_search_call" or (kind == "server_tool_call" and block.get("name") == "web_search"):
-                n += 1
-    return n
+            index = _SERVER_TOOLS.get(block.get("name")) if kind == "server_tool_call" else _SERVER_CALLS.get(kind)
+            if index is not None:
+                counts[index] += 1
+    return counts[0], counts[1]
 
 
 def usage_from_llm_result(result: Any) -> list[tuple[TokenUsage | None, str | None]]:

@@ -20,7 +20,7 @@ __all__ = ["DeploymentConfig", "CONFIG_ENV"]
 
 CONFIG_ENV = "BUDGETGUARD_CONFIG"
 
-_PRICE_KEYS = ("input", "output", "cache_read", "cache_write", "reasoning")
+_PRICE_KEYS = ("input", "output", "cache_read", "cache_write", "reasoning", "web_search", "file_search")
 
 
 @dataclass(frozen=True)
