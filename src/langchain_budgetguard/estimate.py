@@ -525,8 +525,12 @@ class StrictEstimator(_Counter):
         at the model's whole input limit; 0 when ``url_media_tokens`` vouches for their size."""
         if self.vouched_url_media_tokens is not None or isinstance(messages, str):
             return 0
+        if type(messages) is list and all(type(getattr(m, "content", None)) is str for m in messages):
+            return 0  # text turns only (the common case): a file lives in content blocks
         walk = _References()
-        walk.input_tokens(messages)
+        for message in _as_messages(messages):
+            if type(message.content) is not str:
+                walk._content(message.content, "")
         return walk.found
 
     def input_tokens(
@@ -923,7 +927,7 @@ class _References(_Counter):
     tools_request_overhead = server_tool_tokens = response_format_overhead = url_media_tokens = pdf_page_tokens = 0
 
     def __init__(self) -> None:
-        super().__init__()
+        self.image_tokens = self.low_detail_image_tokens = None
         self.found = 0
 
     @staticmethod
