@@ -30,10 +30,11 @@ from .redis_support import RedisServer, fresh_prefix, redis_url, start_cluster  
 PRICES = {"big": {"input": "40", "output": "50"}}
 
 
-def guard_on(store: Any, per: str = "user") -> BudgetGuard:
+def guard_on(store: Any, per: str = "user", **options: Any) -> BudgetGuard:
     return BudgetGuard(UsageChat(model_name="big", input_tokens=1000, output_tokens=1000, max_tokens=1000),
                        limits=[Limit(usd=1000, per=per, window="day"), Limit(usd=10_000, per="global", window="month")],
-                       store=store, name=f"idx-{uuid.uuid4().hex[:8]}", prices=PRICES, estimator=ExactEstimator(1000))
+                       store=store, name=f"idx-{uuid.uuid4().hex[:8]}", prices=PRICES, estimator=ExactEstimator(1000),
+                       **options)
 
 
 def charge(guard: BudgetGuard, who: str, nano: int, per: str = "user") -> None:
@@ -136,7 +137,9 @@ def test_cost_of_top_and_status_is_independent_of_other_keys(tmp_path: Any) -> N
     server = RedisServer(tmp_path).start()
     try:
         with RedisStore(server.url, prefix=fresh_prefix()) as store, redis.Redis.from_url(server.url) as client:
-            guard = guard_on(store)
+            # Live overrides are re-read every 5 s (two commands more): the 52k writes below can
+            # take longer than that on a slow machine, and this test counts commands.
+            guard = guard_on(store, override_refresh_seconds=None)
             for i in range(500):
                 charge(guard, f"u{i}", 1000 + i)
             admin = BudgetAdmin(guard.policy)
