@@ -51,6 +51,7 @@ class Estimate:
     cap_source: str = "none"  # who set the cap: call, binding, model, integration_default, none
     completions: int = 1  # the call asks for this many completions (``n``), each up to ``output_tokens``
     unsized_inputs: int = 0  # documents by URL / file id: ``input_tokens`` is then the model's input limit
+    stored_context: str | None = None  # the parameter continuing provider-stored context (held likewise)
 
     @property
     def held_output_tokens(self) -> int:
@@ -235,6 +236,7 @@ def _refusal(policy: BudgetPolicy, plan: CounterPlan, counters: Sequence[Counter
         output_tokens=estimate.output_tokens, output_cap_source=estimate.cap_source,
         fitting_output_tokens=fitting, completions=estimate.completions,
         input_tokens=estimate.input_tokens, unsized_inputs=estimate.unsized_inputs,
+        stored_context=estimate.stored_context,
     )
 
 

@@ -47,6 +47,7 @@ class Refusal:
     completions: int = 1  # the call asks for this many completions (n), each reserved up to output_tokens
     input_tokens: int | None = None  # the prompt tokens the estimate holds
     unsized_inputs: int = 0  # documents of unreadable size (by URL / file id), held at the model's input limit
+    stored_context: str | None = None  # the parameter continuing provider-stored context (previous_response_id)
 
     @property
     def _output(self) -> str:
@@ -105,6 +106,13 @@ class Refusal:
         if self.dominant == "output":
             return (f"The output cap dominates ({self._output}), but what is left does not hold "
                     "even the prompt: raise the limit, wait for the reset, or add a cheaper model to degrade_to.")
+        if self.dominant == "input" and self.stored_context:
+            held = f" ({self.input_tokens:,} tokens)" if self.input_tokens else ""
+            return (f"The prompt dominates: the call continues context the provider stores ({self.stored_context}), "
+                    "billed again as input and not in the request, so it is held at the model's whole input "
+                    f"limit{held}. Send the history with the call instead (ChatOpenAI(use_previous_response_id="
+                    "True) keeps it counted), or use estimator='typical'; or add a cheaper model to degrade_to, "
+                    "or raise the limit.")
         if self.dominant == "input" and self.unsized_inputs:
             what = "document" if self.unsized_inputs == 1 else f"{self.unsized_inputs} documents"
             held = f" ({self.input_tokens:,} tokens)" if self.input_tokens else ""

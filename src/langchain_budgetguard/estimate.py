@@ -48,7 +48,7 @@ from typing import Any, Protocol, runtime_checkable
 from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
 
 from .calibration import Calibrator
-from .caps import OutputCap, binding_layers, max_output_tokens, output_cap
+from .caps import OutputCap, binding_layers, extra_body_of, max_output_tokens, output_cap
 from .images import image_size, image_tokens
 from .tokenizers import ExactFamily, exact_family, render_openai_tool
 
@@ -71,6 +71,7 @@ __all__ = [
     "max_output_tokens",
     "output_cap",
     "reserved_output",
+    "stored_context_of",
     "tools_of",
     "unsized_references",
 ]
@@ -1179,6 +1180,29 @@ def tools_of(model: Any, call_kwargs: Mapping[str, Any] | None = None) -> list[A
     if isinstance(config, Mapping) and isinstance(config.get("format"), Mapping):
         found.append(config["format"])
     return found
+
+
+STORED_CONTEXT_KWARGS = ("previous_response_id", "conversation", "cached_content")
+"""Request parameters that make the provider read (and bill as input) context it stores, which the
+request does not carry: OpenAI Responses ``previous_response_id`` / ``conversation``, Gemini
+``cached_content``."""
+
+
+def stored_context_of(model: Any, call_kwargs: Mapping[str, Any] | None = None) -> str | None:
+    """The parameter by which a call on ``model`` continues context the provider stores (one of
+    ``STORED_CONTEXT_KWARGS``), or None: read from the call's kwargs, bindings, the request's
+    ``extra_body``, the model's fields and ``model_kwargs``. An empty value continues nothing."""
+    layers, inner = binding_layers(model)
+    if isinstance(call_kwargs, Mapping):
+        layers.insert(0, call_kwargs)
+    model_kwargs = getattr(inner, "model_kwargs", None)
+    places = [*layers, extra_body_of(inner, *layers)[0], model_kwargs if isinstance(model_kwargs, Mapping) else None]
+    for key in STORED_CONTEXT_KWARGS:
+        field = getattr(inner, key, None) if key == "cached_content" else None  # ChatGoogleGenerativeAI's field
+        if any(isinstance(place, Mapping) and place.get(key) for place in places) or (
+                isinstance(field, str) and field):
+            return key
+    return None
 
 
 # --------------------------------------------------------------------------------------

@@ -62,6 +62,7 @@ from .errors import (
     UnknownModelPriceError,
 )
 from .estimate import (
+    STORED_CONTEXT_KWARGS,
     StrictEstimator,
     TypicalEstimator,
     OutputCap,
@@ -70,6 +71,7 @@ from .estimate import (
     estimate_output_tokens,
     output_cap,
     reserved_output,
+    stored_context_of,
     tools_of,
     unsized_references,
 )
@@ -162,13 +164,15 @@ class _Candidate:
     context: dict[str, str] = field(default_factory=dict)  # its price variant (service tier, speed)
     items: ItemBound = field(default_factory=ItemBound)  # the server-tool requests its bound tools may bill
     configurable: bool = True  # the run's configurable may choose its model (else resolved once)
+    stored_context: str | None = None  # the parameter that continues provider-stored context, if any
 
     @classmethod
     def of(cls, runnable: Runnable) -> _Candidate:
         runnable = _asking_for_stream_usage(runnable)
         refs = tuple(candidate_refs(runnable)) or (model_ref(runnable),)
         return cls(runnable, refs[0], output_cap(runnable), tools_of(runnable), refs,
-                   call_price_context(runnable), item_bound(runnable), depends_on_config(runnable))
+                   call_price_context(runnable), item_bound(runnable), depends_on_config(runnable),
+                   stored_context_of(runnable))
 
     def cap_and_tools(self, call_kwargs: dict[str, Any]) -> tuple[OutputCap, list[Any]]:
         if not call_kwargs:
@@ -569,19 +573,23 @@ class BudgetGuard(BaseChatModel):
         if isinstance(messages, str) and not isinstance(policy.estimator, (StrictEstimator, TypicalEstimator)):
             messages = call.messages = [HumanMessage(messages)]  # the built-ins count a string as it is
         counted = estimate_input_tokens(policy.estimator, messages, tools, candidate.runnable)
-        # A document by URL or file id has no size to read: held at the model's whole input limit.
-        unsized = 0 if isinstance(messages, str) else unsized_references(policy.estimator, messages)
-        own_limit = model_input_limit(candidate.runnable) if unsized else None
-        cap, send = self._output_reservation(found)
         # Strict: cache writes can cost more than plain input (Anthropic: 1.25x-2x), and audio or image
         # output more than text (gpt-audio 6.4x): hold the dearer.
         strict = policy.estimator.mode == "strict"
+        # A document by URL or file id, or a thread the provider stores, has no size to read: held at
+        # the model's whole input limit.
+        unsized = 0 if isinstance(messages, str) else unsized_references(policy.estimator, messages)
+        stored = candidate.stored_context if strict else None
+        if strict and stored is None and call.kwargs and not _STORED_CONTEXT_KEYS.isdisjoint(call.kwargs):
+            stored = stored_context_of(candidate.runnable, call.kwargs)
+        own_limit = model_input_limit(candidate.runnable) if unsized or stored else None
+        cap, send = self._output_reservation(found)
         best: tuple[int, int, int, RateCard, int] | None = None
         for ref in refs:  # the dearest model that may serve the call (an inner fallback) is held for
             card = policy.pricer.rate_card(ref)
             if context:
                 card = card.variant(**context)
-            input_tokens = bounded_input_tokens(counted, unsized, card.context_window,
+            input_tokens = bounded_input_tokens(counted, unsized + bool(stored), card.context_window,
                                                 own_limit if ref == candidate.ref else None)
             extra = card.item_hold_nano(web_searches=items.web_searches, file_searches=items.file_searches) \
                 if items.web_searches or items.file_searches else 0
@@ -591,7 +599,8 @@ class BudgetGuard(BaseChatModel):
                 best = (reserve + extra, input_cost, extra, card, input_tokens)
         reserve, input_cost, extra, card, input_tokens = best  # type: ignore[misc]
         return Estimate(card, input_tokens, reserve, input_cost, cap, send, False, extra, refs, cap_kwarg=found.kwarg,
-                        cap_source=found.source, completions=found.completions, unsized_inputs=unsized)
+                        cap_source=found.source, completions=found.completions, unsized_inputs=unsized,
+                        stored_context=stored)
 
     def _output_reservation(self, cap: OutputCap) -> tuple[int, bool]:
         """The output tokens to reserve for a call whose cap is ``cap``, and whether to send them.
@@ -1367,6 +1376,9 @@ class Reservation:
             if self.events is not None:
                 await self.guard._areport_cost(self.events, cost)
         return cost
+
+
+_STORED_CONTEXT_KEYS = frozenset((*STORED_CONTEXT_KWARGS, "extra_body"))  # call kwargs that may name one
 
 
 def _keeps_ledger(store: Any, method: str) -> bool:
