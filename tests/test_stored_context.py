@@ -9,7 +9,6 @@ provider can bill, the model's input limit, as for a file given by id.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from decimal import Decimal
 from typing import Any
 
@@ -22,20 +21,10 @@ from langchain_budgetguard.pricing import Pricer
 
 from tests.providers.canned_server import CannedServer
 
+from .test_billed_items import canned, server  # noqa: F401 - the canned server's fixtures
+
 THREAD_TOKENS = 80_000  # what the stored thread bills as input on each call that continues it
 MINI_INPUT = Decimal("0.15") / 1_000_000
-
-
-@pytest.fixture(scope="module")
-def canned() -> Iterator[CannedServer]:
-    with CannedServer() as server:
-        yield server
-
-
-@pytest.fixture
-def server(canned: CannedServer) -> CannedServer:
-    canned.reset()
-    return canned
 
 
 def _reply(input_tokens: int = THREAD_TOKENS) -> dict[str, Any]:

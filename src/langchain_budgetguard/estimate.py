@@ -945,9 +945,6 @@ class _References(_Counter):
     def _media_payload(self, payload: str, family: str) -> int:
         return self._unsized_media() if _pdf_pages(payload)[1] else 0
 
-    def _ai_extras(self, message: AIMessage) -> int:
-        return 0
-
 
 MISTRAL_SAFE_PROMPT_TOKENS = 64
 """Bound on the system prompt Mistral's API prepends with ``safe_prompt`` (ChatMistralAI ``safe_mode``)."""
@@ -1025,6 +1022,7 @@ def _strip_data_url(payload: str) -> str:
     return payload.split(",", 1)[-1] if payload.startswith("data:") else payload
 
 
+@functools.lru_cache(maxsize=8)  # the count and the unsized-references walk both read a call's PDFs
 def _pdf_pages(payload: str) -> tuple[int, bool]:
     """Visible page objects of a base64 (or data: URL) PDF (0 if not a PDF or unreadable), and whether
     it keeps objects in compressed object streams (PDF 1.5+), where any number of pages may hide."""
