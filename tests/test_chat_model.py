@@ -144,6 +144,7 @@ def test_a_fallback_model_draws_on_the_same_budget():
             served += 1
     assert primary.calls == 0 and served == backup.calls > 0  # gpt-4o never fitted; gpt-4o-mini did, then not
     assert spent(guard) == backup.calls * CALL <= Decimal("0.00005")
+    assert all(s.held == 0 for s in guard.status())  # the refused calls and the served ones hold nothing
     # A fallback that is a guard already (any budget) or not a model at all is kept as it is.
     other = BudgetGuard(UsageChat(), limit=1)
     canned = RunnableLambda(lambda _: AIMessage("busy"))

@@ -884,6 +884,11 @@ class RateCard:
         self._unpriced = tuple(f for f in _ITEM_FIELDS if f not in priced)
         self._web_unpriced = "web_searches" in self._unpriced
         self._file_unpriced = "file_searches" in self._unpriced
+        # What one billed item costs at its dearest tier (held before the call, whatever its size).
+        self._item_rate = {
+            "web_searches": max(seg.web_search for seg in self._segments),
+            "file_searches": max(dict(seg.details).get("file_searches", 0) for seg in self._segments),
+        }
         self._variants_of = variants
         self._variants: dict[tuple[str | None, str | None], RateCard] = {}
         self._nano_shift = self._exp + 9  # scaled units -> nano-USD: multiply by 10**shift
@@ -1059,9 +1064,7 @@ class RateCard:
                 continue
             if field in self._unpriced:
                 raise self._unpriced_error(field, count)
-            per = max(seg.web_search if field == "web_searches" else dict(seg.details).get(field, 0)
-                      for seg in self._segments)
-            total += per * count
+            total += self._item_rate[field] * count
         return self._nano(total)
 
     def _unpriced_error(self, field: str, count: int) -> UnknownModelPriceError:
