@@ -209,7 +209,7 @@ register_configure_hook(
 
 @contextmanager
 def get_cost_callback(
-    *, prices: dict[str, Any] | None = None, fallback_price: Any = None,
+    *, prices: dict[str, Any] | None = None, fallback_price: Any = None, tool_fees: dict[str, Any] | None = None,
     scope: Literal["context", "process"] = "context",
 ) -> Iterator[CostCallbackHandler]:
     """Track every chat model call made inside the ``with`` block; yields the running totals.
@@ -217,9 +217,11 @@ def get_cost_callback(
     ``scope="context"`` (default) sees calls in this context: chains, agents, streams, async tasks
     and LangChain's own thread pools (they copy the context). Code that starts plain threads should
     run them with ``contextvars.copy_context().run``, or use ``scope="process"`` to see every call
-    made anywhere in the process while the block is open.
+    made anywhere in the process while the block is open. ``prices``, ``fallback_price`` and
+    ``tool_fees`` are ``Pricer``'s.
     """
-    handler = CostCallbackHandler(Pricer(prices, fallback_price) if prices or fallback_price else None)
+    handler = CostCallbackHandler(
+        Pricer(prices, fallback_price, tool_fees=tool_fees) if prices or fallback_price or tool_fees else None)
     if scope == "process":
         with _process_lock:
             _process_handlers.append(handler)

@@ -591,8 +591,7 @@ class BudgetGuard(BaseChatModel):
                 card = card.variant(**context)
             input_tokens = bounded_input_tokens(counted, unsized + bool(stored), card.context_window,
                                                 own_limit if ref == candidate.ref else None)
-            extra = card.item_hold_nano(web_searches=items.web_searches, file_searches=items.file_searches) \
-                if items.web_searches or items.file_searches else 0
+            extra = items.hold_nano(card) if items else 0
             reserve, input_cost = card.hold_nano(input_tokens, cap * found.completions, dearer_cache_write=strict,
                                                  dearest_output=strict)
             if best is None or reserve + extra > best[0]:
@@ -661,9 +660,13 @@ class BudgetGuard(BaseChatModel):
             )
         return self._price(admitted, usage, served)
 
-    def _charged_by_policy(self, admitted: Admitted, why: str) -> CallCost:
-        """What a call whose cost cannot be known costs: everything it reserved (never $0)."""
+    def _charged_by_policy(self, admitted: Admitted, why: str, known: tuple[TokenUsage, int] | None = None
+                           ) -> CallCost:
+        """What a call whose cost cannot be known costs: everything it reserved (never $0), or what
+        ``known`` says its priced part costs when that is more (``(usage, nano-USD)``)."""
         estimate = admitted.estimate
+        if known is not None and known[1] > estimate.reserve:
+            return self._priced(admitted, known[0], known[1], admitted.candidate.label, None, why)
         usage = TokenUsage(input_tokens=estimate.input_tokens, output_tokens=estimate.held_output_tokens,
                            estimated=True)
         return self._priced(admitted, usage, estimate.reserve, admitted.candidate.label, None, why)
@@ -683,9 +686,12 @@ class BudgetGuard(BaseChatModel):
                 # The card reserved with (its service tier applied) unless another model answered.
                 if not (len(refs) == 1 and (served is refs[0] or served == refs[0])):
                     card = self.policy.pricer.settle_card(served, refs, usage)
-                charged = card.cost_nano(usage)
-            except UnknownModelPriceError as unknown:  # an item billed that nothing prices: charge the hold
+            except UnknownModelPriceError as unknown:  # nothing prices the model that answered
                 return self._charged_by_policy(admitted, str(unknown))
+            try:
+                charged = card.cost_nano(usage)
+            except UnknownModelPriceError as unknown:  # an item billed that nothing prices: the hold, at least
+                return self._charged_by_policy(admitted, str(unknown), (usage, card.priced_part_nano(usage)))
         else:
             charged = card.cost_nano(usage)
         return self._priced(admitted, usage, charged, model, card, None)

@@ -272,6 +272,7 @@ class BudgetPolicy:
         estimator: str | Estimator = "strict",
         prices: Mapping[str, Any] | None = None,
         fallback_price: Any = None,
+        tool_fees: Mapping[str, Any] | None = None,
         pricer: Pricer | None = None,
         degrade_at: float | Decimal | None = None,
         default_max_output_tokens: int = DEFAULT_MAX_OUTPUT_TOKENS,
@@ -296,7 +297,10 @@ class BudgetPolicy:
         self.limits = _parse_limits(limit, limits)
         self.store = resolve_store(store)
         self.estimator = get_estimator(estimator)
-        self.pricer = pricer if pricer is not None else Pricer(prices, fallback_price)
+        if pricer is not None and (prices or fallback_price is not None or tool_fees):
+            raise ValueError("Pass prices, fallback_price and tool_fees to the Pricer you give as pricer=, "
+                             "or give them here without pricer=: one of the two would be ignored.")
+        self.pricer = pricer if pricer is not None else Pricer(prices, fallback_price, tool_fees=tool_fees)
         if degrade_at is not None:
             degrade_at = to_decimal(degrade_at, what="degrade_at")
             if not Decimal(0) < degrade_at <= Decimal(1):

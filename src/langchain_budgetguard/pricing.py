@@ -15,7 +15,7 @@ import re
 import threading
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from urllib.parse import urlsplit
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
@@ -36,6 +36,8 @@ __all__ = [
     "candidate_refs",
     "host_provider",
     "item_bound",
+    "TOOL_FEES",
+    "check_tool_fees",
     "model_ref",
     "model_ref_from_run",
     "price_host_as",
@@ -521,13 +523,29 @@ class ItemBound:
 
     ``web_searches``: the most server-side web searches it can make (a tool's ``max_uses``, or
     ``default_uses`` per search tool without one); ``file_searches``: the same for OpenAI's
-    ``file_search`` tool (billed per call). ``unbounded`` names the tools whose use the request
-    does not cap (their searches were counted at ``default_uses``).
+    ``file_search`` tool (billed per call); ``containers``: one per OpenAI ``code_interpreter``
+    tool (billed per container); ``generated_images``: ``default_uses`` per ``image_generation``
+    tool. ``max_calls``: OpenAI's ``max_tool_calls``, which caps all of them together (None: no
+    cap). ``unbounded`` names the tools whose use the request does not cap (counted at ``default_uses``).
     """
 
     web_searches: int = 0
     unbounded: tuple[str, ...] = ()
     file_searches: int = 0
+    containers: int = 0
+    generated_images: int = 0
+    max_calls: int | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.web_searches or self.file_searches or self.containers or self.generated_images)
+
+    def hold_nano(self, card: RateCard) -> int:
+        """What these items can cost on ``card`` (``card.item_hold_nano`` of them), 0 when there are none."""
+        if not self:
+            return 0
+        return card.item_hold_nano(web_searches=self.web_searches, file_searches=self.file_searches,
+                                   containers=self.containers, generated_images=self.generated_images,
+                                   max_calls=self.max_calls)
 
 
 _WEB_SEARCH_TYPES = re.compile(r"^(?:web_search(?:_preview)?(?:_\d{4}_\d{2}_\d{2})?|web_search_\d{8})$")
@@ -542,21 +560,27 @@ def item_bound(
     Anthropic ``{"type": "web_search_20250305", "max_uses": 5}`` counts 5; an Anthropic search
     tool without ``max_uses``, OpenAI ``{"type": "web_search"}`` and Gemini ``google_search``
     (which the requests cannot cap) count ``default_uses`` each and are listed in ``unbounded``.
-    OpenAI ``{"type": "file_search"}`` counts ``default_uses`` file searches. Reserve
-    ``card.item_hold_nano(web_searches=bound.web_searches, file_searches=bound.file_searches)`` on
-    top of the token hold.
+    OpenAI ``{"type": "file_search"}`` counts ``default_uses`` file searches,
+    ``{"type": "code_interpreter"}`` one container, ``{"type": "image_generation"}``
+    ``default_uses`` images; a ``max_tool_calls`` the call sends caps them together. Reserve
+    ``bound.hold_nano(card)`` on top of the token hold.
     """
     if isinstance(default_uses, bool) or not isinstance(default_uses, int) or default_uses < 0:
         raise ValueError(f"item_bound: default_uses must be a whole number >= 0, got {default_uses!r}")
     obj, kw = _resolve(runnable, kwargs, config)[0]
     tools = kw.get("tools")
-    searches, files, unbounded = 0, 0, []
+    searches, files, containers, images, unbounded = 0, 0, 0, 0, []
     for tool in tools if isinstance(tools, (list, tuple)) else ():
         if not isinstance(tool, Mapping):
             continue
         kind = tool.get("type")
         if kind == "file_search":
             files += default_uses
+            unbounded.append(kind)
+        elif kind == "code_interpreter":
+            containers += 1  # one container per call, made for it or named by the tool
+        elif kind == "image_generation":
+            images += default_uses
             unbounded.append(kind)
         elif isinstance(kind, str) and _WEB_SEARCH_TYPES.match(kind):
             uses = tool.get("max_uses")
@@ -568,7 +592,22 @@ def item_bound(
         elif any(key in tool for key in _GEMINI_SEARCH_KEYS):
             searches += default_uses
             unbounded.append(next(key for key in _GEMINI_SEARCH_KEYS if key in tool))
-    return ItemBound(searches, tuple(unbounded), files)
+    cap = _max_tool_calls(obj, kw) if searches or files or containers or images else None
+    return ItemBound(searches, tuple(unbounded), files, containers, images, cap)
+
+
+def _max_tool_calls(obj: Any, kw: Mapping[str, Any]) -> int | None:
+    """OpenAI Responses ``max_tool_calls`` (call kwargs, bindings, ``model_kwargs``), None when unset.
+
+    Read for langchain-openai's models only: another client may drop a parameter it does not know,
+    and its provider would not honour the cap the hold counted on."""
+    if not type(obj).__module__.startswith("langchain_openai."):
+        return None
+    for source in (kw, _safe_getattr(obj, "model_kwargs")):
+        value = source.get("max_tool_calls") if isinstance(source, Mapping) else None
+        if type(value) is int and value >= 0:
+            return value
+    return None
 
 
 def _safe_getattr(obj: Any, attr: str) -> Any:
@@ -721,12 +760,19 @@ _FIELDS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("input_video_tokens", "input_video_tokens", ("input_tokens",)),
     ("web_searches", "web_searches", ()),
     ("file_searches", "storage_searches", ()),
+    ("containers", None, ()),  # tool fees genai-prices does not list: priced by Pricer(tool_fees=...)
+    ("generated_images", None, ()),
 )
 # Billed items that are not tokens: genai-prices prices them apart or not at all (then a reply that
 # bills one cannot be priced), never as some share of the tokens.
-_ITEM_FIELDS = ("web_searches", "file_searches")
+_ITEM_FIELDS = ("web_searches", "file_searches", "containers", "generated_images")
 _ITEM_PRICE_KEYS = {"web_searches": "web_searches_kcount", "file_searches": "storage_searches_kcount"}
-_ITEM_NAMES = {"web_searches": ("web searches", "web_search"), "file_searches": ("file searches", "file_search")}
+_ITEM_NAMES = {"web_searches": ("web searches", "web_search"), "file_searches": ("file searches", "file_search"),
+               "containers": ("code containers", "code_interpreter"),
+               "generated_images": ("generated images", "image_generation")}
+TOOL_FEES = {"code_interpreter": "containers", "image_generation": "generated_images"}
+"""The server tools whose fee ``Pricer(tool_fees=...)`` takes (USD per use), and the ``TokenUsage``
+field each is billed by: OpenAI's ``code_interpreter`` per container, ``image_generation`` per image."""
 _FIELD_NAMES = tuple(f for f, _, _ in _FIELDS)
 _DETAIL_FIELDS = _FIELD_NAMES[2:]
 # Output a model may bill above its text rate (audio, images; reasoning where priced apart).
@@ -814,7 +860,15 @@ class RateCard:
         priced_items: Iterable[str] | None = None,
         variants: Callable[[Mapping[str, str]], RateCard | None] | None = None,
         context_window: int | None = None,
+        tool_fees: Mapping[str, Decimal] | None = None,
     ) -> None:
+        fees = {TOOL_FEES[tool]: Decimal(fee) for tool, fee in (tool_fees or {}).items()}
+        if fees:  # per-use fees of server tools, on top of the model's own price
+            token_price = price_of
+
+            def price_of(counts: Mapping[str, int]) -> Decimal:
+                return token_price(counts) + sum(fee * counts[f] for f, fee in fees.items())
+
         self.model = model
         self.context_window = context_window if isinstance(context_window, int) and context_window > 0 else None
         self.provider = provider
@@ -846,6 +900,9 @@ class RateCard:
             self.prices["web_search_per_1k"] = _plain(first["web_searches"] * 1000)
         if first["file_searches"]:
             self.prices["file_search_per_1k"] = _plain(first["file_searches"] * 1000)
+        for tool, field in TOOL_FEES.items():
+            if field in fees:
+                self.prices[f"{tool}_each"] = _plain(first[field])
         if first[""]:
             self.prices["request"] = _plain(first[""])
 
@@ -880,14 +937,14 @@ class RateCard:
         self._out_audio = "output_audio_tokens" in nonzero
         self._in_extra = tuple(f for f in ("input_image_tokens", "input_video_tokens") if f in nonzero)
         self._out_extra = ("output_image_tokens",) if "output_image_tokens" in nonzero else ()
-        priced = set(priced_items) if priced_items is not None else nonzero
+        priced = (set(priced_items) if priced_items is not None else nonzero) | set(fees)
         self._unpriced = tuple(f for f in _ITEM_FIELDS if f not in priced)
         self._web_unpriced = "web_searches" in self._unpriced
-        self._file_unpriced = "file_searches" in self._unpriced
+        self._detail_unpriced = tuple(f for f in self._unpriced if f != "web_searches")  # priced ones: in details
         # What one billed item costs at its dearest tier (held before the call, whatever its size).
         self._item_rate = {
             "web_searches": max(seg.web_search for seg in self._segments),
-            "file_searches": max(dict(seg.details).get("file_searches", 0) for seg in self._segments),
+            **{f: max(dict(seg.details).get(f, 0) for seg in self._segments) for f in _ITEM_FIELDS[1:]},
         }
         self._variants_of = variants
         self._variants: dict[tuple[str | None, str | None], RateCard] = {}
@@ -906,7 +963,8 @@ class RateCard:
 
     @classmethod
     def from_price(
-        cls, price: ModelPrice, *, model: str, provider: str | None = None, source: str = "override"
+        cls, price: ModelPrice, *, model: str, provider: str | None = None, source: str = "override",
+        tool_fees: Mapping[str, Decimal] | None = None,
     ) -> RateCard:
         """A card for a price you set, with the same semantics as genai-prices' own prices."""
         from genai_prices.types import ModelPrice as GenaiModelPrice
@@ -922,7 +980,8 @@ class RateCard:
         )
         priced = [f for f, key in (("web_searches", price.web_search), ("file_searches", price.file_search))
                   if key is not None]
-        return cls(_genai_price_fn(genai_price), model=model, provider=provider, source=source, priced_items=priced)
+        return cls(_genai_price_fn(genai_price), model=model, provider=provider, source=source, priced_items=priced,
+                   tool_fees=tool_fees)
 
     def _scaled(self, usage: TokenUsage) -> int:
         """Cost in units of 10**self._exp USD."""
@@ -956,8 +1015,10 @@ class RateCard:
             if self._web_unpriced:
                 raise self._unpriced_error("web_searches", searches)
             total += seg.web_search * searches
-        if usage.file_searches and self._file_unpriced:  # priced ones are in seg.details
-            raise self._unpriced_error("file_searches", usage.file_searches)
+        if (usage.file_searches or usage.containers or usage.generated_images) and self._detail_unpriced:
+            for field in self._detail_unpriced:
+                if getattr(usage, field):
+                    raise self._unpriced_error(field, getattr(usage, field))
         return total if total > 0 else 0
 
     def _nano(self, scaled: int) -> int:
@@ -1018,6 +1079,17 @@ class RateCard:
             return scaled * 10**shift
         return -(-scaled // 10**-shift)
 
+    def priced_part_nano(self, usage: TokenUsage) -> int:
+        """What the part of ``usage`` this card can price costs, in nano-USD rounded up: billed items it
+        has no price for left out, a tier it has no price for at the standard rate. The least a call
+        that billed ``usage`` can cost (``cost_nano`` raises for such a usage instead)."""
+        if self._unpriced:
+            usage = replace(usage, **dict.fromkeys(self._unpriced, 0))
+        try:
+            return self.cost_nano(usage)
+        except UnknownModelPriceError:
+            return self.cost_nano(replace(usage, service_tier=None, speed=None))
+
     def variant(self, service_tier: str | None = None, speed: str | None = None) -> RateCard:
         """This model's card at a service tier (``"priority"``, ``"flex"``) and/or speed (``"fast"``).
 
@@ -1050,31 +1122,47 @@ class RateCard:
         self._variants[key] = card
         return card
 
-    def item_hold_nano(self, *, web_searches: int = 0, file_searches: int = 0) -> int:
-        """What ``web_searches`` server-side web searches and ``file_searches`` file-store searches can
-        cost, in nano-USD rounded up (for a hold).
+    def item_hold_nano(self, *, web_searches: int = 0, file_searches: int = 0, containers: int = 0,
+                       generated_images: int = 0, max_calls: int | None = None) -> int:
+        """What ``web_searches`` server-side web searches, ``file_searches`` file-store searches,
+        ``containers`` code containers and ``generated_images`` tool-made images can cost, in nano-USD
+        rounded up (for a hold). ``max_calls`` caps them together (OpenAI ``max_tool_calls``): the
+        dearest items are held first.
 
-        Raises ``UnknownModelPriceError`` when searches are asked for but this price has none.
+        Raises ``UnknownModelPriceError`` when items are asked for but this price has none.
         """
-        total = 0
-        for field, count in (("web_searches", web_searches), ("file_searches", file_searches)):
+        counts = []
+        for field, count in (("web_searches", web_searches), ("file_searches", file_searches),
+                             ("containers", containers), ("generated_images", generated_images)):
             if isinstance(count, bool) or not isinstance(count, int) or count < 0:
                 raise ValueError(f"item_hold_nano: {field} must be a whole number >= 0, got {count!r}")
             if not count:
                 continue
             if field in self._unpriced:
                 raise self._unpriced_error(field, count)
-            total += self._item_rate[field] * count
-        return self._nano(total)
+            counts.append((self._item_rate[field], count))
+        if max_calls is not None:
+            if isinstance(max_calls, bool) or not isinstance(max_calls, int) or max_calls < 0:
+                raise ValueError(f"item_hold_nano: max_calls must be None or a whole number >= 0, got {max_calls!r}")
+            left, capped = max_calls, []
+            for rate, count in sorted(counts, reverse=True):
+                capped.append((rate, min(count, left)))
+                left -= capped[-1][1]
+            counts = capped
+        return self._nano(sum(rate * count for rate, count in counts))
 
     def _unpriced_error(self, field: str, count: int) -> UnknownModelPriceError:
         what, key = _ITEM_NAMES.get(field, (field, field))
+        if key in TOOL_FEES:
+            fix = (f"Add the fee you are billed per use, e.g. tool_fees={{\"{key}\": \"0.03\"}} (USD each; "
+                   "0 if it is billed elsewhere), or do not bind the tool.")
+        else:
+            fix = (f'Add a price for them, e.g. prices={{"{self.model}": {{"input": ..., "output": ..., '
+                   f'"{key}": "10"}}}} (USD per 1,000), or do not bind the tool for this model.')
         err = UnknownModelPriceError(
             f"The call bills {count} {what}, and no price is known for {what} on {self.model!r} "
             f"({self.provider or 'any provider'}; priced by {self.source}{' as ' + self.priced_as if self.priced_as else ''}): "
-            f"the guard will not count them as $0. Add a price for them, e.g. "
-            f'prices={{"{self.model}": {{"input": ..., "output": ..., "{key}": "10"}}}} (USD per 1,000), '
-            "or do not bind the tool for this model."
+            f"the guard will not count them as $0. {fix}"
         )
         err.model, err.provider = self.model, self.provider  # type: ignore[attr-defined]
         return err
@@ -1191,14 +1279,15 @@ def _genai_price_fn(model_price: Any) -> PriceFn:
     from genai_prices import Usage
 
     def price_of(counts: Mapping[str, int]) -> Decimal:
-        usage = Usage(**{key: counts[field] for field, key, _ in _FIELDS})
+        usage = Usage(**{key: counts[field] for field, key, _ in _FIELDS if key})
         return model_price.calc_price(usage)["total_price"]
 
     return price_of
 
 
 def _genai_card(model_info: Any, model_price: Any, now: datetime, *, model: str, provider: str | None,
-                entry_provider: Any, context: Mapping[str, str] | None = None) -> RateCard:
+                entry_provider: Any, context: Mapping[str, str] | None = None,
+                tool_fees: Mapping[str, Decimal] | None = None) -> RateCard:
     """A card for genai-prices' price of ``model_info`` (at a price variant when ``context`` is set)."""
     priced_as = f"{entry_provider.id}/{model_info.id}"
     if context:
@@ -1209,7 +1298,7 @@ def _genai_card(model_info: Any, model_price: Any, now: datetime, *, model: str,
             return None
         at = _now()
         return _genai_card(model_info, model_info.get_prices(at, dict(ctx)), at, model=model, provider=provider,
-                           entry_provider=entry_provider, context=ctx)
+                           entry_provider=entry_provider, context=ctx, tool_fees=tool_fees)
 
     return RateCard(
         _genai_price_fn(model_price),
@@ -1219,9 +1308,10 @@ def _genai_card(model_info: Any, model_price: Any, now: datetime, *, model: str,
         tiers=_tier_starts(model_price),
         priced_as=priced_as,
         valid_until=_next_price_change(model_info, now),
-        priced_items=[f for f in _ITEM_FIELDS if getattr(model_price, _ITEM_PRICE_KEYS[f], None) is not None],
+        priced_items=[f for f, key in _ITEM_PRICE_KEYS.items() if getattr(model_price, key, None) is not None],
         variants=None if context else variants,
         context_window=model_info.context_window,
+        tool_fees=tool_fees,
     )
 
 
@@ -1328,6 +1418,27 @@ def _unknown_message(ref: ModelRef) -> str:
     )
 
 
+def check_tool_fees(tool_fees: Mapping[str, Any] | None) -> dict[str, Decimal]:
+    """``{"code_interpreter": "0.03"}`` -> ``{"code_interpreter": Decimal("0.03")}``, or a ``ValueError``
+    that says which tool or amount is wrong."""
+    if tool_fees is None:
+        return {}
+    if not isinstance(tool_fees, Mapping):
+        raise ValueError(f'tool_fees: expected a mapping like {{"code_interpreter": "0.03"}} (USD per use), '
+                         f"got {tool_fees!r}")
+    out: dict[str, Decimal] = {}
+    for tool, fee in tool_fees.items():
+        if tool not in TOOL_FEES:
+            raise ValueError(f"tool_fees: unknown tool {tool!r}; the tools priced per use are "
+                             f"{', '.join(map(repr, TOOL_FEES))} (genai-prices prices the others)")
+        try:
+            out[tool] = to_decimal(fee, what=f"tool_fees[{tool!r}]")
+        except (TypeError, ValueError):
+            raise ValueError(f"tool_fees[{tool!r}]: expected an amount of USD per use >= 0, such as \"0.03\", "
+                             f"got {fee!r}") from None
+    return out
+
+
 class Pricer:
     """Resolves a ``ModelRef`` to a ``RateCard``: override, then genai-prices, then fallback.
 
@@ -1343,10 +1454,17 @@ class Pricer:
     exception is a cloud reselling a vendor at list price (Bedrock or Vertex AI serving an
     Anthropic model, Azure serving an OpenAI model) when genai-prices has no entry at the cloud:
     the vendor's entry prices it, and ``card.priced_as`` names that entry.
+
+    ``tool_fees`` prices server tools genai-prices has no price for, in USD per use, on every
+    model: ``{"code_interpreter": "0.03"}`` per code container a reply ran in, ``{"image_generation":
+    "0.17"}`` per image the tool made (give the dearest size and quality you ask for). Without one,
+    a call that binds such a tool is refused and a reply that bills it is charged its whole hold:
+    never $0. ``0`` says the fee is billed elsewhere.
     """
 
     def __init__(
-        self, overrides: Mapping[str, Any] | None = None, fallback: Any = None, hosts: Mapping[str, str] | None = None
+        self, overrides: Mapping[str, Any] | None = None, fallback: Any = None, hosts: Mapping[str, str] | None = None,
+        tool_fees: Mapping[str, Any] | None = None,
     ) -> None:
         if hosts is not None and not isinstance(hosts, Mapping):
             raise ValueError(f"hosts: expected a mapping of host -> provider, got {hosts!r}")
@@ -1363,6 +1481,7 @@ class Pricer:
                 raise ValueError(f"prices: model names must be non-empty strings, got {key!r}")
             self._overrides[self._override_key(key)] = ModelPrice.coerce(value, what=f"price override {key!r}")
         self._fallback = None if fallback is None else ModelPrice.coerce(fallback, what="fallback price")
+        self.tool_fees = check_tool_fees(tool_fees)
         self._cards: dict[tuple[str | None, str | None], RateCard | _Unknown] = {}
         self._lock = threading.Lock()
         self._snapshot: Any = None
@@ -1448,16 +1567,18 @@ class Pricer:
             keys = ([f"{ref.provider}:{lowered}"] if ref.provider else []) + [lowered]
             for k in keys:
                 if k in self._overrides:
-                    return RateCard.from_price(self._overrides[k], model=name, provider=ref.provider)
+                    return RateCard.from_price(self._overrides[k], model=name, provider=ref.provider,
+                                               tool_fees=self.tool_fees)
             now = _now()
             found = _find_genai_model(name, ref.provider, now)
             if found is not None:
                 genai_provider, model_info, model_price, entry_provider = found
-                return _genai_card(model_info, model_price, now, model=name,
-                                   provider=ref.provider or genai_provider.id, entry_provider=entry_provider)
+                return _genai_card(model_info, model_price, now, model=name, provider=ref.provider or genai_provider.id,
+                                   entry_provider=entry_provider, tool_fees=self.tool_fees)
         if self._fallback is not None:
             return RateCard.from_price(
-                self._fallback, model=name or "unknown model", provider=ref.provider, source="fallback"
+                self._fallback, model=name or "unknown model", provider=ref.provider, source="fallback",
+                tool_fees=self.tool_fees,
             )
         return _Unknown(_unknown_message(ref))
 

@@ -5,7 +5,8 @@ Conventions (the same as LangChain's ``UsageMetadata`` and genai-prices):
 writes; ``output_tokens`` is the whole completion, *including* reasoning
 tokens. The detail fields say how much of each total is of a special kind,
 so the pricer can charge those tokens at their own rates. Besides tokens a call
-can bill server-tool requests (``web_searches``) and run at a priced variant
+can bill server-tool requests (``web_searches``, ``file_searches``, code ``containers``,
+``generated_images``) and run at a priced variant
 (``service_tier``, ``speed``); those are read too.
 
 A count that cannot be a token count (negative, not a whole number, a string,
@@ -55,6 +56,10 @@ class TokenUsage:
     """Server-side web searches billed per request (Anthropic web search, OpenAI web_search_call, Gemini grounding)."""
     file_searches: int = 0
     """Searches of the provider's file stores billed per call (OpenAI Responses ``file_search_call``)."""
+    containers: int = 0
+    """Code containers the reply ran code in, billed per container (OpenAI Responses ``code_interpreter_call``)."""
+    generated_images: int = 0
+    """Images a server-side tool made, billed by the image model (OpenAI Responses ``image_generation_call``)."""
     estimated: bool = False
     """True when some count was estimated by the guard rather than reported by the provider."""
     service_tier: str | None = None
@@ -446,11 +451,13 @@ _PLAIN_META = frozenset({"model_name", "model", "model_id", "model_provider", "f
 
 
 def billed_extras(message: Any) -> dict[str, Any]:
-    """What a reply says was billed besides tokens: ``{"web_searches", "file_searches", "service_tier", "speed"}``
-    (only those seen).
+    """What a reply says was billed besides tokens: ``{"web_searches", "file_searches", "containers",
+    "generated_images", "service_tier", "speed"}`` (only those seen).
 
-    Reads OpenAI's ``service_tier`` and Responses ``web_search_call`` / ``file_search_call`` items
-    (content blocks, or ``additional_kwargs["tool_outputs"]``, or v1 ``server_tool_call`` blocks),
+    Reads OpenAI's ``service_tier`` and Responses ``web_search_call`` / ``file_search_call`` /
+    ``code_interpreter_call`` (one container per distinct ``container_id``) / ``image_generation_call``
+    items (content blocks, or ``additional_kwargs["tool_outputs"]``, or v1 ``server_tool_call`` and
+    generated ``image`` blocks),
     Anthropic's ``usage.server_tool_use.web_search_requests`` / ``usage.service_tier`` /
     ``usage.speed``, and Gemini's ``grounding_metadata`` (one search per ``web_search_queries``
     entry, at least one for a grounded reply). A standard tier (``default``, ``standard``) is None.
@@ -483,32 +490,54 @@ def billed_extras(message: Any) -> dict[str, Any]:
         kwargs = getattr(message, "additional_kwargs", None)
         if kwargs and isinstance(kwargs, Mapping):
             outputs = _server_tool_calls(kwargs.get("tool_outputs"))
-            calls = (max(calls[0], outputs[0]), max(calls[1], outputs[1]))
-        if calls[0]:
-            extras["web_searches"] = max(extras.get("web_searches", 0), calls[0])
-        if calls[1]:
-            extras["file_searches"] = calls[1]
+            if outputs is not _NO_CALLS:  # the same items may be in both places: count them once
+                calls = tuple(max(a, b) for a, b in zip(calls, outputs, strict=True))
+        if calls is not _NO_CALLS:
+            for name, count in zip(_CALL_COUNTS, calls, strict=True):
+                if count:
+                    extras[name] = max(extras.get(name, 0), count)
     return extras
 
 
-_NO_CALLS = (0, 0)
-_SERVER_CALLS = {"web_search_call": 0, "file_search_call": 1}
-_SERVER_TOOLS = {"web_search": 0, "file_search": 1}
+_CALL_COUNTS = ("web_searches", "file_searches", "containers", "generated_images")
+_NO_CALLS = (0, 0, 0, 0)
+_CODE_RUNS, _IMAGES = 2, 3
+_SERVER_CALLS = {"web_search_call": 0, "file_search_call": 1, "code_interpreter_call": _CODE_RUNS,
+                 "image_generation_call": _IMAGES}
+_SERVER_TOOLS = {"web_search": 0, "file_search": 1, "code_interpreter": _CODE_RUNS}
 
 
-def _server_tool_calls(blocks: Any) -> tuple[int, int]:
-    """OpenAI Responses ``web_search_call`` and ``file_search_call`` items (or LangChain v1
-    ``server_tool_call`` blocks of those tools), counted: ``(web searches, file searches)``."""
-    if not isinstance(blocks, list):
+def _server_tool_calls(blocks: Any) -> tuple[int, ...]:
+    """OpenAI Responses server-tool items in ``blocks`` (or LangChain v1 ``server_tool_call`` and
+    generated ``image`` blocks), counted in the order of ``_CALL_COUNTS``. Code runs count their
+    distinct containers: the fee is per container, however many runs share one."""
+    if not isinstance(blocks, list) or not blocks:
         return _NO_CALLS
-    counts = [0, 0]
+    counts = [0, 0, 0, 0]
+    containers: set[str] = set()
     for block in blocks:
-        if isinstance(block, Mapping):
-            kind = block.get("type")
-            index = _SERVER_TOOLS.get(block.get("name")) if kind == "server_tool_call" else _SERVER_CALLS.get(kind)
-            if index is not None:
-                counts[index] += 1
-    return counts[0], counts[1]
+        if not isinstance(block, Mapping):
+            continue
+        kind = block.get("type")
+        if kind == "server_tool_call":
+            index = _SERVER_TOOLS.get(block.get("name"))
+        elif kind == "image":  # v1 turns an image_generation_call into an image block that keeps its ig_ id
+            ident = block.get("id")
+            index = _IMAGES if isinstance(ident, str) and ident.startswith("ig_") else None
+        else:
+            index = _SERVER_CALLS.get(kind)
+        if index == _CODE_RUNS:
+            extras = block.get("extras")
+            container = block.get("container_id") or (
+                extras.get("container_id") if isinstance(extras, Mapping) else None)
+            if isinstance(container, str) and container:
+                containers.add(container)
+            else:  # a run that names no container is charged one of its own
+                counts[_CODE_RUNS] += 1
+        elif index is not None:
+            counts[index] += 1
+    counts[_CODE_RUNS] += len(containers)
+    return tuple(counts) if any(counts) else _NO_CALLS
 
 
 def usage_from_llm_result(result: Any) -> list[tuple[TokenUsage | None, str | None]]:

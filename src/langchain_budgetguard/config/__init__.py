@@ -50,12 +50,15 @@ config/budgetguard.schema.json for editors)::
     usd = 1000
 
     [prices."ft:gpt-4o-mini:acme"]      # USD per million tokens; cache_read, cache_write, reasoning
-    input = "0.30"                      # default to input, input, output
-    output = "1.20"
+    input = "0.30"                      # default to input, input, output; web_search and
+    output = "1.20"                     # file_search: USD per 1,000 (default: not priced)
 
     [fallback_price]                    # a price for every model nothing else prices
     input = 5
     output = 15
+
+    [tool_fees]                         # USD per use of server tools genai-prices does not price
+    code_interpreter = "0.03"           # per code container (OpenAI); image_generation: per image
 
     [degrade]                           # model name -> cheaper models, tried in order
     "gpt-4o" = ["gpt-4o-mini"]

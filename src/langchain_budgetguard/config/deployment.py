@@ -50,6 +50,7 @@ class DeploymentConfig:
     overrides: tuple[Override, ...] = ()
     prices: Mapping[str, ModelPrice] = field(default_factory=dict)
     fallback_price: ModelPrice | None = None
+    tool_fees: Mapping[str, Decimal] = field(default_factory=dict)
     degrade: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     mode: str = "enforce"
     alert_webhook_url: str | None = None
@@ -171,6 +172,8 @@ class DeploymentConfig:
             options["prices"] = dict(self.prices)
         if self.fallback_price is not None:
             options["fallback_price"] = self.fallback_price
+        if self.tool_fees:
+            options["tool_fees"] = dict(self.tool_fees)
         if self.degrade_at is not None:
             options["degrade_at"] = self.degrade_at
         if self.default_max_output_tokens is not None:
@@ -257,6 +260,7 @@ class DeploymentConfig:
                           for o in self.overrides],
             "prices": {k: price(v) for k, v in self.prices.items()},
             "fallback_price": None if self.fallback_price is None else price(self.fallback_price),
+            "tool_fees": {k: str(v) for k, v in self.tool_fees.items()},
             "degrade": {k: list(v) for k, v in self.degrade.items()},
             "alerts": {
                 "webhook": self.describe_webhook(),

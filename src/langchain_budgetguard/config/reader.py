@@ -203,6 +203,7 @@ def _deployment(file: ConfigFile, limits: list[Limit], overrides: list[Override]
         "estimator": estimate.mode,
         "default_max_output_tokens": estimate.default_max_output_tokens,
         "fallback_price": None if file.fallback_price is None else _price(file.fallback_price),
+        "tool_fees": {k: v for k, v in file.tool_fees.model_dump().items() if v is not None} or None,
     }
     # 0 turns refusal and degrade alerts off (None in BudgetPolicy); left out, the default applies
     decisions = {} if decision is None else {"decision_alert_seconds": decision or None}

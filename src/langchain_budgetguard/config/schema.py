@@ -24,6 +24,7 @@ from .values import (
 # The kinds of value, by what they mean here.
 Dollars = Annotated[Decimal, Money("dollars")]
 PricePerMillion = Annotated[Decimal, Money("dollars per million tokens", places=None)]
+PricePerThousand = Annotated[Decimal, Money("dollars per 1,000 searches", places=None)]
 DegradeAt = Annotated[Decimal, Fraction()]
 Window = Annotated[str, Choice(*WINDOWS)]
 ExpiredHold = Annotated[str, Choice("charge_input", "release", "charge_reserved")]
@@ -182,6 +183,18 @@ class PriceTable(Table):
     cache_read: PricePerMillion | None = optional("USD per million cached input tokens read (default: input)")
     cache_write: PricePerMillion | None = optional("USD per million input tokens written to the cache (default: input)")
     reasoning: PricePerMillion | None = optional("USD per million reasoning tokens (default: output)")
+    web_search: PricePerThousand | None = optional("USD per 1,000 server-side web searches (default: not priced)")
+    file_search: PricePerThousand | None = optional("USD per 1,000 file-store searches (default: not priced)")
+
+
+class ToolFeesTable(Table):
+    """Per-use fees of server tools genai-prices has no price for (USD each)."""
+
+    table_example: ClassVar[str | None] = '{ code_interpreter = "0.03" } (USD per use)'
+
+    code_interpreter: Dollars | None = optional("USD per code container a reply ran in (OpenAI code_interpreter)")
+    image_generation: Dollars | None = optional(
+        "USD per image the image_generation tool made (the dearest size and quality you ask for)")
 
 
 class ConfigFile(Table):
@@ -200,6 +213,8 @@ class ConfigFile(Table):
     prices: dict[str, PriceTable] = Field(
         default_factory=dict, description="prices of models genai-prices does not know (model name -> price)")
     fallback_price: PriceTable | None = optional("a price for every model nothing else prices")
+    tool_fees: ToolFeesTable = Field(
+        default_factory=ToolFeesTable, description="per-use fees of server tools genai-prices does not price")
     degrade: dict[str, Models] = Field(
         default_factory=dict, description="model name -> the cheaper models it degrades to, tried in order")
 
