@@ -231,3 +231,14 @@ def test_tool_fees_reach_the_guard_from_its_options_config_and_cost_callback(tmp
 
     with get_cost_callback(tool_fees={"code_interpreter": "0.03"}) as cb:
         assert cb is not None
+
+
+def test_gemini_grounding_tools_are_held_as_the_searches_their_replies_are_charged() -> None:
+    """A grounded reply (Google Search or Google Maps) is charged as a web search; a Maps tool was not
+    held for, so its fee ($25 per 1,000) was spent past the hold."""
+    from tests.fakes import UsageChat
+
+    for tool in ({"google_search": {}}, {"google_maps": {}}, {"googleMaps": {"enableWidget": True}}):
+        bound = item_bound(UsageChat().bind(tools=[tool]), default_uses=3)
+        assert bound.web_searches == 3 and bound.unbounded == (next(iter(tool)),)
+    assert not item_bound(UsageChat().bind(tools=[{"code_execution": {}}]))  # tokens only

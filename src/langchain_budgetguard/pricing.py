@@ -549,7 +549,9 @@ class ItemBound:
 
 
 _WEB_SEARCH_TYPES = re.compile(r"^(?:web_search(?:_preview)?(?:_\d{4}_\d{2}_\d{2})?|web_search_\d{8})$")
-_GEMINI_SEARCH_KEYS = ("google_search", "google_search_retrieval", "googleSearch", "googleSearchRetrieval")
+# Gemini grounding tools billed per grounded prompt (Google Maps' is read from the reply as a search too)
+_GEMINI_SEARCH_KEYS = ("google_search", "google_search_retrieval", "googleSearch", "googleSearchRetrieval",
+                       "google_maps", "googleMaps")
 
 
 def item_bound(
