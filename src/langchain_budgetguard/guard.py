@@ -98,7 +98,7 @@ from .pricing import (
     model_ref,
     served_ref,
 )
-from .runs import ANoRun, NoRun, aopen_run, has_handlers, open_run, tap, tapped
+from .runs import ANoRun, NoRun, ReplyTap, StreamTap, aopen_run, has_handlers, open_run, tap, tap_reply, tapped
 from .serialization import options_from_json, options_to_json, plain_data
 from .stores.base import ReserveResult, SettleResult
 from .stores.ledger import LedgerRow, call_row
@@ -965,12 +965,13 @@ class BudgetGuard(BaseChatModel):
         try:
             reservation = Reservation(self, self._admit_sync(call, events), events)
             model, model_kwargs = self._serving(reservation.admitted, kwargs)
+            # No run of ours: the model gets the caller's config (it ensures it itself, for less).
+            model_config, replied = tap_reply(given if child is config else child)
             try:
-                # No run of ours: the model gets the caller's config (it ensures it itself, for less).
                 with reservation.keep_alive():
-                    output = model.invoke(input, given if child is config else child, **model_kwargs)
+                    output = model.invoke(input, model_config, **model_kwargs)
             except BaseException:
-                reservation.settle(output_text=tapped(streamed))
+                reservation._settle_failed(replied, streamed)
                 raise
             reservation.settle(output)
         except BaseException as exc:
@@ -990,11 +991,12 @@ class BudgetGuard(BaseChatModel):
         try:
             reservation = Reservation(self, await self._admit_async(call, events), events)
             model, model_kwargs = self._serving(reservation.admitted, kwargs)
+            model_config, replied = tap_reply(given if child is config else child)
             try:
                 async with reservation.akeep_alive():
-                    output = await model.ainvoke(input, given if child is config else child, **model_kwargs)
+                    output = await model.ainvoke(input, model_config, **model_kwargs)
             except BaseException:
-                await reservation.asettle(output_text=tapped(streamed))
+                await reservation._asettle_failed(replied, streamed)
                 raise
             await reservation.asettle(output)
         except BaseException as exc:
@@ -1119,6 +1121,7 @@ class BudgetGuard(BaseChatModel):
             reservation = Reservation(self, self._admit_sync(call, events), events)
             model, model_kwargs = self._serving(reservation.admitted, kwargs)
             chat, chat_kwargs = chat_model_of(model, model_kwargs)
+            child, replied = tap_reply(child)
             try:
                 with reservation.keep_alive():
                     if isinstance(chat, BaseChatModel):
@@ -1128,7 +1131,7 @@ class BudgetGuard(BaseChatModel):
                         reply = model.invoke(messages, child, **with_stop(model_kwargs, stop))
                         result = LLMResult(generations=[[ChatGeneration(message=reply)]])
             except BaseException:
-                reservation.settle()
+                reservation._settle_failed(replied)
                 raise
             reservation.settle(result.generations[0][0].message)
         except BaseException as exc:
@@ -1147,6 +1150,7 @@ class BudgetGuard(BaseChatModel):
             reservation = Reservation(self, await self._admit_async(call, events), events)
             model, model_kwargs = self._serving(reservation.admitted, kwargs)
             chat, chat_kwargs = chat_model_of(model, model_kwargs)
+            child, replied = tap_reply(child)
             try:
                 async with reservation.akeep_alive():
                     if isinstance(chat, BaseChatModel):
@@ -1156,7 +1160,7 @@ class BudgetGuard(BaseChatModel):
                         reply = await model.ainvoke(messages, child, **with_stop(model_kwargs, stop))
                         result = LLMResult(generations=[[ChatGeneration(message=reply)]])
             except BaseException:
-                await reservation.asettle()
+                await reservation._asettle_failed(replied)
                 raise
             await reservation.asettle(result.generations[0][0].message)
         except BaseException as exc:
@@ -1339,6 +1343,20 @@ class Reservation:
     @property
     def degraded(self) -> bool:
         return self.admitted.index > 0
+
+    def _settle_failed(self, replied: ReplyTap | None, streamed: StreamTap | None = None) -> None:
+        """Settle a call whose model step raised: for the reply a handler saw if the model answered
+        (a handler raised after it), else for what streamed before the break (nothing: not billed)."""
+        if replied is not None and replied.message is not None:
+            self.settle(replied.message)
+        else:
+            self.settle(output_text=tapped(streamed))
+
+    async def _asettle_failed(self, replied: ReplyTap | None, streamed: StreamTap | None = None) -> None:
+        if replied is not None and replied.message is not None:
+            await self.asettle(replied.message)
+        else:
+            await self.asettle(output_text=tapped(streamed))
 
     def keep_alive(self) -> Any:
         """A context manager that renews this call's hold while the block runs: wrap the model call."""

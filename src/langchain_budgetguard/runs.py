@@ -30,7 +30,8 @@ from .messages import text_of
 if TYPE_CHECKING:
     from .policy import BudgetPolicy
 
-__all__ = ["NoRun", "ANoRun", "StreamTap", "observed", "has_handlers", "has_consumers", "consumes_runs", "open_run", "aopen_run", "tap", "tapped"]
+__all__ = ["NoRun", "ANoRun", "StreamTap", "ReplyTap", "observed", "has_handlers", "has_consumers", "consumes_runs",
+           "open_run", "aopen_run", "tap", "tapped", "tap_reply"]
 
 
 def open_run(name: str, input: Any, config: RunnableConfig, policy: BudgetPolicy) -> tuple[Any, RunnableConfig]:
@@ -139,3 +140,45 @@ def tap(child: RunnableConfig) -> StreamTap | None:
 def tapped(tap: StreamTap | None) -> str | None:
     """The output a listener saw stream before a call broke off, if any."""
     return (tap.text() or None) if tap is not None else None
+
+
+class ReplyTap(BaseCallbackHandler):
+    """Sees the model's reply before any other handler does.
+
+    LangChain re-raises an error of a handler with ``raise_error`` set, so a handler that raises in
+    ``on_llm_end`` makes a call the provider answered (and billed) end in an exception; the handler
+    may even keep the reply. The tap keeps the reply, so that such a call is charged for it.
+    """
+
+    run_inline = True  # before the handlers an async manager gathers
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.message: Any = None
+
+    def on_llm_end(self, response: Any, **kwargs: Any) -> None:
+        if self.message is None:
+            try:
+                self.message = response.generations[0][0].message
+            except (AttributeError, IndexError, TypeError):
+                pass
+
+
+def tap_reply(config: RunnableConfig | None) -> tuple[RunnableConfig | None, ReplyTap | None]:
+    """``config`` with a ``ReplyTap`` first among its handlers, and the tap; ``(config, None)`` when
+    the config has no handler (then none can raise)."""
+    callbacks = config.get("callbacks") if config else None
+    if not callbacks:
+        return config, None
+    reply = ReplyTap()
+    if isinstance(callbacks, BaseCallbackManager):
+        if not callbacks.handlers:
+            return config, None
+        manager: Any = callbacks.copy()
+        manager.handlers.insert(0, reply)
+        manager.inheritable_handlers.insert(0, reply)
+    elif isinstance(callbacks, list):
+        manager = [reply, *callbacks]
+    else:
+        return config, None
+    return {**config, "callbacks": manager}, reply  # type: ignore[typeddict-item]

@@ -1,0 +1,150 @@
+"""A callback handler that raises after the model answered must not make the call free.
+
+LangChain re-raises an error of a handler with ``raise_error=True``. One that raises in
+``on_llm_end`` turns a call the provider answered, and billed, into an exception, and it has seen
+the reply (it may keep it). The guard treated every exception of the model step as a call that
+failed before any output and charged $0: the attack got the reply and a free call on invoke,
+ainvoke, batch and generate. The guard now sees the reply first and charges it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackHandler, CallbackManager
+from langchain_core.messages import HumanMessage
+
+from langchain_budgetguard import BudgetGuard
+from langchain_budgetguard.pricing import Pricer
+
+from tests.fakes import UsageChat
+from tests.providers.canned_server import CannedServer
+
+from .test_billed_items import canned, chat_openai, server  # noqa: F401 - the canned server's fixtures
+
+ONE_CALL = Decimal("0.0000066")  # gpt-4o-mini, 8 input + 9 output tokens
+
+
+class KeepsAndRaises(BaseCallbackHandler):
+    raise_error = True
+
+    def __init__(self, when: str = "end") -> None:
+        super().__init__()
+        self.when, self.kept = when, []
+
+    def on_chat_model_start(self, serialized: Any, messages: Any, **kwargs: Any) -> None:
+        if self.when == "start":
+            raise RuntimeError("handler failed")
+
+    def on_llm_end(self, response: Any, **kwargs: Any) -> None:
+        self.kept.append(response.generations[0][0].message)
+        if self.when == "end":
+            raise RuntimeError("handler failed")
+
+
+class AsyncKeepsAndRaises(AsyncCallbackHandler):
+    raise_error = True
+    run_inline = True  # inline handlers run first, in order: the guard's tap must still see the reply
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kept: list[Any] = []
+
+    async def on_llm_end(self, response: Any, **kwargs: Any) -> None:
+        self.kept.append(response.generations[0][0].message)
+        raise RuntimeError("handler failed")
+
+
+def run(guard: BudgetGuard, how: str, config: dict[str, Any]) -> None:
+    if how == "invoke":
+        guard.invoke("hello", config)
+    elif how == "ainvoke":
+        asyncio.run(guard.ainvoke("hello", config))
+    elif how == "batch":
+        guard.batch(["hello", "hi"], config)
+    elif how == "abatch":
+        asyncio.run(guard.abatch(["hello", "hi"], config))
+    elif how == "stream":
+        list(guard.stream("hello", config))
+    elif how == "astream":
+        async def drain() -> None:
+            async for _ in guard.astream("hello", config):
+                pass
+        asyncio.run(drain())
+    elif how == "generate":
+        guard.generate([[HumanMessage("hello")], [HumanMessage("hi")]], callbacks=config["callbacks"])
+    else:
+        asyncio.run(guard.agenerate([[HumanMessage("hello")], [HumanMessage("hi")]], callbacks=config["callbacks"]))
+
+
+CALLS = {"batch": 2, "abatch": 2, "generate": 2, "agenerate": 2}
+WAYS = ["invoke", "ainvoke", "batch", "abatch", "stream", "astream", "generate", "agenerate"]
+
+
+@pytest.mark.parametrize("how", WAYS)
+@pytest.mark.parametrize("as_manager", [False, True], ids=["list", "manager"])
+def test_a_handler_raising_after_the_reply_does_not_make_the_call_free(how: str, as_manager: bool) -> None:
+    model = UsageChat()
+    guard = BudgetGuard(model, limit=1)
+    thief = KeepsAndRaises()
+    callbacks: Any = CallbackManager(handlers=[thief], inheritable_handlers=[thief]) if as_manager else [thief]
+    with pytest.raises(RuntimeError, match="handler failed"):
+        run(guard, how, {"callbacks": callbacks})
+    calls = CALLS.get(how, 1)
+    assert model.calls >= 1 and len(thief.kept) >= 1  # the model answered, the handler has the reply
+    (status,) = guard.status()
+    assert status.held == 0
+    assert status.spent == ONE_CALL * model.calls and model.calls <= calls
+
+
+@pytest.mark.parametrize("how", ["ainvoke", "abatch", "agenerate"])
+def test_an_async_inline_handler_raising_after_the_reply_does_not_make_the_call_free(how: str) -> None:
+    model = UsageChat()
+    guard = BudgetGuard(model, limit=1)
+    thief = AsyncKeepsAndRaises()
+    with pytest.raises(RuntimeError, match="handler failed"):
+        run(guard, how, {"callbacks": [thief]})
+    assert thief.kept
+    (status,) = guard.status()
+    assert status.held == 0 and status.spent == ONE_CALL * model.calls > 0
+
+
+def test_a_handler_raising_before_the_request_costs_nothing() -> None:
+    model = UsageChat()
+    guard = BudgetGuard(model, limit=1)
+    with pytest.raises(RuntimeError, match="handler failed"):
+        guard.invoke("hello", {"callbacks": [KeepsAndRaises("start")]})
+    assert model.calls == 0
+    (status,) = guard.status()
+    assert status.spent == 0 and status.held == 0
+
+
+def test_handlers_still_see_one_model_run_and_the_guard_adds_none_to_the_callers_list() -> None:
+    seen: list[Any] = []
+
+    class Ends(BaseCallbackHandler):
+        def on_llm_end(self, response: Any, **kwargs: Any) -> None:
+            seen.append(response)
+
+    handlers = [Ends()]
+    guard = BudgetGuard(UsageChat(), limit=1)
+    guard.invoke("hello", {"callbacks": handlers})
+    guard.batch(["a", "b"], {"callbacks": handlers})
+    assert len(seen) == 3 and len(handlers) == 1
+
+
+def test_the_real_openai_client_with_a_raising_handler_is_charged_its_reply(server: CannedServer) -> None:
+    from .test_tool_fees import MODEL, USAGE, TOKENS, genai, reply
+
+    server.push(reply())
+    llm = chat_openai(server, MODEL, use_responses_api=True)
+    guard = BudgetGuard(llm, limit=1, pricer=Pricer(hosts={server.url: "openai"}))
+    thief = KeepsAndRaises()
+    with pytest.raises(RuntimeError, match="handler failed"):
+        guard.invoke("hello", {"callbacks": [thief]}, max_tokens=100)
+    assert thief.kept[0].usage_metadata["input_tokens"] == USAGE["input_tokens"]
+    (status,) = guard.status()
+    assert status.held == 0 and status.spent == genai(TOKENS, MODEL, "openai")
