@@ -75,9 +75,9 @@ def run(guard: BudgetGuard, how: str, config: dict[str, Any]) -> None:
                 pass
         asyncio.run(drain())
     elif how == "generate":
-        guard.generate([[HumanMessage("hello")], [HumanMessage("hi")]], callbacks=config["callbacks"])
+        guard.generate([[HumanMessage("hello")], [HumanMessage("hi")]], callbacks=config.get("callbacks"))
     else:
-        asyncio.run(guard.agenerate([[HumanMessage("hello")], [HumanMessage("hi")]], callbacks=config["callbacks"]))
+        asyncio.run(guard.agenerate([[HumanMessage("hello")], [HumanMessage("hi")]], callbacks=config.get("callbacks")))
 
 
 CALLS = {"batch": 2, "abatch": 2, "generate": 2, "agenerate": 2}
@@ -148,3 +148,35 @@ def test_the_real_openai_client_with_a_raising_handler_is_charged_its_reply(serv
     assert thief.kept[0].usage_metadata["input_tokens"] == USAGE["input_tokens"]
     (status,) = guard.status()
     assert status.held == 0 and status.spent == genai(TOKENS, MODEL, "openai")
+
+
+@pytest.mark.parametrize("how", ["invoke", "ainvoke", "batch", "abatch", "generate", "agenerate"])
+def test_a_wrapped_chain_whose_step_after_the_model_raises_is_charged_for_the_reply(how: str) -> None:
+    """A guard may wrap a chain (priced by prices=/fallback_price=): a parser after the model that
+    fails on the reply (a prompt that makes the model answer malformed JSON) raised after the provider
+    had billed, with no handler in sight, and every such call was free."""
+    from langchain_core.runnables import RunnableLambda
+
+    def parse(_: Any) -> Any:
+        raise ValueError("could not parse the reply")
+
+    model = UsageChat()
+    guard = BudgetGuard(model | RunnableLambda(parse), limit=1,
+                        fallback_price={"input": "0.15", "output": "0.60"})  # gpt-4o-mini's list price
+    with pytest.raises(ValueError, match="could not parse"):
+        run(guard, how, {"callbacks": None})
+    (status,) = guard.status()
+    assert model.calls >= 1
+    assert status.held == 0 and status.spent == ONE_CALL * model.calls
+
+
+def test_a_plain_model_without_handlers_gets_no_tap() -> None:
+    """The tap costs a callback manager: a bare model with no handler, where nothing can raise after
+    its reply, is called with the caller's config untouched."""
+    from langchain_budgetguard.runs import tap_reply
+
+    config: dict[str, Any] = {"tags": ["x"]}
+    assert tap_reply(config) == (config, None)
+    assert tap_reply(None) == (None, None)
+    tapped_config, reply = tap_reply(None, always=True)
+    assert reply is not None and tapped_config == {"callbacks": [reply]}

@@ -83,6 +83,7 @@ from .models import (
     chat_model_of,
     innermost,
     model_chunks,
+    runs_after_model,
     with_stop,
 )
 from .money import nano_to_usd
@@ -165,6 +166,7 @@ class _Candidate:
     items: ItemBound = field(default_factory=ItemBound)  # the server-tool requests its bound tools may bill
     configurable: bool = True  # the run's configurable may choose its model (else resolved once)
     stored_context: str | None = None  # the parameter that continues provider-stored context, if any
+    steps_after: bool = False  # it runs steps of its own after its model answered (a chain)
 
     @classmethod
     def of(cls, runnable: Runnable) -> _Candidate:
@@ -172,7 +174,7 @@ class _Candidate:
         refs = tuple(candidate_refs(runnable)) or (model_ref(runnable),)
         return cls(runnable, refs[0], output_cap(runnable), tools_of(runnable), refs,
                    call_price_context(runnable), item_bound(runnable), depends_on_config(runnable),
-                   stored_context_of(runnable))
+                   stored_context_of(runnable), runs_after_model(runnable))
 
     def cap_and_tools(self, call_kwargs: dict[str, Any]) -> tuple[OutputCap, list[Any]]:
         if not call_kwargs:
@@ -966,7 +968,8 @@ class BudgetGuard(BaseChatModel):
             reservation = Reservation(self, self._admit_sync(call, events), events)
             model, model_kwargs = self._serving(reservation.admitted, kwargs)
             # No run of ours: the model gets the caller's config (it ensures it itself, for less).
-            model_config, replied = tap_reply(given if child is config else child)
+            model_config, replied = tap_reply(given if child is config else child,
+                                              reservation.admitted.candidate.steps_after)
             try:
                 with reservation.keep_alive():
                     output = model.invoke(input, model_config, **model_kwargs)
@@ -991,7 +994,8 @@ class BudgetGuard(BaseChatModel):
         try:
             reservation = Reservation(self, await self._admit_async(call, events), events)
             model, model_kwargs = self._serving(reservation.admitted, kwargs)
-            model_config, replied = tap_reply(given if child is config else child)
+            model_config, replied = tap_reply(given if child is config else child,
+                                              reservation.admitted.candidate.steps_after)
             try:
                 async with reservation.akeep_alive():
                     output = await model.ainvoke(input, model_config, **model_kwargs)
@@ -1121,7 +1125,7 @@ class BudgetGuard(BaseChatModel):
             reservation = Reservation(self, self._admit_sync(call, events), events)
             model, model_kwargs = self._serving(reservation.admitted, kwargs)
             chat, chat_kwargs = chat_model_of(model, model_kwargs)
-            child, replied = tap_reply(child)
+            child, replied = tap_reply(child, reservation.admitted.candidate.steps_after)
             try:
                 with reservation.keep_alive():
                     if isinstance(chat, BaseChatModel):
@@ -1150,7 +1154,7 @@ class BudgetGuard(BaseChatModel):
             reservation = Reservation(self, await self._admit_async(call, events), events)
             model, model_kwargs = self._serving(reservation.admitted, kwargs)
             chat, chat_kwargs = chat_model_of(model, model_kwargs)
-            child, replied = tap_reply(child)
+            child, replied = tap_reply(child, reservation.admitted.candidate.steps_after)
             try:
                 async with reservation.akeep_alive():
                     if isinstance(chat, BaseChatModel):

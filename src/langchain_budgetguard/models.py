@@ -14,16 +14,29 @@ from typing import Any
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessageChunk, BaseMessage
 from langchain_core.outputs import ChatGenerationChunk
-from langchain_core.runnables import RunnableBinding, RunnableConfig
+from langchain_core.runnables import (
+    RunnableBinding,
+    RunnableConfig,
+    RunnableGenerator,
+    RunnableLambda,
+    RunnableParallel,
+    RunnableSequence,
+)
 
 __all__ = ["innermost", "chat_model_of", "with_stop", "as_chunk", "model_chunks",
-           "amodel_chunks", "streams_natively"]
+           "amodel_chunks", "streams_natively", "runs_after_model"]
 
 
 def innermost(model: Any) -> Any:
     while isinstance(model, RunnableBinding):
         model = model.bound
     return model
+
+
+def runs_after_model(model: Any) -> bool:
+    """Whether the runnable a guard wraps may run code after its model answered (a chain, a lambda):
+    that code may raise once the provider has billed the call."""
+    return isinstance(innermost(model), (RunnableSequence, RunnableLambda, RunnableParallel, RunnableGenerator))
 
 
 def chat_model_of(model: Any, kwargs: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:

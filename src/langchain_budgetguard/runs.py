@@ -164,15 +164,18 @@ class ReplyTap(BaseCallbackHandler):
                 pass
 
 
-def tap_reply(config: RunnableConfig | None) -> tuple[RunnableConfig | None, ReplyTap | None]:
+def tap_reply(config: RunnableConfig | None, always: bool = False) -> tuple[RunnableConfig | None, ReplyTap | None]:
     """``config`` with a ``ReplyTap`` first among its handlers, and the tap; ``(config, None)`` when
-    the config has no handler (then none can raise)."""
+    the config has no handler (then nothing can raise after the reply) unless ``always`` (the
+    runnable runs steps of its own after its model)."""
     callbacks = config.get("callbacks") if config else None
-    if not callbacks:
+    if not callbacks and not always:
         return config, None
     reply = ReplyTap()
+    if not callbacks:
+        return {**(config or {}), "callbacks": [reply]}, reply  # type: ignore[typeddict-item]
     if isinstance(callbacks, BaseCallbackManager):
-        if not callbacks.handlers:
+        if not callbacks.handlers and not always:
             return config, None
         manager: Any = callbacks.copy()
         manager.handlers.insert(0, reply)
