@@ -132,6 +132,18 @@ async def test_middleware_charges_a_streamed_step_cut_midway_and_releases_a_fail
         assert status.spent > 0, "the provider bills the prompt of a stream that has begun"
 
 
+def test_middleware_charges_a_step_that_timed_out_waiting_its_reservation(openai_server):
+    """The provider may answer (and bill) a request whose client gave up: never $0."""
+    openai_server.script(Reply(text="late", delay=1.0))
+    budget = BudgetMiddleware(limit=1)
+    agent = create_agent(openai_server.chat_model(timeout=0.2), tools=[get_weather], middleware=[budget])
+    with pytest.raises(Exception, match="(?i)timed? ?out"):
+        agent.invoke(ASK)
+    (status,) = budget.policy.status()
+    assert status.held == 0
+    assert status.spent > Decimal("0.001")  # the step's reservation (its default output cap), not its prompt
+
+
 def test_middleware_degrades_mid_run_then_ends_the_run_cleanly(openai_server, billed):
     openai_server.set_default(tool_step("Oslo"))  # the model never stops calling tools
     big = openai_server.chat_model(model="gpt-4.1", max_tokens=200)  # $0.0021 a step

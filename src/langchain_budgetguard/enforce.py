@@ -150,8 +150,9 @@ class BudgetEnforcer(BaseCallbackHandler):
         self._end(run_id, response)
 
     def on_llm_error(self, error: BaseException, *, run_id: UUID, response: Any = None, **kwargs: Any) -> None:
-        # A stream that broke off passes what it got; before any output there is nothing to charge.
-        self._end(run_id, response, failed=True)
+        # A stream that broke off passes what it got; before any output there is nothing to charge
+        # (unless the call timed out or was cancelled waiting for an answer it may have been billed for).
+        self._end(run_id, response, failed=True, error=error)
 
     # -- reserve and settle ------------------------------------------------------------------
 
@@ -237,7 +238,7 @@ class BudgetEnforcer(BaseCallbackHandler):
             finally:
                 _release(running.key, [budget_token(r.guard.policy) for r in running.reservations], running.event)
 
-    def _end(self, run_id: UUID, response: Any, failed: bool = False) -> None:
+    def _end(self, run_id: UUID, response: Any, failed: bool = False, error: BaseException | None = None) -> None:
         running = self._take(_key(run_id))
         if self._orphans:
             self._settle_orphans()
@@ -249,7 +250,10 @@ class BudgetEnforcer(BaseCallbackHandler):
         output_text = text if (text or not failed) else None
         try:
             for reservation in running.reservations:
-                reservation.settle(usage=usage, output_text=output_text)
+                if error is not None and usage is None:
+                    reservation.settle_error(error, output_text=output_text)
+                else:
+                    reservation.settle(usage=usage, output_text=output_text)
         finally:
             _release(running.key, [budget_token(r.guard.policy) for r in running.reservations], running.event)
 
@@ -337,3 +341,6 @@ def enforce_budget(policy: Any, **ids: Any) -> Iterator[BudgetEnforcer]:
         yield enforcer
     finally:
         _current.reset(token)
+        gc_pending = enforcer._orphans  # calls whose run ended without an end event: settle them now,
+        if gc_pending:                  # not at a next call that may never come
+            enforcer._settle_orphans()

@@ -75,6 +75,7 @@ from .estimate import (
     tools_of,
     unsized_references,
 )
+from .failures import billed_unknown
 from .leases import shared_keeper
 from .limits import Identity, check_call_id
 from .messages import billed_text_of, to_messages
@@ -99,7 +100,7 @@ from .pricing import (
     model_ref,
     served_ref,
 )
-from .runs import ANoRun, NoRun, ReplyTap, StreamTap, aopen_run, has_handlers, open_run, tap, tap_reply, tapped
+from .runs import ANoRun, NoRun, aopen_run, has_handlers, open_run, tap, tap_reply, tapped
 from .serialization import options_from_json, options_to_json, plain_data
 from .stores.base import ReserveResult, SettleResult
 from .stores.ledger import LedgerRow, call_row
@@ -973,8 +974,8 @@ class BudgetGuard(BaseChatModel):
             try:
                 with reservation.keep_alive():
                     output = model.invoke(input, model_config, **model_kwargs)
-            except BaseException:
-                reservation._settle_failed(replied, streamed)
+            except BaseException as error:
+                reservation.settle_error(error, replied.message if replied else None, output_text=tapped(streamed))
                 raise
             reservation.settle(output)
         except BaseException as exc:
@@ -999,8 +1000,9 @@ class BudgetGuard(BaseChatModel):
             try:
                 async with reservation.akeep_alive():
                     output = await model.ainvoke(input, model_config, **model_kwargs)
-            except BaseException:
-                await reservation._asettle_failed(replied, streamed)
+            except BaseException as error:
+                await reservation.asettle_error(error, replied.message if replied else None,
+                                                output_text=tapped(streamed))
                 raise
             await reservation.asettle(output)
         except BaseException as exc:
@@ -1134,8 +1136,8 @@ class BudgetGuard(BaseChatModel):
                     else:
                         reply = model.invoke(messages, child, **with_stop(model_kwargs, stop))
                         result = LLMResult(generations=[[ChatGeneration(message=reply)]])
-            except BaseException:
-                reservation._settle_failed(replied)
+            except BaseException as error:
+                reservation.settle_error(error, replied.message if replied else None)
                 raise
             reservation.settle(result.generations[0][0].message)
         except BaseException as exc:
@@ -1163,8 +1165,8 @@ class BudgetGuard(BaseChatModel):
                     else:
                         reply = await model.ainvoke(messages, child, **with_stop(model_kwargs, stop))
                         result = LLMResult(generations=[[ChatGeneration(message=reply)]])
-            except BaseException:
-                await reservation._asettle_failed(replied)
+            except BaseException as error:
+                await reservation.asettle_error(error, replied.message if replied else None)
                 raise
             await reservation.asettle(result.generations[0][0].message)
         except BaseException as exc:
@@ -1243,8 +1245,8 @@ class BudgetGuard(BaseChatModel):
                 else:
                     result = ChatResult(generations=[ChatGeneration(
                         message=model.invoke(messages, config, **with_stop(model_kwargs, stop)))])
-        except BaseException:
-            reservation.settle()
+        except BaseException as error:
+            reservation.settle_error(error)
             raise
         reservation.settle(result.generations[0].message)
         return result
@@ -1263,8 +1265,8 @@ class BudgetGuard(BaseChatModel):
                 else:
                     result = ChatResult(generations=[ChatGeneration(
                         message=await model.ainvoke(messages, config, **with_stop(model_kwargs, stop)))])
-        except BaseException:
-            await reservation.asettle()
+        except BaseException as error:
+            await reservation.asettle_error(error)
             raise
         await reservation.asettle(result.generations[0].message)
         return result
@@ -1348,19 +1350,25 @@ class Reservation:
     def degraded(self) -> bool:
         return self.admitted.index > 0
 
-    def _settle_failed(self, replied: ReplyTap | None, streamed: StreamTap | None = None) -> None:
-        """Settle a call whose model step raised: for the reply a handler saw if the model answered
-        (a handler raised after it), else for what streamed before the break (nothing: not billed)."""
-        if replied is not None and replied.message is not None:
-            self.settle(replied.message)
-        else:
-            self.settle(output_text=tapped(streamed))
+    def settle_error(self, error: BaseException, reply: Any = None, *,
+                     output_text: str | None = None) -> CallCost | None:
+        """Settle a call whose model step raised ``error``: for ``reply`` if the model answered (a
+        step after it raised); for ``output_text`` if it streamed some (a stream that broke off);
+        else, if the request may have been billed in full without any of its answer reaching us (it
+        timed out or was cancelled waiting, its connection broke), for its whole reservation, the
+        most it can cost; else for nothing (it failed before the provider took it)."""
+        return self._commit(self._error_cost(error, reply, output_text), reply)
 
-    async def _asettle_failed(self, replied: ReplyTap | None, streamed: StreamTap | None = None) -> None:
-        if replied is not None and replied.message is not None:
-            await self.asettle(replied.message)
-        else:
-            await self.asettle(output_text=tapped(streamed))
+    async def asettle_error(self, error: BaseException, reply: Any = None, *,
+                            output_text: str | None = None) -> CallCost | None:
+        return await self._acommit(self._error_cost(error, reply, output_text), reply)
+
+    def _error_cost(self, error: BaseException, reply: Any, output_text: str | None) -> CallCost | None:
+        guard, admitted = self.guard, self.admitted
+        if reply is not None or output_text or not billed_unknown(error):
+            return guard._settlement(admitted, reply, None, output_text)
+        return guard._charged_by_policy(admitted, f"the call ended in {type(error).__name__} while the "
+                                        "provider may have answered it in full: charged its reservation")
 
     def keep_alive(self) -> Any:
         """A context manager that renews this call's hold while the block runs: wrap the model call."""
@@ -1375,7 +1383,13 @@ class Reservation:
         """Replace the hold by the actual cost: ``usage`` if given, else the reply's usage, else the
         input estimate plus ``output_text`` (the call ended without a usage report); with none of
         them the call failed before any output and costs nothing."""
-        cost = self.guard._settlement(self.admitted, reply, usage, output_text)
+        return self._commit(self.guard._settlement(self.admitted, reply, usage, output_text), reply)
+
+    async def asettle(self, reply: Any = None, *, usage: TokenUsage | None = None,
+                      output_text: str | None = None) -> CallCost | None:
+        return await self._acommit(self.guard._settlement(self.admitted, reply, usage, output_text), reply)
+
+    def _commit(self, cost: CallCost | None, reply: Any) -> CallCost | None:
         try:
             self.guard._settle_sync(self.admitted, cost.charged_nano if cost else 0, cost)
         except BudgetStoreUnavailableError as error:
@@ -1389,9 +1403,7 @@ class Reservation:
                 self.guard._report_cost(self.events, cost)
         return cost
 
-    async def asettle(self, reply: Any = None, *, usage: TokenUsage | None = None,
-                      output_text: str | None = None) -> CallCost | None:
-        cost = self.guard._settlement(self.admitted, reply, usage, output_text)
+    async def _acommit(self, cost: CallCost | None, reply: Any) -> CallCost | None:
         try:
             await self.guard._settle_async(self.admitted, cost.charged_nano if cost else 0, cost)
         except BudgetStoreUnavailableError as error:

@@ -130,7 +130,8 @@ class BudgetMiddleware(AgentMiddleware):
     def _failure(error: BaseException, streamed: StreamTap) -> dict[str, Any]:
         """How to settle a step that raised: a reply the agent could not parse
         (StructuredOutputValidationError) was still billed; a stream that broke off costs its input
-        and the output so far; before any output, nothing."""
+        and the output so far; before any output, nothing (``settle_error``: unless it timed out or
+        was cancelled waiting for an answer)."""
         message = getattr(error, "ai_message", None)
         if isinstance(message, AIMessage):
             return {"reply": message}
@@ -151,7 +152,7 @@ class BudgetMiddleware(AgentMiddleware):
         try:
             response = handler(self._served(request, reservation))
         except BaseException as error:
-            reservation.settle(**self._failure(error, streamed))
+            reservation.settle_error(error, **self._failure(error, streamed))
             raise
         finally:
             _streamed.reset(marks[1])
@@ -172,7 +173,7 @@ class BudgetMiddleware(AgentMiddleware):
         try:
             response = await handler(self._served(request, reservation))
         except BaseException as error:
-            await reservation.asettle(**self._failure(error, streamed))
+            await reservation.asettle_error(error, **self._failure(error, streamed))
             raise
         finally:
             _streamed.reset(marks[1])

@@ -4,13 +4,15 @@ For provider shapes the scripted servers do not produce (Responses API items, An
 tools, DeepSeek reasoning streams): the test writes the provider's JSON, the real client parses
 it. A body is a JSON-able mapping (sent as ``application/json``) or a list of SSE events (each a
 mapping sent as ``data: <json>``, or a ready string such as ``"[DONE]"``), optionally with an
-``event:`` name as ``(name, data)``.
+``event:`` name as ``(name, data)``. A mapping body with ``"__delay_seconds__": s`` is sent
+``s`` seconds late, without that key (a provider still working when the client gives up).
 """
 
 from __future__ import annotations
 
 import json
 import threading
+import time
 from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Self
@@ -49,6 +51,9 @@ class _Handler(BaseHTTPRequestHandler):
                 self.wfile.write(f"{len(payload):x}\r\n".encode() + payload + b"\r\n")
             self.wfile.write(b"0\r\n\r\n")
             return
+        if "__delay_seconds__" in reply:
+            reply = dict(reply)
+            time.sleep(reply.pop("__delay_seconds__"))
         payload = json.dumps(reply).encode()
         self.send_response(500 if "error" in reply and len(reply) == 1 else 200)
         self.send_header("content-type", "application/json")
@@ -60,6 +65,12 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     owner: CannedServer
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        import sys
+
+        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):  # a client that gave up
+            super().handle_error(request, client_address)
 
 
 class CannedServer:
