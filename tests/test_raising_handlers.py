@@ -178,5 +178,13 @@ def test_a_plain_model_without_handlers_gets_no_tap() -> None:
     config: dict[str, Any] = {"tags": ["x"]}
     assert tap_reply(config) == (config, None)
     assert tap_reply(None) == (None, None)
+    # a handler whose errors LangChain only logs cannot end the call: each handler costs every
+    # call LangChain's per-handler checks (a protocol isinstance), so none is added for it
+    quiet = {"callbacks": [BaseCallbackHandler()]}
+    assert tap_reply(quiet) == (quiet, None)
+    manager = CallbackManager(handlers=[KeepsAndRaises()])
+    tapped_manager, reply = tap_reply({"callbacks": manager})
+    assert reply is not None and tapped_manager["callbacks"].handlers[0] is reply
+    assert manager.handlers[0] is not reply  # the caller's manager is left as it was
     tapped_config, reply = tap_reply(None, always=True)
     assert reply is not None and tapped_config == {"callbacks": [reply]}

@@ -156,6 +156,9 @@ class ReplyTap(BaseCallbackHandler):
         super().__init__()
         self.message: Any = None
 
+    def on_chat_model_start(self, *args: Any, **kwargs: Any) -> None:
+        return None  # else LangChain falls back to on_llm_start, rendering every message as text first
+
     def on_llm_end(self, response: Any, **kwargs: Any) -> None:
         if self.message is None:
             try:
@@ -166,17 +169,17 @@ class ReplyTap(BaseCallbackHandler):
 
 def tap_reply(config: RunnableConfig | None, always: bool = False) -> tuple[RunnableConfig | None, ReplyTap | None]:
     """``config`` with a ``ReplyTap`` first among its handlers, and the tap; ``(config, None)`` when
-    the config has no handler (then nothing can raise after the reply) unless ``always`` (the
-    runnable runs steps of its own after its model)."""
+    none of its handlers can raise (only one with ``raise_error`` set does: LangChain logs the
+    others' errors) unless ``always`` (the runnable runs steps of its own after its model). Every
+    handler costs each call LangChain's per-handler checks, so none is added that is not needed."""
     callbacks = config.get("callbacks") if config else None
-    if not callbacks and not always:
+    handlers = getattr(callbacks, "handlers", callbacks)
+    if not always and not (isinstance(handlers, list) and any(getattr(h, "raise_error", False) for h in handlers)):
         return config, None
     reply = ReplyTap()
     if not callbacks:
         return {**(config or {}), "callbacks": [reply]}, reply  # type: ignore[typeddict-item]
     if isinstance(callbacks, BaseCallbackManager):
-        if not callbacks.handlers and not always:
-            return config, None
         manager: Any = callbacks.copy()
         manager.handlers.insert(0, reply)
         manager.inheritable_handlers.insert(0, reply)
