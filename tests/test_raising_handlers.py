@@ -188,3 +188,15 @@ def test_a_plain_model_without_handlers_gets_no_tap() -> None:
     assert manager.handlers[0] is not reply  # the caller's manager is left as it was
     tapped_config, reply = tap_reply(None, always=True)
     assert reply is not None and tapped_config == {"callbacks": [reply]}
+
+
+def test_a_raising_handler_the_wrapped_model_carries_does_not_make_calls_free() -> None:
+    """A model's own callbacks run after the call's (LangChain's order), so the tap still comes first.
+    (One bound with ``with_config(callbacks=...)`` runs before the call's: README.)"""
+    thief = KeepsAndRaises()
+    guard = BudgetGuard(UsageChat(callbacks=[thief]), limit=1)
+    with pytest.raises(RuntimeError, match="handler failed"):
+        guard.invoke("hello")
+    assert thief.kept
+    (status,) = guard.status()
+    assert status.held == 0 and status.spent == ONE_CALL

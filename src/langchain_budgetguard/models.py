@@ -34,9 +34,16 @@ def innermost(model: Any) -> Any:
 
 
 def runs_after_model(model: Any) -> bool:
-    """Whether the runnable a guard wraps may run code after its model answered (a chain, a lambda):
-    that code may raise once the provider has billed the call."""
-    return isinstance(innermost(model), (RunnableSequence, RunnableLambda, RunnableParallel, RunnableGenerator))
+    """Whether the runnable a guard wraps may raise after its model answered, whatever the call's
+    config: it runs steps of its own after the model (a chain, a lambda), or carries a handler
+    with ``raise_error`` set in the model's own ``callbacks`` (one in a binding's config is merged
+    ahead of the call's, so no tap can precede it)."""
+    model = innermost(model)
+    own = getattr(model, "callbacks", None)
+    handlers = getattr(own, "handlers", own)
+    if isinstance(handlers, list) and any(getattr(h, "raise_error", False) for h in handlers):
+        return True
+    return isinstance(model, (RunnableSequence, RunnableLambda, RunnableParallel, RunnableGenerator))
 
 
 def chat_model_of(model: Any, kwargs: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
