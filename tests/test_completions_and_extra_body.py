@@ -217,3 +217,38 @@ def test_a_service_tier_in_extra_body_is_held_at_its_price(openai_server):
     named = guard.invoke("hi", service_tier="priority")
     assert openai_server.calls[1].body["service_tier"] == "priority"
     assert _reserved(priority) == _reserved(named) > _reserved(standard)
+
+
+# -- a prompt sent inside extra_body -------------------------------------------------------------
+
+_BIG = "lorem ipsum dolor sit amet " * 2000  # ~10,000 tokens the scripted server bills as the prompt
+
+
+def test_a_prompt_inside_extra_body_is_held_in_strict_mode_and_cannot_spend_past_the_limit(openai_server, billed):
+    """The SDK sends extra_body over the named parameters: messages (or tools) there are what the
+    provider reads and bills, yet the guard counted only the call's own "hi". The attack: a $0.001
+    budget and a 10,000-token prompt in extra_body ($0.0015) was admitted and spent past it."""
+    openai_server.set_default(Reply(text="ok"))
+    sneaky = openai_server.chat_model(extra_body={"messages": [{"role": "user", "content": _BIG}]})
+    with pytest.raises(BudgetExceededError):
+        BudgetGuard(sneaky, limit=Decimal("0.001")).invoke("hi", max_tokens=10)
+    assert openai_server.calls == []
+    guard = BudgetGuard(openai_server.chat_model(), limit=Decimal("0.01"))
+    reply = guard.invoke("hi", max_tokens=10, extra_body={"messages": [{"role": "user", "content": _BIG}]})
+    (request,) = openai_server.calls
+    assert request.usage["input_tokens"] > 9000  # the provider read the extra_body prompt
+    assert _reserved(reply) >= reply.response_metadata["budgetguard"]["cost_usd"] == billed(openai_server)
+    assert spent(guard) == billed(openai_server)
+
+
+def test_server_tools_inside_extra_body_are_held_for(openai_server):
+    from langchain_budgetguard.errors import UnknownModelPriceError
+    from langchain_budgetguard.pricing import item_bound
+
+    llm = _model(use_responses_api=True, extra_body={"tools": [{"type": "web_search"}]})
+    assert item_bound(llm, default_uses=3).web_searches == 3
+    # extra_body's tools replace the named ones, as in the request
+    assert item_bound(_model().bind(tools=[{"type": "web_search"}]), {"extra_body": {"tools": []}}).web_searches == 0
+    with pytest.raises(UnknownModelPriceError, match="code_interpreter"):
+        BudgetGuard(_model(use_responses_api=True, extra_body={"tools": [{"type": "code_interpreter"}]}),
+                    limit=1).invoke("plot it")

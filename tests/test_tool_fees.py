@@ -148,9 +148,9 @@ def test_generated_images_are_held_per_image_and_max_tool_calls_lowers_the_hold(
 
 
 def test_a_reply_billing_a_fee_nothing_prices_is_charged_its_whole_hold(server: CannedServer) -> None:
-    """A tool the guard did not see bound (sent inside extra_body) that bills a container: the reply
-    cannot be priced, so the call is charged its hold, never the tokens alone."""
-    llm = chat_openai(server, MODEL, use_responses_api=True, extra_body={"tools": [CODE]})
+    """A reply that bills a container no bound tool announced (a gateway that adds tools): it cannot be
+    priced, so the call is charged its hold, never the tokens alone."""
+    llm = chat_openai(server, MODEL, use_responses_api=True)
     guard = BudgetGuard(llm, limit=1, pricer=pricer())
     server.push(reply(code_run(1, "cntr_a")))
     meta = guard.invoke("plot it", max_tokens=100).response_metadata["budgetguard"]

@@ -48,7 +48,7 @@ from typing import Any, Protocol, runtime_checkable
 from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
 
 from .calibration import Calibrator
-from .caps import OutputCap, binding_layers, extra_body_of, max_output_tokens, output_cap
+from .caps import CAP_KWARGS, OutputCap, binding_layers, extra_body_of, max_output_tokens, output_cap
 from .images import image_size, image_tokens
 from .tokenizers import ExactFamily, exact_family, render_openai_tool
 
@@ -72,6 +72,7 @@ __all__ = [
     "output_cap",
     "reserved_output",
     "stored_context_of",
+    "extra_body_tokens",
     "tools_of",
     "unsized_references",
 ]
@@ -1201,6 +1202,35 @@ def stored_context_of(model: Any, call_kwargs: Mapping[str, Any] | None = None) 
                 isinstance(field, str) and field):
             return key
     return None
+
+
+# Request parameters that carry no prompt (the guard reads caps, n, model and tier elsewhere).
+_NOT_PROMPT = frozenset({*CAP_KWARGS, "n", "candidate_count", "model", "service_tier", "speed", "temperature",
+                         "top_p", "top_k", "seed", "stream", "stream_options", "user", "store", "metadata",
+                         "reasoning_effort", "logprobs", "top_logprobs", "parallel_tool_calls", "stop",
+                         "safety_identifier", "prompt_cache_key", "prompt_cache_retention", "truncation",
+                         "background", "include", "frequency_penalty", "presence_penalty", "logit_bias",
+                         "verbosity", "max_tool_calls"})
+
+
+def extra_body_tokens(model: Any, call_kwargs: Mapping[str, Any] | None = None) -> int:
+    """A strict bound of what a request's ``extra_body`` adds to the prompt: one token per UTF-8 byte
+    of the JSON of what it carries besides plain parameters (the SDKs send it over the named
+    parameters, so prompt text, input items or tools in it are billed, and no tokenizer emits a
+    token of less than a byte). 0 without one."""
+    layers, inner = binding_layers(model)
+    if isinstance(call_kwargs, Mapping):
+        layers.insert(0, call_kwargs)
+    body = extra_body_of(inner, *layers)[0]
+    if body:
+        body = {k: v for k, v in body.items() if k not in _NOT_PROMPT}
+    if not body:
+        return 0
+    try:
+        text = json.dumps(body, ensure_ascii=False, default=str, separators=(",", ":"))
+    except (TypeError, ValueError, RecursionError):  # a body the SDK cannot send either: its repr bounds it
+        text = repr(body)
+    return len(text.encode("utf-8", "surrogatepass"))
 
 
 # --------------------------------------------------------------------------------------

@@ -69,6 +69,7 @@ from .estimate import (
     bounded_input_tokens,
     estimate_input_tokens,
     estimate_output_tokens,
+    extra_body_tokens,
     output_cap,
     reserved_output,
     stored_context_of,
@@ -168,6 +169,7 @@ class _Candidate:
     configurable: bool = True  # the run's configurable may choose its model (else resolved once)
     stored_context: str | None = None  # the parameter that continues provider-stored context, if any
     steps_after: bool = False  # it runs steps of its own after its model answered (a chain)
+    extra_body: int = 0  # strict's bound of the prompt its bound extra_body carries (tokens)
 
     @classmethod
     def of(cls, runnable: Runnable) -> _Candidate:
@@ -175,7 +177,7 @@ class _Candidate:
         refs = tuple(candidate_refs(runnable)) or (model_ref(runnable),)
         return cls(runnable, refs[0], output_cap(runnable), tools_of(runnable), refs,
                    call_price_context(runnable), item_bound(runnable), depends_on_config(runnable),
-                   stored_context_of(runnable), runs_after_model(runnable))
+                   stored_context_of(runnable), runs_after_model(runnable), extra_body_tokens(runnable))
 
     def cap_and_tools(self, call_kwargs: dict[str, Any]) -> tuple[OutputCap, list[Any]]:
         if not call_kwargs:
@@ -579,6 +581,11 @@ class BudgetGuard(BaseChatModel):
         # Strict: cache writes can cost more than plain input (Anthropic: 1.25x-2x), and audio or image
         # output more than text (gpt-audio 6.4x): hold the dearer.
         strict = policy.estimator.mode == "strict"
+        if strict:  # what an extra_body sends over the named parameters (prompt, input items, tools)
+            extra_body = extra_body_tokens(candidate.runnable, call.kwargs) if call.kwargs and \
+                "extra_body" in call.kwargs else candidate.extra_body
+            if extra_body:
+                counted += extra_body
         # A document by URL or file id, or a thread the provider stores, has no size to read: held at
         # the model's whole input limit.
         unsized = 0 if isinstance(messages, str) else unsized_references(policy.estimator, messages)

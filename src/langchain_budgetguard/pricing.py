@@ -570,7 +570,8 @@ def item_bound(
     if isinstance(default_uses, bool) or not isinstance(default_uses, int) or default_uses < 0:
         raise ValueError(f"item_bound: default_uses must be a whole number >= 0, got {default_uses!r}")
     obj, kw = _resolve(runnable, kwargs, config)[0]
-    tools = kw.get("tools")
+    extra = extra_body_of(obj, kw)[0]  # sent over the named parameters: its tools replace theirs
+    tools = extra["tools"] if extra and isinstance(extra.get("tools"), (list, tuple)) else kw.get("tools")
     searches, files, containers, images, unbounded = 0, 0, 0, 0, []
     for tool in tools if isinstance(tools, (list, tuple)) else ():
         if not isinstance(tool, Mapping):
