@@ -200,3 +200,47 @@ def test_a_raising_handler_the_wrapped_model_carries_does_not_make_calls_free() 
     assert thief.kept
     (status,) = guard.status()
     assert status.held == 0 and status.spent == ONE_CALL
+
+
+def _structured_reply(finish_reason: str) -> dict[str, Any]:
+    return {"id": "c1", "object": "chat.completion", "created": 1, "model": "gpt-4o-mini-2024-07-18",
+            "choices": [{"index": 0, "finish_reason": finish_reason,
+                         "message": {"role": "assistant", "content": '{"text": "aaaa'}}],
+            "usage": {"prompt_tokens": 5000, "completion_tokens": 2000, "total_tokens": 7000}}
+
+
+@pytest.mark.parametrize("finish_reason, error", [("length", "LengthFinishReasonError"),
+                                                   ("content_filter", "ContentFilterFinishReasonError")])
+@pytest.mark.parametrize("where", ["guard", "enforce_budget"])
+def test_a_structured_reply_the_sdk_cannot_parse_is_charged_its_usage(
+    server: CannedServer, finish_reason: str, error: str, where: str
+) -> None:
+    """``invoke(..., response_format=Model)``: the OpenAI SDK parses the reply itself and raises when
+    the output hit its cap or was filtered, after the provider billed it. A prompt asking for a long
+    structured answer made every such call free; the error carries the billed completion."""
+    from pydantic import BaseModel
+
+    from langchain_budgetguard import enforce_budget
+
+    from .test_billed_items import genai
+
+    class Answer(BaseModel):
+        text: str
+
+    server.push(_structured_reply(finish_reason))
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(model="gpt-4o-mini", base_url=server.url + "/v1", api_key="test", max_retries=0)
+    pricer = Pricer(hosts={server.url: "openai"})
+    if where == "guard":
+        budget = BudgetGuard(llm, limit=1, pricer=pricer)
+        with pytest.raises(Exception) as raised:
+            budget.invoke("a long essay as JSON", response_format=Answer, max_tokens=2000)
+    else:
+        budget = BudgetGuard(limit=1, pricer=pricer)
+        with enforce_budget(budget), pytest.raises(Exception) as raised:
+            llm.invoke("a long essay as JSON", response_format=Answer, max_tokens=2000)
+    assert type(raised.value).__name__ == error
+    (status,) = budget.status()
+    assert status.held == 0
+    assert status.spent == genai({"input_tokens": 5000, "output_tokens": 2000}, "gpt-4o-mini", "openai")

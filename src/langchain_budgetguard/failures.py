@@ -6,13 +6,20 @@ pool) or that the provider refused (an HTTP error status) was not billed. One th
 waiting for the answer, lost its connection mid-answer, or was cancelled (an ``asyncio`` task
 cancelled by a timeout, ``KeyboardInterrupt``) may have been billed in full: nothing tells. Such a
 call is charged its whole reservation, the most it can cost.
+
+Some errors carry the provider's answer: the OpenAI SDK raises ``LengthFinishReasonError`` /
+``ContentFilterFinishReasonError`` when it cannot parse a structured reply (the output hit its cap,
+or was filtered), with the billed completion and its usage attached. Such a call is charged that
+usage (``reply_in_error``).
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
+from typing import Any
 
-__all__ = ["billed_unknown"]
+__all__ = ["billed_unknown", "reply_in_error"]
 
 # Names, not classes: httpx, openai, anthropic and requests name these alike, and none is a dependency.
 _NOT_SENT = frozenset({"ConnectTimeout", "ConnectError", "PoolTimeout", "ProxyError", "SSLError",
@@ -28,13 +35,42 @@ def billed_unknown(error: BaseException | None) -> bool:
     errors (the provider's refusals, the caller's bugs)."""
     if error is None:
         return False
+    chain = _chain(error)
+    if any(type(e).__name__ in _NOT_SENT for e in chain):
+        return False
+    return any(isinstance(e, (asyncio.CancelledError, KeyboardInterrupt, TimeoutError))
+               or type(e).__name__ in _MAYBE_BILLED for e in chain)
+
+
+def _chain(error: BaseException) -> list[BaseException]:
     chain, seen = [], set()
     current: BaseException | None = error
     while current is not None and id(current) not in seen and len(chain) < 16:
         seen.add(id(current))
         chain.append(current)
         current = current.__cause__ or current.__context__
-    if any(type(e).__name__ in _NOT_SENT for e in chain):
-        return False
-    return any(isinstance(e, (asyncio.CancelledError, KeyboardInterrupt, TimeoutError))
-               or type(e).__name__ in _MAYBE_BILLED for e in chain)
+    return chain
+
+
+def reply_in_error(error: BaseException | None) -> Any:
+    """The provider's billed answer an error carries (its ``completion`` with ``usage``), as an
+    ``AIMessage`` whose metadata holds that usage and the model that answered; None without one."""
+    if error is None:
+        return None
+    for e in _chain(error):
+        completion = getattr(e, "completion", None)
+        usage = getattr(completion, "usage", None)
+        if usage is None:
+            continue
+        dump = getattr(usage, "model_dump", None)
+        usage = dump() if callable(dump) else usage
+        if not isinstance(usage, Mapping):
+            continue
+        from langchain_core.messages import AIMessage
+
+        metadata: dict[str, Any] = {"token_usage": dict(usage)}
+        model = getattr(completion, "model", None)
+        if isinstance(model, str) and model:
+            metadata["model_name"] = model
+        return AIMessage(content="", response_metadata=metadata)
+    return None

@@ -76,7 +76,7 @@ from .estimate import (
     tools_of,
     unsized_references,
 )
-from .failures import billed_unknown
+from .failures import billed_unknown, reply_in_error
 from .leases import shared_keeper
 from .limits import Identity, check_call_id
 from .messages import billed_text_of, to_messages
@@ -1360,7 +1360,7 @@ class Reservation:
     def settle_error(self, error: BaseException, reply: Any = None, *,
                      output_text: str | None = None) -> CallCost | None:
         """Settle a call whose model step raised ``error``: for ``reply`` if the model answered (a
-        step after it raised); for ``output_text`` if it streamed some (a stream that broke off);
+        step after it raised; or the answer the error carries, as OpenAI's parse errors do); for ``output_text`` if it streamed some (a stream that broke off);
         else, if the request may have been billed in full without any of its answer reaching us (it
         timed out or was cancelled waiting, its connection broke), for its whole reservation, the
         most it can cost; else for nothing (it failed before the provider took it)."""
@@ -1372,6 +1372,8 @@ class Reservation:
 
     def _error_cost(self, error: BaseException, reply: Any, output_text: str | None) -> CallCost | None:
         guard, admitted = self.guard, self.admitted
+        if reply is None:
+            reply = reply_in_error(error)  # an SDK error that carries the billed answer (a failed parse)
         if reply is not None or output_text or not billed_unknown(error):
             return guard._settlement(admitted, reply, None, output_text)
         return guard._charged_by_policy(admitted, f"the call ended in {type(error).__name__} while the "
