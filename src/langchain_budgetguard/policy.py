@@ -34,7 +34,7 @@ from .limits import (
     resolve_identity,
     text_problem,
 )
-from .money import nano_to_usd, show_value, to_decimal, usd_to_nano
+from .money import show_value, to_decimal, usd_to_nano
 from .overrides import DEFAULT_REFRESH_SECONDS, LiveOverrides, Override, resolve_cap, resolve_config_overrides
 from .pricing import Pricer
 from .stores.base import Counter, CounterState, Store

@@ -118,7 +118,6 @@ from __future__ import annotations
 import asyncio
 import atexit
 import functools
-import json
 import logging
 import math
 import os
