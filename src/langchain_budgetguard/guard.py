@@ -1360,8 +1360,8 @@ class Reservation:
     def settle_error(self, error: BaseException, reply: Any = None, *,
                      output_text: str | None = None) -> CallCost | None:
         """Settle a call whose model step raised ``error``: for ``reply`` if the model answered (a
-        step after it raised; or the answer the error carries, as OpenAI's parse errors do); for ``output_text`` if it streamed some (a stream that broke off);
-        else, if the request may have been billed in full without any of its answer reaching us (it
+        step after it raised), or for the answer the error carries (OpenAI's parse errors); for
+        ``output_text`` if it streamed some (a stream that broke off); else, if the request may have been billed in full without any of its answer reaching us (it
         timed out or was cancelled waiting, its connection broke), for its whole reservation, the
         most it can cost; else for nothing (it failed before the provider took it)."""
         return self._commit(self._error_cost(error, reply, output_text), reply)
