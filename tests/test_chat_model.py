@@ -412,6 +412,27 @@ def test_the_guard_own_callbacks_tags_and_metadata_reach_the_model_run():
     assert len(seen) == 3 and all("guarded" in tags and team == "ml" for tags, team in seen)
 
 
+def test_generate_keeps_the_wrapped_bindings_own_config():
+    """``generate`` calls the chat model under the wrapped model's bindings itself: a
+    ``with_config(callbacks=..., tags=...)`` binding's settings still reach the model's run, as
+    invoke gives them."""
+    from langchain_core.callbacks import BaseCallbackHandler
+
+    seen = []
+
+    class Spy(BaseCallbackHandler):
+        def on_chat_model_start(self, serialized, messages, **kwargs):
+            seen.append((kwargs.get("tags"), (kwargs.get("metadata") or {}).get("team")))
+
+    guard = BudgetGuard(UsageChat().with_config(callbacks=[Spy()], tags=["bound"], metadata={"team": "ml"}),
+                        limit=1)
+    guard.invoke("hi")
+    guard.generate([[HumanMessage("hi")]])
+    asyncio.run(guard.agenerate([[HumanMessage("hi")]], tags=["call"]))
+    assert [(sorted(tags), team) for tags, team in seen] == [(["bound"], "ml"), (["bound"], "ml"),
+                                                             (["bound", "call"], "ml")]
+
+
 @pytest.mark.parametrize("how", ["generate", "agenerate", "stream_events v3"])
 def test_model_steps_and_generate_report_their_cost_event(how):
     from langchain_core.callbacks import BaseCallbackHandler
@@ -435,3 +456,28 @@ def test_model_steps_and_generate_report_their_cost_event(how):
             guard.stream_events("hi", {"callbacks": [handler]}, version="v3").output  # noqa: B018
     assert costs == [CALL] * (2 if how == "generate" else 1)
     assert spent(guard) == len(costs) * CALL
+
+
+def test_agenerate_settles_every_prompts_call_before_raising_the_first_error():
+    """As LangChain's own agenerate: one prompt failing does not leave the others running
+    unobserved (a loop that then closes cancels them, and a cancelled call is charged its whole
+    reservation)."""
+
+    class FailsOnBoom(UsageChat):
+        async def _agenerate(self, messages, stop=None, run_manager=None, **kwargs):
+            if messages[-1].content == "boom":
+                raise ValueError("bad request")
+            await asyncio.sleep(0.05)
+            return self._generate(messages, stop, None, **kwargs)
+
+    model = FailsOnBoom()
+    guard = BudgetGuard(model, limit=1)
+
+    async def go():
+        with pytest.raises(ValueError, match="bad request"):
+            await guard.agenerate([[HumanMessage("boom")], [HumanMessage("hi")]])
+        return guard.status()[0]
+
+    status = asyncio.run(go())
+    assert model.calls == 1
+    assert status.held == 0 and status.spent == CALL

@@ -82,6 +82,7 @@ from .limits import Identity, check_call_id
 from .messages import billed_text_of, to_messages
 from .models import (
     amodel_chunks,
+    bound_config,
     chat_model_of,
     innermost,
     model_chunks,
@@ -1122,7 +1123,14 @@ class BudgetGuard(BaseChatModel):
                         *, tags: list[str] | None = None, metadata: dict[str, Any] | None = None,
                         run_name: str | None = None, run_id: Any = None, **kwargs: Any) -> LLMResult:
         options = _generate_options(callbacks, tags, metadata, run_name, run_id, len(messages))
-        return self._merge(await asyncio.gather(*(self._agenerate_one(m, stop, options, kwargs) for m in messages)))
+        # As the model's own agenerate: every prompt's call runs to its end (and is settled) before
+        # the first error is raised, so none is left running unobserved.
+        results = await asyncio.gather(*(self._agenerate_one(m, stop, options, kwargs) for m in messages),
+                                       return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return self._merge(results)
 
     def _generate_one(self, messages: Any, stop: list[str] | None, options: dict[str, Any],
                       kwargs: dict[str, Any]) -> LLMResult:
@@ -1134,6 +1142,8 @@ class BudgetGuard(BaseChatModel):
             reservation = Reservation(self, self._admit_sync(call, events), events)
             model, model_kwargs = self._serving(reservation.admitted, kwargs)
             chat, chat_kwargs = chat_model_of(model, model_kwargs)
+            if chat is not model and isinstance(chat, BaseChatModel):  # the bindings' own config still applies
+                child = bound_config(model, child)
             child, replied = tap_reply(child, reservation.admitted.candidate.steps_after)
             try:
                 with reservation.keep_alive():
@@ -1163,6 +1173,8 @@ class BudgetGuard(BaseChatModel):
             reservation = Reservation(self, await self._admit_async(call, events), events)
             model, model_kwargs = self._serving(reservation.admitted, kwargs)
             chat, chat_kwargs = chat_model_of(model, model_kwargs)
+            if chat is not model and isinstance(chat, BaseChatModel):  # the bindings' own config still applies
+                child = bound_config(model, child)
             child, replied = tap_reply(child, reservation.admitted.candidate.steps_after)
             try:
                 async with reservation.akeep_alive():

@@ -22,8 +22,9 @@ from langchain_core.runnables import (
     RunnableParallel,
     RunnableSequence,
 )
+from langchain_core.runnables.config import merge_configs
 
-__all__ = ["innermost", "chat_model_of", "with_stop", "as_chunk", "model_chunks",
+__all__ = ["innermost", "chat_model_of", "bound_config", "with_stop", "as_chunk", "model_chunks",
            "amodel_chunks", "streams_natively", "runs_after_model"]
 
 
@@ -53,6 +54,18 @@ def chat_model_of(model: Any, kwargs: Mapping[str, Any]) -> tuple[Any, dict[str,
         merged = {**model.kwargs, **merged}
         model = model.bound
     return model, merged
+
+
+def bound_config(model: Any, config: RunnableConfig) -> RunnableConfig:
+    """``config`` as the model's bindings hand it to the chat model under them (``with_config``'s
+    callbacks, tags, metadata), for a caller that calls that chat model itself."""
+    while isinstance(model, RunnableBinding):
+        if model.config or model.config_factories:
+            config = merge_configs(model.config, config)
+            for factory in model.config_factories:
+                config = merge_configs(config, factory(config))
+        model = model.bound
+    return config
 
 
 def with_stop(kwargs: dict[str, Any], stop: list[str] | None) -> dict[str, Any]:
