@@ -144,6 +144,33 @@ def test_middleware_charges_a_step_that_timed_out_waiting_its_reservation(openai
     assert status.spent > Decimal("0.001")  # the step's reservation (its default output cap), not its prompt
 
 
+@pytest.mark.parametrize("how", ["invoke", "ainvoke"])
+def test_middleware_charges_a_step_whose_reply_a_raising_handler_failed_on(openai_server, billed, how):
+    """A handler with ``raise_error=True`` that fails in ``on_llm_end`` ends the step in an exception
+    after the provider billed it: charged the reply's usage, not $0."""
+    import asyncio
+
+    from langchain_core.callbacks import BaseCallbackHandler
+
+    class Raises(BaseCallbackHandler):
+        raise_error = True
+
+        def on_llm_end(self, response, **kwargs):
+            raise RuntimeError("handler failed")
+
+    openai_server.script(tool_step("Oslo"))
+    budget = BudgetMiddleware(limit=1)
+    agent = create_agent(openai_server.chat_model(), tools=[get_weather], middleware=[budget])
+    config = {"callbacks": [Raises()]}
+    with pytest.raises(RuntimeError, match="handler failed"):
+        if how == "invoke":
+            agent.invoke(ASK, config)
+        else:
+            asyncio.run(agent.ainvoke(ASK, config))
+    assert len(openai_server.calls) == 1
+    assert spent(budget.policy) == billed(openai_server) > 0
+
+
 def test_middleware_degrades_mid_run_then_ends_the_run_cleanly(openai_server, billed):
     openai_server.set_default(tool_step("Oslo"))  # the model never stops calling tools
     big = openai_server.chat_model(model="gpt-4.1", max_tokens=200)  # $0.0021 a step

@@ -244,3 +244,98 @@ def test_a_structured_reply_the_sdk_cannot_parse_is_charged_its_usage(
     (status,) = budget.status()
     assert status.held == 0
     assert status.spent == genai({"input_tokens": 5000, "output_tokens": 2000}, "gpt-4o-mini", "openai")
+
+
+class AsyncGatheredRaises(AsyncCallbackHandler):
+    """Not inline: LangChain gathers it with the other async handlers, after the inline ones."""
+
+    raise_error = True
+
+    async def on_llm_end(self, response: Any, **kwargs: Any) -> None:
+        raise RuntimeError("handler failed")
+
+
+class ThreadedRaises(KeepsAndRaises):
+    run_inline = False  # a sync handler an async manager runs in a thread
+
+
+@pytest.mark.parametrize("how", WAYS)
+def test_a_raising_handler_bound_inside_the_wrapped_model_does_not_make_the_call_free(how: str) -> None:
+    """``llm.with_config(callbacks=[h])``: the binding's handlers are merged ahead of the call's, so
+    no handler the guard adds could see the reply first. It is read from the error's traceback."""
+    thief = KeepsAndRaises()
+    model = UsageChat()
+    guard = BudgetGuard(model.with_config(callbacks=[thief]), limit=1)
+    with pytest.raises(RuntimeError, match="handler failed"):
+        run(guard, how, {})
+    assert thief.kept and model.calls >= 1
+    (status,) = guard.status()
+    assert status.held == 0 and status.spent == ONE_CALL * model.calls
+
+
+@pytest.mark.parametrize("handler", [AsyncGatheredRaises, ThreadedRaises])
+@pytest.mark.parametrize("how", ["ainvoke", "abatch", "astream", "agenerate"])
+def test_an_async_handler_run_after_the_inline_ones_raising_is_charged(how: str, handler: type) -> None:
+    model = UsageChat()
+    guard = BudgetGuard(model, limit=1)
+    with pytest.raises(RuntimeError, match="handler failed"):
+        run(guard, how, {"callbacks": [handler()]})
+    (status,) = guard.status()
+    assert model.calls >= 1
+    assert status.held == 0 and status.spent == ONE_CALL * model.calls
+
+
+def test_a_raise_chained_from_the_handlers_error_is_still_charged() -> None:
+    """A caller that turns the handler's error into its own (``raise X from e``) keeps the cause."""
+    from langchain_core.runnables import RunnableLambda
+
+    model = UsageChat(callbacks=[KeepsAndRaises()])
+
+    def call(text: str) -> Any:
+        try:
+            return model.invoke(text)
+        except RuntimeError as error:
+            raise LookupError("wrapped") from error
+
+    guard = BudgetGuard(RunnableLambda(call), limit=1, fallback_price={"input": "0.15", "output": "0.60"})
+    with pytest.raises(LookupError):
+        guard.invoke("hello")
+    (status,) = guard.status()
+    assert status.held == 0 and status.spent == ONE_CALL
+
+
+def test_llm_ends_in_finds_only_a_reply_being_delivered() -> None:
+    from langchain_budgetguard.failures import billed_unknown, llm_ends_in, reply_in_error
+
+    model = UsageChat(callbacks=[KeepsAndRaises()])
+    with pytest.raises(RuntimeError) as raised:
+        model.invoke("hello")
+    ((run_id, response),) = llm_ends_in(raised.value)
+    assert run_id is not None and response.generations[0][0].message.usage_metadata["output_tokens"] == 9
+    assert reply_in_error(raised.value) is response.generations[0][0].message
+    assert billed_unknown(raised.value)
+    with pytest.raises(RuntimeError) as before:
+        UsageChat(callbacks=[KeepsAndRaises("start")]).invoke("hello")
+    assert llm_ends_in(before.value) == [] and reply_in_error(before.value) is None
+    assert not billed_unknown(before.value)
+
+
+@pytest.mark.parametrize("how", ["invoke", "ainvoke", "stream"])
+def test_enforce_budget_charges_a_call_a_handler_ahead_of_it_failed_on(how: str) -> None:
+    """The enforcer's handler comes after the caller's: a raising one keeps the reply from it, and
+    the call was released uncharged. The error leaving the block holds the reply."""
+    from langchain_budgetguard import enforce_budget
+
+    model = UsageChat()
+    budget = BudgetGuard(limit=1)
+    with pytest.raises(RuntimeError, match="handler failed"), enforce_budget(budget, user_id="u1"):
+        config = {"callbacks": [KeepsAndRaises()]}
+        if how == "invoke":
+            model.invoke("hello", config)
+        elif how == "ainvoke":
+            asyncio.run(model.ainvoke("hello", config))
+        else:
+            list(model.stream("hello", config))
+    (status,) = budget.status(user_id="u1")
+    assert model.calls >= 1
+    assert status.held == 0 and status.spent == ONE_CALL * model.calls

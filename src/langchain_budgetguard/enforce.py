@@ -43,6 +43,7 @@ from langchain_core.runnables.config import ensure_config
 from langchain_core.tracers.context import register_configure_hook
 
 from .estimate import max_output_tokens
+from .failures import llm_ends_in
 from .leases import LeaseHold, shared_keeper
 from .policy import BudgetPolicy, LimitStatus
 from .pricing import model_ref_from_run
@@ -238,6 +239,14 @@ class BudgetEnforcer(BaseCallbackHandler):
             finally:
                 _release(running.key, [budget_token(r.guard.policy) for r in running.reservations], running.event)
 
+    def answered(self, error: BaseException) -> None:
+        """Settle the calls that ``error`` ended after their model answered: a handler with
+        ``raise_error`` set ahead of this one failed in ``on_llm_end``, so this one never saw the
+        reply; the traceback holds it (``failures.llm_ends_in``)."""
+        for run_id, response in llm_ends_in(error):
+            if run_id is not None:
+                self._end(run_id, response)
+
     def _end(self, run_id: UUID, response: Any, failed: bool = False, error: BaseException | None = None) -> None:
         running = self._take(_key(run_id))
         if self._orphans:
@@ -339,6 +348,9 @@ def enforce_budget(policy: Any, **ids: Any) -> Iterator[BudgetEnforcer]:
     token = _current.set(enforcer)
     try:
         yield enforcer
+    except BaseException as error:
+        enforcer.answered(error)
+        raise
     finally:
         _current.reset(token)
         gc_pending = enforcer._orphans  # calls whose run ended without an end event: settle them now,

@@ -11,6 +11,10 @@ Some errors carry the provider's answer: the OpenAI SDK raises ``LengthFinishRea
 ``ContentFilterFinishReasonError`` when it cannot parse a structured reply (the output hit its cap,
 or was filtered), with the billed completion and its usage attached. Such a call is charged that
 usage (``reply_in_error``).
+
+A callback handler with ``raise_error`` set that raises in ``on_llm_end`` ends a call the provider
+answered in an exception; LangChain raises it while delivering the reply to its handlers, so the
+reply is still in the traceback (``llm_ends_in``) and the call is charged for it.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import asyncio
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["billed_unknown", "reply_in_error"]
+__all__ = ["billed_unknown", "llm_ends_in", "reply_in_error"]
 
 # Names, not classes: httpx, openai, anthropic and requests name these alike, and none is a dependency.
 _NOT_SENT = frozenset({"ConnectTimeout", "ConnectError", "PoolTimeout", "ProxyError", "SSLError",
@@ -36,6 +40,8 @@ def billed_unknown(error: BaseException | None) -> bool:
     if error is None:
         return False
     chain = _chain(error)
+    if any(_llm_ends(e) for e in chain):  # raised while LangChain delivered the answer: billed
+        return True
     if any(type(e).__name__ in _NOT_SENT for e in chain):
         return False
     return any(isinstance(e, (asyncio.CancelledError, KeyboardInterrupt, TimeoutError))
@@ -52,11 +58,48 @@ def _chain(error: BaseException) -> list[BaseException]:
     return chain
 
 
+_MANAGER = "langchain_core.callbacks.manager"
+
+
+def llm_ends_in(error: BaseException | None) -> list[tuple[Any, Any]]:
+    """``(run id, LLMResult)`` of each model run whose ``on_llm_end`` was being delivered when
+    ``error`` (or an error in its chain of causes) was raised: a handler with ``raise_error`` set
+    failed on a reply the provider had already billed. Read from the traceback's frames of
+    langchain-core's run managers; one entry per run."""
+    if error is None:
+        return []
+    found: dict[Any, Any] = {}
+    for e in _chain(error):
+        for run_id, response in _llm_ends(e):
+            found.setdefault(run_id, response)
+    return list(found.items())
+
+
+def _llm_ends(error: BaseException) -> list[tuple[Any, Any]]:
+    ends = []
+    tb = error.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_name == "on_llm_end" and frame.f_globals.get("__name__") == _MANAGER:
+            local = frame.f_locals
+            response = local.get("response")
+            if response is not None:
+                ends.append((getattr(local.get("self"), "run_id", None), response))
+        tb = tb.tb_next
+    return ends
+
+
 def reply_in_error(error: BaseException | None) -> Any:
     """The provider's billed answer an error carries (its ``completion`` with ``usage``), as an
-    ``AIMessage`` whose metadata holds that usage and the model that answered; None without one."""
+    ``AIMessage`` whose metadata holds that usage and the model that answered, or the reply it was
+    raised while delivering (``llm_ends_in``); None without one."""
     if error is None:
         return None
+    for _, response in llm_ends_in(error)[:1]:
+        try:
+            return response.generations[0][0].message
+        except (AttributeError, IndexError, TypeError):
+            return None  # billed (billed_unknown says so), but nothing says how much
     for e in _chain(error):
         completion = getattr(e, "completion", None)
         usage = getattr(completion, "usage", None)
