@@ -171,6 +171,27 @@ def test_middleware_charges_a_step_whose_reply_a_raising_handler_failed_on(opena
     assert spent(budget.policy) == billed(openai_server) > 0
 
 
+def test_middleware_charges_a_step_the_sdk_resent_after_it_timed_out(openai_server):
+    """The SDK resends a request that timed out (max_retries): the provider may have billed both."""
+    from dataclasses import replace
+
+    first = replace(THREE_STEPS[-1], delay=1.0)
+    openai_server.script(first, THREE_STEPS[-1])
+    budget = BudgetMiddleware(limit=1)
+    agent = create_agent(openai_server.chat_model(timeout=0.25, max_retries=1), tools=[get_weather],
+                         middleware=[budget])
+    agent.invoke(ASK)
+    from .conftest import list_price
+
+    lost, answered = openai_server.calls
+    assert lost.usage is None  # the server's answer never reached the client
+    (status,) = budget.policy.status()
+    assert status.held == 0
+    # the answered step's usage, plus the lost one's reservation: 4,096 output tokens (the default
+    # cap) at gpt-4o-mini's $0.60 per million alone are $0.0024576
+    assert status.spent - list_price(answered) > Decimal("0.0024576")
+
+
 def test_middleware_degrades_mid_run_then_ends_the_run_cleanly(openai_server, billed):
     openai_server.set_default(tool_step("Oslo"))  # the model never stops calling tools
     big = openai_server.chat_model(model="gpt-4.1", max_tokens=200)  # $0.0021 a step

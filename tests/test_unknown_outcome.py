@@ -169,3 +169,30 @@ def test_billed_unknown_reads_the_chain_of_causes() -> None:
     assert not billed_unknown(_raised(openai.APITimeoutError(request), httpx.ConnectTimeout("connect")))
     assert not billed_unknown(_raised(openai.APIConnectionError(request=request), httpx.ConnectError("refused")))
     assert billed_unknown(_raised(RuntimeError("wrapped"), asyncio.CancelledError()))
+
+
+@pytest.mark.parametrize("how", ["stream", "astream"])
+def test_a_stream_that_times_out_before_its_first_chunk_is_charged_its_reservation(how: str) -> None:
+    """The first chunk never came: the provider may still have answered (and billed) in full."""
+
+    class TimesOut(UsageChat):
+        def _stream(self, *args: Any, **kwargs: Any) -> Any:
+            raise httpx.ReadTimeout("the answer did not come in time")
+            yield  # noqa: unreachable - a generator
+
+        async def _astream(self, *args: Any, **kwargs: Any) -> Any:
+            raise httpx.ReadTimeout("the answer did not come in time")
+            yield  # noqa: unreachable - a generator
+
+    guard = BudgetGuard(TimesOut(), limit=1)
+    one = reservation_of(guard)
+    with pytest.raises(httpx.ReadTimeout):
+        if how == "stream":
+            list(guard.stream("hello"))
+        else:
+            async def drain() -> None:
+                async for _ in guard.astream("hello"):
+                    pass
+            asyncio.run(drain())
+    (status,) = guard.status()
+    assert status.held == 0 and status.spent == one > 0

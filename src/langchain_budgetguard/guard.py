@@ -20,6 +20,7 @@ import contextlib
 import copy
 import dataclasses
 import os
+import sys
 from collections.abc import (
     AsyncIterator,
     Generator,
@@ -76,6 +77,8 @@ from .estimate import (
     tools_of,
     unsized_references,
 )
+from .attempts import Attempts, Counting, acounted, counted
+from .attempts import watch as watch_attempts
 from .failures import billed_unknown, reply_in_error
 from .leases import shared_keeper
 from .limits import Identity, check_call_id
@@ -171,6 +174,7 @@ class _Candidate:
     stored_context: str | None = None  # the parameter that continues provider-stored context, if any
     steps_after: bool = False  # it runs steps of its own after its model answered (a chain)
     extra_body: int = 0  # strict's bound of the prompt its bound extra_body carries (tokens)
+    counts_requests: bool = False  # its SDK's requests are counted (attempts.watch): resent ones are charged
 
     @classmethod
     def of(cls, runnable: Runnable) -> _Candidate:
@@ -178,7 +182,8 @@ class _Candidate:
         refs = tuple(candidate_refs(runnable)) or (model_ref(runnable),)
         return cls(runnable, refs[0], output_cap(runnable), tools_of(runnable), refs,
                    call_price_context(runnable), item_bound(runnable), depends_on_config(runnable),
-                   stored_context_of(runnable), runs_after_model(runnable), extra_body_tokens(runnable))
+                   stored_context_of(runnable), runs_after_model(runnable), extra_body_tokens(runnable),
+                   watch_attempts(runnable))
 
     def cap_and_tools(self, call_kwargs: dict[str, Any]) -> tuple[OutputCap, list[Any]]:
         if not call_kwargs:
@@ -682,6 +687,17 @@ class BudgetGuard(BaseChatModel):
                            estimated=True)
         return self._priced(admitted, usage, estimate.reserve, admitted.candidate.label, None, why)
 
+    def _charged_for_attempts(self, admitted: Admitted, cost: CallCost | None, lost: int) -> CallCost:
+        """``cost`` (None: nothing) plus the whole reservation for each of ``lost`` requests the
+        SDK resent after they got no answer: the provider may have answered and billed each."""
+        why = (f"the SDK resent the request after {lost} attempt{'s' if lost > 1 else ''} got no answer "
+               "(timed out or cut off), each of which the provider may have billed: charged its reservation for each")
+        if cost is None:
+            cost = dataclasses.replace(self._charged_by_policy(admitted, why), charged_nano=0)
+        charged = cost.charged_nano + lost * admitted.estimate.reserve
+        problem = f"{cost.problem}; {why}" if cost.problem else why
+        return dataclasses.replace(cost, charged_nano=charged, cost_usd=nano_to_usd(charged), problem=problem)
+
     def _price(self, admitted: Admitted, usage: TokenUsage, reply: Any = None) -> CallCost:
         estimate = admitted.estimate
         observe = getattr(self.policy.estimator, "observe", None)
@@ -1036,7 +1052,8 @@ class BudgetGuard(BaseChatModel):
         settled = False
         try:
             with self._lease(admitted):
-                for chunk in model.stream(input, given if child is config else child, **model_kwargs):
+                chunks = model.stream(input, given if child is config else child, **model_kwargs)
+                for chunk in chunks if tracker.attempts is None else counted(chunks, tracker.attempts):
                     yield from tracker.pass_on(chunk)
                     if tracker.over_cap:  # the provider ignores the cap: stop, charge what came
                         break
@@ -1048,7 +1065,7 @@ class BudgetGuard(BaseChatModel):
             yield _with_cost(tracker.last, cost)
         except BaseException as exc:
             if not settled:
-                self._settle_sync(admitted, *tracker.interrupted())
+                self._settle_sync(admitted, *tracker.interrupted(exc))
             if not isinstance(exc, GeneratorExit):
                 run_manager.on_chain_error(exc)
             raise
@@ -1073,6 +1090,8 @@ class BudgetGuard(BaseChatModel):
         try:
             async with self._alease(admitted):
                 chunks = model.astream(input, given if child is config else child, **model_kwargs)
+                if tracker.attempts is not None:
+                    chunks = acounted(chunks, tracker.attempts)
                 async with _closing(chunks):
                     async for chunk in chunks:
                         for out in tracker.pass_on(chunk):
@@ -1087,7 +1106,7 @@ class BudgetGuard(BaseChatModel):
             yield _with_cost(tracker.last, cost)
         except BaseException as exc:
             if not settled:
-                await self._settle_async(admitted, *tracker.interrupted())
+                await self._settle_async(admitted, *tracker.interrupted(exc))
             if not isinstance(exc, GeneratorExit):
                 await run_manager.on_chain_error(exc)
             raise
@@ -1299,7 +1318,8 @@ class BudgetGuard(BaseChatModel):
         settled = False
         try:
             with self._lease(admitted):
-                for chunk in model_chunks(model, messages, stop, run_manager, config, model_kwargs):
+                chunks = model_chunks(model, messages, stop, run_manager, config, model_kwargs)
+                for chunk in chunks if tracker.attempts is None else counted(chunks, tracker.attempts):
                     tracker.add(chunk.message)
                     yield chunk
                     if tracker.over_cap:
@@ -1311,7 +1331,7 @@ class BudgetGuard(BaseChatModel):
                 self._report_cost(events, cost)
         finally:
             if not settled:
-                self._settle_sync(admitted, *tracker.interrupted())
+                self._settle_sync(admitted, *tracker.interrupted(sys.exc_info()[1]))
 
     async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None, run_manager: Any = None,
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
@@ -1323,6 +1343,8 @@ class BudgetGuard(BaseChatModel):
         try:
             async with self._alease(admitted):
                 chunks = amodel_chunks(model, messages, stop, run_manager, config, model_kwargs)
+                if tracker.attempts is not None:
+                    chunks = acounted(chunks, tracker.attempts)
                 async with _closing(chunks):
                     async for chunk in chunks:
                         tracker.add(chunk.message)
@@ -1336,7 +1358,7 @@ class BudgetGuard(BaseChatModel):
                 await self._areport_cost(events, cost)
         finally:
             if not settled:
-                await self._settle_async(admitted, *tracker.interrupted())
+                await self._settle_async(admitted, *tracker.interrupted(sys.exc_info()[1]))
 
 
 @dataclass(slots=True)
@@ -1346,6 +1368,7 @@ class Reservation:
     guard: BudgetGuard
     admitted: Admitted
     events: RunnableConfig | None = None
+    attempts: Attempts | None = None  # the SDK's requests for this call, when they are counted
 
     @property
     def model(self) -> Runnable:
@@ -1387,28 +1410,51 @@ class Reservation:
         if reply is None:
             reply = reply_in_error(error)  # an SDK error that carries the billed answer (a failed parse)
         if reply is not None or output_text or not billed_unknown(error):
-            return guard._settlement(admitted, reply, None, output_text)
-        return guard._charged_by_policy(admitted, f"the call ended in {type(error).__name__} while the "
+            return self._with_unanswered(guard._settlement(admitted, reply, None, output_text))
+        # The last attempt is one of those that got no answer: the reservation charged covers it.
+        cost = guard._charged_by_policy(admitted, f"the call ended in {type(error).__name__} while the "
                                         "provider may have answered it in full: charged its reservation")
+        return self._with_unanswered(cost, covered=1)
+
+    def _with_unanswered(self, cost: CallCost | None, covered: int = 0) -> CallCost | None:
+        """``cost`` plus the whole reservation for each attempt the SDK sent that got no answer (it
+        timed out, and was resent), beyond ``covered`` of them already charged."""
+        lost = self.attempts.unanswered - covered if self.attempts is not None else 0
+        if lost <= 0:
+            return cost
+        return self.guard._charged_for_attempts(self.admitted, cost, lost)
+
+    def count_attempts(self) -> Counting:
+        """A ``with`` / ``async with`` block around the model call that counts the requests its SDK
+        sends: each resent request that got no answer is charged the reservation, the most it can
+        cost (``keep_alive`` counts them already)."""
+        counting = Counting()
+        self.attempts = counting.attempts
+        return counting
 
     def keep_alive(self) -> Any:
-        """A context manager that renews this call's hold while the block runs: wrap the model call."""
-        return self.guard._lease(self.admitted)
+        """A context manager that renews this call's hold while the block runs: wrap the model call.
+        It also counts the requests a retrying SDK sends (``count_attempts``)."""
+        lease = self.guard._lease(self.admitted)
+        return _Counted(lease, self.count_attempts()) if self.admitted.candidate.counts_requests else lease
 
     def akeep_alive(self) -> Any:
         """The async twin of ``keep_alive`` (``async with``)."""
-        return self.guard._alease(self.admitted)
+        lease = self.guard._alease(self.admitted)
+        return _Counted(lease, self.count_attempts()) if self.admitted.candidate.counts_requests else lease
 
     def settle(self, reply: Any = None, *, usage: TokenUsage | None = None,
                output_text: str | None = None) -> CallCost | None:
         """Replace the hold by the actual cost: ``usage`` if given, else the reply's usage, else the
         input estimate plus ``output_text`` (the call ended without a usage report); with none of
         them the call failed before any output and costs nothing."""
-        return self._commit(self.guard._settlement(self.admitted, reply, usage, output_text), reply)
+        return self._commit(self._with_unanswered(self.guard._settlement(self.admitted, reply, usage, output_text)),
+                            reply)
 
     async def asettle(self, reply: Any = None, *, usage: TokenUsage | None = None,
                       output_text: str | None = None) -> CallCost | None:
-        return await self._acommit(self.guard._settlement(self.admitted, reply, usage, output_text), reply)
+        return await self._acommit(
+            self._with_unanswered(self.guard._settlement(self.admitted, reply, usage, output_text)), reply)
 
     def _commit(self, cost: CallCost | None, reply: Any) -> CallCost | None:
         try:
@@ -1437,6 +1483,33 @@ class Reservation:
             if self.events is not None:
                 await self.guard._areport_cost(self.events, cost)
         return cost
+
+
+class _Counted:
+    """A call's lease, with the count of its SDK's requests (sync and async ``with``)."""
+
+    __slots__ = ("lease", "counting")
+
+    def __init__(self, lease: Any, counting: Counting) -> None:
+        self.lease, self.counting = lease, counting
+
+    def __enter__(self) -> _Counted:
+        self.lease.__enter__()
+        self.counting.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> Any:
+        self.counting.__exit__()
+        return self.lease.__exit__(*exc)
+
+    async def __aenter__(self) -> _Counted:
+        await self.lease.__aenter__()
+        self.counting.__enter__()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> Any:
+        self.counting.__exit__()
+        return await self.lease.__aexit__(*exc)
 
 
 _STORED_CONTEXT_KEYS = frozenset((*STORED_CONTEXT_KWARGS, "extra_body"))  # call kwargs that may name one

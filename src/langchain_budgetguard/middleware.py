@@ -150,7 +150,8 @@ class BudgetMiddleware(AgentMiddleware):
         streamed = StreamTap()
         marks = charged_budgets.set(charged_budgets.get() | {self.token}), _streamed.set(streamed)
         try:
-            response = handler(self._served(request, reservation))
+            with reservation.count_attempts():
+                response = handler(self._served(request, reservation))
         except BaseException as error:
             reservation.settle_error(error, **self._failure(error, streamed))
             raise
@@ -171,7 +172,8 @@ class BudgetMiddleware(AgentMiddleware):
         streamed = StreamTap()
         marks = charged_budgets.set(charged_budgets.get() | {self.token}), _streamed.set(streamed)
         try:
-            response = await handler(self._served(request, reservation))
+            async with reservation.count_attempts():
+                response = await handler(self._served(request, reservation))
         except BaseException as error:
             await reservation.asettle_error(error, **self._failure(error, streamed))
             raise

@@ -6,6 +6,8 @@ from typing import TYPE_CHECKING, Any
 
 from langchain_core.messages import AIMessageChunk
 
+from .attempts import Attempts
+from .failures import billed_unknown
 from .messages import billed_text_of
 from .usage import TokenUsage, UsageError, usage_from_message, usage_from_usage_metadata
 
@@ -35,6 +37,8 @@ class StreamTracker:
         # call was reserved for means the provider ignores the cap, and the stream is stopped.
         self._pieces = 0
         self.over_cap = False
+        # The requests the SDK sends (attempts.counted): each resent one that got no answer is charged.
+        self.attempts: Attempts | None = Attempts() if admitted.candidate.counts_requests else None
 
     def pass_on(self, chunk: Any) -> tuple[Any, ...]:
         """Add ``chunk``; return the chunks to yield now. The provider's last chunk
@@ -90,17 +94,29 @@ class StreamTracker:
         try:
             usage = self._usage()
         except UsageError as bad:  # a count that cannot be real is never trusted: charge the hold
-            return self.guard._charged_by_policy(self.admitted, str(bad))
-        return self.guard._cost(self.admitted, None, "".join(self._text), usage, self._named)
+            return self._with_unanswered(self.guard._charged_by_policy(self.admitted, str(bad)))
+        return self._with_unanswered(self.guard._cost(self.admitted, None, "".join(self._text), usage, self._named))
 
-    def interrupted(self) -> tuple[int, CallCost | None]:
-        """``(amount, cost)`` of a stream that broke off: input plus output so far (once a stream has
-        begun the provider bills the prompt); nothing before the first chunk. Never raises: chunks
-        that cannot even be added up (a junk usage shape) charge the whole hold."""
+    def interrupted(self, error: BaseException | None = None) -> tuple[int, CallCost | None]:
+        """``(amount, cost)`` of a stream that broke off with ``error``: input plus output so far (once
+        a stream has begun the provider bills the prompt). Before the first chunk nothing, unless it
+        timed out or was cancelled waiting for its answer (``failures.billed_unknown``): then the
+        whole reservation. Never raises: chunks that cannot even be added up (a junk usage shape)
+        charge the whole hold."""
         if not self._chunks:
-            return 0, None
+            if billed_unknown(error):
+                cost = self._with_unanswered(self.guard._charged_by_policy(
+                    self.admitted, f"the stream ended in {type(error).__name__} before its first chunk, while the "
+                    "provider may have answered it in full: charged its reservation"), covered=1)
+                return cost.charged_nano, cost
+            cost = self._with_unanswered(None)
+            return (cost.charged_nano, cost) if cost is not None else (0, None)
         try:
             cost = self.finish()
         except Exception as exc:  # noqa: BLE001 - the settle must happen whatever the chunks hold
             cost = self.guard._charged_by_policy(self.admitted, f"unreadable stream: {exc!r}")
         return cost.charged_nano, cost
+
+    def _with_unanswered(self, cost: CallCost | None, covered: int = 0) -> CallCost | None:
+        lost = self.attempts.unanswered - covered if self.attempts is not None else 0
+        return self.guard._charged_for_attempts(self.admitted, cost, lost) if lost > 0 else cost
