@@ -29,11 +29,15 @@ class UsageChat(BaseChatModel):
     max_tokens: int | None = None
     report_usage: bool = True
     delay: float = 0.0
-    calls: int = 0
+    _calls: int = 0  # not a field: a model's settings stay as they were
     _lock: Any = None
 
     def model_post_init(self, context: Any) -> None:
         object.__setattr__(self, "_lock", threading.Lock())
+
+    @property
+    def calls(self) -> int:
+        return self._calls
 
     @property
     def _llm_type(self) -> str:
@@ -47,7 +51,7 @@ class UsageChat(BaseChatModel):
 
     def _count(self) -> None:
         with self._lock:
-            object.__setattr__(self, "calls", self.calls + 1)
+            self._calls += 1
 
     def _usage(self) -> dict[str, int]:
         return {

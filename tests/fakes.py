@@ -34,8 +34,13 @@ class UsageChat(BaseChatModel):
     delay: float = 0.0
     tool_calls: list[dict] | None = None
     script: list[dict] | None = None  # per call, in order: {"reply": ..., "tool_calls": [...]}
-    calls: int = 0
+    # Not a field: a model's settings stay as they were (the guard re-reads a model whose settings change).
+    _calls: int = 0
     total_calls: ClassVar[int] = 0  # every fake's calls: copies of a model count here too
+
+    @property
+    def calls(self) -> int:
+        return self._calls
 
     @property
     def _llm_type(self) -> str:
@@ -54,7 +59,7 @@ class UsageChat(BaseChatModel):
 
     def _count(self) -> None:
         with _CALLS_LOCK:
-            object.__setattr__(self, "calls", self.calls + 1)
+            self._calls += 1
             UsageChat.total_calls += 1
 
     def _usage(self) -> dict[str, int]:

@@ -107,6 +107,7 @@ from .pricing import (
 )
 from .runs import ANoRun, NoRun, aopen_run, has_handlers, open_run, tap, tap_reply, tapped
 from .serialization import options_from_json, options_to_json, plain_data
+from .snapshots import Snapshot
 from .stores.base import ReserveResult, SettleResult
 from .stores.ledger import LedgerRow, call_row
 from .streaming import StreamTracker
@@ -555,10 +556,19 @@ class BudgetGuard(BaseChatModel):
 
     def _ladder(self) -> list[_Candidate]:
         # Kept in the instance dict, not a pydantic private attribute: this runs on every call, and a
-        # private attribute is read through __getattr__ (about a microsecond each time).
-        ladder = self.__dict__.get(_LADDER)
-        if ladder is None:
-            ladder = self.__dict__[_LADDER] = [_Candidate.of(m) for m in (self.llm, *self.degrade_to)]
+        # private attribute is read through __getattr__ (about a microsecond each time). Read again
+        # when a model's settings changed since (``llm.max_tokens = None``, ``guard.llm = other``):
+        # a call is reserved as it will be sent.
+        cached = self.__dict__.get(_LADDER)
+        if cached is not None:
+            models, snapshot, ladder = cached
+            degrade = self.degrade_to
+            if (models[0] is self.llm and len(models) == len(degrade) + 1
+                    and all(m is d for m, d in zip(models[1:], degrade)) and snapshot.unchanged()):
+                return ladder
+        models = (self.llm, *self.degrade_to)
+        ladder = [_Candidate.of(m) for m in models]
+        self.__dict__[_LADDER] = (models, Snapshot.of(models), ladder)  # after .of: it may build a client
         return ladder
 
     def _begin(self, value: Any, config: RunnableConfig, kwargs: dict[str, Any], model: ModelRef | None = None,
