@@ -697,9 +697,14 @@ class BudgetGuard(BaseChatModel):
                            estimated=True)
         return self._priced(admitted, usage, estimate.reserve, admitted.candidate.label, None, why)
 
-    def _charged_for_attempts(self, admitted: Admitted, cost: CallCost | None, lost: int) -> CallCost:
-        """``cost`` (None: nothing) plus the whole reservation for each of ``lost`` requests the
-        SDK resent after they got no answer: the provider may have answered and billed each."""
+    def _charged_for_attempts(self, admitted: Admitted, cost: CallCost | None, attempts: Attempts | None,
+                              covered: int = 0) -> CallCost | None:
+        """``cost`` (None: nothing) plus the whole reservation for each request the SDK sent that
+        got no answer (the provider may have answered and billed each), beyond ``covered`` of them
+        already charged."""
+        lost = attempts.unanswered - covered if attempts is not None else 0
+        if lost <= 0:
+            return cost
         why = (f"the SDK resent the request after {lost} attempt{'s' if lost > 1 else ''} got no answer "
                "(timed out or cut off), each of which the provider may have billed: charged its reservation for each")
         if cost is None:
@@ -1427,12 +1432,7 @@ class Reservation:
         return self._with_unanswered(cost, covered=1)
 
     def _with_unanswered(self, cost: CallCost | None, covered: int = 0) -> CallCost | None:
-        """``cost`` plus the whole reservation for each attempt the SDK sent that got no answer (it
-        timed out, and was resent), beyond ``covered`` of them already charged."""
-        lost = self.attempts.unanswered - covered if self.attempts is not None else 0
-        if lost <= 0:
-            return cost
-        return self.guard._charged_for_attempts(self.admitted, cost, lost)
+        return self.guard._charged_for_attempts(self.admitted, cost, self.attempts, covered)
 
     def count_attempts(self) -> Counting:
         """A ``with`` / ``async with`` block around the model call that counts the requests its SDK

@@ -118,5 +118,4 @@ class StreamTracker:
         return cost.charged_nano, cost
 
     def _with_unanswered(self, cost: CallCost | None, covered: int = 0) -> CallCost | None:
-        lost = self.attempts.unanswered - covered if self.attempts is not None else 0
-        return self.guard._charged_for_attempts(self.admitted, cost, lost) if lost > 0 else cost
+        return self.guard._charged_for_attempts(self.admitted, cost, self.attempts, covered)
