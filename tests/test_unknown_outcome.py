@@ -115,8 +115,9 @@ def test_enforce_budget_charges_a_timed_out_call_its_reservation(server: CannedS
 
 def test_enforce_budget_leaves_no_hold_of_a_cancelled_call_behind() -> None:
     """LangChain reports no error for a call whose task was cancelled (its gather is cancelled with
-    it), so enforce_budget cannot tell it from a start another handler aborted: it releases it when
-    the run is gone, at the latest when the block ends (README). The hold must not outlive that."""
+    it). On a model with no SDK whose requests are counted, enforce_budget cannot tell it from a start
+    another handler aborted: it releases it when the run is gone, at the latest when the block ends
+    (README; test_enforce_retries charges one on an SDK). The hold must not outlive that."""
     policy = BudgetGuard(limit=1)
     model = UsageChat(delay=0.3)
 

@@ -19,18 +19,19 @@ from collections.abc import AsyncIterator, Iterable, Iterator
 from contextvars import ContextVar, Token
 from typing import Any
 
-__all__ = ["Attempts", "Counting", "watch", "counted", "acounted"]
+__all__ = ["Attempts", "Counting", "watch", "counted", "acounted", "count_here", "finish"]
 
 
 class _Attempt:
     """One request the SDK sent: whether any of it left the client, and whether it was answered."""
 
-    __slots__ = ("traced", "sent", "answered")
+    __slots__ = ("traced", "sent", "answered", "status")
 
     def __init__(self) -> None:
         self.traced = False  # the transport reports its steps (httpcore's ``trace`` extension)
         self.sent = False  # the request's headers began to go out: the provider may have received it
         self.answered = False
+        self.status = 0  # the response's HTTP status, once answered
 
     @property
     def maybe_billed(self) -> bool:
@@ -45,12 +46,13 @@ class _Attempt:
 
 
 class Attempts:
-    """The requests the SDK sent inside one guarded call."""
+    """The requests the SDK sent inside one guarded call; it counts none once ``closed``."""
 
-    __slots__ = ("requests",)
+    __slots__ = ("requests", "closed")
 
     def __init__(self) -> None:
         self.requests: list[_Attempt] = []
+        self.closed = False
 
     @property
     def sent(self) -> int:
@@ -62,20 +64,48 @@ class Attempts:
         billed in full. A connection refused or timing out before the request went out is not."""
         return sum(attempt.maybe_billed for attempt in self.requests)
 
+    @property
+    def billable(self) -> int:
+        """Requests the provider may have billed, for a call whose outcome was never seen: those
+        ``unanswered``, and those it answered with a success (the answer that did not reach us)."""
+        return self.unanswered + sum(a.answered and 200 <= a.status < 300 for a in self.requests)
 
-_current: ContextVar[Attempts | None] = ContextVar("budgetguard_attempts", default=None)
+
+# Every count a request made here belongs to: a guarded call inside an ``enforce_budget`` block on
+# another budget is counted by both (each charges its own budget for a lost attempt).
+_current: ContextVar[tuple[Attempts, ...]] = ContextVar("budgetguard_attempts", default=())
 _KEY = "budgetguard.attempt"  # the request's extension holding its _Attempt
 
 
+def _live() -> tuple[Attempts, ...]:
+    counts = _current.get()
+    return counts if not any(a.closed for a in counts) else tuple(a for a in counts if not a.closed)
+
+
 def _begin(request: Any) -> tuple[_Attempt, Any] | None:
-    attempts = _current.get()
+    counts = _live()
     extensions = getattr(request, "extensions", None)
-    if attempts is None or not isinstance(extensions, dict):
+    if not counts or not isinstance(extensions, dict):
         return None
     attempt = _Attempt()
-    attempts.requests.append(attempt)
+    for attempts in counts:
+        attempts.requests.append(attempt)
     extensions[_KEY] = attempt
     return attempt, extensions.get("trace")
+
+
+def count_here(attempts: Attempts) -> None:
+    """Count the requests sent from this context (and the threads and tasks it starts) in
+    ``attempts`` until ``finish``: for a call whose start and end are separate callbacks."""
+    _current.set((*_live(), attempts))
+
+
+def finish(attempts: Attempts) -> None:
+    """Stop counting in ``attempts``, wherever ``count_here`` began it."""
+    attempts.closed = True
+    counts = _current.get()
+    if any(a.closed for a in counts):
+        _current.set(tuple(a for a in counts if not a.closed))
 
 
 def _request(request: Any) -> None:
@@ -110,6 +140,8 @@ def _response(response: Any) -> None:
     attempt = getattr(getattr(response, "request", None), "extensions", {}).get(_KEY)
     if isinstance(attempt, _Attempt):
         attempt.answered = True
+        status = getattr(response, "status_code", 0)
+        attempt.status = status if isinstance(status, int) else 0
 
 
 async def _aresponse(response: Any) -> None:
@@ -174,16 +206,17 @@ class Counting:
 
     def __init__(self) -> None:
         self.attempts = Attempts()
-        self._token: Token[Attempts | None] | None = None
+        self._token: Token[tuple[Attempts, ...]] | None = None
 
     def __enter__(self) -> Attempts:
-        self._token = _current.set(self.attempts)
+        self._token = _current.set((*_live(), self.attempts))
         return self.attempts
 
     def __exit__(self, *exc: Any) -> None:
         token, self._token = self._token, None
         if token is not None:
             _current.reset(token)
+        self.attempts.closed = True
 
     async def __aenter__(self) -> Attempts:
         return self.__enter__()
@@ -198,7 +231,7 @@ def counted(chunks: Iterable[Any], attempts: Attempts) -> Iterator[Any]:
     iterator = iter(chunks)
     try:
         while True:
-            token = _current.set(attempts)
+            token = _current.set((*_live(), attempts))
             try:
                 chunk = next(iterator)
             except StopIteration:
@@ -216,7 +249,7 @@ async def acounted(chunks: AsyncIterator[Any], attempts: Attempts) -> AsyncItera
     """The async twin of ``counted``."""
     try:
         while True:
-            token = _current.set(attempts)
+            token = _current.set((*_live(), attempts))
             try:
                 chunk = await chunks.__anext__()
             except StopAsyncIteration:

@@ -18,7 +18,10 @@ A ``run_id`` only pairs a call's end with its start: when several calls share on
 end settles the reservation its own thread (or asyncio task) made, the oldest if none.
 
 While a call runs, its holds are renewed in the background (``leases.shared_keeper``), so
-a call that outlives ``lease_seconds`` keeps them. A call whose start another handler aborted
+a call that outlives ``lease_seconds`` keeps them, and the requests its model's SDK sends are
+counted (``attempts``): each one it resent after it got no answer is charged the reservation, as
+a guard charges it. The start event names no model object: the handler finds the model in the
+frame of LangChain's ``generate`` / ``stream`` that fired it. A call whose start another handler aborted
 after this one reserved (no end event will come) is noticed when LangChain drops its run id,
 and released at the next call the block sees.
 """
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import threading
 import weakref
 from collections import deque
@@ -38,10 +42,13 @@ from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.language_models import BaseChatModel, BaseLLM
 from langchain_core.messages import BaseMessage, HumanMessage
 from langchain_core.runnables.config import ensure_config
 from langchain_core.tracers.context import register_configure_hook
 
+from .attempts import Attempts, count_here, finish
+from .attempts import watch as watch_attempts
 from .estimate import max_output_tokens
 from .failures import llm_ends_in
 from .leases import LeaseHold, shared_keeper
@@ -92,6 +99,7 @@ class _Running:
     reservations: list[Reservation] = field(default_factory=list)
     leases: list[LeaseHold] = field(default_factory=list)  # renew each hold while the call runs
     run: Any = None  # a weak reference to the run's id: LangChain's run managers hold it while it runs
+    attempts: Attempts | None = None  # the requests its model's SDK sends, when they can be counted
 
     def watch(self, run_id: UUID, orphans: deque[_Running]) -> None:
         """Note when the run is gone without an end (a later handler aborted its start): ``orphans``."""
@@ -116,6 +124,21 @@ class _Running:
         for lease in self.leases:
             lease.__exit__(None, None, None)
         self.leases.clear()
+
+    def count_requests(self, model: Any) -> None:
+        """Count the requests ``model``'s SDK sends from here until the call ends (``end``)."""
+        if model is None or not watch_attempts(model):
+            return
+        self.attempts = Attempts()
+        for reservation in self.reservations:
+            reservation.attempts = self.attempts
+        count_here(self.attempts)
+
+    def end(self) -> None:
+        """The call is over: its holds are no longer renewed, its requests no longer counted."""
+        self.end_leases()
+        if self.attempts is not None:
+            finish(self.attempts)
 
 
 class BudgetEnforcer(BaseCallbackHandler):
@@ -202,6 +225,7 @@ class BudgetEnforcer(BaseCallbackHandler):
             raise
         running.watch(run_id, self._orphans)
         running.keep_leases()  # a long call keeps its holds: renewed in the background until it ends
+        running.count_requests(_calling_model())
         with self._lock:
             self._runs.setdefault(key, []).append(running)
 
@@ -221,8 +245,11 @@ class BudgetEnforcer(BaseCallbackHandler):
             return running
 
     def _settle_orphans(self) -> None:
-        """Release the holds of calls whose run is gone without an end: another handler aborted the
-        run's start after this one reserved, so no request went out and nothing is charged."""
+        """Settle the calls whose run is gone without an end. Another handler aborted the run's
+        start after this one reserved (no request went out: nothing is charged), or the call ended
+        unseen: its task was cancelled (LangChain reports no error for that), or a handler ahead of
+        this one raised in ``on_llm_end`` and the error was caught in the block. Each request its
+        SDK sent that may have been billed is charged the reservation (``settle_unseen``)."""
         while self._orphans:
             running = self._orphans.popleft()
             with self._lock:
@@ -232,10 +259,10 @@ class BudgetEnforcer(BaseCallbackHandler):
                 calls.remove(running)
                 if not calls:
                     del self._runs[running.key]
-            running.end_leases()
+            running.end()
             try:
                 for reservation in running.reservations:
-                    reservation.settle()
+                    reservation.settle_unseen()
             finally:
                 _release(running.key, [budget_token(r.guard.policy) for r in running.reservations], running.event)
 
@@ -253,7 +280,7 @@ class BudgetEnforcer(BaseCallbackHandler):
             self._settle_orphans()
         if running is None:
             return
-        running.end_leases()
+        running.end()
         usage, text = _reported(response)
         # No usage reported: the input estimate plus the output seen; a failure before any output is free.
         output_text = text if (text or not failed) else None
@@ -265,6 +292,26 @@ class BudgetEnforcer(BaseCallbackHandler):
                     reservation.settle(usage=usage, output_text=output_text)
         finally:
             _release(running.key, [budget_token(r.guard.policy) for r in running.reservations], running.event)
+
+
+# LangChain's methods that fire a model's start event, by their code: the frame running one holds
+# the model as ``self``.
+_FIRING = frozenset(
+    code for cls, names in ((BaseChatModel, ("generate", "agenerate", "stream", "astream", "_chat_model_stream_v3",
+                                             "_achat_model_stream_v3")),
+                            (BaseLLM, ("generate", "agenerate", "stream", "astream")))
+    for name in names if (code := getattr(getattr(cls, name, None), "__code__", None)) is not None)
+
+
+def _calling_model(depth: int = 24) -> Any:
+    """The model whose start event this handler runs in: ``self`` of the nearest LangChain method
+    that fires it (sync frames, and the awaiting coroutines of an async one). None if not found."""
+    frame = sys._getframe(1)
+    while frame is not None and depth > 0:
+        if frame.f_code in _FIRING:
+            return frame.f_locals.get("self")
+        frame, depth = frame.f_back, depth - 1
+    return None
 
 
 def _key(run_id: Any) -> Any:

@@ -1434,6 +1434,20 @@ class Reservation:
     def _with_unanswered(self, cost: CallCost | None, covered: int = 0) -> CallCost | None:
         return self.guard._charged_for_attempts(self.admitted, cost, self.attempts, covered)
 
+    def settle_unseen(self) -> CallCost | None:
+        """Settle a call whose end was never seen (its run vanished: its task was cancelled, or a
+        handler raised before the reply reached us): its whole reservation for each request its SDK
+        sent that the provider may have billed (``count_attempts``); nothing if none went out (its
+        start was aborted) or its requests were not counted."""
+        billed = self.attempts.billable if self.attempts is not None else 0
+        if not billed:
+            return self._commit(None, None)
+        why = (f"the call ended unseen after {billed} request{'s' if billed > 1 else ''} the provider may have "
+               "answered and billed: charged its reservation for each")
+        cost = self.guard._charged_by_policy(self.admitted, why)
+        charged = billed * self.admitted.estimate.reserve
+        return self._commit(dataclasses.replace(cost, charged_nano=charged, cost_usd=nano_to_usd(charged)), None)
+
     def count_attempts(self) -> Counting:
         """A ``with`` / ``async with`` block around the model call that counts the requests its SDK
         sends: each resent request that got no answer is charged the reservation, the most it can
