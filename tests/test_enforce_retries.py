@@ -260,3 +260,22 @@ def test_a_start_another_handler_aborted_still_costs_nothing(server: CannedServe
                                                  config={"callbacks": [enforcer, AbortingAtStart()]})
     assert server.requests == []
     assert spent(budget) == 0
+
+
+def test_the_calls_after_an_aborted_start_are_not_counted_to_it(server: CannedServer) -> None:
+    """The aborted call gets no end event and stays open while its run id lives (a kept traceback):
+    the requests of the next calls in the same thread are theirs, not its."""
+    import gc
+
+    one = one_reservation(server)
+    budget = policy()
+    server.push(late(), reply())
+    with enforce_budget(budget, user_id="alice") as enforcer:
+        with pytest.raises(PermissionError) as aborted:
+            openai(server, max_retries=0).invoke("hello", max_tokens=100,
+                                                 config={"callbacks": [enforcer, AbortingAtStart()]})
+        openai(server, max_retries=1).invoke("hello", max_tokens=100)  # one lost attempt, then the answer
+        del aborted
+        gc.collect()  # the aborted run is gone: the block's end settles it, for the nothing it sent
+    assert len(server.requests) == 2
+    assert spent(budget) == genai(TOKENS, MODEL, "openai") + one

@@ -94,10 +94,17 @@ def _begin(request: Any) -> tuple[_Attempt, Any] | None:
     return attempt, extensions.get("trace")
 
 
+_here: ContextVar[Attempts | None] = ContextVar("budgetguard_attempts_here", default=None)
+
+
 def count_here(attempts: Attempts) -> None:
     """Count the requests sent from this context (and the threads and tasks it starts) in
-    ``attempts`` until ``finish``: for a call whose start and end are separate callbacks."""
-    _current.set((*_live(), attempts))
+    ``attempts`` until ``finish``: for a call whose start and end are separate callbacks. It
+    takes over from the previous such count of this context: a call whose start another handler
+    aborted gets no end, and must not be charged for the requests of the calls after it."""
+    previous = _here.get()
+    _here.set(attempts)
+    _current.set((*(a for a in _live() if a is not previous), attempts))
 
 
 def finish(attempts: Attempts) -> None:

@@ -21,9 +21,10 @@ While a call runs, its holds are renewed in the background (``leases.shared_keep
 a call that outlives ``lease_seconds`` keeps them, and the requests its model's SDK sends are
 counted (``attempts``): each one it resent after it got no answer is charged the reservation, as
 a guard charges it. The start event names no model object: the handler finds the model in the
-frame of LangChain's ``generate`` / ``stream`` that fired it. A call whose start another handler aborted
-after this one reserved (no end event will come) is noticed when LangChain drops its run id,
-and released at the next call the block sees.
+frame of LangChain's ``generate`` / ``stream`` that fired it. A call that gets no end event (another handler
+aborted its start after this one reserved, or its task was cancelled) is noticed when LangChain
+drops its run id, at the next call the block sees or when the block ends: it is charged the
+reservation for each request its SDK sent that may have been billed, and released if none went out.
 """
 
 from __future__ import annotations
