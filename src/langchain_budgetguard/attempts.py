@@ -110,9 +110,9 @@ def count_here(attempts: Attempts) -> None:
 def finish(attempts: Attempts) -> None:
     """Stop counting in ``attempts``, wherever ``count_here`` began it."""
     attempts.closed = True
-    counts = _current.get()
-    if any(a.closed for a in counts):
-        _current.set(tuple(a for a in counts if not a.closed))
+    live = _live()
+    if live is not _current.get():
+        _current.set(live)
 
 
 def _request(request: Any) -> None:
