@@ -209,3 +209,20 @@ def test_an_attempt_on_a_transport_that_reports_no_steps_is_taken_as_sent() -> N
     guard.invoke("hello", max_tokens=100)
     assert len(sent) == 2
     assert spent(guard) == genai(TOKENS, MODEL, "openai") + one
+
+
+def test_a_lost_attempt_before_an_error_status_is_charged_once_and_said_once(server: CannedServer) -> None:
+    """The first attempt timed out, the resent one was refused with a 500: the call costs its one
+    lost attempt, and the cost says why once."""
+    llm = openai(server, max_retries=1)
+    guard = BudgetGuard(llm, limit=1, pricer=PRICER)
+    reservation = guard.reserve(["hello"], kwargs={"max_tokens": 100})
+    server.push(late(), {"error": {"message": "overloaded"}})
+    with pytest.raises(Exception, match="overloaded") as failed:
+        with reservation.keep_alive():
+            reservation.model.invoke("hello", max_tokens=100)
+    cost = reservation.settle_error(failed.value)
+    assert len(server.requests) == 2
+    assert cost is not None and cost.charged_nano == reservation.admitted.estimate.reserve
+    assert cost.problem.count("got no answer") == 1
+    assert spent(guard) == Decimal(reservation.admitted.estimate.reserve) / 10**9

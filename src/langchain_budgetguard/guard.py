@@ -707,10 +707,16 @@ class BudgetGuard(BaseChatModel):
             return cost
         why = (f"the SDK resent the request after {lost} attempt{'s' if lost > 1 else ''} got no answer "
                "(timed out or cut off), each of which the provider may have billed: charged its reservation for each")
+        return self._plus_reservations(admitted, cost, lost, why)
+
+    def _plus_reservations(self, admitted: Admitted, cost: CallCost | None, count: int, why: str) -> CallCost:
+        """``cost`` (None: nothing) plus ``count`` whole reservations, charged for ``why``."""
         if cost is None:
-            cost = dataclasses.replace(self._charged_by_policy(admitted, why), charged_nano=0)
-        charged = cost.charged_nano + lost * admitted.estimate.reserve
-        problem = f"{cost.problem}; {why}" if cost.problem else why
+            cost = dataclasses.replace(self._charged_by_policy(admitted, why), charged_nano=0)  # its problem: why
+            problem = cost.problem
+        else:
+            problem = f"{cost.problem}; {why}" if cost.problem else why
+        charged = cost.charged_nano + count * admitted.estimate.reserve
         return dataclasses.replace(cost, charged_nano=charged, cost_usd=nano_to_usd(charged), problem=problem)
 
     def _price(self, admitted: Admitted, usage: TokenUsage, reply: Any = None) -> CallCost:
@@ -1444,9 +1450,7 @@ class Reservation:
             return self._commit(None, None)
         why = (f"the call ended unseen after {billed} request{'s' if billed > 1 else ''} the provider may have "
                "answered and billed: charged its reservation for each")
-        cost = self.guard._charged_by_policy(self.admitted, why)
-        charged = billed * self.admitted.estimate.reserve
-        return self._commit(dataclasses.replace(cost, charged_nano=charged, cost_usd=nano_to_usd(charged)), None)
+        return self._commit(self.guard._plus_reservations(self.admitted, None, billed, why), None)
 
     def count_attempts(self) -> Counting:
         """A ``with`` / ``async with`` block around the model call that counts the requests its SDK
