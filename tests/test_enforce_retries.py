@@ -279,3 +279,47 @@ def test_the_calls_after_an_aborted_start_are_not_counted_to_it(server: CannedSe
         gc.collect()  # the aborted run is gone: the block's end settles it, for the nothing it sent
     assert len(server.requests) == 2
     assert spent(budget) == genai(TOKENS, MODEL, "openai") + one
+
+
+@pytest.mark.parametrize("sends", [False, True], ids=["aborted start", "request sent"])
+def test_a_call_whose_run_outlives_the_block_is_settled_once_its_run_is_gone(server: CannedServer,
+                                                                              sends: bool) -> None:
+    """A kept traceback keeps the run (and its hold, renewed) past the block's end; nothing there
+    settles it. Once the run is gone the lease keeper settles it, as the block would have, instead
+    of letting the hold expire and be charged its input estimate."""
+    import gc
+    import time
+
+    class AbortingAtEnd(BaseCallbackHandler):
+        raise_error = True
+
+        def on_llm_end(self, *args: Any, **kwargs: Any) -> None:
+            raise PermissionError("not today")
+
+    lease = 0.3
+    one = one_reservation(server) if sends else Decimal(0)
+    budget = BudgetPolicy(limits=[Limit(usd=1, per="user")], pricer=PRICER, lease_seconds=lease)
+    if sends:
+        server.push(reply())
+    kept: list[BaseException] = []
+    with enforce_budget(budget, user_id="alice") as enforcer:
+        # the aborting handler runs before the enforcer: the enforcer never sees the end
+        handlers = [AbortingAtEnd(), enforcer] if sends else [enforcer, AbortingAtStart()]
+        try:
+            openai(server, max_retries=0).invoke("hello", max_tokens=100, config={"callbacks": handlers})
+        except PermissionError as error:
+            kept.append(error)  # its traceback holds the run id
+    assert len(server.requests) == (1 if sends else 0)
+    time.sleep(2 * lease)  # past the lease: a hold that was not renewed would have expired by now
+    (status,) = budget.status(user_id="alice")
+    assert status.held > 0 and status.spent == 0  # still held, renewed: its call may be running
+    kept.clear()
+    gc.collect()
+    deadline = time.monotonic() + 5 * lease
+    while time.monotonic() < deadline:
+        (status,) = budget.status(user_id="alice")
+        if status.held == 0:
+            break
+        time.sleep(lease / 10)
+    assert status.held == 0
+    assert status.spent == one  # nothing sent: free; a request sent with no end seen: its reservation

@@ -367,3 +367,55 @@ def test_a_call_that_no_longer_runs_is_not_renewed_again(keeper):
         time.sleep(0.4)
         assert keeper.abandoned == 1
         assert reserve(store, "k", "next", 0.15), "the orphan's hold ended with its lease"
+
+
+def test_a_call_that_no_longer_runs_is_handed_to_its_ended_callback_once(keeper, caplog):
+    """``ended`` settles such a call: it runs on the keeper's thread, outside its lock (a settle
+    there may hold the call's other leases up), once; one that raises is logged and the keeper
+    goes on renewing the others."""
+    store = MemoryStore()
+    running = threading.Event()
+    running.set()
+    calls: list[tuple[str, bool]] = []
+
+    def ended() -> None:
+        got = keeper._lock.acquire(blocking=False)  # the keeper's lock is free: ended may use the keeper
+        if got:
+            keeper._lock.release()
+        calls.append((threading.current_thread().name, got))
+        store.settle("orphan", ("k",), 7)
+
+    def broken() -> None:
+        raise RuntimeError("the store is gone")
+
+    assert reserve(store, "k", "orphan", 0.15)
+    assert reserve(store, "k2", "other", 0.15)
+    assert reserve(store, "k3", "still", 0.15)
+    with keeper.hold(store, "orphan", ["k"], 0.15, alive=running.is_set, ended=ended), \
+            keeper.hold(store, "other", ["k2"], 0.15, alive=running.is_set, ended=broken), \
+            keeper.hold(store, "still", ["k3"], 0.15):
+        running.clear()
+        time.sleep(0.5)
+        assert calls == [(keeper.name, True)]
+        assert keeper.abandoned == 2
+        assert store.read(["k"])[0].spent == 7, "ended settled the orphan (an expired hold here charges 0)"
+        assert "could not settle call other" in caplog.text
+        assert not reserve(store, "k3", "probe", 0.15), "the keeper still renews the live call"
+
+
+async def test_an_async_call_that_no_longer_runs_is_handed_to_its_ended_callback_on_its_loop(keeper):
+    store = MemoryStore()
+    running = threading.Event()
+    running.set()
+    loops: list[Any] = []
+
+    def ended() -> None:
+        loops.append(asyncio.get_running_loop())
+        store.settle("orphan", ("k",), 7)
+
+    assert await areserve(store, "k", "orphan", 0.15)
+    async with keeper.ahold(store, "orphan", ["k"], 0.15, alive=running.is_set, ended=ended):
+        running.clear()
+        await asyncio.sleep(0.5)
+    assert loops == [asyncio.get_running_loop()]
+    assert store.read(["k"])[0].spent == 7

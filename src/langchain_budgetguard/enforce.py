@@ -23,19 +23,22 @@ counted (``attempts``): each one it resent after it got no answer is charged the
 a guard charges it. The start event names no model object: the handler finds the model in the
 frame of LangChain's ``generate`` / ``stream`` that fired it. A call that gets no end event (another handler
 aborted its start after this one reserved, or its task was cancelled) is noticed when LangChain
-drops its run id, at the next call the block sees or when the block ends: it is charged the
-reservation for each request its SDK sent that may have been billed, and released if none went out.
+drops its run id, at the next call the block sees or when the block ends (a run id kept past the
+block, by a kept traceback, is settled by the lease keeper within a third of a lease of being
+dropped): it is charged the reservation for each request its SDK sent that may have been billed,
+and released if none went out.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import sys
 import threading
 import weakref
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -112,12 +115,13 @@ class _Running:
     def is_running(self) -> bool:
         return self.run is None or self.run() is not None
 
-    def keep_leases(self) -> None:
+    def keep_leases(self, ended: Callable[[], None]) -> None:
+        """Renew each hold while the run lives; once it is gone without an end, ``ended`` settles it."""
         keeper = shared_keeper()
         for reservation in self.reservations:
             policy, admitted = reservation.guard.policy, reservation.admitted
             lease = keeper.hold(policy.store, admitted.call_id, admitted.keys, policy.lease_seconds,
-                                alive=self.is_running)
+                                alive=self.is_running, ended=ended)
             lease.__enter__()
             self.leases.append(lease)
 
@@ -225,7 +229,9 @@ class BudgetEnforcer(BaseCallbackHandler):
             _release(key, [e.token for e in entries], event)
             raise
         running.watch(run_id, self._orphans)
-        running.keep_leases()  # a long call keeps its holds: renewed in the background until it ends
+        # A long call keeps its holds: renewed in the background until it ends. One whose run is gone
+        # without an end after the block ended (nothing else would settle it) is settled from there.
+        running.keep_leases(functools.partial(self._settle_orphan, running))
         running.count_requests(_calling_model())
         with self._lock:
             self._runs.setdefault(key, []).append(running)
@@ -252,20 +258,24 @@ class BudgetEnforcer(BaseCallbackHandler):
         this one raised in ``on_llm_end`` and the error was caught in the block. Each request its
         SDK sent that may have been billed is charged the reservation (``settle_unseen``)."""
         while self._orphans:
-            running = self._orphans.popleft()
-            with self._lock:
-                calls = self._runs.get(running.key, [])
-                if not any(c is running for c in calls):
-                    continue  # it ended normally meanwhile
-                calls.remove(running)
-                if not calls:
-                    del self._runs[running.key]
-            running.end()
-            try:
-                for reservation in running.reservations:
-                    reservation.settle_unseen()
-            finally:
-                _release(running.key, [budget_token(r.guard.policy) for r in running.reservations], running.event)
+            self._settle_orphan(self._orphans.popleft())
+
+    def _settle_orphan(self, running: _Running) -> None:
+        """Settle one call whose run is gone without an end (see ``_settle_orphans``), unless it
+        ended or was settled meanwhile."""
+        with self._lock:
+            calls = self._runs.get(running.key, [])
+            if not any(c is running for c in calls):
+                return
+            calls.remove(running)
+            if not calls:
+                del self._runs[running.key]
+        running.end()
+        try:
+            for reservation in running.reservations:
+                reservation.settle_unseen()
+        finally:
+            _release(running.key, [budget_token(r.guard.policy) for r in running.reservations], running.event)
 
     def answered(self, error: BaseException) -> None:
         """Settle the calls that ``error`` ended after their model answered: a handler with

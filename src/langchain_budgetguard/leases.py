@@ -58,12 +58,13 @@ _INF = math.inf
 class _Entry:
     """One call being kept alive: what to renew, and when."""
 
-    __slots__ = ("store", "call_id", "keys", "lease", "interval", "due", "done", "failed", "queue", "alive")
+    __slots__ = ("store", "call_id", "keys", "lease", "interval", "due", "done", "failed", "queue", "alive", "ended")
 
     def __init__(self, store: Any, call_id: str, keys: tuple[str, ...], lease: float,
-                 alive: Callable[[], bool] | None = None) -> None:
+                 alive: Callable[[], bool] | None = None, ended: Callable[[], None] | None = None) -> None:
         self.store = store
         self.alive = alive  # None: alive until the block ends
+        self.ended = ended  # called once alive() says the call is over (None: its hold ends with its lease)
         self.call_id = call_id
         self.keys = keys
         self.lease = lease
@@ -124,8 +125,8 @@ class LeaseHold(_Entry):
     __slots__ = ("_keeper",)
 
     def __init__(self, keeper: LeaseKeeper, store: Any, call_id: str, keys: tuple[str, ...], lease: float,
-                 alive: Callable[[], bool] | None = None) -> None:
-        _Entry.__init__(self, store, call_id, keys, lease, alive)
+                 alive: Callable[[], bool] | None = None, ended: Callable[[], None] | None = None) -> None:
+        _Entry.__init__(self, store, call_id, keys, lease, alive, ended)
         self._keeper = keeper
 
     def __enter__(self) -> LeaseHold:
@@ -149,8 +150,8 @@ class AsyncLeaseHold(_Entry):
     __slots__ = ("_keeper", "_renewer")
 
     def __init__(self, keeper: LeaseKeeper, store: Any, call_id: str, keys: tuple[str, ...], lease: float,
-                 alive: Callable[[], bool] | None = None) -> None:
-        _Entry.__init__(self, store, call_id, keys, lease, alive)
+                 alive: Callable[[], bool] | None = None, ended: Callable[[], None] | None = None) -> None:
+        _Entry.__init__(self, store, call_id, keys, lease, alive, ended)
         self._keeper = keeper
         self._renewer: _LoopRenewer | None = None
 
@@ -188,9 +189,32 @@ def _abandoned(entry: _Entry, counts: _Counts) -> bool:
     if alive:
         return False
     counts.abandoned += 1
-    log.warning("call %s no longer runs but was never settled; its lease is not renewed again, so its hold "
-                "ends with the lease (charged by the expired_hold policy)", entry.call_id)
+    if entry.ended is None:
+        log.warning("call %s no longer runs but was never settled; its lease is not renewed again, so its hold "
+                    "ends with the lease (charged by the expired_hold policy)", entry.call_id)
     return True
+
+
+def _split_due(due: list[_Entry], counts: _Counts) -> tuple[list[_Entry], list[_Entry]]:
+    """``(the entries to renew, the abandoned ones whose owner settles them: call their ended)``."""
+    renew: list[_Entry] = []
+    gone: list[_Entry] = []
+    for entry in due:
+        if not _abandoned(entry, counts):
+            renew.append(entry)
+        elif entry.ended is not None:
+            gone.append(entry)
+    return renew, gone
+
+
+def _call_ended(gone: list[_Entry]) -> None:
+    """Tell each abandoned call's owner that it is over (outside the keeper's lock: it settles)."""
+    for entry in gone:
+        try:
+            entry.ended()  # type: ignore[misc]
+        except Exception:  # its hold still ends with its lease, charged by the expired_hold policy
+            log.exception("could not settle call %s, which no longer runs; its hold ends with its lease "
+                          "(charged by the expired_hold policy)", entry.call_id)
 
 
 def _renewed(entry: _Entry, result: Any, error: BaseException | None, counts: _Counts) -> bool:
@@ -249,7 +273,8 @@ class _LoopRenewer:
             return  # a later schedule replaced this timer
         loop = asyncio.get_running_loop()
         self.wake_at = _INF
-        due = [e for e in self.queues.pop_due(loop.time()) if not _abandoned(e, self.counts)]
+        due, gone = _split_due(self.queues.pop_due(loop.time()), self.counts)
+        _call_ended(gone)
         if due:
             self.renewing = True
             loop.create_task(self._renew(due), name="budgetguard-lease-renewal")
@@ -315,19 +340,21 @@ class LeaseKeeper:
     # -- the API -------------------------------------------------------------------------
 
     def hold(self, store: Any, call_id: str, keys: Sequence[str], lease_seconds: float, *,
-             alive: Callable[[], bool] | None = None) -> LeaseHold:
+             alive: Callable[[], bool] | None = None, ended: Callable[[], None] | None = None) -> LeaseHold:
         """A context manager that renews ``call_id``'s hold on ``keys`` through ``store.renew``
         every ``lease_seconds / 3`` until the block ends. Enter it right after the reservation.
 
         ``alive`` (optional) is asked before each renewal: once it returns False the call is taken
-        to be over without a settle and is not renewed again (its hold then ends with its lease).
+        to be over without a settle and is not renewed again. Then ``ended`` is called, on the
+        keeper's thread, to settle it; without one its hold ends with its lease.
         """
-        return LeaseHold(self, store, call_id, tuple(keys), float(lease_seconds), alive)
+        return LeaseHold(self, store, call_id, tuple(keys), float(lease_seconds), alive, ended)
 
     def ahold(self, store: Any, call_id: str, keys: Sequence[str], lease_seconds: float, *,
-              alive: Callable[[], bool] | None = None) -> AsyncLeaseHold:
-        """The async twin of ``hold``: renews through ``store.arenew`` on the running event loop."""
-        return AsyncLeaseHold(self, store, call_id, tuple(keys), float(lease_seconds), alive)
+              alive: Callable[[], bool] | None = None, ended: Callable[[], None] | None = None) -> AsyncLeaseHold:
+        """The async twin of ``hold``: renews through ``store.arenew`` on the running event loop
+        (``ended`` is called there)."""
+        return AsyncLeaseHold(self, store, call_id, tuple(keys), float(lease_seconds), alive, ended)
 
     @property
     def live(self) -> int:
@@ -397,8 +424,8 @@ class LeaseKeeper:
                     if self._closed or self._thread is not threading.current_thread():
                         return
                     now = time.monotonic()
-                    due = [e for e in self._queues.pop_due(now) if not _abandoned(e, self._counts)]
-                    if due:
+                    due, gone = _split_due(self._queues.pop_due(now), self._counts)
+                    if due or gone:
                         self._wake_at = -_INF  # renewing: new holds need not wake us, we look again after
                         break
                     wake_at = self._queues.earliest()
@@ -411,6 +438,7 @@ class LeaseKeeper:
                     self._wake_at = wake_at
                     self._wake.wait(None if wake_at == _INF else wake_at - now)
                     self._wakeups += 1
+            _call_ended(gone)  # outside the lock: each settles through its store
             outcomes = []
             for entry in due:  # outside the lock: a renewal is a store round trip
                 try:
