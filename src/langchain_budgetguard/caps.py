@@ -15,6 +15,10 @@ output limit, bind it (``llm.bind(max_tokens=64000)``) or pass it with the call.
 A request's ``extra_body`` (merged by the OpenAI and Anthropic SDKs over the named parameters) is
 read first: a cap or ``n`` there is what the provider runs with. ``n`` / ``candidate_count`` ask
 for several completions, each up to the cap and each billed.
+
+Anthropic's extended thinking (``thinking={"type": "enabled", "budget_tokens": B}``) spends up to
+``B`` output tokens thinking inside the cap, and the API refuses a ``max_tokens`` that is not above
+``B``: a cap the guard chooses leaves room for the thinking (``OutputCap.thinking``).
 """
 
 from __future__ import annotations
@@ -68,6 +72,8 @@ class OutputCap:
     ``kwarg``: the keyword that sets this call's cap (the one found, else the model's field).
     ``model_limit``: the model's own output limit from its LangChain profile, if known.
     ``completions``: how many completions the call asks for (``n``), each capped at ``tokens``.
+    ``thinking``: the output tokens the call lets the model think with inside the cap (Anthropic's
+    ``thinking.budget_tokens``; 0 for none), which a cap must exceed.
     """
 
     tokens: int | None
@@ -75,6 +81,7 @@ class OutputCap:
     kwarg: str | None
     model_limit: int | None
     completions: int = 1
+    thinking: int = 0
 
     @property
     def user_set(self) -> bool:
@@ -194,6 +201,7 @@ def output_cap(model: Any, call_kwargs: Mapping[str, Any] | None = None) -> Outp
     limit = model_output_limit(inner)
     completions = _completions(layers, inner, call_kwargs)
     extra, index = extra_body_of(inner, call_kwargs, *layers)
+    thinking = _thinking_budget(extra, call_kwargs, *layers, inner)
     if extra is not None:
         # The SDK merges extra_body over the named parameters: its cap is the one the request runs
         # with, and a cap the guard would send beside it is overridden (so none is sent).
@@ -201,11 +209,31 @@ def output_cap(model: Any, call_kwargs: Mapping[str, Any] | None = None) -> Outp
         completions = _completions_in(extra) or completions
         found = _cap_in(extra)
         if found is not None:
-            return OutputCap(found[0], where, None, limit, completions)
+            return OutputCap(found[0], where, None, limit, completions, thinking)
         if any(key in extra for key in CAP_KWARGS):  # null (or a value the provider refuses): uncapped
-            return OutputCap(limit, where if limit is not None else "none", None, limit, completions)
+            return OutputCap(limit, where if limit is not None else "none", None, limit, completions, thinking)
     tokens, source, kwarg = _cap_of(layers, inner, limit, call_kwargs)
-    return OutputCap(tokens, source, kwarg, limit, completions)
+    return OutputCap(tokens, source, kwarg, limit, completions, thinking)
+
+
+def _thinking_budget(*places: Any) -> int:
+    """Anthropic's ``thinking.budget_tokens`` as the request is sent: the first of ``places`` (the
+    extra_body, the call's kwargs, bindings outer first, then the model: its ``thinking`` field,
+    then its ``model_kwargs``) that sets ``thinking``; 0 when none does or thinking is off."""
+    for place in places:
+        if isinstance(place, Mapping):
+            found = place.get("thinking")
+        else:
+            found = getattr(place, "thinking", None)
+            if found is None:
+                model_kwargs = getattr(place, "model_kwargs", None)
+                found = model_kwargs.get("thinking") if isinstance(model_kwargs, Mapping) else None
+        if found is None:
+            continue
+        if not isinstance(found, Mapping) or found.get("type") != "enabled":
+            return 0  # disabled, adaptive (no budget: it thinks within the cap), or not a setting
+        return _positive_int(found.get("budget_tokens")) or 0
+    return 0
 
 
 def extra_body_of(model: Any, *kwargs: Mapping[str, Any] | None) -> tuple[Mapping[str, Any] | None, int]:

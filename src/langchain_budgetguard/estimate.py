@@ -1287,7 +1287,7 @@ def reserved_output(cap: OutputCap, default_max_output_tokens: int) -> tuple[int
     """The output tokens to reserve for ``cap`` and the kwargs to send so the provider keeps to it."""
     if cap.user_set and cap.tokens is not None:
         return cap.tokens, None
-    tokens = default_max_output_tokens
+    tokens = default_max_output_tokens + cap.thinking  # room to answer after thinking (Anthropic requires it)
     if cap.model_limit is not None:
         tokens = min(tokens, cap.model_limit)
     if cap.source == "integration_default" and cap.tokens is not None:
