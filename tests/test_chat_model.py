@@ -412,6 +412,28 @@ def test_the_guard_own_callbacks_tags_and_metadata_reach_the_model_run():
     assert len(seen) == 3 and all("guarded" in tags and team == "ml" for tags, team in seen)
 
 
+def test_the_versions_langchain_seeds_on_the_guard_are_not_merged_into_each_call():
+    """LangChain seeds every model's ``metadata`` with ``lc_versions``; the wrapped model's run has
+    its own. Merging the guard's into each call built a new config the model then had to merge
+    (slower): with no metadata of its own, the guard hands the model the caller's config as it is."""
+
+    class Seen(UsageChat):
+        def invoke(self, input, config=None, **kwargs):
+            seen.append(config)
+            return super().invoke(input, config, **kwargs)
+
+    seen: list = []
+    guard = BudgetGuard(Seen(), limit=1)
+    assert guard.metadata == {"lc_versions": guard.metadata["lc_versions"]}  # what LangChain seeded
+    given = {"tags": ["mine"]}
+    guard.invoke("hi")
+    guard.invoke("hi", config=given)
+    assert seen[0] is None and seen[1] is given
+    guard.metadata = {**guard.metadata, "team": "ml"}  # metadata of its own: merged, versions and all
+    guard.invoke("hi")
+    assert seen[2]["metadata"]["team"] == "ml" and "lc_versions" in seen[2]["metadata"]
+
+
 def test_generate_keeps_the_wrapped_bindings_own_config():
     """``generate`` calls the chat model under the wrapped model's bindings itself: a
     ``with_config(callbacks=..., tags=...)`` binding's settings still reach the model's run, as

@@ -225,6 +225,15 @@ class _Call:
 
 
 
+def _own_metadata(metadata: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A guard's ``metadata`` to add to its model's runs: None when it is only the package versions
+    LangChain seeds on every model (``lc_versions``), which the wrapped model's runs carry already;
+    merging them into each call's config made every wrapped call slower."""
+    if metadata and len(metadata) == 1 and "lc_versions" in metadata:
+        return None
+    return metadata
+
+
 class _Unset:
     def __repr__(self) -> str:
         return "<unset>"
@@ -965,7 +974,7 @@ class BudgetGuard(BaseChatModel):
         """``(the config to hand the model when we open no run, the ensured config)``: the caller's
         own config as it was (the model ensures it itself, for less), unless the guard's own
         settings must be added to it."""
-        if self.callbacks or self.tags or self.metadata:
+        if self.callbacks or self.tags or _own_metadata(self.metadata):
             config = self._with_own_settings(ensure_config(config))
             return config, config
         return config, ensure_config(config)
@@ -973,7 +982,7 @@ class BudgetGuard(BaseChatModel):
     def _with_own_settings(self, config: RunnableConfig) -> RunnableConfig:
         """The call's config with the guard's own ``callbacks``, ``tags`` and ``metadata`` (as a chat
         model's own settings apply to its runs: here, the wrapped model's run)."""
-        own, tags, metadata = self.callbacks, self.tags, self.metadata
+        own, tags, metadata = self.callbacks, self.tags, _own_metadata(self.metadata)
         if not (own or tags or metadata):
             return config
         config = dict(config)  # type: ignore[assignment]
