@@ -9,6 +9,7 @@ that was refused by the provider. The guard now sends (and holds) the default pl
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -100,3 +101,23 @@ def test_thinking_turned_on_after_the_guard_was_made_counts(server: CannedServer
     assert sent(server, guard)["max_tokens"] == DEFAULT_MAX_OUTPUT_TOKENS
     guard.llm.thinking = thinking()
     assert sent(server, guard)["max_tokens"] == DEFAULT_MAX_OUTPUT_TOKENS + BUDGET
+
+
+def test_shrink_to_fit_keeps_the_cap_above_the_thinking_budget(server: CannedServer) -> None:
+    """Near the limit the guard lowers a call's cap to what is left (down to ``min_output_tokens``
+    of answer): never to a cap Anthropic refuses, or one the thinking alone could fill."""
+    from langchain_budgetguard import BudgetExceededError
+
+    llm = chat_anthropic(server, MODEL, thinking=thinking())
+    full = BudgetGuard(llm, limit=5, pricer=PRICER).reserve(["hello"])
+    per_token = full.admitted.estimate.card.hold_nano(0, 1)[0]  # nano-USD per output token
+    full.settle()
+    room = Decimal(per_token * (BUDGET + 1000)) / 10**9  # about 1,000 tokens of answer after the thinking
+    guard = BudgetGuard(llm, limit=room, pricer=PRICER)
+    body = sent(server, guard)
+    assert BUDGET + 256 <= body["max_tokens"] < DEFAULT_MAX_OUTPUT_TOKENS + BUDGET  # clamped, still above
+    tight = BudgetGuard(llm, limit=Decimal(per_token * (BUDGET + 100)) / 10**9, pricer=PRICER)
+    before = len(server.requests)
+    with pytest.raises(BudgetExceededError):  # room for the thinking, not for 256 tokens of answer
+        tight.invoke("hello")
+    assert len(server.requests) == before

@@ -52,6 +52,7 @@ class Estimate:
     completions: int = 1  # the call asks for this many completions (``n``), each up to ``output_tokens``
     unsized_inputs: int = 0  # documents by URL / file id: ``input_tokens`` is then the model's input limit
     stored_context: str | None = None  # the parameter continuing provider-stored context (held likewise)
+    thinking: int = 0  # output tokens it may think with inside the cap (Anthropic's budget_tokens)
 
     @property
     def held_output_tokens(self) -> int:
@@ -147,10 +148,15 @@ def shrink_to_fit(policy: BudgetPolicy, estimate: Estimate, room: int, token_roo
                   full: bool = False) -> Estimate | None:
     """``estimate`` with the largest output cap whose hold fits in ``room`` nano-USD (and in
     ``token_room`` tokens, when a tokens limit applies), if that cap is at least
-    ``min_output_tokens``; None when even that does not fit (or shrinking is off)."""
+    ``min_output_tokens`` (beyond the call's thinking budget: Anthropic refuses a cap not above it,
+    and a cap the thinking fills leaves no answer); None when even that does not fit (or shrinking
+    is off)."""
     least = policy.min_output_tokens
-    if full or not least or estimate.output_tokens <= least or estimate.cap_kwarg is None:
-        return None  # shrinking is off, or the cap is small already, or it cannot be sent
+    if not least:
+        return None  # shrinking is off
+    least += estimate.thinking
+    if full or estimate.output_tokens <= least or estimate.cap_kwarg is None:
+        return None  # the cap is small already, or it cannot be sent
     low = fitting_output_tokens(policy, estimate, room)
     if token_room is not None:
         low = min(low, (token_room - estimate.input_tokens) // estimate.completions)

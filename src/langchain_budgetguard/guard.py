@@ -634,7 +634,7 @@ class BudgetGuard(BaseChatModel):
         reserve, input_cost, extra, card, input_tokens = best  # type: ignore[misc]
         return Estimate(card, input_tokens, reserve, input_cost, cap, send, False, extra, refs, cap_kwarg=found.kwarg,
                         cap_source=found.source, completions=found.completions, unsized_inputs=unsized,
-                        stored_context=stored)
+                        stored_context=stored, thinking=found.thinking)
 
     def _output_reservation(self, cap: OutputCap) -> tuple[int, bool]:
         """The output tokens to reserve for a call whose cap is ``cap``, and whether to send them.
