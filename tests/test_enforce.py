@@ -340,3 +340,19 @@ def test_a_call_another_handler_aborts_at_start_gives_its_hold_back():
         gc.collect()  # LangChain has dropped the run: its id is gone without an end event
         llm.invoke("hi")  # the next call releases the orphan first, so it fits
     assert llm.calls == 1 and spent(policy) == cost and held(policy) == 0
+
+
+def test_the_block_reaches_the_calls_made_in_its_context_only():
+    """As the README says: batch and a copied context carry the block; a thread started without
+    the context runs its model call outside the block (the limit of any ContextVar-based hook)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    policy = BudgetGuard(limits=[Limit(usd=1, per="user")])
+    model = UsageChat()
+    with enforce_budget(policy, user_id="alice"), ThreadPoolExecutor(2) as pool:
+        pool.submit(model.invoke, "hi").result()  # no context: unguarded
+        pool.submit(contextvars.copy_context().run, model.invoke, "hi").result()
+        model.batch(["hi", "hi"])
+    (status,) = policy.status(user_id="alice")
+    assert status.held == 0
+    assert status.spent == 3 * Decimal("0.0000066")  # 8 input + 9 output tokens of gpt-4o-mini, three calls
