@@ -118,6 +118,30 @@ def test_shrink_to_fit_keeps_the_cap_above_the_thinking_budget(server: CannedSer
     assert BUDGET + 256 <= body["max_tokens"] < DEFAULT_MAX_OUTPUT_TOKENS + BUDGET  # clamped, still above
     tight = BudgetGuard(llm, limit=Decimal(per_token * (BUDGET + 100)) / 10**9, pricer=PRICER)
     before = len(server.requests)
-    with pytest.raises(BudgetExceededError):  # room for the thinking, not for 256 tokens of answer
+    with pytest.raises(BudgetExceededError) as refused:  # room for the thinking, not for 256 tokens of answer
         tight.invoke("hello")
     assert len(server.requests) == before
+    message, fitting = str(refused.value), refused.value.refusal.fitting_output_tokens
+    assert f"{BUDGET:,} of them to think" in message
+    assert f"at most {fitting:,} would fit, {fitting - BUDGET:,} beyond the thinking budget" in message
+    assert 0 < fitting - BUDGET < 256
+    nothing = BudgetGuard(llm, limit=Decimal(per_token * (BUDGET - 100)) / 10**9, pricer=PRICER)
+    with pytest.raises(BudgetExceededError) as refused:  # not even the thinking fits
+        nothing.invoke("hello")
+    assert "lower the thinking budget" in str(refused.value) and "A max_tokens of" not in str(refused.value)
+
+
+def test_a_refusal_advises_a_cap_above_the_thinking_budget(server: CannedServer) -> None:
+    from langchain_budgetguard import BudgetExceededError
+
+    llm = chat_anthropic(server, MODEL, thinking=thinking())
+    probe = BudgetGuard(llm, limit=5, pricer=PRICER).reserve(["hello"])
+    per_token = probe.admitted.estimate.card.hold_nano(0, 1)[0]
+    probe.settle()
+    guard = BudgetGuard(llm, limit=Decimal(per_token * (BUDGET + 2000)) / 10**9, pricer=PRICER, min_output_tokens=None)
+    with pytest.raises(BudgetExceededError) as refused:  # shrinking is off: refused, with advice
+        guard.invoke("hello")
+    fitting = refused.value.refusal.fitting_output_tokens
+    assert BUDGET < fitting < BUDGET + 2000
+    assert f"A max_tokens of at most {fitting:,} would fit" in str(refused.value)
+    assert f"{fitting - BUDGET:,} beyond the thinking budget" in str(refused.value)

@@ -242,7 +242,7 @@ def _refusal(policy: BudgetPolicy, plan: CounterPlan, counters: Sequence[Counter
         output_tokens=estimate.output_tokens, output_cap_source=estimate.cap_source,
         fitting_output_tokens=fitting, completions=estimate.completions,
         input_tokens=estimate.input_tokens, unsized_inputs=estimate.unsized_inputs,
-        stored_context=estimate.stored_context,
+        stored_context=estimate.stored_context, thinking=estimate.thinking,
     )
 
 

@@ -48,6 +48,7 @@ class Refusal:
     input_tokens: int | None = None  # the prompt tokens the estimate holds
     unsized_inputs: int = 0  # documents of unreadable size (by URL / file id), held at the model's input limit
     stored_context: str | None = None  # the parameter continuing provider-stored context (previous_response_id)
+    thinking: int = 0  # of output_tokens, those the call lets the model think with (Anthropic's budget_tokens)
 
     @property
     def _output(self) -> str:
@@ -97,6 +98,16 @@ class Refusal:
                     f"fit{fewer}, or wait for the window to reset, or raise the limit.")
         if self.unit == "tokens":
             return "The limit counts tokens: shorten the prompt, wait for the window to reset, or raise the limit."
+        if self.dominant == "output" and self.thinking:
+            room, budget = self.fitting_output_tokens or 0, f"{self.thinking:,}"
+            what = f"The output cap dominates: {self._output}, {budget} of them to think (thinking.budget_tokens)."
+            if room > self.thinking:
+                return (f"{what} A max_tokens of at most {room:,} would fit{fewer}, {room - self.thinking:,} "
+                        "beyond the thinking budget (it must stay above it); or lower the budget, or degrade to a "
+                        "cheaper model.")
+            return (f"{what} What is left holds at most {room:,} output tokens, not the budget and an answer: "
+                    "lower the thinking budget (and max_tokens, above it), degrade to a cheaper model, or raise "
+                    "the limit.")
         if self.dominant == "output" and self.fitting_output_tokens:
             source = {"integration_default": " (the integration's default: its full output limit)",
                       "none": " (the guard's default_max_output_tokens)"}.get(self.output_cap_source or "", "")
