@@ -145,3 +145,19 @@ def test_a_refusal_advises_a_cap_above_the_thinking_budget(server: CannedServer)
     assert BUDGET < fitting < BUDGET + 2000
     assert f"A max_tokens of at most {fitting:,} would fit" in str(refused.value)
     assert f"{fitting - BUDGET:,} beyond the thinking budget" in str(refused.value)
+
+
+@pytest.mark.parametrize("left", [BUDGET + 1500, BUDGET - 500])
+def test_a_tokens_limit_refusal_accounts_for_the_thinking_budget(server: CannedServer, left: int) -> None:
+    from langchain_budgetguard import BudgetExceededError, Limit
+
+    llm = chat_anthropic(server, MODEL, thinking=thinking())
+    guard = BudgetGuard(llm, limits=[Limit(tokens=left)], pricer=PRICER, min_output_tokens=None)
+    with pytest.raises(BudgetExceededError) as refused:
+        guard.invoke("hello")
+    message, fitting = str(refused.value), refused.value.refusal.fitting_output_tokens
+    assert (fitting > BUDGET) == (left > BUDGET)
+    if left > BUDGET:
+        assert f"at most {fitting:,} would fit, {fitting - BUDGET:,} beyond the thinking budget" in message
+    else:
+        assert "not the thinking budget (8,000" in message and "max_tokens of" not in message

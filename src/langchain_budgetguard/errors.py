@@ -93,9 +93,15 @@ class Refusal:
         if self.unit == "requests":
             return "The limit counts calls: wait for the window to reset, or raise the limit."
         fewer = f" (or ask for fewer than {self.completions} completions)" if self.completions > 1 else ""
+        if self.unit == "tokens" and self.thinking and (self.fitting_output_tokens or 0) <= self.thinking:
+            return (f"The limit counts tokens: what is left holds at most {self.fitting_output_tokens or 0:,} output "
+                    f"tokens, not the thinking budget ({self.thinking:,}, thinking.budget_tokens) and an answer: "
+                    "lower the budget, wait for the window to reset, or raise the limit.")
         if self.unit == "tokens" and self.fitting_output_tokens:
+            above = (f", {self.fitting_output_tokens - self.thinking:,} beyond the thinking budget (it must stay "
+                     "above it)") if self.thinking else ""
             return (f"The limit counts tokens: a max_tokens of at most {self.fitting_output_tokens:,} would "
-                    f"fit{fewer}, or wait for the window to reset, or raise the limit.")
+                    f"fit{fewer}{above}, or wait for the window to reset, or raise the limit.")
         if self.unit == "tokens":
             return "The limit counts tokens: shorten the prompt, wait for the window to reset, or raise the limit."
         if self.dominant == "output" and self.thinking:
