@@ -296,7 +296,7 @@ def test_a_call_whose_run_outlives_the_block_is_settled_once_its_run_is_gone(ser
         def on_llm_end(self, *args: Any, **kwargs: Any) -> None:
             raise PermissionError("not today")
 
-    lease = 0.3
+    lease = 0.6  # renewed every 0.2 s: a loaded machine must starve the keeper for 0.6 s to expire it
     one = one_reservation(server) if sends else Decimal(0)
     budget = BudgetPolicy(limits=[Limit(usd=1, per="user")], pricer=PRICER, lease_seconds=lease)
     if sends:

@@ -390,17 +390,17 @@ def test_a_call_that_no_longer_runs_is_handed_to_its_ended_callback_once(keeper,
 
     assert reserve(store, "k", "orphan", 0.15)
     assert reserve(store, "k2", "other", 0.15)
-    assert reserve(store, "k3", "still", 0.15)
+    assert reserve(store, "k3", "still", 0.3)
     with keeper.hold(store, "orphan", ["k"], 0.15, alive=running.is_set, ended=ended), \
             keeper.hold(store, "other", ["k2"], 0.15, alive=running.is_set, ended=broken), \
-            keeper.hold(store, "still", ["k3"], 0.15):
+            keeper.hold(store, "still", ["k3"], 0.3):
         running.clear()
         time.sleep(0.5)
         assert calls == [(keeper.name, True)]
         assert keeper.abandoned == 2
         assert store.read(["k"])[0].spent == 7, "ended settled the orphan (an expired hold here charges 0)"
         assert "could not settle call other" in caplog.text
-        assert not reserve(store, "k3", "probe", 0.15), "the keeper still renews the live call"
+        assert not reserve(store, "k3", "probe", 0.3), "the keeper still renews the live call"
 
 
 async def test_an_async_call_that_no_longer_runs_is_handed_to_its_ended_callback_on_its_loop(keeper):
