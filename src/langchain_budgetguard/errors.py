@@ -88,6 +88,10 @@ class Refusal:
             f"{format_usd(self.estimate)}{parts}{resets}"
         )
 
+    def _beyond_thinking(self, cap: int) -> str:
+        """How far ``cap`` is above the call's thinking budget ('' without one), which it must exceed."""
+        return f", {cap - self.thinking:,} beyond the thinking budget (it must stay above it)" if self.thinking else ""
+
     def fix(self) -> str:
         """What would make this call fit, from what dominated its estimate."""
         if self.unit == "requests":
@@ -98,19 +102,17 @@ class Refusal:
                     f"tokens, not the thinking budget ({self.thinking:,}, thinking.budget_tokens) and an answer: "
                     "lower the budget, wait for the window to reset, or raise the limit.")
         if self.unit == "tokens" and self.fitting_output_tokens:
-            above = (f", {self.fitting_output_tokens - self.thinking:,} beyond the thinking budget (it must stay "
-                     "above it)") if self.thinking else ""
             return (f"The limit counts tokens: a max_tokens of at most {self.fitting_output_tokens:,} would "
-                    f"fit{fewer}{above}, or wait for the window to reset, or raise the limit.")
+                    f"fit{fewer}{self._beyond_thinking(self.fitting_output_tokens)}, or wait for the window to "
+                    "reset, or raise the limit.")
         if self.unit == "tokens":
             return "The limit counts tokens: shorten the prompt, wait for the window to reset, or raise the limit."
         if self.dominant == "output" and self.thinking:
             room, budget = self.fitting_output_tokens or 0, f"{self.thinking:,}"
             what = f"The output cap dominates: {self._output}, {budget} of them to think (thinking.budget_tokens)."
             if room > self.thinking:
-                return (f"{what} A max_tokens of at most {room:,} would fit{fewer}, {room - self.thinking:,} "
-                        "beyond the thinking budget (it must stay above it); or lower the budget, or degrade to a "
-                        "cheaper model.")
+                return (f"{what} A max_tokens of at most {room:,} would fit{fewer}{self._beyond_thinking(room)}; "
+                        "or lower the budget, or degrade to a cheaper model.")
             return (f"{what} What is left holds at most {room:,} output tokens, not the budget and an answer: "
                     "lower the thinking budget (and max_tokens, above it), degrade to a cheaper model, or raise "
                     "the limit.")
