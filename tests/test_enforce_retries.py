@@ -290,12 +290,6 @@ def test_a_call_whose_run_outlives_the_block_is_settled_once_its_run_is_gone(ser
     import gc
     import time
 
-    class AbortingAtEnd(BaseCallbackHandler):
-        raise_error = True
-
-        def on_llm_end(self, *args: Any, **kwargs: Any) -> None:
-            raise PermissionError("not today")
-
     lease = 0.6  # renewed every 0.2 s: a loaded machine must starve the keeper for 0.6 s to expire it
     one = one_reservation(server) if sends else Decimal(0)
     budget = BudgetPolicy(limits=[Limit(usd=1, per="user")], pricer=PRICER, lease_seconds=lease)
@@ -303,11 +297,11 @@ def test_a_call_whose_run_outlives_the_block_is_settled_once_its_run_is_gone(ser
         server.push(reply())
     kept: list[BaseException] = []
     with enforce_budget(budget, user_id="alice") as enforcer:
-        # the aborting handler runs before the enforcer: the enforcer never sees the end
-        handlers = [AbortingAtEnd(), enforcer] if sends else [enforcer, AbortingAtStart()]
+        # the raising handler runs before the enforcer: the enforcer never sees the end
+        handlers = [RaisingAtEnd(), enforcer] if sends else [enforcer, AbortingAtStart()]
         try:
             openai(server, max_retries=0).invoke("hello", max_tokens=100, config={"callbacks": handlers})
-        except PermissionError as error:
+        except (RuntimeError, PermissionError) as error:
             kept.append(error)  # its traceback holds the run id
     assert len(server.requests) == (1 if sends else 0)
     time.sleep(2 * lease)  # past the lease: a hold that was not renewed would have expired by now
