@@ -53,6 +53,7 @@ from .images import image_size, image_tokens
 from .tokenizers import ExactFamily, exact_family, render_openai_tool
 
 __all__ = [
+    "counted_model_name",
     "DEFAULT_IMAGE_TOKENS",
     "DEFAULT_MAX_OUTPUT_TOKENS",
     "CallEstimate",
@@ -240,6 +241,11 @@ def _model_name(model: Any) -> str | None:
                 return value
         model = getattr(model, "bound", None) or getattr(model, "default", None)
     return None
+
+
+def counted_model_name(model: Any) -> str | None:
+    """The model name the built-in estimators count ``model`` (a name or a chat model) as."""
+    return _model_name(model)
 
 
 # --------------------------------------------------------------------------------------

@@ -68,6 +68,7 @@ from .estimate import (
     TypicalEstimator,
     OutputCap,
     bounded_input_tokens,
+    counted_model_name,
     estimate_input_tokens,
     estimate_output_tokens,
     extra_body_tokens,
@@ -176,6 +177,7 @@ class _Candidate:
     steps_after: bool = False  # it runs steps of its own after its model answered (a chain)
     extra_body: int = 0  # strict's bound of the prompt its bound extra_body carries (tokens)
     counts_requests: bool = False  # its SDK's requests are counted (attempts.watch): resent ones are charged
+    counted_as: str | None = None  # the model name its own settings are counted as (estimators)
 
     @classmethod
     def of(cls, runnable: Runnable) -> _Candidate:
@@ -184,7 +186,7 @@ class _Candidate:
         return cls(runnable, refs[0], output_cap(runnable), tools_of(runnable), refs,
                    call_price_context(runnable), item_bound(runnable), depends_on_config(runnable),
                    stored_context_of(runnable), runs_after_model(runnable), extra_body_tokens(runnable),
-                   watch_attempts(runnable))
+                   watch_attempts(runnable), counted_model_name(runnable))
 
     def cap_and_tools(self, call_kwargs: dict[str, Any]) -> tuple[OutputCap, list[Any]]:
         if not call_kwargs:
@@ -602,15 +604,26 @@ class BudgetGuard(BaseChatModel):
         messages = call.messages
         if isinstance(messages, str) and not isinstance(policy.estimator, (StrictEstimator, TypicalEstimator)):
             messages = call.messages = [HumanMessage(messages)]  # the built-ins count a string as it is
-        counted = estimate_input_tokens(policy.estimator, messages, tools, candidate.runnable)
+        counts: dict[str | None, int] = {}
+
+        def counted_for(ref: ModelRef) -> int:
+            # Counted as the model the call goes to: a per-call model=, a configurable choice or an
+            # inner fallback has its own tokenizer and image costs, not the wrapped model's.
+            model = _counting_model(candidate, ref)
+            key = None if model is candidate.runnable else model  # a name, or the candidate's own model
+            n = counts.get(key)
+            if n is None:
+                n = counts[key] = estimate_input_tokens(policy.estimator, messages, tools, model)
+            return n
+
         # Strict: cache writes can cost more than plain input (Anthropic: 1.25x-2x), and audio or image
         # output more than text (gpt-audio 6.4x): hold the dearer.
         strict = policy.estimator.mode == "strict"
         if strict:  # what an extra_body sends over the named parameters (prompt, input items, tools)
             extra_body = extra_body_tokens(candidate.runnable, call.kwargs) if call.kwargs and \
                 "extra_body" in call.kwargs else candidate.extra_body
-            if extra_body:
-                counted += extra_body
+        else:
+            extra_body = 0
         # A document by URL or file id, or a thread the provider stores, has no size to read: held at
         # the model's whole input limit.
         unsized = 0 if isinstance(messages, str) else unsized_references(policy.estimator, messages)
@@ -624,7 +637,7 @@ class BudgetGuard(BaseChatModel):
             card = policy.pricer.rate_card(ref)
             if context:
                 card = card.variant(**context)
-            input_tokens = bounded_input_tokens(counted, unsized + bool(stored), card.context_window,
+            input_tokens = bounded_input_tokens(counted_for(ref) + extra_body, unsized + bool(stored), card.context_window,
                                                 own_limit if ref == candidate.ref else None)
             extra = items.hold_nano(card) if items else 0
             reserve, input_cost = card.hold_nano(input_tokens, cap * found.completions, dearer_cache_write=strict,
@@ -689,7 +702,8 @@ class BudgetGuard(BaseChatModel):
             text = streamed_text if streamed_text is not None else billed_text_of(message)
             usage = TokenUsage(
                 input_tokens=admitted.estimate.input_tokens,
-                output_tokens=estimate_output_tokens(self.policy.estimator, text, admitted.candidate.runnable)
+                output_tokens=estimate_output_tokens(self.policy.estimator, text, _counting_model(
+                    admitted.candidate, admitted.estimate.refs[0] if admitted.estimate.refs else None))
                 if text else 0,
                 estimated=True,
             )
@@ -733,7 +747,7 @@ class BudgetGuard(BaseChatModel):
         observe = getattr(self.policy.estimator, "observe", None)
         if observe is not None and not usage.estimated and usage.input_tokens:
             # typical mode learns from the provider's own prompt counts (no network, bounded memory)
-            observe(admitted.candidate.label, estimate.input_tokens, usage.consistent().input_tokens)
+            observe(_counted_name(admitted.candidate, estimate), estimate.input_tokens, usage.consistent().input_tokens)
         card, model = estimate.card, admitted.candidate.label
         refs = estimate.refs
         if refs:
@@ -1550,6 +1564,22 @@ class _Counted:
 
 
 _STORED_CONTEXT_KEYS = frozenset((*STORED_CONTEXT_KWARGS, "extra_body"))  # call kwargs that may name one
+
+
+def _counting_model(candidate: _Candidate, ref: ModelRef | None) -> Any:
+    """What to hand the estimator as the model a call on ``ref`` goes to: the candidate's own model
+    when ``ref`` is it (its settings may matter), else the name of the model the call chose."""
+    if candidate.runnable is not None and (ref is None or not ref.name or ref.name == candidate.counted_as):
+        return candidate.runnable
+    return (ref.name if ref is not None else None) or candidate.ref.name
+
+
+def _counted_name(candidate: _Candidate, estimate: Estimate) -> str:
+    """The model name a call's prompt was counted as (typical mode learns per model)."""
+    ref = estimate.refs[0] if estimate.refs else None
+    if ref is None or not ref.name or ref.name == candidate.counted_as:
+        return candidate.label
+    return ref.name
 
 
 def _keeps_ledger(store: Any, method: str) -> bool:
