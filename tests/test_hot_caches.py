@@ -161,3 +161,50 @@ def test_a_store_that_keeps_no_ledger_is_sent_no_row() -> None:
     BudgetGuard(UsageChat(), limit=5, store=Counting(ledger_max_rows=0)).invoke("hi")
     BudgetGuard(UsageChat(), limit=5, store=Counting()).invoke("hi")
     assert rows[0] is None and rows[1] is not None and rows[1].call_id
+
+
+# -- tool schemas: a count is remembered for what the schema says, not for the object -----------
+
+LONG_DESCRIPTION = "Use this tool for every question about the catalogue. " * 400
+
+
+def _tool_dict() -> dict:
+    return {"type": "function", "function": {"name": "lookup", "description": "Look a word up.",
+            "parameters": {"type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]}}}
+
+
+def _held_input(guard: BudgetGuard, **kwargs) -> int:
+    reservation = guard.reserve("hi", kwargs=kwargs)
+    try:
+        return reservation.admitted.estimate.input_tokens
+    finally:
+        reservation.settle()
+
+
+MODELS = [("gpt-4o", "openai"), ("claude-sonnet-4-5", "anthropic")]  # an exact tokenizer, the byte bound
+
+
+def test_a_tool_dict_edited_in_place_is_counted_as_it_is_now() -> None:
+    tool = _tool_dict()
+    guard = BudgetGuard(UsageChat(model_name="gpt-4o"), limit=100, default_max_output_tokens=16)
+    before = _held_input(guard, tools=[tool])
+    tool["function"]["description"] = LONG_DESCRIPTION
+    edited = _held_input(guard, tools=[tool])
+    fresh = _held_input(BudgetGuard(UsageChat(model_name="gpt-4o"), limit=100, default_max_output_tokens=16),
+                        tools=[dict(tool)])
+    assert edited == fresh > before + 1_000
+
+
+@pytest.mark.parametrize(("model_name", "provider"), MODELS)
+def test_a_tool_object_whose_description_changed_is_counted_as_it_is_now(model_name: str, provider: str) -> None:
+    from langchain_core.tools import tool as make_tool
+
+    @make_tool
+    def search_docs(query: str) -> str:
+        """Search the docs."""
+        return ""
+
+    guard = BudgetGuard(UsageChat(model_name=model_name, provider=provider), limit=100, default_max_output_tokens=16)
+    before = _held_input(guard, tools=[search_docs])
+    search_docs.description = "Search the docs. " + LONG_DESCRIPTION
+    assert _held_input(guard, tools=[search_docs]) > before + 1_000

@@ -870,7 +870,7 @@ class _ExactCounter(_Counter):
         self.url_media_tokens = source.url_media_tokens if url_media_tokens is None else url_media_tokens
         self.pdf_page_tokens = source.pdf_page_tokens
         self._text = family.count  # type: ignore[assignment]
-        self._schema_cache: dict[int, tuple[Any, int]] = {}
+        self._schema_cache: dict[str, int] = {}
 
     def __repr__(self) -> str:
         return f"_ExactCounter({self.family.name!r}, strict={self.strict})"
@@ -899,17 +899,18 @@ class _ExactCounter(_Counter):
         return _Counter._message(self, message, family)
 
     def _schema_tokens(self, schema: Any) -> int:
-        hit = self._schema_cache.get(id(schema))
-        if hit is not None and hit[0] is schema:
-            return hit[1]
-        n = self._text(self._json(schema))
+        text = self._json(schema)  # the key: a schema edited in place is counted as it is now
+        n = self._schema_cache.get(text)
+        if n is not None:
+            return n
+        n = self._text(text)
         if self.family.provider == "openai":
             rendered = render_openai_tool(schema)
             if rendered is not None:
                 n = max(n, self._text(rendered))
         if len(self._schema_cache) > 512:
             self._schema_cache.clear()
-        self._schema_cache[id(schema)] = (schema, n)  # holding the schema keeps its id from being reused
+        self._schema_cache[text] = n
         return n
 
     def _image_table(self, family: str, low: bool) -> int:
@@ -1043,15 +1044,17 @@ def _pdf_pages(payload: str) -> tuple[int, bool]:
     return max(1, len(_PDF_PAGE.findall(raw))), b"/ObjStm" in raw
 
 
-_tool_cache: dict[int, tuple[Any, Any]] = {}
+_tool_cache: dict[int, tuple[Any, Any, tuple[Any, ...]]] = {}
 
 
 def _tool_dict(tool: Any) -> Any:
     """A tool as the dict sent to the provider (OpenAI shape for tools given as code)."""
     if isinstance(tool, Mapping):
         return tool
+    # A tool's name, description and argument schema may be changed in place after it was seen.
+    seen = (getattr(tool, "name", None), getattr(tool, "description", None), id(getattr(tool, "args_schema", None)))
     hit = _tool_cache.get(id(tool))
-    if hit is not None and hit[0] is tool:
+    if hit is not None and hit[0] is tool and hit[2] == seen:
         return hit[1]
     from langchain_core.utils.function_calling import convert_to_openai_tool
 
@@ -1061,7 +1064,7 @@ def _tool_dict(tool: Any) -> Any:
         schema = str(tool)
     if len(_tool_cache) > 512:
         _tool_cache.clear()
-    _tool_cache[id(tool)] = (tool, schema)  # holding the tool keeps its id from being reused
+    _tool_cache[id(tool)] = (tool, schema, seen)  # holding the tool keeps its id from being reused
     return schema
 
 
