@@ -208,3 +208,40 @@ def test_a_tool_object_whose_description_changed_is_counted_as_it_is_now(model_n
     before = _held_input(guard, tools=[search_docs])
     search_docs.description = "Search the docs. " + LONG_DESCRIPTION
     assert _held_input(guard, tools=[search_docs]) > before + 1_000
+
+
+# -- caches of what callers name stay bounded --------------------------------------------------
+
+
+def test_short_texts_kept_for_their_counts_stay_a_few_megabytes() -> None:
+    import tracemalloc
+
+    from langchain_budgetguard.tokenizers import exact_family
+
+    family = exact_family("gpt-4o")
+    family.count("warm")
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(60_000):  # short, each new: ids, names, one-word turns
+            family.count(f"t{i:06d}")
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 3_000_000
+    assert family.count("t000001") == family.count("t000001") > 0  # an evicted text is counted again
+
+
+def test_rate_cards_of_names_callers_chose_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from langchain_budgetguard import pricing
+
+    monkeypatch.setattr(pricing, "_MAX_CARDS", 64)
+    pricer = pricing.Pricer(fallback={"input": "1", "output": "2"})
+    first = pricer.rate_card(ModelRef("made-up-0", "openai"))
+    assert pricer.rate_card(ModelRef("made-up-0", "openai")) is first  # cached
+    for i in range(1, 300):
+        pricer.rate_card(ModelRef(f"made-up-{i}", "openai"))
+    last = pricer.rate_card(ModelRef("made-up-299", "openai"))
+    assert pricer.rate_card(ModelRef("made-up-299", "openai")) is last  # the newest are kept
+    again = pricer.rate_card(ModelRef("made-up-0", "openai"))
+    assert again is not first and again.cost_nano(TokenUsage(input_tokens=10)) == first.cost_nano(TokenUsage(input_tokens=10))

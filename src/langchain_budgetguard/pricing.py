@@ -1442,6 +1442,9 @@ def check_tool_fees(tool_fees: Mapping[str, Any] | None) -> dict[str, Decimal]:
     return out
 
 
+_MAX_CARDS = 4096  # rate cards a Pricer keeps (one per provider and model name asked about)
+
+
 class Pricer:
     """Resolves a ``ModelRef`` to a ``RateCard``: override, then genai-prices, then fallback.
 
@@ -1517,6 +1520,8 @@ class Pricer:
                     self._snapshot = snapshot
                 card = self._cards.get(key)
                 if card is None or not self._fresh(card):
+                    if len(self._cards) >= _MAX_CARDS:  # names can come from callers: keep the newer half
+                        self._cards = dict(list(self._cards.items())[_MAX_CARDS // 2:])
                     card = self._cards[key] = self._resolve(ModelRef(ref.name, provider, ref_host))
         if isinstance(card, _Unknown):
             err = UnknownModelPriceError(card.message)

@@ -130,10 +130,11 @@ class _CountCache:
 
     min_chars = 2048  # from this length on, texts are kept by digest
     short_chars = 1_000_000  # the short texts kept, in characters (a few MB at most)
+    short_entries = 16_384  # and at most this many of them (each costs ~100 B besides its text)
 
     def __init__(self, maxsize: int = 4096) -> None:
         self._entries: OrderedDict[tuple[int, bytes], int] = OrderedDict()
-        self._short: dict[str, int] = {}
+        self._short: OrderedDict[str, int] = OrderedDict()  # popitem(last=False) is O(1); a dict's first key is not
         self._short_size = 0
         self._lock = threading.Lock()
         self._maxsize = maxsize
@@ -164,10 +165,9 @@ class _CountCache:
             if text in short:
                 return
             self._short_size += len(text)
-            while self._short_size > self.short_chars and short:
-                oldest = next(iter(short))
+            while short and (self._short_size > self.short_chars or len(short) >= self.short_entries):
+                oldest, _ = short.popitem(last=False)
                 self._short_size -= len(oldest)
-                del short[oldest]
             short[text] = n
 
 
