@@ -207,3 +207,20 @@ def test_a_callback_run_keeps_the_clients_host() -> None:
     assert model_ref_from_run(dumpd(plain), {"model": "gpt-4o-mini"}, {"ls_provider": "openai"}) == ModelRef(
         "gpt-4o-mini", "openai"
     )
+
+
+def test_a_host_declared_after_a_guard_was_used_is_priced_by_that_guard() -> None:
+    from langchain_openai import ChatOpenAI
+
+    from langchain_budgetguard import BudgetGuard
+
+    llm = ChatOpenAI(model="gpt-4o", base_url="https://late-gateway.corp.example/v1", api_key="sk-test")
+    guard = BudgetGuard(llm, limit=10)
+    with pytest.raises(UnknownModelPriceError):
+        guard.reserve("hi")
+    price_host_as("late-gateway.corp.example", "openai")
+    reservation = guard.reserve("hi")
+    try:
+        assert reservation.admitted.estimate.refs[0].provider == "openai"
+    finally:
+        reservation.settle()

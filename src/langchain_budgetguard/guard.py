@@ -102,6 +102,7 @@ from .pricing import (
     call_price_context,
     candidate_refs,
     depends_on_config,
+    hosts_version,
     item_bound,
     model_ref,
     served_ref,
@@ -572,14 +573,14 @@ class BudgetGuard(BaseChatModel):
         # a call is reserved as it will be sent.
         cached = self.__dict__.get(_LADDER)
         if cached is not None:
-            models, snapshot, ladder = cached
+            models, snapshot, hosts, ladder = cached
             degrade = self.degrade_to
-            if (models[0] is self.llm and len(models) == len(degrade) + 1
+            if (models[0] is self.llm and len(models) == len(degrade) + 1 and hosts == hosts_version()
                     and all(m is d for m, d in zip(models[1:], degrade)) and snapshot.unchanged()):
                 return ladder
-        models = (self.llm, *self.degrade_to)
+        models, hosts = (self.llm, *self.degrade_to), hosts_version()
         ladder = [_Candidate.of(m) for m in models]
-        self.__dict__[_LADDER] = (models, Snapshot.of(models), ladder)  # after .of: it may build a client
+        self.__dict__[_LADDER] = (models, Snapshot.of(models), hosts, ladder)  # after .of: it may build a client
         return ladder
 
     def _begin(self, value: Any, config: RunnableConfig, kwargs: dict[str, Any], model: ModelRef | None = None,

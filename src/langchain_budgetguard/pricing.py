@@ -40,6 +40,7 @@ __all__ = [
     "check_tool_fees",
     "model_ref",
     "model_ref_from_run",
+    "hosts_version",
     "price_host_as",
     "served_ref",
     "model_ref_from_response",
@@ -228,6 +229,7 @@ _URL_ATTRS = (
 )
 
 _registered_hosts: dict[str, str] = {}
+_hosts_version = [0]
 
 
 def _host_key(host: str) -> str:
@@ -250,6 +252,13 @@ def price_host_as(host: str, provider: str) -> None:
     if not isinstance(provider, str) or not provider.strip():
         raise ValueError(f"price_host_as: provider must be a non-empty string, got {provider!r}")
     _registered_hosts[_host_key(host)] = canonical_provider(provider) or provider
+    _hosts_version[0] += 1
+
+
+def hosts_version() -> int:
+    """A number that changes whenever ``price_host_as`` declares a host (what was resolved from
+    the hosts before is then resolved again)."""
+    return _hosts_version[0]
 
 
 def _is_local(hostname: str) -> bool:
