@@ -368,3 +368,15 @@ def test_admin_on_a_redis_cluster(tmp_path):
     finally:
         for server in servers:
             server.stop()
+
+
+def test_an_override_hash_that_lost_writes_never_repeats_a_version():
+    client = fakeredis.FakeRedis()
+    store = RedisStore(client, async_client=None)
+    store.set_override("b", "user:day:alice", 1000)
+    seen = store.read_overrides("b")
+    client.delete(store.overrides_key("b"))  # a restore from an older backup, a failover, a DEL
+    store.set_override("b", "user:day:alice", 10)
+    now = store.read_overrides("b", seen.version)
+    assert now.version != seen.version
+    assert now.values == {"user:day:alice": 10}  # a process that read the lost version reads again

@@ -40,8 +40,9 @@ start with their ``{tag}``, the Redis Cluster hash tag)::
                                                    MINID ~ (retention) in the settle script
     bg:tags                                        set of the tags above, for readers to merge
     bg:o:{default}                                 live limit overrides of budget "default": hash of
-                                                   "<per>:<window>:<id or *>" -> nano-USD, and #v,
-                                                   a version bumped on every change (never expires)
+                                                   "<per>:<window>:<id or *>" -> nano-USD, #n, the
+                                                   changes counted, and #v, a version new on every
+                                                   change (count @ server time; never expires)
 
 Counters expire at ``Counter.expires_at`` (the guard puts window end + retention there); ``total``
 windows never expire. A call's record lives for its lease + ``retry_window_seconds`` (5 minutes),
