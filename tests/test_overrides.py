@@ -380,3 +380,17 @@ def test_an_override_hash_that_lost_writes_never_repeats_a_version():
     now = store.read_overrides("b", seen.version)
     assert now.version != seen.version
     assert now.values == {"user:day:alice": 10}  # a process that read the lost version reads again
+
+
+def test_the_operator_views_show_a_long_ids_own_override():
+    # An id over 96 escaped characters is kept in its counter key as a digest (~<sha256>).
+    guard = BudgetGuard(UsageChat(), limits=[Limit(usd=10, per="user", window="day")])
+    admin = BudgetAdmin(guard.policy)
+    long_id = "customer-" + "x" * 100
+    admin.set_limit("user", 1, scope_id=long_id)
+    guard.invoke("hi", config={"configurable": {"user_id": long_id}})
+    assert guard.status(user_id=long_id)[0].limit == Decimal(1)
+    for rows in (admin.statuses(per="user"), admin.top("user")):
+        assert [(s.limit, s.remaining) for s in rows] == [(Decimal(1), Decimal(1) - rows[0].spent)]
+    named = [row for row in admin.limit_rows(per="user") if row.scope_id is not None]
+    assert [(row.store_override, row.effective, row.source) for row in named] == [(Decimal(1), Decimal(1), "store override")]

@@ -58,6 +58,7 @@ __all__ = [
     "override_field",
     "find_limit",
     "resolve_config_overrides",
+    "key_id_segment",
     "resolve_cap",
     "window_for_label",
 ]
@@ -146,13 +147,15 @@ def resolve_config_overrides(limits: Sequence[Limit], overrides: Sequence[Overri
 
 
 def resolve_cap(limit: Limit, scope_id: str | None, live: Mapping[str, int],
-                config: Mapping[str, int]) -> tuple[int, str]:
+                config: Mapping[str, int], escaped: str | None = None) -> tuple[int, str]:
     """The limit in force for one counter, in nano-USD, and where it comes from.
 
+    ``escaped``: the id as its counter key holds it, when that is what is known (a long id is
+    kept there as a digest, which cannot be escaped again).
     Sources: ``"store override"``, ``"config override"``, ``"store override (every id)"``, ``"limit"``.
     """
     if scope_id is not None:
-        own = override_field(limit, scope_id)
+        own = override_field(limit, scope_id) if escaped is None else f"{limit.slug}:{escaped}"
         if own in live:
             return live[own], "store override"
         if own in config:
@@ -329,6 +332,11 @@ class CounterReset:
     held: Decimal
 
 
+def key_id_segment(key: str) -> str:
+    """The id of a counter key as the key holds it (escaped; a long id's digest ``~...``)."""
+    return key.split("}:", 1)[1].split(":")[2]
+
+
 def _unescape(segment: str) -> str | None:
     if segment == "-":
         return None
@@ -376,18 +384,19 @@ class BudgetAdmin:
         for limit in self.policy.limits:
             if (per is not None and limit.per != per) or (window is not None and limit.window != window):
                 continue
-            ids: list[str | None] = [scope_id if limit.per != GLOBAL else None]
+            ids: list[tuple[str | None, str | None]] = [(scope_id if limit.per != GLOBAL else None, None)]
             if scope_id is None and limit.per != GLOBAL:
                 prefix = limit.slug + ":"
                 named = {f[len(prefix):] for f in (*live, *config) if f.startswith(prefix)} - {ALL_IDS}
-                ids += sorted((_unescape(x) or x) for x in named)
-            for sid in ids:
-                rows.append(self._row(limit, sid, live, config))
+                ids += sorted(((_unescape(x) or x), x) for x in named)
+            for sid, escaped in ids:
+                rows.append(self._row(limit, sid, live, config, escaped))
         return rows
 
-    def _row(self, limit: Limit, sid: str | None, live: Mapping[str, int], config: Mapping[str, int]) -> LimitRow:
-        own = override_field(limit, sid)
-        cap, source = resolve_cap(limit, sid, live, config)
+    def _row(self, limit: Limit, sid: str | None, live: Mapping[str, int], config: Mapping[str, int],
+             escaped: str | None = None) -> LimitRow:
+        own = override_field(limit, sid) if escaped is None else f"{limit.slug}:{escaped}"
+        cap, source = resolve_cap(limit, sid, live, config, escaped)
         return LimitRow(
             per=limit.per,
             window=limit.window,
@@ -492,8 +501,9 @@ class BudgetAdmin:
         live, config = self._live(), self.policy.config_overrides
         out = []
         for key, state in found:
-            sid = _unescape(key.split("}:", 1)[1].split(":")[2])
-            cap, source = resolve_cap(limit, sid, live, config)
+            segment = key_id_segment(key)
+            sid = _unescape(segment)
+            cap, source = resolve_cap(limit, sid, live, config, escaped=segment)
             usd = limit.value if source == "limit" else limit.show(cap)
             spent, held = limit.show(state.spent), limit.show(state.held)
             out.append(LimitStatus(

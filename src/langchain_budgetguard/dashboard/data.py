@@ -26,7 +26,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from ..limits import GLOBAL, Limit, WindowInstance, escape_id
 from ..money import nano_to_usd
-from ..overrides import BudgetAdmin, LimitRow, find_limit, override_field, resolve_cap, window_for_label
+from ..overrides import BudgetAdmin, LimitRow, find_limit, key_id_segment, override_field, resolve_cap, window_for_label
 from ..policy import LimitStatus
 from ..stores.base import CounterState, IndexPageReader
 from ..stores.ledger import scopes_of_keys
@@ -465,7 +465,7 @@ class DashboardData:
         out = []
         for key, state in zip(keys, states):
             sid = scopes_of_keys([key]).get(limit.per)
-            cap, source = resolve_cap(limit, sid, live, config)
+            cap, source = resolve_cap(limit, sid, live, config, key_id_segment(key) if sid is not None else None)
             usd = limit.usd if source == "limit" else nano_to_usd(cap)
             spent, held = nano_to_usd(state.spent), nano_to_usd(state.held)
             out.append(LimitStatus(scope=limit.per, scope_id=sid, window=limit.window, window_label=win.label,
