@@ -4,7 +4,8 @@
 ``unix://``, ``redis+cluster://`` and ``redis+sentinel://`` URLs (``stores.redis_client``
 documents each form). Store options may be given in the query too:
 ``evicting_policy=refuse|warn``, ``journal_path=/path/journal.sqlite``,
-``retry_window_seconds=300``, ``carry_settles=1``, ``carry_window_seconds=0.003``; other query parameters are redis-py connection options
+``retry_window_seconds=300``, ``carry_settles=1``, ``carry_window_seconds=0.003``, ``lease_slices=1``,
+``slice_lease_seconds=30``; other query parameters are redis-py connection options
 (``?socket_timeout=2``). Unless the URL says otherwise, connecting times out after 1 s and a reply
 after 2 s, and redis-py's own retries are off: the store retries by its ``RetryPolicy``, then
 raises ``BudgetStoreUnavailableError``.

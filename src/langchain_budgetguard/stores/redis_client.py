@@ -109,13 +109,12 @@ def parse_url(url: str) -> RedisTarget:
         flavour = flavour or "cluster"
     sentinel_kwargs = {k: query.pop(f"sentinel_{k}") for k in ("password", "username") if f"sentinel_{k}" in query}
     store_options: dict[str, Any] = {k: query.pop(k) for k in STORE_QUERY_OPTIONS if k in query}
-    if "retry_window_seconds" in store_options:
-        try:
-            store_options["retry_window_seconds"] = float(store_options["retry_window_seconds"])
-        except ValueError:
-            raise ValueError(
-                f"retry_window_seconds in the URL must be a number of seconds, got {store_options['retry_window_seconds']!r}"
-            ) from None
+    for name in ("retry_window_seconds", "slice_lease_seconds"):
+        if name in store_options:
+            try:
+                store_options[name] = float(store_options[name])
+            except ValueError:
+                raise ValueError(f"{name} in the URL must be a number of seconds, got {store_options[name]!r}") from None
     userinfo, _, hostlist = parts.netloc.rpartition("@")
     default_port = 26379 if flavour == "sentinel" else 6379
     hosts = tuple(_split_host(h, default_port) for h in hostlist.split(",") if h) if hostlist else ()
@@ -140,7 +139,8 @@ def parse_url(url: str) -> RedisTarget:
 
 
 STORE_QUERY_OPTIONS = ("evicting_policy", "journal_path", "retry_window_seconds", "ledger_max_rows",
-                       "ledger_retention_seconds", "carry_settles", "carry_window_seconds")
+                       "ledger_retention_seconds", "carry_settles", "carry_window_seconds", "lease_slices",
+                       "slice_lease_seconds")
 
 
 # Store defaults for clients it builds; anything in the URL or given to the store wins.

@@ -1,0 +1,43 @@
+"""Leased slices under faults: options from a URL, close during a report, dropped stores,
+forked children, lost replies past the lease, late settles and releases, status."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+
+from langchain_budgetguard.stores.base import Counter, Hold
+from langchain_budgetguard.stores.redis import RedisStore
+
+from .redis_support import admin, fresh_prefix, redis_url  # noqa: F401 - fixtures
+
+
+def _sliced(redis_url: str, **options) -> RedisStore:  # noqa: F811
+    store = RedisStore(redis_url, prefix=fresh_prefix(), lease_slices=True, **options)
+    store._book.hot_hits = 1
+    return store
+
+
+def _counter(admin: redis.Redis, store: RedisStore, key: str) -> dict[str, int]:  # noqa: F811
+    """spent, held and sliced of ``key`` straight from Redis."""
+    fields = admin.hgetall(store.redis_keys(key)[0])
+    return {f: int(fields.get(f, 0)) for f in ("s", "h", "g")}
+
+
+@pytest.mark.redis
+def test_a_url_turns_slices_on_and_sets_their_lease(redis_url: str, admin: redis.Redis) -> None:  # noqa: F811
+    store = RedisStore(redis_url + "?lease_slices=1&slice_lease_seconds=5", prefix=fresh_prefix())
+    try:
+        assert store.lease_slices and store._book.lease_seconds == 5.0
+        store._book.hot_hits = 1
+        key = "{url}:b:global"
+        assert store.reserve([Counter(key, 10**9)], Hold("u1", 100, 30)).ok  # no TypeError from redis-py
+        assert store.slice_holdings()[key][0] > 0
+        assert store.settle("u1", [key], 80).applied
+    finally:
+        store.close()
+    assert _counter(admin, store, key) == {"s": 80, "h": 0, "g": 0}
+    with pytest.raises(ValueError, match="slice_lease_seconds"):
+        RedisStore(redis_url + "?lease_slices=1&slice_lease_seconds=soon")
+    with pytest.raises(ValueError, match="lease_slices"):
+        RedisStore(redis_url + "?lease_slices=maybe")
