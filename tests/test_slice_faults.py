@@ -3,6 +3,10 @@ forked children, lost replies past the lease, late settles and releases, status.
 
 from __future__ import annotations
 
+import asyncio
+import threading
+import time
+
 import pytest
 import redis
 
@@ -41,3 +45,48 @@ def test_a_url_turns_slices_on_and_sets_their_lease(redis_url: str, admin: redis
         RedisStore(redis_url + "?lease_slices=1&slice_lease_seconds=soon")
     with pytest.raises(ValueError, match="lease_slices"):
         RedisStore(redis_url + "?lease_slices=maybe")
+
+
+def _slow_timer_reports(store: RedisStore, seconds: float) -> None:
+    """The store's timer thread waits ``seconds`` before each slice report it sends."""
+    real = store._execute
+
+    def slow(call, policy):
+        if call.script == "slice" and threading.current_thread().name == "budgetguard-slices":
+            time.sleep(seconds)
+        return real(call, policy)
+
+    store._execute = slow
+
+
+def _wait_for(condition, timeout: float = 20.0) -> None:
+    until = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < until, "timed out"
+        time.sleep(0.002)
+
+
+@pytest.mark.redis
+def test_close_returns_a_slice_whose_report_is_in_flight(redis_url: str, admin: redis.Redis) -> None:  # noqa: F811
+    store = _sliced(redis_url)
+    _slow_timer_reports(store, 0.3)
+    key = "{closing}:b:global"
+    assert store.reserve([Counter(key, 10**9)], Hold("a", 1000, 30, charge_on_expiry=1000)).ok
+    assert store.settle("a", [key], 700).applied
+    _wait_for(lambda: store._book.reporting([key]))  # the timer reports the settle
+    store.close()
+    assert _counter(admin, store, key) == {"s": 700, "h": 0, "g": 0}
+    assert store.slice_holdings() == {}
+
+
+@pytest.mark.redis
+async def test_aclose_returns_a_slice_whose_report_is_in_flight(redis_url: str, admin: redis.Redis) -> None:  # noqa: F811
+    store = _sliced(redis_url)
+    _slow_timer_reports(store, 0.3)
+    key = "{aclosing}:b:global"
+    assert (await store.areserve([Counter(key, 10**9)], Hold("a", 1000, 30, charge_on_expiry=1000))).ok
+    assert (await store.asettle("a", [key], 700)).applied
+    while not store._book.reporting([key]):
+        await asyncio.sleep(0.002)
+    await store.aclose()
+    assert _counter(admin, store, key) == {"s": 700, "h": 0, "g": 0}

@@ -1122,17 +1122,35 @@ class RedisStore:
             log.exception("on_carried_crossed failed for call %s", call_id)
 
     def flush_slices(self, final: bool = False) -> int:
-        """Send the reports that are due (``final``: return every slice); returns how many
+        """Send the reports that are due (``final``: return every slice, once the reports in
+        flight landed, waiting ``FINAL_REPORT_WAIT_SECONDS`` at most); returns how many
         reached Redis. The store's timer calls this; ``close()`` and exit with ``final``."""
         if self._book is None or not len(self._book) or self._sync is None and self._target is None:
             return 0
-        return self._run(self._reports_plan(self._book.due(time.monotonic(), final=final)))
+        if not final:
+            return self._run(self._reports_plan(self._book.due(time.monotonic())))
+        # A slice whose report is in flight (the timer's, a refill) is returned once it lands.
+        sent, until = 0, time.monotonic() + FINAL_REPORT_WAIT_SECONDS
+        while True:
+            sent += self._run(self._reports_plan(self._book.due(time.monotonic(), final=True)))
+            if not self._book.reporting(None) or time.monotonic() >= until:
+                return sent
+            while self._book.reporting(None) and time.monotonic() < until:
+                time.sleep(0.001)
 
     async def aflush_slices(self, final: bool = False) -> int:
         """Async twin of ``flush_slices``."""
         if self._book is None or not len(self._book):
             return 0
-        return await self._arun(self._reports_plan(self._book.due(time.monotonic(), final=final)))
+        if not final:
+            return await self._arun(self._reports_plan(self._book.due(time.monotonic())))
+        sent, until = 0, time.monotonic() + FINAL_REPORT_WAIT_SECONDS
+        while True:
+            sent += await self._arun(self._reports_plan(self._book.due(time.monotonic(), final=True)))
+            if not self._book.reporting(None) or time.monotonic() >= until:
+                return sent
+            while self._book.reporting(None) and time.monotonic() < until:
+                await asyncio.sleep(0.001)
 
     def slice_holdings(self) -> dict[str, tuple[int, int, int]]:
         """This process's slices: counter key -> (leased, held by its calls in flight, settled
@@ -2126,6 +2144,7 @@ class RedisStore:
 
 
 SLICE_TICK_SECONDS = 0.1
+FINAL_REPORT_WAIT_SECONDS = 10.0  # close and exit wait this long at most for slice reports in flight
 
 
 def _slice_loop(ref: weakref.ReferenceType[RedisStore]) -> None:

@@ -432,8 +432,10 @@ class SliceBook:
         return out
 
     def reporting(self, keys: Any) -> bool:
-        """Is a report of a slice of ``keys`` in flight?"""
+        """Is a report of a slice of ``keys`` (None: any) in flight?"""
         with self.lock:
+            if keys is None:
+                return any(found.busy for found in self.slices.values())
             return any((found := self.slices.get(k)) is not None and found.busy for k in keys)
 
     def give_back(self, key: str, now: float) -> Report | None:
