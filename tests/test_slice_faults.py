@@ -4,13 +4,16 @@ forked children, lost replies past the lease, late settles and releases, status.
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import time
+import weakref
 
 import pytest
 import redis
 
 from langchain_budgetguard.stores.base import Counter, Hold
+from langchain_budgetguard.stores.ledger import LedgerRow
 from langchain_budgetguard.stores.redis import RedisStore
 
 from .redis_support import admin, fresh_prefix, redis_url  # noqa: F401 - fixtures
@@ -90,3 +93,31 @@ async def test_aclose_returns_a_slice_whose_report_is_in_flight(redis_url: str, 
         await asyncio.sleep(0.002)
     await store.aclose()
     assert _counter(admin, store, key) == {"s": 700, "h": 0, "g": 0}
+
+
+@pytest.mark.redis
+def test_a_store_dropped_without_close_reports_its_settles_and_returns_its_slice(
+        redis_url: str, admin: redis.Redis) -> None:  # noqa: F811
+    key = "{dropped}:b:global"
+    prefix = fresh_prefix()
+
+    def per_request() -> tuple[str, weakref.ref]:
+        store = RedisStore(redis_url, prefix=prefix, lease_slices=True)
+        store._book.hot_hits = 1
+        for i in range(3):
+            assert store.reserve([Counter(key, 10**9)], Hold(f"r{i}", 1000, 30, charge_on_expiry=1000)).ok
+            assert store.settle(f"r{i}", [key], 600, row=LedgerRow(budget="b", call_id=f"r{i}", keys=(key,))).applied
+        return store.redis_keys(key)[0], weakref.ref(store)
+
+    counter, ref = per_request()
+    gc.collect()
+
+    def reported_and_returned() -> bool:
+        fields = admin.hgetall(counter)
+        return fields.get("s") == "1800" and "g" not in fields
+
+    _wait_for(reported_and_returned)  # by its timer: within REPORT_SECONDS, returned after IDLE_SECONDS
+    _wait_for(lambda: gc.collect() is not None and ref() is None)  # then let go of
+    reader = RedisStore(redis_url, prefix=prefix)
+    assert sorted(row.call_id for row in reader.read_ledger("b")) == ["r0", "r1", "r2"]
+    reader.close()

@@ -478,6 +478,9 @@ _LIVE_STORES: weakref.WeakSet[RedisStore] = weakref.WeakSet()
 # Stores with carried settles queued: kept alive until they are sent (a store dropped by its
 # owner still sends them, by its timer or at exit).
 _CARRYING: set[RedisStore] = set()
+# Stores whose slice timer runs (they hold slices, or settles to report): kept alive until they
+# hold none, so that a store dropped by its owner still reports them and returns its slices.
+_SLICING: set[RedisStore] = set()
 
 
 @atexit.register
@@ -1182,13 +1185,17 @@ class RedisStore:
         if self._book is not None:
             self._book.forked()
         self._slice_timer = None
+        _SLICING.discard(self)
 
     def _start_slice_timer(self) -> None:
+        """Start the slice timer unless it runs (call it after the book got something to report:
+        the timer, under ``_lock``, stops only when it finds the book empty)."""
         if self._closed or self._slice_timer is not None and self._slice_timer.is_alive():
             return
         with self._lock:
-            if self._slice_timer is not None and self._slice_timer.is_alive():
+            if self._closed or self._slice_timer is not None and self._slice_timer.is_alive():
                 return
+            _SLICING.add(self)
             self._slice_timer = threading.Thread(target=_slice_loop, args=(weakref.ref(self),), daemon=True,
                                                  name="budgetguard-slices")
             self._slice_timer.start()
@@ -1932,6 +1939,7 @@ class RedisStore:
         if self._carry is not None:
             self._carry.close()
             _CARRYING.discard(self)
+        _SLICING.discard(self)
         if self._target is None:
             return
         with self._lock:
@@ -2155,11 +2163,13 @@ def _slice_loop(ref: weakref.ReferenceType[RedisStore]) -> None:
         time.sleep(SLICE_TICK_SECONDS)
         store = ref()
         if store is None or store._closed or store._book is None:
+            _SLICING.discard(store)
             return
         try:
             with store._lock:
                 if not len(store._book):
                     store._slice_timer = None
+                    _SLICING.discard(store)
                     return
             store.flush_slices()
         except Exception:  # noqa: BLE001 - kept and sent again on the next tick

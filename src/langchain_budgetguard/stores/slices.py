@@ -9,7 +9,8 @@ admitted here, exactly, with no round trip; their settles are reported with the 
 report (a refill, at most ``REPORT_SECONDS`` later by the next reserve or the store's timer, or
 after ``MAX_REPORTED`` settles), which charges them, writes their ledger rows and sizes the slice
 again. A slice unused for ``IDLE_SECONDS`` is returned, as every slice is on ``close()`` and at
-exit. Counters reserved rarely (a user seen once an hour) stay admitted per call in Redis.
+exit (a store dropped without ``close()`` lives on until its timer returned its slices and
+reported its settles). Counters reserved rarely (a user seen once an hour) stay admitted per call in Redis.
 
 Never overspend: in Redis, spent + holds + slices <= limit (a slice counts whole against the
 limit); here, what the slice's calls hold plus what they settled and was not reported yet stays
