@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
+import subprocess
+import sys
 import threading
 import time
 import weakref
@@ -120,4 +123,39 @@ def test_a_store_dropped_without_close_reports_its_settles_and_returns_its_slice
     _wait_for(lambda: gc.collect() is not None and ref() is None)  # then let go of
     reader = RedisStore(redis_url, prefix=prefix)
     assert sorted(row.call_id for row in reader.read_ledger("b")) == ["r0", "r1", "r2"]
+    reader.close()
+
+
+MP_PARENT = r"""
+import json, sys
+from langchain_budgetguard.stores.base import Counter, Hold
+from langchain_budgetguard.stores.redis import RedisStore
+
+url, prefix, key = sys.argv[1:]
+store = RedisStore(url, prefix=prefix, lease_slices=True)
+store._book.hot_hits = 1
+import multiprocessing  # (after the store: the store must not depend on it being imported first)
+
+def child():
+    for i in range(5):
+        assert store.reserve([Counter(key, 10**9)], Hold(f"c{i}", 1000, 30, charge_on_expiry=1000)).ok
+        assert store.settle(f"c{i}", [key], 700).applied
+
+if __name__ == "__main__":
+    p = multiprocessing.get_context("fork").Process(target=child)
+    p.start()
+    p.join(60)
+    print(json.dumps({"exitcode": p.exitcode}), flush=True)
+"""
+
+
+@pytest.mark.redis
+def test_a_multiprocessing_child_returns_its_slice_when_it_ends(redis_url: str, admin: redis.Redis) -> None:  # noqa: F811
+    prefix, key = fresh_prefix(), "{mp}:b:global"
+    done = subprocess.run([sys.executable, "-c", MP_PARENT, redis_url, prefix, key], capture_output=True, text=True,
+                          timeout=120)
+    assert json.loads(done.stdout.splitlines()[-1]) == {"exitcode": 0}, done.stderr
+    reader = RedisStore(redis_url, prefix=prefix)
+    # Reported and returned when the child ended, not charged whole when its lease ends in 30 s.
+    assert _counter(admin, reader, key) == {"s": 3500, "h": 0, "g": 0}
     reader.close()

@@ -497,8 +497,8 @@ _MP_HOOKED = [0]  # the pid whose multiprocessing finalizers flush the stores at
 
 def _hook_multiprocessing(*_: Any) -> None:
     """A multiprocessing child leaves by ``os._exit`` (atexit never runs) after running
-    multiprocessing's own finalizers: flush there too, so that carried settles do not wait for
-    their leases to end."""
+    multiprocessing's own finalizers: flush there too, so that carried settles and slices do not
+    wait for their leases to end."""
     mp_util = sys.modules.get("multiprocessing.util")
     if mp_util is None or _MP_HOOKED[0] == os.getpid():
         return
@@ -1186,6 +1186,9 @@ class RedisStore:
             self._book.forked()
         self._slice_timer = None
         _SLICING.discard(self)
+        mp_util = sys.modules.get("multiprocessing.util")
+        if mp_util is not None:  # a multiprocessing child: its own slices are returned when it ends
+            mp_util.register_after_fork(self, _hook_multiprocessing)
 
     def _start_slice_timer(self) -> None:
         """Start the slice timer unless it runs (call it after the book got something to report:
