@@ -11,15 +11,17 @@ import sys
 import threading
 import time
 import weakref
+from collections.abc import Iterator
 
 import pytest
 import redis
 
-from langchain_budgetguard.stores.base import Counter, Hold
+import langchain_budgetguard.stores.slices as slices
+from langchain_budgetguard.stores.base import Counter, CounterState, Hold
 from langchain_budgetguard.stores.ledger import LedgerRow
-from langchain_budgetguard.stores.redis import RedisStore
+from langchain_budgetguard.stores.redis import RedisStore, RetryPolicy
 
-from .redis_support import admin, fresh_prefix, redis_url  # noqa: F401 - fixtures
+from .redis_support import ReplyDroppingProxy, admin, fresh_prefix, redis_url  # noqa: F401 - fixtures
 
 
 def _sliced(redis_url: str, **options) -> RedisStore:  # noqa: F811
@@ -159,3 +161,43 @@ def test_a_multiprocessing_child_returns_its_slice_when_it_ends(redis_url: str, 
     # Reported and returned when the child ended, not charged whole when its lease ends in 30 s.
     assert _counter(admin, reader, key) == {"s": 3500, "h": 0, "g": 0}
     reader.close()
+
+
+@pytest.fixture
+def proxy(redis_url: str) -> Iterator[ReplyDroppingProxy]:  # noqa: F811
+    from urllib.parse import urlparse
+
+    p = ReplyDroppingProxy(urlparse(redis_url).port or 6379)
+    yield p
+    p.close()
+
+
+@pytest.mark.redis
+def test_a_report_applied_with_its_reply_lost_then_reaped_replaces_the_charge_once(
+        redis_url: str, admin: redis.Redis, proxy, monkeypatch) -> None:  # noqa: F811
+    monkeypatch.setattr(slices, "REPORT_SECONDS", 0.05)
+    store = RedisStore(proxy.url, prefix=fresh_prefix(), lease_slices=True, slice_lease_seconds=1.5,
+                       retry=RetryPolicy(attempts=2, deadline_seconds=0.3, first_wait=0.01, max_wait=0.05))
+    store._book.hot_hits = 1
+    store.flush_slices = lambda final=False: 0  # its timer sends nothing: the test sends the reports
+    key = "{reaped}:b:global"
+    assert store.reserve([Counter(key, 10**8)], Hold("a", 1000, 30, charge_on_expiry=1000)).ok
+    assert store.settle("a", [key], 700).applied
+    time.sleep(0.1)
+    proxy.drop_script_replies = -1  # the report (keeping the slice's free part) runs, its replies are lost
+    assert RedisStore.flush_slices(store) == 0
+    assert _counter(admin, store, key)["s"] == 700
+    proxy.drop_script_replies, proxy.lost = 0, 0
+    other = RedisStore(redis_url, prefix=store.prefix)
+    _wait_for(lambda: other.read([key])[0].held == 0)  # the lease ended: the whole slice is charged
+    assert other.read([key])[0].spent > 700
+    proxy.drop_script_replies = 1  # and the reply to the first resend is lost too: it is sent a third time
+    assert RedisStore.flush_slices(store, final=True) >= 1  # the same report again, then the slice's return
+    assert proxy.lost == 1
+    assert other.read([key]) == [CounterState(700, 0)]
+    assert RedisStore.flush_slices(store, final=True) == 0
+    assert other.read([key]) == [CounterState(700, 0)]
+    counter, leases = store.redis_keys(key)
+    assert not [f for f in admin.hkeys(counter) if f[0] in "%!gn"] and not admin.zrange(leases, 0, -1)
+    other.close()
+    store.close()

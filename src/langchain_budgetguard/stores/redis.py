@@ -1086,6 +1086,22 @@ class RedisStore:
             sent += bool((yield from self._report_plan(report)))
         return sent
 
+    def _final_reports_plan(self) -> Plan[int]:
+        """Return every slice (close, exit): a slice whose report is in flight once it lands, one
+        whose kept report kept its free part once that landed; ``FINAL_REPORT_WAIT_SECONDS`` at most."""
+        book = self._book
+        assert book is not None
+        sent, until = 0, time.monotonic() + FINAL_REPORT_WAIT_SECONDS
+        while True:
+            reports = book.due(time.monotonic(), final=True)
+            done = yield from self._reports_plan(reports)
+            sent += done
+            again = done == len(reports) and any(r.keep_free for r in reports)
+            if not (again or book.reporting(None)) or time.monotonic() >= until:
+                return sent
+            while book.reporting(None) and time.monotonic() < until:
+                yield _WAIT
+
     def _local_settle(self, call_id: str, keys: Sequence[str], amount: int, amounts: Sequence[int] | None,
                       row: LedgerRow | None) -> SettleResult | tuple[tuple[str, ...], list[int] | None] | None:
         """The settle of a call admitted from slices: its slices' part waits for their reports.
@@ -1130,30 +1146,14 @@ class RedisStore:
         reached Redis. The store's timer calls this; ``close()`` and exit with ``final``."""
         if self._book is None or not len(self._book) or self._sync is None and self._target is None:
             return 0
-        if not final:
-            return self._run(self._reports_plan(self._book.due(time.monotonic())))
-        # A slice whose report is in flight (the timer's, a refill) is returned once it lands.
-        sent, until = 0, time.monotonic() + FINAL_REPORT_WAIT_SECONDS
-        while True:
-            sent += self._run(self._reports_plan(self._book.due(time.monotonic(), final=True)))
-            if not self._book.reporting(None) or time.monotonic() >= until:
-                return sent
-            while self._book.reporting(None) and time.monotonic() < until:
-                time.sleep(0.001)
+        return self._run(self._final_reports_plan() if final else self._reports_plan(self._book.due(time.monotonic())))
 
     async def aflush_slices(self, final: bool = False) -> int:
         """Async twin of ``flush_slices``."""
         if self._book is None or not len(self._book):
             return 0
-        if not final:
-            return await self._arun(self._reports_plan(self._book.due(time.monotonic())))
-        sent, until = 0, time.monotonic() + FINAL_REPORT_WAIT_SECONDS
-        while True:
-            sent += await self._arun(self._reports_plan(self._book.due(time.monotonic(), final=True)))
-            if not self._book.reporting(None) or time.monotonic() >= until:
-                return sent
-            while self._book.reporting(None) and time.monotonic() < until:
-                await asyncio.sleep(0.001)
+        return await self._arun(self._final_reports_plan() if final
+                                else self._reports_plan(self._book.due(time.monotonic())))
 
     def slice_holdings(self) -> dict[str, tuple[int, int, int]]:
         """This process's slices: counter key -> (leased, held by its calls in flight, settled

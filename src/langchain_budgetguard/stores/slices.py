@@ -22,7 +22,8 @@ dies, Redis drops the slice when its lease ends and charges all of it: the calls
 may have been served and their settles never reported, so each is charged its full reservation,
 never an input estimate (``expired_hold`` applies to holds in Redis, not to slices); at most a
 slice's worth (1/20 of the room left when it was sized, plus what its calls in flight held). A
-late report from a process that was only paused replaces that charge with what it reports.
+late report from a process that was only paused replaces that charge with what it reports, once
+(a report that had applied before the lease ended, its reply lost, replaces it when sent again).
 
 Call ids: a call admitted here is known here for its lease and the store's retry window after
 it ends, as a Redis record would be: a reserve of that id in this process is refused

@@ -15,8 +15,8 @@
 -- counts entries, so a batch entry trims at max rows / count. If the slice's lease ends, expiry
 -- charges all of it (its process may have served calls it never reported).
 -- Returns {code, grant, spent, held (holds and slices, with this grant), then (1, threshold,
--- spent) per alert fired}: code 1 applied, 2 this seq was applied before (nothing changed; grant
--- is the slice's grant now).
+-- spent) per alert fired}: code 1 applied, 2 this seq was applied before (nothing changed, but
+-- for a reaped slice's charge replaced once; grant is the slice's grant now).
 local c, l, x, stream, srec = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local sid = ARGV[1]
 if type(sid) ~= 'string' or not string.match(sid, '^%w+$') or #sid > 64 then
@@ -76,34 +76,39 @@ local function reply()
 end
 reap(c, l, now, keep)
 fire_alerts(c, 1, fired)
-local seen = redis.call('GET', srec)
-if seen and tonumber(seen) >= tonumber(seq) then
-  out[1] = 2
-  return reply()
-end
-
 -- A slice its lease already reaped has no grant left, and what expiry charged for it is
 -- replaced by what this report says.
 local v = redis.call('HGET', c, '%' .. sid)
+local charged = not v and redis.call('HGET', c, '!' .. SLICE .. sid)
+local seen = redis.call('GET', srec)
+local again = seen and tonumber(seen) >= tonumber(seq)
+-- A report applied before changes nothing, unless it is the last one applied and the slice's
+-- lease reaped the slice since (its reply was lost, then Redis was away past the lease): its
+-- batch was charged then, and the charge of the grant it made is replaced now, once ('!' goes).
+if again and not (charged and tonumber(seen) == tonumber(seq)) then
+  out[1] = 2
+  return reply()
+end
 local old = v and string.match(v, '^(%d+):') or '0'
-if not v then
-  local charged = redis.call('HGET', c, '!' .. SLICE .. sid)
-  if charged then
-    sub_spent(c, charged)
-    redis.call('HDEL', c, '!' .. SLICE .. sid)
-    redis.call('ZREM', l, TAB .. SLICE .. sid)
-  end
+if charged then
+  sub_spent(c, charged)
+  redis.call('HDEL', c, '!' .. SLICE .. sid)
+  redis.call('ZREM', l, TAB .. SLICE .. sid)
 end
-if refund then sub_spent(c, total) else add_spent(c, total) end
-if max_rows ~= '' and max_rows ~= '0' and rows > 0 then
-  local entries = math.max(1, math.floor(tonumber(max_rows) / rows))
-  redis.call('XADD', stream, 'MAXLEN', '~', string.format('%d', entries), '*', 'n', ARGV[17], 'J', ARGV[18],
-             'C', ARGV[19])
-  if keep_rows_ms ~= '' then
-    redis.call('XTRIM', stream, 'MINID', '~', tostring(now - tonumber(keep_rows_ms)))
+if again then
+  out[1] = 2
+else
+  if refund then sub_spent(c, total) else add_spent(c, total) end
+  if max_rows ~= '' and max_rows ~= '0' and rows > 0 then
+    local entries = math.max(1, math.floor(tonumber(max_rows) / rows))
+    redis.call('XADD', stream, 'MAXLEN', '~', string.format('%d', entries), '*', 'n', ARGV[17], 'J', ARGV[18],
+               'C', ARGV[19])
+    if keep_rows_ms ~= '' then
+      redis.call('XTRIM', stream, 'MINID', '~', tostring(now - tonumber(keep_rows_ms)))
+    end
   end
+  fire_alerts(c, 1, fired)
 end
-fire_alerts(c, 1, fired)
 
 -- Size the slice in the room the others leave: limit - spent - holds - (slices - this one), at
 -- most 1/(div + 4 per other slice) of it: many processes' slices together stay a small part of
