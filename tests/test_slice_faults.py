@@ -201,3 +201,19 @@ def test_a_report_applied_with_its_reply_lost_then_reaped_replaces_the_charge_on
     assert not [f for f in admin.hkeys(counter) if f[0] in "%!gn"] and not admin.zrange(leases, 0, -1)
     other.close()
     store.close()
+
+
+@pytest.mark.redis
+def test_a_late_settle_after_the_slice_was_returned_is_reported_by_the_timer(
+        redis_url: str, admin: redis.Redis) -> None:  # noqa: F811
+    store = _sliced(redis_url)
+    key = "{late-settle}:b:global"
+    assert store.reserve([Counter(key, 10**6)], Hold("a", 1000, 0.5, charge_on_expiry=300)).ok
+    # Its lease ends here (never renewed): the timer charges 300, reports it, returns the idle slice and stops.
+    _wait_for(lambda: store._slice_timer is None and not store.slice_holdings())
+    assert _counter(admin, store, key) == {"s": 300, "h": 0, "g": 0}
+    assert store.settle("a", [key], 800).applied  # the late settle replaces the expiry charge
+    _wait_for(lambda: _counter(admin, store, key)["s"] == 800)  # reported by a timer, not only at close
+    _wait_for(lambda: not store.slice_holdings())
+    assert _counter(admin, store, key) == {"s": 800, "h": 0, "g": 0}
+    store.close()

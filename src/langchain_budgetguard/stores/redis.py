@@ -1124,6 +1124,7 @@ class RedisStore:
             return None
         if call is SETTLED_BEFORE:
             return SettleResult(applied=False)
+        self._start_slice_timer()  # (a late settle may put back a slice the timer returned and left)
         sliced = {found.key for found, _, _ in call.taken}
         rest = tuple(k for k in dict.fromkeys(keys) if k not in sliced)  # in Redis (or never held there)
         if rest:
