@@ -217,3 +217,26 @@ def test_a_late_settle_after_the_slice_was_returned_is_reported_by_the_timer(
     _wait_for(lambda: not store.slice_holdings())
     assert _counter(admin, store, key) == {"s": 800, "h": 0, "g": 0}
     store.close()
+
+
+@pytest.mark.redis
+def test_a_release_after_the_lease_ended_refunds_the_expiry_charge_as_without_slices(
+        redis_url: str, admin: redis.Redis) -> None:  # noqa: F811
+    store = _sliced(redis_url)
+    hot, cold = "{rel}:b:global", "{rel}:b:user:u1"
+    assert store.reserve([Counter(hot, 10**6)], Hold("warm", 10, 30)).ok  # the global counter has a slice
+    assert store.settle("warm", [hot], 0).applied
+    store._book.hot_hits = 1000  # the user stays cold: the call is split
+    hold = Hold("a", 1000, 0.3, charge_on_expiry=400)
+    assert store.reserve([Counter(hot, 10**6), Counter(cold, 10**6)], hold).ok
+    assert store.slice_holdings()[hot][1] == 1000
+    _wait_for(lambda: [s.spent for s in store.read([hot, cold])] == [400, 400])  # expiry charged both parts
+    store.release("a", [hot, cold], Hold("a", 1000, 0.3, charge_on_expiry=400, token="other"))  # not its attempt
+    assert [s.spent for s in store.read([hot, cold])] == [400, 400]
+    store.release("a", [hot, cold], hold)
+    assert [s.spent for s in store.read([hot, cold])] == [0, 0]
+    store.release("a", [hot, cold], hold)  # once
+    assert store.settle("a", [hot, cold], 900).applied is False  # released: a settle changes nothing
+    store.close()
+    assert _counter(admin, store, hot) == {"s": 0, "h": 0, "g": 0}
+    assert _counter(admin, store, cold)["s"] == 0

@@ -983,9 +983,11 @@ class RedisStore:
         lease = check_seconds(hold.lease_seconds, "Hold.lease_seconds")
         tombstone_ms = str(_ms(lease) + int(self._retry_ms))
         self._lease_ends.pop(call_id, None)
-        if self._book is not None and self._book.calls:
+        if self._book is not None:
             local = self._book.release(call_id, check_token(hold.token), time.monotonic())
             if local is not None:
+                if local is not SETTLED_BEFORE:
+                    self._start_slice_timer()  # (a release after expiry has its refund to report)
                 if not local.cold:  # (SETTLED_BEFORE has none: nothing to release)
                     return
                 keys = local.cold

@@ -28,7 +28,8 @@ late report from a process that was only paused replaces that charge with what i
 Call ids: a call admitted here is known here for its lease and the store's retry window after
 it ends, as a Redis record would be: a reserve of that id in this process is refused
 (``reused``), a repeated settle changes nothing, a settle after the call's lease ended here
-(the store's timer charged its ``charge_on_expiry``) replaces that charge. A reserve of the same
+(the store's timer charged its ``charge_on_expiry``) replaces that charge, and a release then
+(by the attempt that reserved it) refunds it, as ``release.lua`` does. A reserve of the same
 id in another process is not refused (each call is charged). The report marks each call
 settled in Redis only by its ledger row (a slice's part of a call is never journaled: a report
 that cannot reach Redis is kept and sent again as it was).
@@ -79,7 +80,7 @@ class Reported:
     """A settle made from a slice, waiting for the slice's next report."""
 
     call_id: str
-    amount: int  # on this counter; below 0 for a late settle below what expiry charged
+    amount: int  # on this counter; below 0 for a late settle below what expiry charged, or a release after it
     row_amount: int = 0
     row: Any = None  # the call's LedgerRow (with one counter of the call only), encoded when reported
 
@@ -309,12 +310,25 @@ class SliceBook:
                 self._end(call_id, None, now)
 
     def release(self, call_id: str, token: str, now: float) -> LocalCall | None:
-        """Release a call admitted here (only by the attempt that reserved it); SETTLED_BEFORE
-        for a call that ended here or belongs to another attempt (nothing changes)."""
+        """Release a call admitted here (only by the attempt that reserved it; one whose lease
+        ended here gets back what expiry charged, as in Redis); SETTLED_BEFORE for a call that
+        was settled or released, or belongs to another attempt (nothing changes)."""
         with self.lock:
             call = self.calls.get(call_id)
             if call is None:
-                return SETTLED_BEFORE if call_id in self.ended else None
+                ended = self.ended.get(call_id)
+                if ended is None:
+                    return None
+                call = ended[1]
+                if call is None or call.token != token:
+                    return SETTLED_BEFORE
+                for found, _, charge in call.taken:
+                    found = self.slices.setdefault(found.key, found)  # (its slice may be returned since)
+                    found.unreported.append(Reported(call_id, -charge))
+                    found.unreported_sum -= charge
+                del self.ended[call_id]
+                self._end(call_id, None, now)
+                return call
             if call.token != token:
                 return SETTLED_BEFORE
             del self.calls[call_id]
