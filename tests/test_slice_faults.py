@@ -240,3 +240,20 @@ def test_a_release_after_the_lease_ended_refunds_the_expiry_charge_as_without_sl
     store.close()
     assert _counter(admin, store, hot) == {"s": 0, "h": 0, "g": 0}
     assert _counter(admin, store, cold)["s"] == 0
+
+
+@pytest.mark.redis
+async def test_the_owner_reads_its_own_calls_in_flight_as_held_not_sliced(redis_url: str) -> None:  # noqa: F811
+    owner = _sliced(redis_url)
+    key = "{own}:b:global"
+    assert owner.reserve([Counter(key, 10**9)], Hold("a", 5000, 30)).ok
+    assert owner.slice_holdings()[key][1] == 5000  # admitted from its slice
+    for state in (owner.read([key])[0], (await owner.aread([key]))[0]):
+        assert (state.spent, state.held, state.sliced) == (0, 5000, 0)
+    other = RedisStore(redis_url, prefix=owner.prefix)
+    (state,) = other.read([key])
+    assert (state.held, state.sliced) == (5000, 5000)  # from elsewhere, the owner's slice is a slice
+    assert owner.settle("a", [key], 4000).applied
+    owner.close()
+    assert other.read([key]) == [CounterState(4000, 0)]
+    other.close()

@@ -1352,6 +1352,11 @@ class RedisStore:
         states = [CounterState()] * len(keys)
         for group in _groups(keys):
             _fill(states, keys, group, _read_states((yield self._call("read", group, None, [self._retry_ms]))))
+        if self._book is not None and len(self._book):
+            # What is left of this process's own slices holds its calls in flight: held, not sliced.
+            own = self._book.holdings()
+            states = [CounterState(s.spent, s.held, max(0, s.sliced - own[k][0])) if k in own and s.sliced else s
+                      for k, s in zip(keys, states)]
         return states
 
     def _read_overrides_plan(self, name: str, known_version: str | None) -> Plan[OverridesSnapshot]:
@@ -1713,7 +1718,8 @@ class RedisStore:
     def read(self, keys: Sequence[str]) -> list[CounterState]:
         """Each counter's spent and held (zeros for a counter never used). This process's slices
         of them are reported and returned first, so that it reads its own settles and holds as
-        they are (``CounterState.sliced``: what other processes' slices hold)."""
+        they are (``CounterState.sliced``: what other processes' slices hold; this process's
+        calls in flight are ``held`` only)."""
         self._wait_for_reports(keys)
         return self._op(self._read_plan(keys))
 
