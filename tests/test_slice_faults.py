@@ -257,3 +257,35 @@ async def test_the_owner_reads_its_own_calls_in_flight_as_held_not_sliced(redis_
     owner.close()
     assert other.read([key]) == [CounterState(4000, 0)]
     other.close()
+
+
+DROPPED_AT_EXIT = r"""
+import gc, sys
+import langchain_budgetguard.stores.slices as slices
+from langchain_budgetguard.stores.base import Counter, Hold
+from langchain_budgetguard.stores.redis import RedisStore
+
+slices.REPORT_SECONDS = slices.IDLE_SECONDS = 3600.0  # its timer reports nothing: exit must
+url, prefix, key = sys.argv[1:]
+
+def per_request():
+    store = RedisStore(url, prefix=prefix, lease_slices=True)
+    store._book.hot_hits = 1
+    for i in range(3):
+        assert store.reserve([Counter(key, 10**9)], Hold(f"r{i}", 1000, 30, charge_on_expiry=1000)).ok
+        assert store.settle(f"r{i}", [key], 600).applied
+
+per_request()
+gc.collect()
+"""
+
+
+@pytest.mark.redis
+def test_a_store_dropped_without_close_is_flushed_at_exit(redis_url: str, admin: redis.Redis) -> None:  # noqa: F811
+    prefix, key = fresh_prefix(), "{dropped-exit}:b:global"
+    done = subprocess.run([sys.executable, "-c", DROPPED_AT_EXIT, redis_url, prefix, key], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    reader = RedisStore(redis_url, prefix=prefix)
+    assert _counter(admin, reader, key) == {"s": 1800, "h": 0, "g": 0}
+    reader.close()
