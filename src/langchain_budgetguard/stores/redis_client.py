@@ -114,7 +114,8 @@ def parse_url(url: str) -> RedisTarget:
             try:
                 store_options[name] = float(store_options[name])
             except ValueError:
-                raise ValueError(f"{name} in the URL must be a number of seconds, got {store_options[name]!r}") from None
+                got = store_options[name]
+                raise ValueError(f"{name} in the URL must be a number of seconds, got {got!r}") from None
     userinfo, _, hostlist = parts.netloc.rpartition("@")
     default_port = 26379 if flavour == "sentinel" else 6379
     hosts = tuple(_split_host(h, default_port) for h in hostlist.split(",") if h) if hostlist else ()
