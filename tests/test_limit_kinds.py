@@ -52,6 +52,29 @@ def test_a_per_model_limit_beside_a_per_user_limit_draws_on_both() -> None:
     assert user.spent == per_model.spent == Decimal("0.09")
 
 
+class _Down(UsageChat):
+    def _generate(self, *args: Any, **kwargs: Any) -> Any:
+        raise ConnectionRefusedError("the primary is down")  # never reached a provider: costs nothing
+
+
+def test_an_inner_fallback_is_held_on_each_models_counter_and_charged_to_the_one_that_served() -> None:
+    limits = [Limit(usd="0.10", per="model"), Limit(usd="5", per="user")]
+    policy = BudgetGuard(limits=limits, store=MemoryStore(), prices=PRICES, estimator=ExactEstimator(1000))
+    fallback = policy.wrap(_Down(model_name="mini", max_tokens=1000).with_fallbacks([model("big")]))  # big answers every call
+    direct = policy.wrap(model("big"))
+    config = {"configurable": {"user_id": "alice"}}
+    assert fallback.invoke("hi", config=config).response_metadata["budgetguard"]["model"] == "big"
+    mini, _ = policy.status(config, model_id="mini")
+    big, user = policy.status(config, model_id="big")
+    assert (mini.scope_id, big.scope_id, user.scope) == ("mini", "big", "user")
+    assert (mini.spent, mini.held, big.spent) == (0, 0, Decimal("0.09"))  # charged to the model that served
+    for guard in (fallback, direct):  # big's own $0.10 has no room for another $0.09 call
+        with pytest.raises(BudgetExceededError) as refused:
+            guard.invoke("hi", config=config)
+        assert "big" in {r.scope_id for r in refused.value.refusals}
+    assert policy.status(config, model_id="big")[1].spent == Decimal("0.09")  # the user's counter: once
+
+
 # -- tokens and requests beside dollars, all or nothing, 8 processes on one Redis ------------------
 
 import multiprocessing  # noqa: E402

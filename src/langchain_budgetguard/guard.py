@@ -677,9 +677,12 @@ class BudgetGuard(BaseChatModel):
         policy = self.policy
         if policy.per_model:
             def plans(candidate: _Candidate, estimate: Estimate) -> CounterPlan:
-                # The model the call is priced for (a per-call model= kwarg or configurable choice included).
-                model = (estimate.refs[0].name if estimate.refs else None) or candidate.label
-                return policy.plan(call.identity, model=model)  # type: ignore[arg-type]
+                # Every model the call may go to (a per-call model= kwarg or configurable choice
+                # included; an inner fallback's too): each one's counter must fit the call.
+                names = [ref.name for ref in estimate.refs if ref.name] or [candidate.label]
+                if len(names) == 1:
+                    return policy.plan(call.identity, model=names[0])
+                return policy.plan_for_models(call.identity, names)
         else:
             def plans(candidate: _Candidate, estimate: Estimate) -> CounterPlan:
                 return call.plan
@@ -958,11 +961,13 @@ class BudgetGuard(BaseChatModel):
         limit counts tokens or requests (a call answered from LangChain's cache counts no request)."""
         options = self._ledger_row(admitted, cost)
         plan = admitted.plan
-        if plan is not None and plan.counted:
+        if plan is not None and (plan.counted or plan.models):
             usage = cost.usage if cost is not None else None
             tokens = usage.input_tokens + usage.output_tokens if usage is not None else 0
             cached = cost is not None and not cost.estimated and not cost.charged_nano and not tokens
-            options["amounts"] = plan.amounts(amount, tokens, 0 if cached else 1)
+            # A call charged by policy (its cost unknown) is charged on every model it may have used.
+            served = cost.model if cost is not None and not cost.problem else None
+            options["amounts"] = plan.amounts(amount, tokens, 0 if cached else 1, served)
         return options
 
     def _settle_sync(self, admitted: Admitted, amount: int, cost: CallCost | None = None) -> SettleResult:

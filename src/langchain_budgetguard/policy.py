@@ -100,6 +100,9 @@ class CounterPlan:
     requests), live and config overrides applied (see ``overrides``); None means each limit's own
     amount. ``thresholds`` are each counter's alert amounts (``Limit.alerts`` of its cap).
     ``counted`` is True when a limit counts tokens or requests: its counters hold amounts of their own.
+    ``models``: for a call that more than one model may serve (an inner fallback) under
+    ``per="model"`` limits, the model of each counter (None: a counter of every model's); the call
+    holds on every model's counters, and its settle charges the model that served it.
     """
 
     limits: tuple[Limit, ...]
@@ -110,6 +113,7 @@ class CounterPlan:
     caps: tuple[int, ...] | None = None
     thresholds: tuple[tuple[int, ...], ...] = ()
     counted: bool = False
+    models: tuple[str | None, ...] = ()
     # (fraction, shadow) -> counters, for a plan whose counters hold no amount of their own
     _counters: dict[Any, tuple[Counter, ...]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -151,12 +155,17 @@ class CounterPlan:
             out.append(Counter(key, cap, exp, **extra) if extra else Counter(key, cap, exp))
         return tuple(out)
 
-    def amounts(self, charged: int, tokens: int, requests: int) -> list[int] | None:
+    def amounts(self, charged: int, tokens: int, requests: int, served: str | None = None) -> list[int] | None:
         """What a settle charges each counter: ``charged`` nano-USD on dollar counters, ``tokens`` and
-        ``requests`` on the others; None when every counter is in dollars (one amount for all)."""
-        if not self.counted:
+        ``requests`` on the others; None when every counter is in dollars (one amount for all).
+        ``served``: the model that answered; the counters of the other ``models`` are charged nothing
+        (a model not among them, or none known: every model's counters are charged)."""
+        if not self.counted and not self.models:
             return None
-        return [charged if x.unit == "usd" else tokens if x.unit == "tokens" else requests for x in self.limits]
+        models = self.models if served is not None and served in self.models else ()
+        return [0 if models and models[i] is not None and models[i] != served
+                else charged if x.unit == "usd" else tokens if x.unit == "tokens" else requests
+                for i, x in enumerate(self.limits)]
 
     def refusal(self, index: int, state: CounterState, estimate: int, model: str, **explained: Any) -> Refusal:
         """Why counter ``index`` refused; ``explained`` adds what the estimate is made of (Refusal's fields)."""
@@ -425,6 +434,25 @@ class BudgetPolicy:
             self._plans.clear()
         self._plans[key] = (plan, min(turns, default=float("inf")), generation)
         return plan
+
+    def plan_for_models(self, identity: Identity, models: Sequence[str]) -> CounterPlan:
+        """``plan`` for a call any of ``models`` may serve: every model's ``per="model"`` counters,
+        and the other limits' counters once (``CounterPlan.models`` says whose each is)."""
+        plans = [(model, self.plan(identity, model=model)) for model in dict.fromkeys(models)]
+        if len(plans) == 1 or not self.per_model:
+            return plans[0][1]
+        parts: dict[str, tuple[Any, ...]] = {}
+        for model, plan in plans:
+            for i, key in enumerate(plan.keys):
+                if key not in parts:
+                    parts[key] = (plan.limits[i], plan.scope_ids[i], plan.windows[i], plan.expires_at[i], plan.cap(i),
+                                  plan.thresholds[i] if plan.thresholds else (),
+                                  model if plan.limits[i].per == MODEL else None)
+        rows = list(parts.values())
+        thresholds = tuple(r[5] for r in rows)
+        return CounterPlan(tuple(r[0] for r in rows), tuple(r[1] for r in rows), tuple(r[2] for r in rows),
+                           tuple(parts), tuple(r[3] for r in rows), tuple(r[4] for r in rows),
+                           thresholds if any(thresholds) else (), self.counted, tuple(r[6] for r in rows))
 
     def limit_nano(self, limit: Limit, scope_id: str | None) -> int:
         """The limit in force on ``limit``'s counter for ``scope_id`` (nano-USD), overrides applied."""
