@@ -96,8 +96,9 @@ settle is queued answers False. A settle spanning several tags is sent at once, 
 carrying; so is one whose hold this store did not place (or renew), or whose lease may end
 within ``CARRY_LEASE_MARGIN`` (1 s) plus two windows: a queued settle's hold is never reaped
 while its process lives. Its hold stays in Redis until it lands, so money is held a little longer and never
-spent twice: spent + held <= limit at every instant. A script call that fails journals the
-settles it carried (replayed exactly once, as above). If the process dies with settles queued
+spent twice: spent + held <= limit at every instant. A script call that fails, or whose caller
+is interrupted or cancelled while it waits, journals the settles it carried (replayed exactly
+once, as above). If the process dies with settles queued
 (at most those of the last window), their holds expire with their lease and are charged all they
 reserved (the calls were served): a carrying store places every hold with an expiry charge of
 its full amount, whatever ``charge_on_expiry`` the hold asked for, since it cannot tell Redis
@@ -120,6 +121,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import functools
+import inspect
 import logging
 import math
 import os
@@ -916,6 +918,10 @@ class RedisStore:
                 reached = [g for g, _, _ in placed] + ([] if isinstance(exc, _NotSent) else [group])
                 yield from self._release(reached, call_id, token, tombstone_ms, lease_seconds)
                 raise
+            except BaseException as exc:  # cancelled or interrupted: the carried settles are not lost
+                if carried:
+                    self._carry_failed(carried, exc)
+                raise
             if carried:
                 reply = self._carry_done(carried, reply)
             width = 2 + 2 * len(group.keys)
@@ -1263,9 +1269,10 @@ class RedisStore:
                 log.exception("on_carried_crossed failed for call %s", entry.call_id)
         return reply[0]
 
-    def _carry_failed(self, carried: Sequence[CarriedSettle], exc: Exception) -> None:
-        """Carried settles whose script call failed: journaled, replayed exactly once later
-        (the settle script is idempotent: one that did apply changes nothing the second time)."""
+    def _carry_failed(self, carried: Sequence[CarriedSettle], exc: BaseException) -> None:
+        """Carried settles whose script call failed or was interrupted: journaled, replayed
+        exactly once later (the settle script is idempotent by call id: one that did apply
+        changes nothing the second time)."""
         for entry in carried:
             self._journal_settle(entry.call_id, entry.counter_keys, entry.amount, exc, entry.row, entry.amounts)
 
@@ -1274,24 +1281,37 @@ class RedisStore:
         by_slot: dict[str, list[CarriedSettle]] = {}
         for entry in entries:
             by_slot.setdefault(entry.slot, []).append(entry)
-        for batch in by_slot.values():
-            for start in range(0, len(batch), MAX_CARRIED):
-                chunk = batch[start : start + MAX_CARRIED]
-                keys, args = carry_arguments(chunk)
-                try:
-                    reply = yield _Call("carry", keys, args)
-                except BudgetStoreUnavailableError as exc:
-                    self._carry_failed(chunk, exc)
-                    continue
-                self._carry_done(chunk, reply)
+        chunks = [batch[start : start + MAX_CARRIED] for batch in by_slot.values()
+                  for start in range(0, len(batch), MAX_CARRIED)]
+        for number, chunk in enumerate(chunks):
+            keys, args = carry_arguments(chunk)
+            try:
+                reply = yield _Call("carry", keys, args)
+            except BudgetStoreUnavailableError as exc:
+                self._carry_failed(chunk, exc)
+                continue
+            except BaseException as exc:  # cancelled or interrupted: this chunk and the rest are journaled
+                self._carry_failed([e for rest in chunks[number:] for e in rest], exc)
+                raise
+            self._carry_done(chunk, reply)
 
     def _flush_carried_due(self, entries: list[CarriedSettle]) -> None:
         """The timer thread's flush (sync client)."""
+        plan = self._flush_plan(entries)
         try:
-            self._run(self._flush_plan(entries))
-        except Exception:  # noqa: BLE001 - a bug here must not lose them silently: journal them
-            log.exception("flushing carried settles of %s failed; journaled", self.where)
-            self._carry_failed(entries, BudgetStoreUnavailableError("carried settle flush failed"))
+            self._run(plan)
+        except BaseException as exc:
+            self._flush_broke(plan, entries, exc)
+            if not isinstance(exc, Exception):
+                raise
+
+    def _flush_broke(self, plan: Plan[None], entries: list[CarriedSettle], exc: BaseException) -> None:
+        """A flush that raised: a plan that started journaled what it did not send; one that
+        never started (its client could not be built) leaves them all to journal here."""
+        if inspect.getgeneratorstate(plan) == inspect.GEN_CREATED:
+            self._carry_failed(entries, exc)
+        if isinstance(exc, Exception):  # a bug or a client that cannot be built: say so
+            log.error("flushing carried settles of %s failed; journaled", self.where, exc_info=exc)
 
     def flush_carried(self) -> int:
         """Send every queued carried settle now (sync client); returns how many were queued."""
@@ -1308,11 +1328,13 @@ class RedisStore:
         if self._carry is None or not len(self._carry):
             return 0
         entries = self._carry.take_all(loop=loop)
+        plan = self._flush_plan(entries)
         try:
-            await self._arun(self._flush_plan(entries))
-        except Exception:  # noqa: BLE001 - as in _flush_carried_due
-            log.exception("flushing carried settles of %s failed; journaled", self.where)
-            self._carry_failed(entries, BudgetStoreUnavailableError("carried settle flush failed"))
+            await self._arun(plan)
+        except BaseException as exc:  # (CancelledError too: asyncio.run ending, a wait_for)
+            self._flush_broke(plan, entries, exc)
+            if not isinstance(exc, Exception):
+                raise
         return len(entries)
 
     def _arm_loop_timer(self, loop: Any) -> None:
@@ -1514,16 +1536,21 @@ class RedisStore:
         try:
             call = next(plan)
             while True:
-                if call is _WAIT:
-                    time.sleep(_WAIT_SECONDS)
-                    call = plan.send(None)
-                    continue
                 try:
-                    reply = self._execute(call, _ONCE if call.once else policy)
+                    if call is _WAIT:
+                        time.sleep(_WAIT_SECONDS)
+                        reply = None
+                    else:
+                        reply = self._execute(call, _ONCE if call.once else policy)
                 except BudgetStoreUnavailableError as exc:
                     call = plan.throw(exc)
-                else:
-                    call = plan.send(reply)
+                    continue
+                except BaseException:
+                    # Interrupted (KeyboardInterrupt, a signal's timeout) or a bug: the plan's own
+                    # cleanup runs (carried settles journaled, slices freed) before it propagates.
+                    plan.close()
+                    raise
+                call = plan.send(reply)
         except StopIteration as stop:
             return stop.value
 
@@ -2014,16 +2041,19 @@ class RedisStore:
         try:
             call = next(plan)
             while True:
-                if call is _WAIT:
-                    await asyncio.sleep(_WAIT_SECONDS)
-                    call = plan.send(None)
-                    continue
                 try:
-                    reply = await self._aexecute(call, _ONCE if call.once else policy)
+                    if call is _WAIT:
+                        await asyncio.sleep(_WAIT_SECONDS)
+                        reply = None
+                    else:
+                        reply = await self._aexecute(call, _ONCE if call.once else policy)
                 except BudgetStoreUnavailableError as exc:
                     call = plan.throw(exc)
-                else:
-                    call = plan.send(reply)
+                    continue
+                except BaseException:  # cancelled, or a bug: as in _run
+                    plan.close()
+                    raise
+                call = plan.send(reply)
         except StopIteration as stop:
             return stop.value
 
