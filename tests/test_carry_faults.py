@@ -8,11 +8,14 @@ its ledger row written; nothing lost with the exception that interrupted it.
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import redis
+import redis.asyncio
 
 from langchain_budgetguard.stores.base import Counter, CounterState, Hold
 from langchain_budgetguard.stores.ledger import LedgerRow
@@ -173,3 +176,55 @@ async def test_a_reserve_cancelled_during_a_slice_refill_frees_the_slice(redis_u
         other.close()
     finally:
         await store.aclose()
+
+
+# -- 2, 7. asyncio settles whose event loop ends ---------------------------------------------------
+
+
+def test_a_settle_queued_by_a_loop_that_ends_at_once_still_lands(redis_url: str, admin: redis.Redis) -> None:
+    store = RedisStore(redis_url, prefix=fresh_prefix(), carry_settles=True)  # the default 3 ms window
+    key = key_of()
+
+    async def job() -> None:  # the usual script: asyncio.run(guard.ainvoke(...)) ends the loop at once
+        assert (await store.areserve([Counter(key, 1000)], Hold("a", 100, 30))).ok
+        assert (await store.asettle("a", [key], 30, row=row("a", key))).pending
+
+    try:
+        asyncio.run(job())
+        wait_until(lambda: stored(admin, store, key) == CounterState(30, 0), timeout=10, what="the settle sent")
+        assert [r.call_id for r in store.read_ledger("b")] == ["a"]
+    finally:
+        store.close()
+
+
+def test_a_store_given_only_an_asyncio_client_sends_each_settle_at_once(redis_url: str, admin: redis.Redis) -> None:
+    prefix = fresh_prefix()
+    key = key_of()
+
+    async def job() -> None:
+        client = redis.asyncio.Redis.from_url(redis_url)
+        store = RedisStore(client, prefix=prefix, carry_settles=True)
+        assert store.carry_settles is False  # nothing would send a queued settle once the loop ends
+        assert (await store.areserve([Counter(key, 1000)], Hold("a", 100, 30))).ok
+        result = await store.asettle("a", [key], 30)
+        assert (result.applied, result.pending) == (True, False)
+        assert stored(admin, store, key) == CounterState(30, 0)
+        await store.aclose()
+        await client.aclose()
+
+    asyncio.run(job())
+
+
+def test_a_dropped_store_whose_async_settles_landed_is_freed(redis_url: str, admin: redis.Redis) -> None:
+    store = RedisStore(redis_url, prefix=fresh_prefix(), carry_settles=True, carry_window_seconds=0.005)
+    key = key_of()
+
+    async def job() -> None:
+        assert (await store.areserve([Counter(key, 1000)], Hold("a", 100, 30))).ok
+        assert (await store.asettle("a", [key], 30)).pending
+
+    asyncio.run(job())
+    wait_until(lambda: stored(admin, store, key) == CounterState(30, 0), timeout=10, what="the settle sent")
+    ref = weakref.ref(store)
+    del store
+    wait_until(lambda: gc.collect() >= 0 and ref() is None, timeout=10, what="the store freed")

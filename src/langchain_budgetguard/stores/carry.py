@@ -5,8 +5,11 @@ is only held a little longer, never spent twice or overspent) until the next res
 process on the same tag sends it and the reservation in one script call (``lua/carry.lua``).
 A settle that no reserve picks up within ``window`` seconds is flushed (within two windows) by
 one timer thread per store (a daemon that ticks every window while settles come and sleeps once
-the queue has been empty for ``LINGER``; asyncio settles use ``loop.call_later``),
-by ``read()``, ``close()`` and at interpreter exit.
+the queue has been empty for ``LINGER``), by ``read()``, ``close()`` and at interpreter exit.
+Asyncio settles too: the timer thread sends them with the store's sync client, so a settle
+never depends on its event loop living on (``asyncio.run(...)`` ends the loop a few ms after
+the call; a ``call_later`` timer would never fire). A store with no sync client (given only an
+asyncio client) therefore queues nothing: each settle is sent at once.
 
 If the process dies with settles queued, their holds expire at the end of their lease and are
 charged all they reserved: such a call was served, and its actual cost is at most that. (A
@@ -65,7 +68,6 @@ class CarriedSettle:
     amount: int
     amounts: tuple[int, ...] | None
     row: LedgerRow | None
-    loop: Any = None  # the event loop whose timer flushes it (None: the store's timer thread)
     queued_at: float = field(default_factory=time.monotonic)
 
 
@@ -95,8 +97,8 @@ def carry_arguments(settles: Sequence[CarriedSettle], keys: Sequence[str] = (),
 class SettleQueue:
     """The settles of one store waiting to be carried, and the timer thread that flushes them.
 
-    ``flush`` is called from the timer thread with the entries whose window is over (only those
-    with no event loop); it must send them or journal them. ``hold`` is called when the queue
+    ``flush`` is called from the timer thread with the entries whose window is over; it must
+    send them or journal them. ``hold`` is called when the queue
     stops being empty and ``let_go`` when the timer thread finds it empty again (both under the
     queue's lock): the owner keeps itself alive in between, so that settles are never dropped
     with a store nobody refers to any more.
@@ -130,12 +132,11 @@ class SettleQueue:
             if not self._entries and self._hold is not None:
                 self._hold()
             self._entries.append(entry)
-            if entry.loop is None:
-                if self._thread is None:
-                    self._thread = threading.Thread(target=self._run, daemon=True, name="budgetguard-carry")
-                    self._thread.start()
-                elif self._idle:
-                    self._cond.notify()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, daemon=True, name="budgetguard-carry")
+                self._thread.start()
+            elif self._idle:
+                self._cond.notify()
 
     def take(self, slot: str, limit: int = MAX_CARRIED) -> list[CarriedSettle]:
         """Up to ``limit`` queued settles of tag ``slot``, oldest first (removed from the queue)."""
@@ -159,14 +160,12 @@ class SettleQueue:
                 self._entries = [e for e in self._entries if e.call_id != call_id]
             return taken
 
-    def take_all(self, loop: Any = ..., due_before: float | None = None) -> list[CarriedSettle]:
-        """Every queued settle (of event loop ``loop`` when given; queued before ``due_before``
-        when given), removed from the queue."""
+    def take_all(self, due_before: float | None = None) -> list[CarriedSettle]:
+        """Every queued settle (queued before ``due_before`` when given), removed from the queue."""
         with self._cond:
             keep, taken = [], []
             for e in self._entries:
-                mine = (loop is ... or e.loop is loop) and (due_before is None or e.queued_at <= due_before)
-                (taken if mine else keep).append(e)
+                (taken if due_before is None or e.queued_at <= due_before else keep).append(e)
             self._entries = keep
             return taken
 
@@ -189,7 +188,7 @@ class SettleQueue:
             with self._cond:
                 while not self._closed:
                     now = time.monotonic()
-                    waiting = [e.queued_at for e in self._entries if e.loop is None]
+                    waiting = [e.queued_at for e in self._entries]
                     if waiting:
                         last_busy = now
                         if min(waiting) + self.window <= now:
@@ -212,7 +211,7 @@ class SettleQueue:
             flush = self._flush()
             if flush is None:
                 return
-            due = self.take_all(loop=None, due_before=time.monotonic() - self.window)
+            due = self.take_all(due_before=time.monotonic() - self.window)
             if due:
                 flush(due)
             del flush

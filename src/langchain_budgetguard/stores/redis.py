@@ -88,8 +88,9 @@ and sent with the next reserve of this process on that tag, in one script call
 unless the call was settled before); thresholds it crosses are handed to
 ``on_carried_crossed(call_id, crossings)`` when it lands (logged if nobody set it). A settle
 that no reserve picks up within ``carry_window_seconds`` (3 ms; at most 1 s) is sent on its own,
-within two windows, by the store's timer thread (asyncio settles: ``loop.call_later`` on their
-loop; a store given only an asyncio client sends what is left in ``aclose()``), and
+within two windows, by the store's timer thread with the sync client (asyncio settles too: their
+event loop may end first, as ``asyncio.run`` does right after the call; so a store given only an
+asyncio client carries nothing: it sends each settle at once), and
 ``read()``, ``reset_counter``, ``read_index``, ``read_index_page``, ``read_ledger``, ``release`` (of that call),
 ``flush()``, ``close()`` and interpreter exit send the queue first; ``renew`` of a call whose
 settle is queued answers False. A settle spanning several tags is sent at once, as without
@@ -617,14 +618,8 @@ class RedisStore:
         self.carry_settles = bool(carry_settles)
         self.carry_window_seconds = check_window(
             DEFAULT_CARRY_WINDOW_SECONDS if carry_window_seconds is None else carry_window_seconds)
-        self._carry: SettleQueue | None = None
-        if self.carry_settles:
-            me = weakref.ref(self)
-            self._carry = SettleQueue(self.carry_window_seconds, self._flush_carried_due,
-                                      hold=lambda: _CARRYING.add(me()), let_go=lambda: _CARRYING.discard(me()))
-        self._carry_tasks: set[Any] = set()  # asyncio flushes in flight (kept from the GC)
+        self._carry: SettleQueue | None = None  # (made once the clients are known, below)
         self._lease_ends: dict[str, float] = {}  # call id -> when its lease ends at the latest (carrying)
-        self._carry_timers: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
         if lease_slices is not None and not isinstance(lease_slices, bool):
             raise ValueError(f"lease_slices must be True or False, got {lease_slices!r}")
         self.lease_slices = bool(lease_slices)
@@ -642,9 +637,6 @@ class RedisStore:
                 _hook_multiprocessing()
             me = weakref.ref(self)
             os.register_at_fork(after_in_child=lambda: (store := me()) is not None and store._forked_slices())
-        if self._carry is not None and "multiprocessing.util" in sys.modules:
-            _hook_multiprocessing()
-            sys.modules["multiprocessing.util"].register_after_fork(self, _hook_multiprocessing)
         if self._target is not None:
             self.where = describe_url(url_or_client)
         else:
@@ -662,6 +654,19 @@ class RedisStore:
                         f"their redis.asyncio twins), got {type(client).__name__}"
                     )
             self.where = describe_client(url_or_client)
+        if self.carry_settles and self._target is None and self._sync is None:
+            # The timer thread sends what no reserve carries, with a sync client; an event loop's
+            # own timer is no guarantee (the loop may end first), so such a store sends at once.
+            log.warning("budget store %s: carry_settles needs a URL or a sync client; settles are sent at once",
+                        self.where)
+            self.carry_settles = False
+        if self.carry_settles:
+            me = weakref.ref(self)
+            self._carry = SettleQueue(self.carry_window_seconds, self._flush_carried_due,
+                                      hold=lambda: _CARRYING.add(me()), let_go=lambda: _CARRYING.discard(me()))
+            if "multiprocessing.util" in sys.modules:
+                _hook_multiprocessing()
+                sys.modules["multiprocessing.util"].register_after_fork(self, _hook_multiprocessing)
         _LIVE_STORES.add(self)
         if len(self.journal):  # a file journal left by an earlier process: replay it soon
             self._start_repairer()
@@ -1224,7 +1229,7 @@ class RedisStore:
                 leases.pop(old, None)
 
     def _carry_settle(self, call_id: str, keys: Sequence[str], amount: int, amounts: Sequence[int] | None,
-                      row: LedgerRow | None, loop: Any) -> SettleResult | None:
+                      row: LedgerRow | None) -> SettleResult | None:
         """Queue a settle for the next reserve on its tag; None when it must go now (several
         tags, a tag this process has not registered yet, or a hold whose lease this store did
         not place or that may end before the queue is sent: it must never be reaped first)."""
@@ -1236,10 +1241,8 @@ class RedisStore:
             return None
         call = calls[0]
         entry = CarriedSettle(groups[0].slot, call.keys, call.args, call_id, tuple(keys), charged,
-                              None if amounts is None else tuple(amounts), row, loop)
+                              None if amounts is None else tuple(amounts), row)
         self._carry.put(entry)
-        if loop is not None:
-            self._arm_loop_timer(loop)
         return SettleResult(applied=False, charged=charged, pending=True, capped=capped)
 
     def _carried_call(self, call: _Call, slot: str) -> tuple[_Call, list[CarriedSettle]]:
@@ -1317,17 +1320,15 @@ class RedisStore:
         """Send every queued carried settle now (sync client); returns how many were queued."""
         if self._carry is None or not len(self._carry):
             return 0
-        if self._target is None and self._sync is None:
-            return 0  # an asyncio-only store: aflush_carried / aclose send them
         entries = self._carry.take_all()
         self._flush_carried_due(entries)
         return len(entries)
 
-    async def aflush_carried(self, loop: Any = ...) -> int:
-        """Async twin of ``flush_carried`` (``loop``: only the settles queued by that loop)."""
+    async def aflush_carried(self) -> int:
+        """Async twin of ``flush_carried``."""
         if self._carry is None or not len(self._carry):
             return 0
-        entries = self._carry.take_all(loop=loop)
+        entries = self._carry.take_all()
         plan = self._flush_plan(entries)
         try:
             await self._arun(plan)
@@ -1336,19 +1337,6 @@ class RedisStore:
             if not isinstance(exc, Exception):
                 raise
         return len(entries)
-
-    def _arm_loop_timer(self, loop: Any) -> None:
-        """One ``call_later`` per event loop while it has settles queued."""
-        if self._carry_timers.get(loop) is not None:
-            return
-
-        def fire() -> None:
-            self._carry_timers.pop(loop, None)
-            task = loop.create_task(self.aflush_carried(loop))
-            self._carry_tasks.add(task)
-            task.add_done_callback(self._carry_tasks.discard)
-
-        self._carry_timers[loop] = loop.call_later(self.carry_window_seconds, fire)
 
     def _renew_plan(self, call_id: str, keys: Sequence[str], lease_seconds: float) -> Plan[bool]:
         check_call_id(call_id)
@@ -1724,7 +1712,7 @@ class RedisStore:
             if local is not None:  # the call's counters in Redis settle as usual
                 keys, amounts = local
         if self._carry is not None:
-            queued = self._carry_settle(call_id, keys, amount, amounts, row, None)
+            queued = self._carry_settle(call_id, keys, amount, amounts, row)
             if queued is not None:
                 return queued
         crossed: list[Crossing] = []
@@ -2123,8 +2111,7 @@ class RedisStore:
             if local is not None:
                 keys, amounts = local
         if self._carry is not None:
-            loop = asyncio.get_running_loop() if self._async_backend() is not None else None
-            queued = self._carry_settle(call_id, keys, amount, amounts, row, loop)
+            queued = self._carry_settle(call_id, keys, amount, amounts, row)
             if queued is not None:
                 return queued
         crossed: list[Crossing] = []
