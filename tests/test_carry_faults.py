@@ -228,3 +228,23 @@ def test_a_dropped_store_whose_async_settles_landed_is_freed(redis_url: str, adm
     ref = weakref.ref(store)
     del store
     wait_until(lambda: gc.collect() >= 0 and ref() is None, timeout=10, what="the store freed")
+
+
+# -- 3. a settle above its hold --------------------------------------------------------------------
+
+
+def test_a_settle_above_what_its_hold_charges_on_expiry_is_sent_at_once(redis_url: str, admin: redis.Redis) -> None:
+    store = carrying(redis_url)
+    key, other = key_of(), key_of()
+    try:
+        assert store.reserve([Counter(key, 10_000)], Hold("a", 100, 30, charge_on_expiry=100)).ok
+        # A process killed with it queued would leave only the hold's 100 charged on expiry.
+        result = store.settle("a", [key], 500)
+        assert (result.applied, result.pending, result.charged) == (True, False, 500)
+        assert stored(admin, store, key) == CounterState(500, 0)
+        assert store.reserve([Counter(other, 10_000)], Hold("b", 100, 30, charge_on_expiry=0)).ok
+        assert store.settle("b", [other], 100).pending  # up to the full reservation: still carried
+        assert store.reserve([Counter(key, 10_000)], Hold("d", 10, 30)).ok
+        assert store.settle("d", [key], 10, amounts=[11]).pending is False  # per-key amounts count too
+    finally:
+        store.close()

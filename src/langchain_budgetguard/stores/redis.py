@@ -96,7 +96,8 @@ asyncio client carries nothing: it sends each settle at once), and
 settle is queued answers False. A settle spanning several tags is sent at once, as without
 carrying; so is one whose hold this store did not place (or renew), or whose lease may end
 within ``CARRY_LEASE_MARGIN`` (1 s) plus two windows: a queued settle's hold is never reaped
-while its process lives. Its hold stays in Redis until it lands, so money is held a little longer and never
+while its process lives; and so is one above what its hold charges on expiry (a process killed
+with it queued would undercharge it). Its hold stays in Redis until it lands, so money is held a little longer and never
 spent twice: spent + held <= limit at every instant. A script call that fails, or whose caller
 is interrupted or cancelled while it waits, journals the settles it carried (replayed exactly
 once, as above). If the process dies with settles queued
@@ -620,6 +621,7 @@ class RedisStore:
             DEFAULT_CARRY_WINDOW_SECONDS if carry_window_seconds is None else carry_window_seconds)
         self._carry: SettleQueue | None = None  # (made once the clients are known, below)
         self._lease_ends: dict[str, float] = {}  # call id -> when its lease ends at the latest (carrying)
+        self._expiry_charges: dict[str, dict[str, int]] = {}  # call id -> key -> what its hold charges on expiry
         if lease_slices is not None and not isinstance(lease_slices, bool):
             raise ValueError(f"lease_slices must be True or False, got {lease_slices!r}")
         self.lease_slices = bool(lease_slices)
@@ -959,6 +961,8 @@ class RedisStore:
             if new:
                 held = [CounterState(s.spent, s.held + plans[k].amount) for k, s in zip(group.keys, found)]
                 _fill(states, keys, group, held)
+        if whole:  # a settle above this is never queued: the expiry would undercharge it
+            self._expiry_charges[call_id] = {k: max(p.amount, p.charge_on_expiry) for k, p in plans.items()}
         duplicate = bool(placed) and not any(new for _, _, new in placed)
         return ReserveResult(ok=True, states=tuple(states), duplicate=duplicate, crossed=tuple(crossed))
 
@@ -994,6 +998,7 @@ class RedisStore:
         lease = check_seconds(hold.lease_seconds, "Hold.lease_seconds")
         tombstone_ms = str(_ms(lease) + int(self._retry_ms))
         self._lease_ends.pop(call_id, None)
+        self._expiry_charges.pop(call_id, None)
         if self._book is not None:
             local = self._book.release(call_id, check_token(hold.token), time.monotonic())
             if local is not None:
@@ -1227,15 +1232,23 @@ class RedisStore:
             now = time.monotonic()
             for old in [c for c, e in leases.items() if e < now]:
                 leases.pop(old, None)
+            for old in [c for c in self._expiry_charges if c not in leases]:
+                self._expiry_charges.pop(old, None)
 
     def _carry_settle(self, call_id: str, keys: Sequence[str], amount: int, amounts: Sequence[int] | None,
                       row: LedgerRow | None) -> SettleResult | None:
         """Queue a settle for the next reserve on its tag; None when it must go now (several
-        tags, a tag this process has not registered yet, or a hold whose lease this store did
-        not place or that may end before the queue is sent: it must never be reaped first)."""
+        tags, a tag this process has not registered yet, a hold whose lease this store did not
+        place or that may end before the queue is sent: it must never be reaped first, or a
+        settle above what the hold charges on expiry: a process killed meanwhile would
+        undercharge it)."""
         groups, calls, charged, capped = self._settle_calls(call_id, keys, amount, 0, row, amounts)
         ends = self._lease_ends.pop(call_id, None)
+        charges = self._expiry_charges.pop(call_id, None)
         if ends is None or ends - time.monotonic() < CARRY_LEASE_MARGIN + 2 * self.carry_window_seconds:
+            return None
+        each = [amount] * len(keys) if amounts is None else amounts
+        if charges is None or any(charges.get(k, -1) < a for k, a in zip(keys, each)):
             return None
         if len(groups) != 1 or groups[0].slot not in self._known_slots or self._carry is None or self._closed:
             return None
