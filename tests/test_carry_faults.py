@@ -248,3 +248,22 @@ def test_a_settle_above_what_its_hold_charges_on_expiry_is_sent_at_once(redis_ur
         assert store.settle("d", [key], 10, amounts=[11]).pending is False  # per-key amounts count too
     finally:
         store.close()
+
+
+# -- 4. a call settled twice -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("carry", [False, True])
+def test_the_first_settle_of_a_call_wins_with_or_without_carrying(redis_url: str, admin: redis.Redis,
+                                                                  carry: bool) -> None:
+    store = RedisStore(redis_url, prefix=fresh_prefix(), carry_settles=carry, carry_window_seconds=LONG)
+    key = key_of()
+    try:
+        assert store.reserve([Counter(key, 10_000)], Hold("a", 100, 30)).ok
+        store.settle("a", [key], 30, row=row("a", key))
+        late = store.settle("a", [key], 80, row=row("a", key))  # a duplicate, late settle
+        assert late.applied is False
+        assert stored(admin, store, key) == CounterState(30, 0)
+        assert [r.call_id for r in store.read_ledger("b")] == ["a"]  # one row, the first settle's
+    finally:
+        store.close()

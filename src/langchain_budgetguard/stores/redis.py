@@ -93,7 +93,8 @@ event loop may end first, as ``asyncio.run`` does right after the call; so a sto
 asyncio client carries nothing: it sends each settle at once), and
 ``read()``, ``reset_counter``, ``read_index``, ``read_index_page``, ``read_ledger``, ``release`` (of that call),
 ``flush()``, ``close()`` and interpreter exit send the queue first; ``renew`` of a call whose
-settle is queued answers False. A settle spanning several tags is sent at once, as without
+settle is queued answers False, and a second settle of it sends the queued one first (the first
+settle of a call wins, as without carrying). A settle spanning several tags is sent at once, as without
 carrying; so is one whose hold this store did not place (or renew), or whose lease may end
 within ``CARRY_LEASE_MARGIN`` (1 s) plus two windows: a queued settle's hold is never reaped
 while its process lives; and so is one above what its hold charges on expiry (a process killed
@@ -1258,6 +1259,13 @@ class RedisStore:
         self._carry.put(entry)
         return SettleResult(applied=False, charged=charged, pending=True, capped=capped)
 
+    def _queued_first(self, call_id: str, plan: Plan[T]) -> Plan[T]:
+        """``plan`` (a settle of ``call_id`` sent at once) after the call's queued settle, if any:
+        the first settle of a call wins, as without carrying."""
+        if self._carry is not None and self._carry.has_call(call_id):
+            yield from self._flush_plan(self._carry.take_call(call_id))
+        return (yield from plan)
+
     def _carried_call(self, call: _Call, slot: str) -> tuple[_Call, list[CarriedSettle]]:
         """``call`` (a reserve on tag ``slot``) with the settles queued for that tag, if any."""
         carried = self._carry.take(slot) if self._carry is not None else []
@@ -1729,7 +1737,8 @@ class RedisStore:
             if queued is not None:
                 return queued
         crossed: list[Crossing] = []
-        plan = self._settle_plan(call_id, keys, amount, row=row, amounts=amounts, crossed=crossed)
+        plan = self._queued_first(call_id, self._settle_plan(call_id, keys, amount, row=row, amounts=amounts,
+                                                             crossed=crossed))
         try:  # bad input raises ValueError inside the plan: never journaled
             return self._op(plan)
         except BudgetStoreUnavailableError as exc:
@@ -2128,7 +2137,8 @@ class RedisStore:
             if queued is not None:
                 return queued
         crossed: list[Crossing] = []
-        plan = self._settle_plan(call_id, keys, amount, row=row, amounts=amounts, crossed=crossed)
+        plan = self._queued_first(call_id, self._settle_plan(call_id, keys, amount, row=row, amounts=amounts,
+                                                             crossed=crossed))
         try:
             return await self._aop(plan)
         except BudgetStoreUnavailableError as exc:
