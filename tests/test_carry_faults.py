@@ -9,6 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import subprocess
+import sys
+import textwrap
+import threading
+import time
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -267,3 +272,77 @@ def test_the_first_settle_of_a_call_wins_with_or_without_carrying(redis_url: str
         assert [r.call_id for r in store.read_ledger("b")] == ["a"]  # one row, the first settle's
     finally:
         store.close()
+
+
+# -- 5, 6. exit and close while the timer's flush is in flight; settles racing close ---------------
+
+
+def _slow_timer_flush(store: RedisStore, seconds: float) -> threading.Event:
+    """The carry script calls of ``store`` take ``seconds`` longer (a slow network); the event is
+    set when one starts."""
+    real, started = store._execute, threading.Event()  # noqa: SLF001
+
+    def slow(call: Any, policy: Any) -> Any:
+        if call.script == "carry":
+            started.set()
+            time.sleep(seconds)
+        return real(call, policy)
+
+    store._execute = slow  # type: ignore[method-assign]  # noqa: SLF001
+    return started
+
+
+def test_close_waits_for_the_timer_flush_in_flight(redis_url: str, admin: redis.Redis) -> None:
+    store = RedisStore(redis_url, prefix=fresh_prefix(), carry_settles=True, carry_window_seconds=0.005)
+    key = key_of()
+    assert store.reserve([Counter(key, 1000)], Hold("a", 100, 30)).ok
+    started = _slow_timer_flush(store, 0.5)
+    assert store.settle("a", [key], 30, row=row("a", key)).pending
+    assert started.wait(10)  # the timer thread took it and waits for Redis
+    store.close()
+    assert stored(admin, store, key) == CounterState(30, 0)  # landed before close returned
+    assert not store.pending_journal
+
+
+def test_a_settle_the_closing_queue_refuses_is_sent_at_once(redis_url: str, admin: redis.Redis) -> None:
+    store = carrying(redis_url)
+    key = key_of()
+    try:
+        assert store.reserve([Counter(key, 1000)], Hold("a", 100, 30)).ok
+        store._carry.close()  # noqa: SLF001 - close() has begun: its queue takes nothing more
+        result = store.settle("a", [key], 30)
+        assert (result.applied, result.pending) == (True, False)
+        assert stored(admin, store, key) == CounterState(30, 0)
+    finally:
+        store.close()
+
+
+EXIT_WORKER = textwrap.dedent("""
+    import sys, time
+    from langchain_budgetguard.stores.base import Counter, Hold
+    from langchain_budgetguard.stores.ledger import LedgerRow
+    from langchain_budgetguard.stores.redis import RedisStore
+    url, prefix, key = sys.argv[1:4]
+    store = RedisStore(url, prefix=prefix, carry_settles=True, carry_window_seconds=0.005)
+    assert store.reserve([Counter(key, 1000)], Hold("a", 100, 30)).ok
+    real = store._execute
+    def slow(call, policy):  # a slow network under the timer's flush
+        if call.script == "carry":
+            print("flushing", flush=True)
+            time.sleep(1.0)
+        return real(call, policy)
+    store._execute = slow
+    store.settle("a", [key], 30, row=LedgerRow(budget="b", call_id="a", keys=(key,)))
+    time.sleep(0.3)  # the timer thread takes the settle and waits for Redis: the process exits
+""")
+
+
+def test_a_normal_exit_waits_for_the_timer_flush_in_flight(redis_url: str, admin: redis.Redis) -> None:
+    prefix, key = fresh_prefix(), key_of()
+    done = subprocess.run([sys.executable, "-c", EXIT_WORKER, redis_url, prefix, key],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "flushing" in done.stdout  # the exit came while the timer's flush was in flight
+    with RedisStore(redis_url, prefix=prefix) as other:
+        assert stored(admin, other, key) == CounterState(30, 0)
+        assert [r.call_id for r in other.read_ledger("b")] == ["a"]

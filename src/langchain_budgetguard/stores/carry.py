@@ -98,7 +98,9 @@ class SettleQueue:
     """The settles of one store waiting to be carried, and the timer thread that flushes them.
 
     ``flush`` is called from the timer thread with the entries whose window is over; it must
-    send them or journal them. ``hold`` is called when the queue
+    send them or journal them. While it runs those entries are ``in_flight``: ``wait_flushed``
+    waits for them (close and exit must not stop the process or its client under them).
+    ``put`` refuses an entry once the queue is closed (the caller sends it at once). ``hold`` is called when the queue
     stops being empty and ``let_go`` when the timer thread finds it empty again (both under the
     queue's lock): the owner keeps itself alive in between, so that settles are never dropped
     with a store nobody refers to any more.
@@ -114,21 +116,23 @@ class SettleQueue:
         self._idle = False  # the timer thread waits for work (notify it on the next put)
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._flushing: list[CarriedSettle] = []  # taken by the timer thread, not sent yet
         ref = weakref.ref(self)
         os.register_at_fork(after_in_child=lambda: (q := ref()) is not None and q._forked())
 
     def _forked(self) -> None:
         """In a forked child: no timer thread yet, and the parent's settles are the parent's to send."""
         self._cond = threading.Condition()
-        self._entries, self._thread, self._idle = [], None, False
+        self._entries, self._thread, self._idle, self._flushing = [], None, False, []
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def put(self, entry: CarriedSettle) -> None:
+    def put(self, entry: CarriedSettle) -> bool:
+        """Queue ``entry``; False (not queued) once the queue is closed."""
         with self._cond:
             if self._closed:
-                raise RuntimeError("the settle queue is closed")
+                return False
             if not self._entries and self._hold is not None:
                 self._hold()
             self._entries.append(entry)
@@ -137,6 +141,7 @@ class SettleQueue:
                 self._thread.start()
             elif self._idle:
                 self._cond.notify()
+            return True
 
     def take(self, slot: str, limit: int = MAX_CARRIED) -> list[CarriedSettle]:
         """Up to ``limit`` queued settles of tag ``slot``, oldest first (removed from the queue)."""
@@ -151,6 +156,17 @@ class SettleQueue:
 
     def has_call(self, call_id: str) -> bool:
         return any(e.call_id == call_id for e in self._entries)
+
+    def in_flight(self, call_id: str | None = None) -> bool:
+        """Whether the timer thread is sending settles (of ``call_id`` when given) right now."""
+        return any(call_id is None or e.call_id == call_id for e in self._flushing)
+
+    def wait_flushed(self, timeout: float) -> bool:
+        """Wait (at most ``timeout`` seconds) until the timer thread's flush in flight is over."""
+        if threading.current_thread() is self._thread:
+            return not self._flushing
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._flushing, timeout)
 
     def take_call(self, call_id: str) -> list[CarriedSettle]:
         """The queued settles of ``call_id`` (removed from the queue)."""
@@ -211,7 +227,13 @@ class SettleQueue:
             flush = self._flush()
             if flush is None:
                 return
-            due = self.take_all(due_before=time.monotonic() - self.window)
-            if due:
-                flush(due)
+            with self._cond:
+                due = self._flushing = self.take_all(due_before=time.monotonic() - self.window)
+            try:
+                if due:
+                    flush(due)
+            finally:
+                with self._cond:
+                    self._flushing = []
+                    self._cond.notify_all()
             del flush

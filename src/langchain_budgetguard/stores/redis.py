@@ -92,7 +92,9 @@ within two windows, by the store's timer thread with the sync client (asyncio se
 event loop may end first, as ``asyncio.run`` does right after the call; so a store given only an
 asyncio client carries nothing: it sends each settle at once), and
 ``read()``, ``reset_counter``, ``read_index``, ``read_index_page``, ``read_ledger``, ``release`` (of that call),
-``flush()``, ``close()`` and interpreter exit send the queue first; ``renew`` of a call whose
+``flush()``, ``close()`` and interpreter exit send the queue first (``flush``, ``close`` and exit
+wait up to 5 s for a flush of the timer in flight; once ``close()`` or exit has begun, a settle
+is sent at once); ``renew`` of a call whose
 settle is queued answers False, and a second settle of it sends the queued one first (the first
 settle of a call wins, as without carrying). A settle spanning several tags is sent at once, as without
 carrying; so is one whose hold this store did not place (or renew), or whose lease may end
@@ -320,6 +322,7 @@ class _Call:
 # Not a script call: a plan yields it to wait a moment (for another thread's or task's report).
 _WAIT = _Call("", (), ())
 _WAIT_SECONDS = 0.001
+FLUSH_WAIT_SECONDS = 5.0  # how long close, exit and flush wait for the carry timer's flush in flight
 
 
 @dataclass(frozen=True, slots=True)
@@ -491,6 +494,8 @@ _SLICING: set[RedisStore] = set()
 @atexit.register
 def _flush_at_exit() -> None:
     for store in list(_LIVE_STORES):
+        if store._carry is not None:  # from now on a settle is sent at once, never left to the timer
+            store._carry.close()
         try:
             store.flush(final=True)
         except Exception:  # noqa: BLE001 - exit must go on; flush logged what it could not save
@@ -1256,14 +1261,20 @@ class RedisStore:
         call = calls[0]
         entry = CarriedSettle(groups[0].slot, call.keys, call.args, call_id, tuple(keys), charged,
                               None if amounts is None else tuple(amounts), row)
-        self._carry.put(entry)
+        if not self._carry.put(entry):  # closed meanwhile: sent at once
+            return None
         return SettleResult(applied=False, charged=charged, pending=True, capped=capped)
 
     def _queued_first(self, call_id: str, plan: Plan[T]) -> Plan[T]:
         """``plan`` (a settle of ``call_id`` sent at once) after the call's queued settle, if any:
         the first settle of a call wins, as without carrying."""
-        if self._carry is not None and self._carry.has_call(call_id):
-            yield from self._flush_plan(self._carry.take_call(call_id))
+        if self._carry is not None:
+            waited = 0
+            while self._carry.in_flight(call_id) and waited < 5000:  # the timer is sending it
+                yield _WAIT
+                waited += 1
+            if self._carry.has_call(call_id):
+                yield from self._flush_plan(self._carry.take_call(call_id))
         return (yield from plan)
 
     def _carried_call(self, call: _Call, slot: str) -> tuple[_Call, list[CarriedSettle]]:
@@ -1339,17 +1350,23 @@ class RedisStore:
 
     def flush_carried(self) -> int:
         """Send every queued carried settle now (sync client); returns how many were queued."""
-        if self._carry is None or not len(self._carry):
+        if self._carry is None:
             return 0
+        self._carry.wait_flushed(FLUSH_WAIT_SECONDS)  # (exit, close: never under the timer's flush)
         entries = self._carry.take_all()
-        self._flush_carried_due(entries)
+        if entries:
+            self._flush_carried_due(entries)
         return len(entries)
 
     async def aflush_carried(self) -> int:
         """Async twin of ``flush_carried``."""
-        if self._carry is None or not len(self._carry):
+        if self._carry is None:
             return 0
+        if self._carry.in_flight():
+            await asyncio.to_thread(self._carry.wait_flushed, FLUSH_WAIT_SECONDS)
         entries = self._carry.take_all()
+        if not entries:
+            return 0
         plan = self._flush_plan(entries)
         try:
             await self._arun(plan)
@@ -1511,8 +1528,14 @@ class RedisStore:
 
     def _attempt(self, call: _Call) -> Any:
         backend = self._sync_backend()
-        self._check_policy(backend)
-        return backend.scripts[call.script](keys=call.keys, args=call.args)
+        try:
+            self._check_policy(backend)
+            return backend.scripts[call.script](keys=call.keys, args=call.args)
+        except (AttributeError, ValueError, OSError) as exc:
+            if not self._closed or backend is self._sync:
+                raise
+            # close() closed this client under the call (a settle racing close): retried on a new one.
+            raise redis.exceptions.ConnectionError(f"the store's client was closed during the call: {exc!r}") from exc
 
     def _execute(self, call: _Call, policy: RetryPolicy) -> Any:
         started = time.monotonic()
@@ -1976,7 +1999,10 @@ class RedisStore:
 
     def close(self) -> None:
         """Flush pending releases and journaled settles (as far as Redis answers), then close the
-        sync client the store built (clients you passed stay open)."""
+        sync client the store built (clients you passed stay open). A settle made after close
+        starts is sent at once."""
+        if self._carry is not None:
+            self._carry.close()  # first: a settle from now on is not queued, so none is stranded
         try:
             self.flush(final=True)
         except TypeError:  # an asyncio-only store: aclose() flushes
@@ -2188,6 +2214,8 @@ class RedisStore:
     async def aclose(self) -> None:
         """Flush what is pending, close the asyncio client the store built for the running loop
         (and the sync one)."""
+        if self._carry is not None:
+            self._carry.close()  # as in close()
         try:
             await self.aflush_slices(final=True)
         except BudgetStoreUnavailableError as exc:
