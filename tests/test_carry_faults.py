@@ -27,7 +27,7 @@ from langchain_budgetguard.stores.ledger import LedgerRow
 from langchain_budgetguard.stores.redis import RedisStore
 
 from .redis_support import fresh_prefix, redis_url, wait_until  # noqa: F401 - fixtures
-from .test_store_carry import LONG, key_of, stored
+from .test_store_carry import FAST, LONG, key_of, stored
 
 pytestmark = pytest.mark.redis
 
@@ -346,3 +346,25 @@ def test_a_normal_exit_waits_for_the_timer_flush_in_flight(redis_url: str, admin
     with RedisStore(redis_url, prefix=prefix) as other:
         assert stored(admin, other, key) == CounterState(30, 0)
         assert [r.call_id for r in other.read_ledger("b")] == ["a"]
+
+
+# -- 8. one bad key in a carried batch ---------------------------------------------------------------
+
+
+def test_one_wrongtype_key_fails_only_its_own_settle(redis_url: str, admin: redis.Redis) -> None:
+    store = carrying(redis_url, retry=FAST)
+    tag = key_of()[1:9]
+    keys = {who: key_of(tag, who) for who in "abcd"}
+    try:
+        for who in "abc":
+            assert store.reserve([Counter(keys[who], 10_000)], Hold(who, 100, 30)).ok
+        admin.set(store.redis_keys(keys["b"])[1], "junk")  # b's lease set clobbered by someone else
+        for who in "abc":
+            assert store.settle(who, [keys[who]], 30).pending  # all three queued on one tag
+        assert store.reserve([Counter(keys["d"], 10_000)], Hold("d", 100, 30)).ok  # carries them
+        assert [e.call_id for e in store.pending_journal] == ["b"]  # only the settle at fault
+        assert [stored(admin, store, keys[w]) for w in "acd"] == [CounterState(30, 0)] * 2 + [CounterState(0, 100)]
+    finally:
+        for entry in store.pending_journal:
+            store.journal.done(entry)
+        store.close()

@@ -103,7 +103,9 @@ while its process lives; and so is one above what its hold charges on expiry (a 
 with it queued would undercharge it). Its hold stays in Redis until it lands, so money is held a little longer and never
 spent twice: spent + held <= limit at every instant. A script call that fails, or whose caller
 is interrupted or cancelled while it waits, journals the settles it carried (replayed exactly
-once, as above). If the process dies with settles queued
+once, as above); one the server refuses (a key of the wrong type) is sent again settle by settle,
+and the reserve alone, so that one bad key fails only its own settle (journaled; a journal
+replay passes over an entry Redis refuses and goes on with the rest). If the process dies with settles queued
 (at most those of the last window), their holds expire with their lease and are charged all they
 reserved (the calls were served): a carrying store places every hold with an expiry charge of
 its full amount, whatever ``charge_on_expiry`` the hold asked for, since it cannot tell Redis
@@ -226,6 +228,13 @@ _TRANSIENT = (
 # Replies of a server that cannot serve now (memory full, disk errors, busy, loading, failing
 # over): retried like a lost connection, then reported unavailable.
 _BUSY_REPLIES = ("OOM", "MISCONF", "BUSY", "LOADING", "MASTERDOWN", "NOREPLICAS", "TRYAGAIN", "CLUSTERDOWN", "READONLY")
+
+
+def _refused_script(exc: BaseException) -> bool:
+    """Whether ``exc`` (a BudgetStoreUnavailableError) is the server refusing the script itself
+    (WRONGTYPE on one key, say), not a connection or a busy server: sending again won't help."""
+    cause = exc.__cause__
+    return isinstance(cause, redis.exceptions.ResponseError) and not _is_transient(cause)
 
 
 def _is_transient(exc: BaseException) -> bool:
@@ -920,23 +929,15 @@ class RedisStore:
                 args += [str(p.limit), "" if p.expires_at is None else str(p.expires_at), str(p.amount),
                          str(max(p.amount, p.charge_on_expiry) if whole else p.charge_on_expiry),
                          ",".join(map(str, p.alerts))]
-            call, carried = self._carried_call(self._call("reserve", group, call_id, args, indexed=True), group.slot)
             try:
-                reply = yield call
+                reply = yield from self._carrying_plan(self._call("reserve", group, call_id, args, indexed=True),
+                                                       group.slot)
             except BudgetStoreUnavailableError as exc:
-                if carried:
-                    self._carry_failed(carried, exc)
                 # This tag may have run the reserve (a lost reply, a timeout while the server was
                 # stalled): release it and every tag placed, with a tombstone against late runs.
                 reached = [g for g, _, _ in placed] + ([] if isinstance(exc, _NotSent) else [group])
                 yield from self._release(reached, call_id, token, tombstone_ms, lease_seconds)
                 raise
-            except BaseException as exc:  # cancelled or interrupted: the carried settles are not lost
-                if carried:
-                    self._carry_failed(carried, exc)
-                raise
-            if carried:
-                reply = self._carry_done(carried, reply)
             width = 2 + 2 * len(group.keys)
             code, found = int(reply[0]), _states(reply[2:width])
             crossed += _crossings(reply[width:], keys, group)
@@ -1277,6 +1278,29 @@ class RedisStore:
                 yield from self._flush_plan(self._carry.take_call(call_id))
         return (yield from plan)
 
+    def _carrying_plan(self, alone: _Call, slot: str) -> Plan[Any]:
+        """``alone`` (a reserve on tag ``slot``) sent with the settles queued for that tag; the
+        reserve's reply. A script the server refuses fails whole (one bad key: WRONGTYPE): the
+        settles then go one by one (those before the bad one did apply: idempotent), and the
+        reserve alone. Carried settles that cannot be sent, or whose caller is interrupted or
+        cancelled meanwhile, are journaled."""
+        call, carried = self._carried_call(alone, slot)
+        if not carried:
+            return (yield call)
+        try:
+            reply = yield call
+        except BudgetStoreUnavailableError as exc:
+            if not _refused_script(exc):
+                self._carry_failed(carried, exc)
+                raise
+        except BaseException as exc:
+            self._carry_failed(carried, exc)
+            raise
+        else:
+            return self._carry_done(carried, reply)
+        yield from self._flush_plan(carried, size=1)
+        return (yield alone)
+
     def _carried_call(self, call: _Call, slot: str) -> tuple[_Call, list[CarriedSettle]]:
         """``call`` (a reserve on tag ``slot``) with the settles queued for that tag, if any."""
         carried = self._carry.take(slot) if self._carry is not None else []
@@ -1311,24 +1335,34 @@ class RedisStore:
         for entry in carried:
             self._journal_settle(entry.call_id, entry.counter_keys, entry.amount, exc, entry.row, entry.amounts)
 
-    def _flush_plan(self, entries: Sequence[CarriedSettle]) -> Plan[None]:
-        """Send queued settles on their own, one script call per tag (at most MAX_CARRIED each)."""
+    def _flush_plan(self, entries: Sequence[CarriedSettle], size: int = MAX_CARRIED) -> Plan[None]:
+        """Send queued settles on their own, one script call per tag (at most ``size`` each); a
+        script the server refuses is sent again settle by settle, so that one bad key fails
+        only its own settle."""
         by_slot: dict[str, list[CarriedSettle]] = {}
         for entry in entries:
             by_slot.setdefault(entry.slot, []).append(entry)
-        chunks = [batch[start : start + MAX_CARRIED] for batch in by_slot.values()
-                  for start in range(0, len(batch), MAX_CARRIED)]
+        chunks = [batch[start : start + size] for batch in by_slot.values() for start in range(0, len(batch), size)]
         for number, chunk in enumerate(chunks):
             keys, args = carry_arguments(chunk)
             try:
                 reply = yield _Call("carry", keys, args)
             except BudgetStoreUnavailableError as exc:
-                self._carry_failed(chunk, exc)
-                continue
+                if len(chunk) == 1 or not _refused_script(exc):
+                    self._carry_failed(chunk, exc)
+                    continue
+                reply = None
             except BaseException as exc:  # cancelled or interrupted: this chunk and the rest are journaled
                 self._carry_failed([e for rest in chunks[number:] for e in rest], exc)
                 raise
-            self._carry_done(chunk, reply)
+            if reply is not None:
+                self._carry_done(chunk, reply)
+                continue
+            try:
+                yield from self._flush_plan(chunk, size=1)
+            except BaseException as exc:
+                self._carry_failed([e for rest in chunks[number + 1 :] for e in rest], exc)
+                raise
 
     def _flush_carried_due(self, entries: list[CarriedSettle]) -> None:
         """The timer thread's flush (sync client)."""
@@ -1626,7 +1660,8 @@ class RedisStore:
 
     def _repair(self, policy: RetryPolicy, wait: bool = True) -> int:
         """Retry pending releases, then replay the journal oldest first; stop at the first that
-        cannot reach Redis (kept for next time). Returns how many journal entries reached Redis."""
+        cannot reach Redis (kept for next time; one Redis refuses is kept and passed over).
+        Returns how many journal entries reached Redis."""
         if not self._repair_lock.acquire(blocking=wait, timeout=-1 if not wait else 30):
             return 0
         try:
@@ -1651,8 +1686,10 @@ class RedisStore:
             try:
                 result = apply(entry)
             except Exception as exc:  # noqa: BLE001 - kept in the journal
-                if not isinstance(exc, BudgetStoreUnavailableError):
+                if not isinstance(exc, BudgetStoreUnavailableError) or _refused_script(exc):
                     log.error("replaying settle of call %s failed; kept in the journal", entry.call_id, exc_info=exc)
+                if _refused_script(exc):
+                    continue  # its own keys are at fault: the settles after it go on
                 return done
             self.journal.done(entry)
             self._replayed(entry, result)
@@ -2119,8 +2156,10 @@ class RedisStore:
                 try:
                     result = await self._arun(self._replay_plan(entry), policy)
                 except Exception as exc:  # noqa: BLE001 - kept in the journal
-                    if not isinstance(exc, BudgetStoreUnavailableError):
+                    if not isinstance(exc, BudgetStoreUnavailableError) or _refused_script(exc):
                         log.error("replaying settle of call %s failed; kept in the journal", entry.call_id, exc_info=exc)
+                    if _refused_script(exc):
+                        continue  # as in _replay_with
                     return done
                 self.journal.done(entry)
                 self._replayed(entry, result)
