@@ -368,3 +368,53 @@ def test_one_wrongtype_key_fails_only_its_own_settle(redis_url: str, admin: redi
         for entry in store.pending_journal:
             store.journal.done(entry)
         store.close()
+
+
+def test_a_journal_replay_passes_over_an_entry_redis_refuses(redis_url: str, admin: redis.Redis) -> None:
+    store = RedisStore(redis_url, prefix=fresh_prefix(), retry=FAST)
+    bad, good = key_of(), key_of()
+    try:
+        assert store.reserve([Counter(bad, 10_000)], Hold("b", 100, 30)).ok
+        assert store.reserve([Counter(good, 10_000)], Hold("c", 100, 30)).ok
+        admin.set(store.redis_keys(bad)[1], "junk")
+        store.journal.append("b", [bad], 30)  # journaled first, never applicable
+        store.journal.append("c", [good], 30)
+        assert store.flush_journal() == 1
+        assert [e.call_id for e in store.pending_journal] == ["b"]
+        assert stored(admin, store, good) == CounterState(30, 0)
+    finally:
+        for entry in store.pending_journal:
+            store.journal.done(entry)
+        store.close()
+
+
+def test_settles_racing_close_all_land(redis_url: str, admin: redis.Redis) -> None:
+    """A stress of the race (no timing asserted): settles from a thread while close() runs."""
+    prefix = fresh_prefix()
+    deadline = time.monotonic() + 3
+    trials = 0
+    while time.monotonic() < deadline or trials < 5:
+        trials += 1
+        key = key_of()
+        store = RedisStore(redis_url, prefix=prefix, carry_settles=True, carry_window_seconds=LONG)
+        ids = [f"c{trials}-{i}" for i in range(20)]
+        for call_id in ids:
+            assert store.reserve([Counter(key, 10**6)], Hold(call_id, 100, 30)).ok
+        errors: list[BaseException] = []
+
+        def settle_all(s: RedisStore = store, calls: list[str] = ids, k: str = key) -> None:
+            for call_id in calls:
+                try:
+                    s.settle(call_id, [k], 10)
+                except Exception as exc:  # noqa: BLE001 - collected: none may escape
+                    errors.append(exc)
+
+        thread = threading.Thread(target=settle_all)
+        thread.start()
+        time.sleep(0.0002 * (trials % 10))
+        store.close()
+        thread.join(30)
+        assert not errors and not len(store._carry)  # noqa: SLF001
+        store.flush_journal()
+        assert stored(admin, store, key) == CounterState(10 * len(ids), 0), trials
+        store.close()
