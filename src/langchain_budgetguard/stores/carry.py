@@ -16,7 +16,10 @@ charged all they reserved: such a call was served, and its actual cost is at mos
 carrying store places every hold so: it cannot tell Redis which settles wait without the round
 trip it saves, so a call in flight when its process died is charged its reservation too,
 whatever the guard's ``expired_hold`` says.) What may be late is at most the settles of the last
-``window`` seconds (plus one round trip); none is undercharged.
+``window`` seconds (plus one round trip); none is undercharged (a settle above what its hold
+charges on expiry is sent at once, never queued). ``close()`` and interpreter exit close the
+queue first (a settle made from then on is sent at once) and wait for a flush of the timer
+thread in flight before sending the rest.
 """
 
 from __future__ import annotations
@@ -99,11 +102,11 @@ class SettleQueue:
 
     ``flush`` is called from the timer thread with the entries whose window is over; it must
     send them or journal them. While it runs those entries are ``in_flight``: ``wait_flushed``
-    waits for them (close and exit must not stop the process or its client under them).
-    ``put`` refuses an entry once the queue is closed (the caller sends it at once). ``hold`` is called when the queue
-    stops being empty and ``let_go`` when the timer thread finds it empty again (both under the
-    queue's lock): the owner keeps itself alive in between, so that settles are never dropped
-    with a store nobody refers to any more.
+    waits for them (close and exit must not stop the process or its client under them). ``put``
+    refuses an entry once the queue is closed (the caller sends it at once). ``hold`` is called
+    when the queue stops being empty and ``let_go`` when the timer thread finds it empty again
+    (both under the queue's lock): the owner keeps itself alive in between, so that settles are
+    never dropped with a store nobody refers to any more.
     """
 
     def __init__(self, window: float, flush: Callable[[list[CarriedSettle]], None],

@@ -90,26 +90,26 @@ unless the call was settled before); thresholds it crosses are handed to
 that no reserve picks up within ``carry_window_seconds`` (3 ms; at most 1 s) is sent on its own,
 within two windows, by the store's timer thread with the sync client (asyncio settles too: their
 event loop may end first, as ``asyncio.run`` does right after the call; so a store given only an
-asyncio client carries nothing: it sends each settle at once), and
-``read()``, ``reset_counter``, ``read_index``, ``read_index_page``, ``read_ledger``, ``release`` (of that call),
-``flush()``, ``close()`` and interpreter exit send the queue first (``flush``, ``close`` and exit
-wait up to 5 s for a flush of the timer in flight; once ``close()`` or exit has begun, a settle
-is sent at once); ``renew`` of a call whose
-settle is queued answers False, and a second settle of it sends the queued one first (the first
-settle of a call wins, as without carrying). A settle spanning several tags is sent at once, as without
-carrying; so is one whose hold this store did not place (or renew), or whose lease may end
-within ``CARRY_LEASE_MARGIN`` (1 s) plus two windows: a queued settle's hold is never reaped
-while its process lives; and so is one above what its hold charges on expiry (a process killed
-with it queued would undercharge it). Its hold stays in Redis until it lands, so money is held a little longer and never
-spent twice: spent + held <= limit at every instant. A script call that fails, or whose caller
-is interrupted or cancelled while it waits, journals the settles it carried (replayed exactly
-once, as above); one the server refuses (a key of the wrong type) is sent again settle by settle,
-and the reserve alone, so that one bad key fails only its own settle (journaled; a journal
-replay passes over an entry Redis refuses and goes on with the rest). If the process dies with settles queued
-(at most those of the last window), their holds expire with their lease and are charged all they
-reserved (the calls were served): a carrying store places every hold with an expiry charge of
-its full amount, whatever ``charge_on_expiry`` the hold asked for, since it cannot tell Redis
-which settles wait without the round trip it saves.
+asyncio client carries nothing: it sends each settle at once), and ``read()``,
+``reset_counter``, ``read_index``, ``read_index_page``, ``read_ledger``, ``release`` (of that
+call), ``flush()``, ``close()`` and interpreter exit send the queue first (``flush``, ``close``
+and exit wait up to 5 s for a flush of the timer in flight; once ``close()`` or exit has begun,
+a settle is sent at once). ``renew`` of a call whose settle is queued answers False, and a
+second settle of it sends the queued one first (the first settle of a call wins, as without
+carrying). A settle spanning several tags is sent at once, as without carrying; so is one whose
+hold this store did not place (or renew), or whose lease may end within ``CARRY_LEASE_MARGIN``
+(1 s) plus two windows (a queued settle's hold is never reaped while its process lives), and
+one above what its hold charges on expiry (a process killed with it queued would undercharge
+it). Its hold stays in Redis until it lands, so money is held a little longer and never spent
+twice: spent + held <= limit at every instant. A script call that fails, or whose caller is
+interrupted or cancelled while it waits, journals the settles it carried (replayed exactly once,
+as above); one the server refuses (a key of the wrong type) is sent again settle by settle, and
+the reserve alone, so that one bad key fails only its own settle (journaled; a journal replay
+passes over an entry Redis refuses and goes on with the rest). If the process dies with settles
+queued (at most those of the last window), their holds expire with their lease and are charged
+all they reserved (the calls were served): a carrying store places every hold with an expiry
+charge of its full amount, whatever ``charge_on_expiry`` the hold asked for, since it cannot
+tell Redis which settles wait without the round trip it saves.
 
 Leased slices (``lease_slices=True``, off by default; ``stores.slices``, ``lua/slice.lua``). A
 counter this process reserves on often is admitted against a slice of its budget leased from
