@@ -418,3 +418,16 @@ def test_settles_racing_close_all_land(redis_url: str, admin: redis.Redis) -> No
         store.flush_journal()
         assert stored(admin, store, key) == CounterState(10 * len(ids), 0), trials
         store.close()
+
+
+def test_a_read_sees_a_settle_the_timer_is_sending(redis_url: str, admin: redis.Redis) -> None:
+    store = RedisStore(redis_url, prefix=fresh_prefix(), carry_settles=True, carry_window_seconds=0.005)
+    key = key_of()
+    try:
+        assert store.reserve([Counter(key, 1000)], Hold("a", 100, 30)).ok
+        started = _slow_timer_flush(store, 0.5)
+        assert store.settle("a", [key], 30).pending
+        assert started.wait(10)
+        assert store.read([key])[0] == CounterState(30, 0)  # waited for the timer's flush
+    finally:
+        store.close()

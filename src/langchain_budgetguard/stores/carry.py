@@ -161,7 +161,10 @@ class SettleQueue:
         return any(e.call_id == call_id for e in self._entries)
 
     def in_flight(self, call_id: str | None = None) -> bool:
-        """Whether the timer thread is sending settles (of ``call_id`` when given) right now."""
+        """Whether the timer thread is sending settles (of ``call_id`` when given) right now
+        (never, asked from the timer thread itself: a hook it calls waits for nothing)."""
+        if threading.current_thread() is self._thread:
+            return False
         return any(call_id is None or e.call_id == call_id for e in self._flushing)
 
     def wait_flushed(self, timeout: float) -> bool:

@@ -1270,13 +1270,25 @@ class RedisStore:
         """``plan`` (a settle of ``call_id`` sent at once) after the call's queued settle, if any:
         the first settle of a call wins, as without carrying."""
         if self._carry is not None:
-            waited = 0
-            while self._carry.in_flight(call_id) and waited < 5000:  # the timer is sending it
-                yield _WAIT
-                waited += 1
+            yield from self._wait_timer_plan(call_id)
             if self._carry.has_call(call_id):
                 yield from self._flush_plan(self._carry.take_call(call_id))
         return (yield from plan)
+
+    def _wait_timer_plan(self, call_id: str | None = None) -> Plan[None]:
+        """Wait (at most FLUSH_WAIT_SECONDS) while the timer thread sends settles (of ``call_id``)."""
+        assert self._carry is not None
+        waited = 0
+        while self._carry.in_flight(call_id) and waited * _WAIT_SECONDS < FLUSH_WAIT_SECONDS:
+            yield _WAIT
+            waited += 1
+
+    def _drain_plan(self) -> Plan[None]:
+        """Every settle of this process in Redis: the timer's flush in flight, then the queue."""
+        assert self._carry is not None
+        yield from self._wait_timer_plan()
+        if len(self._carry):
+            yield from self._flush_plan(self._carry.take_all())
 
     def _carrying_plan(self, alone: _Call, slot: str) -> Plan[Any]:
         """``alone`` (a reserve on tag ``slot``) sent with the settles queued for that tag; the
@@ -1427,8 +1439,8 @@ class RedisStore:
         return renewed
 
     def _read_plan(self, keys: Sequence[str]) -> Plan[list[CounterState]]:
-        if self._carry is not None and len(self._carry):  # a read sees every settle of this process
-            yield from self._flush_plan(self._carry.take_all())
+        if self._carry is not None:  # a read sees every settle of this process
+            yield from self._drain_plan()
         if self._book is not None and len(self._book):
             yield from self._reports_plan(self._book.waiting(keys, time.monotonic(), give_back=True))
         states = [CounterState()] * len(keys)
@@ -1456,8 +1468,8 @@ class RedisStore:
         return _text((yield _Call("override", (self.overrides_key(name),), (field, value))))
 
     def _reset_plan(self, key: str) -> Plan[CounterState]:
-        if self._carry is not None and len(self._carry):  # settles made before the reset count before it
-            yield from self._flush_plan(self._carry.take_all())
+        if self._carry is not None:  # settles made before the reset count before it
+            yield from self._drain_plan()
         if self._book is not None and len(self._book):
             yield from self._reports_plan(self._book.waiting([key], time.monotonic(), give_back=True))
         found = self.index_key(key)
