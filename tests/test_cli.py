@@ -425,3 +425,32 @@ def test_limit_set_changes_what_a_running_worker_enforces_within_the_refresh_tim
         worker.stdin.close()
         worker.terminate()
         worker.wait(timeout=10)
+
+
+# -- operator input that would change the wrong thing or nothing -------------------------------
+
+
+def test_limit_set_refuses_an_amount_finer_than_a_nano_dollar_and_an_empty_id(capsys, deployment):
+    path, guard = deployment
+    code, _, err = run(capsys, "limit", "set", "user", "0.0000000004", "--id", "alice", "--config", str(path))
+    assert code == 2 and "at most 9 decimal places" in err
+    code, _, err = run(capsys, "limit", "set", "user", "1", "--id", "", "--config", str(path))
+    assert code == 2 and "non-empty" in err
+    from langchain_budgetguard.overrides import BudgetAdmin
+
+    named = {row.scope_id for row in BudgetAdmin(guard.policy).limit_rows(per="user") if row.store_override is not None}
+    assert named == set()  # neither refused change reached the store
+
+
+def test_changes_on_an_in_process_store_are_refused_not_reported_done(capsys, monkeypatch):
+    config = str(ROOT / "config" / "single-app.toml")
+    code, _, err = run(capsys, "limit", "set", "user", "3", "--id", "alice", "--config", config)
+    assert code == 2 and "in memory" in err and "--store" in err
+    code, _, err = run(capsys, "reset", "user", "--id", "alice", "--yes", "--config", config)
+    assert code == 2 and "in memory" in err
+
+
+def test_the_metrics_exporter_listens_on_loopback_unless_told():
+    from langchain_budgetguard import cli
+
+    assert cli._parser().parse_args(["metrics", "--port", "1"]).addr == "127.0.0.1"

@@ -180,6 +180,16 @@ def _admin(config: Any) -> Any:
     return BudgetAdmin(config.policy())
 
 
+def _shared_store(config: Any, command: str) -> None:
+    """Refuse a change that would land in this command's own in-process store: it would report
+    success and change nothing any guard reads."""
+    if config.resolve_store_url() in ("memory", "memory://"):
+        raise UsageError(
+            f"{command}: {config.source} keeps its counters in memory (in-process: every process has its own), "
+            "so a change made here reaches no running guard; point store.url (or --store) at the shared "
+            "Redis, e.g. --store redis://host:6379/0")
+
+
 def _scope_of(config: Any, scope: str | None, *, allow_global: bool = True) -> str:
     scopes = list(dict.fromkeys(x.per for x in config.limits))
     if scope is None:
@@ -401,6 +411,7 @@ def _cmd_limit(args: argparse.Namespace) -> int:
             sys.stdout.write(f"budget {config.name}\n{_limit_table(rows)}\n")
         return EXIT_OK
     scope = _scope_of(config, args.scope)
+    _shared_store(config, f"limit {args.action}")
     admin = _admin(config)
     if args.action == "set":
         from .money import to_decimal
@@ -433,6 +444,7 @@ def _cmd_reset(args: argparse.Namespace) -> int:
     if scope != GLOBAL and args.id is None:
         raise UsageError(f"reset: say whose counter: budgetguard reset {scope} --id ID")
     _has_window(config, scope, args.window)
+    _shared_store(config, "reset")
     admin = _admin(config)
     targets = _checked(admin.statuses, scope, args.id, args.window, args.at, args.tenant)
     if not targets:
@@ -734,7 +746,8 @@ def _parser() -> argparse.ArgumentParser:
 
     p = command("metrics", "Prometheus metrics of the budget's counters (serve with --port, or print --once)")
     p.add_argument("--port", type=int)
-    p.add_argument("--addr", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")  # noqa: S104
+    p.add_argument("--addr", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1; 0.0.0.0 for a Prometheus on another host)")
     p.add_argument("--once", action="store_true", help="print the metrics once and exit")
     p.add_argument("--id-label", action="append", metavar="SCOPE",
                    help="also export per-id series for this scope (mind label cardinality)")

@@ -228,7 +228,7 @@ class BudgetMetrics:
             out += [id_limit, id_spent, id_held, id_remaining]
         return out
 
-    def serve(self, port: int, addr: str = "0.0.0.0") -> Any:  # noqa: S104 - an exporter listens
+    def serve(self, port: int, addr: str = "127.0.0.1") -> Any:
         """Expose the registry over HTTP on ``port`` (a daemon thread); returns the server."""
         return _prometheus().start_http_server(port, addr=addr, registry=self.registry)
 

@@ -48,6 +48,7 @@ __all__ = [
     "MAX_AMOUNT_CHARS",
     "to_decimal",
     "usd_to_nano",
+    "exact_usd_to_nano",
     "ceil_nano",
     "nano_to_usd",
     "format_usd",
@@ -138,6 +139,16 @@ def usd_to_nano(value: object, *, what: str = "amount") -> int:
         return 0
     numerator, denominator = amount.as_integer_ratio()
     return numerator * NANO_PER_USD // denominator
+
+
+def exact_usd_to_nano(value: object, *, what: str = "amount") -> int:
+    """A dollar amount -> nano-USD, refusing one with more than 9 decimal places (ValueError)
+    instead of rounding it: an amount an operator typed is stored as typed, or not at all."""
+    amount = to_decimal(value, what=what)
+    nano = usd_to_nano(amount, what=what)
+    if Decimal(nano) != amount * _NANO:
+        raise ValueError(f"{what}: at most 9 decimal places (the stores count whole nano-dollars), got {amount}")
+    return nano
 
 
 def check_nano(value: object, what: str, *, maximum: int = MAX_CALL_NANO) -> int:

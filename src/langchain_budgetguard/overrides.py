@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 from .limits import GLOBAL, Limit, WindowInstance, counter_key, escape_id
-from .money import nano_to_usd, to_decimal, usd_to_nano
+from .money import exact_usd_to_nano, nano_to_usd, to_decimal, usd_to_nano
 from .stores.base import CounterState, OverridesSnapshot
 from .stores.ledger import LedgerRow
 
@@ -415,7 +415,7 @@ class BudgetAdmin:
                   tz: str | None = None) -> LimitRow:
         """Override a limit live, for ``scope_id`` or (None) every id of the scope; in force in every
         process within its override refresh time."""
-        return self._write(per, usd_to_nano(usd, what="limit"), scope_id, window, tz)
+        return self._write(per, exact_usd_to_nano(usd, what="limit"), scope_id, window, tz)
 
     def clear_limit(self, per: str, scope_id: str | None = None, window: str | None = None,
                     tz: str | None = None) -> LimitRow:
@@ -427,6 +427,9 @@ class BudgetAdmin:
         limit = self.limit(per, window, tz)
         if limit.per == GLOBAL:
             scope_id = None
+        elif scope_id is not None and (not isinstance(scope_id, str) or not scope_id.strip()):
+            raise ValueError(f"the id to override must be a non-empty string, got {scope_id!r}; "
+                             f"leave it out to override the limit of every {limit.per}")
         store = self._need("keep live limit overrides")
         store.set_override(self.policy.name, override_field(limit, scope_id), nano)
         live = self.policy.live_overrides
