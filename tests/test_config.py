@@ -231,3 +231,30 @@ def test_config_objects_can_be_built_in_code():
     guard = guard_from_config(UsageChat(), config)
     assert guard.policy.name == "code"
     assert parse_config(MINIMAL + "[store]\nlive_overrides = false\n").policy().live_overrides is None
+
+
+def test_two_limits_in_utc_spelled_differently_are_one_counter_refused_at_check():
+    text = """
+[[limits]]
+per = "user"
+window = "day"
+usd = 5
+
+[[limits]]
+per = "user"
+window = "day"
+tz = "utc"
+usd = 8
+"""
+    with pytest.raises(ConfigError, match=r"limits\[1\].*share one counter"):
+        parse_config(text, "tz.toml")
+
+
+@pytest.mark.parametrize(("url", "says"), [
+    ("redis://127.0.0.1:6379/l2", "database in a Redis URL is a number"),
+    ("redis://127.0.0.1:6379/0?socket_timout=5", "unknown option(s) socket_timout"),
+])
+def test_a_store_url_typo_fails_the_config_check(url, says):
+    with pytest.raises(ConfigError) as bad:
+        parse_config(f'[store]\nurl = "{url}"\n\n[[limits]]\nper = "global"\nusd = 5\n', "store.toml")
+    assert says in str(bad.value)

@@ -436,3 +436,11 @@ def test_a_script_with_bad_arguments_fails_before_writing(redis_url: str, script
         assert not admin.exists(record)
         assert not admin.exists(stream)
     store.close()
+
+
+@pytest.mark.parametrize("url", ["redis://:Tr0ub4dor/x9Qz@127.0.0.1:6379/12", "redis://default:Tr0ub4dor#x9@h:6379/0",
+                                 "redis://:Tr0ub4dor?x@h/0"])
+def test_a_url_whose_password_was_not_encoded_is_refused_without_showing_it(url):
+    with pytest.raises(ValueError) as bad:
+        _parse_url(url)
+    assert "Tr0ub4dor" not in str(bad.value) and "percent-encode" in str(bad.value)

@@ -83,9 +83,9 @@ class DeploymentConfig:
         url = self.store_url or "memory"
         if url in ("memory", "memory://"):
             return "memory (in-process: every process has its own budget)"
-        from ..stores.redis import _describe_url
+        from ..stores.redis_client import describe_url
 
-        return _describe_url(url)
+        return describe_url(url)
 
     def make_store(self, environ: Mapping[str, str] | None = None) -> Any:
         url = self.resolve_store_url(environ)

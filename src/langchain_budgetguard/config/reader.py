@@ -106,21 +106,21 @@ def relations(raw: Mapping[str, Any]) -> tuple[list[Limit], list[Override], list
                                  "or alerts.webhook_url_env (or remove this key)"))
 
     limits: list[Limit] = []
-    seen: dict[tuple[str, str, str, str], int] = {}
+    seen: dict[str, int] = {}
     for i, table in enumerate(_items(raw.get("limits"))):
         checked = _valid(LimitTable, table)
         if checked is None:
             continue
         unit = next(u for u in UNITS if getattr(checked, u) is not None)
-        slug = (checked.per, checked.window, checked.tz, unit)
-        if slug in seen:
-            problems.append((f"limits[{i}]", f"limits[{seen[slug]}] is a {unit} limit per {checked.per} per "
+        limit = Limit(per=checked.per, window=checked.window, tz=checked.tz, alerts=checked.alerts or (),
+                      **{unit: getattr(checked, unit)})
+        if limit.slug in seen:  # the counter's own name: "UTC", "utc" and "Z" are one time zone
+            problems.append((f"limits[{i}]", f"limits[{seen[limit.slug]}] is a {unit} limit per {checked.per} per "
                              f"{checked.window} ({checked.tz}) too; they would share one counter: "
                              "keep the stricter one"))
             continue
-        seen[slug] = i
-        limits.append(Limit(per=checked.per, window=checked.window, tz=checked.tz, alerts=checked.alerts or (),
-                            **{unit: getattr(checked, unit)}))
+        seen[limit.slug] = i
+        limits.append(limit)
 
     usd_limits = [x for x in limits if x.unit == "usd"]  # an override is in dollars: only dollar limits match
     overrides: list[Override] = []

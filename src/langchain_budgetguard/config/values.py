@@ -235,10 +235,10 @@ class StoreUrl(ValueCheck):
         if not isinstance(value, str) or not value.strip():
             raise bad(f'expected a store URL ("memory" or redis://...), got {show(value)}')
         if value not in ("memory", "memory://"):
-            from ..stores.redis import _parse_url  # the Redis store's own reading of its URLs
+            from ..stores.redis_client import parse_url  # the Redis store's own reading of its URLs
 
             try:
-                _parse_url(value)
+                parse_url(value)
             except (ValueError, TypeError) as exc:
                 raise bad(f'expected "memory" or a Redis URL: {exc}') from None
         return value

@@ -199,9 +199,6 @@ from .journal import MEMORY_MARK_TTL_SECONDS, MemoryJournal, PendingSettle, Sett
 from .redis_client import RedisTarget, describe_client, describe_url, is_async_client, is_sync_client, make_client, parse_url
 from .redis_wire import direct_scripts
 
-# The former private names, for callers that still use them (config.py).
-_parse_url, _describe_url = parse_url, describe_url
-
 __all__ = ["RedisStore", "RetryPolicy", "PendingSettle", "DEFAULT_RETENTION_SECONDS", "EVICTING_POLICIES"]
 
 log = logging.getLogger(__name__)

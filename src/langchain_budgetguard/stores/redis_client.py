@@ -89,9 +89,31 @@ class RedisTarget:
 def _split_host(text: str, default_port: int) -> tuple[str, int]:
     if text.startswith("["):  # [ipv6]:port
         host, _, rest = text[1:].partition("]")
-        return host, int(rest[1:]) if rest.startswith(":") else default_port
+        return host, _port(rest[1:]) if rest.startswith(":") else default_port
     host, sep, port = text.rpartition(":")
-    return (host, int(port)) if sep else (text, default_port)
+    return (host, _port(port)) if sep else (text, default_port)
+
+
+def _port(text: str) -> int:
+    # Never shows the text: after a password with an unescaped '/', '#' or '?' it is part of the password.
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise ValueError("a host's port in the Redis URL is not a number from 1 to 65535; if the password "
+                         "holds '/', '#', '?' or '@', percent-encode them (%2F, %23, %3F, %40)")
+    return int(text)
+
+
+def _connection_options() -> frozenset[str]:
+    """The query options redis-py's clients take (anything else would fail each connection)."""
+    import inspect
+
+    from redis.connection import URL_QUERY_ARGUMENT_PARSERS, AbstractConnection, Connection, SSLConnection, \
+        UnixDomainSocketConnection
+
+    names = set(URL_QUERY_ARGUMENT_PARSERS) | {"max_connections", "timeout", "db"}
+    for kind in (AbstractConnection, Connection, SSLConnection, UnixDomainSocketConnection, redis.cluster.RedisCluster):
+        names |= {p.name for p in inspect.signature(kind.__init__).parameters.values()
+                  if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self"}
+    return frozenset(names)
 
 
 def parse_url(url: str) -> RedisTarget:
@@ -132,6 +154,13 @@ def parse_url(url: str) -> RedisTarget:
         raise ValueError(f"Redis Cluster has only database 0, got {describe_url(url)!r}")
     elif flavour == "cluster":
         path = ""
+    if scheme != "unix" and path.strip("/") and not path.strip("/").isdigit():
+        raise ValueError(f"the database in a Redis URL is a number (redis://host:6379/0), got {describe_url(url)!r}")
+    unknown = sorted(set(query) - _connection_options())
+    if unknown:
+        raise ValueError(f"unknown option(s) {', '.join(unknown)} in the Redis URL {describe_url(url)!r}: the store "
+                         f"takes {', '.join(STORE_QUERY_OPTIONS)} and redis-py's connection options "
+                         "(socket_timeout, socket_connect_timeout, max_connections, ...)")
     first = hostlist.split(",")[0] if hostlist else ""
     plain = f"{scheme}://{userinfo + '@' if userinfo else ''}{first}{path}"
     if query:
