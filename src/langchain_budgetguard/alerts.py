@@ -35,7 +35,8 @@ from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_expo
 from .limits import UNITS, check_seconds
 from .money import format_usd, show_value
 
-__all__ = ["Alert", "Webhook", "AlertSink", "webhook_of", "KINDS", "MAX_QUEUE", "MAX_WEBHOOK_TIMEOUT"]
+__all__ = ["Alert", "Webhook", "WebhookRedirectError", "AlertSink", "webhook_of", "KINDS", "MAX_QUEUE",
+           "MAX_WEBHOOK_TIMEOUT"]
 
 logger = logging.getLogger("langchain_budgetguard.alerts")
 
@@ -182,14 +183,27 @@ class Webhook:
         return f"{parts.scheme}://{parts.hostname}{port}"
 
     def post(self, body: Mapping[str, Any]) -> None:
-        """POST ``body`` as JSON, retrying as the class says; raises the last error if every try fails."""
+        """POST ``body`` as JSON, retrying as the class says; raises the last error if every try fails.
+
+        A redirect (3xx) is not followed: it fails at once
+        (``WebhookRedirectError``), so the body and headers only ever go to ``url``."""
         data = json.dumps(body, ensure_ascii=False).encode("utf-8")
         headers = {"Content-Type": "application/json", "User-Agent": "langchain-budgetguard", **self.headers}
 
+        tries = 0
+
         def once() -> None:
+            nonlocal tries
+            tries += 1
             request = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
-            with urllib.request.urlopen(request, timeout=self.timeout_seconds) as response:  # noqa: S310 (http(s) only)
-                response.read()
+            try:
+                with _OPENER.open(request, timeout=self.timeout_seconds) as response:
+                    response.read()
+            except urllib.error.HTTPError as exc:
+                exc.close()
+                if 300 <= exc.code < 400:
+                    raise WebhookRedirectError(self.url, exc.code, exc.headers.get("Location")) from None
+                raise
 
         retrying = Retrying(
             stop=stop_after_attempt(self.attempts),
@@ -197,11 +211,51 @@ class Webhook:
             retry=retry_if_exception(_retryable),
             reraise=True,
         )
-        retrying(once)
+        try:
+            retrying(once)
+        except Exception as exc:
+            exc.webhook_attempts = tries  # type: ignore[attr-defined] (what the sink's log says)
+            raise
+
+
+class WebhookRedirectError(Exception):
+    """The webhook answered a redirect, which is not followed (it would resend the alert, and its
+    secret headers, somewhere else): configure the final URL. The message shows the redirect's
+    target without its path or query (they may hold a secret)."""
+
+    def __init__(self, url: str, status: int, location: str | None) -> None:
+        self.status = status
+        target = "an unnamed location"
+        if location:
+            parts = urllib.parse.urlsplit(urllib.parse.urljoin(url, location))
+            try:
+                port = f":{parts.port}" if parts.port else ""
+            except ValueError:
+                port = ""
+            target = f"{parts.scheme}://{parts.hostname}{port}{'/...' if parts.path.strip('/') or parts.query else ''}"
+        super().__init__(f"the webhook answered {status}, a redirect to {target}; redirects are not followed "
+                         f"(they would send the alert and its headers elsewhere): configure the final URL")
+
+
+def _opener() -> urllib.request.OpenerDirector:
+    """urllib's opener (proxies from the environment as before) without a redirect handler: a 3xx
+    answer raises ``HTTPError``."""
+    opener = urllib.request.OpenerDirector()
+    for handler in (urllib.request.ProxyHandler(), urllib.request.UnknownHandler(), urllib.request.HTTPHandler(),
+                    urllib.request.HTTPSHandler(), urllib.request.HTTPDefaultErrorHandler(),
+                    urllib.request.HTTPErrorProcessor()):
+        opener.add_handler(handler)
+    return opener
+
+
+_OPENER = _opener()
 
 
 def _retryable(exc: BaseException) -> bool:
-    """Connection errors, timeouts and 5xx answers are worth another try; 4xx answers are not."""
+    """Connection errors, timeouts and 5xx answers are worth another try; 4xx answers and redirects
+    (the same URL would answer the same) are not."""
+    if isinstance(exc, WebhookRedirectError):
+        return False
     if isinstance(exc, urllib.error.HTTPError):
         return exc.code >= 500
     return isinstance(exc, (urllib.error.URLError, OSError, HTTPException))
@@ -366,8 +420,9 @@ class AlertSink:
                         self.webhook.post(alert.to_json())
                     except Exception as exc:
                         ok = False
-                        logger.warning("alert webhook %s failed after %d attempts: %s (%s)", self.webhook.where,
-                                       self.webhook.attempts, exc, alert.message)
+                        tries = getattr(exc, "webhook_attempts", self.webhook.attempts)
+                        logger.warning("alert webhook %s failed after %d attempt%s: %s (%s)", self.webhook.where,
+                                       tries, "" if tries == 1 else "s", exc, alert.message)
                 with self._idle:
                     if ok:
                         self.delivered += 1
