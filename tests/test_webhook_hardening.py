@@ -1,11 +1,14 @@
 """The alert webhook against hostile or misconfigured endpoints (local servers on 127.0.0.1):
 a redirect is never followed (neither the alert nor its secret headers go anywhere but the
-configured URL)."""
+configured URL), and ``timeout_seconds`` bounds each try end to end, however slowly the
+endpoint answers."""
 
 from __future__ import annotations
 
 import logging
+import socket
 import threading
+import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from decimal import Decimal
@@ -17,6 +20,7 @@ import pytest
 from langchain_budgetguard.alerts import Alert, AlertSink, Webhook
 
 SECRET = "Bearer hook-secret"
+SLACK = 1.5  # what a try may take beyond its timeout on a loaded machine; the old code took 10 s+
 
 
 def alert(i: int = 0) -> Alert:
@@ -109,3 +113,81 @@ def test_a_relative_redirect_names_the_webhooks_own_host(servers: tuple[Recordin
 def test_a_200_with_a_body_is_delivered(servers: tuple[Recording, Recording]) -> None:
     hook_server, _ = servers
     Webhook(f"{hook_server.base}/hook", attempts=1).post(alert().to_json())  # reads "ok" through the deadline
+
+
+# -- timeout_seconds is per try, end to end ----------------------------------------------------
+
+
+class Trickler:
+    """A raw TCP server that answers each connection one byte every ``pause`` seconds: the status
+    line and headers (``mode="head"``), or fast headers then the body (``"body"``), or never a
+    byte (``"silent"``). Every byte comes well within any per-read timeout."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.stopped = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                request = conn.recv(65536)
+                path = request.split(b" ", 2)[1] if b" " in request else b"/"
+                if path.startswith(b"/silent"):
+                    self.stopped.wait(30)
+                    return
+                fast, slow = (b"", b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 200 + b"\r\nContent-Length: 0\r\n\r\n")
+                if path.startswith(b"/body"):
+                    fast, slow = b"HTTP/1.1 200 OK\r\nContent-Length: 200\r\n\r\n", b"b" * 200
+                conn.sendall(fast)
+                for byte in slow:
+                    if self.stopped.wait(0.05):
+                        return
+                    conn.sendall(bytes([byte]))
+            except OSError:
+                return  # the client gave up: what the test wants
+
+    def url(self, path: str, scheme: str = "http") -> str:
+        return f"{scheme}://127.0.0.1:{self.port}{path}"
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def trickler() -> Iterator[Trickler]:
+    server = Trickler()
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize(("path", "scheme"), [("/head", "http"), ("/body", "http"), ("/silent", "https")])
+def test_a_try_ends_within_its_timeout_however_slowly_the_webhook_answers(
+        trickler: Trickler, path: str, scheme: str) -> None:
+    hook = Webhook(trickler.url(path, scheme), timeout_seconds=0.5, attempts=1)
+    start = time.monotonic()
+    with pytest.raises(OSError):  # socket.timeout / TimeoutError: a retryable failure
+        hook.post(alert().to_json())
+    took = time.monotonic() - start
+    assert took < 0.5 + SLACK, f"a 0.5 s try took {took:.1f} s"
+
+
+def test_a_trickling_webhook_does_not_hold_the_alerts_behind_it(trickler: Trickler) -> None:
+    sink = AlertSink(webhook=Webhook(trickler.url("/head"), timeout_seconds=0.3, attempts=2, backoff_seconds=0.01))
+    start = time.monotonic()
+    for i in range(3):
+        sink.emit(alert(i))
+    assert sink.flush(3 * 2 * (0.3 + SLACK)), "every try gave up at its deadline"
+    assert (sink.delivered, sink.failed) == (0, 3)
+    assert time.monotonic() - start < 3 * 2 * (0.3 + SLACK)
+    sink.close()

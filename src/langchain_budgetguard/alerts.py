@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import functools
 import inspect
+import io
 import json
 import logging
 import queue
+import socket
 import threading
 import time
 import urllib.error
@@ -26,7 +29,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
-from http.client import HTTPException
+from http.client import HTTPConnection, HTTPException, HTTPResponse, HTTPSConnection
 from types import MappingProxyType
 from typing import Any
 
@@ -140,7 +143,8 @@ class Alert:
 
 @dataclass(frozen=True, repr=False)
 class Webhook:
-    """Where alerts are POSTed as JSON: an http(s) ``url``, each try bounded by ``timeout_seconds``,
+    """Where alerts are POSTed as JSON: an http(s) ``url`` (redirects are not followed), each try
+    bounded end to end (connect, send, the whole answer) by ``timeout_seconds``,
     ``attempts`` tries in all (exponential backoff from ``backoff_seconds``), ``headers`` sent with
     each (``{"Authorization": "Bearer ..."}``). ``repr`` shows neither the URL's path nor header values."""
 
@@ -185,7 +189,8 @@ class Webhook:
     def post(self, body: Mapping[str, Any]) -> None:
         """POST ``body`` as JSON, retrying as the class says; raises the last error if every try fails.
 
-        A redirect (3xx) is not followed: it fails at once
+        Each try ends within ``timeout_seconds`` from connecting to the last byte of the answer read,
+        however slowly the webhook answers. A redirect (3xx) is not followed: it fails at once
         (``WebhookRedirectError``), so the body and headers only ever go to ``url``."""
         data = json.dumps(body, ensure_ascii=False).encode("utf-8")
         headers = {"Content-Type": "application/json", "User-Agent": "langchain-budgetguard", **self.headers}
@@ -237,12 +242,106 @@ class WebhookRedirectError(Exception):
                          f"(they would send the alert and its headers elsewhere): configure the final URL")
 
 
+class _DeadlineReader(io.RawIOBase):
+    """Reads a socket, each read given what is left of the attempt's deadline (so a peer that
+    trickles its answer a byte at a time still runs out of time)."""
+
+    def __init__(self, sock: socket.socket, left: Callable[[], float], sock_file: Any) -> None:
+        self._sock = sock
+        self._left = left
+        self._sock_file = sock_file  # holds the socket open (as http.client's file does) until closed
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self._sock_file.close()
+        super().close()
+
+    def readinto(self, buffer: Any) -> int:
+        self._sock.settimeout(self._left())
+        return self._sock.recv_into(buffer)
+
+
+class _DeadlineResponse(HTTPResponse):
+    def __init__(self, sock: socket.socket, *args: Any, left: Callable[[], float], **kwargs: Any) -> None:
+        super().__init__(sock, *args, **kwargs)
+        self.fp = io.BufferedReader(_DeadlineReader(sock, left, self.fp))
+
+
+class _Deadline:
+    """What every connection step of one try may still take: ``timeout`` from the try's start."""
+
+    timeout: Any
+    sock: Any
+
+    def _start_deadline(self) -> None:
+        self._deadline = time.monotonic() + self.timeout
+        self.response_class = functools.partial(_DeadlineResponse, left=self._left)
+
+    def _left(self) -> float:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the webhook did not answer within timeout_seconds")
+        return left
+
+    def _deadline_connection(self, address: Any, timeout: Any, source_address: Any = None) -> socket.socket:
+        """``socket.create_connection``, each address given what is left (not the whole timeout)."""
+        host, port = address
+        error: OSError = OSError(f"no address found for {host}")
+        for family, kind, proto, _, where in socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM):
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.settimeout(self._left())
+                if source_address:
+                    sock.bind(source_address)
+                sock.connect(where)
+                sock.settimeout(self._left())  # what is left for the TLS handshake (one deadline in ssl)
+                return sock
+            except OSError as exc:
+                sock.close()
+                error = exc
+            except BaseException:
+                sock.close()
+                raise
+        raise error
+
+    def send(self, data: Any) -> None:
+        if self.sock is not None:
+            self.sock.settimeout(self._left())
+        super().send(data)  # type: ignore[misc]
+
+
+class _DeadlineHTTPConnection(_Deadline, HTTPConnection):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._start_deadline()
+        self._create_connection = self._deadline_connection
+
+
+class _DeadlineHTTPSConnection(_Deadline, HTTPSConnection):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._start_deadline()
+        self._create_connection = self._deadline_connection
+
+
+class _DeadlineHTTPHandler(urllib.request.HTTPHandler):
+    def http_open(self, req: urllib.request.Request) -> Any:
+        return self.do_open(_DeadlineHTTPConnection, req)
+
+
+class _DeadlineHTTPSHandler(urllib.request.HTTPSHandler):
+    def https_open(self, req: urllib.request.Request) -> Any:
+        return self.do_open(_DeadlineHTTPSConnection, req)
+
+
 def _opener() -> urllib.request.OpenerDirector:
     """urllib's opener (proxies from the environment as before) without a redirect handler: a 3xx
-    answer raises ``HTTPError``."""
+    answer raises ``HTTPError``; each connection's try is bounded as a whole by its timeout."""
     opener = urllib.request.OpenerDirector()
-    for handler in (urllib.request.ProxyHandler(), urllib.request.UnknownHandler(), urllib.request.HTTPHandler(),
-                    urllib.request.HTTPSHandler(), urllib.request.HTTPDefaultErrorHandler(),
+    for handler in (urllib.request.ProxyHandler(), urllib.request.UnknownHandler(), _DeadlineHTTPHandler(),
+                    _DeadlineHTTPSHandler(), urllib.request.HTTPDefaultErrorHandler(),
                     urllib.request.HTTPErrorProcessor()):
         opener.add_handler(handler)
     return opener
