@@ -10,7 +10,10 @@ Routes (GET and HEAD; anything else is 405):
 
 With a token, every request needs ``Authorization: Bearer <token>``; a browser may open
 ``/?token=<token>`` once, which sets an HttpOnly cookie and redirects to the same page without it.
-Binding anything but a loopback address without a token is refused (``check_bind``).
+Binding anything but a loopback address without a token is refused (``check_bind``); without a
+token, a request whose ``Host`` header names anything but a loopback address (127.0.0.1, localhost,
+[::1], any port) is answered 421, so a web page that rebinds its own domain to 127.0.0.1 (DNS
+rebinding) cannot read the figures.
 """
 
 from __future__ import annotations
@@ -93,6 +96,18 @@ class _Reply(Exception):
     def __init__(self, status: HTTPStatus, message: str) -> None:
         super().__init__(message)
         self.status, self.message = status, message
+
+
+_LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def _host_name(header: str) -> str:
+    """The host part of a ``Host`` header, lower case, without the port or IPv6 brackets."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:].split("]", 1)[0]
+    name, _, port = header.rpartition(":")
+    return name if name and (port.isdigit() or not port) else header
 
 
 def _one(query: dict[str, list[str]], name: str, default: str | None = None) -> str | None:
@@ -198,10 +213,26 @@ class _Handler(BaseHTTPRequestHandler):
     def do_HEAD(self) -> None:  # noqa: N802 - http.server's naming
         self.do_GET()
 
+    def _host_allowed(self) -> bool:
+        """With a token, any ``Host``; without one, only names of the loopback address bound (a browser
+        always sends ``Host``: a request without one comes from no web page)."""
+        header = self.headers.get("Host")
+        if self.server.token is not None or header is None:
+            return True
+        name = _host_name(header).rstrip(".")
+        return name in _LOOPBACK_NAMES or name == str(self.server.server_address[0]).lower()
+
     def do_GET(self) -> None:  # noqa: N802
         parts = urlsplit(self.path)
         path, query = parts.path, parse_qs(parts.query, keep_blank_values=True)
         api = path.startswith("/api/")
+        if not self._host_allowed():
+            message = (f"421: this dashboard answers only to its loopback address (127.0.0.1, localhost, [::1]), "
+                       f"not Host {self.headers.get('Host')!r}; open {self.server.url}/, or serve it with a token "
+                       "to reach it under another name\n")
+            self._send(HTTPStatus.MISDIRECTED_REQUEST, message.encode("utf-8", "replace"),
+                       "text/plain; charset=utf-8")
+            return
         auth = self._authorized(query)
         if auth is False:
             headers = {"WWW-Authenticate": 'Bearer realm="budgetguard"'}
