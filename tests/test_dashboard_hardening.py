@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from langchain_budgetguard.dashboard import DashboardData, make_server
+from langchain_budgetguard.dashboard.server import REQUEST_TIMEOUT
 from langchain_budgetguard.overrides import BudgetAdmin
 
 from .test_dashboard import TOKEN, _spend, make_guard
@@ -75,3 +78,75 @@ def test_with_a_token_any_host_still_gets_in_with_the_token():
     finally:
         server.shutdown()
         server.server_close()
+
+
+# -- slow and too many connections -------------------------------------------------------------
+
+
+def _wait_closed(sock: socket.socket) -> bytes:
+    """What the server sent before closing ``sock`` (the client waits up to 30 s)."""
+    sock.settimeout(30)
+    got = b""
+    while True:
+        try:
+            chunk = sock.recv(4096)
+        except ConnectionResetError:
+            return got
+        if not chunk:
+            return got
+        got += chunk
+
+
+def test_a_half_sent_request_is_dropped_after_the_request_timeout():
+    assert 0 < REQUEST_TIMEOUT <= 60
+    server = _serve(TOKEN, request_timeout=0.5)
+    try:
+        sock = socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=30)
+        with sock:
+            sock.sendall(b"GET /api/limits HTT")
+            assert _wait_closed(sock) == b""  # closed by the server, long before the client's 30 s
+        assert _serve_default_timeout() == REQUEST_TIMEOUT
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _serve_default_timeout() -> float:
+    server = _serve(TOKEN)
+    try:
+        return server.request_timeout
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_connections_beyond_the_cap_are_answered_503_and_the_slots_come_back():
+    server = _serve(TOKEN, max_connections=2)
+    port = server.server_address[1]
+    try:
+        slow = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(2)]
+        for sock in slow:
+            sock.sendall(b"GET /api/limits HTT")
+        # Accepted in order: both slots are taken before the third connection is accepted.
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as third:
+            reply = _wait_closed(third)
+        assert reply.startswith(b"HTTP/1.0 503 ") and b"too many connections" in reply
+        for sock in slow:
+            sock.close()
+        deadline = time.monotonic() + 30
+        while True:  # the handlers see the close and give their slots back
+            code, body = _get(server, "/api/limits", headers={"Authorization": f"Bearer {TOKEN}"})
+            if code == 200 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert code == 200, body
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("kw", [{"request_timeout": 0}, {"request_timeout": -1}, {"max_connections": 0}])
+def test_bad_limits_of_the_server_are_refused(kw):
+    guard = make_guard()
+    with pytest.raises(ValueError, match=next(iter(kw))):
+        make_server(DashboardData(BudgetAdmin(guard.policy)), port=0, **kw)

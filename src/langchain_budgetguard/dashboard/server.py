@@ -25,6 +25,7 @@ import logging
 import re
 import socket
 import threading
+import time
 from collections.abc import Callable
 from functools import lru_cache
 from http import HTTPStatus
@@ -125,14 +126,30 @@ def _int(query: dict[str, list[str]], name: str, default: int) -> int:
         raise _Reply(HTTPStatus.BAD_REQUEST, f"{name}: expected a whole number, got {text!r}") from None
 
 
+REQUEST_TIMEOUT = 15.0  # seconds a connection may stay silent (reading the request, or writing the reply)
+MAX_CONNECTIONS = 64  # connections served at once; more are answered 503 and closed
+_BUSY = (b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\nRetry-After: 5\r\n"
+         b"Connection: close\r\nContent-Length: 70\r\n\r\n"
+         b"503: the dashboard is serving too many connections; try again shortly\n")
+
+
 class DashboardServer(ThreadingHTTPServer):
-    """A ``ThreadingHTTPServer`` serving one budget's ``DashboardData``."""
+    """A ``ThreadingHTTPServer`` serving one budget's ``DashboardData``: one thread per connection,
+    at most ``max_connections`` at once, each dropped after ``request_timeout`` seconds of silence."""
 
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], data: DashboardData, token: str | None = None) -> None:
+    def __init__(self, address: tuple[str, int], data: DashboardData, token: str | None = None, *,
+                 request_timeout: float = REQUEST_TIMEOUT, max_connections: int = MAX_CONNECTIONS) -> None:
         check_bind(address[0], token)
+        if not request_timeout > 0:
+            raise ValueError(f"request_timeout: expected seconds above 0, got {request_timeout!r}")
+        if max_connections < 1:
+            raise ValueError(f"max_connections: expected 1 or more, got {max_connections!r}")
         self.data, self.token = data, token or None
+        self.request_timeout, self.max_connections = float(request_timeout), max_connections
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._warned = -1e9
         family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.address_family = family
         super().__init__(address, _Handler)
@@ -143,6 +160,32 @@ class DashboardServer(ThreadingHTTPServer):
         host = f"[{host}]" if ":" in str(host) else host
         return f"http://{host}:{port}"
 
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            now = time.monotonic()
+            if now - self._warned > 60:  # once a minute: a flood of connections must not flood the log
+                self._warned = now
+                log.warning("dashboard: %d connections open (the most served at once); refusing more with 503",
+                            self.max_connections)
+            try:
+                request.setblocking(False)  # never stall the accept loop on a client that does not read
+                request.send(_BUSY)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
     def serve_in_thread(self) -> threading.Thread:
         """Serve on a daemon thread (tests, notebooks); stop with ``shutdown()`` then ``server_close()``."""
         thread = threading.Thread(target=self.serve_forever, name="budgetguard-dashboard", daemon=True)
@@ -150,16 +193,21 @@ class DashboardServer(ThreadingHTTPServer):
         return thread
 
 
-def make_server(data: DashboardData, host: str = "127.0.0.1", port: int = 8765,
-                token: str | None = None) -> DashboardServer:
+def make_server(data: DashboardData, host: str = "127.0.0.1", port: int = 8765, token: str | None = None, *,
+                request_timeout: float = REQUEST_TIMEOUT, max_connections: int = MAX_CONNECTIONS) -> DashboardServer:
     """A server for ``data`` on ``host:port`` (port 0: a free one); raises ``InsecureBindError``."""
-    return DashboardServer((host, port), data, token)
+    return DashboardServer((host, port), data, token, request_timeout=request_timeout,
+                           max_connections=max_connections)
 
 
 class _Handler(BaseHTTPRequestHandler):
     server: DashboardServer
     server_version = "budgetguard-dashboard"
     sys_version = ""
+
+    def setup(self) -> None:
+        self.timeout = self.server.request_timeout  # the socket's timeout (the base class's default: none)
+        super().setup()
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
         log.info("%s %s", self.address_string(), format % args)
