@@ -16,6 +16,10 @@ from langchain_budgetguard.dashboard import DashboardData, make_server
 from langchain_budgetguard.dashboard.server import REQUEST_TIMEOUT
 from langchain_budgetguard.overrides import BudgetAdmin
 
+from langchain_budgetguard.stores.memory import MemoryStore
+from langchain_budgetguard.stores.redis import RedisStore
+
+from .redis_support import fresh_prefix, redis_url  # noqa: F401 - fixture
 from .test_dashboard import TOKEN, _spend, make_guard
 
 
@@ -150,3 +154,44 @@ def test_bad_limits_of_the_server_are_refused(kw):
     guard = make_guard()
     with pytest.raises(ValueError, match=next(iter(kw))):
         make_server(DashboardData(BudgetAdmin(guard.policy)), port=0, **kw)
+
+
+# -- absurd page and n: the last page, every id; never the store's error -------------------------
+
+HUGE = ["99999999999999999", "184467440737095516", str(10**40)]
+
+
+@pytest.fixture(params=["memory", "redis"])
+def spent_store(request: pytest.FixtureRequest) -> Iterator[Any]:
+    if request.param == "memory":
+        yield MemoryStore()
+        return
+    with RedisStore(request.getfixturevalue("redis_url"), prefix=fresh_prefix()) as store:
+        yield store
+
+
+@pytest.mark.parametrize("page", HUGE)
+def test_a_huge_page_is_the_last_page_not_a_store_outage(spent_store, page):
+    guard = make_guard(spent_store)
+    _spend(guard, {"alice": 1, "bob": 2})
+    server = make_server(DashboardData(BudgetAdmin(guard.policy), cache_seconds=0), port=0)
+    server.serve_in_thread()
+    try:
+        code, body = _get(server, f"/api/scope/user?page={page}")
+        assert code == 200, body
+        reply = json.loads(body)
+        assert (reply["page"], reply["pages"]) == (1, 1)
+        assert sorted(r["id"] for r in reply["rows"]) == ["alice", "bob"]
+        code, body = _get(server, f"/scope/user?page={page}")
+        assert code == 200 and "alice" in body
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("n", [5 * 10**18, 10**40])
+def test_top_with_a_huge_n_is_every_id(spent_store, n):
+    guard = make_guard(spent_store)
+    _spend(guard, {"alice": 1, "bob": 2})
+    rows = BudgetAdmin(guard.policy).top("user", n=n)
+    assert [r.scope_id for r in rows] == ["bob", "alice"]

@@ -69,6 +69,7 @@ DEFAULT_REFRESH_SECONDS = 5.0
 ALL_IDS = "*"
 READ_BATCH = 1000  # counters read per store call when listing a scope from its index
 TOP_MARGIN = 10  # candidates read beyond 2n for ``top(n)``
+TOP_READ_MAX = 10**12  # more ids than any index holds: ``top(n)`` past it reads the whole index
 
 
 @dataclass(frozen=True)
@@ -526,7 +527,9 @@ class BudgetAdmin:
             # counters are then read exactly (a margin covers ties and expiry charges since).
             label = window_for_label(limit, at).label
             index = f"{escape_id(self.policy.name)}:{limit.per}:{limit.slug}:{label}"
-            rows = self._statuses_of(limit, label, self._indexed(index, 2 * n + TOP_MARGIN))
+            count = 2 * n + TOP_MARGIN
+            # A huge n means every id: read the whole index (a count past int64 makes Redis refuse).
+            rows = self._statuses_of(limit, label, self._indexed(index, count if count <= TOP_READ_MAX else None))
         else:
             rows = self.limit_statuses(limit, None, at, None)
         rows.sort(key=lambda s: (-s.spent, -s.held, s.scope_id or ""))

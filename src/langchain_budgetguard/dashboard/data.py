@@ -53,6 +53,9 @@ PAGE_SIZES = (50, 100)
 SORTS = ("used", "spent", "held", "remaining", "limit", "id", "resets")
 RANKED_SORTS = ("used", "spent")  # the orders the spend index gives without reading every counter
 RANKED_MARGIN = 200  # counters read beyond a ranked page's end (see ``DashboardData.scope_page``)
+# More ids than any index holds: a page beyond reads every counter and clamps to the last page
+# (asking the store for the head would overflow Redis' int64 range end).
+RANKED_READ_MAX = 10**12
 READ_BATCH = 1000  # counters per store read
 EVENT_KINDS = ("refusal", "degrade", "alert")
 LEDGER_MISSING = ("Per-call history (spend over time, last calls, refusals, degrades and alerts) needs the "
@@ -432,6 +435,8 @@ class DashboardData:
                      - {override_field(limit, None)[len(prefix):]})
         start = (page - 1) * per_page
         want = start + per_page + RANKED_MARGIN + len(own)
+        if want > RANKED_READ_MAX:
+            return None
         index = f"{escape_id(self.name)}:{limit.per}:{limit.slug}:{win.label}"
         head = store.read_index_page(index, want, descending=descending, members=own)
         if head.total <= want:
