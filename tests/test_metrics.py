@@ -118,3 +118,29 @@ async def test_the_handler_counts_async_calls_too():
     assert sample(metrics, "budgetguard_calls_total", budget="a", model="gpt-4o", degraded="false") == 1
     assert sample(metrics, "budgetguard_degrades_total", budget="a", scope="user", window="day",
                   from_model="gpt-4o", to_model="gpt-4o-mini") == 1
+
+
+def test_limits_of_one_scope_and_window_in_different_zones_are_different_series():
+    guard = BudgetGuard(UsageChat(model_name="gpt-4o-mini", input_tokens=1000, output_tokens=500, max_tokens=500),
+                        limits=[Limit(usd=5, per="user", window="day"),
+                                Limit(usd=8, per="user", window="day", tz="Asia/Tokyo"),
+                                Limit(tokens=100000, per="user", window="day"),
+                                Limit(tokens=200000, per="user", window="day", tz="Asia/Tokyo")],
+                        name="zones")
+    guard.invoke("hi", config={"configurable": {"user_id": "alice"}})
+    metrics = BudgetMetrics(registry=CollectorRegistry(), min_interval=0, id_labels={"user"})
+    metrics.watch(guard)
+    series = [line.rsplit(" ", 1)[0] for line in metrics.exposition().splitlines()
+              if line and not line.startswith("#")]
+    assert len(series) == len(set(series)), "a series exported twice"
+    utc = {"budget": "zones", "scope": "user", "window": "day"}  # UTC limits: the labels they always had
+    tokyo = {**utc, "tz": "Asia/Tokyo"}
+    assert sample(metrics, "budgetguard_limit_usd", **utc) == 5
+    assert sample(metrics, "budgetguard_limit_usd", **tokyo) == 8
+    assert sample(metrics, "budgetguard_spent_usd", **utc) == sample(metrics, "budgetguard_spent_usd", **tokyo) \
+        == float(MINI_USD)
+    assert sample(metrics, "budgetguard_limit_count", unit="tokens", **utc) == 100000
+    assert sample(metrics, "budgetguard_limit_count", unit="tokens", **tokyo) == 200000
+    assert sample(metrics, "budgetguard_used_count", unit="tokens", **tokyo) == 1500
+    assert sample(metrics, "budgetguard_id_limit_usd", id="alice", **tokyo) == 8
+    assert sample(metrics, "budgetguard_id_limit_usd", id="alice", **utc) == 5

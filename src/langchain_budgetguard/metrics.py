@@ -13,7 +13,9 @@ Two sources, one ``BudgetMetrics`` object::
 1. ``watch`` adds a collector that reads the budget's counters of the current windows from the
    store when Prometheus scrapes (at most every ``min_interval`` seconds; a SCAN of the store for
    per-id scopes): limit, spent, held, remaining and how many ids are at their limit, labelled by
-   ``budget``, ``scope`` and ``window``. Any process can serve them: ``budgetguard metrics --port``.
+   ``budget``, ``scope`` and ``window``, and ``tz`` for a limit whose windows follow a time zone
+   other than UTC (two limits of one scope and window in different zones are two series). Any
+   process can serve them: ``budgetguard metrics --port``.
 2. ``callback`` returns a LangChain callback handler that counts the guard's own events: spend
    and calls by ``model``, refusals and degrades by ``scope`` and ``model``. Only the process that
    makes the calls sees them, so it exposes them on its own registry/endpoint.
@@ -74,6 +76,12 @@ def _name_of(budget: Any) -> str:
     if not isinstance(name, str):
         raise TypeError(f"expected a budget name, a BudgetGuard or a BudgetPolicy, got {type(budget).__name__}")
     return name
+
+
+def _zone_labels(limit: Any) -> dict[str, str]:
+    """``{"tz": ...}`` for a limit in a zone other than UTC (as ``Limit.slug`` tells them apart), else
+    nothing: the series of UTC limits keep the labels they always had."""
+    return {} if limit.tz in ("UTC", "utc", "Z") else {"tz": limit.tz}
 
 
 def _window_kind(window: Any) -> str:
@@ -175,8 +183,15 @@ class BudgetMetrics:
         ns = self.namespace
         labels = ["budget", "scope", "window"]
 
+        names: dict[str, list[str]] = {}
+
         def gauge(name: str, doc: str, extra: list[str] = ()) -> Any:  # type: ignore[assignment]
-            return GaugeMetricFamily(f"{ns}_{name}", doc, labels=[*labels, *extra])
+            names[f"{ns}_{name}"] = [*labels, *extra]
+            return GaugeMetricFamily(f"{ns}_{name}", doc, labels=names[f"{ns}_{name}"])
+
+        def put(family: Any, values: list[str], value: float, zone: dict[str, str]) -> None:
+            # add_metric takes the family's fixed label names; a limit's ``tz`` is one more, only when set
+            family.add_sample(family.name, {**dict(zip(names[family.name], values)), **zone}, value)
 
         limit = gauge("limit_usd", "The limit of the scope per window, in USD (overrides for single ids not shown)")
         spent = gauge("spent_usd", "USD spent in the current window, summed over the scope's ids")
@@ -203,26 +218,26 @@ class BudgetMetrics:
                 continue
             up.add_metric([policy.name], 1.0)
             for (per, window, _tz, unit), (lim, statuses) in rows.items():
-                key = [policy.name, per, window]
+                key, zone = [policy.name, per, window], _zone_labels(lim)
                 if unit != "usd":  # the dollar gauges speak USD; other kinds have their own, with a unit label
-                    count_limit.add_metric([*key, unit], float(lim.amount))
-                    count_used.add_metric([*key, unit], float(sum((s.spent for s in statuses), Decimal(0))))
+                    put(count_limit, [*key, unit], float(lim.amount), zone)
+                    put(count_used, [*key, unit], float(sum((s.spent for s in statuses), Decimal(0))), zone)
                     continue
                 scope_limit = policy.limit_nano(lim, None) / 1e9
-                limit.add_metric(key, scope_limit)
-                spent.add_metric(key, float(sum((s.spent for s in statuses), Decimal(0))))
-                held.add_metric(key, float(sum((s.held for s in statuses), Decimal(0))))
+                put(limit, key, scope_limit, zone)
+                put(spent, key, float(sum((s.spent for s in statuses), Decimal(0))), zone)
+                put(held, key, float(sum((s.held for s in statuses), Decimal(0))), zone)
                 left = sum((s.remaining for s in statuses), Decimal(0))
-                remaining.add_metric(key, float(left) if statuses or per != GLOBAL else scope_limit)
-                ids.add_metric(key, float(len(statuses)))
-                exhausted.add_metric(key, float(sum(1 for s in statuses if s.remaining <= 0)))
+                put(remaining, key, float(left) if statuses or per != GLOBAL else scope_limit, zone)
+                put(ids, key, float(len(statuses)), zone)
+                put(exhausted, key, float(sum(1 for s in statuses if s.remaining <= 0)), zone)
                 if per in self.id_labels:
                     for s in statuses:
                         who = [*key, s.scope_id or ""]
-                        id_spent.add_metric(who, float(s.spent))
-                        id_held.add_metric(who, float(s.held))
-                        id_remaining.add_metric(who, float(s.remaining))
-                        id_limit.add_metric(who, float(s.limit))
+                        put(id_spent, who, float(s.spent), zone)
+                        put(id_held, who, float(s.held), zone)
+                        put(id_remaining, who, float(s.remaining), zone)
+                        put(id_limit, who, float(s.limit), zone)
         out = [up, limit, spent, held, remaining, ids, exhausted, count_limit, count_used]
         if self.id_labels:
             out += [id_limit, id_spent, id_held, id_remaining]
