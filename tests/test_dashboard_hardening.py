@@ -195,3 +195,31 @@ def test_top_with_a_huge_n_is_every_id(spent_store, n):
     _spend(guard, {"alice": 1, "bob": 2})
     rows = BudgetAdmin(guard.policy).top("user", n=n)
     assert [r.scope_id for r in rows] == ["bob", "alice"]
+
+
+# -- error messages are shown whole ----------------------------------------------------------
+
+
+def test_an_error_message_keeps_its_closing_quote(tokenless):
+    code, body = _get(tokenless, "/api/scope/user?sort=bogus")
+    assert code == 400 and json.loads(body)["error"].endswith("got 'bogus'")
+    code, body = _get(tokenless, "/scope/user?sort=bogus")  # the HTML page: the same message, escaped
+    assert code == 400 and ("got &#x27;bogus&#x27;" in body or "got 'bogus'" in body)
+    code, body = _get(tokenless, "/api/scope/nosuch")
+    assert code == 404 and "'nosuch'" in json.loads(body)["error"]
+
+
+def test_a_key_error_is_shown_without_the_quotes_its_str_adds():
+    class Missing(DashboardData):
+        def events_page(self) -> Any:
+            raise KeyError("no events for 'x'")
+
+    guard = make_guard()
+    server = make_server(Missing(BudgetAdmin(guard.policy)), port=0)
+    server.serve_in_thread()
+    try:
+        code, body = _get(server, "/api/events")
+        assert code == 404 and json.loads(body)["error"] == "no events for 'x'"
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -111,6 +111,13 @@ def _host_name(header: str) -> str:
     return name if name and (port.isdigit() or not port) else header
 
 
+def _message(exc: Exception) -> str:
+    """An exception's message; a KeyError's without the quotes its ``str`` adds."""
+    if isinstance(exc, KeyError) and len(exc.args) == 1 and isinstance(exc.args[0], str):
+        return exc.args[0]
+    return str(exc)
+
+
 def _one(query: dict[str, list[str]], name: str, default: str | None = None) -> str | None:
     values = query.get(name)
     return values[-1] if values else default
@@ -310,7 +317,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._fail(api, reply.status, reply.message, route)
         except (LookupError, ValueError) as exc:
             return self._fail(api, HTTPStatus.NOT_FOUND if isinstance(exc, LookupError) else HTTPStatus.BAD_REQUEST,
-                              str(exc).strip("'\""), route)
+                              _message(exc), route)
         except BudgetStoreUnavailableError as exc:
             return self._fail(api, HTTPStatus.SERVICE_UNAVAILABLE, f"the budget store could not be reached: {exc}",
                               route)
