@@ -135,9 +135,9 @@ def _int(query: dict[str, list[str]], name: str, default: int) -> int:
 
 REQUEST_TIMEOUT = 15.0  # seconds a connection may stay silent (reading the request, or writing the reply)
 MAX_CONNECTIONS = 64  # connections served at once; more are answered 503 and closed
+_BUSY_BODY = b"503: the dashboard is serving too many connections; try again shortly\n"
 _BUSY = (b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\nRetry-After: 5\r\n"
-         b"Connection: close\r\nContent-Length: 70\r\n\r\n"
-         b"503: the dashboard is serving too many connections; try again shortly\n")
+         b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY))
 
 
 class DashboardServer(ThreadingHTTPServer):
