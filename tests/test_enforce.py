@@ -356,3 +356,30 @@ def test_the_block_reaches_the_calls_made_in_its_context_only():
     (status,) = policy.status(user_id="alice")
     assert status.held == 0
     assert status.spent == 3 * Decimal("0.0000066")  # 8 input + 9 output tokens of gpt-4o-mini, three calls
+
+
+class _AnsweredByAnother(UsageChat):
+    """Asked for gpt-4o-mini; its reply names gpt-4o, as a provider's routing may."""
+
+    def _generate(self, *args: Any, **kwargs: Any) -> Any:
+        result = super()._generate(*args, **kwargs)
+        result.generations[0].message.response_metadata["model_name"] = "gpt-4o"
+        return result
+
+    def _stream(self, *args: Any, **kwargs: Any) -> Any:
+        chunks = list(super()._stream(*args, **kwargs))
+        chunks[-1].message.response_metadata["model_name"] = "gpt-4o"
+        yield from chunks
+
+
+@pytest.mark.parametrize("how", ["invoke", "stream"])
+def test_a_call_is_charged_as_the_model_its_reply_names(how: str) -> None:
+    policy = BudgetGuard(limit=1)
+    model = _AnsweredByAnother(model_name="gpt-4o-mini", input_tokens=1000, output_tokens=1000, max_tokens=1000)
+    with enforce_budget(policy):
+        reply = model.invoke("hi") if how == "invoke" else list(model.stream("hi"))[-1]
+    guarded = BudgetGuard(_AnsweredByAnother(model_name="gpt-4o-mini", input_tokens=1000, output_tokens=1000,
+                                             max_tokens=1000), limit=1)
+    guarded.invoke("hi")
+    assert policy.status()[0].spent == guarded.status()[0].spent == Decimal("0.0125")  # gpt-4o's price
+    assert "budgetguard" not in reply.response_metadata  # the caller's reply is left as the model made it

@@ -292,15 +292,15 @@ class BudgetEnforcer(BaseCallbackHandler):
         if running is None:
             return
         running.end()
-        usage, text = _reported(response)
+        usage, text, served = _reported(response)
         # No usage reported: the input estimate plus the output seen; a failure before any output is free.
         output_text = text if (text or not failed) else None
         try:
             for reservation in running.reservations:
                 if error is not None and usage is None:
                     reservation.settle_error(error, output_text=output_text)
-                else:
-                    reservation.settle(usage=usage, output_text=output_text)
+                else:  # (the reply names the model that served: it is priced, not the one asked for)
+                    reservation.settle(served if usage is not None else None, usage=usage, output_text=output_text)
         finally:
             _release(running.key, [budget_token(r.guard.policy) for r in running.reservations], running.event)
 
@@ -335,17 +335,22 @@ def new_call_id() -> str:
     return "enforce-" + os.urandom(16).hex()
 
 
-def _reported(response: Any) -> tuple[TokenUsage | None, str]:
-    """The usage a run's ``LLMResult`` reports (None when none) and the text it generated."""
+def _reported(response: Any) -> tuple[TokenUsage | None, str, Any]:
+    """The usage a run's ``LLMResult`` reports (None when none), the text it generated and its
+    first reply message (it names the model that served; None when there is none)."""
     if response is None:
-        return None, ""
+        return None, "", None
     usage = TokenUsage()
     for reported, _ in usage_from_llm_result(response):
         if reported is not None:
             usage = usage + reported
-    text = "".join(getattr(g, "text", "") or "" for gens in getattr(response, "generations", None) or ()
-                   for g in gens)
-    return (usage if usage.total_tokens else None), text
+    generations = [g for gens in getattr(response, "generations", None) or () for g in gens]
+    text = "".join(getattr(g, "text", "") or "" for g in generations)
+    served = next((m for g in generations if (m := getattr(g, "message", None)) is not None), None)
+    if served is not None and isinstance(getattr(served, "response_metadata", None), dict):
+        # A copy: the settle annotates what it is given, and the caller's reply stays as the model made it.
+        served = served.model_copy(update={"response_metadata": dict(served.response_metadata)})
+    return (usage if usage.total_tokens else None), text, served
 
 
 # Which budget each running call is charged to, process-wide: two enforcers that both see a call
