@@ -131,3 +131,29 @@ def test_a_sustained_stream_keeps_one_window_of_records():
     assert len(store._records) <= 100 * 11
     assert len(store._record_expiry) + len(store._settled_expiry) <= 100 * 11
     assert store.read(["a", "b"]) == [store.read(["a"])[0]] * 2 and store.read(["a"])[0].spent == 16_000
+
+
+def test_a_wall_clock_stepped_forward_does_not_end_the_holds_of_running_calls(monkeypatch) -> None:
+    import time as real_time
+
+    from langchain_budgetguard.stores.base import Counter, CounterState, Hold
+
+    store = MemoryStore()
+    counters = [Counter("{g}:budget", 1_000_000_000)]
+    assert store.reserve(counters, Hold("call-a", 900_000_000, 600, charge_on_expiry=100_000_000)).ok
+    stepped = real_time.time() + 700  # an NTP correction, a resumed VM: the lease keeper (monotonic) sees none
+    monkeypatch.setattr(real_time, "time", lambda: stepped)
+    refused = store.reserve(counters, Hold("call-b", 900_000_000, 600, charge_on_expiry=100_000_000))
+    assert not refused.ok and refused.states[0] == CounterState(0, 900_000_000)
+    assert store.renew("call-a", ["{g}:budget"], 600)
+
+
+def test_the_stores_clock_keeps_to_the_epoch_and_ignores_wall_clock_steps(monkeypatch) -> None:
+    import time as real_time
+
+    from langchain_budgetguard.stores.memory import steady_time
+
+    assert abs(steady_time() - real_time.time()) < 5  # epoch seconds: ledger times and counter expiries read right
+    before = steady_time()
+    monkeypatch.setattr(real_time, "time", lambda: before + 700)
+    assert steady_time() - before < 5

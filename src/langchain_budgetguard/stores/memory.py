@@ -45,7 +45,7 @@ from .bounds import (
     check_token,
 )
 
-__all__ = ["MemoryStore"]
+__all__ = ["MemoryStore", "steady_time"]
 
 # Kept for callers of the old names: how long a record outlives its lease (now the retry window).
 RECORD_TTL_SECONDS = DEFAULT_RETRY_WINDOW_SECONDS
@@ -89,6 +89,17 @@ def _fire(index: int, key: str, counter: _Counter, out: list[Crossing]) -> None:
             out.append(Crossing(index, key, threshold, counter.spent))
 
 
+_WALL_AT_START, _MONOTONIC_AT_START = time.time(), time.monotonic()
+
+
+def steady_time() -> float:
+    """Seconds since the epoch that never jump: the wall clock when this module was imported plus
+    the monotonic time since. Leases here are timed against it, as the lease keeper times their
+    renewals: a wall clock stepped forward (an NTP correction, a resumed VM) must not end the
+    holds of calls still running."""
+    return _WALL_AT_START + (time.monotonic() - _MONOTONIC_AT_START)
+
+
 class MemoryStore:
     """Counters in a dict behind one lock. Operations are short and never await while locked.
 
@@ -103,7 +114,7 @@ class MemoryStore:
     def __init__(
         self,
         *,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
         retry_window_seconds: float = DEFAULT_RETRY_WINDOW_SECONDS,
         ledger_max_rows: int = DEFAULT_LEDGER_MAX_ROWS,
         ledger_retention_seconds: int = DEFAULT_LEDGER_RETENTION_SECONDS,
@@ -114,7 +125,7 @@ class MemoryStore:
         # settle that keeps it is on every call's path and a read is rare.
         self._ledger: deque[tuple[float, int, LedgerRow]] = deque(maxlen=self.ledger_max_rows or 1)
         self._index: dict[str, dict[str, None]] = {}  # index name -> its counter keys
-        self._clock = clock
+        self._clock = steady_time if clock is None else clock
         self.retry_window_seconds = check_seconds(
             retry_window_seconds, "retry_window_seconds", MAX_RETRY_WINDOW_SECONDS
         )
