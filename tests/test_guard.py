@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import threading
+from typing import Any
 from decimal import Decimal
 
 import pytest
@@ -463,3 +464,38 @@ def test_fail_open_allowance_is_per_outage_and_closed_refuses_clearly():
     assert llm.calls == 4
     (status,) = guard.status()
     assert status.spent == Decimal("0.36") and status.held == 0  # every served call reached the store
+
+
+class _UsageUpFront(UsageChat):
+    """Reports the prompt's usage on its first chunk (input, 1 output token), the rest at its end."""
+
+    def _stream(self, messages: Any, stop: Any = None, run_manager: Any = None, **kwargs: Any) -> Any:
+        from langchain_core.messages import AIMessageChunk
+        from langchain_core.outputs import ChatGenerationChunk
+
+        pieces = self._pieces()
+        for i, piece in enumerate(pieces):
+            if self.fail_after is not None and i >= self.fail_after:
+                raise ConnectionError("the connection dropped")
+            usage = {"input_tokens": 1000, "output_tokens": 1, "total_tokens": 1001} if i == 0 else None
+            yield ChatGenerationChunk(message=AIMessageChunk(content=piece, usage_metadata=usage))
+        yield ChatGenerationChunk(message=AIMessageChunk(
+            content="", usage_metadata={"input_tokens": 0, "output_tokens": len(pieces) - 1,
+                                        "total_tokens": len(pieces) - 1}))
+
+
+@pytest.mark.parametrize("how", ["closed", "cut"])
+def test_a_stream_broken_off_after_an_early_usage_report_is_charged_the_output_it_streamed(how: str) -> None:
+    reply = " ".join(["word"] * 200)
+    guard = BudgetGuard(_UsageUpFront(reply=reply, fail_after=100 if how == "cut" else None), limit=1)
+    stream = guard.stream("hi")
+    if how == "closed":
+        for _ in range(100):
+            next(stream)
+        stream.close()
+    else:
+        with pytest.raises(ConnectionError):
+            list(stream)
+    (row,) = guard.policy.store.read_ledger(guard.policy.name)
+    assert row.tokens["output"] >= 100  # the words it streamed, not the 1 the early report counted
+    assert guard.status()[0].held == 0

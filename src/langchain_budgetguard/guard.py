@@ -690,10 +690,12 @@ class BudgetGuard(BaseChatModel):
                      call.call_id, call.refusals, shrink=call.ladder is None)
 
     def _cost(self, admitted: Admitted, message: Any, streamed_text: str | None = None,
-              usage: TokenUsage | None = None, served: Any = None) -> CallCost:
+              usage: TokenUsage | None = None, served: Any = None, interrupted: bool = False) -> CallCost:
         """Price a finished (or interrupted) call from its usage, estimating what is missing.
 
         ``served`` is the reply (or the stream chunk) that names the model that answered.
+        ``interrupted``: a stream that broke off; a usage it reported early (the prompt's, at its
+        start) may count less output than it streamed, which is charged at least.
         """
         if served is None:
             served = message
@@ -711,6 +713,11 @@ class BudgetGuard(BaseChatModel):
                 if text else 0,
                 estimated=True,
             )
+        elif interrupted and streamed_text:
+            seen = estimate_output_tokens(self.policy.estimator, streamed_text, _counting_model(
+                admitted.candidate, admitted.estimate.refs[0] if admitted.estimate.refs else None))
+            if seen > usage.output_tokens:
+                usage = dataclasses.replace(usage, output_tokens=seen, estimated=True)
         return self._price(admitted, usage, served)
 
     def _charged_by_policy(self, admitted: Admitted, why: str, known: tuple[TokenUsage, int] | None = None

@@ -90,12 +90,13 @@ class StreamTracker:
         output = self.output
         return usage_from_message(output) if output is not None else None
 
-    def finish(self) -> CallCost:
+    def finish(self, interrupted: bool = False) -> CallCost:
         try:
             usage = self._usage()
         except UsageError as bad:  # a count that cannot be real is never trusted: charge the hold
             return self._with_unanswered(self.guard._charged_by_policy(self.admitted, str(bad)))
-        return self._with_unanswered(self.guard._cost(self.admitted, None, "".join(self._text), usage, self._named))
+        return self._with_unanswered(self.guard._cost(self.admitted, None, "".join(self._text), usage, self._named,
+                                                      interrupted))
 
     def interrupted(self, error: BaseException | None = None) -> tuple[int, CallCost | None]:
         """``(amount, cost)`` of a stream that broke off with ``error``: input plus output so far (once
@@ -112,7 +113,7 @@ class StreamTracker:
             cost = self._with_unanswered(None)
             return (cost.charged_nano, cost) if cost is not None else (0, None)
         try:
-            cost = self.finish()
+            cost = self.finish(interrupted=True)
         except Exception as exc:  # noqa: BLE001 - the settle must happen whatever the chunks hold
             cost = self.guard._charged_by_policy(self.admitted, f"unreadable stream: {exc!r}")
         return cost.charged_nano, cost
