@@ -164,3 +164,43 @@ def test_a_request_with_several_choices_counts_once():
     handler.on_llm_end(reply, run_id=run_id)
     assert (handler.successful_requests, handler.total_tokens, handler.estimated_requests) == (1, 27, 0)
     assert handler.total_cost == Decimal("0.00001125")
+
+
+# -- what the reply says and what a cut stream produced -----------------------------------------
+
+
+class _AnsweredByGpt4o(UsageChat):
+    def _generate(self, *args, **kwargs):
+        result = super()._generate(*args, **kwargs)
+        result.generations[0].message.response_metadata["model_name"] = "gpt-4o"
+        return result
+
+
+def test_the_callback_prices_the_model_the_reply_names():
+    model = _AnsweredByGpt4o(model_name="gpt-4o-mini", input_tokens=1000, output_tokens=1000)
+    with get_cost_callback() as cb:
+        model.invoke("hi")
+    assert set(cb.by_model) == {"gpt-4o"} and cb.total_cost == Decimal("0.0125")
+
+
+def test_a_reply_from_langchains_cache_costs_nothing_in_the_callback():
+    from langchain_core.caches import InMemoryCache
+    from langchain_core.globals import set_llm_cache
+
+    set_llm_cache(InMemoryCache())
+    try:
+        model = UsageChat(input_tokens=1000, output_tokens=1000)
+        with get_cost_callback() as cb:
+            model.invoke("hi")
+            model.invoke("hi")
+    finally:
+        set_llm_cache(None)
+    assert cb.successful_requests == 1 and cb.total_cost == Decimal("0.00075")
+
+
+def test_a_stream_cut_after_its_first_chunks_is_counted_by_the_callback():
+    model = UsageChat(reply="a b c d e f g h", fail_after=4, input_tokens=1000, output_tokens=1000)
+    with get_cost_callback() as cb:
+        with pytest.raises(ConnectionError):
+            list(model.stream("hi"))
+    assert cb.successful_requests == 1 and cb.total_cost > 0 and cb.completion_tokens > 0

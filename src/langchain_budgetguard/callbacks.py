@@ -27,7 +27,7 @@ from .estimate import get_estimator
 from .messages import to_messages
 from .money import format_usd
 from .pricing import ModelRef, Pricer, default_pricer, model_ref_from_run
-from .usage import TokenUsage, usage_from_llm_result
+from .usage import TokenUsage, answered_from_cache, usage_from_llm_result
 
 __all__ = ["CostCallbackHandler", "ModelTotals", "get_cost_callback"]
 
@@ -101,6 +101,12 @@ class CostCallbackHandler(BaseCallbackHandler):
             self._runs[run_id] = (ref, prompts)
 
     def on_llm_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
+        # A stream that broke off after its first chunk was billed: LangChain passes what it produced.
+        response = kwargs.get("response")
+        if any(getattr(g, "text", "") or getattr(getattr(g, "message", None), "usage_metadata", None)
+               for gens in getattr(response, "generations", None) or () for g in gens):
+            self.on_llm_end(response, run_id=run_id)
+            return
         with self._lock:
             self._runs.pop(run_id, None)
 
@@ -109,22 +115,32 @@ class CostCallbackHandler(BaseCallbackHandler):
         # usage once and zeros for the other choices of an n>1 request).
         with self._lock:
             ref, prompt = self._runs.pop(run_id, (ModelRef(None), None))
+        messages = [getattr(g, "message", None) for gens in response.generations for g in gens]
+        if messages and all(answered_from_cache(m) for m in messages):
+            return  # LangChain's cache answered: no request was sent
         reported = [(u, m) for u, m in usage_from_llm_result(response) if u is not None]
         usage = sum((u for u, _ in reported), TokenUsage())
         if usage.total_tokens == 0:
             usage = _estimate_usage(prompt, response)
         reported_model = next((m for _, m in reported if m), None)
-        self._record(ModelRef(ref.name or reported_model, ref.provider), usage)
+        # The model the reply names served the call (a router's, a provider's own choice).
+        self._record(ModelRef(reported_model or ref.name, ref.provider), usage, ref.name)
 
     # -- accounting ------------------------------------------------------------------------
 
-    def _record(self, ref: ModelRef, usage: TokenUsage) -> None:
-        label = ref.name or "unknown model"
+    def _record(self, ref: ModelRef, usage: TokenUsage, asked: str | None = None) -> None:
         cost: Decimal | None
         try:
             cost = self.pricer.rate_card(ref).cost(usage) if ref.name else None
         except UnknownModelPriceError:
             cost = None
+        if cost is None and asked and asked != ref.name:  # a reply's name nothing prices: the model asked for
+            ref = ModelRef(asked, ref.provider)
+            try:
+                cost = self.pricer.rate_card(ref).cost(usage)
+            except UnknownModelPriceError:
+                cost = None
+        label = ref.name or "unknown model"
         with self._lock:
             totals = self.by_model.get(label)
             if totals is None:

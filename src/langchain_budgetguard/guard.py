@@ -113,7 +113,7 @@ from .snapshots import Snapshot
 from .stores.base import ReserveResult, SettleResult
 from .stores.ledger import LedgerRow, call_row
 from .streaming import StreamTracker
-from .usage import TokenUsage, UsageError, usage_from_message
+from .usage import TokenUsage, UsageError, answered_from_cache, usage_from_message
 
 __all__ = ["BudgetGuard", "CallCost", "Reservation"]
 
@@ -804,7 +804,7 @@ class BudgetGuard(BaseChatModel):
         if usage is not None and usage.total_tokens:
             return self._price(admitted, usage, reply)
         if reply is not None:
-            if _from_cache(reply):  # LangChain's cache answered: no request was billed
+            if answered_from_cache(reply):  # LangChain's cache answered: no request was billed
                 return self._price(admitted, TokenUsage(), reply)
             return self._cost(admitted, reply)
         if output_text is not None:
@@ -1679,12 +1679,6 @@ def _priced_as(card: RateCard | None, served: str) -> str | None:
 def _closing(chunks: Any) -> Any:
     """Close an async stream we stop reading (a break does not close an async generator)."""
     return contextlib.aclosing(chunks) if hasattr(chunks, "aclose") else contextlib.nullcontext()
-
-
-def _from_cache(reply: Any) -> bool:
-    """LangChain marks a reply its cache served with ``usage_metadata["total_cost"] = 0``."""
-    usage = getattr(reply, "usage_metadata", None)
-    return (type(usage) is dict or isinstance(usage, Mapping)) and usage.get("total_cost") == 0
 
 
 def _with_cost(last: Any, cost: CallCost) -> AIMessageChunk:

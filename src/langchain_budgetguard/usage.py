@@ -23,6 +23,7 @@ from functools import lru_cache
 from typing import Any
 
 __all__ = [
+    "answered_from_cache",
     "MAX_TOKENS",
     "TokenUsage",
     "UsageError",
@@ -538,6 +539,13 @@ def _server_tool_calls(blocks: Any) -> tuple[int, ...]:
             counts[index] += 1
     counts[_CODE_RUNS] += len(containers)
     return tuple(counts) if any(counts) else _NO_CALLS
+
+
+def answered_from_cache(reply: Any) -> bool:
+    """Whether LangChain's cache served ``reply`` (it marks one with ``usage_metadata["total_cost"] = 0``):
+    no request was sent, nothing is billed."""
+    usage = getattr(reply, "usage_metadata", None)
+    return (type(usage) is dict or isinstance(usage, Mapping)) and usage.get("total_cost") == 0
 
 
 def usage_from_llm_result(result: Any) -> list[tuple[TokenUsage | None, str | None]]:
