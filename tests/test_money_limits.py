@@ -97,3 +97,12 @@ def test_identity_accepts_unicode_ids_and_refuses_broken_ones():
     assert resolve_identity({"configurable": {"user_id": "zoë 🙂"}}, limits).ids == {"user": "zoë 🙂"}
     with pytest.raises(IdentityError, match="user_id must be valid Unicode.*position 3"):
         resolve_identity({"configurable": {"user_id": "zoë\ud800"}}, limits)
+
+
+def test_a_limit_finer_than_a_nano_dollar_is_shown_as_it_is_enforced():
+    from langchain_budgetguard import Limit
+
+    limit = Limit(usd="0.0000010009")
+    assert (limit.usd, limit.amount) == (Decimal("0.000001"), 1000)  # rounded down, never up
+    assert Limit(usd=1 / 3).usd == Decimal("0.333333333")
+    assert Limit(usd="2.5").usd == Decimal("2.5") and Limit(usd=5).usd == Decimal(5)

@@ -207,8 +207,12 @@ class Limit:
                 f"(model calls), got {' and '.join(given) if given else 'none'}; e.g. Limit(usd=5, per='user')"
             )
         if self.usd is not None:
-            object.__setattr__(self, "usd", to_decimal(self.usd, what="Limit.usd"))
-            object.__setattr__(self, "amount", usd_to_nano(self.usd))
+            usd = to_decimal(self.usd, what="Limit.usd")
+            amount = usd_to_nano(usd)
+            if Decimal(amount) != usd * 1_000_000_000:  # finer than a nano-dollar: enforced rounded
+                usd = nano_to_usd(amount)  # down, and so shown (status, refusals, remaining)
+            object.__setattr__(self, "usd", usd)
+            object.__setattr__(self, "amount", amount)
         else:
             unit = given[0]
             value = getattr(self, unit)
