@@ -694,8 +694,8 @@ class BudgetGuard(BaseChatModel):
         """Price a finished (or interrupted) call from its usage, estimating what is missing.
 
         ``served`` is the reply (or the stream chunk) that names the model that answered.
-        ``interrupted``: a stream that broke off; a usage it reported early (the prompt's, at its
-        start) may count less output than it streamed, which is charged at least.
+        ``interrupted``: a stream that broke off after output its last usage report came before (the
+        prompt's usage, reported at its start): at least the output it streamed is charged.
         """
         if served is None:
             served = message

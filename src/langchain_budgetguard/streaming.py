@@ -37,6 +37,9 @@ class StreamTracker:
         # call was reserved for means the provider ignores the cap, and the stream is stopped.
         self._pieces = 0
         self.over_cap = False
+        # Output came after the last chunk that reported usage: a usage reported early (the
+        # prompt's, at the stream's start) does not cover it if the stream breaks off.
+        self._unreported_output = False
         # The requests the SDK sends (attempts.counted): each resent one that got no answer is charged.
         self.attempts: Attempts | None = Attempts() if admitted.candidate.counts_requests else None
 
@@ -58,6 +61,10 @@ class StreamTracker:
             self._pieces += 1
             if self._pieces > self.admitted.estimate.held_output_tokens:
                 self.over_cap = True
+        if getattr(chunk, "usage_metadata", None) is not None:
+            self._unreported_output = False
+        elif text:
+            self._unreported_output = True
         metadata = getattr(chunk, "response_metadata", None)
         if metadata and ("model_name" in metadata or "model" in metadata):
             self._named = chunk
@@ -113,7 +120,7 @@ class StreamTracker:
             cost = self._with_unanswered(None)
             return (cost.charged_nano, cost) if cost is not None else (0, None)
         try:
-            cost = self.finish(interrupted=True)
+            cost = self.finish(interrupted=self._unreported_output)
         except Exception as exc:  # noqa: BLE001 - the settle must happen whatever the chunks hold
             cost = self.guard._charged_by_policy(self.admitted, f"unreadable stream: {exc!r}")
         return cost.charged_nano, cost
