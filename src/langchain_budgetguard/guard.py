@@ -708,14 +708,12 @@ class BudgetGuard(BaseChatModel):
             text = streamed_text if streamed_text is not None else billed_text_of(message)
             usage = TokenUsage(
                 input_tokens=admitted.estimate.input_tokens,
-                output_tokens=estimate_output_tokens(self.policy.estimator, text, _counting_model(
-                    admitted.candidate, admitted.estimate.refs[0] if admitted.estimate.refs else None))
+                output_tokens=estimate_output_tokens(self.policy.estimator, text, _output_model(admitted))
                 if text else 0,
                 estimated=True,
             )
         elif interrupted and streamed_text:
-            seen = estimate_output_tokens(self.policy.estimator, streamed_text, _counting_model(
-                admitted.candidate, admitted.estimate.refs[0] if admitted.estimate.refs else None))
+            seen = estimate_output_tokens(self.policy.estimator, streamed_text, _output_model(admitted))
             if seen > usage.output_tokens:
                 usage = dataclasses.replace(usage, output_tokens=seen, estimated=True)
         return self._price(admitted, usage, served)
@@ -1587,12 +1585,16 @@ def _counting_model(candidate: _Candidate, ref: ModelRef | None) -> Any:
     return (ref.name if ref is not None else None) or candidate.ref.name
 
 
+def _output_model(admitted: Admitted) -> Any:
+    """The model a call's output is counted as: the one it was priced for (``_counting_model``)."""
+    refs = admitted.estimate.refs
+    return _counting_model(admitted.candidate, refs[0] if refs else None)
+
+
 def _counted_name(candidate: _Candidate, estimate: Estimate) -> str:
     """The model name a call's prompt was counted as (typical mode learns per model)."""
-    ref = estimate.refs[0] if estimate.refs else None
-    if ref is None or not ref.name or ref.name == candidate.counted_as:
-        return candidate.label
-    return ref.name
+    model = _counting_model(candidate, estimate.refs[0] if estimate.refs else None)
+    return model if isinstance(model, str) and model else candidate.label
 
 
 def _keeps_ledger(store: Any, method: str) -> bool:

@@ -99,8 +99,12 @@ class Override:
             raise ValueError("Override.per: a global limit has no ids to override; change the limit itself.")
 
 
-def override_field(limit: Limit, scope_id: str | None) -> str:
-    """The store field of an override: ``"user:day:alice"``, ``"tenant:month:*"`` (every id)."""
+def override_field(limit: Limit, scope_id: str | None, escaped: str | None = None) -> str:
+    """The store field of an override: ``"user:day:alice"``, ``"tenant:month:*"`` (every id).
+    ``escaped``: the id as a counter key holds it, when that is what is known (a long id is kept
+    there as a digest, which cannot be escaped again)."""
+    if escaped is not None:
+        return f"{limit.slug}:{escaped}"
     return f"{limit.slug}:{ALL_IDS if scope_id is None else escape_id(scope_id)}"
 
 
@@ -151,12 +155,11 @@ def resolve_cap(limit: Limit, scope_id: str | None, live: Mapping[str, int],
                 config: Mapping[str, int], escaped: str | None = None) -> tuple[int, str]:
     """The limit in force for one counter, in nano-USD, and where it comes from.
 
-    ``escaped``: the id as its counter key holds it, when that is what is known (a long id is
-    kept there as a digest, which cannot be escaped again).
+    ``escaped``: the id as its counter key holds it (``override_field``).
     Sources: ``"store override"``, ``"config override"``, ``"store override (every id)"``, ``"limit"``.
     """
     if scope_id is not None:
-        own = override_field(limit, scope_id) if escaped is None else f"{limit.slug}:{escaped}"
+        own = override_field(limit, scope_id, escaped)
         if own in live:
             return live[own], "store override"
         if own in config:
@@ -396,7 +399,7 @@ class BudgetAdmin:
 
     def _row(self, limit: Limit, sid: str | None, live: Mapping[str, int], config: Mapping[str, int],
              escaped: str | None = None) -> LimitRow:
-        own = override_field(limit, sid) if escaped is None else f"{limit.slug}:{escaped}"
+        own = override_field(limit, sid, escaped)
         cap, source = resolve_cap(limit, sid, live, config, escaped)
         return LimitRow(
             per=limit.per,
