@@ -288,6 +288,30 @@ def test_an_absurd_output_cap_is_a_refusal_not_a_crash(cap):
     assert status.held == status.spent == 0
 
 
+@pytest.mark.parametrize("on_redis", [False, True])
+def test_an_estimate_above_what_a_counter_holds_never_fits_the_largest_limit(redis_url, on_redis):  # noqa: F811
+    """Held as MAX_NANO (what a counter holds at most), a $6e12 estimate used to fit a limit of
+    exactly MAX_USD on an empty counter: admitted, it could spend 1,300x the limit."""
+    from langchain_budgetguard.stores.redis import RedisStore
+
+    store = RedisStore(redis_url, prefix=fresh_prefix()) if on_redis else None
+    try:
+        guard = BudgetGuard(UsageChat(model_name="gpt-4o-mini"), limit=MAX_USD, min_output_tokens=None,
+                            **({"store": store} if store else {}))
+        with pytest.raises(BudgetExceededError) as refused:
+            guard.invoke("hi", max_tokens=10**19)
+        assert "limit $4611686018.427387904" in str(refused.value)
+        (status,) = guard.status()
+        assert status.held == status.spent == 0
+        shrunk = BudgetGuard(UsageChat(model_name="gpt-4o-mini"), limit=MAX_USD,
+                             **({"store": store} if store else {})).invoke("hi", max_tokens=10**19)
+        meta = shrunk.response_metadata["budgetguard"]
+        assert meta["clamped"] and meta["reserved_usd"] <= MAX_USD
+    finally:
+        if store is not None:
+            store.close()
+
+
 @pytest.mark.parametrize("sliced", [False, True])
 def test_an_absurd_output_cap_is_refused_by_redis_too(redis_url, sliced):  # noqa: F811
     from langchain_budgetguard.stores.redis import RedisStore

@@ -199,12 +199,20 @@ def _hold(policy: BudgetPolicy, estimate: Estimate, call_id: str) -> Hold:
     return Hold(call_id, min(estimate.reserve, MAX_NANO), policy.lease_seconds, min(on_expiry, MAX_NANO))
 
 
+def _beyond_every_limit(counters: Sequence[Counter]) -> tuple[Counter, ...]:
+    """``counters`` for a call whose estimate is above MAX_NANO: it is held as MAX_NANO, which would
+    fit a dollar limit of exactly MAX_NANO on an empty counter; one nano-USD less refuses it there."""
+    return tuple(replace(c, limit=min(c.limit, MAX_NANO - 1)) if c.amount is None else c for c in counters)
+
+
 def _try(policy: BudgetPolicy, plan: CounterPlan, candidate: Any, estimate: Estimate, index: int, last: int,
          call_id: str, refusals: list[Refusal], refused: list[Any] | None
          ) -> Generator[Request, ReserveResult | Exception, Admitted | None]:
     """Reserve ``estimate`` for ``candidate``: the admitted call, or None (the refusal is recorded)."""
     fraction = policy.degrade_at if index < last else None
     counters = plan.counters(fraction, estimate, policy.expired_hold)
+    if estimate.reserve > MAX_NANO:
+        counters = _beyond_every_limit(counters)
     result = yield ("reserve", counters, _hold(policy, estimate, call_id))
     admitted = Admitted(candidate, estimate, index, call_id, plan.keys, plan=plan)
     if isinstance(result, Exception):
