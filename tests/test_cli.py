@@ -318,6 +318,9 @@ def test_limit_set_get_clear(capsys, deployment):
     assert run(capsys, "limit", "set", "user", "lots", "--config", str(path))[0] == 2
     assert run(capsys, "limit", "set", "user", "1", "--window", "month", "--config", str(path))[0] == 2
     assert run(capsys, "limit", "set", "global", "50", "--config", str(path))[0] == 0
+    # The config file's ceiling: a few extra digits are an error, not a $4e9 budget.
+    code, _, err = run(capsys, "limit", "set", "global", "4000000000", "--config", str(path))
+    assert code == 2 and "at most $1000000000" in err
     code, out, _ = run(capsys, "limit", "get", "global", "--config", str(path))
     assert "$50" in out and "store override" in out
 

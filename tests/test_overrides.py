@@ -394,3 +394,19 @@ def test_the_operator_views_show_a_long_ids_own_override():
         assert [(s.limit, s.remaining) for s in rows] == [(Decimal(1), Decimal(1) - rows[0].spent)]
     named = [row for row in admin.limit_rows(per="user") if row.scope_id is not None]
     assert [(row.store_override, row.effective, row.source) for row in named] == [(Decimal(1), Decimal(1), "store override")]
+
+
+def test_a_live_override_has_the_config_files_ceiling():
+    """`limit set` took up to $4.6e9 where a config file stops at $1e9: a few digits too many
+    became a budget."""
+    from langchain_budgetguard.config.values import MAX_USD as CONFIG_MAX_USD
+
+    store = MemoryStore()
+    limits = [Limit(usd=1, per="user", window="day")]
+    admin = BudgetAdmin(BudgetPolicy(limits=limits, store=store, name="ceiling"))
+    assert admin.set_limit("user", CONFIG_MAX_USD, "alice").effective == Decimal(1_000_000_000)
+    with pytest.raises(ValueError, match=r"at most \$1000000000 \(as in a config file\), got \$1000000000\.000000001"):
+        admin.set_limit("user", "1000000000.000000001", "alice")
+    with pytest.raises(ValueError, match="at most"):
+        admin.set_limit("user", 4_000_000_000, "bob")
+    assert [(r.scope_id, r.effective) for r in admin.limit_rows("user") if r.scope_id] == [("alice", 1_000_000_000)]

@@ -28,6 +28,9 @@ MAX_NANO = 2**62
 """The largest limit, override or allowance, in nano-USD (a quarter of int64's range)."""
 MAX_USD = Decimal(MAX_NANO) / _NANO
 """``MAX_NANO`` in dollars: $4,611,686,018.427387904, the largest dollar amount accepted anywhere."""
+MAX_LIMIT_USD = Decimal(1_000_000_000)
+"""The largest limit an operator sets, in a config file or as a live override ($1e9): far below
+``MAX_USD``, so that a typo of a few digits is an error, not a budget."""
 MAX_CALL_NANO = 2**60
 """The largest amount one call may hold, be charged on expiry, or settle, in nano-USD."""
 MAX_TOKENS = 2**40
@@ -43,6 +46,7 @@ __all__ = [
     "NANO_PER_USD",
     "MAX_NANO",
     "MAX_USD",
+    "MAX_LIMIT_USD",
     "MAX_CALL_NANO",
     "MAX_TOKENS",
     "MAX_AMOUNT_CHARS",

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 from .limits import GLOBAL, Limit, WindowInstance, counter_key, escape_id
-from .money import exact_usd_to_nano, nano_to_usd, to_decimal, usd_to_nano
+from .money import MAX_LIMIT_USD, NANO_PER_USD, exact_usd_to_nano, nano_to_usd, to_decimal, usd_to_nano
 from .stores.base import CounterState, OverridesSnapshot
 from .stores.ledger import LedgerRow
 
@@ -419,7 +419,11 @@ class BudgetAdmin:
                   tz: str | None = None) -> LimitRow:
         """Override a limit live, for ``scope_id`` or (None) every id of the scope; in force in every
         process within its override refresh time."""
-        return self._write(per, exact_usd_to_nano(usd, what="limit"), scope_id, window, tz)
+        nano = exact_usd_to_nano(usd, what="limit")
+        if nano > MAX_LIMIT_USD * NANO_PER_USD:
+            raise ValueError(f"limit: at most ${MAX_LIMIT_USD} (as in a config file), got ${to_decimal(usd)}: "
+                             "check the digits")
+        return self._write(per, nano, scope_id, window, tz)
 
     def clear_limit(self, per: str, scope_id: str | None = None, window: str | None = None,
                     tz: str | None = None) -> LimitRow:

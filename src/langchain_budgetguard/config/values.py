@@ -19,12 +19,13 @@ from typing import Any
 from pydantic_core import core_schema
 
 from ..limits import Limit
+from ..money import MAX_LIMIT_USD
 from .problems import bad, show
 
 __all__ = ["MAX_USD", "NANO_PLACES", "ValueCheck", "Money", "Fraction", "Fractions", "Bounded", "Choice", "Text",
            "Pattern", "TimeZone", "StoreUrl", "WebUrl", "Flag", "Ladder"]
 
-MAX_USD = Decimal(1_000_000_000)  # 1e18 nano-USD: far from the end of the stores' 64-bit counters (9.2e18)
+MAX_USD = MAX_LIMIT_USD  # as for a live override (BudgetAdmin.set_limit, `budgetguard limit set`)
 NANO_PLACES = 9  # the stores count whole nano-USD
 _DECIMAL_TEXT = re.compile(r"^\$?(\d+(\.\d*)?|\.\d+)$")
 
