@@ -193,6 +193,15 @@ def test_top_with_a_huge_n_is_every_id(spent_store, n):
     assert [r.scope_id for r in rows] == ["bob", "alice"]
 
 
+
+@pytest.mark.parametrize("n", [0, -1, 2.5, True, "3"])
+def test_top_of_no_ids_or_a_non_number_is_a_clear_error(spent_store, n):
+    """top(n=-1) used to drop the last id, n=0 gave nothing, n="3" a TypeError from deep inside."""
+    guard = make_guard(spent_store)
+    _spend(guard, {"alice": 1})
+    with pytest.raises(ValueError, match=r"top: n must be a whole number of ids >= 1 \(None: every id\), got"):
+        BudgetAdmin(guard.policy).top("user", n=n)
+
 # -- error messages are shown whole ----------------------------------------------------------
 
 

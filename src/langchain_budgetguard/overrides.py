@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 from .limits import GLOBAL, Limit, WindowInstance, counter_key, escape_id
-from .money import MAX_LIMIT_USD, NANO_PER_USD, exact_usd_to_nano, nano_to_usd, to_decimal, usd_to_nano
+from .money import MAX_LIMIT_USD, NANO_PER_USD, exact_usd_to_nano, nano_to_usd, show_value, to_decimal, usd_to_nano
 from .stores.base import CounterState, OverridesSnapshot
 from .stores.ledger import LedgerRow
 
@@ -527,7 +527,9 @@ class BudgetAdmin:
     def top(self, per: str, window: str | None = None, at: str | None = None, n: int | None = 10,
             tz: str | None = None) -> list[LimitStatus]:
         """The ids of scope ``per`` that spent most in a window (``at``, default the current one),
-        heaviest first (ties: more held first, then by id)."""
+        heaviest first (ties: more held first, then by id); ``n`` of them (None: every id)."""
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ValueError(f"top: n must be a whole number of ids >= 1 (None: every id), got {show_value(n)}")
         limit = self.limit(per, window, tz)
         if n is not None and limit.per != GLOBAL and callable(getattr(self.policy.store, "read_index", None)):
             # The index ranks ids by spent as of their counter's last reserve/settle; the candidates'
