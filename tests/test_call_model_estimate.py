@@ -108,3 +108,24 @@ def test_a_stream_without_usage_is_charged_its_output_as_the_chosen_model_counts
         return list(guard.stream("hi", **kwargs))[-1].response_metadata["budgetguard"]["output_tokens"]
 
     assert charged("gpt-4o", model="gpt-4") == charged("gpt-4") > 2 * charged("gpt-4o")
+
+
+def test_output_cap_model_caps_a_call_sent_to_another_model_by_name():
+    """output_cap="model" reserves the wrapped model's whole output limit (gpt-4o-mini: 16,384)
+    and sends no cap; a per-call model="gpt-4.1" (32,768) was reserved at 16,384 with nothing sent,
+    so its reply could cost twice its output hold. It is now capped as with "hard"."""
+    guard = BudgetGuard(_llm("gpt-4o-mini"), limit=100, output_cap="model", default_max_output_tokens=2000)
+    for kwargs, (tokens, sent) in (({}, (16_384, False)), ({"model": "gpt-4.1"}, (2000, True))):
+        reservation = guard.reserve("hi", None, kwargs=kwargs)
+        try:
+            estimate = reservation.admitted.estimate
+            assert (estimate.output_tokens, estimate.send_cap) == (tokens, sent)
+        finally:
+            reservation.settle()
+    chosen = BudgetGuard(_llm("gpt-4o-mini").configurable_fields(model_name=ConfigurableField(id="model")),
+                         limit=100, output_cap="model", default_max_output_tokens=2000)
+    reservation = chosen.reserve("hi", {"configurable": {"model": "gpt-4.1"}})
+    try:
+        assert (reservation.admitted.estimate.output_tokens, reservation.admitted.estimate.send_cap) == (2000, True)
+    finally:
+        reservation.settle()

@@ -632,7 +632,11 @@ class BudgetGuard(BaseChatModel):
         if strict and stored is None and call.kwargs and not _STORED_CONTEXT_KEYS.isdisjoint(call.kwargs):
             stored = stored_context_of(candidate.runnable, call.kwargs)
         own_limit = model_input_limit(candidate.runnable) if unsized or stored else None
-        cap, send = self._output_reservation(found)
+        # "model" reserves the wrapped model's own output limit: a call routed to another model by
+        # name (a per-call model=, a configurable choice) has no profile here to read, so it is capped.
+        elsewhere = policy.output_cap == "model" and any(
+            _counting_model(candidate, ref) is not candidate.runnable for ref in refs)
+        cap, send = self._output_reservation(found, elsewhere)
         best: tuple[int, int, int, RateCard, int] | None = None
         for ref in refs:  # the dearest model that may serve the call (an inner fallback) is held for
             card = policy.pricer.rate_card(ref)
@@ -650,21 +654,22 @@ class BudgetGuard(BaseChatModel):
                         cap_source=found.source, completions=found.completions, unsized_inputs=unsized,
                         stored_context=stored, thinking=found.thinking)
 
-    def _output_reservation(self, cap: OutputCap) -> tuple[int, bool]:
+    def _output_reservation(self, cap: OutputCap, elsewhere: bool = False) -> tuple[int, bool]:
         """The output tokens to reserve for a call whose cap is ``cap``, and whether to send them.
 
         A cap the user set is reserved as it is. Otherwise (no cap, or an integration's default that
         is the model's whole output limit, as ChatAnthropic sends) a reply could cost far more than a
         sane reservation: ``output_cap="hard"`` reserves ``default_max_output_tokens`` (never above the
         model's limit) and sends it as the call's cap; ``"model"`` reserves the model's full output
-        limit and sends nothing; ``"trust"`` reserves the default and sends nothing (a reply may
+        limit and sends nothing (``elsewhere``, a call routed to another model by name, whose limit
+        is not known here: as ``"hard"``); ``"trust"`` reserves the default and sends nothing (a reply may
         overrun: it is charged in full and blocks the budget until paid).
         """
         policy = self.policy
         if cap.user_set and cap.tokens is not None:
             return cap.tokens, False
         reserved, send = reserved_output(cap, policy.default_max_output_tokens)
-        if policy.output_cap == "model":
+        if policy.output_cap == "model" and not elsewhere:
             limit = cap.model_limit or cap.tokens
             if limit is not None:
                 return limit, False
