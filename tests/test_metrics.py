@@ -139,8 +139,29 @@ def test_limits_of_one_scope_and_window_in_different_zones_are_different_series(
     assert sample(metrics, "budgetguard_limit_usd", **tokyo) == 8
     assert sample(metrics, "budgetguard_spent_usd", **utc) == sample(metrics, "budgetguard_spent_usd", **tokyo) \
         == float(MINI_USD)
-    assert sample(metrics, "budgetguard_limit_count", unit="tokens", **utc) == 100000
-    assert sample(metrics, "budgetguard_limit_count", unit="tokens", **tokyo) == 200000
-    assert sample(metrics, "budgetguard_used_count", unit="tokens", **tokyo) == 1500
+    assert sample(metrics, "budgetguard_limit_amount", unit="tokens", **utc) == 100000
+    assert sample(metrics, "budgetguard_limit_amount", unit="tokens", **tokyo) == 200000
+    assert sample(metrics, "budgetguard_used_amount", unit="tokens", **tokyo) == 1500
     assert sample(metrics, "budgetguard_id_limit_usd", id="alice", **tokyo) == 8
     assert sample(metrics, "budgetguard_id_limit_usd", id="alice", **utc) == 5
+
+
+def test_every_metric_passes_promtool_check_metrics():
+    """promtool rejected the gauges ``budgetguard_limit_count`` / ``_used_count``: a ``_count``
+    suffix belongs to histograms and summaries (they are ``_limit_amount`` / ``_used_amount``)."""
+    import shutil
+    import subprocess
+
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (Debian's prometheus package ships it)")
+    guard = BudgetGuard(UsageChat(model_name="gpt-4o-mini"),
+                        limits=[Limit(usd=5, per="user", window="day"), Limit(tokens=100000, per="user", window="day"),
+                                Limit(requests=10, per="user", window="day", tz="Asia/Tokyo")], name="promtool")
+    handler_metrics = BudgetMetrics(registry=CollectorRegistry(), min_interval=0, id_labels={"user"})
+    handler_metrics.watch(guard)
+    guard.invoke("hi", config={"configurable": {"user_id": "alice"}, "callbacks": [handler_metrics.callback(guard)]})
+    text = handler_metrics.exposition()
+    assert "budgetguard_limit_amount" in text and "budgetguard_used_amount" in text and "budgetguard_calls" in text
+    checked = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0, checked.stdout + checked.stderr

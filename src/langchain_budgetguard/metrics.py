@@ -205,8 +205,8 @@ class BudgetMetrics:
         id_held = gauge("id_held_usd", "USD held by one id's calls in flight", ["id"])
         id_remaining = gauge("id_remaining_usd", "USD left for one id in the current window", ["id"])
         id_limit = gauge("id_limit_usd", "The limit in force for one id (overrides applied)", ["id"])
-        count_limit = gauge("limit_count", "A tokens or requests limit of the scope per window", ["unit"])
-        count_used = gauge("used_count", "Tokens or requests counted in the current window, summed over the "
+        count_limit = gauge("limit_amount", "A tokens or requests limit of the scope per window", ["unit"])
+        count_used = gauge("used_amount", "Tokens or requests counted in the current window, summed over the "
                            "scope's ids (held ones not included)", ["unit"])
         for policy in policies:
             admin = BudgetAdmin(policy)
