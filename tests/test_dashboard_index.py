@@ -161,3 +161,64 @@ def test_read_index_page_arguments_are_checked(store: Any) -> None:
         store.read_index_page("a:b:c", 5, descending="yes")
     page = store.read_index_page("a:b:c", 5, members=["alice"])
     assert (page.total, page.rows, page.named) == (0, [], [])
+
+
+class _EveryRow(DashboardData):
+    """The ledger pages as they read before: every row of the budget, filtered in Python."""
+
+    def read_ledger(self, *, scope: Any = None, scope_id: Any = None, since: Any = None, kinds: Any = None,
+                    limit: int = 100) -> list[Any]:
+        from langchain_budgetguard.dashboard.data import as_entry
+        from langchain_budgetguard.stores.ledger import row_matches
+
+        rows = self.policy.store.read_ledger(self.name, limit=1_000_000)
+        return [as_entry(r) for r in rows if row_matches(r, scope=scope, scope_id=scope_id, since=since,
+                                                             kinds=kinds)][:limit]
+
+
+@pytest.mark.parametrize("tenants", [False, True], ids=["one-tag", "tag-per-tenant"])
+def test_id_and_events_pages_read_only_their_rows_and_show_what_every_row_gives(
+        store: Any, tenants: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An id's page (its last calls, its spend curve) and the events page, from guarded calls of 60
+    ids, refusals among them: the same as filtering every ledger row, and on Redis only the
+    entries of those rows reach Python."""
+    from langchain_budgetguard import BudgetExceededError
+    from langchain_budgetguard.stores.base import LedgerRow
+
+    guard = _guard(store, tenants)
+    BudgetAdmin(guard.policy).set_limit("user", "0.000001", scope_id="user-0003")  # every call of it refused
+    for i in range(240):
+        who = {"user_id": f"user-{i % 60:04d}", **({"tenant_id": f"t{i % 3}"} if tenants else {})}
+        try:
+            guard.invoke("hi", config={"configurable": who})
+        except BudgetExceededError:
+            pass
+    admin = BudgetAdmin(guard.policy)
+    data, before = DashboardData(admin, cache_seconds=0), _EveryRow(admin, cache_seconds=0)
+    parsed: list[int] = []
+    original = LedgerRow.rows_of_entry.__func__  # type: ignore[attr-defined]
+
+    def counting(cls: type[LedgerRow], at_ms: int, values: Any) -> list[LedgerRow]:
+        parsed.append(at_ms)
+        return original(cls, at_ms, values)
+
+    for who in ("user-0007", "user-0003", "user-0059", "nobody"):
+        tenant = {"tenant": "t1"} if tenants and who == "user-0007" else {}
+        want = before.id_page("user", who, **tenant).as_json()
+        monkeypatch.setattr(LedgerRow, "rows_of_entry", classmethod(counting))
+        parsed.clear()
+        got = data.id_page("user", who, **tenant).as_json()
+        monkeypatch.undo()
+        assert got == want, who
+        if isinstance(store, RedisStore):
+            assert len(parsed) <= len(want["calls"]) + 2, (who, len(parsed))
+    assert len(before.id_page("user", "user-0007").calls) == 4
+    assert {e["kind"] for e in before.id_page("user", "user-0003").as_json()["calls"]} == {"refusal"}
+    want = before.events_page().as_json()
+    monkeypatch.setattr(LedgerRow, "rows_of_entry", classmethod(counting))
+    parsed.clear()
+    got = data.events_page().as_json()
+    monkeypatch.undo()
+    assert got == want and len(want["events"]) == 4
+    if isinstance(store, RedisStore):
+        assert len(parsed) <= len(want["events"]) + 2

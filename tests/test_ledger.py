@@ -456,3 +456,88 @@ def test_a_batch_entry_without_shared_fields_reads_as_before() -> None:
     old = json.dumps([row.packed(7)])  # what reports wrote before the shared field C
     assert LedgerRow.rows_of_entry(int(at.timestamp() * 1000), {"n": "1", "J": old}) == [
         dataclasses.replace(row, at=at, cost_nano=7)]
+
+
+# -- filtered reads: tested in Redis, exact in Python -------------------------------------------
+
+ODD_IDS = ("alice", 'ali"ce', "é", "a:b", "x,y", "back\\slash", "carol")
+
+
+def _filtered_ledger(store: RedisStore, admin: redis.Redis) -> list[str]:
+    """Rows of two budgets on one tag: single entries (calls, degraded calls, refusals) and batch
+    entries (a slice report's J and C fields); returns the counter keys written."""
+    keys = [f"{{t}}:b:user:{u}:user:day:2026-12-01" for u in ODD_IDS]
+    other = "{t}:b2:user:alice:user:day:2026-12-01"
+    for i in range(140):
+        key = keys[i % len(keys)]
+        store.settle(f"c{i}", [key], 1 + i, row=LedgerRow(
+            budget="b", call_id=f"c{i}", scopes={"user": ODD_IDS[i % len(ODD_IDS)], "global": "-"}, keys=(key,),
+            model="big" if i % 2 else "mini", degraded=i % 11 == 0))
+        if i % 20 == 0:
+            store.settle(f"o{i}", [other], 1, row=LedgerRow(budget="b2", call_id=f"o{i}", scopes={"user": "alice"},
+                                                             keys=(other,)))
+        if i % 30 == 0:
+            store.append_ledger(LedgerRow(budget="b", call_id=f"r{i}", kind="refusal", refused=True,
+                                          scopes={"user": ODD_IDS[(i + 3) % len(ODD_IDS)]}, keys=(keys[0],)))
+    first = LedgerRow(budget="b", call_id="s1", scopes={"user": "é"}, keys=(keys[2],), model="mini")
+    batches = [
+        [first, dataclasses.replace(first, call_id="s2", degraded=True),
+         dataclasses.replace(first, call_id="s3", scopes={"user": "carol"})],
+        [dataclasses.replace(first, call_id="s4", budget="b2"), dataclasses.replace(first, call_id="s5", kind="degrade")],
+        [LedgerRow(budget="b2", call_id="s6", scopes={"user": "alice"}),
+         LedgerRow(budget="b", call_id="s7", scopes={"user": 'ali"ce'}, refused=True)],
+    ]
+    for batch in batches:
+        common, packed = LedgerRow.packed_batch([(row, 5) for row in batch])
+        admin.xadd(store.ledger_key(keys[0]), {"n": str(len(batch)), "J": packed, "C": common})
+    return keys
+
+
+@pytest.mark.redis
+def test_a_filtered_ledger_read_returns_what_reading_every_row_does(redis_url: str) -> None:  # noqa: F811
+    """Filters by scope, id and kind are tested in Redis (lua/ledger_scan.lua) before rows reach
+    Python; what comes back is exactly what filtering every row in Python gives."""
+    from langchain_budgetguard.stores.ledger import row_matches
+
+    with RedisStore(redis_url, prefix=fresh_prefix()) as store, redis.Redis.from_url(redis_url) as admin:
+        _filtered_ledger(store, admin)
+        for name in ("b", "b2"):
+            every = store.read_ledger(name, limit=10_000)  # no filter: every entry read (the plain XREVRANGE)
+            assert len(every) > (100 if name == "b" else 5)
+            since = every[len(every) // 2].at
+            filters: list[dict[str, Any]] = [{"kinds": ("refusal", "degrade", "alert")}, {"kinds": ("call",)},
+                                             {"kinds": ("degrade",)}, {"kinds": ("refusal",)}, {"scope": "global"},
+                                             {"scope": "tenant"}, {"scope_id": "-"}, {"scope_id": 'ali"ce'},
+                                             {"scope": "user", "scope_id": "é", "kinds": ("degrade",)}]
+            filters += [{"scope": "user", "scope_id": u} for u in ODD_IDS]
+            filters += [{**f, "since": since} for f in filters[:4]]
+            for f in filters:
+                want = [r for r in every if row_matches(r, **f)]
+                assert store.read_ledger(name, limit=10_000, **f) == want, f
+                assert store.read_ledger(name, limit=3, **f) == want[:3], f
+
+
+@pytest.mark.redis
+def test_a_filtered_ledger_read_parses_only_the_rows_that_match(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    """One id's rows and the events among 1,500 rows: the entries parsed in Python are about the
+    rows asked for, not every row of the stream (Redis skips the rest)."""
+    parsed: list[int] = []
+    original = LedgerRow.rows_of_entry.__func__  # type: ignore[attr-defined]
+
+    def counting(cls: type[LedgerRow], at_ms: int, values: Any) -> list[LedgerRow]:
+        parsed.append(at_ms)
+        return original(cls, at_ms, values)
+
+    with RedisStore(redis_url, prefix=fresh_prefix()) as store:
+        key = "{{t}}:b:user:u{}:user:day:2026-12-01"
+        for i in range(1500):
+            user = f"u{i % 500}"
+            store.settle(f"c{i}", [key.format(i % 500)], 1, row=LedgerRow(
+                budget="b", call_id=f"c{i}", scopes={"user": user}, keys=(key.format(i % 500),), degraded=i == 700))
+        monkeypatch.setattr(LedgerRow, "rows_of_entry", classmethod(counting))
+        rows = store.read_ledger("b", scope="user", scope_id="u7", limit=10_000)
+        assert [r.call_id for r in rows] == ["c1007", "c507", "c7"]
+        assert len(parsed) <= 10, f"{len(parsed)} entries parsed for 3 rows"
+        parsed.clear()
+        rows = store.read_ledger("b", kinds=("refusal", "degrade", "alert"), limit=100)
+        assert [r.call_id for r in rows] == ["c700"] and len(parsed) <= 10

@@ -129,6 +129,7 @@ import asyncio
 import atexit
 import functools
 import inspect
+import json
 import logging
 import math
 import os
@@ -299,7 +300,7 @@ def _load_lua(name: str) -> str:
 @functools.cache
 def _lua_sources() -> dict[str, str]:
     names = ("reserve", "settle", "release", "renew", "read", "overrides", "override", "reset", "ledger_append", "tags",
-             "slice")
+             "slice", "ledger_scan")
     sources = {name: _load_lua(name) for name in names}
     folder = resources.files(__package__).joinpath("lua")
     own = {name: folder.joinpath(f"{name}.lua").read_text("utf-8") for name in ("common", "settle", "reserve", "carry")}
@@ -427,6 +428,27 @@ def _decode_entries(reply: Any) -> list[tuple[str, dict[str, str]]]:
     for entry_id, values in reply or ():
         out.append((_text(entry_id), {_text(k): _text(v) for k, v in dict(values).items()}))
     return out
+
+
+SCAN_CHUNK = 1000  # ledger entries one ledger_scan call reads (Redis is busy ~5 us an entry)
+
+
+def _pairs(flat: Any) -> dict[str, str]:
+    """A script's reply of an entry's fields (name, value, ...) as a mapping."""
+    items = [_text(v) for v in flat or ()]
+    return dict(zip(items[::2], items[1::2]))
+
+
+def _scan_filter(name: str, scope: str | None, scope_id: str | None,
+                 kinds: Sequence[str] | None) -> tuple[str, str, str, str]:
+    """lua/ledger_scan.lua's filter arguments: budget, budget as JSON, the substring a row's
+    scopes' JSON has (as ``LedgerRow.fields`` and ``packed_batch`` write it), the kinds."""
+    if scope is not None:
+        needle = json.dumps(scope) + ":" + (json.dumps(scope_id) if scope_id is not None else "")
+    else:
+        needle = "" if scope_id is None else ":" + json.dumps(scope_id)
+    wanted = "" if kinds is None else "," + ",".join(kinds) + ","
+    return name, json.dumps(name), needle, wanted
 
 
 def _id_ms(entry_id: str) -> int:
@@ -1919,20 +1941,33 @@ class RedisStore:
                     call_id: str | None = None, limit: int = 100) -> list[LedgerRow]:
         """Budget ``name``'s ledger rows, newest first, at most ``limit``, merged across the tags'
         streams (see ``stores.ledger.row_matches`` for the filters); ``since`` bounds the read
-        (XREVRANGE from now down to it), the other filters are applied as rows are read."""
+        (XREVRANGE from now down to it). A filter by scope, id or kind is tested in Redis first
+        (``lua/ledger_scan.lua``, 1,000 entries a call): only entries that may match are sent and
+        parsed; every filter is then applied exactly as rows are read."""
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise ValueError(f"limit: expected a whole number of rows >= 1, got {limit!r}")
         self.flush_carried()
         self._report_waiting()
         low = "-" if since is None else str(int(since.timestamp() * 1000))
-        page = max(200, min(limit * 2, 5000))
+        # A filter by id or kind is tested in Redis (lua/ledger_scan.lua): only the entries that
+        # may pass come back, so the rows parsed here are about the rows asked for, not the stream.
+        scan = scope is not None or scope_id is not None or kinds is not None
+        page = SCAN_CHUNK if scan else max(200, min(limit * 2, 5000))
+        scan_args = _scan_filter(name, scope, scope_id, kinds) if scan else ()
         matched: list[tuple[tuple[int, ...], LedgerRow]] = []
         for slot in self._slots():
             stream = f"{self.prefix}ledger:{slot}"
             high, found = "+", 0
             while found < limit:
-                entries = _decode_entries(self._direct(
-                    "read ledger", lambda c, h=high: c.xrevrange(stream, max=h, min=low, count=page)))
+                if scan:
+                    reply = self._execute(_Call("ledger_scan", (stream,), (high, low, str(page), *scan_args)),
+                                          self.retry)
+                    scanned, last = int(reply[0]), _text(reply[1])
+                    entries = [(_text(reply[j]), _pairs(reply[j + 1])) for j in range(2, len(reply) - 1, 2)]
+                else:
+                    entries = _decode_entries(self._direct(
+                        "read ledger", lambda c, h=high: c.xrevrange(stream, max=h, min=low, count=page)))
+                    scanned, last = len(entries), entries[-1][0] if entries else ""
                 for entry_id, values in entries:
                     try:
                         rows = LedgerRow.rows_of_entry(_id_ms(entry_id), values)
@@ -1950,9 +1985,9 @@ class RedisStore:
                                 break
                     if found >= limit:
                         break
-                if len(entries) < page:
+                if scanned < page:
                     break
-                high = "(" + entries[-1][0]
+                high = "(" + last
         matched.sort(key=lambda x: x[0], reverse=True)
         return [row for _, row in matched[:limit]]
 
