@@ -24,7 +24,7 @@ SECTIONS = {
     "4": ("Estimation", "bench.estimation"),
     "5": ("Cost of pricing", "bench.pricing_cost"),
     "6": ("Memory per call record", "bench.records_memory"),
-    "7": ("Dashboard: the scope page at 100k ids", "bench.dashboard"),
+    "7": ("Dashboard: the scope page at 100k ids; the ledger pages at 30k rows", "bench.dashboard"),
     "8": ("Refuse only what cannot fit: gpt-4o, budget 90% used", "bench.refusals"),
     "9": ("Indexes, not SCAN: top and status at 100k ids", "bench.indexes"),
     "10": ("Carried settles, Redis CPU per call, peers on the same Redis", "bench.peers"),
