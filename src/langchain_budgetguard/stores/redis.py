@@ -1960,8 +1960,9 @@ class RedisStore:
             high, found = "+", 0
             while found < limit:
                 if scan:
-                    reply = self._execute(_Call("ledger_scan", (stream,), (high, low, str(page), *scan_args)),
-                                          self.retry)
+                    script = self._sync_backend().scripts["ledger_scan"]
+                    reply = self._direct("read ledger", lambda c, h=high: script(
+                        keys=(stream,), args=(h, low, str(page), *scan_args)))
                     scanned, last = int(reply[0]), _text(reply[1])
                     entries = [(_text(reply[j]), _pairs(reply[j + 1])) for j in range(2, len(reply) - 1, 2)]
                 else:
