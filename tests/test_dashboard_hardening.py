@@ -114,6 +114,45 @@ def test_a_half_sent_request_is_dropped_after_the_request_timeout():
         server.server_close()
 
 
+@pytest.mark.parametrize("trickle", [b"GET /api/limits HTTP/1.0\r\nX-Slow: " + b"a" * 400,
+                                     b"GET /api/limits?" + b"b" * 400])
+def test_a_client_trickling_its_request_is_dropped_and_its_slot_comes_back(trickle):
+    """A byte every 0.2 s never let the 0.5 s socket timeout fire: the connection (one of the
+    max_connections slots) was held for as long as the client went on."""
+    server = _serve(TOKEN, request_timeout=0.5, max_connections=1)
+    try:
+        sock = socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=30)
+        started, dropped = time.monotonic(), None
+        with sock:
+            for byte in trickle:
+                try:
+                    sock.sendall(bytes([byte]))
+                except OSError:
+                    dropped = time.monotonic()
+                    break
+                sock.settimeout(0.2)
+                try:
+                    if sock.recv(4096) == b"":
+                        dropped = time.monotonic()
+                        break
+                except socket.timeout:
+                    pass
+                except OSError:
+                    dropped = time.monotonic()
+                    break
+        assert dropped is not None and dropped - started < 5, "the trickling client was never dropped"
+        deadline = time.monotonic() + 30
+        while True:  # its slot (the only one) serves the next client
+            code, body = _get(server, "/api/limits", headers={"Authorization": f"Bearer {TOKEN}"})
+            if code == 200 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert code == 200, body
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_the_default_request_timeout_is_set(tokenless):
     assert tokenless.request_timeout == REQUEST_TIMEOUT
 

@@ -133,7 +133,7 @@ def _int(query: dict[str, list[str]], name: str, default: int) -> int:
         raise _Reply(HTTPStatus.BAD_REQUEST, f"{name}: expected a whole number, got {text!r}") from None
 
 
-REQUEST_TIMEOUT = 15.0  # seconds a connection may stay silent (reading the request, or writing the reply)
+REQUEST_TIMEOUT = 15.0  # seconds to send the request, and to take each write of the reply (sendall's total)
 MAX_CONNECTIONS = 64  # connections served at once; more are answered 503 and closed
 _BUSY_BODY = b"503: the dashboard is serving too many connections; try again shortly\n"
 _BUSY = (b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\nRetry-After: 5\r\n"
@@ -142,7 +142,9 @@ _BUSY = (b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain; charset
 
 class DashboardServer(ThreadingHTTPServer):
     """A ``ThreadingHTTPServer`` serving one budget's ``DashboardData``: one thread per connection,
-    at most ``max_connections`` at once, each dropped after ``request_timeout`` seconds of silence."""
+    at most ``max_connections`` at once. A client has ``request_timeout`` seconds to send its
+    request (one that sends a byte at a time is dropped then, its socket shut by one watcher
+    thread) and as long to take each write of the reply (the socket's timeout bounds a sendall)."""
 
     daemon_threads = True
 
@@ -157,6 +159,10 @@ class DashboardServer(ThreadingHTTPServer):
         self.request_timeout, self.max_connections = float(request_timeout), max_connections
         self._slots = threading.BoundedSemaphore(max_connections)
         self._warned = -1e9
+        self._deadlines: dict[Any, float] = {}  # connection -> when it is shut unless its request is in
+        self._watching = threading.Lock()
+        self._watcher: threading.Thread | None = None
+        self._closed = threading.Event()
         family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.address_family = family
         super().__init__(address, _Handler)
@@ -189,9 +195,42 @@ class DashboardServer(ThreadingHTTPServer):
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
+            self.watch(request)  # until the request's headers are in (_Handler.parse_request)
             super().process_request_thread(request, client_address)
         finally:
+            self.unwatch(request)
             self._slots.release()
+
+    def watch(self, connection: Any) -> None:
+        """Shut ``connection`` unless ``unwatch`` comes within ``request_timeout`` seconds."""
+        with self._watching:
+            self._deadlines[connection] = time.monotonic() + self.request_timeout
+            if self._watcher is None and not self._closed.is_set():
+                self._watcher = threading.Thread(target=self._watch_loop, name="budgetguard-dashboard-deadlines",
+                                                 daemon=True)
+                self._watcher.start()
+
+    def unwatch(self, connection: Any) -> None:
+        with self._watching:
+            self._deadlines.pop(connection, None)
+
+    def _watch_loop(self) -> None:
+        step = min(0.25, self.request_timeout / 4)
+        while not self._closed.wait(step):
+            now = time.monotonic()
+            with self._watching:
+                late = [c for c, deadline in self._deadlines.items() if deadline <= now]
+                for connection in late:
+                    del self._deadlines[connection]
+            for connection in late:
+                try:  # the handler's blocked recv or send returns, and its thread ends
+                    connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def server_close(self) -> None:
+        self._closed.set()
+        super().server_close()
 
     def serve_in_thread(self) -> threading.Thread:
         """Serve on a daemon thread (tests, notebooks); stop with ``shutdown()`` then ``server_close()``."""
@@ -215,6 +254,11 @@ class _Handler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         self.timeout = self.server.request_timeout  # the socket's timeout (the base class's default: none)
         super().setup()
+
+    def parse_request(self) -> bool:
+        parsed = super().parse_request()  # reads the headers
+        self.server.unwatch(self.connection)  # the request is in: working out the reply takes what it takes
+        return parsed
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
         log.info("%s %s", self.address_string(), format % args)
