@@ -404,6 +404,24 @@ def test_item_bound_from_bound_tools_and_its_hold() -> None:
         card.item_hold_nano(web_searches=-1)
 
 
+def test_openai_web_searches_are_capped_at_the_ten_the_call_is_held_for(server: CannedServer) -> None:
+    """The attack: an OpenAI Responses call with web_search was held for ten searches and sent nothing
+    that capped them; 40 searches ($0.40) were charged past a $0.15 strict limit. The guard now sends
+    max_tool_calls=10, which the Responses API honours."""
+    from langchain_budgetguard import BudgetGuard
+
+    llm = chat_openai(server, "gpt-4.1-mini", use_responses_api=True).bind_tools([{"type": "web_search"}])
+    guard = BudgetGuard(llm, limit=Decimal("0.15"), pricer=Pricer(hosts={"127.0.0.1": "openai"}))
+    calls = [web_search_call(i) for i in range(10)]
+    server.push(responses_body("gpt-4.1-mini", [*calls, {"type": "message", "id": "m", "status": "completed",
+                "role": "assistant", "content": [{"type": "output_text", "text": "ok", "annotations": []}]}],
+                {"input_tokens": 50, "output_tokens": 5, "total_tokens": 55}))
+    meta = guard.invoke("research", max_tokens=100).response_metadata["budgetguard"]
+    assert server.requests[0]["body"]["max_tool_calls"] == 10 and meta["max_tool_calls"] == 10
+    (status,) = guard.status()
+    assert Decimal("0.10") < status.spent <= meta["reserved_usd"] <= status.limit
+
+
 # --------------------------------------------------------------------------------------
 # Streams without usage: reasoning is billed output
 # --------------------------------------------------------------------------------------

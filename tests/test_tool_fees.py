@@ -171,8 +171,11 @@ def test_item_bound_counts_code_and_image_tools_and_reads_max_tool_calls() -> No
 
     gpt = ChatOpenAI(model=MODEL, api_key="test", use_responses_api=True)
     bound = item_bound(gpt.bind_tools([CODE, IMAGES, {"type": "web_search"}]), default_uses=4)
-    assert (bound.containers, bound.generated_images, bound.web_searches, bound.max_calls) == (1, 4, 4, None)
+    # nothing the call sets caps the images and searches: the guard sends max_tool_calls=4, and holds for it
+    assert (bound.containers, bound.generated_images, bound.web_searches, bound.max_calls) == (1, 4, 4, 4)
+    assert bound.send_max_calls == 4 and bound.uncapped == ()
     assert "image_generation" in bound.unbounded and "code_interpreter" not in bound.unbounded
+    assert item_bound(gpt.bind_tools([CODE])).send_max_calls is None  # one container, whatever it runs
     assert item_bound(gpt.bind_tools([CODE]), {"max_tool_calls": 3}).max_calls == 3
     assert item_bound(gpt.bind_tools([CODE], max_tool_calls=1)).max_calls == 1
     assert item_bound(ChatOpenAI(model=MODEL, api_key="t", model_kwargs={"max_tool_calls": 2}).bind_tools(
@@ -242,3 +245,64 @@ def test_gemini_grounding_tools_are_held_as_the_searches_their_replies_are_charg
         bound = item_bound(UsageChat().bind(tools=[tool]), default_uses=3)
         assert bound.web_searches == 3 and bound.unbounded == (next(iter(tool)),)
     assert not item_bound(UsageChat().bind(tools=[{"code_execution": {}}]))  # tokens only
+
+
+def test_an_image_tool_nothing_caps_is_sent_the_max_tool_calls_it_is_held_for(server: CannedServer) -> None:
+    """The attack: the hold counted ten images and nothing capped the call at ten. A reply of 25 images
+    ($0.50) was charged past a $0.25 strict limit. Now the guard sends max_tool_calls=10, which the
+    Responses API honours, and the reply's metadata says so."""
+    llm = chat_openai(server, MODEL, use_responses_api=True).bind_tools([IMAGES])
+    guard = BudgetGuard(llm, limit=Decimal("0.25"), pricer=pricer(image_generation="0.02"))
+    server.push(reply(*[image_call(i) for i in range(10)]))
+    meta = guard.invoke("draw cats", max_tokens=100).response_metadata["budgetguard"]
+    assert server.requests[0]["body"]["max_tool_calls"] == 10
+    assert meta["max_tool_calls"] == 10
+    assert Decimal("0.20") < meta["reserved_usd"] < Decimal("0.21")
+    (status,) = guard.status()
+    assert status.held == 0 and status.spent == meta["cost_usd"] == tokens_usd() + Decimal("0.20")
+    assert status.spent <= meta["reserved_usd"]
+    # an async call is sent it too; a call's own max_tool_calls is sent as it is, none added
+    import asyncio
+
+    guard = BudgetGuard(llm, limit=1, pricer=pricer(image_generation="0.02"))
+    server.push(reply(image_call(1)))
+    asyncio.run(guard.ainvoke("draw a cat", max_tokens=100))
+    assert server.requests[1]["body"]["max_tool_calls"] == 10
+    server.push(reply(image_call(1)))
+    meta = guard.invoke("draw a cat", max_tokens=100, max_tool_calls=1).response_metadata["budgetguard"]
+    assert server.requests[2]["body"]["max_tool_calls"] == 1 and "max_tool_calls" not in meta
+
+
+def test_a_max_tool_calls_above_ten_holds_every_image_it_allows(server: CannedServer) -> None:
+    """max_tool_calls=25 lets the model make 25 images: the hold counted ten, and 25 ($0.50) went past a
+    $0.25 limit. Each tool the cap covers is now held up to it."""
+    llm = chat_openai(server, MODEL, use_responses_api=True).bind_tools([IMAGES])
+    guard = BudgetGuard(llm, limit=Decimal("0.25"), pricer=pricer(image_generation="0.02"))
+    with pytest.raises(BudgetExceededError):
+        guard.invoke("draw cats", max_tokens=100, max_tool_calls=25)
+    assert server.requests == []
+    bound = item_bound(llm, {"max_tool_calls": 25})
+    assert (bound.generated_images, bound.max_calls, bound.send_max_calls) == (25, 25, None)
+    # images and searches under one cap: the dearest ten are held (ten images), never twenty uses
+    both = item_bound(chat_openai(server, MODEL, use_responses_api=True).bind_tools([IMAGES, {"type": "web_search"}]))
+    assert (both.generated_images, both.web_searches, both.max_calls, both.send_max_calls) == (10, 10, 10, 10)
+
+
+def test_an_openai_tool_on_an_integration_that_takes_no_max_tool_calls_is_refused_in_strict_mode() -> None:
+    """Nothing caps the images another client's call makes (it may drop max_tool_calls, and OpenAI
+    documents no most): strict mode refuses the call before it is sent; typical mode holds ten."""
+    from tests.fakes import UsageChat
+
+    for tool in (IMAGES, {"type": "web_search"}, {"type": "file_search", "vector_store_ids": ["vs_1"]}):
+        llm = UsageChat()
+        guard = BudgetGuard(llm.bind(tools=[tool]), limit=5, tool_fees={"image_generation": "0.02"})
+        with pytest.raises(UnknownModelPriceError, match="nothing caps how many times it runs"):
+            guard.invoke("draw a cat", max_tokens=100)
+        assert llm.calls == 0
+        assert item_bound(llm.bind(tools=[tool])).uncapped == (tool["type"],)
+    typical = BudgetGuard(UsageChat().bind(tools=[IMAGES]), limit=5, estimator="typical",
+                          tool_fees={"image_generation": "0.02"})
+    meta = typical.invoke("draw a cat", max_tokens=100).response_metadata["budgetguard"]
+    assert meta["reserved_usd"] >= Decimal("0.20") and "max_tool_calls" not in meta
+    # Anthropic's search tool caps itself (max_uses) and Gemini's grounding is unchanged: held, not refused
+    assert item_bound(UsageChat().bind(tools=[{"type": "web_search_20250305", "max_uses": 3}])).uncapped == ()

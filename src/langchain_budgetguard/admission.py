@@ -53,6 +53,7 @@ class Estimate:
     unsized_inputs: int = 0  # documents by URL / file id: ``input_tokens`` is then the model's input limit
     stored_context: str | None = None  # the parameter continuing provider-stored context (held likewise)
     thinking: int = 0  # output tokens it may think with inside the cap (Anthropic's budget_tokens)
+    max_tool_calls: int | None = None  # the max_tool_calls sent with the call (the built-in tool uses held)
 
     @property
     def held_output_tokens(self) -> int:

@@ -144,6 +144,7 @@ class CallCost:
     clamped: bool = False  # the cap was lowered to fit what was left of the budget
     priced_as: str | None = None  # the genai-prices entry that priced it, when a cloud resells a vendor
     problem: str | None = None  # why the call was charged its whole reservation (usage or price unknown)
+    max_tool_calls: int | None = None  # the max_tool_calls the guard sent (None: none sent)
 
     def as_metadata(self) -> dict[str, Any]:
         return {
@@ -157,6 +158,7 @@ class CallCost:
             "clamped": self.clamped,
             "priced_as": self.priced_as,
             **({"problem": self.problem} if self.problem else {}),
+            **({"max_tool_calls": self.max_tool_calls} if self.max_tool_calls is not None else {}),
             "input_tokens": self.usage.input_tokens,
             "output_tokens": self.usage.output_tokens,
         }
@@ -620,6 +622,8 @@ class BudgetGuard(BaseChatModel):
         # Strict: cache writes can cost more than plain input (Anthropic: 1.25x-2x), and audio or image
         # output more than text (gpt-audio 6.4x): hold the dearer.
         strict = policy.estimator.mode == "strict"
+        if items and strict and items.uncapped:  # OpenAI tools nothing caps: no hold bounds them
+            raise items.uncapped_error()
         if strict:  # what an extra_body sends over the named parameters (prompt, input items, tools)
             extra_body = extra_body_tokens(candidate.runnable, call.kwargs) if call.kwargs and \
                 "extra_body" in call.kwargs else candidate.extra_body
@@ -652,7 +656,8 @@ class BudgetGuard(BaseChatModel):
         reserve, input_cost, extra, card, input_tokens = best  # type: ignore[misc]
         return Estimate(card, input_tokens, reserve, input_cost, cap, send, False, extra, refs, cap_kwarg=found.kwarg,
                         cap_source=found.source, completions=found.completions, unsized_inputs=unsized,
-                        stored_context=stored, thinking=found.thinking)
+                        stored_context=stored, thinking=found.thinking,
+                        max_tool_calls=items.send_max_calls if items else None)
 
     def _output_reservation(self, cap: OutputCap, elsewhere: bool = False) -> tuple[int, bool]:
         """The output tokens to reserve for a call whose cap is ``cap``, and whether to send them.
@@ -796,6 +801,7 @@ class BudgetGuard(BaseChatModel):
             clamped=admitted.estimate.clamped,
             priced_as=_priced_as(card, model),
             problem=problem,
+            max_tool_calls=admitted.estimate.max_tool_calls,
         )
 
     def _settlement(self, admitted: Admitted, reply: Any = None, usage: TokenUsage | None = None,
@@ -1039,6 +1045,8 @@ class BudgetGuard(BaseChatModel):
         estimate = admitted.estimate
         if estimate.send_cap and estimate.cap_kwarg:
             kwargs = {**kwargs, estimate.cap_kwarg: estimate.output_tokens}
+        if estimate.max_tool_calls is not None:  # the built-in tool uses it held for
+            kwargs = {**kwargs, "max_tool_calls": estimate.max_tool_calls}
         return admitted.candidate.runnable, kwargs
 
     def invoke(self, input: Any, config: RunnableConfig | None = None, *, stop: list[str] | None = None,
@@ -1444,9 +1452,10 @@ class Reservation:
         """Kwargs the call must be made with: the output cap the guard reserved, when the call sets none
         (or a smaller one, shrunk to fit). Empty when the call's own cap applies."""
         estimate = self.admitted.estimate
-        if not estimate.send_cap or not estimate.cap_kwarg:
-            return {}
-        return {estimate.cap_kwarg: estimate.output_tokens}
+        settings = {estimate.cap_kwarg: estimate.output_tokens} if estimate.send_cap and estimate.cap_kwarg else {}
+        if estimate.max_tool_calls is not None:  # the built-in tool uses it held for
+            settings["max_tool_calls"] = estimate.max_tool_calls
+        return settings
 
     @property
     def degraded(self) -> bool:

@@ -535,7 +535,11 @@ class ItemBound:
     ``file_search`` tool (billed per call); ``containers``: one per OpenAI ``code_interpreter``
     tool (billed per container); ``generated_images``: ``default_uses`` per ``image_generation``
     tool. ``max_calls``: OpenAI's ``max_tool_calls``, which caps all of them together (None: no
-    cap). ``unbounded`` names the tools whose use the request does not cap (counted at ``default_uses``).
+    cap); under it each tool it caps counts ``max_calls`` uses. ``unbounded`` names the tools whose
+    use the tool itself does not cap (no ``max_uses``). ``send_max_calls``: the ``max_tool_calls``
+    the guard sends with the call (the call sets none, and langchain-openai sends it to the
+    Responses API), equal to ``max_calls``. ``uncapped``: OpenAI built-in tools nothing caps (the
+    integration takes no ``max_tool_calls``): no count holds them.
     """
 
     web_searches: int = 0
@@ -544,9 +548,12 @@ class ItemBound:
     containers: int = 0
     generated_images: int = 0
     max_calls: int | None = None
+    send_max_calls: int | None = None
+    uncapped: tuple[str, ...] = ()
 
     def __bool__(self) -> bool:
-        return bool(self.web_searches or self.file_searches or self.containers or self.generated_images)
+        return bool(self.web_searches or self.file_searches or self.containers or self.generated_images
+                    or self.uncapped)
 
     def hold_nano(self, card: RateCard) -> int:
         """What these items can cost on ``card`` (``card.item_hold_nano`` of them), 0 when there are none."""
@@ -556,8 +563,23 @@ class ItemBound:
                                    containers=self.containers, generated_images=self.generated_images,
                                    max_calls=self.max_calls)
 
+    def uncapped_error(self) -> UnknownModelPriceError:
+        """Why a strict guard refuses a call with ``uncapped`` tools: nothing bounds what they bill."""
+        names = ", ".join(dict.fromkeys(self.uncapped))
+        return UnknownModelPriceError(
+            f"The call binds OpenAI's {names} tool and nothing caps how many times it runs: the request "
+            "carries no max_tool_calls the provider honours (only langchain-openai's models on the "
+            "Responses API send one), and OpenAI documents no most. No hold can bound what it bills, so "
+            "the call is refused before it is sent. Set max_tool_calls (a whole number) with the call, or "
+            "call the tool through langchain-openai's ChatOpenAI on the Responses API (the guard then "
+            "sends max_tool_calls itself)."
+        )
 
+
+_NO_ITEMS = ItemBound()
 _WEB_SEARCH_TYPES = re.compile(r"^(?:web_search(?:_preview)?(?:_\d{4}_\d{2}_\d{2})?|web_search_\d{8})$")
+# OpenAI's own search tools (web_search, web_search_preview, dated forms): not Anthropic's web_search_YYYYMMDD
+_OPENAI_SEARCH_TYPES = re.compile(r"^web_search(?:_preview)?(?:_\d{4}_\d{2}_\d{2})?$")
 # Gemini grounding tools billed per grounded prompt (Google Maps' is read from the reply as a search too)
 _GEMINI_SEARCH_KEYS = ("google_search", "google_search_retrieval", "googleSearch", "googleSearchRetrieval",
                        "google_maps", "googleMaps")
@@ -569,19 +591,25 @@ def item_bound(
     """How many billed server-tool requests a call can make, from the tools bound to it.
 
     Anthropic ``{"type": "web_search_20250305", "max_uses": 5}`` counts 5; an Anthropic search
-    tool without ``max_uses``, OpenAI ``{"type": "web_search"}`` and Gemini ``google_search``
-    (which the requests cannot cap) count ``default_uses`` each and are listed in ``unbounded``.
-    OpenAI ``{"type": "file_search"}`` counts ``default_uses`` file searches,
-    ``{"type": "code_interpreter"}`` one container, ``{"type": "image_generation"}``
-    ``default_uses`` images; a ``max_tool_calls`` the call sends caps them together. Reserve
+    tool without ``max_uses`` and Gemini ``google_search`` (which the requests cannot cap) count
+    ``default_uses`` each and are listed in ``unbounded``. OpenAI ``{"type": "code_interpreter"}``
+    counts one container. OpenAI ``{"type": "web_search"}``, ``{"type": "file_search"}`` and
+    ``{"type": "image_generation"}`` are capped together by the call's ``max_tool_calls``: each
+    counts that many uses. A langchain-openai call on the Responses API that sets none is sent
+    ``max_tool_calls=default_uses`` by the guard (``send_max_calls``). Where none can be sent (another
+    integration) they count ``default_uses`` each and are listed in
+    ``uncapped``: nothing bounds them (a strict guard refuses the call). Reserve
     ``bound.hold_nano(card)`` on top of the token hold.
     """
     if isinstance(default_uses, bool) or not isinstance(default_uses, int) or default_uses < 0:
         raise ValueError(f"item_bound: default_uses must be a whole number >= 0, got {default_uses!r}")
-    obj, kw = _resolve(runnable, kwargs, config)[0]
+    resolved = _resolve(runnable, kwargs, config)
+    obj, kw = resolved[0]
     extra = extra_body_of(obj, kw)[0]  # sent over the named parameters: its tools replace theirs
     tools = extra["tools"] if extra and isinstance(extra.get("tools"), (list, tuple)) else kw.get("tools")
-    searches, files, containers, images, unbounded = 0, 0, 0, 0, []
+    if not tools:  # the usual call: no tools (an early exit, on the hot path)
+        return _NO_ITEMS
+    searches, files, containers, images, unbounded, openai = 0, 0, 0, 0, [], []
     for tool in tools if isinstance(tools, (list, tuple)) else ():
         if not isinstance(tool, Mapping):
             continue
@@ -589,11 +617,13 @@ def item_bound(
         if kind == "file_search":
             files += default_uses
             unbounded.append(kind)
+            openai.append(kind)
         elif kind == "code_interpreter":
             containers += 1  # one container per call, made for it or named by the tool
         elif kind == "image_generation":
             images += default_uses
             unbounded.append(kind)
+            openai.append(kind)
         elif isinstance(kind, str) and _WEB_SEARCH_TYPES.match(kind):
             uses = tool.get("max_uses")
             if type(uses) is int and uses >= 0:
@@ -601,25 +631,47 @@ def item_bound(
             else:
                 searches += default_uses
                 unbounded.append(kind)
+                if _OPENAI_SEARCH_TYPES.match(kind):
+                    openai.append(kind)
         elif any(key in tool for key in _GEMINI_SEARCH_KEYS):
             searches += default_uses
             unbounded.append(next(key for key in _GEMINI_SEARCH_KEYS if key in tool))
-    cap = _max_tool_calls(obj, kw) if searches or files or containers or images else None
-    return ItemBound(searches, tuple(unbounded), files, containers, images, cap)
+    if not (searches or files or containers or images or openai):
+        return _NO_ITEMS
+    cap, sendable = _max_tool_calls(obj, kw, extra)
+    if sendable and len(resolved) > 1:  # a with_fallbacks: every model it may call must take the cap
+        sendable = all(_max_tool_calls(o, k, extra_body_of(o, k)[0])[1] for o, k in resolved[1:])
+    send = None
+    if cap is None and sendable and openai:
+        cap = send = default_uses  # the guard sends the cap it holds for
+    if cap is not None:  # OpenAI honours it: each tool it caps may be used up to it
+        searches = cap if searches else 0
+        files = cap if files else 0
+        images = cap if images else 0
+        openai = []
+    return ItemBound(searches, tuple(unbounded), files, containers, images, cap, send, tuple(openai))
 
 
-def _max_tool_calls(obj: Any, kw: Mapping[str, Any]) -> int | None:
-    """OpenAI Responses ``max_tool_calls`` (call kwargs, bindings, ``model_kwargs``), None when unset.
+def _max_tool_calls(obj: Any, kw: Mapping[str, Any], extra: Mapping[str, Any] | None) -> tuple[int | None, bool]:
+    """OpenAI Responses ``max_tool_calls`` (call kwargs and bindings, then ``model_kwargs``), None when
+    unset; and whether the guard can send one of its own (langchain-openai on the Responses API).
 
     Read for langchain-openai's models only: another client may drop a parameter it does not know,
     and its provider would not honour the cap the hold counted on."""
     if not type(obj).__module__.startswith("langchain_openai."):
-        return None
-    for source in (kw, _safe_getattr(obj, "model_kwargs")):
-        value = source.get("max_tool_calls") if isinstance(source, Mapping) else None
+        return None, False
+    model_kwargs = _safe_getattr(obj, "model_kwargs")
+    model_kwargs = model_kwargs if isinstance(model_kwargs, Mapping) else {}
+    for source in (kw, model_kwargs):
+        value = source.get("max_tool_calls")
         if type(value) is int and value >= 0:
-            return value
-    return None
+            return value, False
+    uses_responses = getattr(obj, "_use_responses_api", None)
+    try:
+        sendable = bool(callable(uses_responses) and uses_responses({**model_kwargs, **kw}))
+    except Exception:  # a model whose routing we cannot read: send nothing it may refuse
+        sendable = False
+    return None, sendable
 
 
 def _safe_getattr(obj: Any, attr: str) -> Any:
