@@ -306,3 +306,26 @@ def test_an_openai_tool_on_an_integration_that_takes_no_max_tool_calls_is_refuse
     assert meta["reserved_usd"] >= Decimal("0.20") and "max_tool_calls" not in meta
     # Anthropic's search tool caps itself (max_uses) and Gemini's grounding is unchanged: held, not refused
     assert item_bound(UsageChat().bind(tools=[{"type": "web_search_20250305", "max_uses": 3}])).uncapped == ()
+
+
+def test_tools_in_model_kwargs_are_held_as_bound_ones(server: CannedServer) -> None:
+    """The attack: ChatOpenAI(model_kwargs={"tools": [image_generation]}) sends the tool, but the hold
+    read only call kwargs, bindings and extra_body: four images ($0.08) were charged past a $0.05
+    limit the same tool bound with bind_tools is refused by."""
+    from langchain_budgetguard.estimate import tools_of
+
+    llm = chat_openai(server, MODEL, use_responses_api=True, model_kwargs={"tools": [IMAGES]})
+    assert tools_of(llm) == [IMAGES]  # its schema is counted in the prompt too
+    assert item_bound(llm).generated_images == 10
+    with pytest.raises(BudgetExceededError):
+        BudgetGuard(llm, limit=Decimal("0.05"), pricer=pricer(image_generation="0.02")).invoke("draw", max_tokens=100)
+    assert server.requests == []
+    guard = BudgetGuard(llm, limit=1, pricer=pricer(image_generation="0.02"))
+    server.push(reply(*[image_call(i) for i in range(4)]))
+    meta = guard.invoke("draw", max_tokens=100).response_metadata["budgetguard"]
+    body = server.requests[0]["body"]
+    assert body["tools"] == [IMAGES] and body["max_tool_calls"] == 10
+    assert meta["reserved_usd"] > Decimal("0.20") and meta["cost_usd"] == tokens_usd() + Decimal("0.08")
+    # the call's own tools are sent over them: those are what is held
+    assert tools_of(llm, {"tools": [CODE]}) == [CODE]
+    assert item_bound(llm, {"tools": [CODE]}).generated_images == 0

@@ -1160,13 +1160,17 @@ def tools_of(model: Any, call_kwargs: Mapping[str, Any] | None = None) -> list[A
     """Tool schemas (``tools``, ``functions``) and structured-output schemas a call will send.
 
     Call kwargs win over bound kwargs, outer bindings over inner ones, as
-    ``RunnableBinding`` merges them. Output schemas come back as
+    ``RunnableBinding`` merges them, and those over the model's ``model_kwargs`` (which the
+    integrations send in the request too). Output schemas come back as
     ``{"type": "json_schema", ...}`` dicts, which the estimators count without
     the tool-use overhead.
     """
-    layers, _ = binding_layers(model)
+    layers, inner = binding_layers(model)
     if isinstance(call_kwargs, Mapping):
         layers.insert(0, call_kwargs)
+    model_kwargs = getattr(inner, "model_kwargs", None)
+    if isinstance(model_kwargs, Mapping) and model_kwargs:  # sent in the request, under the kwargs
+        layers.append(model_kwargs)
 
     def resolve(key: str) -> Any:
         for kwargs in layers:

@@ -588,7 +588,8 @@ _GEMINI_SEARCH_KEYS = ("google_search", "google_search_retrieval", "googleSearch
 def item_bound(
     runnable: Any, kwargs: Mapping[str, Any] | None = None, config: Any = None, *, default_uses: int = 10
 ) -> ItemBound:
-    """How many billed server-tool requests a call can make, from the tools bound to it.
+    """How many billed server-tool requests a call can make, from the tools bound to it (the
+    request's ``extra_body``, else the call's kwargs and bindings, else the model's ``model_kwargs``).
 
     Anthropic ``{"type": "web_search_20250305", "max_uses": 5}`` counts 5; an Anthropic search
     tool without ``max_uses`` and Gemini ``google_search`` (which the requests cannot cap) count
@@ -607,6 +608,9 @@ def item_bound(
     obj, kw = resolved[0]
     extra = extra_body_of(obj, kw)[0]  # sent over the named parameters: its tools replace theirs
     tools = extra["tools"] if extra and isinstance(extra.get("tools"), (list, tuple)) else kw.get("tools")
+    if not tools:  # tools in model_kwargs are sent in the request too (under the call's and bindings')
+        model_kwargs = _safe_getattr(obj, "model_kwargs")
+        tools = model_kwargs.get("tools") if isinstance(model_kwargs, Mapping) else None
     if not tools:  # the usual call: no tools (an early exit, on the hot path)
         return _NO_ITEMS
     searches, files, containers, images, unbounded, openai = 0, 0, 0, 0, [], []
