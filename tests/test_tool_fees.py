@@ -329,3 +329,30 @@ def test_tools_in_model_kwargs_are_held_as_bound_ones(server: CannedServer) -> N
     # the call's own tools are sent over them: those are what is held
     assert tools_of(llm, {"tools": [CODE]}) == [CODE]
     assert item_bound(llm, {"tools": [CODE]}).generated_images == 0
+
+
+def test_a_max_tool_calls_in_extra_body_is_the_one_held(server: CannedServer) -> None:
+    """The attack: max_tool_calls=2 with the call and 25 in extra_body, which the SDK sends over the
+    named parameters: the provider was allowed 25 images ($0.50) while the hold counted two ($0.04)."""
+    llm = chat_openai(server, MODEL, use_responses_api=True).bind_tools([IMAGES])
+    fees = pricer(image_generation="0.02")
+    with pytest.raises(BudgetExceededError):
+        BudgetGuard(llm, limit=Decimal("0.10"), pricer=fees).invoke(
+            "draw", max_tokens=100, max_tool_calls=2, extra_body={"max_tool_calls": 25})
+    assert server.requests == []
+    bound = item_bound(llm, {"max_tool_calls": 2, "extra_body": {"max_tool_calls": 25}})
+    assert (bound.generated_images, bound.max_calls, bound.send_max_calls) == (25, 25, None)
+    # a lower one there caps the hold, and the guard adds none of its own
+    guard = BudgetGuard(llm, limit=Decimal("0.10"), pricer=fees)
+    server.push(reply(image_call(1), image_call(2)))
+    meta = guard.invoke("draw", max_tokens=100, extra_body={"max_tool_calls": 2}).response_metadata["budgetguard"]
+    body = server.requests[0]["body"]
+    assert body["max_tool_calls"] == 2 and "max_tool_calls" not in meta
+    assert Decimal("0.04") < meta["reserved_usd"] < Decimal("0.05")
+    # null there leaves the tool uncapped, and no cap the guard sends would be read: refused in strict mode
+    with pytest.raises(UnknownModelPriceError, match="nothing caps"):
+        guard.invoke("draw", max_tokens=100, extra_body={"max_tool_calls": None})
+    assert len(server.requests) == 1
+    # a model's own extra_body is read too
+    own = chat_openai(server, MODEL, use_responses_api=True, extra_body={"max_tool_calls": 30}).bind_tools([IMAGES])
+    assert item_bound(own, {"max_tool_calls": 1}).generated_images == 30

@@ -539,7 +539,7 @@ class ItemBound:
     use the tool itself does not cap (no ``max_uses``). ``send_max_calls``: the ``max_tool_calls``
     the guard sends with the call (the call sets none, and langchain-openai sends it to the
     Responses API), equal to ``max_calls``. ``uncapped``: OpenAI built-in tools nothing caps (the
-    integration takes no ``max_tool_calls``): no count holds them.
+    integration takes no ``max_tool_calls``, or an ``extra_body`` voids it): no count holds them.
     """
 
     web_searches: int = 0
@@ -569,10 +569,10 @@ class ItemBound:
         return UnknownModelPriceError(
             f"The call binds OpenAI's {names} tool and nothing caps how many times it runs: the request "
             "carries no max_tool_calls the provider honours (only langchain-openai's models on the "
-            "Responses API send one), and OpenAI documents no most. No hold can bound what it bills, so "
-            "the call is refused before it is sent. Set max_tool_calls (a whole number) with the call, or "
-            "call the tool through langchain-openai's ChatOpenAI on the Responses API (the guard then "
-            "sends max_tool_calls itself)."
+            "Responses API send one, and an extra_body max_tool_calls of null voids it), and OpenAI "
+            "documents no most. No hold can bound what it bills, so the call is refused before it is sent. "
+            "Set max_tool_calls (a whole number) with the call, or call the tool through langchain-openai's "
+            "ChatOpenAI on the Responses API (the guard then sends max_tool_calls itself)."
         )
 
 
@@ -595,10 +595,11 @@ def item_bound(
     tool without ``max_uses`` and Gemini ``google_search`` (which the requests cannot cap) count
     ``default_uses`` each and are listed in ``unbounded``. OpenAI ``{"type": "code_interpreter"}``
     counts one container. OpenAI ``{"type": "web_search"}``, ``{"type": "file_search"}`` and
-    ``{"type": "image_generation"}`` are capped together by the call's ``max_tool_calls``: each
-    counts that many uses. A langchain-openai call on the Responses API that sets none is sent
+    ``{"type": "image_generation"}`` are capped together by the call's ``max_tool_calls`` (its
+    ``extra_body``'s first, which the SDK sends over the named parameters): each counts that many
+    uses. A langchain-openai call on the Responses API that sets none is sent
     ``max_tool_calls=default_uses`` by the guard (``send_max_calls``). Where none can be sent (another
-    integration) they count ``default_uses`` each and are listed in
+    integration, an ``extra_body`` ``max_tool_calls`` of null) they count ``default_uses`` each and are listed in
     ``uncapped``: nothing bounds them (a strict guard refuses the call). Reserve
     ``bound.hold_nano(card)`` on top of the token hold.
     """
@@ -657,13 +658,18 @@ def item_bound(
 
 
 def _max_tool_calls(obj: Any, kw: Mapping[str, Any], extra: Mapping[str, Any] | None) -> tuple[int | None, bool]:
-    """OpenAI Responses ``max_tool_calls`` (call kwargs and bindings, then ``model_kwargs``), None when
-    unset; and whether the guard can send one of its own (langchain-openai on the Responses API).
+    """OpenAI Responses ``max_tool_calls`` (the request's ``extra_body``, which the SDK sends over the
+    named parameters, then call kwargs and bindings, then ``model_kwargs``), None when unset; and
+    whether the guard can send one of its own (langchain-openai on the Responses API, and no
+    ``extra_body`` entry that would replace it).
 
     Read for langchain-openai's models only: another client may drop a parameter it does not know,
     and its provider would not honour the cap the hold counted on."""
     if not type(obj).__module__.startswith("langchain_openai."):
         return None, False
+    if extra and "max_tool_calls" in extra:  # what the request runs with, whatever the kwargs say
+        value = extra["max_tool_calls"]  # null or a value the API refuses: no cap, and none can be added
+        return (value, False) if type(value) is int and value >= 0 else (None, False)
     model_kwargs = _safe_getattr(obj, "model_kwargs")
     model_kwargs = model_kwargs if isinstance(model_kwargs, Mapping) else {}
     for source in (kw, model_kwargs):
