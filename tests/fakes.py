@@ -128,3 +128,29 @@ class ExactEstimator:
 
     def output_tokens(self, text: str) -> int:
         return max(1, len(text) // 4)
+
+
+class UsageUpFront(UsageChat):
+    """Streams like Anthropic (``message_start``) or OpenAI with usage mid-stream: the prompt's usage
+    (``input_tokens``, 1 output token) on the first chunk, the rest of the output's at the end.
+
+    ``fail_after`` cuts the stream after that many pieces; ``fail_at_end`` raises after the final
+    usage report, once the whole reply and its usage have arrived."""
+
+    fail_at_end: bool = False
+
+    def _stream(self, messages: list[BaseMessage], stop: Any = None, run_manager: Any = None,
+                **kwargs: Any) -> Iterator[ChatGenerationChunk]:
+        self._count()
+        pieces = self._pieces()
+        for i, piece in enumerate(pieces):
+            if self.fail_after is not None and i >= self.fail_after:
+                raise ConnectionError("the connection dropped")
+            usage = ({"input_tokens": self.input_tokens, "output_tokens": 1, "total_tokens": self.input_tokens + 1}
+                     if i == 0 else None)
+            yield ChatGenerationChunk(message=AIMessageChunk(content=piece, usage_metadata=usage))
+        rest = self.output_tokens - 1
+        yield ChatGenerationChunk(message=AIMessageChunk(
+            content="", usage_metadata={"input_tokens": 0, "output_tokens": rest, "total_tokens": rest}))
+        if self.fail_at_end:
+            raise ConnectionError("the connection dropped after the last chunk")

@@ -34,7 +34,7 @@ from langchain_budgetguard import (
 from langchain_budgetguard.enforce import enforce_budget
 from langchain_budgetguard.middleware import BudgetMiddleware
 
-from .fakes import ExactEstimator, UsageChat
+from .fakes import ExactEstimator, UsageChat, UsageUpFront
 from .providers import Reply
 
 
@@ -383,3 +383,62 @@ def test_a_call_is_charged_as_the_model_its_reply_names(how: str) -> None:
     guarded.invoke("hi")
     assert policy.status()[0].spent == guarded.status()[0].spent == Decimal("0.0125")  # gpt-4o's price
     assert "budgetguard" not in reply.response_metadata  # the caller's reply is left as the model made it
+
+
+# -- streams cut off after an early usage report (Anthropic's message_start, OpenAI mid-stream) ------
+
+
+def _stream_in(model: Any, how: str, *, enforce: BudgetPolicy | None = None) -> None:
+    """Stream ``model`` to its end (or its error), in an enforce block on ``enforce`` if given."""
+    async def consume() -> None:
+        async for _ in model.astream("hi"):
+            pass
+
+    def run() -> None:
+        if how == "sync":
+            for _ in model.stream("hi"):
+                pass
+        else:
+            asyncio.run(consume())
+
+    if enforce is None:
+        run()
+    else:
+        with enforce_budget(enforce):
+            run()
+
+
+@pytest.mark.parametrize("how", ["sync", "async"])
+def test_a_stream_cut_after_an_early_usage_report_is_charged_the_output_it_streamed_after_it(how: str) -> None:
+    reply = " ".join(["word"] * 200)
+    policy = BudgetPolicy(limit=1)
+    with pytest.raises(ConnectionError):
+        _stream_in(UsageUpFront(reply=reply, input_tokens=1000, output_tokens=200, fail_after=100, max_tokens=1000),
+                   how, enforce=policy)
+    (row,) = policy.store.read_ledger(policy.name)
+    assert row.tokens["input"] == 1000
+    assert row.tokens["output"] >= 100, "the words streamed after the report are charged, not its 1 output token"
+    assert held(policy) == 0
+    # Exactly what a BudgetGuard charges the same cut stream: one rule for both paths.
+    guard = BudgetGuard(UsageUpFront(reply=reply, input_tokens=1000, output_tokens=200, fail_after=100,
+                                     max_tokens=1000), limit=1)
+    with pytest.raises(ConnectionError):
+        _stream_in(guard, how)
+    (guarded,) = guard.policy.store.read_ledger(guard.policy.name)
+    assert (row.tokens, row.cost_nano) == (guarded.tokens, guarded.cost_nano)
+
+
+@pytest.mark.parametrize("how", ["sync", "async"])
+def test_a_stream_that_errored_after_its_full_usage_report_is_charged_that_report_only(how: str) -> None:
+    from langchain_budgetguard.estimate import estimate_output_tokens
+
+    reply = " ".join(["antidisestablishmentarianism"] * 50)  # the tokenizer counts far more than 50
+    assert estimate_output_tokens(BudgetPolicy(limit=1).estimator, reply, "gpt-4o-mini") > 100
+    policy = BudgetPolicy(limit=1)
+    with pytest.raises(ConnectionError):
+        _stream_in(UsageUpFront(reply=reply, input_tokens=1000, output_tokens=50, fail_at_end=True, max_tokens=1000),
+                   how, enforce=policy)
+    (row,) = policy.store.read_ledger(policy.name)
+    assert (row.tokens["input"], row.tokens["output"]) == (1000, 50), "its usage is known: nothing estimated"
+    assert row.cost_nano == 1000 * 150 + 50 * 600  # gpt-4o-mini: $0.15 / $0.60 per 1M tokens
+    assert held(policy) == 0

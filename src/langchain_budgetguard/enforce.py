@@ -56,8 +56,10 @@ from .attempts import watch as watch_attempts
 from .estimate import max_output_tokens
 from .failures import llm_ends_in
 from .leases import LeaseHold, shared_keeper
+from .messages import billed_text_of
 from .policy import BudgetPolicy, LimitStatus
 from .pricing import model_ref_from_run
+from .streaming import output_after_report
 from .usage import TokenUsage, usage_from_llm_result
 
 if TYPE_CHECKING:
@@ -104,6 +106,9 @@ class _Running:
     leases: list[LeaseHold] = field(default_factory=list)  # renew each hold while the call runs
     run: Any = None  # a weak reference to the run's id: LangChain's run managers hold it while it runs
     attempts: Attempts | None = None  # the requests its model's SDK sends, when they can be counted
+    # It streamed output after its last usage report (``streaming.output_after_report``): a report
+    # at the stream's start does not cover it if the stream breaks off.
+    unreported: bool = False
 
     def watch(self, run_id: UUID, orphans: deque[_Running]) -> None:
         """Note when the run is gone without an end (a later handler aborted its start): ``orphans``."""
@@ -175,6 +180,21 @@ class BudgetEnforcer(BaseCallbackHandler):
                      metadata: dict[str, Any] | None = None, **kwargs: Any) -> None:
         self._start(serialized, [HumanMessage(p) for p in prompts[:1]], run_id, metadata, kwargs)
 
+    def on_llm_new_token(self, token: str, *, chunk: Any = None, run_id: UUID, **kwargs: Any) -> None:
+        # Whether a stream has output its last usage report does not cover: the error event of a
+        # stream that broke off passes only the chunks added together, not which came after the report.
+        with self._lock:
+            calls = self._runs.get(_key(run_id))
+            running = _this_or_oldest(calls) if calls else None
+        if running is None:
+            return
+        try:
+            message = getattr(chunk, "message", None)  # a chat model's chunk; an LLM's has only text
+            text = billed_text_of(message) if message is not None else (token if isinstance(token, str) else "")
+            running.unreported = output_after_report(message, text, running.unreported)
+        except Exception:  # noqa: BLE001 - a chunk it cannot read never breaks the stream
+            running.unreported = True
+
     def on_llm_end(self, response: Any, *, run_id: UUID, **kwargs: Any) -> None:
         self._end(run_id, response)
 
@@ -243,9 +263,8 @@ class BudgetEnforcer(BaseCallbackHandler):
             calls = self._runs.get(key)
             if not calls:
                 return None
-            here = _where()
-            index = next((i for i, c in enumerate(calls) if c.where == here), 0)
-            running = calls.pop(index)
+            running = _this_or_oldest(calls)
+            calls.remove(running)
             if not calls:
                 del self._runs[key]
             running.run = None  # it ends now: not an orphan
@@ -295,12 +314,16 @@ class BudgetEnforcer(BaseCallbackHandler):
         usage, text, served = _reported(response)
         # No usage reported: the input estimate plus the output seen; a failure before any output is free.
         output_text = text if (text or not failed) else None
+        # A stream that broke off after output its last usage report came before (a report at its
+        # start): at least that output is charged, as a guarded stream's is.
+        interrupted = failed and running.unreported
         try:
             for reservation in running.reservations:
                 if error is not None and usage is None:
                     reservation.settle_error(error, output_text=output_text)
                 else:  # (the reply names the model that served: it is priced, not the one asked for)
-                    reservation.settle(served if usage is not None else None, usage=usage, output_text=output_text)
+                    reservation.settle(served if usage is not None else None, usage=usage, output_text=output_text,
+                                       interrupted=interrupted)
         finally:
             _release(running.key, [budget_token(r.guard.policy) for r in running.reservations], running.event)
 
@@ -325,6 +348,13 @@ def _calling_model(depth: int = 24) -> Any:
     return None
 
 
+def _this_or_oldest(calls: list[_Running]) -> _Running:
+    """Of the calls in flight under one run id, the one an event belongs to: the one started in
+    this thread/task, else the oldest (a stream finished elsewhere)."""
+    here = _where()
+    return next((c for c in calls if c.where == here), calls[0])
+
+
 def _key(run_id: Any) -> Any:
     """A run id as a dict key that does not keep the id object alive (see ``_Running.watch``)."""
     return run_id.int if isinstance(run_id, UUID) else run_id
@@ -345,7 +375,9 @@ def _reported(response: Any) -> tuple[TokenUsage | None, str, Any]:
         if reported is not None:
             usage = usage + reported
     generations = [g for gens in getattr(response, "generations", None) or () for g in gens]
-    text = "".join(getattr(g, "text", "") or "" for g in generations)
+    # What the output was billed for: its text, tool calls and reasoning (as a guarded stream counts it).
+    text = "".join((billed_text_of(m) if (m := getattr(g, "message", None)) is not None else getattr(g, "text", ""))
+                   or "" for g in generations)
     served = next((m for g in generations if (m := getattr(g, "message", None)) is not None), None)
     if served is not None and isinstance(getattr(served, "response_metadata", None), dict):
         # A copy: the settle annotates what it is given, and the caller's reply stays as the model made it.

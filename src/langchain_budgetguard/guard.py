@@ -805,12 +805,16 @@ class BudgetGuard(BaseChatModel):
         )
 
     def _settlement(self, admitted: Admitted, reply: Any = None, usage: TokenUsage | None = None,
-                    output_text: str | None = None) -> CallCost | None:
+                    output_text: str | None = None, interrupted: bool = False) -> CallCost | None:
         """What a call costs: reported usage, else the reply, else its input and the output seen.
 
+        ``interrupted``: a stream that broke off after output ``output_text`` its last usage report
+        came before: at least that output is charged (``_cost``).
         None (nothing to charge) when it failed before any output: providers bill no failed request.
         """
         if usage is not None and usage.total_tokens:
+            if interrupted and output_text:
+                return self._cost(admitted, None, output_text, usage, reply, interrupted=True)
             return self._price(admitted, usage, reply)
         if reply is not None:
             if answered_from_cache(reply):  # LangChain's cache answered: no request was billed
@@ -1520,17 +1524,20 @@ class Reservation:
         return _Counted(lease, self.count_attempts()) if self.admitted.candidate.counts_requests else lease
 
     def settle(self, reply: Any = None, *, usage: TokenUsage | None = None,
-               output_text: str | None = None) -> CallCost | None:
+               output_text: str | None = None, interrupted: bool = False) -> CallCost | None:
         """Replace the hold by the actual cost: ``usage`` if given, else the reply's usage, else the
         input estimate plus ``output_text`` (the call ended without a usage report); with none of
-        them the call failed before any output and costs nothing."""
-        return self._commit(self._with_unanswered(self.guard._settlement(self.admitted, reply, usage, output_text)),
-                            reply)
+        them the call failed before any output and costs nothing. ``interrupted``: a stream that
+        broke off after streaming output its last usage report came before (a report at its start):
+        ``usage`` is charged with at least ``output_text``'s tokens as output."""
+        return self._commit(self._with_unanswered(self.guard._settlement(self.admitted, reply, usage, output_text,
+                                                                         interrupted)), reply)
 
     async def asettle(self, reply: Any = None, *, usage: TokenUsage | None = None,
-                      output_text: str | None = None) -> CallCost | None:
+                      output_text: str | None = None, interrupted: bool = False) -> CallCost | None:
         return await self._acommit(
-            self._with_unanswered(self.guard._settlement(self.admitted, reply, usage, output_text)), reply)
+            self._with_unanswered(self.guard._settlement(self.admitted, reply, usage, output_text, interrupted)),
+            reply)
 
     def _commit(self, cost: CallCost | None, reply: Any) -> CallCost | None:
         try:

@@ -15,7 +15,17 @@ if TYPE_CHECKING:
     from .admission import Admitted
     from .guard import BudgetGuard, CallCost
 
-__all__ = ["StreamTracker"]
+__all__ = ["StreamTracker", "output_after_report"]
+
+
+def output_after_report(chunk: Any, text: str, before: bool) -> bool:
+    """Whether a stream has output its last usage report does not cover, once ``chunk`` (whose
+    billed output is ``text``) has arrived; ``before``: whether it had before this chunk. A usage
+    reported early (the prompt's, at the stream's start: Anthropic's ``message_start``, OpenAI's
+    usage mid-stream) does not cover the output after it, should the stream break off."""
+    if getattr(chunk, "usage_metadata", None) is not None:
+        return False
+    return before or bool(text)
 
 
 class StreamTracker:
@@ -61,10 +71,7 @@ class StreamTracker:
             self._pieces += 1
             if self._pieces > self.admitted.estimate.held_output_tokens:
                 self.over_cap = True
-        if getattr(chunk, "usage_metadata", None) is not None:
-            self._unreported_output = False
-        elif text:
-            self._unreported_output = True
+        self._unreported_output = output_after_report(chunk, text, self._unreported_output)
         metadata = getattr(chunk, "response_metadata", None)
         if metadata and ("model_name" in metadata or "model" in metadata):
             self._named = chunk
