@@ -442,3 +442,84 @@ def test_a_stream_that_errored_after_its_full_usage_report_is_charged_that_repor
     assert (row.tokens["input"], row.tokens["output"]) == (1000, 50), "its usage is known: nothing estimated"
     assert row.cost_nano == 1000 * 150 + 50 * 600  # gpt-4o-mini: $0.15 / $0.60 per 1M tokens
     assert held(policy) == 0
+
+
+# -- streams iterated alternately in one block: each is charged its own usage ---------------------
+
+
+def _alternately(*streams: Any) -> list[str]:
+    """Advance each stream one chunk in turn until all have ended; the error each ended in, by name."""
+    active, ended = list(enumerate(streams)), [""] * len(streams)
+    while active:
+        for entry in list(active):
+            i, stream = entry
+            try:
+                next(stream)
+            except StopIteration:
+                active.remove(entry)
+            except ConnectionError as error:
+                ended[i] = type(error).__name__
+                active.remove(entry)
+    return ended
+
+
+async def _aalternately(*streams: Any) -> list[str]:
+    active, ended = list(enumerate(streams)), [""] * len(streams)
+    while active:
+        for entry in list(active):
+            i, stream = entry
+            try:
+                await stream.__anext__()
+            except StopAsyncIteration:
+                active.remove(entry)
+            except ConnectionError as error:
+                ended[i] = type(error).__name__
+                active.remove(entry)
+    return ended
+
+
+@pytest.mark.parametrize("how", ["sync", "async"])
+@pytest.mark.parametrize("run_ids", ["own", "shared"])
+@pytest.mark.parametrize("models", ["different", "same"])
+def test_streams_iterated_alternately_in_one_block_are_each_charged_their_own_usage(how: str, run_ids: str,
+                                                                                    models: str) -> None:
+    second_model = "gpt-4o" if models == "different" else "gpt-4o-mini"
+    # The long one is cut off after its early usage report; the short one ends first, with its full usage.
+    cut = UsageUpFront(model_name="gpt-4o-mini", reply=" ".join(["word"] * 60), input_tokens=1000, output_tokens=60,
+                       fail_after=40, max_tokens=500)
+    whole = UsageChat(model_name=second_model, reply="one two three", input_tokens=2000, output_tokens=7,
+                      max_tokens=500)
+    # Besides the budget's own limit, a limit per model: each call must draw on its own model's counter.
+    policy = BudgetPolicy(limits=[Limit(usd=1), Limit(usd=1, per="model")])
+    shared = UUID(int=7)
+
+    def config() -> dict[str, Any]:
+        return {"run_id": shared} if run_ids == "shared" else {}
+
+    with enforce_budget(policy):
+        if how == "sync":
+            ended = _alternately(cut.stream("hi", config=config()), whole.stream("hi", config=config()))
+        else:
+            async def both() -> list[str]:
+                return await _aalternately(cut.astream("hi", config=config()), whole.astream("hi", config=config()))
+            ended = asyncio.run(both())
+    assert ended == ["ConnectionError", ""]
+    guard = BudgetGuard(UsageUpFront(model_name="gpt-4o-mini", reply=" ".join(["word"] * 60), input_tokens=1000,
+                                     output_tokens=60, fail_after=40, max_tokens=500), limit=1)
+    with pytest.raises(ConnectionError):
+        list(guard.stream("hi"))
+    (alone,) = guard.policy.store.read_ledger(guard.policy.name)
+    rows = sorted(policy.store.read_ledger(policy.name), key=lambda r: r.tokens["input"])
+    assert [(r.model, dict(r.tokens), r.cost_nano) for r in rows] == [
+        ("gpt-4o-mini", dict(alone.tokens), alone.cost_nano),  # what the cut stream costs alone
+        (second_model, {"input": 2000, "output": 7}, 2000 * 2500 + 7 * 10000 if models == "different"
+         else 2000 * 150 + 7 * 600),
+    ]
+    assert alone.tokens["output"] >= 40
+    assert held(policy) == 0
+    mini, second = (sum(r.cost_nano for r in rows if r.model == m) for m in ("gpt-4o-mini", second_model))
+    if models == "different":  # each model's counter holds that model's calls only
+        assert [s.spent for s in policy.status(model_id="gpt-4o-mini") if s.scope == "model"] == [
+            Decimal(mini) / 10**9]
+        assert [s.spent for s in policy.status(model_id="gpt-4o") if s.scope == "model"] == [
+            Decimal(second) / 10**9]

@@ -15,7 +15,9 @@ Each call gets its own random call id (``enforce-`` + 128 random bits), never on
 from LangChain's ``run_id``: callers set ``run_id`` (often to a request id) and may repeat
 it, and a repeated call id would let the store take a second call for a retry of the first.
 A ``run_id`` only pairs a call's end with its start: when several calls share one, each
-end settles the reservation its own thread (or asyncio task) made, the oldest if none.
+end (and each streamed chunk) goes to the call whose start event its run manager fired (the
+event's metadata dict is the run manager's: two streams iterated alternately in one thread or
+task are told apart so), else to the one its own thread (or asyncio task) made, the oldest if none.
 
 While a call runs, its holds are renewed in the background (``leases.shared_keeper``), so
 a call that outlives ``lease_seconds`` keeps them, and the requests its model's SDK sends are
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import os
 import sys
 import threading
@@ -45,7 +48,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
-from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, BaseCallbackHandler, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, BaseLLM
 from langchain_core.messages import BaseMessage, HumanMessage
 from langchain_core.runnables.config import ensure_config
@@ -348,9 +351,37 @@ def _calling_model(depth: int = 24) -> Any:
     return None
 
 
+# The run managers' methods that deliver a model run's token, end and error events, by their code
+# (the async end and error run in a task of their own, ``shielded``: their frames are still the
+# bottom of its stack).
+_DELIVERING = frozenset(
+    code for cls in (CallbackManagerForLLMRun, AsyncCallbackManagerForLLMRun)
+    for name in ("on_llm_new_token", "on_llm_end", "on_llm_error")
+    if (code := getattr(inspect.unwrap(getattr(cls, name)), "__code__", None)) is not None)
+
+
+def _delivered_event(depth: int = 16) -> Any:
+    """The metadata dict of the run manager delivering this event: the one its start event was
+    given (``_Running.event``). None if not found."""
+    frame = sys._getframe(1)
+    while frame is not None and depth > 0:
+        if frame.f_code in _DELIVERING:
+            return getattr(frame.f_locals.get("self"), "metadata", None)
+        frame, depth = frame.f_back, depth - 1
+    return None
+
+
 def _this_or_oldest(calls: list[_Running]) -> _Running:
-    """Of the calls in flight under one run id, the one an event belongs to: the one started in
-    this thread/task, else the oldest (a stream finished elsewhere)."""
+    """Of the calls in flight under one run id, the one an event belongs to: the one whose start
+    its run manager fired (two streams iterated alternately in one thread or task), else the one
+    started in this thread/task, else the oldest (a stream finished elsewhere)."""
+    if len(calls) == 1:
+        return calls[0]
+    event = _delivered_event()
+    if isinstance(event, dict):
+        running = next((c for c in calls if c.event is event), None)
+        if running is not None:
+            return running
     here = _where()
     return next((c for c in calls if c.where == here), calls[0])
 
