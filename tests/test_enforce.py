@@ -523,3 +523,73 @@ def test_streams_iterated_alternately_in_one_block_are_each_charged_their_own_us
             Decimal(mini) / 10**9]
         assert [s.spent for s in policy.status(model_id="gpt-4o") if s.scope == "model"] == [
             Decimal(second) / 10**9]
+
+
+# -- the chunks a call streamed are charged when its end event does not carry them ---------------
+
+
+class _StreamingChat(UsageChat):
+    """A model whose ``invoke`` streams (``streaming=True``): LangChain's error event then carries
+    none of what it streamed."""
+
+    streaming: bool = False
+
+
+class _RaisesOnError(BaseCallbackHandler):
+    """A handler of the caller's, with ``raise_error``, that fails on a call's error event: the
+    enforcer, after it, never gets that event."""
+
+    raise_error = True
+
+    def on_llm_error(self, *args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("the caller's handler broke")
+
+
+def _only_row(policy: BudgetPolicy) -> Any:
+    (row,) = policy.store.read_ledger(policy.name)
+    return row
+
+
+@pytest.mark.parametrize("how", ["sync", "async"])
+def test_an_invoke_that_streams_and_is_cut_off_is_charged_what_it_streamed(how: str) -> None:
+    policy = BudgetPolicy(limit=1, estimator=ExactEstimator(1000))
+    model = _StreamingChat(streaming=True, reply=" ".join(["word"] * 50), fail_after=30, max_tokens=500)
+    with enforce_budget(policy), pytest.raises(ConnectionError):
+        model.invoke("hi") if how == "sync" else asyncio.run(model.ainvoke("hi"))
+    row = _only_row(policy)
+    assert row.tokens["input"] == 1000 and row.tokens["output"] >= 30, "the 30 words it streamed are billed"
+    assert held(policy) == 0
+
+
+@pytest.mark.parametrize("how", ["sync", "async"])
+@pytest.mark.parametrize("where", ["caught in the block", "leaving the block"])
+def test_a_cut_stream_whose_error_event_a_handler_kept_from_the_enforcer_is_charged_what_it_streamed(
+        how: str, where: str) -> None:
+    policy = BudgetPolicy(limit=1, estimator=ExactEstimator(1000))
+    model = UsageChat(reply=" ".join(["word"] * 50), fail_after=30, max_tokens=500)
+    config = {"callbacks": [_RaisesOnError()]}
+
+    async def consume() -> None:
+        async for _ in model.astream("hi", config=config):
+            pass
+
+    def stream() -> None:
+        if how == "sync":
+            for _ in model.stream("hi", config=config):
+                pass
+        else:
+            asyncio.run(consume())
+
+    with pytest.raises(RuntimeError, match="handler broke"), enforce_budget(policy):
+        if where == "caught in the block":
+            try:
+                stream()
+            except RuntimeError:
+                pass
+            gc.collect()  # the run is gone without an end: settled at the block's end
+            raise RuntimeError("the caller's handler broke (and the block went on)")
+        stream()
+    # At once (the error leaving the block holds the run, and the frames that say what it streamed).
+    row = _only_row(policy)
+    assert row.tokens["input"] == 1000 and row.tokens["output"] >= 30
+    assert held(policy) == 0

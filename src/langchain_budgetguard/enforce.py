@@ -28,7 +28,9 @@ aborted its start after this one reserved, or its task was cancelled) is noticed
 drops its run id, at the next call the block sees or when the block ends (a run id kept past the
 block, by a kept traceback, is settled by the lease keeper within a third of a lease of being
 dropped): it is charged the reservation for each request its SDK sent that may have been billed,
-and released if none went out.
+else the chunks it streamed if it streamed (the enforcer follows each call's chunks), and released
+if none went out. A handler ahead of this one that fails in ``on_llm_end`` or ``on_llm_error`` leaves
+the event in the error's traceback: the error leaving the block settles the call from there.
 """
 
 from __future__ import annotations
@@ -51,13 +53,15 @@ from uuid import UUID
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, BaseCallbackHandler, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, BaseLLM
 from langchain_core.messages import BaseMessage, HumanMessage
+from langchain_core.outputs import ChatGenerationChunk, GenerationChunk, LLMResult
+from langchain_core.outputs.chat_generation import merge_chat_generation_chunks
 from langchain_core.runnables.config import ensure_config
 from langchain_core.tracers.context import register_configure_hook
 
 from .attempts import Attempts, count_here, finish
 from .attempts import watch as watch_attempts
 from .estimate import max_output_tokens
-from .failures import llm_ends_in
+from .failures import llm_ends_in, llm_errors_in
 from .leases import LeaseHold, shared_keeper
 from .messages import billed_text_of
 from .policy import BudgetPolicy, LimitStatus
@@ -112,6 +116,9 @@ class _Running:
     # It streamed output after its last usage report (``streaming.output_after_report``): a report
     # at the stream's start does not cover it if the stream breaks off.
     unreported: bool = False
+    # The chunks it streamed (``on_llm_new_token``): an end that carries none of them (an invoke that
+    # streams and broke off), or no end at all (a handler ahead of this one failed on it), is charged them.
+    chunks: list[Any] = field(default_factory=list)
 
     def watch(self, run_id: UUID, orphans: deque[_Running]) -> None:
         """Note when the run is gone without an end (a later handler aborted its start): ``orphans``."""
@@ -191,6 +198,7 @@ class BudgetEnforcer(BaseCallbackHandler):
             running = _this_or_oldest(calls) if calls else None
         if running is None:
             return
+        running.chunks.append(chunk if chunk is not None else token)
         try:
             message = getattr(chunk, "message", None)  # a chat model's chunk; an LLM's has only text
             text = billed_text_of(message) if message is not None else (token if isinstance(token, str) else "")
@@ -293,6 +301,12 @@ class BudgetEnforcer(BaseCallbackHandler):
             if not calls:
                 del self._runs[running.key]
         running.end()
+        billed = running.attempts.billable if running.attempts is not None else 0
+        if running.chunks and not billed:
+            # It streamed, so the provider billed it: what it streamed (a request its SDK sent that may
+            # have been billed is charged its whole reservation instead, the most it can cost).
+            self._charge(running, None, failed=True)
+            return
         try:
             for reservation in running.reservations:
                 reservation.settle_unseen()
@@ -302,10 +316,13 @@ class BudgetEnforcer(BaseCallbackHandler):
     def answered(self, error: BaseException) -> None:
         """Settle the calls that ``error`` ended after their model answered: a handler with
         ``raise_error`` set ahead of this one failed in ``on_llm_end``, so this one never saw the
-        reply; the traceback holds it (``failures.llm_ends_in``)."""
+        reply; the traceback holds it (``failures.llm_ends_in``). Or it failed in ``on_llm_error``:
+        the call is settled for its error and what it streamed (``failures.llm_errors_in``)."""
         for run_id, response in llm_ends_in(error):
             if run_id is not None:
                 self._end(run_id, response)
+        for run_id, failure, response in llm_errors_in(error):
+            self._end(run_id, response, failed=True, error=failure)
 
     def _end(self, run_id: UUID, response: Any, failed: bool = False, error: BaseException | None = None) -> None:
         running = self._take(_key(run_id))
@@ -314,7 +331,15 @@ class BudgetEnforcer(BaseCallbackHandler):
         if running is None:
             return
         running.end()
+        self._charge(running, response, failed, error)
+
+    def _charge(self, running: _Running, response: Any, failed: bool = False,
+                error: BaseException | None = None) -> None:
+        """Settle ``running`` for ``response`` (its ``LLMResult``; None: none), or, when it failed
+        with no output in it, for the chunks it streamed; then give its claims back."""
         usage, text, served = _reported(response)
+        if failed and usage is None and not text and running.chunks:
+            usage, text, served = _reported(_streamed(running.chunks))
         # No usage reported: the input estimate plus the output seen; a failure before any output is free.
         output_text = text if (text or not failed) else None
         # A stream that broke off after output its last usage report came before (a report at its
@@ -394,6 +419,17 @@ def _key(run_id: Any) -> Any:
 def new_call_id() -> str:
     """A fresh call id for one call ``enforce_budget`` admits: ``enforce-`` + 128 random bits."""
     return "enforce-" + os.urandom(16).hex()
+
+
+def _streamed(chunks: list[Any]) -> Any:
+    """The ``LLMResult`` of what a call streamed: its chunks added together (a chunk without a
+    message counts its text)."""
+    if all(isinstance(c, ChatGenerationChunk) for c in chunks):
+        merged: Any = merge_chat_generation_chunks(chunks)
+    else:
+        merged = GenerationChunk(text="".join(c if isinstance(c, str) else getattr(c, "text", "") or ""
+                                              for c in chunks))
+    return LLMResult(generations=[[merged]] if merged is not None else [])
 
 
 def _reported(response: Any) -> tuple[TokenUsage | None, str, Any]:

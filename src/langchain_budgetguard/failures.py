@@ -14,7 +14,8 @@ usage (``reply_in_error``).
 
 A callback handler with ``raise_error`` set that raises in ``on_llm_end`` ends a call the provider
 answered in an exception; LangChain raises it while delivering the reply to its handlers, so the
-reply is still in the traceback (``llm_ends_in``) and the call is charged for it.
+reply is still in the traceback (``llm_ends_in``) and the call is charged for it. One that raises in
+``on_llm_error`` leaves the call's error, and what a stream got before it, there too (``llm_errors_in``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import asyncio
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["billed_unknown", "llm_ends_in", "reply_in_error"]
+__all__ = ["billed_unknown", "llm_ends_in", "llm_errors_in", "reply_in_error"]
 
 # Names, not classes: httpx, openai, anthropic and requests name these alike, and none is a dependency.
 _NOT_SENT = frozenset({"ConnectTimeout", "ConnectError", "PoolTimeout", "ProxyError", "SSLError",
@@ -73,6 +74,29 @@ def llm_ends_in(error: BaseException | None) -> list[tuple[Any, Any]]:
         for run_id, response in _llm_ends(e):
             found.setdefault(run_id, response)
     return list(found.items())
+
+
+def llm_errors_in(error: BaseException | None) -> list[tuple[Any, BaseException, Any]]:
+    """``(run id, the run's error, LLMResult or None)`` of each model run whose ``on_llm_error`` was
+    being delivered when ``error`` (or an error in its chain of causes) was raised: a handler with
+    ``raise_error`` set failed on it. Read from the traceback's frames of langchain-core's run
+    managers; one entry per run."""
+    if error is None:
+        return []
+    found: dict[Any, tuple[Any, BaseException, Any]] = {}
+    for e in _chain(error):
+        tb = e.__traceback__
+        while tb is not None:
+            frame = tb.tb_frame
+            if frame.f_code.co_name == "on_llm_error" and frame.f_globals.get("__name__") == _MANAGER:
+                local = frame.f_locals
+                failure, kwargs = local.get("error"), local.get("kwargs")
+                run_id = getattr(local.get("self"), "run_id", None)
+                if isinstance(failure, BaseException) and run_id is not None:
+                    response = kwargs.get("response") if isinstance(kwargs, Mapping) else None
+                    found.setdefault(run_id, (run_id, failure, response))
+            tb = tb.tb_next
+    return list(found.values())
 
 
 def _llm_ends(error: BaseException) -> list[tuple[Any, Any]]:
