@@ -204,6 +204,62 @@ def test_a_budget_middleware_on_the_same_budget_is_not_charged_twice(openai_serv
     assert spent(policy) == billed(openai_server) > 0
 
 
+@pytest.mark.parametrize("how", ["sync", "async"])
+def test_a_model_another_middleware_calls_inside_a_budget_middleware_is_still_charged(how: str) -> None:
+    from langchain.agents.middleware import AgentMiddleware
+
+    side = UsageChat(model_name="gpt-4o", input_tokens=5000, output_tokens=500, max_tokens=500, reply="search")
+
+    class AsksAnotherModelFirst(AgentMiddleware):
+        """Inside BudgetMiddleware, calls a model of its own before the step (as
+        LLMToolSelectorMiddleware does): BudgetMiddleware charges the step's call, not this one."""
+
+        def wrap_model_call(self, request: Any, handler: Any) -> Any:
+            side.invoke("which tools?")
+            return handler(request)
+
+        async def awrap_model_call(self, request: Any, handler: Any) -> Any:
+            await side.ainvoke("which tools?")
+            return await handler(request)
+
+    policy = BudgetPolicy(limit=1)
+    step = UsageChat(model_name="gpt-4o-mini", input_tokens=8, output_tokens=9, max_tokens=100)
+    agent = create_agent(step, middleware=[BudgetMiddleware(policy), AsksAnotherModelFirst()])
+    with enforce_budget(policy):
+        if how == "sync":
+            agent.invoke({"messages": [("user", "hi")]})
+        else:
+            asyncio.run(agent.ainvoke({"messages": [("user", "hi")]}))
+    assert (side.calls, step.calls) == (1, 1)
+    rows = sorted((r.model, dict(r.tokens), r.cost_nano) for r in policy.store.read_ledger(policy.name))
+    assert rows == [("gpt-4o", {"input": 5000, "output": 500}, 5000 * 2500 + 500 * 10000),  # by the enforcer
+                    ("gpt-4o-mini", {"input": 8, "output": 9}, 8 * 150 + 9 * 600)]  # by the middleware, once
+    assert held(policy) == 0
+
+
+class _Down(UsageChat):
+    def _generate(self, *args: Any, **kwargs: Any) -> Any:
+        raise ConnectionRefusedError("the primary is down")  # never reached a provider: costs nothing
+
+    async def _agenerate(self, *args: Any, **kwargs: Any) -> Any:
+        raise ConnectionRefusedError("the primary is down")
+
+
+@pytest.mark.parametrize("order", ["budget outside", "budget inside"])
+def test_a_fallback_model_inside_or_outside_a_budget_middleware_is_charged_once(order: str) -> None:
+    from langchain.agents.middleware import ModelFallbackMiddleware
+
+    policy = BudgetPolicy(limit=1)
+    fallback = UsageChat(model_name="gpt-4o", input_tokens=8, output_tokens=9, max_tokens=100)
+    middleware = [BudgetMiddleware(policy), ModelFallbackMiddleware(fallback)]
+    agent = create_agent(_Down(model_name="gpt-4o-mini", max_tokens=100),
+                         middleware=middleware if order == "budget outside" else middleware[::-1])
+    with enforce_budget(policy):
+        agent.invoke({"messages": [("user", "hi")]})
+    assert fallback.calls == 1
+    assert spent(policy) == Decimal(8 * 2500 + 9 * 10000) / 10**9 and held(policy) == 0  # gpt-4o's call, once
+
+
 # -- call ids: a run_id that callers reuse never admits a free call ------------------------------
 
 SHARED_RUN_ID = UUID("00000000-0000-4000-8000-000000000042")

@@ -30,7 +30,7 @@ try:
 except ImportError as exc:  # pragma: no cover - langchain is an optional dependency
     raise ImportError("BudgetMiddleware needs LangChain v1 agents: pip install 'langchain>=1.0'") from exc
 
-from .enforce import budget_token, charged_budgets
+from .enforce import ChargedStep, budget_token, charged_budgets, charged_steps, chat_models_in
 from .errors import BudgetExceededError
 from .guard import METADATA_KEY, BudgetGuard, Reservation
 from .policy import BudgetPolicy
@@ -110,6 +110,27 @@ class BudgetMiddleware(AgentMiddleware):
         kwargs = {**request.model_settings, "tools": list(request.tools)}
         return self._guard_for(request.model), messages, call_config, kwargs, config
 
+    def _mark(self, reservation: Reservation) -> tuple[Any, Any]:
+        """Tell ``enforce_budget`` the step's call is charged to this budget: the call of the model
+        served, not that of any other model a middleware inside this one calls."""
+        models = chat_models_in(reservation.model)  # none found: every call in the step is taken as charged
+        steps = {t: m for t, m in charged_steps.get().items() if t != self.token}
+        if models:
+            steps[self.token] = ChargedStep(models)
+        return charged_budgets.set(charged_budgets.get() | {self.token}), charged_steps.set(steps)
+
+    def _charged_reply(self, response: Any) -> Any:
+        """The step's reply to settle for: None when ``enforce_budget`` charged it already (a model
+        a middleware inside this one swapped in answered: its call was not the step's model's)."""
+        reply = _ai_message(response)
+        step = charged_steps.get().get(self.token)
+        return None if step is not None and step.was_enforced(reply) else reply
+
+    @staticmethod
+    def _unmark(marks: tuple[Any, Any]) -> None:
+        charged_steps.reset(marks[1])
+        charged_budgets.reset(marks[0])
+
     @staticmethod
     def _served(request: ModelRequest, reservation: Reservation) -> ModelRequest:
         """The request on the model that fitted, with the output cap the guard reserved for it."""
@@ -148,17 +169,18 @@ class BudgetMiddleware(AgentMiddleware):
         except BudgetExceededError as error:
             return self._exhausted(error)
         streamed = StreamTap()
-        marks = charged_budgets.set(charged_budgets.get() | {self.token}), _streamed.set(streamed)
+        marks = self._mark(reservation), _streamed.set(streamed)
         try:
             with reservation.count_attempts():
                 response = handler(self._served(request, reservation))
+                reply = self._charged_reply(response)
         except BaseException as error:
             reservation.settle_error(error, **self._failure(error, streamed))
             raise
         finally:
             _streamed.reset(marks[1])
-            charged_budgets.reset(marks[0])
-        reservation.settle(_ai_message(response))
+            self._unmark(marks[0])
+        reservation.settle(reply)
         return response
 
     async def awrap_model_call(self, request: ModelRequest, handler: Callable[[ModelRequest], Any]) -> Any:
@@ -170,17 +192,18 @@ class BudgetMiddleware(AgentMiddleware):
         except BudgetExceededError as error:
             return self._exhausted(error)
         streamed = StreamTap()
-        marks = charged_budgets.set(charged_budgets.get() | {self.token}), _streamed.set(streamed)
+        marks = self._mark(reservation), _streamed.set(streamed)
         try:
             async with reservation.count_attempts():
                 response = await handler(self._served(request, reservation))
+                reply = self._charged_reply(response)
         except BaseException as error:
             await reservation.asettle_error(error, **self._failure(error, streamed))
             raise
         finally:
             _streamed.reset(marks[1])
-            charged_budgets.reset(marks[0])
-        await reservation.asettle(_ai_message(response))
+            self._unmark(marks[0])
+        await reservation.asettle(reply)
         return response
 
 
