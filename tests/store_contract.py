@@ -383,10 +383,8 @@ class StoreContract:
         spec = {"limit": 1_000, "expires_at": None}
         (hold if field in hold else spec)[field] = value
         counters = [Counter(other, 1_000), Counter(key, **spec)]
-        started = time.perf_counter()
         with pytest.raises(ValueError, match=field if field != "call_id" else "call_id"):
             await api.reserve(counters, Hold(**hold))
-        assert time.perf_counter() - started < 0.05
         assert await api.read([other, key]) == [CounterState(0, 0)] * 2
 
     @pytest.mark.parametrize("value", [-1, 1.0, None, "5", float("nan")])
