@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import struct
 import json
 import unicodedata
 
@@ -219,6 +220,33 @@ def test_images_add_a_per_image_cost_not_their_base64_text(estimator, block):
     linked = [HumanMessage(content=[{"type": "text", "text": "Describe it."},
                                     {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}])]
     assert estimator.input_tokens(with_image) - estimator.input_tokens(linked) in range(-2, 3)
+
+
+def _png(width: int, height: int, pad: int = 600) -> str:
+    ihdr = b"IHDR" + struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    text = b"tEXt" + b"Comment\0" + b"x" * pad
+    chunk = lambda body: struct.pack(">I", len(body) - 4) + body + b"\0\0\0\0"  # noqa: E731
+    return base64.b64encode(b"\x89PNG\r\n\x1a\n" + chunk(ihdr) + chunk(text)).decode()
+
+
+@pytest.mark.parametrize("model", ["gpt-4.1-mini", "claude-opus-4-1", "gpt-4o"])
+def test_an_image_sent_by_url_is_not_sized_from_a_thumbnail_beside_it(model):
+    """A v1 image block with both `url` and `base64`: LangChain's OpenAI and Anthropic converters send
+    the URL; the 16x16 thumbnail in `base64` was what got sized (23 tokens held on gpt-4.1-mini)."""
+    def cost(block):
+        return STRICT.input_tokens([HumanMessage(content=[block])], model=model) - STRICT.input_tokens(
+            [HumanMessage(content=[])], model=model)
+
+    url = "https://example.com/photo-4000x3000.png"
+    thumb = _png(16, 16)
+    by_url = cost({"type": "image", "url": url})
+    assert cost({"type": "image", "base64": thumb, "mime_type": "image/png"}) < by_url
+    assert cost({"type": "image", "url": url, "base64": thumb, "mime_type": "image/png"}) == by_url
+    assert cost({"type": "input_image", "image_url": f"data:image/png;base64,{thumb}", "file_id": "file-1"}) == by_url
+    # Two inline payloads (OpenAI's converter sends `data`, Anthropic's `base64`): the dearer one.
+    both = {"type": "image", "base64": thumb, "data": _png(2000, 500), "mime_type": "image/png"}
+    assert cost(both) == cost({"type": "image", "base64": _png(2000, 500), "mime_type": "image/png"}) > cost(
+        {"type": "image", "base64": thumb, "mime_type": "image/png"})
 
 
 def test_strict_image_worst_cases():

@@ -162,6 +162,13 @@ def test_typical_mode_keeps_its_estimate(openai_server):
         ([{"type": "media", "mime_type": "video/mp4", "file_uri": "gs://bucket/clip.mp4"}], 1),  # Gemini
         ([{"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "hello"}}], 0),
         ([{"type": "file", "file": {"file_id": "a"}}, {"type": "file", "file": {"file_id": "b"}}], 2),
+        # A note beside the URL is not the document: a long `context` or `title` once became the payload.
+        ([{"type": "document", "source": {"type": "url", "url": "https://example.com/a.pdf"},
+           "context": "Our annual report; read the risk section carefully. " * 8, "title": "t" * 300}], 1),
+        # langchain-anthropic sends a v1 file's URL before its bytes: any reference is unsized.
+        ([{"type": "file", "url": "https://example.com/a.pdf", "mime_type": "application/pdf",
+           "base64": base64.b64encode(b"%PDF-1.4\n<< /Type /Page >>" + b" " * 400).decode()}], 1),
+        ([{"type": "input_file", "file_id": "file-1", "file_data": "data:application/pdf;base64," + "A" * 400}], 1),
     ],
 )
 def test_what_counts_as_a_file_whose_size_cannot_be_read(content, expected):

@@ -414,14 +414,19 @@ class _Counter:
             return self.low_detail_image_tokens
         if not low and self.image_tokens is not None:
             return self.image_tokens
-        payload = _longest_string(block)
-        if payload is not None and not _is_reference(payload):
+        payloads = _payloads(block)
+        if not payloads:  # by URL or file id (or unreadable): the family's largest image
+            return self._image_table(family, low)
+        row = _IMAGE_TOKENS[family]
+        n = 0
+        for payload in payloads:  # several inline fields: the dearest, whichever a converter sends
             size = image_size(payload)
-            if size is not None:  # the family's formula for this size, never above its worst case
-                row = _IMAGE_TOKENS[family]
-                return image_tokens(family, size[0], size[1], low, row[1] if low else row[0],
-                                    bound=self.mode == "strict")
-        return self._image_table(family, low)
+            if size is None:
+                return self._image_table(family, low)
+            # the family's formula for this size, never above its worst case
+            n = max(n, image_tokens(family, size[0], size[1], low, row[1] if low else row[0],
+                                    bound=self.mode == "strict"))
+        return n
 
     def _image_table(self, family: str, low: bool) -> int:
         raise NotImplementedError
@@ -442,10 +447,10 @@ class _Counter:
             return self._image(block, family)
         if mime.startswith("text/") and isinstance(block.get("text"), str):
             return self._text(block["text"])
-        payload = _longest_string(block)
-        if payload is None or _is_reference(payload):
+        payloads = _payloads(block)
+        if not payloads:
             return self._unsized_media()
-        return self._media_payload(payload, family)
+        return max(self._media_payload(payload, family) for payload in payloads)
 
     def _unsized_media(self) -> int:
         """A document or recording given by URL or file id: no size to read."""
@@ -1002,6 +1007,51 @@ def _labels(block: Mapping[str, Any]) -> list[str]:
     if isinstance(inner, Mapping):
         found.append(inner.get("filename"))
     return [v for v in found if isinstance(v, str)]
+
+
+# Where the providers' converters read an image's or a file's bytes or address: LangChain's
+# standard blocks (v1 "url" / "base64" / "file_id", v0 "source_type" with "url" / "data" / "id"),
+# OpenAI Chat Completions ("image_url", "file": {"file_data", "file_id"}, "input_audio": {"data"}),
+# Responses ("image_url", "file_data", "file_id", "file_url"), Anthropic ("source": {"data", "url",
+# "file_id"}) and Gemini ("data", "file_uri"). Notes sent beside the file (title, context, filename)
+# are not its payload: ``_labels`` counts them as text.
+_PAYLOAD_KEYS = ("url", "base64", "data", "file_data", "image_url")
+_REFERENCE_KEYS = ("file_id", "file_url", "file_uri")
+_PAYLOAD_HOLDERS = ("source", "file", "input_audio", "image_url")
+
+
+def _payloads(block: Mapping[str, Any]) -> tuple[str, ...]:
+    """The inline payloads a provider may be sent for an image or file block; () when it may be sent
+    by URL or file id instead (or carries nothing readable): its size cannot be read.
+
+    Converters disagree on which field wins when a block has several (for a v1 file with ``url`` and
+    ``base64``, langchain-anthropic sends the URL, langchain-openai the bytes), so any reference means
+    unsized, and of several inline payloads the caller takes the dearest."""
+    found: list[str] = []
+    if block.get("source_type") in ("url", "id"):
+        return ()
+    for holder in (block, *(block.get(k) for k in _PAYLOAD_HOLDERS)):
+        if not isinstance(holder, Mapping):
+            continue
+        if holder is not block and holder.get("type") in ("url", "file"):  # Anthropic source by URL / id
+            return ()
+        if any(holder.get(k) for k in _REFERENCE_KEYS):
+            return ()
+        for key in _PAYLOAD_KEYS:
+            value = holder.get(key)
+            if isinstance(value, str) and value:
+                if _is_reference(value):
+                    return ()
+                found.append(value)
+    if not found:  # a shape the converters above do not use: its longest string, notes aside
+        payload = _longest_string({k: v for k, v in block.items() if k not in _LABEL_KEYS})
+        if payload is None or _is_reference(payload):
+            return ()
+        found.append(payload)
+    return tuple(dict.fromkeys(found))
+
+
+_LABEL_KEYS = frozenset({"title", "context", "filename"})
 
 
 def _longest_string(value: Any) -> str | None:
