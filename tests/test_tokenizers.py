@@ -202,6 +202,60 @@ def test_gif_and_webp_headers_are_read():
     assert image_size(base64.b64encode(vp8x).decode()) == (1024, 768)
 
 
+def _gif(screen: tuple[int, int], frames: list[tuple[int, int, int, int]], data_blocks: int = 1) -> str:
+    """A GIF with a 2-colour global table and one image descriptor per (left, top, width, height)."""
+    import base64
+    import struct
+
+    out = b"GIF89a" + struct.pack("<HHBBB", *screen, 0x80, 0, 0) + b"\0\0\0\xff\xff\xff"
+    out += b"!\xf9\x04\0\0\0\0\0"  # graphic control extension
+    for frame in frames:
+        out += b"," + struct.pack("<HHHHB", *frame, 0) + b"\x02" + b"\x01\x00" * data_blocks + b"\0"
+    return base64.b64encode(out + b";").decode()
+
+
+def test_a_gif_is_sized_by_its_frames_not_only_its_logical_screen():
+    """A 16x16 logical screen with a 2000x2000 frame: decoders (Pillow) render 2000x2000, the guard
+    read 16x16 from the screen descriptor (gpt-4.1-mini: 20 tokens held instead of 2,530)."""
+    assert image_size(_gif((16, 16), [(0, 0, 2000, 2000)])) == (2000, 2000)
+    assert image_size(_gif((64, 64), [(0, 0, 64, 64), (100, 40, 50, 50)])) == (150, 90)  # a later frame
+    assert image_size(_gif((640, 480), [(0, 0, 10, 10)])) == (640, 480)  # the screen, when larger
+    strict = StrictEstimator()
+    for model in ("gpt-4.1-mini", "claude-sonnet-4-5"):
+        def tokens(gif: str) -> int:
+            return strict.input_tokens([HumanMessage([{"type": "image_url", "image_url": {
+                "url": f"data:image/gif;base64,{gif}"}}])], model=model)
+        assert tokens(_gif((16, 16), [(0, 0, 2000, 2000)])) == tokens(_gif((2000, 2000), [(0, 0, 2000, 2000)]))
+        assert tokens(_gif((16, 16), [(0, 0, 2000, 2000)])) > 10 * tokens(_gif((16, 16), [(0, 0, 16, 16)]))
+
+
+def test_a_gif_agrees_with_pillow():
+    PIL = pytest.importorskip("PIL.Image")
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    PIL.new("P", (300, 200)).save(buf, "GIF")
+    raw = bytearray(buf.getvalue())
+    raw[6:10] = (16).to_bytes(2, "little") * 2  # the logical screen says 16x16
+    im = PIL.open(io.BytesIO(bytes(raw)))
+    im.load()
+    assert image_size(base64.b64encode(bytes(raw)).decode()) == im.size == (300, 200)
+
+
+def test_a_hostile_gif_scan_is_bounded():
+    """Too many frames or sub-blocks: the scan gives up (None: the family's worst case), quickly."""
+    import time
+
+    from langchain_budgetguard import images
+
+    start = time.perf_counter()
+    assert image_size(_gif((16, 16), [(0, 0, 16, 16)] * (images._GIF_MAX_FRAMES + 1))) is None
+    assert image_size(_gif((16, 16), [(0, 0, 16, 16)], data_blocks=images._GIF_MAX_BLOCKS + 1)) is None
+    assert image_size(_gif((16, 16), [(0, 0, 16, 16)] * images._GIF_MAX_FRAMES)) == (16, 16)
+    assert time.perf_counter() - start < 2
+
+
 def test_openai_tile_formula_examples():
     # OpenAI's published examples: 1024x1024 high = 765; 2048x4096 high = 1105; low = 85.
     assert image_tokens("openai-tiles", 1024, 1024, False, 1600) == 765

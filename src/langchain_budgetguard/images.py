@@ -1,7 +1,8 @@
 """Image token costs from an image's size, for families whose formula is published.
 
 ``image_size`` reads the width and height from the header of an inline PNG, JPEG, GIF or WebP
-(base64 or data URL) without decoding the image. ``image_tokens`` turns a size into the most a
+(base64 or data URL) without decoding the image (a GIF: the bounding size of its screen and every
+frame's descriptor, as decoders grow the canvas to fit a frame). ``image_tokens`` turns a size into the most a
 provider charges for it:
 
 * OpenAI tile models (gpt-4o, gpt-4.1, gpt-4.5, o1, o3, gpt-5): ``base + per_tile * tiles``
@@ -56,6 +57,65 @@ def _jpeg_size(raw: bytes) -> tuple[int, int] | None:
     return None
 
 
+_GIF_MAX_FRAMES = 1_024
+_GIF_MAX_BLOCKS = 1 << 17  # data sub-blocks walked (at most 255 bytes each): ~33 MB of frames
+
+
+def _gif_size(payload: str) -> tuple[int, int] | None:
+    """A GIF's bounding size: its logical screen and every frame's extent (left + width, top +
+    height), as decoders grow the canvas to a frame that overflows the screen. Reads the image
+    descriptors only (no decoding), skipping stray bytes between blocks as Pillow does; None when the
+    scan gives up (too many frames, sub-blocks or stray bytes), so that the family's worst case is
+    used."""
+    data = payload.split(",", 1)[1] if payload.startswith("data:") else payload
+    try:
+        raw = base64.b64decode(data[: len(data) - len(data) % 4], validate=False)
+    except (binascii.Error, ValueError):
+        return None
+    n = len(raw)
+    if n < 13:
+        return None
+    width, height = struct.unpack("<HH", raw[6:10])
+    i = 13
+    if raw[10] & 0x80:  # global colour table
+        i += 3 << ((raw[10] & 7) + 1)
+    frames = blocks = 0
+    while i < n:
+        kind = raw[i]
+        if kind == 0x3B:  # trailer
+            break
+        if kind == 0x2C:  # image descriptor
+            if i + 10 > n:
+                break
+            frames += 1
+            if frames > _GIF_MAX_FRAMES:
+                return None
+            left, top, w, h = struct.unpack("<HHHH", raw[i + 1:i + 9])
+            width, height = max(width, left + w), max(height, top + h)
+            flags = raw[i + 9]
+            i += 10
+            if flags & 0x80:  # local colour table
+                i += 3 << ((flags & 7) + 1)
+            i += 1  # LZW minimum code size
+        elif kind == 0x21:  # extension: label, then sub-blocks
+            i += 2
+        else:  # a stray byte: skipped, as Pillow does
+            i += 1
+            blocks += 1
+            if blocks > _GIF_MAX_BLOCKS:
+                return None
+            continue
+        while i < n:  # data sub-blocks, ended by an empty one
+            size = raw[i]
+            i += 1 + size
+            blocks += 1
+            if size == 0:
+                break
+            if blocks > _GIF_MAX_BLOCKS:
+                return None
+    return width, height
+
+
 def image_size(payload: str) -> tuple[int, int] | None:
     """``(width, height)`` of an inline base64 image (or ``data:`` URL), or None if unreadable."""
     raw = _header_bytes(payload)
@@ -67,7 +127,7 @@ def image_size(payload: str) -> tuple[int, int] | None:
     elif raw.startswith(b"\xff\xd8"):
         size = _jpeg_size(raw)
     elif raw[:6] in (b"GIF87a", b"GIF89a") and len(raw) >= 10:
-        size = struct.unpack("<HH", raw[6:10])
+        size = _gif_size(payload)
     elif raw[:4] == b"RIFF" and raw[8:12] == b"WEBP" and len(raw) >= 30:
         kind = raw[12:16]
         if kind == b"VP8X":
