@@ -226,7 +226,7 @@ def _png(width: int, height: int, pad: int = 600) -> str:
     ihdr = b"IHDR" + struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     text = b"tEXt" + b"Comment\0" + b"x" * pad
     chunk = lambda body: struct.pack(">I", len(body) - 4) + body + b"\0\0\0\0"  # noqa: E731
-    return base64.b64encode(b"\x89PNG\r\n\x1a\n" + chunk(ihdr) + chunk(text)).decode()
+    return base64.b64encode(b"\x89PNG\r\n\x1a\n" + chunk(ihdr) + chunk(text) + chunk(b"IDAT")).decode()
 
 
 @pytest.mark.parametrize("model", ["gpt-4.1-mini", "claude-opus-4-1", "gpt-4o"])

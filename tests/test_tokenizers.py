@@ -243,6 +243,51 @@ def test_a_gif_agrees_with_pillow():
     assert image_size(base64.b64encode(bytes(raw)).decode()) == im.size == (300, 200)
 
 
+def _png(*chunks: tuple[bytes, bytes]) -> str:
+    import base64
+    import struct
+    import zlib
+
+    body = b"".join(struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+                    for kind, data in chunks)
+    return base64.b64encode(b"\x89PNG\r\n\x1a\n" + body).decode()
+
+
+def _ihdr(width: int, height: int) -> tuple[bytes, bytes]:
+    import struct
+
+    return b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+
+
+def test_a_png_is_sized_by_its_ihdr_wherever_it_is():
+    """An ancillary chunk ahead of IHDR: the guard read its first 8 bytes as the size (16x16), Pillow
+    skips it and decodes at the IHDR's 2000x1500; with two IHDRs Pillow takes the last."""
+    import struct
+
+    decoy = struct.pack(">II", 16, 16)
+    assert image_size(_png((b"tEXt", decoy + b"k\0v"), _ihdr(2000, 1500), (b"IDAT", b"x"))) == (2000, 1500)
+    assert image_size(_png(_ihdr(16, 16), _ihdr(2000, 1500), (b"IDAT", b"x"))) == (2000, 1500)
+    assert image_size(_png(_ihdr(2000, 1500), (b"IDAT", b"x"), _ihdr(16, 16))) == (2000, 1500)  # after IDAT: unread
+    assert image_size(_png(_ihdr(16, 16), (b"tEXt", b"x" * 100))) is None  # no image data in view: unknown
+
+
+def test_a_png_agrees_with_pillow():
+    PIL = pytest.importorskip("PIL.Image")
+    import base64
+    import io
+    import struct
+    import zlib
+
+    buf = io.BytesIO()
+    PIL.new("RGB", (300, 200)).save(buf, "PNG")
+    raw = buf.getvalue()
+    decoy = b"abCd" + struct.pack(">II", 16, 16)
+    raw = raw[:8] + struct.pack(">I", 8) + decoy + struct.pack(">I", zlib.crc32(decoy)) + raw[8:]
+    im = PIL.open(io.BytesIO(raw))
+    im.load()
+    assert image_size(base64.b64encode(raw).decode()) == im.size == (300, 200)
+
+
 def test_a_hostile_gif_scan_is_bounded():
     """Too many frames or sub-blocks: the scan gives up (None: the family's worst case), quickly."""
     import time

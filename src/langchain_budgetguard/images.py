@@ -2,7 +2,8 @@
 
 ``image_size`` reads the width and height from the header of an inline PNG, JPEG, GIF or WebP
 (base64 or data URL) without decoding the image (a GIF: the bounding size of its screen and every
-frame's descriptor, as decoders grow the canvas to fit a frame). ``image_tokens`` turns a size into the most a
+frame's descriptor, as decoders grow the canvas to fit a frame; a PNG: its IHDR chunks before the
+image data, as Pillow reads them). ``image_tokens`` turns a size into the most a
 provider charges for it:
 
 * OpenAI tile models (gpt-4o, gpt-4.1, gpt-4.5, o1, o3, gpt-5): ``base + per_tile * tiles``
@@ -38,6 +39,25 @@ def _header_bytes(payload: str, limit_chars: int = 1 << 18) -> bytes | None:
         return base64.b64decode(head, validate=False)
     except (binascii.Error, ValueError):
         return None
+
+
+def _png_size(raw: bytes) -> tuple[int, int] | None:
+    """The largest IHDR before the first IDAT: Pillow reads every chunk up to the image data (an
+    ancillary chunk ahead of IHDR included) and renders at the last IHDR's size. None when the image
+    data does not start within ``raw`` (a later IHDR could not be ruled out)."""
+    i, size = 8, None
+    while i + 8 <= len(raw):
+        (length,) = struct.unpack(">I", raw[i:i + 4])
+        kind = raw[i + 4:i + 8]
+        if kind == b"IDAT":
+            return size
+        if kind == b"IHDR":
+            if length < 8 or i + 16 > len(raw):
+                return None
+            found = struct.unpack(">II", raw[i + 8:i + 16])
+            size = found if size is None else (max(size[0], found[0]), max(size[1], found[1]))
+        i += 12 + length
+    return None
 
 
 def _jpeg_size(raw: bytes) -> tuple[int, int] | None:
@@ -123,7 +143,7 @@ def image_size(payload: str) -> tuple[int, int] | None:
         return None
     size: tuple[int, int] | None = None
     if raw.startswith(b"\x89PNG\r\n\x1a\n") and len(raw) >= 24:
-        size = struct.unpack(">II", raw[16:24])
+        size = _png_size(raw)
     elif raw.startswith(b"\xff\xd8"):
         size = _jpeg_size(raw)
     elif raw[:6] in (b"GIF87a", b"GIF89a") and len(raw) >= 10:
