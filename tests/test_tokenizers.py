@@ -288,6 +288,53 @@ def test_a_png_agrees_with_pillow():
     assert image_size(base64.b64encode(raw).decode()) == im.size == (300, 200)
 
 
+def _sof(width: int, height: int) -> bytes:
+    import struct
+
+    return b"\xff\xc0" + struct.pack(">HBHHB", 17, 8, height, width, 3) + b"\x01\x22\x00\x02\x11\x01\x03\x11\x01"
+
+
+def _jpeg(*segments: bytes) -> str:
+    import base64
+    import struct
+
+    sos = b"\xff\xda" + struct.pack(">H", 12) + b"\x03\x01\x00\x02\x11\x03\x11\x00\x3f\x00"
+    return base64.b64encode(b"\xff\xd8" + b"".join(segments) + sos + b"\x00" * 64 + b"\xff\xd9").decode()
+
+
+def test_a_jpeg_is_read_as_decoders_read_its_markers():
+    """A stuffed FF00 ahead of an APP1 whose body holds a 16x16 SOF: the guard took FF00 for a
+    segment, jumped by the next two bytes into the APP1 body and read 16x16; Pillow and libjpeg
+    skip FF00 and the APP1, and decode at the real SOF (2000x1500)."""
+    import struct
+
+    decoy = b"\xff\xe1" + struct.pack(">H", 2 + 19) + _sof(16, 16)
+    assert image_size(_jpeg(b"\xff\x00" + struct.pack(">H", 6), decoy, _sof(2000, 1500))) == (2000, 1500)
+    assert image_size(_jpeg(b"\xff\xff\xff", _sof(2000, 1500))) == (2000, 1500)  # fill bytes
+    assert image_size(_jpeg(b"\x00\x17", _sof(2000, 1500))) == (2000, 1500)  # junk between segments
+    assert image_size(_jpeg(_sof(16, 16), _sof(2000, 1500))) == (2000, 1500)  # two frames: the larger
+    import base64
+
+    no_scan = b"\xff\xd8" + _sof(16, 16) + b"\xff\xe1" + struct.pack(">H", 400) + b"\x00" * 100
+    assert image_size(base64.b64encode(no_scan).decode()) is None  # no scan in view: a later SOF may follow
+
+
+def test_a_jpeg_agrees_with_pillow():
+    PIL = pytest.importorskip("PIL.Image")
+    import base64
+    import io
+    import struct
+
+    buf = io.BytesIO()
+    PIL.new("RGB", (300, 200)).save(buf, "JPEG")
+    raw = buf.getvalue()
+    decoy = b"\xff\xe1" + struct.pack(">H", 2 + 19) + _sof(16, 16)
+    raw = raw[:2] + b"\xff\x00" + struct.pack(">H", 6) + decoy + raw[2:]
+    im = PIL.open(io.BytesIO(raw))
+    im.load()
+    assert image_size(base64.b64encode(raw).decode()) == im.size == (300, 200)
+
+
 def test_a_hostile_gif_scan_is_bounded():
     """Too many frames or sub-blocks: the scan gives up (None: the family's worst case), quickly."""
     import time

@@ -3,7 +3,8 @@
 ``image_size`` reads the width and height from the header of an inline PNG, JPEG, GIF or WebP
 (base64 or data URL) without decoding the image (a GIF: the bounding size of its screen and every
 frame's descriptor, as decoders grow the canvas to fit a frame; a PNG: its IHDR chunks before the
-image data, as Pillow reads them). ``image_tokens`` turns a size into the most a
+image data, as Pillow reads them; a JPEG: its markers up to the scan, as Pillow and libjpeg read
+them). ``image_tokens`` turns a size into the most a
 provider charges for it:
 
 * OpenAI tile models (gpt-4o, gpt-4.1, gpt-4.5, o1, o3, gpt-5): ``base + per_tile * tiles``
@@ -61,18 +62,34 @@ def _png_size(raw: bytes) -> tuple[int, int] | None:
 
 
 def _jpeg_size(raw: bytes) -> tuple[int, int] | None:
-    i = 2
-    while i + 9 < len(raw):
-        if raw[i] != 0xFF:
-            return None
+    """The frame size a decoder uses: markers are read as Pillow and libjpeg read them (bytes that
+    are not a marker skipped, 0xFF fill bytes and stuffed FF00 skipped, segments by their length) up
+    to the start of scan; of several SOF markers the largest (Pillow keeps the last). None when the
+    scan does not start within ``raw``."""
+    i, n, size = 2, len(raw), None
+    while i + 1 < n:
+        if raw[i] != 0xFF:  # junk between segments
+            i = raw.find(b"\xff", i)
+            if i < 0:
+                return None
+            continue
         marker = raw[i + 1]
-        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0x00, 0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # stuffed zero, SOI, TEM, RSTn
             i += 2
             continue
+        if marker == 0xDA:  # start of scan: the frame is settled
+            return size
+        if i + 4 > n:
+            return None
         (length,) = struct.unpack(">H", raw[i + 2:i + 4])
         if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            if i + 9 > n:
+                return None
             height, width = struct.unpack(">HH", raw[i + 5:i + 9])
-            return width, height
+            size = (width, height) if size is None else (max(size[0], width), max(size[1], height))
         i += 2 + length
     return None
 
