@@ -20,13 +20,16 @@ from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.runnables import RunnableConfig
 from langchain_core.runnables.config import ensure_config
 from langchain_core.tracers.context import register_configure_hook
+from langgraph.types import Command
 
 try:
     from langchain.agents.middleware.types import (
         AgentMiddleware,
+        ExtendedModelResponse,
         ModelRequest,
         ModelResponse,
     )
+    from langchain.agents.structured_output import OutputToolBinding, ProviderStrategy, ToolStrategy
 except ImportError as exc:  # pragma: no cover - langchain is an optional dependency
     raise ImportError("BudgetMiddleware needs LangChain v1 agents: pip install 'langchain>=1.0'") from exc
 
@@ -106,8 +109,10 @@ class BudgetMiddleware(AgentMiddleware):
         if request.system_message is not None:
             messages.insert(0, request.system_message)
         call_config = {**config, "configurable": {**(config.get("configurable") or {}), **ids}}
-        # Tools are bound by the agent after this hook: pass them so their schemas count.
-        kwargs = {**request.model_settings, "tools": list(request.tools)}
+        # Tools (and the structured-output schema) are bound by the agent after this hook: pass
+        # them so their schemas count.
+        bound = _structured_kwargs(request)
+        kwargs = {**bound, **request.model_settings, "tools": bound["tools"]}
         return self._guard_for(request.model), messages, call_config, kwargs, config
 
     def _mark(self, reservation: Reservation) -> tuple[Any, Any]:
@@ -145,7 +150,10 @@ class BudgetMiddleware(AgentMiddleware):
         text = self.exhausted_message(error) if callable(self.exhausted_message) else self.exhausted_message
         refusals = [dataclasses.asdict(r) for r in error.refusals]
         message = AIMessage(content=text, response_metadata={METADATA_KEY: {"exhausted": True, "refusals": refusals}})
-        return ModelResponse(result=[message])
+        # The run ends here: an agent that waits for a structured response would otherwise ask the
+        # model again (and be refused again) until its recursion limit.
+        return ExtendedModelResponse(model_response=ModelResponse(result=[message]),
+                                     command=Command(update={"jump_to": "end"}))
 
     @staticmethod
     def _failure(error: BaseException, streamed: StreamTap) -> dict[str, Any]:
@@ -229,6 +237,26 @@ def _ids_from_context(context: Any, policy: BudgetPolicy) -> dict[str, str]:
         if value is not None:
             ids[key] = value
     return ids
+
+
+def _structured_kwargs(request: ModelRequest) -> dict[str, Any]:
+    """The tools and kwargs the agent binds for the step: its tools, plus the response format's
+    schema as the agent sends it (``ToolStrategy``: one tool per schema, tool choice "any";
+    ``ProviderStrategy``: its ``response_format``). A raw schema or ``AutoStrategy`` is counted as
+    tools: the agent picks provider or tool strategy per model, and the schema costs either way."""
+    tools = list(request.tools)
+    kwargs: dict[str, Any] = {}
+    fmt = request.response_format
+    if fmt is not None:
+        if isinstance(fmt, ProviderStrategy):
+            kwargs.update(fmt.to_model_kwargs())
+        else:
+            strategy = fmt if isinstance(fmt, ToolStrategy) else ToolStrategy(getattr(fmt, "schema", fmt))
+            tools += [OutputToolBinding.from_schema_spec(spec).tool for spec in strategy.schema_specs]
+            kwargs["tool_choice"] = "any"
+    if request.tool_choice is not None and "tool_choice" not in kwargs:
+        kwargs["tool_choice"] = request.tool_choice
+    return {**kwargs, "tools": tools}
 
 
 def _ai_message(response: Any) -> AIMessage | None:
