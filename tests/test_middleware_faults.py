@@ -77,3 +77,34 @@ def test_an_exhausted_step_ends_an_agent_that_waits_for_a_structured_response(as
     assert [m.type for m in out["messages"]] == ["human", "ai"]
     assert out["messages"][-1].response_metadata["budgetguard"]["exhausted"]
     assert model.calls == 0
+
+
+# ---------------------------------------------------------------- a long step keeps its hold
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_a_step_longer_than_the_lease_keeps_its_hold(asynchronous):
+    """One gpt-4o-mini hold (~$0.00246) fits $0.004, two do not: a call made while a slow step runs
+    (past two leases) must be refused, not admitted into a hold that lapsed."""
+    import threading
+    import time
+
+    from langchain_budgetguard import BudgetExceededError, BudgetGuard
+
+    budget = BudgetMiddleware(limit=Decimal("0.004"), lease_seconds=0.5, min_output_tokens=None)
+    slow = UsageChat(model_name="gpt-4o-mini", output_tokens=4000, delay=3.0)
+    agent = create_agent(slow, tools=[], middleware=[budget])
+    step = threading.Thread(target=invoke, args=(agent, asynchronous, ASK))
+    step.start()
+    deadline = time.monotonic() + 10
+    while status_of(budget).held == 0 and time.monotonic() < deadline:  # the step holds
+        time.sleep(0.01)
+    time.sleep(1.2)  # two leases later, the step is still in flight
+    other = BudgetGuard(UsageChat(model_name="gpt-4o-mini", output_tokens=4000), policy=budget.policy)
+    try:
+        with pytest.raises(BudgetExceededError):
+            other.invoke("hi")
+    finally:
+        step.join()
+    status = status_of(budget)
+    assert status.held == 0 and status.spent <= status.limit

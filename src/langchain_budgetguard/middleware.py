@@ -179,7 +179,7 @@ class BudgetMiddleware(AgentMiddleware):
         streamed = StreamTap()
         marks = self._mark(reservation), _streamed.set(streamed)
         try:
-            with reservation.count_attempts():
+            with reservation.keep_alive():  # renews the hold while the step runs; counts resent requests
                 response = handler(self._served(request, reservation))
                 reply = self._charged_reply(response)
         except BaseException as error:
@@ -202,7 +202,7 @@ class BudgetMiddleware(AgentMiddleware):
         streamed = StreamTap()
         marks = self._mark(reservation), _streamed.set(streamed)
         try:
-            async with reservation.count_attempts():
+            async with reservation.akeep_alive():
                 response = await handler(self._served(request, reservation))
                 reply = self._charged_reply(response)
         except BaseException as error:
