@@ -6,6 +6,7 @@ provider would bill, with the usage the fake reports.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from decimal import Decimal
 
@@ -108,3 +109,190 @@ def test_a_step_longer_than_the_lease_keeps_its_hold(asynchronous):
         step.join()
     status = status_of(budget)
     assert status.held == 0 and status.spent <= status.limit
+
+
+# ---------------------------------------------------------------- every reply the step produced is charged
+
+REFUSE = {"reply": [{"type": "refusal", "refusal": "I cannot"}]}
+
+
+def gpt4o(**kwargs) -> UsageChat:
+    return UsageChat(model_name="gpt-4o", input_tokens=1000, output_tokens=1000, **kwargs)  # $0.0125 a call
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_a_reply_an_inner_middleware_turns_into_an_error_is_charged(asynchronous):
+    """ModelRefusalMiddleware raises ModelRefusalError on a billed refusal (its ``raw_message``,
+    not ``ai_message``): the step is charged the reply's usage, not $0."""
+    from langchain.agents.middleware.model_refusal import ModelRefusalMiddleware
+    from langchain_core.exceptions import ModelRefusalError
+
+    model = gpt4o(script=[REFUSE])
+    budget = BudgetMiddleware(limit=1)
+    agent = create_agent(model, tools=[], middleware=[budget, ModelRefusalMiddleware()])
+    with get_cost_callback() as cb:
+        for _ in range(2):
+            with pytest.raises(ModelRefusalError):
+                invoke(agent, asynchronous, ASK)
+    assert model.calls == 2 and cb.total_cost == Decimal("0.025")
+    status = status_of(budget)
+    assert status.held == 0 and status.spent == cb.total_cost
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_each_attempt_an_inner_retry_makes_is_charged(asynchronous):
+    from langchain.agents.middleware import ModelRetryMiddleware
+    from langchain.agents.middleware.model_refusal import ModelRefusalMiddleware
+    from langchain_core.exceptions import ModelRefusalError
+
+    model = gpt4o(script=[REFUSE, REFUSE, {"reply": "fine"}])
+    budget = BudgetMiddleware(limit=1)
+    retry = ModelRetryMiddleware(max_retries=2, initial_delay=0, jitter=False, retry_on=(ModelRefusalError,))
+    agent = create_agent(model, tools=[], middleware=[budget, retry, ModelRefusalMiddleware()])
+    with get_cost_callback() as cb:
+        out = invoke(agent, asynchronous, ASK)
+    assert out["messages"][-1].content == "fine"
+    assert model.calls == 3 and cb.total_cost == Decimal("0.0375")
+    status = status_of(budget)
+    assert status.held == 0 and status.spent == cb.total_cost
+
+
+# ---------------------------------------------------------------- a model an inner middleware switches to
+
+
+class _Down(UsageChat):
+    def _generate(self, *args, **kwargs):
+        self._count()
+        raise ConnectionRefusedError("primary down (nothing billed)")
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_a_dearer_fallback_model_is_reserved_before_it_runs(asynchronous):
+    """ModelFallbackMiddleware inside the budget: the fallback (o1, $0.246 held) is reserved when it
+    starts, refused before its request goes out, and the run ends as for any exhausted step."""
+    from langchain.agents.middleware import ModelFallbackMiddleware
+
+    primary = _Down(model_name="gpt-4o-mini")
+    dear = UsageChat(model_name="o1", input_tokens=10, output_tokens=4000)
+    budget = BudgetMiddleware(limit=Decimal("0.01"))
+    agent = create_agent(primary, tools=[], middleware=[budget, ModelFallbackMiddleware(dear)])
+    out = invoke(agent, asynchronous, ASK)
+    meta = out["messages"][-1].response_metadata["budgetguard"]
+    assert meta["exhausted"] and [r["model"] for r in meta["refusals"]] == ["o1"]
+    assert primary.calls == 1 and dear.calls == 0
+    status = status_of(budget)
+    assert status.held == 0 and status.spent == 0
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_a_fallback_or_routed_model_that_fits_is_charged_what_it_cost(asynchronous):
+    from langchain.agents.middleware import AgentMiddleware, ModelFallbackMiddleware
+
+    class Route(AgentMiddleware):  # as ModelRouterMiddleware does: the step runs on another model
+        def wrap_model_call(self, request, handler):
+            return handler(request.override(model=routed))
+
+        async def awrap_model_call(self, request, handler):
+            return await handler(request.override(model=routed))
+
+    routed = gpt4o()
+    backup = gpt4o()
+    for inner, served in ((Route(), routed), (ModelFallbackMiddleware(backup), backup)):
+        budget = BudgetMiddleware(limit=1)
+        agent = create_agent(_Down(model_name="gpt-4o-mini"), tools=[], middleware=[budget, inner])
+        with get_cost_callback() as cb:
+            out = invoke(agent, asynchronous, ASK)
+        assert out["messages"][-1].content == served.reply
+        meta = out["messages"][-1].response_metadata["budgetguard"]
+        assert meta["model"] == "gpt-4o" and meta["reserved_usd"] >= meta["cost_usd"]  # held as what ran
+        status = status_of(budget)
+        assert status.held == 0 and status.spent == cb.total_cost == Decimal("0.0125")
+
+
+# ---------------------------------------------------------------- model calls an inner middleware makes
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+@pytest.mark.parametrize("enforced", [False, True])
+def test_a_model_call_made_inside_the_step_is_charged(asynchronous, enforced):
+    """An inner middleware that calls a model of its own in wrap_model_call (as
+    LLMToolSelectorMiddleware does): charged once, by the middleware, with or without an
+    ``enforce_budget`` block on the same budget (the step's mark hid it from the block)."""
+    from langchain.agents.middleware import AgentMiddleware
+
+    from langchain_budgetguard import enforce_budget
+
+    side = UsageChat(model_name="gpt-4o", input_tokens=5000, output_tokens=500)  # $0.0175
+
+    class Judge(AgentMiddleware):
+        def wrap_model_call(self, request, handler):
+            side.invoke("pick the tools")
+            return handler(request)
+
+        async def awrap_model_call(self, request, handler):
+            await side.ainvoke("pick the tools")
+            return await handler(request)
+
+    budget = BudgetMiddleware(limit=5)
+    agent = create_agent(UsageChat(model_name="gpt-4o-mini"), tools=[], middleware=[budget, Judge()])
+    with get_cost_callback() as cb, enforce_budget(budget.policy) if enforced else contextlib.nullcontext():
+        invoke(agent, asynchronous, ASK)
+    assert cb.successful_requests == 2
+    status = status_of(budget)
+    assert status.held == 0 and status.spent == cb.total_cost > Decimal("0.0175")
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_a_model_call_inside_the_step_that_does_not_fit_is_refused_and_ends_the_run(asynchronous):
+    from langchain.agents.middleware import AgentMiddleware
+
+    side = UsageChat(model_name="o1", output_tokens=4000)
+    main = UsageChat(model_name="gpt-4o-mini")
+
+    class Judge(AgentMiddleware):
+        def wrap_model_call(self, request, handler):
+            side.invoke("pick the tools")
+            return handler(request)
+
+        async def awrap_model_call(self, request, handler):
+            await side.ainvoke("pick the tools")
+            return await handler(request)
+
+    budget = BudgetMiddleware(limit=Decimal("0.01"))
+    agent = create_agent(main, tools=[], middleware=[budget, Judge()])
+    out = invoke(agent, asynchronous, ASK)
+    assert out["messages"][-1].response_metadata["budgetguard"]["exhausted"]
+    assert side.calls == 0 and main.calls == 0
+    status = status_of(budget)
+    assert status.held == 0 and status.spent == 0
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_a_run_another_handler_aborts_after_the_step_reserved_it_is_released(asynchronous):
+    """An ``enforce_budget`` block on another budget refuses each run after the step's watcher
+    reserved it (no end event follows): once the step is over, nothing stays held."""
+    from langchain.agents.middleware import AgentMiddleware
+
+    from langchain_budgetguard import BudgetExceededError, BudgetPolicy, enforce_budget
+
+    side = UsageChat(model_name="gpt-4o")
+
+    class Judge(AgentMiddleware):  # carries on without its side call
+        def wrap_model_call(self, request, handler):
+            with contextlib.suppress(BudgetExceededError):
+                side.invoke("pick the tools")
+            return handler(request)
+
+        async def awrap_model_call(self, request, handler):
+            with contextlib.suppress(BudgetExceededError):
+                await side.ainvoke("pick the tools")
+            return await handler(request)
+
+    budget = BudgetMiddleware(limit=1)
+    other = BudgetPolicy(limit=Decimal("0.000001"))
+    agent = create_agent(UsageChat(model_name="gpt-4o-mini"), tools=[], middleware=[budget, Judge()])
+    with enforce_budget(other), pytest.raises(BudgetExceededError):
+        invoke(agent, asynchronous, ASK)
+    assert side.calls == 0
+    status = status_of(budget)
+    assert status.held == 0 and status.spent == 0
