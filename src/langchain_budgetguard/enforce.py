@@ -9,8 +9,7 @@ hook on a ContextVar, as ``get_cost_callback`` does). It reserves in
 that does not fit: only a synchronous handler with ``raise_error=True`` can stop a
 run, and it does so for ``ainvoke`` and streams too. It cannot switch models, so it
 refuses. Calls that a ``BudgetGuard`` or ``BudgetMiddleware`` already charges to the
-same budget are skipped (a middleware's: the call of its step's model, not that of another model
-a middleware inside it calls; ``ChargedStep``).
+same budget are skipped (the middleware charges every model run inside its step).
 
 Each call gets its own random call id (``enforce-`` + 128 random bits), never one derived
 from LangChain's ``run_id``: callers set ``run_id`` (often to a request id) and may repeat
@@ -73,49 +72,14 @@ from .usage import TokenUsage, usage_from_llm_result
 if TYPE_CHECKING:
     from .guard import Reservation
 
-__all__ = ["BudgetEnforcer", "ChargedStep", "GUARDED_KEY", "budget_token", "charged_budgets", "charged_steps",
-           "chat_models_in", "enforce_budget", "new_call_id"]
+__all__ = ["BudgetEnforcer", "GUARDED_KEY", "budget_token", "calling_model", "charged_budgets", "enforce_budget",
+           "new_call_id"]
 
 GUARDED_KEY = "budgetguard_budget"
 """Run metadata naming the budget (``budget_token``) a guard already charges this model call to."""
 
 charged_budgets: ContextVar[frozenset[str]] = ContextVar("budgetguard_charged_budgets", default=frozenset())
 """Budgets the model call made in this context is already charged to (set by ``BudgetMiddleware``)."""
-
-@dataclass(eq=False)
-class ChargedStep:
-    """A model step ``BudgetMiddleware`` charges to a budget (``charged_steps``): the models whose
-    call it is (``chat_models_in``). A call of another model in it (a middleware inside
-    ``BudgetMiddleware`` that asks a model of its own first, as ``LLMToolSelectorMiddleware`` does,
-    or swaps the step's model, as ``ModelFallbackMiddleware`` does) is enforced; its replies are
-    kept in ``enforced``, so that the middleware does not charge a reply that is one of them."""
-
-    models: tuple[Any, ...]
-    enforced: list[Any] = field(default_factory=list)
-
-    def was_enforced(self, reply: Any) -> bool:
-        return reply is not None and any(m is reply for m in self.enforced)
-
-
-charged_steps: ContextVar[Mapping[str, ChargedStep]] = ContextVar("budgetguard_charged_steps", default={})
-"""For a budget of ``charged_budgets``: the step charged to it (``ChargedStep``), when its models are known."""
-
-
-def chat_models_in(runnable: Any, depth: int = 0) -> tuple[Any, ...]:
-    """The chat models and LLMs a runnable calls: itself, or those it binds, retries, falls back to
-    or chains (``bound``, ``runnable``, ``fallbacks``, a sequence's steps)."""
-    if runnable is None or depth > 8:
-        return ()
-    if isinstance(runnable, (BaseChatModel, BaseLLM)):
-        return (runnable,)
-    steps = getattr(runnable, "steps", None) if type(runnable).__name__ == "RunnableSequence" else None
-    found: list[Any] = []
-    for step in (getattr(runnable, "bound", None), getattr(runnable, "runnable", None),
-                 *(getattr(runnable, "fallbacks", None) or ()), *(steps if isinstance(steps, list) else ())):
-        if step is not None and step is not runnable:
-            found.extend(m for m in chat_models_in(step, depth + 1) if not any(m is f for f in found))
-    return tuple(found)
-
 
 def budget_token(policy: BudgetPolicy) -> str:
     """Names a budget's counters in this process: same name and same store object, same counters."""
@@ -155,7 +119,6 @@ class _Running:
     # The chunks it streamed (``on_llm_new_token``): an end that carries none of them (an invoke that
     # streams and broke off), or no end at all (a handler ahead of this one failed on it), is charged them.
     chunks: list[Any] = field(default_factory=list)
-    steps: list[ChargedStep] = field(default_factory=list)  # the middleware steps it runs in, not charged by them
 
     def watch(self, run_id: UUID, orphans: deque[_Running]) -> None:
         """Note when the run is gone without an end (a later handler aborted its start): ``orphans``."""
@@ -253,16 +216,9 @@ class BudgetEnforcer(BaseCallbackHandler):
 
     # -- reserve and settle ------------------------------------------------------------------
 
-    def _applicable(self, metadata: Mapping[str, Any], model: Any, steps: list[ChargedStep]) -> list[_Entry]:
-        """The entries a call of ``model`` is charged to; ``steps``: gets the middleware steps it is
-        charged in, though it runs inside them (its model is not theirs)."""
+    def _applicable(self, metadata: Mapping[str, Any]) -> list[_Entry]:
+        """The entries a call is charged to: not the budgets a guard or a middleware charges it to."""
         skip = set(charged_budgets.get())
-        if skip and model is not None:
-            # A budget's middleware charges the call of the step's model only, not a call of another.
-            for token, step in charged_steps.get().items():
-                if token in skip and not any(m is model for m in step.models):
-                    skip.discard(token)
-                    steps.append(step)
         marker = metadata.get(GUARDED_KEY)
         if isinstance(marker, str):
             skip.add(marker)
@@ -283,12 +239,11 @@ class BudgetEnforcer(BaseCallbackHandler):
         # callback manager's), and each call has its own manager; without one, the message list.
         event = metadata if isinstance(metadata, dict) else messages
         metadata = metadata if isinstance(metadata, Mapping) else {}
-        model = _calling_model()
-        steps: list[ChargedStep] = []
-        entries = [e for e in self._applicable(metadata, model, steps) if _claim(key, e.token, event)]
+        entries = [e for e in self._applicable(metadata) if _claim(key, e.token, event)]
         if not entries:
             return
-        running = _Running(_where(), event, key, steps=steps)
+        model = calling_model()
+        running = _Running(_where(), event, key)
         try:
             params = dict(kwargs.get("invocation_params") or {})
             if max_output_tokens(None, params) is None and metadata.get("ls_max_tokens"):
@@ -384,9 +339,6 @@ class BudgetEnforcer(BaseCallbackHandler):
                 error: BaseException | None = None) -> None:
         """Settle ``running`` for ``response`` (its ``LLMResult``; None: none), or, when it failed
         with no output in it, for the chunks it streamed; then give its claims back."""
-        for step in running.steps:  # its reply is charged here: the step's middleware must not charge it again
-            step.enforced.extend(m for gens in getattr(response, "generations", None) or () for g in gens
-                                 if (m := getattr(g, "message", None)) is not None)
         usage, text, served = _reported(response)
         if failed and usage is None and not text and running.chunks:
             usage, text, served = _reported(_streamed(running.chunks))
@@ -415,7 +367,7 @@ _FIRING = frozenset(
     for name in names if (code := getattr(getattr(cls, name, None), "__code__", None)) is not None)
 
 
-def _calling_model(depth: int = 24) -> Any:
+def calling_model(depth: int = 24) -> Any:
     """The model whose start event this handler runs in: ``self`` of the nearest LangChain method
     that fires it (sync frames, and the awaiting coroutines of an async one). None if not found."""
     frame = sys._getframe(1)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
@@ -26,7 +25,6 @@ from uuid import UUID
 
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.callbacks.base import BaseCallbackManager
-from langchain_core.language_models import BaseChatModel, BaseLLM
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 from langchain_core.runnables import RunnableConfig
 from langchain_core.runnables.config import ensure_config, var_child_runnable_config
@@ -47,7 +45,7 @@ except ImportError as exc:  # pragma: no cover - langchain is an optional depend
 from .attempts import Attempts, count_here
 from .attempts import finish as finish_attempts
 from .attempts import watch as watch_attempts
-from .enforce import GUARDED_KEY, budget_token, charged_budgets
+from .enforce import GUARDED_KEY, budget_token, calling_model, charged_budgets
 from .errors import BudgetExceededError
 from .estimate import max_output_tokens
 from .failures import llm_ends_in
@@ -351,7 +349,7 @@ class _StepRuns(BaseCallbackHandler):
         metadata = metadata if isinstance(metadata, Mapping) else {}
         if metadata.get(GUARDED_KEY) == self.middleware.token:
             return  # a BudgetGuard on this budget charges it
-        model = _calling_model()
+        model = calling_model()
         params = dict(kwargs.get("invocation_params") or {})
         if max_output_tokens(None, params) is None and metadata.get("ls_max_tokens"):
             params["max_tokens"] = metadata["ls_max_tokens"]
@@ -483,25 +481,6 @@ class _StepRuns(BaseCallbackHandler):
 # step (also those of a model called with a config of its own), as enforce_budget's does.
 _step_runs: ContextVar[_StepRuns | None] = ContextVar("budgetguard_middleware_step", default=None)
 register_configure_hook(_step_runs, inheritable=True)
-
-# LangChain's methods that fire a model's start event, by their code: the frame running one holds
-# the model as ``self`` (as enforce_budget finds it).
-_FIRING = frozenset(
-    code for cls, names in ((BaseChatModel, ("generate", "agenerate", "stream", "astream", "_chat_model_stream_v3",
-                                             "_achat_model_stream_v3")),
-                            (BaseLLM, ("generate", "agenerate", "stream", "astream")))
-    for name in names if (code := getattr(getattr(cls, name, None), "__code__", None)) is not None)
-
-
-def _calling_model(depth: int = 24) -> Any:
-    """The model whose start event the step's watcher runs in; None if not found."""
-    frame = sys._getframe(1)
-    while frame is not None and depth > 0:
-        if frame.f_code in _FIRING:
-            return frame.f_locals.get("self")
-        frame, depth = frame.f_back, depth - 1
-    return None
-
 
 def _ids_from_context(context: Any, policy: BudgetPolicy) -> dict[str, str]:
     """``user_id``/``project_id``/... for the policy's per-scope limits, from a dict or an object."""
