@@ -152,6 +152,63 @@ def test_a_fallback_model_draws_on_the_same_budget():
     assert fallbacks[0] is other and fallbacks[1] is canned
 
 
+# What a guard returns, and what that returns: each one's with_fallbacks guards its fallbacks too.
+WRAPPED_GUARDS = [
+    ("bind_tools", lambda g: g.bind_tools([_lookup_tool()])),
+    ("bind", lambda g: g.bind(stop=["x"])),
+    ("with_config", lambda g: g.with_config(tags=["t"])),
+    ("with_retry", lambda g: g.with_retry(stop_after_attempt=1)),
+    ("with_listeners", lambda g: g.with_listeners(on_end=lambda run: None)),
+    ("with_types", lambda g: g.with_types(input_type=str)),
+    ("with_retry then bind", lambda g: g.with_retry(stop_after_attempt=1).bind(stop=["x"])),
+    ("bind then with_retry", lambda g: g.bind(stop=["x"]).with_retry(stop_after_attempt=1)),
+    ("with_fallbacks", lambda g: g.with_fallbacks([BudgetGuard(UsageChat(model_name="gpt-4o"), limit="0.000001")])),
+]
+FALLBACKS = [
+    ("a model", lambda backup: backup),
+    ("a with_fallbacks of models", lambda backup: backup.with_fallbacks([UsageChat(model_name="gpt-4o")])),
+    ("a binding over a with_fallbacks", lambda backup: backup.with_fallbacks([UsageChat()]).with_config(tags=["b"])),
+]
+
+
+@pytest.mark.parametrize("how", [w[0] for w in WRAPPED_GUARDS])
+@pytest.mark.parametrize("fallback", [f[0] for f in FALLBACKS])
+def test_a_fallback_after_a_binding_draws_on_the_same_budget(how, fallback):
+    """``guard.bind_tools(...).with_fallbacks([backup])`` (bind, with_config, with_retry, ...): LangChain's
+    own with_fallbacks sent every call the budget refused to a backup nobody charged; a fallback that
+    is a ``with_fallbacks`` of models ran unguarded even under the guard's own with_fallbacks."""
+    wrap, make = dict(WRAPPED_GUARDS)[how], dict(FALLBACKS)[fallback]
+    guard = BudgetGuard(UsageChat(model_name="gpt-4o"), limit="0.000001")  # refuses any call
+    backup = UsageChat(model_name="gpt-4o", input_tokens=1000, output_tokens=1000)
+    chain = wrap(guard).with_fallbacks([make(backup)])
+    with pytest.raises(BudgetExceededError):
+        chain.invoke("hi")
+    with pytest.raises(BudgetExceededError):
+        asyncio.run(chain.ainvoke("hi"))
+    assert backup.calls == 0 and spent(guard) == 0 and held(guard) == 0
+
+
+@pytest.mark.parametrize("how", [w[0] for w in WRAPPED_GUARDS[:4]])
+def test_a_fallback_after_a_binding_that_fits_is_charged(how):
+    guard = BudgetGuard(UsageChat(model_name="gpt-4o"), limit="0.0002", min_output_tokens=None)
+    backup = UsageChat()
+    chain = dict(WRAPPED_GUARDS)[how](guard).with_fallbacks([backup.with_fallbacks([UsageChat()])])
+    chain.invoke("hi", max_tokens=20)  # gpt-4o does not fit; gpt-4o-mini does
+    assert backup.calls == 1 and spent(guard) == CALL and held(guard) == 0
+
+
+def test_a_binding_over_a_guard_serializes_as_langchain_binding():
+    from langchain_core.runnables.fallbacks import RunnableWithFallbacks
+    from langchain_core.runnables.retry import RunnableRetry
+
+    guard = BudgetGuard(UsageChat(), limit=1, store="redis://127.0.0.1:6379/0")
+    assert dumpd(guard.bind(stop=["x"]))["id"][-1] == "RunnableBinding"
+    assert dumpd(guard.with_retry())["id"][-1] == "RunnableRetry"
+    assert dumpd(guard.with_fallbacks([UsageChat()]))["id"][-1] == "RunnableWithFallbacks"
+    assert isinstance(guard.with_retry(), RunnableRetry) and isinstance(guard.bind(), RunnableBinding)
+    assert isinstance(guard.with_fallbacks([UsageChat()]).with_fallbacks([UsageChat()]), RunnableWithFallbacks)
+
+
 def test_attribute_reads_show_the_model_settings_but_never_a_way_to_call_it():
     llm = UsageChat(model_name="gpt-4o-mini", max_tokens=300)
     guard = BudgetGuard(llm, limit=1)

@@ -50,6 +50,8 @@ from langchain_core.outputs import (
 )
 from langchain_core.runnables import Runnable, RunnableBinding, RunnableConfig
 from langchain_core.runnables.config import ensure_config
+from langchain_core.runnables.fallbacks import RunnableWithFallbacks
+from langchain_core.runnables.retry import RunnableRetry
 from langchain_core.runnables.utils import get_unique_config_specs
 from pydantic import Field, PrivateAttr
 
@@ -251,7 +253,39 @@ _KEEPER = shared_keeper()  # renews the leases of calls in flight (one thread fo
 _CHAT_MODEL_FIELDS = frozenset(BaseChatModel.model_fields) - {"name"}
 
 
-class BudgetGuard(BaseChatModel):
+class _KeepsGuarding:
+    """What a guard returns from ``bind``, ``with_config``, ``with_retry``, ``with_listeners``,
+    ``with_types`` and ``with_fallbacks`` (and they in turn) guard the fallbacks given to their
+    ``with_fallbacks`` as the guard's own does: a refusal is an exception, so an unguarded fallback
+    would serve every refused call for free."""
+
+    def bind(self, **kwargs: Any) -> Runnable:
+        return _guarding(super().bind(**kwargs))  # type: ignore[misc]
+
+    def with_config(self, config: RunnableConfig | None = None, **kwargs: Any) -> Runnable:
+        return _guarding(super().with_config(config, **kwargs))  # type: ignore[misc]
+
+    def with_listeners(self, *args: Any, **kwargs: Any) -> Runnable:
+        return _guarding(super().with_listeners(*args, **kwargs))  # type: ignore[misc]
+
+    def with_alisteners(self, *args: Any, **kwargs: Any) -> Runnable:
+        return _guarding(super().with_alisteners(*args, **kwargs))  # type: ignore[misc]
+
+    def with_types(self, *args: Any, **kwargs: Any) -> Runnable:
+        return _guarding(super().with_types(*args, **kwargs))  # type: ignore[misc]
+
+    def with_retry(self, *args: Any, **kwargs: Any) -> Runnable:
+        return _guarding(super().with_retry(*args, **kwargs))  # type: ignore[misc]
+
+    def with_fallbacks(self, fallbacks: Sequence[Runnable], *,
+                       exceptions_to_handle: tuple[type[BaseException], ...] = (Exception,),
+                       exception_key: str | None = None) -> Runnable:
+        guard = _guard_under(self)
+        return _GuardedFallbacks(runnable=self, fallbacks=[guard._guarded(f) for f in fallbacks],
+                                 exceptions_to_handle=exceptions_to_handle, exception_key=exception_key)
+
+
+class BudgetGuard(_KeepsGuarding, BaseChatModel):
     """Put a hard spending limit in front of a chat model; the guarded model is itself a chat model.
 
     ``BudgetGuard(llm, limit=5.0)`` refuses calls once $5 is spent in total. With
@@ -363,11 +397,24 @@ class BudgetGuard(BaseChatModel):
         refusal (or an outage) here must not send the call to a model nobody charges. A fallback that
         is a guard already, or not a model, is kept as it is. For a cheaper model when the budget runs
         low, ``degrade_to`` says it directly."""
-        return super().with_fallbacks([self._guarded(f) for f in fallbacks],
-                                      exceptions_to_handle=exceptions_to_handle, exception_key=exception_key)
+        return super().with_fallbacks(fallbacks, exceptions_to_handle=exceptions_to_handle,
+                                      exception_key=exception_key)
 
     def _guarded(self, fallback: Runnable) -> Runnable:
-        if isinstance(fallback, BudgetGuard) or not isinstance(innermost_model(fallback), BaseLanguageModel):
+        """``fallback`` drawing on this budget: a model (under bindings) wrapped by a sibling guard;
+        a ``with_fallbacks`` of its own with each of its members guarded so (a guard, or a step
+        that is not a model, such as a canned reply, is kept as it is)."""
+        if isinstance(fallback, BudgetGuard):
+            return fallback
+        inner = innermost_model(fallback)
+        if isinstance(inner, RunnableWithFallbacks):
+            if inner is not fallback:  # bindings over a with_fallbacks: one guard over the lot
+                return self.wrap(fallback) if _only_models(inner) else fallback
+            members = [self._guarded(m) for m in fallback.runnables]
+            if all(m is o for m, o in zip(members, fallback.runnables)):
+                return fallback
+            return fallback.model_copy(update={"runnable": members[0], "fallbacks": members[1:]})
+        if not isinstance(inner, BaseLanguageModel):
             return fallback
         return self.wrap(fallback)
 
@@ -1729,6 +1776,65 @@ def _step_options(child: RunnableConfig, options: Mapping[str, Any]) -> dict[str
 
 def _config_of(options: Mapping[str, Any]) -> RunnableConfig:
     return ensure_config({k: v for k, v in options.items() if v is not None and k != "run_id"})
+
+
+# -- what a guard's bind / with_config / with_retry / with_fallbacks return -----------------------
+
+
+class _GuardedBinding(_KeepsGuarding, RunnableBinding):
+    """LangChain's ``RunnableBinding`` over a guard, whose ``with_fallbacks`` guards its fallbacks."""
+
+    @classmethod
+    def lc_id(cls) -> list[str]:
+        return RunnableBinding.lc_id()  # serialized, and revived, as LangChain's own binding
+
+
+class _GuardedRetry(_KeepsGuarding, RunnableRetry):
+    """LangChain's ``RunnableRetry`` over a guard, whose ``with_fallbacks`` guards its fallbacks."""
+
+    @classmethod
+    def lc_id(cls) -> list[str]:
+        return RunnableRetry.lc_id()
+
+
+class _GuardedFallbacks(_KeepsGuarding, RunnableWithFallbacks):
+    """LangChain's ``RunnableWithFallbacks`` over a guard (its fallbacks guarded already), whose own
+    ``with_fallbacks`` guards the fallbacks given to it."""
+
+    @classmethod
+    def lc_id(cls) -> list[str]:
+        return RunnableWithFallbacks.lc_id()
+
+
+_GUARDED_TYPES: dict[type, type] = {RunnableBinding: _GuardedBinding, RunnableRetry: _GuardedRetry,
+                                    RunnableWithFallbacks: _GuardedFallbacks}
+
+
+def _guarding(runnable: Any) -> Any:
+    """``runnable`` (a wrapper LangChain built over a guard) as its ``_KeepsGuarding`` twin."""
+    kind = type(runnable)
+    if isinstance(runnable, _KeepsGuarding) or not kind.__module__.startswith("langchain_core."):
+        return runnable
+    for base, twin in _GUARDED_TYPES.items():
+        if isinstance(runnable, base):  # LangChain's own, or its typed chat-model binding
+            return twin(**{name: getattr(runnable, name) for name in kind.model_fields})
+    return runnable
+
+
+def _guard_under(runnable: Any) -> BudgetGuard:
+    """The guard under a chain of LangChain wrappers (bindings, retries, fallbacks)."""
+    while not isinstance(runnable, BudgetGuard):
+        runnable = runnable.runnable if isinstance(runnable, RunnableWithFallbacks) else runnable.bound
+    return runnable
+
+
+def _only_models(runnable: Any) -> bool:
+    """Whether every runnable a ``with_fallbacks`` may call is a model (under bindings), its own
+    fallbacks' included: then one guard over it prices each."""
+    inner = innermost_model(runnable)
+    if isinstance(inner, RunnableWithFallbacks):
+        return all(_only_models(m) for m in inner.runnables)
+    return isinstance(inner, BaseLanguageModel)
 
 
 # -- serialization: a guard is its model(s) and the options its budget was built from ------------
