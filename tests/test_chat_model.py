@@ -297,6 +297,16 @@ def test_a_guard_on_a_store_object_is_not_serialized_as_if_it_were_whole():
     assert dumpd(BudgetGuard(UsageChat(), limit=1, store=MemoryStore()))["type"] == "not_implemented"
 
 
+@pytest.mark.parametrize("store", [None, "memory"])
+def test_an_in_process_guard_is_not_serialized_as_a_budget_of_its_own(store):
+    """dumps/loads revived a guard on the in-process store with a fresh budget: the original held
+    most of its limit and refused, the revived copy admitted. It is ``not_implemented``, as pickle refuses."""
+    guard = BudgetGuard(UsageChat(), limit=1, **({"store": store} if store else {}))
+    assert dumpd(guard)["type"] == "not_implemented"
+    with pytest.raises(NotImplementedError):
+        loads(dumps(guard), allowed_objects=[BudgetGuard, UsageChat], valid_namespaces=["langchain_budgetguard", "tests"])
+
+
 def test_pickling_an_in_process_guard_is_refused_clearly():
     with pytest.raises(TypeError, match="in-process store"):
         pickle.dumps(BudgetGuard(UsageChat(), limit=1))

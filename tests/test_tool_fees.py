@@ -210,7 +210,9 @@ def test_tool_fees_reach_the_guard_from_its_options_config_and_cost_callback(tmp
     from langchain_core.load import dumpd, load
     from langchain_openai import ChatOpenAI
 
-    guard = BudgetGuard(ChatOpenAI(model=MODEL, api_key="test"), limit=1, tool_fees={"code_interpreter": "0.03"})
+    # A store URL (never connected here): a guard on the in-process store is not serialized.
+    guard = BudgetGuard(ChatOpenAI(model=MODEL, api_key="test"), limit=1, tool_fees={"code_interpreter": "0.03"},
+                        store="redis://127.0.0.1:6379/0")
     ref = ModelRef(MODEL, "openai")
     assert guard.policy.pricer.rate_card(ref).cost(TokenUsage(0, 0, containers=1)) == Decimal("0.03")
     copy = load(dumpd(guard), allowed_objects=[BudgetGuard, ChatOpenAI], valid_namespaces=["langchain_budgetguard"],

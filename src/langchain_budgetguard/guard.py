@@ -464,7 +464,7 @@ class BudgetGuard(_KeepsGuarding, BaseChatModel):
                 "build it with options (BudgetGuard(llm, limits=[...], store='redis://...')) to send it to a "
                 "worker process."
             )
-        if not isinstance(options.get("store"), str) or options["store"].startswith("memory"):
+        if not _shared_store(options):
             raise TypeError(
                 "A BudgetGuard on an in-process store cannot be pickled: a copy in another process would spend "
                 "a budget of its own. Use a shared store: BudgetGuard(llm, ..., store='redis://host:6379/0')."
@@ -486,7 +486,9 @@ class BudgetGuard(_KeepsGuarding, BaseChatModel):
         return options_to_json(self._options)
 
     def to_json(self) -> Any:
-        if self._options is None or options_to_json(self._options) is None:
+        # An in-process budget is not written down, as it is not pickled: a guard loads() revived
+        # would spend a fresh budget of its own, beside the one this guard holds and spends.
+        if self._options is None or not _shared_store(self._options) or options_to_json(self._options) is None:
             return self.to_json_not_implemented()
         return super().to_json()
 
@@ -1838,6 +1840,12 @@ def _only_models(runnable: Any) -> bool:
 
 
 # -- serialization: a guard is its model(s) and the options its budget was built from ------------
+
+
+def _shared_store(options: Mapping[str, Any]) -> bool:
+    """Whether options name a store other processes share (a URL), not the in-process one."""
+    store = options.get("store")
+    return isinstance(store, str) and not store.startswith("memory")
 
 
 def _revive_guard(llm: Any, degrade_to: Any, options: dict[str, Any], primary_bound: frozenset[str]) -> BudgetGuard:
