@@ -261,6 +261,26 @@ def test_model_copy_with_an_unknown_field_says_how_to_change_the_model():
         BudgetGuard(UsageChat(), limit=1).model_copy(update={"model_name": "gpt-4o"})
 
 
+def test_a_copy_on_another_policy_is_never_serialized_as_the_old_budget():
+    """model_copy(update={"policy": p}) kept the old guard's options: in-process the copy drew on ``p``,
+    pickled or dumpd it revived on the old budget; ``policy=None`` failed at call time."""
+    roomy = BudgetGuard(UsageChat(), limit=1000, store="redis://127.0.0.1:6379/0", name="roomy")
+    tight = BudgetGuard(limit="0.000001", name="tight")
+    roomy._serialized  # noqa: B018  (BaseChatModel caches dumpd(self) for its callbacks)
+    copied = roomy.model_copy(update={"policy": tight.policy})
+    assert copied.policy is tight.policy and copied._serialized["type"] == "not_implemented"
+    with pytest.raises(BudgetExceededError):
+        copied.invoke("hi")
+    with pytest.raises(TypeError, match="BudgetPolicy object"):
+        pickle.dumps(copied)
+    assert dumpd(copied)["type"] == "not_implemented"
+    for bad in (None, "tight"):
+        with pytest.raises(TypeError, match="expected a BudgetPolicy"):
+            roomy.model_copy(update={"policy": bad})
+    same = roomy.model_copy(update={"policy": roomy.policy})  # the same budget: still serializable
+    assert dumpd(same)["type"] == "constructor" and dumpd(same)["kwargs"]["name"] == "roomy"
+
+
 def test_copies_share_the_budget():
     guard = BudgetGuard(UsageChat(), limit=1)
     for clone in (guard.model_copy(), copy.deepcopy(guard), guard.model_copy(deep=True)):

@@ -442,8 +442,19 @@ class BudgetGuard(_KeepsGuarding, BaseChatModel):
                 f"BudgetGuard.model_copy(update=...): {sorted(unknown)} are not fields of the guard. To change "
                 "the wrapped model, copy it: guard.wrap(guard.llm.model_copy(update=...))."
             )
+        policy = (update or {}).get("policy", self.policy)
+        if not isinstance(policy, BudgetPolicy):
+            raise TypeError(
+                f"BudgetGuard.model_copy(update={{'policy': ...}}): expected a BudgetPolicy, got {type(policy).__name__}. "
+                "To guard the model with another budget, wrap it: other_guard.wrap(guard.llm, degrade_to=guard.degrade_to)."
+            )
         copied = super().model_copy(update=update, deep=deep)
         copied.__dict__.pop(_LADDER, None)
+        copied.__dict__.pop("_serialized", None)  # BaseChatModel's cached dumpd(self), handed to callbacks
+        if policy is not self.policy:
+            # The options were this guard's budget's, not the new one's: pickled or dumpd, the copy would
+            # revive on the old budget. Now it is a guard built from a policy object (neither takes it).
+            copied._options = None
         return copied
 
     def __deepcopy__(self, memo: dict[int, Any] | None = None) -> BudgetGuard:
