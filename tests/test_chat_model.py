@@ -311,6 +311,59 @@ def test_dumpd_and_loads_round_trip_a_guard(openai_server, redis_url):  # noqa: 
     assert a.spent == b.spent > 0 and a.key == b.key
 
 
+def _with_password(url: str) -> str:
+    scheme, rest = url.split("://", 1)
+    return f"{scheme}://default:s3cret-pass@{rest.split('@')[-1]}"  # the default user is nopass: any password works
+
+
+def test_a_store_password_is_serialized_as_a_secret_never_in_plain_text(redis_url, monkeypatch):  # noqa: F811
+    """dumpd(guard) carried the Redis password, and LangChain hands dumpd(model) to every callback
+    handler (``on_chat_model_start(serialized=...)``): tracers saw it. It is a secret now, as an API key is."""
+    from langchain_core.callbacks import BaseCallbackHandler
+
+    url = _with_password(redis_url)
+    guard = BudgetGuard(UsageChat(), limit=1, store=url, name=f"{fresh_prefix()}secret")
+    data = dumpd(guard)
+    assert "s3cret" not in dumps(guard)
+    assert data["kwargs"]["store"].startswith(url.split("://")[0] + "://default:***@")
+    assert data["kwargs"]["store_url"] == {"lc": 1, "type": "secret", "id": ["BUDGETGUARD_STORE_URL"]}
+    seen = []
+
+    class Spy(BaseCallbackHandler):
+        def on_chat_model_start(self, serialized, messages, **kwargs):
+            seen.append(serialized)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in guard.stream_events("hi", {"callbacks": [Spy()]}, version="v3"):
+            pass
+    assert seen and not any("s3cret" in str(s) for s in seen)
+    # loads takes it back from secrets_map, or the environment; without it, loading is refused
+    # (never revived on an in-process budget).
+    from langchain_openai import ChatOpenAI
+
+    guard = BudgetGuard(ChatOpenAI(model="gpt-4o-mini", api_key="x"), limit=1, store=url, name=guard.policy.name)
+    allowed = {"allowed_objects": [BudgetGuard, ChatOpenAI], "valid_namespaces": ["langchain_budgetguard"]}
+    revived = loads(dumps(guard), secrets_map={"BUDGETGUARD_STORE_URL": url, "OPENAI_API_KEY": "x"}, **allowed)
+    monkeypatch.setenv("BUDGETGUARD_STORE_URL", url)
+    monkeypatch.setenv("OPENAI_API_KEY", "x")
+    from_env = loads(dumps(guard), secrets_from_env=True, **allowed)
+    for copy_ in (revived, from_env):
+        assert copy_._options["store"] == url and "s3cret" not in dumps(copy_)
+        before = held(guard)
+        reservation = copy_.reserve("hi")  # held on the same budget as the original's
+        assert held(guard) > before
+        reservation.settle()
+    assert spent(guard) == CALL and held(guard) == 0  # the v3 stream; the copies' reservations cost nothing
+    monkeypatch.delenv("BUDGETGUARD_STORE_URL")
+    with pytest.raises(ValueError, match="BUDGETGUARD_STORE_URL"):
+        loads(dumps(guard), secrets_from_env=True, **allowed)
+    # A URL without a password stays as it is.
+    assert dumpd(BudgetGuard(UsageChat(), limit=1, store=redis_url))["kwargs"]["store"] == redis_url
+    query = BudgetGuard(UsageChat(), limit=1, store=redis_url + "?password=s3cret-pass")
+    assert "s3cret" not in dumps(query) and dumpd(query)["kwargs"]["store"].endswith("?***")
+
+
 def test_a_guard_on_a_store_object_is_not_serialized_as_if_it_were_whole():
     from langchain_budgetguard.stores.memory import MemoryStore
 
@@ -321,10 +374,13 @@ def test_a_guard_on_a_store_object_is_not_serialized_as_if_it_were_whole():
 def test_an_in_process_guard_is_not_serialized_as_a_budget_of_its_own(store):
     """dumps/loads revived a guard on the in-process store with a fresh budget: the original held
     most of its limit and refused, the revived copy admitted. It is ``not_implemented``, as pickle refuses."""
-    guard = BudgetGuard(UsageChat(), limit=1, **({"store": store} if store else {}))
+    from langchain_openai import ChatOpenAI
+
+    guard = BudgetGuard(ChatOpenAI(model="gpt-4o-mini", api_key="x"), limit=1, **({"store": store} if store else {}))
     assert dumpd(guard)["type"] == "not_implemented"
-    with pytest.raises(NotImplementedError):
-        loads(dumps(guard), allowed_objects=[BudgetGuard, UsageChat], valid_namespaces=["langchain_budgetguard", "tests"])
+    with pytest.raises(NotImplementedError, match="BudgetGuard"):
+        loads(dumps(guard), allowed_objects=[BudgetGuard, ChatOpenAI], valid_namespaces=["langchain_budgetguard"],
+              secrets_map={"OPENAI_API_KEY": "x"})
 
 
 def test_pickling_an_in_process_guard_is_refused_clearly():

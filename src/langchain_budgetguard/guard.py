@@ -110,7 +110,7 @@ from .pricing import (
     served_ref,
 )
 from .runs import ANoRun, NoRun, aopen_run, has_handlers, open_run, tap, tap_reply, tapped
-from .serialization import options_from_json, options_to_json, plain_data
+from .serialization import SECRET_STORE_URL_KEY, STORE_URL_SECRET, options_from_json, options_to_json, plain_data
 from .snapshots import Snapshot
 from .stores.base import ReserveResult, SettleResult
 from .stores.ledger import LedgerRow, call_row
@@ -495,6 +495,12 @@ class BudgetGuard(_KeepsGuarding, BaseChatModel):
     @property
     def lc_attributes(self) -> dict[str, Any]:
         return options_to_json(self._options)
+
+    @property
+    def lc_secrets(self) -> dict[str, str]:
+        # A store URL with a password: dumpd writes it as a secret (tracers are handed dumpd(model)).
+        attributes = options_to_json(self._options) if self._options else None
+        return {SECRET_STORE_URL_KEY: STORE_URL_SECRET} if attributes and SECRET_STORE_URL_KEY in attributes else {}
 
     def to_json(self) -> Any:
         # An in-process budget is not written down, as it is not pickled: a guard loads() revived
