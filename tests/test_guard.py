@@ -75,6 +75,29 @@ def test_degrade_to_a_cheaper_model_then_refuse_when_nothing_fits():
     assert spent(guard) == Decimal("0.495") <= Decimal("0.5")
 
 
+@pytest.mark.parametrize("how", ["configurable_alternatives", "call kwarg"])
+def test_a_refusal_names_the_model_the_call_goes_to(how):
+    """A configurable_alternatives call for o1 was held at o1's price but refused as "estimate on
+    gpt-4o-mini ... Models tried: gpt-4o-mini" (the default's name), and ``refusal.model`` said the same."""
+    from langchain_core.runnables import ConfigurableField
+
+    guard = BudgetGuard(UsageChat(model_name="gpt-4o-mini"), limit=Decimal("0.01"), min_output_tokens=None)
+    if how == "configurable_alternatives":
+        runnable = guard.configurable_alternatives(ConfigurableField(id="m"), default_key="mini",
+                                                   o1=UsageChat(model_name="o1"))
+        call = {"config": {"configurable": {"m": "o1"}}}
+    else:
+        runnable, call = guard, {"model": "o1"}
+    for run in (lambda: runnable.invoke("hi", **call), lambda: asyncio.run(runnable.ainvoke("hi", **call))):
+        with pytest.raises(BudgetExceededError) as info:
+            run()
+        error = info.value
+        assert error.model == error.refusal.model == "o1"
+        assert "estimate on o1 " in str(error) and "Models tried: o1." in str(error)
+        assert "gpt-4o-mini" not in str(error)
+    assert spent(guard) == 0 and guard.invoke("hi").response_metadata["budgetguard"]["model"] == "gpt-4o-mini"
+
+
 def test_degrade_at_starts_degrading_before_the_limit():
     llm, cheap = big(), mini()
     guard = BudgetGuard(llm, limit=1.0, degrade_to=[cheap], degrade_at=0.5, prices=PRICES,

@@ -244,8 +244,10 @@ def _refusal(policy: BudgetPolicy, plan: CounterPlan, counters: Sequence[Counter
         fitting = max(room - estimate.input_tokens, 0) // estimate.completions if unit == "tokens" else None
     amount = (estimate.reserve if counter.amount is None
               else estimate.input_tokens + estimate.held_output_tokens if unit == "tokens" else counter.amount)
+    # Named as the model the call goes to (a per-call model=, a configurable choice), as it was priced.
+    model = (estimate.refs[0].name if estimate.refs else None) or candidate.label
     return plan.refusal(
-        blocked, state, amount, candidate.label,
+        blocked, state, amount, model,
         input_estimate=nano_to_usd(estimate.input_cost),
         output_estimate=nano_to_usd(estimate.reserve - estimate.input_cost),
         output_tokens=estimate.output_tokens, output_cap_source=estimate.cap_source,
