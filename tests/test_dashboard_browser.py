@@ -79,7 +79,7 @@ def _model() -> UsageChat:
 async def _fill(store: RedisStore, policy: Any, n: int) -> None:
     """One call of FILLER_NANO for each of n ids ``u-00000``..., through the store's own API."""
     base = uuid.uuid4().hex[:8]
-    sem = asyncio.Semaphore(200)
+    sem = asyncio.Semaphore(50)  # below the pool's 100 connections: no task waits on the pool (2 s) on a busy machine
 
     async def one(i: int) -> None:
         plan = policy.plan(Identity({"user": f"u-{i:05d}"}))

@@ -298,6 +298,24 @@ def test_stream_that_fails_midway_is_charged_and_releases_its_hold():
     assert status.held == 0 and status.spent > 0
 
 
+class _StreamingFake(UsageChat):
+    streaming: bool = False  # as ChatOpenAI's: True makes invoke stream
+
+
+@pytest.mark.parametrize("api", ["sync", "async"])
+def test_an_invoke_that_streams_and_breaks_off_is_charged_what_it_streamed(api):
+    """An invoke the model serves by streaming, cut after 4 chunks by an error that names no
+    network failure: with no run of the guard's own, nothing saw the chunks, and the call was free."""
+    model = _StreamingFake(reply="one two three four five six seven eight", fail_after=4, streaming=True)
+    guard = BudgetGuard(model, limit=1)
+    whole = BudgetGuard(_StreamingFake(reply="one two three four", report_usage=False), limit=1)
+    with pytest.raises(ConnectionError):
+        guard.invoke("hello") if api == "sync" else asyncio.run(guard.ainvoke("hello"))
+    list(whole.stream("hello"))  # the same four chunks and no usage report: what they cost, estimated
+    (status,), (reference,) = guard.status(), whole.status()
+    assert status.held == 0 and status.spent == reference.spent > 0
+
+
 def test_failed_invoke_releases_its_hold():
     class Boom(UsageChat):
         def _generate(self, *a, **k):

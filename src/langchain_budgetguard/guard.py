@@ -109,7 +109,7 @@ from .pricing import (
     model_ref,
     served_ref,
 )
-from .runs import ANoRun, NoRun, aopen_run, has_handlers, open_run, tap, tap_reply, tapped
+from .runs import ANoRun, NoRun, aopen_run, has_handlers, open_run, tap, tap_reply, tap_stream, tapped
 from .serialization import SECRET_STORE_URL_KEY, STORE_URL_SECRET, options_from_json, options_to_json, plain_data
 from .snapshots import Snapshot
 from .stores.base import ReserveResult, SettleResult
@@ -183,6 +183,7 @@ class _Candidate:
     extra_body: int = 0  # strict's bound of the prompt its bound extra_body carries (tokens)
     counts_requests: bool = False  # its SDK's requests are counted (attempts.watch): resent ones are charged
     counted_as: str | None = None  # the model name its own settings are counted as (estimators)
+    streams: bool = False  # it serves an invoke by streaming (``streaming=True``): its chunks are tapped
 
     @classmethod
     def of(cls, runnable: Runnable) -> _Candidate:
@@ -191,7 +192,8 @@ class _Candidate:
         return cls(runnable, refs[0], output_cap(runnable), tools_of(runnable), refs,
                    call_price_context(runnable), item_bound(runnable), depends_on_config(runnable),
                    stored_context_of(runnable), runs_after_model(runnable), extra_body_tokens(runnable),
-                   watch_attempts(runnable), counted_model_name(runnable))
+                   watch_attempts(runnable), counted_model_name(runnable),
+                   getattr(innermost_model(runnable), "streaming", False) is True)
 
     def cap_and_tools(self, call_kwargs: dict[str, Any]) -> tuple[OutputCap, list[Any]]:
         if not call_kwargs:
@@ -1133,6 +1135,8 @@ class BudgetGuard(_KeepsGuarding, BaseChatModel):
             # No run of ours: the model gets the caller's config (it ensures it itself, for less).
             model_config, replied = tap_reply(given if child is config else child,
                                               reservation.admitted.candidate.steps_after)
+            if streamed is None and reservation.admitted.candidate.streams:
+                model_config, streamed = tap_stream(model_config)
             try:
                 with reservation.keep_alive():
                     output = model.invoke(input, model_config, **model_kwargs)
@@ -1159,6 +1163,8 @@ class BudgetGuard(_KeepsGuarding, BaseChatModel):
             model, model_kwargs = self._serving(reservation.admitted, kwargs)
             model_config, replied = tap_reply(given if child is config else child,
                                               reservation.admitted.candidate.steps_after)
+            if streamed is None and reservation.admitted.candidate.streams:
+                model_config, streamed = tap_stream(model_config)
             try:
                 async with reservation.akeep_alive():
                     output = await model.ainvoke(input, model_config, **model_kwargs)

@@ -137,6 +137,19 @@ def tap(child: RunnableConfig) -> StreamTap | None:
     return tap
 
 
+def tap_stream(config: RunnableConfig | None) -> tuple[RunnableConfig | None, StreamTap]:
+    """``config`` with a ``StreamTap`` among its handlers, for an invoke the model serves by
+    streaming (``streaming=True``): what it streamed before it broke off is charged."""
+    stream_tap = StreamTap()
+    callbacks = config.get("callbacks") if config else None
+    if isinstance(callbacks, BaseCallbackManager):
+        manager: Any = callbacks.copy()
+        manager.add_handler(stream_tap, inherit=True)
+    else:
+        manager = [*(callbacks or ()), stream_tap]
+    return {**(config or {}), "callbacks": manager}, stream_tap  # type: ignore[typeddict-item]
+
+
 def tapped(tap: StreamTap | None) -> str | None:
     """The output a listener saw stream before a call broke off, if any."""
     return (tap.text() or None) if tap is not None else None
