@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import threading
+import time
 from typing import Any
 from decimal import Decimal
 
@@ -498,13 +499,16 @@ def test_fail_open_allowance_is_per_outage_and_closed_refuses_clearly():
     with pytest.raises(BudgetStoreUnavailableError, match="allowance"):
         guard.invoke("hi")
     assert llm.calls == 2
+    guard.policy.outage_over_seconds = 0.05
     store.down = False
-    guard.invoke("hi")  # the store answers: the outage is over
+    guard.invoke("hi")  # the store answers (the outage is over once it has for outage_over_seconds)
+    time.sleep(0.06)
+    guard.invoke("hi")  # answered with no failure for 0.06 s: the outage is over
     store.down = True
     guard.invoke("hi")  # a new outage, a fresh allowance
-    assert llm.calls == 4
+    assert llm.calls == 5
     (status,) = guard.status()
-    assert status.spent == Decimal("0.36") and status.held == 0  # every served call reached the store
+    assert status.spent == Decimal("0.45") and status.held == 0  # every served call reached the store
 
 
 class _UsageUpFront(UsageChat):

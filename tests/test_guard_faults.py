@@ -11,7 +11,15 @@ import pytest
 from langchain_core.messages import AIMessageChunk
 from langchain_core.outputs import ChatGenerationChunk
 
-from langchain_budgetguard import BudgetExceededError, BudgetGuard, CallIdReusedError
+from langchain_budgetguard import (
+    BudgetExceededError,
+    BudgetGuard,
+    BudgetStoreUnavailableError,
+    CallIdReusedError,
+    Limit,
+)
+from langchain_budgetguard.stores.base import SettleResult
+from langchain_budgetguard.stores.memory import MemoryStore
 
 from .fakes import ExactEstimator, UsageChat
 from .redis_support import fresh_prefix, redis_url  # noqa: F401
@@ -182,3 +190,120 @@ def test_a_store_error_is_reported_as_an_event(policy, outcome):
     errors = [data for name, data in seen if name == "budgetguard_store_error"]
     assert [(e["operation"], e["outcome"], e["error"]) for e in errors] == [
         ("reserve", outcome, "BudgetStoreUnavailableError")]
+
+
+# -- the fail-open allowance is one per outage, not refilled by any answer of the store ---------
+
+class PartlyDown(MemoryStore):
+    """A MemoryStore whose counters under the hash tags in ``down`` cannot be reached (a cluster
+    with one master down, or, with every tag, a single Redis): reserves on them fail, settles are
+    journaled as RedisStore journals them, and replayed by the next reserve that gets through."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down: set[str] = set()
+        self.journal: list[tuple] = []
+
+    def _reachable(self, keys) -> bool:
+        return not any(k.startswith("{") and k[1:k.index("}")] in self.down for k in keys)
+
+    def reserve(self, counters, hold):
+        if not self._reachable([c.key for c in counters]):
+            raise BudgetStoreUnavailableError("test store: reserve failed (its master is down)")
+        result = super().reserve(counters, hold)
+        for entry in [e for e in self.journal if self._reachable(e[1])]:
+            self.journal.remove(entry)
+            super().settle(*entry[:3], **entry[3])
+        return result
+
+    async def areserve(self, counters, hold):
+        return self.reserve(counters, hold)
+
+    def settle(self, call_id, keys, amount, **options):
+        if not self._reachable(keys):
+            self.journal.append((call_id, tuple(keys), amount, options))
+            return SettleResult(applied=False, charged=amount, pending=True)
+        return super().settle(call_id, keys, amount, **options)
+
+    async def asettle(self, call_id, keys, amount, **options):
+        return self.settle(call_id, keys, amount, **options)
+
+
+def _fail_open_guard(store, llm, **options):
+    return BudgetGuard(llm, limits=[Limit(usd=10, per="tenant", window="day")], store=store, name="fo",
+                       prices=PRICES, estimator=ExactEstimator(1000), on_store_error="fail_open",
+                       fail_open_allowance="0.2", **options)  # $0.09 a call: 2 calls per allowance
+
+
+def _served(guard, tenant: str, use_async: bool = False) -> bool:
+    import asyncio
+
+    config = {"configurable": {"tenant_id": tenant}}
+    try:
+        if use_async:
+            asyncio.run(guard.ainvoke("hi", config=config))
+        else:
+            guard.invoke("hi", config=config)
+        return True
+    except BudgetStoreUnavailableError:
+        return False
+
+
+@pytest.mark.parametrize("use_async", [False, True])
+def test_answers_for_tenants_on_live_nodes_do_not_refill_the_allowance_of_one_on_a_dead_node(use_async):
+    store = PartlyDown()
+    llm = big()
+    guard = _fail_open_guard(store, llm)
+    store.down = {"fo.t.acme"}  # acme's master is gone; beta's answers
+    alone = [_served(guard, "acme", use_async) for _ in range(6)]
+    assert alone == [True, True, False, False, False, False]
+    guard.policy.end_outage()
+    mixed = []
+    for _ in range(6):
+        mixed.append(_served(guard, "acme", use_async))
+        assert _served(guard, "beta", use_async)  # held and charged in the store as usual
+    assert mixed == alone, "another tenant's answers must not hand out a fresh allowance"
+    assert llm.calls == 2 + 2 + 6
+
+
+def test_a_flapping_store_gives_one_allowance_until_it_has_been_healthy_for_a_while():
+    store = PartlyDown()
+    llm = big()
+    guard = _fail_open_guard(store, llm)
+    guard.policy.outage_over_seconds = 0.3
+    served = []
+    for _ in range(4):  # down for one call, up for the next
+        store.down = {"fo.t.acme"}
+        served.append(_served(guard, "acme"))
+        store.down = set()
+        assert _served(guard, "acme")
+    assert served == [True, True, False, False]
+    assert not store.journal  # the journal drained while it was up: still the same outage
+    time.sleep(0.35)
+    assert _served(guard, "acme")  # healthy for outage_over_seconds: the outage is over
+    store.down = {"fo.t.acme"}
+    assert _served(guard, "acme")  # a new outage, a fresh allowance
+    (status,) = guard.status(tenant_id="beta")
+    assert status.spent == 0
+
+
+def test_the_outage_goes_on_while_settles_served_fail_open_wait_in_the_journal():
+    store = PartlyDown()
+    guard = _fail_open_guard(store, big())
+    guard.policy.outage_over_seconds = 0.1
+    store.down = {"fo.t.acme"}
+    assert [_served(guard, "acme") for _ in range(3)] == [True, True, False]
+    assert len(store.journal) == 2
+    time.sleep(0.15)
+    assert _served(guard, "beta")  # no failure for 0.15 s, but acme's settles have not landed
+    assert not _served(guard, "acme")
+    store.down = set()
+    assert _served(guard, "acme") and not store.journal  # acme's settles replayed: healthy from now
+    time.sleep(0.15)
+    assert _served(guard, "beta")  # the outage is over
+    store.down = {"fo.t.acme"}
+    assert [_served(guard, "acme") for _ in range(3)] == [True, True, False]  # a new one: a fresh allowance
+    store.down = set()
+    assert _served(guard, "beta")
+    (status,) = guard.status(tenant_id="acme")
+    assert status.spent == Decimal("0.45") and status.held == 0

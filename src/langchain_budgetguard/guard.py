@@ -901,8 +901,10 @@ class BudgetGuard(_KeepsGuarding, BaseChatModel):
         try:
             result = self.policy.store.reserve(counters, hold)
         except BudgetStoreUnavailableError as exc:
+            self.policy.store_failed()
             return exc
-        self.policy.end_outage()
+        if self.policy.outage is not None:  # an outage's allowance is out: is the outage over?
+            self.policy.store_answered()
         return result
 
     async def _reserve_async(self, request: Request) -> ReserveResult | Exception:
@@ -912,8 +914,10 @@ class BudgetGuard(_KeepsGuarding, BaseChatModel):
         try:
             result = await self.policy.store.areserve(counters, hold)
         except BudgetStoreUnavailableError as exc:
+            self.policy.store_failed()
             return exc
-        self.policy.end_outage()
+        if self.policy.outage is not None:  # an outage's allowance is out: is the outage over?
+            self.policy.store_answered()
         return result
 
     def _admit_sync(self, call: _Call, child: RunnableConfig | None = None) -> Admitted:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -67,6 +68,9 @@ StoreErrorPolicy = Literal["fail_closed", "fail_open"]
 Mode = Literal["enforce", "shadow"]
 DEFAULT_DECISION_ALERT_SECONDS = 60.0
 """At most one refusal (or degrade) alert per scope id per this many seconds, per process."""
+OUTAGE_OVER_SECONDS = 60.0
+"""A store outage is over, and the next one starts with a fresh ``fail_open_allowance``, once the
+store has answered with no reserve failing for this many seconds and its settle journal is empty."""
 
 
 @dataclass(frozen=True)
@@ -379,7 +383,12 @@ class BudgetPolicy:
                 self.store.on_replay_crossed = self._replayed
             if getattr(self.store, "on_carried_crossed", False) is None:
                 self.store.on_carried_crossed = self._carried
-        self._outage: MemoryStore | None = None  # the fail-open allowance of the current outage
+        # The fail-open allowance of the current store outage (None: no outage seen), and when a
+        # reserve last failed. One allowance per policy, however many tags or servers are down.
+        self.outage: MemoryStore | None = None
+        self.outage_over_seconds = OUTAGE_OVER_SECONDS
+        self._store_failed_at = 0.0
+        self._outage_lock = threading.Lock()
         # Cluster hash tag: with a tenant scope, every counter of a tenant shares the tenant's tag.
         self._tenant_scoped = any(x.per == "tenant" for x in self.limits)
         self.per_model = any(x.per == MODEL for x in self.limits)  # counters that depend on the serving model
@@ -401,13 +410,35 @@ class BudgetPolicy:
 
     def outage_store(self) -> MemoryStore:
         """Where this process counts its fail-open allowance during the current store outage."""
-        if self._outage is None:
-            self._outage = MemoryStore()
-        return self._outage
+        outage = self.outage
+        if outage is None:
+            with self._outage_lock:
+                if self.outage is None:
+                    self.outage = MemoryStore()
+                outage = self.outage
+        return outage
+
+    def store_failed(self) -> None:
+        """A reserve could not reach the store: the outage (if any) goes on."""
+        self._store_failed_at = time.monotonic()
+
+    def store_answered(self) -> None:
+        """A reserve got the store's answer while an outage's allowance is out (the guard calls it
+        only then). The outage is over only once no reserve has failed for ``outage_over_seconds``
+        and the store's settle journal is empty (every call served fail-open has reached it): an
+        answer on another tag of a cluster with a master down, or from a flapping server, is no end
+        of the outage, and hands out no fresh allowance."""
+        now = time.monotonic()
+        journal = getattr(self.store, "journal", None)
+        if journal is not None and hasattr(journal, "__len__") and len(journal):
+            self._store_failed_at = now  # settles served fail-open still wait: healthy from their replay on
+            return
+        if now - self._store_failed_at >= self.outage_over_seconds:
+            self.end_outage()
 
     def end_outage(self) -> None:
-        """The store answered again: the next outage starts with a fresh allowance."""
-        self._outage = None
+        """The outage is over: the next one starts with a fresh allowance."""
+        self.outage = None
 
     def identity(self, config: Mapping[str, Any] | None, **ids: Any) -> Identity:
         return resolve_identity(config, self.limits, **ids)
