@@ -151,3 +151,34 @@ def test_tenants_on_every_node_stay_within_their_limits_and_the_platform_cap(
         assert call_records(admin, store, tag) == records, "the refused call left a record on its tenant's tag"
     assert llm.calls == total
     store.close()
+
+
+def test_a_per_model_limit_is_one_counter_across_tenants_on_every_node(
+    cluster: list[RedisServer], admin: RedisCluster  # noqa: F811
+) -> None:
+    store = RedisStore.from_url(cluster_url(cluster), prefix=fresh_prefix())
+    name = f"models-{uuid.uuid4().hex[:8]}"
+    limits = [Limit(usd=10, per="tenant"), Limit(usd=10, per="user"), Limit(usd="0.30", per="model")]  # 3 calls
+    policy = BudgetGuard(limits=limits, store=store, name=name, prices=PRICES, estimator=ExactEstimator(1000))
+    tenants = tenants_on_every_node(policy, store, admin, per_node=1)
+    llm = big()
+    guard = policy.wrap(llm)
+    served: Tally[str] = Tally()
+    for _ in range(2):
+        for tenant in tenants:
+            try:
+                guard.invoke("hi", config=config(tenant, "u"))
+                served[tenant] += 1
+            except BudgetExceededError as exc:
+                assert exc.scope == "model"
+    assert sum(served.values()) == llm.calls == 3  # the model's cap, whichever tenants called
+    statuses = {t: {s.scope: s for s in policy.status(config(t, "u"), model_id="big")} for t in tenants}
+    (model_key,) = {s["model"].key for s in statuses.values()}  # one counter, under the budget's own tag
+    assert tag_in(store, model_key) == "{" + name + "}"
+    model_status = statuses[tenants[0]]["model"]
+    assert (model_status.spent, model_status.held) == (3 * CALL_COST, 0)
+    for tenant in tenants:  # a call the model's counter refused (second step) left nothing on its tenant's tag
+        tenant_status = statuses[tenant]["tenant"]
+        assert (tenant_status.spent, tenant_status.held) == (served[tenant] * CALL_COST, 0), tenant
+        assert len(call_records(admin, store, tag_in(store, tenant_status.key))) == served[tenant], tenant
+    store.close()

@@ -75,6 +75,33 @@ def test_an_inner_fallback_is_held_on_each_models_counter_and_charged_to_the_one
     assert policy.status(config, model_id="big")[1].spent == Decimal("0.09")  # the user's counter: once
 
 
+@pytest.mark.parametrize(("scope", "ids"), [("model", {}), ("team", {"team_id": "core"})])
+def test_a_limit_outside_the_tenant_tree_is_one_counter_across_tenants(scope: str, ids: dict[str, str]) -> None:
+    # With a tenant limit, user (and project) counters are the tenant's own; a per-model limit, or a
+    # scope of another name, is one counter per id for every tenant.
+    limits = [Limit(usd="10", per="tenant", window="day"), Limit(usd="5", per="user", window="day"),
+              Limit(usd="0.20", per=scope, window="day")]  # two $0.09 calls in all
+    guard = BudgetGuard(model("big"), limits=limits, store=MemoryStore(), name=f"pm-{uuid.uuid4().hex[:6]}",
+                        prices=PRICES, estimator=ExactEstimator(1000))
+    served: dict[str, int] = {}
+    for tenant in ("acme", "globex", "initech"):
+        served[tenant] = 0
+        config = {"configurable": {"tenant_id": tenant, "user_id": "u1", **ids}}
+        for _ in range(3):
+            try:
+                guard.invoke("hi", config=config)
+                served[tenant] += 1
+            except BudgetExceededError as refused:
+                assert refused.refusal.scope == scope
+    assert served == {"acme": 2, "globex": 0, "initech": 0}
+    views = {tenant: {s.scope: s for s in guard.status({"configurable": {"tenant_id": tenant, "user_id": "u1", **ids}},
+                                                       model_id="big")}
+             for tenant in served}
+    assert len({v[scope].key for v in views.values()}) == 1  # one counter, whoever reads it
+    assert views["globex"][scope].spent == Decimal("0.18") and views["globex"][scope].held == 0
+    assert {t: v["user"].spent for t, v in views.items()} == {"acme": Decimal("0.18"), "globex": 0, "initech": 0}
+
+
 # -- tokens and requests beside dollars, all or nothing, 8 processes on one Redis ------------------
 
 import multiprocessing  # noqa: E402

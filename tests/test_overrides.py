@@ -302,6 +302,30 @@ def test_tenant_scoped_budgets_find_a_users_counters_under_every_tenant():
     assert admin.statuses("global")[0].spent == 3 * CALL_USD
 
 
+def test_tenant_scoped_budgets_find_the_one_per_model_counter_of_every_tenant():
+    limits = [Limit(usd=10, per="tenant", window="month"), Limit(usd=1, per="user", window="day"),
+              Limit(usd=1, per="model", window="day")]
+    guard = BudgetGuard(model(), limits=limits, name="saas")
+    for tenant, user in (("acme", "u1"), ("globex", "u1"), ("acme", "u2")):
+        guard.invoke("hi", config=ids(tenant=tenant, user=user))
+    admin = BudgetAdmin(guard.policy)
+    (per_model,) = admin.statuses("model", "gpt-4o-mini")  # no tenant needed: it is nobody's own
+    assert per_model.spent == 3 * CALL_USD and per_model.key.startswith("{saas}:")
+    assert [s.spent for s in admin.statuses("model", "gpt-4o-mini", tenant="globex")] == [3 * CALL_USD]
+    assert [(s.scope_id, s.spent) for s in admin.top("model")] == [("gpt-4o-mini", 3 * CALL_USD)]
+    assert [s.spent for s in admin.statuses("model")] == [3 * CALL_USD]
+    seen = {s.scope: s for s in guard.status(ids(tenant="globex", user="u1"), model_id="gpt-4o-mini")}
+    assert seen["model"].key == per_model.key and seen["model"].spent == 3 * CALL_USD
+    admin.set_limit("model", 3 * CALL_USD, "gpt-4o-mini")  # one cap for the model, whichever tenant calls
+    with pytest.raises(BudgetExceededError) as refused:
+        guard.invoke("hi", config=ids(tenant="initech", user="u9"))
+    assert refused.value.refusal.scope == "model"
+    (done,) = admin.reset("model", "gpt-4o-mini")
+    assert done.spent_before == 3 * CALL_USD and done.key == per_model.key
+    guard.invoke("hi", config=ids(tenant="initech", user="u9"))
+    assert admin.statuses("model", "gpt-4o-mini")[0].spent == CALL_USD
+
+
 def test_window_labels():
     now = datetime(2026, 3, 29, 12, tzinfo=timezone.utc)
     for window, label in (("hour", "2026-03-29T12"), ("day", "2026-03-29"), ("week", "2026-W13"),

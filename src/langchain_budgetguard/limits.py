@@ -48,6 +48,8 @@ __all__ = [
     "resolve_identity",
     "escape_id",
     "counter_key",
+    "counter_tag",
+    "TENANT_LOCAL",
     "check_seconds",
     "check_id",
     "check_call_id",
@@ -68,6 +70,10 @@ WINDOWS = ("minute", "hour", "day", "week", "month", "total")
 GLOBAL = "global"
 MODEL = "model"
 """The scope whose id is the model that serves the call (``Limit(per="model")``): one counter per model."""
+TENANT_LOCAL = frozenset({"tenant", "user", "project"})
+"""The scopes whose counters live inside their tenant when a budget has a ``per="tenant"`` limit
+(user and project ids are tenant-local). Every other scope (global, model, any other name) has one
+counter per id across tenants, under the budget's own hash tag."""
 UNITS = ("usd", "tokens", "requests")
 MAX_COUNT = 2**62
 """The largest ``tokens`` or ``requests`` limit (the stores' bound)."""
@@ -179,7 +185,9 @@ class Limit:
     ``per`` is ``"global"`` (one budget for every call), ``"user"``, ``"project"``,
     ``"tenant"``, ``"model"`` (one counter per model that serves the call, degrades included) or
     any other lowercase name; the id of a scope ``x`` comes from ``x_id`` in the run's
-    ``configurable``, then its ``metadata``.
+    ``configurable``, then its ``metadata``. With a ``per="tenant"`` limit beside it, user and
+    project ids are the tenant's own (``TENANT_LOCAL``); every other scope's counter is one per id
+    across tenants.
     ``window`` is ``"minute"``, ``"hour"``, ``"day"``, ``"week"`` (ISO, Monday first), ``"month"``
     or ``"total"``; ``tz`` is the IANA time zone the window boundaries follow. A minute and an hour
     are real time even across a DST shift; a day, week or month follows the local calendar (a DST
@@ -539,6 +547,16 @@ def escape_id(value: str) -> str:
     if len(out) > _MAX_ESCAPED:
         return "~" + hashlib.sha256(value.encode("utf-8")).hexdigest()
     return out
+
+
+def counter_tag(name_tag: str, per: str, tenant: str | None) -> str:
+    """The hash tag of a counter of scope ``per``: its tenant's for a ``TENANT_LOCAL`` scope when
+    ``tenant`` (the raw id; None when the budget has no ``per="tenant"`` limit) is given, else the
+    budget's own (``name_tag``: the escaped budget name). On Redis Cluster the counters under the
+    budget's tag are reserved in a second step, after the tenant's (released if it refuses)."""
+    if tenant is None or per not in TENANT_LOCAL:
+        return name_tag
+    return f"{name_tag}.t.{escape_id(tenant)}"
 
 
 def counter_key(name: str, tag: str, limit: Limit, scope_id: str | None, window_label: str) -> str:

@@ -40,7 +40,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
-from .limits import GLOBAL, Limit, WindowInstance, counter_key, escape_id
+from .limits import GLOBAL, TENANT_LOCAL, Limit, WindowInstance, counter_key, counter_tag, escape_id
 from .money import MAX_LIMIT_USD, NANO_PER_USD, exact_usd_to_nano, nano_to_usd, show_value, to_decimal, usd_to_nano
 from .stores.base import CounterState, OverridesSnapshot
 from .stores.ledger import LedgerRow
@@ -451,10 +451,10 @@ class BudgetAdmin:
         """The hash tag of a counter (as ``BudgetPolicy`` places it), or None when it depends on a
         tenant that was not given (then the counter is found by scanning)."""
         policy = self.policy
-        if not policy._tenant_scoped or limit.per == GLOBAL:
+        if not policy._tenant_scoped or limit.per not in TENANT_LOCAL:
             return policy._name_tag
         owner = scope_id if limit.per == "tenant" else tenant
-        return None if owner is None else f"{policy._name_tag}.t.{escape_id(owner)}"
+        return None if owner is None else counter_tag(policy._name_tag, limit.per, owner)
 
     def _counters(self, limit: Limit, scope_id: str | None, label: str,
                   tenant: str | None) -> list[tuple[str, CounterState]]:

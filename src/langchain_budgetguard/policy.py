@@ -26,11 +26,13 @@ from .limits import (
     MAX_RETENTION_SECONDS,
     MIN_LEASE_SECONDS,
     MODEL,
+    TENANT_LOCAL,
     Identity,
     Limit,
     WindowInstance,
     check_seconds,
     counter_key,
+    counter_tag,
     escape_id,
     resolve_identity,
     text_problem,
@@ -236,9 +238,12 @@ def _parse_limits(limit: Any, limits: Sequence[Limit] | None) -> tuple[Limit, ..
         out.append(item)
     if not out:
         raise ValueError("BudgetGuard needs a limit: pass limit=5.0 (USD in total) or limits=[Limit(...), ...].")
-    # Global limits last: on Redis Cluster they live under their own hash tag and are reserved in a
-    # second step, after the tenant's counters (released again if that step refuses).
-    out.sort(key=lambda item: item.per == "global")
+    # Global limits last, and with a tenant limit every limit not inside the tenant (global, model,
+    # any scope but user and project) after those that are: on Redis Cluster they live under the
+    # budget's own hash tag and are reserved in a second step, after the tenant's counters
+    # (released again if that step refuses).
+    tenant_scoped = any(item.per == "tenant" for item in out)
+    out.sort(key=lambda item: (tenant_scoped and item.per not in TENANT_LOCAL, item.per == "global"))
     seen = set()
     for item in out:
         if item.slug in seen:
@@ -389,7 +394,8 @@ class BudgetPolicy:
         self.outage_over_seconds = OUTAGE_OVER_SECONDS
         self._store_failed_at = 0.0
         self._outage_lock = threading.Lock()
-        # Cluster hash tag: with a tenant scope, every counter of a tenant shares the tenant's tag.
+        # Cluster hash tag: with a tenant scope, the tenant's own counters and its users' and
+        # projects' share the tenant's tag (limits.counter_tag).
         self._tenant_scoped = any(x.per == "tenant" for x in self.limits)
         self.per_model = any(x.per == MODEL for x in self.limits)  # counters that depend on the serving model
         self.counted = any(x.unit != "usd" for x in self.limits)  # token or request limits hold their own amounts
@@ -494,16 +500,16 @@ class BudgetPolicy:
 
     def _plan(self, identity: Identity, now: datetime, model: str | None = None) -> CounterPlan:
         tenant = identity.ids.get("tenant") if self._tenant_scoped else None
-        tenant_tag = f"{self._name_tag}.t.{escape_id(tenant)}" if tenant is not None else self._name_tag
+        tenant_tag = counter_tag(self._name_tag, "tenant", tenant)
         scope_ids, windows, keys, expires, caps, limits, thresholds = [], [], [], [], [], [], []
         for index, limit in enumerate(self.limits):
             if limit.per == MODEL and model is None and MODEL not in identity.ids:
                 continue  # a status without a model: the per-model limits are not among its counters
             sid = identity.id_for(limit, model)
             window, expires_at = self._window(index, limit, now)
-            # A limit above the tenant tree (global, or another scope without a tenant) lives under
-            # the budget's own tag; everything a tenant owns shares the tenant's tag.
-            tag = tenant_tag if (tenant is not None and limit.per != "global") else self._name_tag
+            # What a tenant owns (its own counters, its users' and projects') shares the tenant's
+            # tag; a limit across tenants (global, per model, any other scope) the budget's own.
+            tag = tenant_tag if limit.per in TENANT_LOCAL else self._name_tag
             scope_ids.append(sid)
             windows.append(window)
             keys.append(counter_key(self.name, tag, limit, sid, window.label))
