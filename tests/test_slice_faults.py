@@ -289,3 +289,92 @@ def test_a_store_dropped_without_close_is_flushed_at_exit(redis_url: str, admin:
     reader = RedisStore(redis_url, prefix=prefix)
     assert _counter(admin, reader, key) == {"s": 1800, "h": 0, "g": 0}
     reader.close()
+
+
+# -- calls still in flight when close() runs ---------------------------------------------------------
+
+
+def _no_exit_flush(store: RedisStore, monkeypatch) -> None:
+    """What only interpreter exit would send does not count: the test reads Redis before exit."""
+    from langchain_budgetguard.stores import redis as redis_module
+
+    monkeypatch.setattr(redis_module, "_LIVE_STORES", weakref.WeakSet())
+
+
+@pytest.mark.redis
+def test_a_call_in_flight_at_close_is_reported_when_it_settles(
+        redis_url: str, admin: redis.Redis, monkeypatch) -> None:  # noqa: F811
+    store = _sliced(redis_url)
+    _no_exit_flush(store, monkeypatch)
+    key = "{closed-settle}:b:global"
+    holds = {c: Hold(c, 1000, 30, charge_on_expiry=1000) for c in "abc"}
+    for hold in holds.values():
+        assert store.reserve([Counter(key, 10**9)], hold).ok
+    assert store.slice_holdings()[key][1] == 3000  # all three admitted from the slice
+    store.close()  # returns the slice but for what the three calls hold
+    assert _counter(admin, store, key) == {"s": 0, "h": 0, "g": 3000}
+    assert store.settle("a", [key], 700, row=LedgerRow(budget="b", call_id="a", keys=(key,))).applied
+    assert _counter(admin, store, key) == {"s": 700, "h": 0, "g": 2000}  # reported at once
+    store.release("b", [key], holds["b"])
+    assert _counter(admin, store, key) == {"s": 700, "h": 0, "g": 1000}
+    assert not store.settle("a", [key], 700).applied  # once
+    assert store.settle("c", [key], 400).applied
+    assert _counter(admin, store, key) == {"s": 1100, "h": 0, "g": 0}
+    counter, leases = store.redis_keys(key)
+    assert not [f for f in admin.hkeys(counter) if f[0] in "%!gn"] and not admin.zrange(leases, 0, -1)
+    assert store.slice_holdings() == {}
+    with RedisStore(redis_url, prefix=store.prefix) as reader:
+        assert [r.call_id for r in reader.read_ledger("b")] == ["a"]
+
+
+@pytest.mark.redis
+async def test_a_call_in_flight_at_aclose_is_reported_when_it_settles(
+        redis_url: str, admin: redis.Redis, monkeypatch) -> None:  # noqa: F811
+    store = _sliced(redis_url)
+    _no_exit_flush(store, monkeypatch)
+    key = "{aclosed-settle}:b:global"
+    holds = {c: Hold(c, 1000, 30, charge_on_expiry=1000) for c in "ab"}
+    for hold in holds.values():
+        assert (await store.areserve([Counter(key, 10**9)], hold)).ok
+    assert store.slice_holdings()[key][1] == 2000
+    await store.aclose()
+    assert _counter(admin, store, key) == {"s": 0, "h": 0, "g": 2000}
+    assert (await store.asettle("a", [key], 600)).applied
+    assert _counter(admin, store, key) == {"s": 600, "h": 0, "g": 1000}
+    await store.arelease("b", [key], holds["b"])
+    assert _counter(admin, store, key) == {"s": 600, "h": 0, "g": 0}
+    assert store.slice_holdings() == {}
+
+
+@pytest.mark.redis
+def test_a_settle_racing_close_is_reported(redis_url: str, admin: redis.Redis, monkeypatch) -> None:  # noqa: F811
+    """A settle made after close's final reports were taken, before close marked the store closed."""
+    store = _sliced(redis_url)
+    _no_exit_flush(store, monkeypatch)
+    key = "{racing-close}:b:global"
+    assert store.reserve([Counter(key, 10**9)], Hold("a", 1000, 30, charge_on_expiry=1000)).ok
+    real = store._close_sync
+
+    def settle_then_close() -> None:  # close's final flush is done; the store is not closed yet
+        assert store.settle("a", [key], 300).applied
+        real()
+
+    store._close_sync = settle_then_close
+    store.close()
+    _wait_for(lambda: _counter(admin, store, key) == {"s": 300, "h": 0, "g": 0}, timeout=5)
+
+
+@pytest.mark.redis
+def test_a_call_in_flight_at_close_that_renews_keeps_its_slice_alive(
+        redis_url: str, admin: redis.Redis, monkeypatch) -> None:  # noqa: F811
+    store = _sliced(redis_url, slice_lease_seconds=1.0)
+    _no_exit_flush(store, monkeypatch)
+    key = "{closed-renew}:b:global"
+    assert store.reserve([Counter(key, 10**9)], Hold("a", 1000, 30, charge_on_expiry=1000)).ok
+    store.close()
+    for _ in range(4):  # 1.6 s: past the slice's lease, were it not renewed
+        time.sleep(0.4)
+        assert store.renew("a", [key], 30)
+    assert _counter(admin, store, key) == {"s": 0, "h": 0, "g": 1000}  # not reaped (and charged) by Redis
+    assert store.settle("a", [key], 250).applied
+    assert _counter(admin, store, key) == {"s": 250, "h": 0, "g": 0}

@@ -644,6 +644,9 @@ class RedisStore:
         self._repair_lock = threading.Lock()  # one replay at a time
         self._repairer: threading.Thread | None = None
         self._closed = False
+        # close() / aclose() began: from then on no timer reports a slice, so the settle, release
+        # or renewal of a call admitted from one (in flight at close) reports its slices itself.
+        self._closing = False
         # Called with (entry, crossings) when a journal replay fires alert thresholds.
         self.on_replay_crossed: Callable[[PendingSettle, tuple[Crossing, ...]], None] | None = None
         # Called with (call_id, crossings) when a carried settle, sent later, fires alert thresholds.
@@ -1030,6 +1033,8 @@ class RedisStore:
             if local is not None:
                 if local is not SETTLED_BEFORE:
                     self._start_slice_timer()  # (a release after expiry has its refund to report)
+                    if self._closing:  # (read after the release: see _late_reports_plan)
+                        yield from self._late_reports_plan()
                 if not local.cold:  # (SETTLED_BEFORE has none: nothing to release)
                     return
                 keys = local.cold
@@ -1145,6 +1150,16 @@ class RedisStore:
                 return sent
             while book.reporting(None) and time.monotonic() < until:
                 yield _WAIT
+
+    def _late_reports_plan(self) -> Plan[int]:
+        """After close() began, a call admitted from a slice that settles, releases or renews
+        reports its slices at once (no timer does any more; close returned each slice but for what
+        its calls in flight hold): the counter is charged what the call cost, not its hold. Read
+        ``_closing`` after the book recorded the change: a change close's final reports did not
+        see is then reported here (one they did see, or one in flight, changes nothing more)."""
+        if self._book is None or not len(self._book):
+            return 0
+        return (yield from self._final_reports_plan())
 
     def _local_settle(self, call_id: str, keys: Sequence[str], amount: int, amounts: Sequence[int] | None,
                       row: LedgerRow | None) -> SettleResult | tuple[tuple[str, ...], list[int] | None] | None:
@@ -1447,6 +1462,8 @@ class RedisStore:
         if self._book is not None and self._book.calls:
             local = self._book.renew(call_id, time.monotonic() + lease_seconds)
             if local is not None:  # its slices' leases are renewed by the store's timer
+                if self._closing:  # (none after close: the renewal renews them)
+                    yield from self._late_reports_plan()
                 if not local.cold:
                     return True
                 keys = local.cold
@@ -1819,6 +1836,8 @@ class RedisStore:
         is True."""
         if self._book is not None:
             local = self._local_settle(call_id, keys, amount, amounts, row)
+            if local is not None and self._closing:
+                self._run(self._late_reports_plan())
             if isinstance(local, SettleResult):
                 return local
             if local is not None:  # the call's counters in Redis settle as usual
@@ -2082,7 +2101,9 @@ class RedisStore:
     def close(self) -> None:
         """Flush pending releases and journaled settles (as far as Redis answers), then close the
         sync client the store built (clients you passed stay open). A settle made after close
-        starts is sent at once."""
+        starts is sent at once, as is the report of a call admitted from a slice that was still in
+        flight (its settle, release or renewal)."""
+        self._closing = True  # first: a slice's call that settles from now on reports it itself
         if self._carry is not None:
             self._carry.close()  # first: a settle from now on is not queued, so none is stranded
         try:
@@ -2238,6 +2259,8 @@ class RedisStore:
                       row: LedgerRow | None = None) -> SettleResult:
         if self._book is not None:
             local = self._local_settle(call_id, keys, amount, amounts, row)
+            if local is not None and self._closing:
+                await self._arun(self._late_reports_plan())
             if isinstance(local, SettleResult):
                 return local
             if local is not None:
@@ -2298,6 +2321,7 @@ class RedisStore:
     async def aclose(self) -> None:
         """Flush what is pending, close the asyncio client the store built for the running loop
         (and the sync one)."""
+        self._closing = True  # as in close()
         if self._carry is not None:
             self._carry.close()  # as in close()
         try:

@@ -10,7 +10,9 @@ report (a refill, at most ``REPORT_SECONDS`` later by the next reserve or the st
 after ``MAX_REPORTED`` settles), which charges them, writes their ledger rows and sizes the slice
 again. A slice unused for ``IDLE_SECONDS`` is returned, as every slice is on ``close()`` and at
 exit (a store dropped without ``close()`` lives on until its timer returned its slices and
-reported its settles). Counters reserved rarely (a user seen once an hour) stay admitted per call in Redis.
+reported its settles). ``close()`` keeps of a slice what its calls in flight hold; the store's
+timer stops, so the settle, release or renewal of such a call reports its slice itself, at once.
+Counters reserved rarely (a user seen once an hour) stay admitted per call in Redis.
 
 Never overspend: in Redis, spent + holds + slices <= limit (a slice counts whole against the
 limit); here, what the slice's calls hold plus what they settled and was not reported yet stays
