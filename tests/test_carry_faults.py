@@ -431,3 +431,69 @@ def test_a_read_sees_a_settle_the_timer_is_sending(redis_url: str, admin: redis.
         assert store.read([key])[0] == CounterState(30, 0)  # waited for the timer's flush
     finally:
         store.close()
+
+
+# -- 7. a client that close() / aclose() closed under a call ---------------------------------------
+
+# What redis-py raises from a connection torn down under a read (its reader gone: redis-py #2349;
+# an asyncio transport closed under a write raises TypeError or AttributeError: redis-py #4287).
+TORN_DOWN = AttributeError("'NoneType' object has no attribute 'feed'")
+
+
+def test_a_call_whose_client_close_closed_under_it_is_retried(redis_url: str, admin: redis.Redis) -> None:
+    store = RedisStore(redis_url, prefix=fresh_prefix())
+    key = key_of()
+    assert store.reserve([Counter(key, 1000)], Hold("a", 100, 30)).ok
+    backend = store._sync  # noqa: SLF001
+
+    def torn_down(keys: Any = (), args: Any = ()) -> Any:
+        store.close()  # (from another thread, in life) closes this client under the call
+        raise TORN_DOWN
+
+    backend.scripts["settle"] = torn_down
+    result = store.settle("a", [key], 30, row=row("a", key))
+    assert (result.applied, result.pending) == (True, False)  # sent again on a new client
+    assert stored(admin, store, key) == CounterState(30, 0)
+    store.close()
+
+
+async def test_an_async_call_whose_client_aclose_closed_under_it_is_retried(redis_url: str,
+                                                                          admin: redis.Redis) -> None:
+    store = RedisStore(redis_url, prefix=fresh_prefix())
+    key = key_of()
+    assert (await store.areserve([Counter(key, 1000)], Hold("a", 100, 30))).ok
+    backend = store._async_backend()  # noqa: SLF001
+    started, closed = asyncio.Event(), asyncio.Event()
+
+    async def torn_down(keys: Any = (), args: Any = ()) -> Any:
+        started.set()
+        await closed.wait()  # aclose() closes this client meanwhile
+        raise TORN_DOWN
+
+    backend.scripts["settle"] = torn_down
+    settling = asyncio.ensure_future(store.asettle("a", [key], 30, row=row("a", key)))
+    await started.wait()
+    await store.aclose()
+    closed.set()
+    result = await settling  # not the AttributeError: sent again on a new client
+    assert (result.applied, result.pending) == (True, False)
+    assert stored(admin, store, key) == CounterState(30, 0)
+    assert not store.pending_journal
+    await store.aclose()  # (the client the retry made)
+
+
+async def test_an_error_of_a_live_async_client_is_not_retried(redis_url: str) -> None:
+    store = RedisStore(redis_url, prefix=fresh_prefix())
+    key = key_of()
+    assert (await store.areserve([Counter(key, 1000)], Hold("a", 100, 30))).ok
+    calls = []
+
+    async def broken(keys: Any = (), args: Any = ()) -> Any:
+        calls.append(1)
+        raise TORN_DOWN
+
+    store._async_backend().scripts["settle"] = broken  # noqa: SLF001
+    with pytest.raises(AttributeError):  # a bug, not a closed client: raised as it is
+        await store.asettle("a", [key], 30)
+    assert len(calls) == 1
+    await store.aclose()

@@ -270,6 +270,16 @@ class RetryPolicy:
 
 _ONCE = RetryPolicy(attempts=1)
 
+# What a redis-py client raises from a connection that close() / aclose() tore down under a call
+# (its reader or socket gone: AttributeError, ValueError, OSError; an asyncio transport closed
+# under a write: TypeError). Only for a client the store closed meanwhile is it retried (as
+# _closed_under_call), on a new client; otherwise it is raised as it is.
+_CLOSED_UNDER_CALL = (AttributeError, TypeError, ValueError, OSError)
+
+
+def _closed_under_call(exc: BaseException) -> redis.exceptions.ConnectionError:
+    return redis.exceptions.ConnectionError(f"the store's client was closed during the call: {exc!r}")
+
 
 class _NotSent(BudgetStoreUnavailableError):
     """Refused before any command was sent (an evicting policy): nothing to release."""
@@ -1613,11 +1623,11 @@ class RedisStore:
         try:
             self._check_policy(backend)
             return backend.scripts[call.script](keys=call.keys, args=call.args)
-        except (AttributeError, ValueError, OSError) as exc:
+        except _CLOSED_UNDER_CALL as exc:
             if not self._closed or backend is self._sync:
                 raise
             # close() closed this client under the call (a settle racing close): retried on a new one.
-            raise redis.exceptions.ConnectionError(f"the store's client was closed during the call: {exc!r}") from exc
+            raise _closed_under_call(exc) from exc
 
     def _execute(self, call: _Call, policy: RetryPolicy) -> Any:
         started = time.monotonic()
@@ -2144,9 +2154,17 @@ class RedisStore:
     async def _aattempt(self, call: _Call) -> Any:
         backend = self._async_backend()
         assert backend is not None
-        await backend.aready()
-        await self._acheck_policy(backend)
-        return await backend.scripts[call.script](keys=call.keys, args=call.args)
+        try:
+            await backend.aready()
+            await self._acheck_policy(backend)
+            return await backend.scripts[call.script](keys=call.keys, args=call.args)
+        except _CLOSED_UNDER_CALL as exc:
+            # As in _attempt: aclose() closed this client under the call (it takes the loop's
+            # client out first, then closes it): retried on a new one. A client you gave is never
+            # closed by the store, and an error of the loop's live client is raised as it is.
+            if backend is self._async_given or self._async_by_loop.get(asyncio.get_running_loop()) is backend:
+                raise
+            raise _closed_under_call(exc) from exc
 
     async def _aexecute(self, call: _Call, policy: RetryPolicy) -> Any:
         started = time.monotonic()
