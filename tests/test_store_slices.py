@@ -496,3 +496,99 @@ def test_slices_shrink_with_the_number_of_processes_holding_one(redis_url: str, 
         store.settle(cid, [key], 10_000)
         store.close()
     assert not admin.hget(first.redis_keys(key)[0], "n")
+
+
+# -- a call admitted from a slice, settled by another store ------------------------------------------
+
+
+def _other(store: RedisStore, redis_url: str, kind: str) -> RedisStore:  # noqa: F811
+    """Another store on the same Redis and prefix (another process, or a second store here)."""
+    return RedisStore(redis_url, prefix=store.prefix, lease_slices=kind == "sliced")
+
+
+def _record(admin: redis.Redis, store: RedisStore, key: str, call_id: str) -> str | None:  # noqa: F811
+    return admin.get(f"{store.prefix}c:{{{key[1:key.index('}')]}}}:{call_id}")
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("kind", ["plain", "sliced"])
+@pytest.mark.parametrize("reported", [False, True], ids=["before-its-report", "after-its-report"])
+def test_a_call_another_store_settles_is_charged_once(redis_url: str, admin: redis.Redis, kind: str,
+                                                      reported: bool) -> None:  # noqa: F811
+    owner = _sliced(redis_url)
+    key = f"{{foreign-{kind}-{reported}}}:b:global"
+    hold = Hold("a", 1000, 1.5, charge_on_expiry=1000)
+    assert owner.reserve([Counter(key, 10**9)], hold).ok
+    assert owner.slice_holdings()[key][1] == 1000  # admitted from the slice: no record in Redis yet
+    if reported:  # the owner's timer records the call in Redis with the slice's next report
+        _wait_for_value(lambda: _record(admin, owner, key, "a"), "h:" + hold.token)
+    other = _other(owner, redis_url, kind)
+    assert other.settle("a", [key], 700, row=LedgerRow(budget="b", call_id="a", keys=(key,))).applied
+    # The call's lease ends in the owner (it never settles there): its expiry charges nothing more.
+    _wait_for_value(lambda: owner.slice_holdings(), {})
+    assert other.read([key]) == [CounterState(700, 0)]
+    assert [r.call_id for r in other.read_ledger("b")] == ["a"]
+    owner.settle("a", [key], 900)  # a late settle here too: the report finds the call settled
+    owner.close()
+    assert other.read([key]) == [CounterState(700, 0)]
+    assert [r.call_id for r in other.read_ledger("b")] == ["a"]
+    other.close()
+
+
+def _wait_for_value(get, want, timeout: float = 20.0) -> None:
+    until = time.monotonic() + timeout
+    while (got := get()) != want:
+        assert time.monotonic() < until, f"timed out: {got!r} != {want!r}"
+        time.sleep(0.01)
+
+
+@pytest.mark.redis
+def test_a_settle_from_another_store_after_the_owner_charged_expiry_replaces_it(
+        redis_url: str, admin: redis.Redis) -> None:  # noqa: F811
+    owner = _sliced(redis_url)
+    key = "{foreign-late}:b:global"
+    assert owner.reserve([Counter(key, 10**6)], Hold("a", 1000, 0.3, charge_on_expiry=400)).ok
+    _wait_for_value(lambda: owner.slice_holdings(), {})  # its lease ended here: 400 charged, reported
+    other = _other(owner, redis_url, "plain")
+    assert other.read([key]) == [CounterState(400, 0)]
+    assert other.settle("a", [key], 250).applied  # replaces the expiry charge, as a reaped hold's
+    assert other.read([key]) == [CounterState(250, 0)]
+    assert owner.settle("a", [key], 900).applied  # the owner's own late settle: settled already
+    _wait_for_value(lambda: owner.slice_holdings(), {})
+    assert other.read([key]) == [CounterState(250, 0)]
+    owner.close()
+    other.close()
+
+
+@pytest.mark.redis
+def test_a_call_settled_by_its_owner_and_by_another_store_is_charged_once(
+        redis_url: str, admin: redis.Redis) -> None:  # noqa: F811
+    owner = _sliced(redis_url)
+    other = _other(owner, redis_url, "plain")
+    first, second = "{both-owner-first}:b:global", "{both-other-first}:b:global"
+    for call_id, key in (("a", first), ("b", second)):
+        assert owner.reserve([Counter(key, 10**6)], Hold(call_id, 1000, 30)).ok
+    assert owner.settle("a", [first], 700, row=LedgerRow(budget="b", call_id="a", keys=(first,))).applied
+    _wait_for_value(lambda: _record(admin, owner, first, "a"), "s")  # reported: the call is settled in Redis
+    assert not other.settle("a", [first], 500, row=LedgerRow(budget="b", call_id="a", keys=(first,))).applied
+    assert other.settle("b", [second], 500, row=LedgerRow(budget="c", call_id="b", keys=(second,))).applied
+    assert owner.settle("b", [second], 700, row=LedgerRow(budget="c", call_id="b", keys=(second,))).applied
+    owner.close()  # reports the owner's settle of the second: settled already, charged nothing
+    assert other.read([first, second]) == [CounterState(700, 0), CounterState(500, 0)]
+    assert [r.cost_nano for r in other.read_ledger("b")] == [700]
+    assert [r.cost_nano for r in other.read_ledger("c")] == [500]
+    other.close()
+
+
+@pytest.mark.redis
+def test_the_longest_call_ids_are_recorded_by_a_slice_report(redis_url: str, admin: redis.Redis) -> None:  # noqa: F811
+    owner = _sliced(redis_url)
+    key = "{long-ids}:b:global"
+    call_id = "é" * 512  # the longest call id: 1024 bytes
+    hold = Hold(call_id, 1000, 30)
+    assert owner.reserve([Counter(key, 10**6)], hold).ok
+    _wait_for_value(lambda: _record(admin, owner, key, call_id), "h:" + hold.token)
+    assert owner.settle(call_id, [key], 600).applied
+    owner.close()
+    assert _record(admin, owner, key, call_id) == "s"
+    assert owner.read([key]) == [CounterState(600, 0)]

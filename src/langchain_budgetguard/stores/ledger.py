@@ -217,6 +217,16 @@ class LedgerRow:
         packed = [row.packed(charged, common) for row, charged in rows]
         return json.dumps(common, separators=(",", ":")), json.dumps(packed, separators=(",", ":"))
 
+    @staticmethod
+    def packed_rows(rows: Sequence[tuple[LedgerRow, int]]) -> tuple[str, list[str]]:
+        """``packed_batch`` with each row's JSON apart (a slice report leaves some out: their
+        JSON array is ``"[" + ",".join(them) + "]"``)."""
+        if not rows:
+            return "", []
+        common = {k: v for k, v in rows[0][0]._shared().items() if v is not None}
+        return (json.dumps(common, separators=(",", ":")),
+                [json.dumps(row.packed(charged, common), separators=(",", ":")) for row, charged in rows])
+
     @classmethod
     def rows_of_entry(cls, at_ms: int, values: Mapping[str, str]) -> list[LedgerRow]:
         """The rows of one stream entry, oldest first: one as ``fields`` wrote it, or a batch

@@ -682,6 +682,7 @@ class RedisStore:
             lease = SLICE_LEASE_SECONDS if slice_lease_seconds is None else slice_lease_seconds
             self._book = SliceBook(self.retry_window_seconds,
                                    lease_seconds=check_seconds(lease, "slice_lease_seconds", 3600.0))
+            self._book.slot_of = _slot_part
             if "multiprocessing.util" in sys.modules:
                 _hook_multiprocessing()
             me = weakref.ref(self)
@@ -1109,18 +1110,34 @@ class RedisStore:
         group = _groups_of((found.key,))[0]
         counter, leases = self.redis_keys(found.key)
         indexed = self.index_key(found.key)
-        names = (counter, leases, indexed[0] if indexed else counter, f"{self.prefix}ledger:{group.slot}",
-                 f"{self.prefix}sl:{group.slot}:{found.sid}")
+        names = [counter, leases, indexed[0] if indexed else counter, f"{self.prefix}ledger:{group.slot}",
+                 f"{self.prefix}sl:{group.slot}:{found.sid}"]
         args = [found.sid, str(report.seq), str(report.limit), "" if report.expires_at is None else str(report.expires_at),
                 ",".join(map(str, report.alerts)), indexed[1] if indexed else "", str(report.kept), str(report.want),
                 str(report.need), str(book.div),
                 str(_ms(book.lease_seconds)), self._retry_ms, *self._ledger_args, str(len(report.batch)),
                 str(report.total) if report.total >= 0 else "-" + str(-report.total)]
-        rows = [(r.row, r.row_amount) for r in report.batch if r.row is not None]
-        args += [str(len(rows)), *reversed(LedgerRow.packed_batch(rows))]
+        # Each call's record (settled elsewhere? admitted here: see lua/slice.lua), its row apart.
+        record = f"{self.prefix}c:{group.slot}:"
+        rows: list[tuple[LedgerRow, int]] = []
+        checked: list[str] = []
+        for r in report.batch:
+            number = 0
+            if r.row is not None:
+                rows.append((r.row, r.row_amount))
+                number = len(rows)
+            if not r.own:
+                names.append(record + r.call_id)
+                checked += [r.kind, str(r.amount), r.call_id, str(number)]
+        admitted = report.admitted or ()
+        names += [record + call_id for call_id, _, _ in admitted]
+        shared, packed = LedgerRow.packed_rows(rows)
+        args += [str(len(rows)), shared, str(len(checked) // 4), str(len(admitted)), *packed, *checked]
+        for _, token, left in admitted:
+            args += [token, str(left)]
         try:
             yield from self._register_plan([group])
-            reply = yield _Call("slice", names, tuple(args))
+            reply = yield _Call("slice", tuple(names), tuple(args))
         except BudgetStoreUnavailableError:
             book.failed(report, time.monotonic())
             return False

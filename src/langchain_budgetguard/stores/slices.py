@@ -31,10 +31,16 @@ Call ids: a call admitted here is known here for its lease and the store's retry
 it ends, as a Redis record would be: a reserve of that id in this process is refused
 (``reused``), a repeated settle changes nothing, a settle after the call's lease ended here
 (the store's timer charged its ``charge_on_expiry``) replaces that charge, and a release then
-(by the attempt that reserved it) refunds it, as ``release.lua`` does. A reserve of the same
-id in another process is not refused (each call is charged). The report marks each call
-settled in Redis only by its ledger row (a slice's part of a call is never journaled: a report
-that cannot reach Redis is kept and sent again as it was).
+(by the attempt that reserved it) refunds it, as ``release.lua`` does. The slice's next report
+records each call it admitted in Redis (its call record, ``h:<token>``, for its lease and the
+retry window, as a reserve does: a reserve of that id elsewhere is refused from then on, not
+before) and marks each call it settles settled there. A settle sent by another store (another
+process, or a second store here) therefore charges the call once: it finds the record (or none,
+before the report) and charges the call, keeping the record as long as the call's lease here
+(``settle.lua``); the report then skips that call (its settle, late settle or expiry charge here,
+and its ledger row). An expiry charge reported here is remembered as a reaped hold's is, so a
+settle from another store after it replaces it. A slice's part of a call is never journaled: a
+report that cannot reach Redis is kept and sent again as it was.
 """
 
 from __future__ import annotations
@@ -85,6 +91,14 @@ class Reported:
     amount: int  # on this counter; below 0 for a late settle below what expiry charged, or a release after it
     row_amount: int = 0
     row: Any = None  # the call's LedgerRow (with one counter of the call only), encoded when reported
+    # SETTLE, EXPIRED (its charge_on_expiry), LATE (a settle after that: the difference) or
+    # REFUND (a release after that); a report skips one the call's record in Redis shows settled
+    # by another store, and marks what it applies there (see lua/slice.lua).
+    kind: str = "s"
+    own: bool = False  # the call's own settle on this tag (its counters in Redis) marks its record
+
+
+SETTLE, EXPIRED, LATE, REFUND = "s", "e", "l", "r"  # Reported.kind
 
 
 @dataclass(slots=True)
@@ -104,6 +118,9 @@ class Report:
     expires_at: int | None
     alerts: tuple[int, ...]
     keep_free: bool = False  # keeps the slice's free part (calls are admitted from it meanwhile)
+    # calls admitted from the slice since the last report: (call id, token, ms their lease has left)
+    admitted: list[tuple[str, str, int]] | None = None
+    taken_admitted: int = 0  # how many of the slice's admitted this report took
 
 
 class Slice:
@@ -111,7 +128,7 @@ class Slice:
 
     __slots__ = ("key", "sid", "limit", "expires_at", "alerts", "grant", "used",
                  "unreported", "unreported_sum", "seq", "pending", "busy", "reported_at",
-                 "last_used", "dry_until", "broken_until", "lease_until", "state", "open")
+                 "last_used", "dry_until", "broken_until", "lease_until", "state", "open", "admitted")
 
     def __init__(self, key: str, plan: CounterHold, now: float) -> None:
         self.key = key
@@ -121,6 +138,7 @@ class Slice:
         self.used = 0  # held by its calls in flight
         self.unreported: list[Reported] = []
         self.unreported_sum = 0
+        self.admitted: list[tuple[str, str, float]] = []  # (call id, token, lease end) not reported yet
         self.seq = 0  # the last report applied
         self.pending: Report | None = None  # a report whose outcome is unknown (Redis away)
         self.busy = False  # a report is in flight: nothing is admitted from the slice meanwhile
@@ -182,6 +200,7 @@ class SliceBook:
         # ids admit nothing more here; an expired one's late settle replaces what expiry charged.
         self.ended: dict[str, tuple[float, LocalCall | None]] = {}
         self._hits: dict[str, tuple[float, int]] = {}
+        self.slot_of: Any = lambda key: key  # a counter key -> its hash tag's part of Redis names (the store's)
 
     def __len__(self) -> int:
         return len(self.slices)
@@ -234,7 +253,8 @@ class SliceBook:
         amount = plan.amount
         return (found.grant - found.used - found.unreported_sum >= amount and now < found.lease_until
                 and found.limit == plan.limit and found.expires_at == plan.expires_at and found.alerts == plan.alerts
-                and found.pending is None and len(found.unreported) < MAX_REPORTED)
+                and found.pending is None and len(found.unreported) < MAX_REPORTED
+                and len(found.admitted) < MAX_REPORTED)
 
     def _take(self, found: Slice, plan: CounterHold, now: float, out: Taking) -> None:
         found.used += plan.amount
@@ -253,6 +273,8 @@ class SliceBook:
     def commit(self, call_id: str, token: str, out: Taking, lease_ends: float) -> None:
         with self.lock:
             self.calls[call_id] = LocalCall(token, tuple(out.taken), tuple(out.cold), lease_ends)
+            for found, _, _ in out.taken:  # recorded in Redis with the slice's next report
+                found.admitted.append((call_id, token, lease_ends))
 
     def undo(self, taken: list[tuple[Slice, int, int]]) -> None:
         """Give back what a reserve took (its Redis part was refused or failed)."""
@@ -292,6 +314,7 @@ class SliceBook:
                     return SETTLED_BEFORE
                 call, expired = ended[1], True
             fields = None if call.cold else row
+            cold_slots = {self.slot_of(k) for k in call.cold} if call.cold else ()
             for found, amount, charge in call.taken:
                 charged = charges.get(found.key, amount)
                 if expired:
@@ -299,7 +322,9 @@ class SliceBook:
                     found = self.slices.setdefault(found.key, found)  # (its slice may be returned since)
                 else:
                     found.used -= amount
-                found.unreported.append(Reported(call_id, charged, row_amount, fields))
+                own = bool(cold_slots) and self.slot_of(found.key) in cold_slots
+                found.unreported.append(Reported(call_id, charged, row_amount, fields, LATE if expired else SETTLE,
+                                                 own))
                 found.unreported_sum += charged
                 fields = None
             self._end(call_id, None, now)
@@ -326,7 +351,7 @@ class SliceBook:
                     return SETTLED_BEFORE
                 for found, _, charge in call.taken:
                     found = self.slices.setdefault(found.key, found)  # (its slice may be returned since)
-                    found.unreported.append(Reported(call_id, -charge))
+                    found.unreported.append(Reported(call_id, -charge, kind=REFUND))
                     found.unreported_sum -= charge
                 del self.ended[call_id]
                 self._end(call_id, None, now)
@@ -347,7 +372,7 @@ class SliceBook:
                 call = self.calls.pop(call_id)
                 for found, amount, charge in call.taken:
                     found.used -= amount
-                    found.unreported.append(Reported(call_id, charge))
+                    found.unreported.append(Reported(call_id, charge, kind=EXPIRED))
                     found.unreported_sum += charge
                 self._end(call_id, call, now)
 
@@ -378,8 +403,11 @@ class SliceBook:
         if keep_free:
             kept += max(0, found.free)
         found.open = keep_free
+        taken = found.admitted[:MAX_REPORTED]
+        settled = {r.call_id for r in batch if r.kind == SETTLE}  # (recorded settled by the batch itself)
+        admitted = [(c, t, max(1, int((ends - now) * 1000))) for c, t, ends in taken if c not in settled]
         return Report(found, now, found.seq + 1, batch, total, kept, want, need, found.limit, found.expires_at,
-                      found.alerts, keep_free)
+                      found.alerts, keep_free, admitted, len(taken))
 
     def reported(self, report: Report, grant: int, state: CounterState, now: float) -> None:
         """A report applied (or had applied before: a lost reply)."""
@@ -389,6 +417,7 @@ class SliceBook:
             found.busy = found.open = False
             found.seq = report.seq
             del found.unreported[: len(report.batch)]
+            del found.admitted[: report.taken_admitted]
             found.unreported_sum -= report.total
             found.grant = grant
             found.reported_at = now
@@ -398,7 +427,8 @@ class SliceBook:
             found.state = state
             if report.need and grant - report.kept < report.need:
                 found.dry_until = now + DRY_SECONDS
-            if not grant and not found.used and not found.unreported and self.slices.get(found.key) is found:
+            if (not grant and not found.used and not found.unreported and not found.admitted
+                    and self.slices.get(found.key) is found):
                 del self.slices[found.key]  # returned: a new slice starts afresh when it is hot again
 
     def failed(self, report: Report, now: float) -> None:
@@ -425,7 +455,7 @@ class SliceBook:
                     continue
                 # Keeping the free part is safe only while the lease surely holds in Redis.
                 alive = now < found.lease_until
-                if found.unreported and now - found.reported_at >= REPORT_SECONDS:
+                if (found.unreported or found.admitted) and now - found.reported_at >= REPORT_SECONDS:
                     out.append(self._report(found, now, want=0, need=0, keep_free=alive))
                 elif (found.used or found.grant) and now - found.reported_at >= self.lease_seconds / 3:
                     out.append(self._report(found, now, want=0, need=0, keep_free=alive))

@@ -59,11 +59,12 @@ if rec and string.sub(rec, 1, 1) == 's' then
 end
 local now = now_ms()
 local out = {1}
+local held = false
 for i = 1, n do
   local c, l = KEYS[3 * i + 1], KEYS[3 * i + 2]
   reap(c, l, now, keep)
   local v = redis.call('HGET', c, '@' .. id)
-  if v then drop(c, l, id, v) else unexpire(c, l, id) end
+  if v then drop(c, l, id, v) held = true else unexpire(c, l, id) end
   add_spent(c, ARGV[8 + i])
   fire_alerts(c, i, out)
   index_spent(c, KEYS[3 * i + 3], ARGV[8 + n + i])
@@ -76,10 +77,15 @@ if #ARGV > 8 + 2 * n and max_rows ~= '' and max_rows ~= '0' then
     redis.call('XTRIM', stream, 'MINID', '~', tostring(now - tonumber(keep_rows_ms)))
   end
 end
+-- A call held nowhere here but with a record was admitted from a process's slice (slice.lua
+-- recorded it): its record stays as long as that one would, so that the slice's report, up to
+-- the end of the call's lease there, finds the call settled and charges it nothing more.
+local ttl = keep
+if rec and not held then ttl = math.max(keep, redis.call('PTTL', record)) end
 if #out > 1 and attempt ~= '' then
-  redis.call('SET', record, 's:' .. attempt .. ':' .. table.concat(out, ',', 2), 'PX', keep)
+  redis.call('SET', record, 's:' .. attempt .. ':' .. table.concat(out, ',', 2), 'PX', ttl)
 else
-  redis.call('SET', record, 's', 'PX', keep)
+  redis.call('SET', record, 's', 'PX', ttl)
 end
 note_seq()
 return out
