@@ -195,3 +195,38 @@ def test_an_evicting_policy_on_any_master_is_refused(cluster: list[RedisServer],
             store.close()
         finally:
             one.config_set("maxmemory-policy", "noeviction")
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_reserve_cancelled_during_its_second_step_leaves_no_hold(
+    cluster: list[RedisServer], admin: RedisCluster
+) -> None:
+    """The platform's master stalls (CLIENT PAUSE) while step 2 waits, and the caller gives up
+    (asyncio.wait_for): step 1's hold and step 2's late run are released, tombstoned, in the
+    background; nothing stays held and nothing is charged on expiry."""
+    import time
+
+    import redis as redis_py
+
+    tenant_tag, platform_tag, _ = tags_on_every_node(admin)
+    tenant, platform = Counter("{" + tenant_tag + "}:user:a", 1_000), Counter("{" + platform_tag + "}:all", 1_000)
+    keys = [tenant.key, platform.key]
+    store = RedisStore(cluster_url(cluster), prefix=fresh_prefix())
+    warm = uuid.uuid4().hex
+    assert (await store.areserve([tenant, platform], Hold(warm, 1, 30))).ok  # scripts loaded on both nodes
+    await store.asettle(warm, keys, 0)
+    node = admin.get_node_from_key(platform.key)
+    with redis_py.Redis(host=node.host, port=node.port) as direct:
+        direct.execute_command("CLIENT", "PAUSE", "800", "WRITE")
+    hold = Hold(uuid.uuid4().hex, 100, 30, charge_on_expiry=100)
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(store.areserve([tenant, platform], hold), timeout=0.25)
+    deadline = time.monotonic() + 10
+    while store.pending_releases and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.8)  # the pause is over; the stalled reserve has run (refused: tombstone)
+    assert store.pending_releases == 0
+    assert await store.aread(keys) == [CounterState(0, 0)] * 2
+    for key in keys:
+        assert admin.get(store.record_key(hold.call_id, key)) == b"r"
+    await store.aclose()

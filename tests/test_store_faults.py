@@ -206,6 +206,36 @@ def test_a_reserve_that_runs_after_its_client_gave_up_leaves_no_hold(
     store.close()
 
 
+def test_a_reserve_interrupted_during_its_second_step_leaves_no_hold(
+    server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """KeyboardInterrupt (or a signal handler's timeout) while step 2 is in flight, after Redis
+    ran it: both tags' holds are released, tombstoned, in the background."""
+    store = RedisStore(server.url, prefix=fresh_prefix(), retry=FAST_FAIL)
+    tenant, platform = two_tags()
+    keys = [tenant.key, platform.key]
+    warm(store)
+    real = store._attempt
+
+    def interrupted(call):  # type: ignore[no-untyped-def]
+        reply = real(call)
+        if call.script == "reserve" and any(platform.key in k for k in call.keys):
+            raise KeyboardInterrupt
+        return reply
+
+    monkeypatch.setattr(store, "_attempt", interrupted)
+    hold = Hold(call_id(), 100, 30, charge_on_expiry=100)
+    with pytest.raises(KeyboardInterrupt):
+        store.reserve([tenant, platform], hold)
+    monkeypatch.setattr(store, "_attempt", real)
+    settled_everywhere(store)
+    assert store.read(keys) == [CounterState(0, 0)] * 2
+    with redis.Redis(port=server.port) as check:
+        for key in keys:
+            assert check.get(store.record_key(hold.call_id, key)) == b"r"
+    store.close()
+
+
 # -- command errors ----------------------------------------------------------------------------
 
 

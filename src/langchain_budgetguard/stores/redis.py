@@ -62,6 +62,8 @@ that hold counts as placed. When a reserve cannot complete (every reply lost, a 
 command error), every tag it may have reached is released before ``BudgetStoreUnavailableError``
 is raised, and the release leaves a tombstone (for lease + retry window) so that a reserve still
 queued in Redis (a client timeout while the server was stalled) is refused when it finally runs.
+A reserve whose caller is cancelled or interrupted (CancelledError, KeyboardInterrupt) queues the
+same tombstoned releases, for every tag placed and the one in flight, without waiting for them.
 A release that cannot reach Redis is retried after each later operation and by a background
 thread until it succeeds or the lease + retry window is over. Redis command errors (OOM,
 READONLY, MISCONF, BUSY, LOADING, ...) become ``BudgetStoreUnavailableError``; NOSCRIPT after a
@@ -971,6 +973,13 @@ class RedisStore:
                 reached = [g for g, _, _ in placed] + ([] if isinstance(exc, _NotSent) else [group])
                 yield from self._release(reached, call_id, token, tombstone_ms, lease_seconds)
                 raise
+            except BaseException:
+                # Cancelled or interrupted while this tag's reserve was in flight (it may still run
+                # once its node answers): nothing may be awaited now, so the releases of every tag
+                # placed and of this one are queued, tombstoned, for the background repair.
+                self._queue_releases([g for g, _, _ in placed] + [group], call_id, token, tombstone_ms,
+                                     lease_seconds)
+                raise
             width = 2 + 2 * len(group.keys)
             code, found = int(reply[0]), _states(reply[2:width])
             crossed += _crossings(reply[width:], keys, group)
@@ -1012,9 +1021,8 @@ class RedisStore:
         """Release the call's holds on ``groups``. One that cannot reach Redis now is queued and
         retried (after later operations, and by a background thread) until the lease and the
         retry window are over, after which Redis no longer needs it (the records are gone)."""
-        for group in groups:
-            call = self._call("release", group, call_id, [call_id, token, tombstone_ms])
-            call = _Call(call.script, call.keys, call.args, once=True)
+        for number, group in enumerate(groups):
+            call = self._release_call(group, call_id, token, tombstone_ms)
             try:
                 yield call
             except BudgetStoreUnavailableError:
@@ -1023,6 +1031,28 @@ class RedisStore:
                     self._releases.append(_PendingRelease(call, give_up))
                 log.warning("could not release call %s on %s yet; retrying in the background", call_id, group.slot)
                 self._start_repairer()
+            except BaseException:  # cancelled or interrupted: this release and the rest are queued
+                self._queue_releases(groups[number:], call_id, token, tombstone_ms, lease_seconds)
+                raise
+
+    def _release_call(self, group: _Group, call_id: str, token: str, tombstone_ms: str) -> _Call:
+        call = self._call("release", group, call_id, [call_id, token, tombstone_ms])
+        return _Call(call.script, call.keys, call.args, once=True)
+
+    def _queue_releases(self, groups: Sequence[_Group], call_id: str, token: str, tombstone_ms: str,
+                        lease_seconds: float) -> None:
+        """Queue the call's releases on ``groups`` without sending them (the caller was cancelled
+        or interrupted: nothing may be awaited); the repairer thread, or the store's next
+        operation, sends them until the lease and the retry window are over."""
+        if not groups:
+            return
+        give_up = time.monotonic() + lease_seconds + self.retry_window_seconds
+        queued = [_PendingRelease(self._release_call(g, call_id, token, tombstone_ms), give_up) for g in groups]
+        with self._lock:
+            self._releases.extend(queued)
+        log.warning("call %s was interrupted while reserving; its holds on %s are released in the background",
+                    call_id, ", ".join(g.slot for g in groups))
+        self._start_repairer()
 
     def release(self, call_id: str, keys: Sequence[str], hold: Hold) -> None:
         """Release a reservation whose call does not go ahead (charge nothing), leaving a
