@@ -230,3 +230,38 @@ async def test_a_reserve_cancelled_during_its_second_step_leaves_no_hold(
     for key in keys:
         assert admin.get(store.record_key(hold.call_id, key)) == b"r"
     await store.aclose()
+
+
+def test_a_journal_entry_of_a_node_that_is_away_holds_back_only_that_node(
+    cluster: list[RedisServer], admin: RedisCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Journaled settles on three tags; the first tag's node cannot be reached (connections
+    refused, fault-injected): the entries of the tags on the other nodes replay at once, also a
+    two-tag entry's part on a reachable tag, and the rest once the node is back, each once."""
+    import redis as redis_py
+
+    from langchain_budgetguard.stores.redis import RetryPolicy
+
+    away_tag, up_tag, platform_tag = tags_on_every_node(admin)
+    away, up, platform = ("{" + t + "}:user:a" for t in (away_tag, up_tag, platform_tag))
+    store = RedisStore(cluster_url(cluster), prefix=fresh_prefix(), retry=RetryPolicy(attempts=1))
+    real = store._attempt
+    node = admin.get_node_from_key("{" + away_tag + "}")
+
+    def unreachable(call):  # type: ignore[no-untyped-def]
+        if any(admin.get_node_from_key(k).name == node.name for k in call.keys):
+            raise redis_py.exceptions.ConnectionError("connection refused (fault injected)")
+        return real(call)
+
+    monkeypatch.setattr(store, "_attempt", unreachable)
+    store.journal.append("first", (away,), 100)
+    store.journal.append("both", (away, platform), 20)
+    store.journal.append("healthy", (up,), 7)
+    store.journal.append("platform", (platform,), 3)
+    assert store.flush_journal() == 2
+    assert [e.call_id for e in store.pending_journal] == ["first", "both"]
+    assert store.read([up, platform]) == [CounterState(7, 0), CounterState(23, 0)]
+    monkeypatch.setattr(store, "_attempt", real)
+    assert store.flush_journal() == 2
+    assert store.read([away, up, platform]) == [CounterState(120, 0), CounterState(7, 0), CounterState(23, 0)]
+    store.close()

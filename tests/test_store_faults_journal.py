@@ -22,7 +22,7 @@ from langchain_budgetguard.stores.base import Counter, CounterState, Hold
 from langchain_budgetguard.stores.journal import MemoryJournal, SqliteJournal
 from langchain_budgetguard.stores.redis import RedisStore, RetryPolicy
 
-from .redis_support import RedisServer, fresh_prefix, wait_until
+from .redis_support import RedisServer, fresh_prefix, redis_url, wait_until  # noqa: F401 - fixture
 
 FAST_FAIL = RetryPolicy(attempts=2, deadline_seconds=0.3, first_wait=0.01, max_wait=0.05)
 pytestmark = pytest.mark.redis
@@ -196,3 +196,25 @@ def test_reserve_refused_by_hold_token_after_the_journal_replayed(tmp_path: Path
             assert store.reserve([Counter("{b}:k", 100)], Hold("served-open", 1, 30)).reused
     finally:
         server.stop()
+
+
+def test_an_entry_redis_refuses_holds_back_later_entries_of_its_tag(redis_url: str) -> None:
+    """A tag's journal mark is the highest seq applied there: a later entry of the tag applied
+    past a refused one (a key of the wrong type) would make the refused one count as replayed,
+    its charge lost, once it becomes replayable. So later entries of that tag wait behind it;
+    other tags go on."""
+    store = RedisStore(redis_url, prefix=fresh_prefix(), retry=FAST_FAIL)
+    tag, other = uuid.uuid4().hex[:8], uuid.uuid4().hex[:8]
+    bad, good, elsewhere = "{" + tag + "}:user:bad", "{" + tag + "}:user:good", "{" + other + "}:user:x"
+    with redis.Redis.from_url(redis_url) as admin:
+        admin.set(store.redis_keys(bad)[0], "not a hash")  # WRONGTYPE for the settle script
+        store.journal.append("refused", (bad,), 300)
+        store.journal.append("behind", (good,), 40)
+        store.journal.append("other-tag", (elsewhere,), 5)
+        assert store.flush_journal() == 1  # only the other tag's entry
+        assert [e.call_id for e in store.pending_journal] == ["refused", "behind"]
+        assert store.read([elsewhere]) == [CounterState(5, 0)]
+        admin.delete(store.redis_keys(bad)[0])  # the operator fixes the key
+    assert store.flush_journal() == 2
+    assert store.read([bad, good]) == [CounterState(300, 0), CounterState(40, 0)]
+    store.close()

@@ -9,7 +9,9 @@ Every entry has a sequence number, increasing within its journal, and every jour
 replay hands both to the settle script, which keeps per hash tag the highest sequence number
 of this journal applied there (``<prefix>j:{tag}:<journal id>``, no TTL for a file journal): a
 replay counts once however late it comes, even when a reply was lost or the process died right
-after Redis applied it.
+after Redis applied it. Since a mark is a high-water mark, a replay never applies an entry on a tag
+before an earlier entry that waits on that tag (its node down, or refused): those wait in order,
+while the entries of other tags go on.
 
 Two journals:
 

@@ -79,6 +79,11 @@ record; a reserve's (expiry reaps only) are lost with a lost reply or an outage 
 
 A settle that cannot reach Redis is kept in the settle journal (``stores.journal``: in memory, or
 a SQLite file with ``journal_path``) and replayed exactly once when Redis answers (see there).
+A replay goes tag by tag: an entry whose tag cannot take it now (its node is down, or Redis
+refuses the script: a key of the wrong type) stays, and so do the later entries' settles on that
+tag (a tag counts replays by the highest entry applied there, so they wait behind it, in order);
+entries and parts of entries on other tags replay at once. On one server, an unreachable Redis
+ends the pass at once; on a Cluster, an unreachable node holds back that node's tags only.
 Call ``close()`` (or use ``with RedisStore(...) as store:``) to flush it and close the clients;
 interpreter exit flushes too.
 
@@ -107,11 +112,11 @@ twice: spent + held <= limit at every instant. A script call that fails, or whos
 interrupted or cancelled while it waits, journals the settles it carried (replayed exactly once,
 as above); one the server refuses (a key of the wrong type) is sent again settle by settle, and
 the reserve alone, so that one bad key fails only its own settle (journaled; a journal replay
-passes over an entry Redis refuses and goes on with the rest). If the process dies with settles
-queued (at most those of the last window), their holds expire with their lease and are charged
-all they reserved (the calls were served): a carrying store places every hold with an expiry
-charge of its full amount, whatever ``charge_on_expiry`` the hold asked for, since it cannot
-tell Redis which settles wait without the round trip it saves.
+goes on past an entry Redis refuses with the entries of other tags, see above). If the process
+dies with settles queued (at most those of the last window), their holds expire with their lease
+and are charged all they reserved (the calls were served): a carrying store places every hold
+with an expiry charge of its full amount, whatever ``charge_on_expiry`` the hold asked for, since
+it cannot tell Redis which settles wait without the round trip it saves.
 
 Leased slices (``lease_slices=True``, off by default; ``stores.slices``, ``lua/slice.lua``). A
 counter this process reserves on often is admitted against a slice of its budget leased from
@@ -299,6 +304,46 @@ class _PendingRelease:
 
     call: _Call
     give_up_at: float
+
+
+class _HeldBack(BudgetStoreUnavailableError):
+    """A journal entry's settle on a tag not sent: an earlier entry on that tag is waiting."""
+
+
+class _ReplayBlocks:
+    """The tags (and cluster nodes) one journal replay pass holds back: a tag whose settle
+    failed (Redis refused it, or could not be reached), and every tag of a node that could not
+    be reached (on one server: all of them, as when the replay stopped at the first failure)."""
+
+    def __init__(self, client: Any) -> None:
+        self._cluster = client if isinstance(client, (redis.cluster.RedisCluster,
+                                                      redis.asyncio.cluster.RedisCluster)) else None
+        self.tags: set[str] = set()
+        self.nodes: set[str] = set()
+        self._node_of: dict[str, str] = {}
+
+    def node(self, slot: str) -> str:
+        if self._cluster is None:
+            return ""
+        name = self._node_of.get(slot)
+        if name is None:
+            try:
+                name = self._cluster.get_node_from_key(slot).name  # (a slot is "{tag}" or "~{key}")
+            except Exception:  # noqa: BLE001 - a slot not covered now: held back by its tag alone
+                name = "?" + slot
+            self._node_of[slot] = name
+        return name
+
+    def holds_back(self, slot: str) -> bool:
+        return slot in self.tags or (bool(self.nodes) and self.node(slot) in self.nodes)
+
+    def holds_back_all(self, keys: Sequence[str]) -> bool:
+        return (bool(self.tags) or bool(self.nodes)) and all(self.holds_back(g.slot) for g in _groups(keys))
+
+    def fail(self, slot: str, exc: BaseException) -> None:
+        self.tags.add(slot)
+        if not _refused_script(exc) and not isinstance(exc, _HeldBack):
+            self.nodes.add(self.node(slot))
 
 
 # -- pure helpers: names, script arguments, replies ----------------------------------------------
@@ -1764,8 +1809,8 @@ class RedisStore:
         return live
 
     def _repair(self, policy: RetryPolicy, wait: bool = True) -> int:
-        """Retry pending releases, then replay the journal oldest first; stop at the first that
-        cannot reach Redis (kept for next time; one Redis refuses is kept and passed over).
+        """Retry pending releases, then replay the journal oldest first (``_replay_with``: what a
+        tag cannot take now is kept for next time, with the later entries of that tag).
         Returns how many journal entries reached Redis."""
         if not self._repair_lock.acquire(blocking=wait, timeout=-1 if not wait else 30):
             return 0
@@ -1783,19 +1828,32 @@ class RedisStore:
                 with self._lock:
                     self._releases[:0] = releases[index:]
                 break
-        return self._replay_with(lambda entry: self._run(self._replay_plan(entry), policy))
+        return self._replay_with(lambda entry, blocks: self._run(self._replay_plan(entry, blocks), policy))
 
     def _replay_with(self, apply: Any) -> int:
+        """Replay the journal, oldest first, with ``apply(entry, blocks)``; returns how many
+        entries reached Redis. A tag that cannot take an entry (its node is away, or Redis
+        refuses the script) holds back every later entry's settle on that tag for this pass,
+        since a tag's journal mark is the highest seq applied there: a later entry landing first
+        would make the earlier one count as replayed. Other tags go on (their part of a held
+        entry too: each tag's part counts once). An unreachable node holds back all its tags."""
         done = 0
+        try:
+            client = self._sync_backend().client
+        except TypeError:  # an asyncio-only store: apply fails alike and says so
+            client = None
+        blocks = _ReplayBlocks(client)
         for entry in self.journal.pending():
+            if blocks.holds_back_all(entry.keys):
+                continue  # nothing of it can be sent this pass: no round trip
             try:
-                result = apply(entry)
+                result = apply(entry, blocks)
             except Exception as exc:  # noqa: BLE001 - kept in the journal
                 if not isinstance(exc, BudgetStoreUnavailableError) or _refused_script(exc):
                     log.error("replaying settle of call %s failed; kept in the journal", entry.call_id, exc_info=exc)
-                if _refused_script(exc):
-                    continue  # its own keys are at fault: the settles after it go on
-                return done
+                if not isinstance(exc, BudgetStoreUnavailableError):
+                    return done  # a bug, or no sync client: the rest wait for the next pass
+                continue
             self.journal.done(entry)
             self._replayed(entry, result)
             self._journal_rows.pop(entry.seq, None)
@@ -1815,13 +1873,36 @@ class RedisStore:
             except Exception:  # noqa: BLE001 - a failing hook must not stop the replay
                 log.exception("on_replay_crossed failed for call %s", entry.call_id)
 
-    def _replay_plan(self, entry: PendingSettle) -> Plan[SettleResult]:
+    def _replay_plan(self, entry: PendingSettle, blocks: _ReplayBlocks) -> Plan[SettleResult]:
         """A journaled settle's replay, with its ledger row (a row rebuilt from the keys when the
-        entry comes from another process's file journal: budget, scopes, cost, no token counts)."""
+        entry comes from another process's file journal: budget, scopes, cost, no token counts),
+        tag by tag: a tag ``blocks`` holds back is not sent, one that fails is added to it, the
+        others are sent all the same; then the first failure is raised (the entry stays in the
+        journal; its tags that did take it count it once, by their marks)."""
         row = self._journal_rows.get(entry.seq)
         if row is None:
             row = _row_from_keys(entry.call_id, entry.keys)
-        return self._settle_plan(entry.call_id, entry.keys, entry.amount, entry.seq, row, amounts=entry.amounts)
+        groups, calls, amount, capped = self._settle_calls(entry.call_id, entry.keys, entry.amount, entry.seq, row,
+                                                           entry.amounts)
+        yield from self._register_plan(groups)
+        applied = False
+        found: list[Crossing] = []
+        failed: BudgetStoreUnavailableError | None = None
+        for group, call in zip(groups, calls):
+            if blocks.holds_back(group.slot):
+                failed = failed or _HeldBack(f"settle of {entry.call_id} waits behind an earlier one on {group.slot}")
+                continue
+            try:
+                reply = yield call
+            except BudgetStoreUnavailableError as exc:
+                blocks.fail(group.slot, exc)
+                failed = exc if failed is None or isinstance(failed, _HeldBack) else failed
+                continue
+            applied = bool(int(reply[0])) or applied
+            found += _crossings(reply[1:], entry.keys, group)
+        if failed is not None:
+            raise failed
+        return SettleResult(applied=applied, charged=amount if applied else 0, capped=capped, crossed=tuple(found))
 
     def _start_repairer(self) -> None:
         """A daemon thread that retries pending work while there is some (sync clients only)."""
@@ -2283,15 +2364,20 @@ class RedisStore:
                         self._releases[:0] = releases[index:]
                     break
             done = 0
-            for entry in self.journal.pending():
+            backend = self._async_backend()
+            assert backend is not None
+            blocks = _ReplayBlocks(backend.client)
+            for entry in self.journal.pending():  # as _replay_with: tags in order, blocked ones held back
+                if blocks.holds_back_all(entry.keys):
+                    continue
                 try:
-                    result = await self._arun(self._replay_plan(entry), policy)
+                    result = await self._arun(self._replay_plan(entry, blocks), policy)
                 except Exception as exc:  # noqa: BLE001 - kept in the journal
                     if not isinstance(exc, BudgetStoreUnavailableError) or _refused_script(exc):
                         log.error("replaying settle of call %s failed; kept in the journal", entry.call_id, exc_info=exc)
-                    if _refused_script(exc):
-                        continue  # as in _replay_with
-                    return done
+                    if not isinstance(exc, BudgetStoreUnavailableError):
+                        return done
+                    continue
                 self.journal.done(entry)
                 self._replayed(entry, result)
                 self._journal_rows.pop(entry.seq, None)
