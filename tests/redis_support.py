@@ -179,13 +179,14 @@ class SentinelServer(RedisServer):
         return [redis_server_binary(), str(config), "--sentinel"]
 
 
-def start_cluster(directory: Path, nodes: int = 3) -> list[RedisServer]:
-    """A Redis Cluster of ``nodes`` masters, no replicas; returns once it reports cluster_state:ok."""
+def start_cluster(directory: Path, nodes: int = 3, *args: str) -> list[RedisServer]:
+    """A Redis Cluster of ``nodes`` masters, no replicas (``args``: more redis-server options);
+    returns once it reports cluster_state:ok."""
     servers = []
     try:
         for _ in range(nodes):
             port = free_cluster_port()
-            cluster_args = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf")
+            cluster_args = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", *args)
             servers.append(RedisServer(directory / str(port), port, *cluster_args).start())
         cli = shutil.which("redis-cli")
         if cli is None:
@@ -240,6 +241,20 @@ def script_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, ...]]:
         calls.append(tuple(keys or ()))
         return await adirect_call(self, keys, args)
 
+    from langchain_budgetguard.stores.redis import _AsyncClusterScript, _ClusterScript
+
+    cluster_call, acluster_call = _ClusterScript.__call__, _AsyncClusterScript.__call__
+
+    def cluster_spy(self: _ClusterScript, keys: Any = (), args: Any = ()) -> Any:
+        calls.append(tuple(keys or ()))
+        return cluster_call(self, keys, args)
+
+    async def acluster_spy(self: _AsyncClusterScript, keys: Any = (), args: Any = ()) -> Any:
+        calls.append(tuple(keys or ()))
+        return await acluster_call(self, keys, args)
+
+    monkeypatch.setattr(_ClusterScript, "__call__", cluster_spy)
+    monkeypatch.setattr(_AsyncClusterScript, "__call__", acluster_spy)
     monkeypatch.setattr(Script, "__call__", spy)
     monkeypatch.setattr(AsyncScript, "__call__", aspy)
     monkeypatch.setattr(DirectScript, "__call__", direct_spy)

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import pytest_asyncio
+import redis
 import redis.asyncio.cluster
 from redis.cluster import RedisCluster
 from redis.crc import key_slot
@@ -265,3 +266,53 @@ def test_a_journal_entry_of_a_node_that_is_away_holds_back_only_that_node(
     assert store.flush_journal() == 2
     assert store.read([away, up, platform]) == [CounterState(120, 0), CounterState(7, 0), CounterState(23, 0)]
     store.close()
+
+
+@pytest.fixture(scope="module")
+def cluster_with_a_master_down(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[RedisServer]]:
+    """Three masters, no replicas, ``cluster-require-full-coverage no`` (the others serve their
+    slots while one is down); the first master is stopped. Its own cluster: the session's stays whole."""
+    servers = start_cluster(tmp_path_factory.mktemp("redis-cluster-down"), 3,
+                            "--cluster-require-full-coverage", "no")
+    try:
+        servers[0].stop()
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_a_master_down_fails_only_the_tags_it_serves(cluster_with_a_master_down: list[RedisServer]) -> None:
+    """A new process (no script cached on any node) reserves for tenants on the live masters:
+    NOSCRIPT loads the script on the keys' node only (redis-py's Script loads it on every
+    primary, which failed for every tenant), and maxmemory-policy is read from the masters that
+    answer. Tenants on the dead master are refused as unavailable."""
+    from langchain_budgetguard.errors import BudgetStoreUnavailableError
+    from langchain_budgetguard.stores.redis import RetryPolicy
+
+    dead, *live = cluster_with_a_master_down
+    with RedisCluster(host="127.0.0.1", port=live[0].port) as client:
+        for server in live:
+            with redis.Redis(port=server.port) as node:
+                node.script_flush()
+        by_node: dict[int, str] = {}
+        for i in range(1_000):
+            by_node.setdefault(client.get_node_from_key("{" + f"t{i}" + "}").port, f"t{i}")
+        assert len(by_node) == 3
+    url = "redis+cluster://" + ",".join(f"127.0.0.1:{s.port}" for s in live)
+    fast = RetryPolicy(attempts=2, deadline_seconds=0.3, first_wait=0.01, max_wait=0.05)
+    for use_async in (False, True):
+        store = RedisStore(url, prefix=fresh_prefix(), retry=fast)
+        for port, tag in by_node.items():
+            counter, hold = Counter("{" + tag + "}:user:bob", 1_000), Hold(uuid.uuid4().hex, 10, 30)
+            if port == dead.port:
+                with pytest.raises(BudgetStoreUnavailableError):
+                    await store.areserve([counter], hold) if use_async else store.reserve([counter], hold)
+                continue
+            result = await store.areserve([counter], hold) if use_async else store.reserve([counter], hold)
+            assert result.ok, (use_async, tag)
+            assert await store.aread([counter.key]) == [CounterState(0, 10)]
+            await store.arelease(hold.call_id, [counter.key], hold)
+        store._releases.clear()  # (the dead master's tombstones: nobody can send them)
+        await store.aclose()

@@ -67,9 +67,11 @@ same tombstoned releases, for every tag placed and the one in flight, without wa
 A release that cannot reach Redis is retried after each later operation and by a background
 thread until it succeeds or the lease + retry window is over. Redis command errors (OOM,
 READONLY, MISCONF, BUSY, LOADING, ...) become ``BudgetStoreUnavailableError``; NOSCRIPT after a
-failover or restart reloads the script. On first use the store reads ``maxmemory-policy``: an
-evicting policy (``allkeys-*``, ``volatile-*``: counters have TTLs) would silently reset budgets,
-so the store refuses (``evicting_policy="refuse"``, the default) or logs a warning (``"warn"``).
+failover or restart reloads the script (on a Cluster: that call goes as EVAL, which loads it on
+the keys' node only, so a master that is down fails only the tags it serves). On first use the
+store reads ``maxmemory-policy`` (on a Cluster, from each master that answers): an evicting
+policy (``allkeys-*``, ``volatile-*``: counters have TTLs) would silently reset budgets, so the
+store refuses (``evicting_policy="refuse"``, the default) or logs a warning (``"warn"``).
 
 Alerts (``Counter.alerts``) are fired by the reserve and settle scripts themselves, right after
 they change a counter's spent (HSETNX of ``A<t>``), so each fires once however many processes
@@ -519,19 +521,56 @@ def _id_ms(entry_id: str) -> int:
 Plan = Generator[_Call, Any, T]
 
 
+class _ClusterScript:
+    """A registered script on a sync cluster client. NOSCRIPT (a new node, a restart, a failover,
+    SCRIPT FLUSH) sends that call as EVAL, which runs and caches the script on the keys' node
+    only: redis-py's ``Script`` would SCRIPT LOAD it on every primary, and with one primary down
+    every tenant's call would fail, not just those on that node."""
+
+    __slots__ = ("client", "script")
+
+    def __init__(self, client: Any, script: Any) -> None:
+        self.client, self.script = client, script
+
+    def __call__(self, keys: Sequence[Any] = (), args: Sequence[Any] = ()) -> Any:
+        try:
+            return self.client.evalsha(self.script.sha, len(keys), *keys, *args)
+        except redis.exceptions.NoScriptError:
+            return self.client.eval(self.script.script, len(keys), *keys, *args)
+
+
+class _AsyncClusterScript(_ClusterScript):
+    """``_ClusterScript`` for an asyncio cluster client."""
+
+    __slots__ = ()
+
+    async def __call__(self, keys: Sequence[Any] = (), args: Sequence[Any] = ()) -> Any:  # type: ignore[override]
+        try:
+            return await self.client.evalsha(self.script.sha, len(keys), *keys, *args)
+        except redis.exceptions.NoScriptError:
+            return await self.client.eval(self.script.script, len(keys), *keys, *args)
+
+
 class _Backend:
     """One client and its registered scripts."""
 
     def __init__(self, client: Any, closers: list[Any]) -> None:
         self.client = client
         self.closers = closers  # what the store built and must close; empty for a client you gave
-        # redis-py Scripts; on one server, callers that pack and send them in one pass (redis_wire)
-        self.scripts = direct_scripts(client, {name: client.register_script(src) for name, src in _lua_sources().items()},
-                                      keep_connections=bool(closers))
+        # redis-py Scripts; on one server, callers that pack and send them in one pass (redis_wire);
+        # on a cluster, callers that load a script on the keys' node only
+        registered = {name: client.register_script(src) for name, src in _lua_sources().items()}
+        if isinstance(client, redis.asyncio.cluster.RedisCluster):
+            self.scripts: dict[str, Any] = {n: _AsyncClusterScript(client, s) for n, s in registered.items()}
+        elif isinstance(client, redis.cluster.RedisCluster):
+            self.scripts = {n: _ClusterScript(client, s) for n, s in registered.items()}
+        else:
+            self.scripts = direct_scripts(client, registered, keep_connections=bool(closers))
         self._ready = not isinstance(client, redis.asyncio.cluster.RedisCluster)
         self._init_lock: asyncio.Lock | None = None
         self.policy_checked = False  # maxmemory-policy read and found safe (or unreadable)
         self.policy_refused_at = -math.inf  # when an evicting policy was last found (monotonic)
+        self.policy_again_at = -math.inf  # a cluster primary did not answer: read again from then
 
     async def aready(self) -> None:
         """Discover an asyncio cluster's topology once, before concurrent use: many first calls
@@ -542,8 +581,32 @@ class _Backend:
             self._init_lock = asyncio.Lock()
         async with self._init_lock:
             if not self._ready:
-                await self.client.initialize()
+                try:
+                    await self.client.initialize()
+                except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
+                    if not await self._initialize_past_a_dead_primary():
+                        raise
                 self._ready = True
+
+    async def _initialize_past_a_dead_primary(self) -> bool:
+        """redis-py (8.1) reads COMMAND from the first primary only, so an asyncio cluster
+        client cannot start while that one master is down, and every tenant would be refused:
+        read the topology again and COMMAND from the first primary that answers."""
+        client = self.client
+        manager, parser = getattr(client, "nodes_manager", None), getattr(client, "commands_parser", None)
+        if manager is None or parser is None or getattr(client, "_initialize", None) is not True:
+            return False
+        await manager.initialize()  # (raises when no startup node answers)
+        for node in manager.get_nodes_by_server_type(redis.cluster.PRIMARY):
+            try:
+                await parser.initialize(node)
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
+                continue
+            manager.default_node = node
+            client._initialize = False
+            log.info("asyncio cluster client started past a primary that is down (COMMAND read from %s)", node.name)
+            return True
+        return False
 
 
 def _every_primary(client: Any) -> dict[str, Any]:
@@ -1668,12 +1731,33 @@ class RedisStore:
         backend.policy_refused_at = time.monotonic()
         raise _NotSent(message)
 
+    def _judge_cluster_policy(self, backend: _Backend, replies: dict[str, Any], away: int) -> None:
+        """A cluster's primaries are read one by one: one that is down fails only the calls of
+        its own slots (an evicting policy on any that answered is refused, as on one server);
+        while any did not answer, the policy is read again every 5 s."""
+        self._judge_policy(backend, replies)
+        if away:
+            backend.policy_checked = False
+            backend.policy_again_at = time.monotonic() + 5
+
     def _check_policy(self, backend: _Backend) -> None:
         """Read maxmemory-policy once (again every 5 s while it is an evicting one)."""
         if backend.policy_checked:
             return
         if time.monotonic() - backend.policy_refused_at < 5:
             raise _NotSent(self._policy_refusal("(evicting)"))
+        if isinstance(backend.client, redis.cluster.RedisCluster):
+            if time.monotonic() >= backend.policy_again_at:
+                replies, away = {}, 0
+                for node in backend.client.get_primaries():
+                    try:
+                        replies[node.name] = backend.client.config_get("maxmemory-policy", target_nodes=node)
+                    except redis.exceptions.ResponseError as exc:
+                        log.info("cannot read maxmemory-policy of %s (%s); make sure it is noeviction", node.name, exc)
+                    except (redis.exceptions.RedisError, OSError):
+                        away += 1
+                self._judge_cluster_policy(backend, replies, away)
+            return
         try:
             reply = backend.client.config_get("maxmemory-policy", **_every_primary(backend.client))
         except redis.exceptions.ResponseError as exc:  # CONFIG renamed or denied (managed Redis)
@@ -1687,6 +1771,18 @@ class RedisStore:
             return
         if time.monotonic() - backend.policy_refused_at < 5:
             raise _NotSent(self._policy_refusal("(evicting)"))
+        if isinstance(backend.client, redis.asyncio.cluster.RedisCluster):
+            if time.monotonic() >= backend.policy_again_at:
+                replies, away = {}, 0
+                for node in backend.client.get_primaries():
+                    try:
+                        replies[node.name] = await backend.client.config_get("maxmemory-policy", target_nodes=node)
+                    except redis.exceptions.ResponseError as exc:
+                        log.info("cannot read maxmemory-policy of %s (%s); make sure it is noeviction", node.name, exc)
+                    except (redis.exceptions.RedisError, OSError):
+                        away += 1
+                self._judge_cluster_policy(backend, replies, away)
+            return
         try:
             reply = await backend.client.config_get("maxmemory-policy", **_every_primary(backend.client))
         except redis.exceptions.ResponseError as exc:
