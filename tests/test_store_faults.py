@@ -7,6 +7,7 @@ PAUSE (a stalled server that runs queued commands late), maxmemory, a read-only 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -359,3 +360,36 @@ async def test_async_every_reply_lost_releases_before_raising(proxy: ReplyDroppi
     assert await store.aread([tenant.key, platform.key]) == [CounterState(0, 0)] * 2
     assert (await store.areserve([tenant, platform], hold)).reused
     await store.aclose()
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_an_async_reserve_on_a_sync_client_cancelled_mid_way_leaves_no_hold(
+    server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store given only a sync client reserves in a worker thread, which a cancelled caller
+    cannot stop: what the reserve placed is released once it returns."""
+    client = redis.Redis(port=server.port)
+    store = RedisStore(client, prefix=fresh_prefix(), retry=FAST_FAIL)
+    tenant, platform = two_tags()
+    keys = [tenant.key, platform.key]
+    warm(store)
+    real = store._attempt
+
+    def slow_second_step(call):  # type: ignore[no-untyped-def]
+        if call.script == "reserve" and any(platform.key in k for k in call.keys):
+            time.sleep(0.3)
+        return real(call)
+
+    monkeypatch.setattr(store, "_attempt", slow_second_step)
+    hold = Hold(call_id(), 100, 30, charge_on_expiry=100)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(store.areserve([tenant, platform], hold), timeout=0.1)
+    deadline = time.monotonic() + 5
+    while await store.aread(keys) != [CounterState(0, 0)] * 2 and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert await store.aread(keys) == [CounterState(0, 0)] * 2
+    with redis.Redis(port=server.port) as check:
+        for key in keys:
+            assert check.get(store.record_key(hold.call_id, key)) == b"r"
+    store.close()
+    client.close()

@@ -63,7 +63,9 @@ command error), every tag it may have reached is released before ``BudgetStoreUn
 is raised, and the release leaves a tombstone (for lease + retry window) so that a reserve still
 queued in Redis (a client timeout while the server was stalled) is refused when it finally runs.
 A reserve whose caller is cancelled or interrupted (CancelledError, KeyboardInterrupt) queues the
-same tombstoned releases, for every tag placed and the one in flight, without waiting for them.
+same tombstoned releases, for every tag placed and the one in flight, without waiting for them;
+an ``areserve`` on a store with only a sync client runs in a worker thread that cannot be
+stopped, so what it placed is released when it returns.
 A release that cannot reach Redis is retried after each later operation and by a background
 thread until it succeeds or the lease + retry window is over. Redis command errors (OOM,
 READONLY, MISCONF, BUSY, LOADING, ...) become ``BudgetStoreUnavailableError``; NOSCRIPT after a
@@ -2487,6 +2489,8 @@ class RedisStore:
         return await self._arepair(self.retry)
 
     async def areserve(self, counters: Sequence[Counter], hold: Hold) -> ReserveResult:
+        if self._async_given is None and self._target is None:  # only a sync client
+            return await self._areserve_in_thread(counters, hold)
         if self._book is not None:
             started = time.monotonic()
             got = self._from_slices(counters, hold)
@@ -2501,6 +2505,32 @@ class RedisStore:
         if result.ok:
             self._note_lease(hold.call_id, started + hold.lease_seconds)
         return result
+
+    async def _areserve_in_thread(self, counters: Sequence[Counter], hold: Hold) -> ReserveResult:
+        """``reserve`` in a worker thread (a store with only a sync client). A thread cannot be
+        stopped: if the caller is cancelled meanwhile, the reserve runs on, and what it placed
+        is released (tombstoned) once it returns, by another worker thread."""
+        loop = asyncio.get_running_loop()
+        running = loop.run_in_executor(None, self.reserve, counters, hold)
+        try:
+            return await asyncio.shield(running)
+        except asyncio.CancelledError:
+            keys = [c.key for c in counters]
+
+            def release_if_placed(done: asyncio.Future[ReserveResult]) -> None:
+                if not done.cancelled() and done.exception() is None and done.result().ok:
+                    log.warning("call %s was cancelled while reserving; its holds are released", hold.call_id)
+                    threading.Thread(target=self._release_quietly, args=(hold.call_id, keys, hold), daemon=True,
+                                     name="budgetguard-release").start()
+
+            running.add_done_callback(release_if_placed)
+            raise
+
+    def _release_quietly(self, call_id: str, keys: Sequence[str], hold: Hold) -> None:
+        try:
+            self.release(call_id, keys, hold)  # (one that cannot reach Redis is queued and retried)
+        except Exception:  # noqa: BLE001 - nobody is waiting for it
+            log.exception("releasing cancelled call %s failed", call_id)
 
     async def asettle(self, call_id: str, keys: Sequence[str], amount: int, *, amounts: Sequence[int] | None = None,
                       row: LedgerRow | None = None) -> SettleResult:
