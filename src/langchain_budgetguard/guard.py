@@ -1118,12 +1118,8 @@ class BudgetGuard(_KeepsGuarding, BaseChatModel):
         """The model that fitted and the kwargs it takes (a degrade model has its own bound tools)."""
         if admitted.index and self._primary_bound:
             kwargs = {k: v for k, v in kwargs.items() if k not in self._primary_bound}
-        estimate = admitted.estimate
-        if estimate.send_cap and estimate.cap_kwarg:
-            kwargs = {**kwargs, estimate.cap_kwarg: estimate.output_tokens}
-        if estimate.max_tool_calls is not None:  # the built-in tool uses it held for
-            kwargs = {**kwargs, "max_tool_calls": estimate.max_tool_calls}
-        return admitted.candidate.runnable, kwargs
+        settings = _sent_settings(admitted.estimate)
+        return admitted.candidate.runnable, {**kwargs, **settings} if settings else kwargs
 
     def invoke(self, input: Any, config: RunnableConfig | None = None, *, stop: list[str] | None = None,
                **kwargs: Any) -> BaseMessage:
@@ -1531,11 +1527,7 @@ class Reservation:
     def model_settings(self) -> dict[str, Any]:
         """Kwargs the call must be made with: the output cap the guard reserved, when the call sets none
         (or a smaller one, shrunk to fit). Empty when the call's own cap applies."""
-        estimate = self.admitted.estimate
-        settings = {estimate.cap_kwarg: estimate.output_tokens} if estimate.send_cap and estimate.cap_kwarg else {}
-        if estimate.max_tool_calls is not None:  # the built-in tool uses it held for
-            settings["max_tool_calls"] = estimate.max_tool_calls
-        return settings
+        return _sent_settings(self.admitted.estimate)
 
     @property
     def degraded(self) -> bool:
@@ -1837,6 +1829,15 @@ class _GuardedFallbacks(_KeepsGuarding, RunnableWithFallbacks):
 
 _GUARDED_TYPES: dict[type, type] = {RunnableBinding: _GuardedBinding, RunnableRetry: _GuardedRetry,
                                     RunnableWithFallbacks: _GuardedFallbacks}
+
+
+def _sent_settings(estimate: Estimate) -> dict[str, Any]:
+    """What the guard sends with a call: the output cap it reserved when the call sets none (or a
+    smaller one, shrunk to fit), and the built-in tool uses it held for; {} for neither."""
+    settings = {estimate.cap_kwarg: estimate.output_tokens} if estimate.send_cap and estimate.cap_kwarg else {}
+    if estimate.max_tool_calls is not None:
+        settings["max_tool_calls"] = estimate.max_tool_calls
+    return settings
 
 
 def _guarding(runnable: Any) -> Any:
