@@ -1000,9 +1000,12 @@ def _detail(block: Mapping[str, Any]) -> Any:
     return block.get("detail")
 
 
+_LABEL_KEYS = ("title", "context", "filename")  # notes sent beside a file, never its payload
+
+
 def _labels(block: Mapping[str, Any]) -> list[str]:
     """Names and notes sent along with a file (Anthropic title/context, OpenAI filename)."""
-    found = [block.get(k) for k in ("title", "context", "filename")]
+    found = [block.get(k) for k in _LABEL_KEYS]
     inner = block.get("file")
     if isinstance(inner, Mapping):
         found.append(inner.get("filename"))
@@ -1050,8 +1053,6 @@ def _payloads(block: Mapping[str, Any]) -> tuple[str, ...]:
         found.append(payload)
     return tuple(dict.fromkeys(found))
 
-
-_LABEL_KEYS = frozenset({"title", "context", "filename"})
 
 
 def _longest_string(value: Any) -> str | None:
