@@ -1054,7 +1054,6 @@ def _payloads(block: Mapping[str, Any]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(found))
 
 
-
 def _longest_string(value: Any) -> str | None:
     best: str | None = None
     stack = [value]
